@@ -1,0 +1,138 @@
+"""The `sensorvla` subcommands other than `train`: each parses typed arguments (tyro) and calls one function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+
+def data_synth(out: Path, episodes: int = 24, seed: int = 0, sensor_channels: int = 33,
+               sensor_rate: float = 650.0, image_size: int = 64) -> int:
+    """Generate the synthetic insertion dataset (the demo's data, the tests' fixture)."""
+    from sensorvla.data.synth import generate_dataset
+
+    path = generate_dataset(out, num_episodes=episodes, seed=seed, sensor_channels=sensor_channels,
+                            sensor_rate=sensor_rate, image_size=image_size)
+    print(f"wrote {path}")
+    return 0
+
+
+def data_import_recorder(src: Path, out: Path, instruction: str | None = None, image_size: int | None = None,
+                         min_actions: int = 8, overwrite: bool = False) -> int:
+    """Convert the original recorder's episode folders (metadata.json, images/, robot_states.csv, sensor_data.npz)."""
+    from sensorvla.data.importers.recorder import import_recorder
+
+    print(f"wrote {import_recorder(src, out, instruction=instruction, image_size=image_size, min_actions=min_actions, overwrite=overwrite)}")
+    return 0
+
+
+def data_import_hdf5(src: Path, out: Path, image_size: int | None = None, min_actions: int = 8,
+                     overwrite: bool = False) -> int:
+    """Convert plain HDF5 episodes (docs/hdf5-format.md)."""
+    from sensorvla.data.importers.hdf5 import import_hdf5
+
+    print(f"wrote {import_hdf5(src, out, image_size=image_size, min_actions=min_actions, overwrite=overwrite)}")
+    return 0
+
+
+def stats(dataset: Path) -> int:
+    """Compute per-feature normalization stats (mean/std/quantiles) into <dataset>/meta/norm_stats.json."""
+    from sensorvla.data.normalize import compute_stats
+    from sensorvla.training.data_setup import stats_path
+
+    s = compute_stats(dataset)
+    s.save(stats_path(dataset))
+    print(f"wrote {stats_path(dataset)} (fingerprint {s.fingerprint})")
+    return 0
+
+
+def tiny_model(out: Path, family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"] = "qwen2_5_vl",
+               seed: int = 0) -> int:
+    """Build a tiny random Qwen-VL (model + tokenizer + processor) in the hub layout, offline."""
+    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+
+    print(f"wrote {build_tiny_qwen_vl(out, family=family, seed=seed)}")
+    return 0
+
+
+def serve(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          device: str = "cpu", vl_refresh_every: int = 1, max_message_mb: float = 32.0) -> int:
+    """Serve a pretrained_model folder over websocket + msgpack (openpi-style); /healthz over HTTP."""
+    from sensorvla.inference.runner import PolicyRunner
+    from sensorvla.serving.server import PolicyServer
+
+    runner = PolicyRunner.from_pretrained(checkpoint, device=device, vl_refresh_every=vl_refresh_every)
+    server = PolicyServer(runner, host=host, port=port, token=token,
+                          max_message_bytes=int(max_message_mb * 2**20))
+    server.run_forever()
+    return 0
+
+
+def evaluate(checkpoint: Path, dataset: Path, split: Literal["train", "val", "test", "all"] = "test",
+             out: Path = Path("eval_out"), batch_size: int = 16, max_samples: int | None = None) -> int:
+    """Offline metrics on held-out episodes, sensor ablation, plots and a report page."""
+    from sensorvla.eval.offline import evaluate as run
+
+    metrics = run(checkpoint, dataset, split=split, out_dir=out, batch_size=batch_size, max_samples=max_samples)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=2))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def rollout(checkpoint: Path, env: str = "sensorvla/Insertion-v0", episodes: int = 10, execute_steps: int = 4,
+            ablate: bool = True, out: Path = Path("rollout_out"), seed: int = 0) -> int:
+    """Closed-loop rollouts of a checkpoint in a Gymnasium environment (chunked execution)."""
+    import gymnasium as gym
+
+    from sensorvla.eval.envs import register_envs
+    from sensorvla.eval.rollout import rollout as run
+    from sensorvla.inference.runner import PolicyRunner
+
+    register_envs()
+    runner = PolicyRunner.from_pretrained(checkpoint)
+    result = run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, video_dir=out, seed=seed)
+    if ablate:
+        result["sensor_ablated"] = run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps,
+                                       ablate_sensor=True, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rollout.json").write_text(json.dumps(result, indent=2, default=float))
+    print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+def bench_latency(vl_model: Path | None = None, iters: int = 30) -> int:
+    """Runner latency per stage (p50/p99): heads x full/fast-slow x 1/3 views, on the tiny model."""
+    import tempfile
+
+    from sensorvla.eval.latency import bench_latency as run
+    from sensorvla.eval.latency import format_table
+    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+
+    if vl_model is None:
+        vl_model = build_tiny_qwen_vl(Path(tempfile.mkdtemp()) / "tiny")
+    print(format_table(run(vl_model, iters=iters)))
+    return 0
+
+
+def demo(out: Path = Path("demo_out"), head: Literal["regression", "diffusion", "flow"] = "regression",
+         episodes: int = 24, quick: bool = False) -> int:
+    """The full two-stage demo: tiny model + synthetic data -> cache -> stage 1 -> stage 2 -> eval -> rollout."""
+    from sensorvla.demo import run_demo
+
+    run_demo(out, head=head, episodes=episodes, quick=quick)
+    return 0
+
+
+COMMANDS = {
+    "demo": (demo, "full two-stage demo on the synthetic dataset and the tiny model"),
+    "data synth": (data_synth, "generate the synthetic insertion dataset"),
+    "data import-recorder": (data_import_recorder, "import the original recorder's episode folders"),
+    "data import-hdf5": (data_import_hdf5, "import plain HDF5 episodes"),
+    "stats": (stats, "compute normalization statistics for a dataset"),
+    "tiny-model": (tiny_model, "build a tiny offline Qwen-VL"),
+    "serve": (serve, "serve a checkpoint over websocket"),
+    "eval": (evaluate, "offline evaluation with sensor ablation and plots"),
+    "rollout": (rollout, "closed-loop rollouts in a Gymnasium env"),
+    "bench latency": (bench_latency, "runner latency benchmark"),
+}

@@ -1,0 +1,305 @@
+"""Typed configuration: the single source of truth for model, data, training stage, head and runtime.
+
+Every checkpoint stores the resolved `SensorVLAConfig` as JSON; `SensorVLAConfig.from_dict(cfg.to_dict())`
+gives an equal object. Validation happens in `validate()` (called by the CLI and trainer before any
+distributed init), and every error names the flag to change. This module touches no file on import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+HeadType = Literal["regression", "diffusion", "flow"]
+FusionStrategy = Literal["concat", "cross_attention", "gated"]
+FinetuneMode = Literal["none", "lora", "full"]
+Stage = Literal["stage1", "stage2"]
+
+DEFAULT_VL_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+# LoRA on the language model's attention projections only. A plain list of names would also hit the
+# Qwen2.5-VL vision MLP (gate/up/down_proj), see docs/decisions.md.
+DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag to change."""
+
+
+@dataclass
+class BackboneConfig:
+    """The Qwen-VL backbone and its processor."""
+
+    vl_model: str = DEFAULT_VL_MODEL  # hub id or local folder (same code path)
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    min_pixels: int = 56 * 56
+    max_pixels: int = 224 * 224
+    # "view_mean": one masked-mean token per view + one for the instruction (N_vl = V + 1).
+    # "resampler": a learned resampler with `num_queries` queries over all valid tokens.
+    pooling: Literal["view_mean", "resampler"] = "view_mean"
+    num_queries: int = 8
+    prompt_template: str = "{instruction}"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class SensorConfig:
+    """The high-rate sensor encoder: (B, T_s, C_s) window -> (B, N_s, D) tokens."""
+
+    enabled: bool = True
+    channels: int = 0  # C_s, derived from the dataset (0 = not yet known)
+    force_channels: int = 1  # leading scalar channels; the rest are a spatial A-scan profile
+    num_tokens: int = 4  # N_s
+    hidden_dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.1
+    ascan_conv_channels: int = 16
+
+
+@dataclass
+class FusionConfig:
+    """How VL tokens, sensor tokens and robot state become the head's conditioning sequence."""
+
+    strategy: FusionStrategy = "concat"
+    hidden_dim: int = 128  # D, width of the conditioning sequence
+    num_heads: int = 4
+
+
+@dataclass
+class HeadConfig:
+    """The action expert. Predicts a chunk (B, H, D_a)."""
+
+    type: HeadType = "regression"
+    horizon: int = 0  # H, derived from the dataset (0 = not yet known)
+    action_dim: int = 0  # D_a, derived from the dataset
+    hidden_dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.0
+    loss: Literal["l1", "mse"] = "l1"  # regression only
+    diffusion_timesteps: int = 100
+    num_inference_steps: int = 10  # DDIM steps (diffusion) or Euler steps (flow)
+
+
+@dataclass
+class FinetuneConfig:
+    """What of the VL backbone trains: nothing, LoRA adapters, or everything."""
+
+    mode: FinetuneMode = "none"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str = DEFAULT_LORA_TARGETS
+
+
+@dataclass
+class ModelConfig:
+    """The whole `VLAPolicy`."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    sensor: SensorConfig = field(default_factory=SensorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    state_dim: int = 0  # robot state size, derived from the dataset (0 = no state input)
+    num_views: int = 0  # V, derived from the dataset
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how each one is assembled on the common clock."""
+
+    dataset_dir: str = ""
+    # Extra datasets mixed in by weight, "path:weight" each; files are never duplicated.
+    mixture: tuple[str, ...] = ()
+    views: tuple[str, ...] = ()  # empty = every view in the dataset, in sorted order
+    image_staleness_s: float = 0.5  # newest frame of a view must be at most this old
+    sensor_window_s: float = 0.1  # W: the sensor window covers (t - W, t]
+    sensor_samples: int = 32  # T_s: uniform grid points in the window
+    horizon: int = 8  # H future actions per sample
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    # Fast-slow training: VL inputs come from a frame up to k action steps older than t.
+    vl_max_staleness_steps: int = 0
+    num_workers: int = 0
+    normalization: Literal["mean_std", "quantile"] = "mean_std"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, stage and checkpoint policy for `sensorvla train`."""
+
+    stage: Stage = "stage1"
+    stage1_checkpoint: str | None = None
+    mode: Literal["train", "cache"] = "train"
+    epochs: int = 20
+    max_steps: int = 0  # 0 = run all epochs; >0 stops after this many optimizer steps
+    batch_size: int = 4  # per process
+    grad_accum_steps: int = 8
+    lr: float = 1e-4  # head + fusion
+    sensor_lr: float = 5e-4
+    vl_lr: float = 1e-5  # LoRA adapters (stage 2) or the language model (full)
+    vision_lr: float = 5e-6  # vision tower, full fine-tuning only
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    mixed_precision: bool = True  # bf16 autocast where supported, fp32 master weights
+    sensor_loss_weight: float = 2.0
+    val_every_epochs: int = 1
+    patience: int = 5  # early stopping, in validations without improvement (0 = off)
+    save_every_steps: int = 0  # 0 = only at validation / epoch end
+    seed: int = 0
+    output_dir: str = "."  # checkpoints go to <output_dir>/checkpoints
+    resume: bool = False
+    cache_dir: str = ""  # default <output_dir>/vl_cache
+    use_cache: Literal["auto", "always", "never"] = "auto"  # auto: use a valid cache when one exists
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    log_every_steps: int = 10
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    wandb: bool = False
+    tensorboard: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class SensorVLAConfig:
+    """Top-level config saved with every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # --- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SensorVLAConfig:
+        return _from_dict(cls, data, "")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SensorVLAConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SensorVLAConfig:
+        return cls.from_json(Path(path).read_text())
+
+    def validate(self) -> SensorVLAConfig:
+        """Check cross-field constraints; raise `ConfigError` naming the flag to change."""
+        validate(self)
+        return self
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'root'}' must be a JSON object, got {type(data)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config keys {[prefix + k for k in unknown]}; valid keys: {sorted(names)}. "
+            "Remove them or fix the spelling."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, f"{prefix}{name}.")
+        elif _is_tuple(hint) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _is_tuple(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_tuple(a) for a in typing.get_args(hint))
+    return origin is tuple
+
+
+def _check_literal(value: Any, hint: Any, flag: str) -> None:
+    if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+        raise ConfigError(f"{flag}={value!r} is not one of {list(typing.get_args(hint))}; set {flag} to one.")
+
+
+def _check_literals(obj: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_literals(value, f"{prefix}{f.name}.")
+        else:
+            _check_literal(value, hints[f.name], f"--{prefix}{f.name}")
+
+
+def validate(cfg: SensorVLAConfig) -> None:
+    """Raise `ConfigError` for any invalid or inconsistent value."""
+    _check_literals(cfg, "")
+    m, d, t = cfg.model, cfg.data, cfg.train
+    positive = {
+        "--train.batch-size": t.batch_size,
+        "--train.grad-accum-steps": t.grad_accum_steps,
+        "--data.horizon": d.horizon,
+        "--data.sensor-samples": d.sensor_samples,
+        "--model.head.diffusion-timesteps": m.head.diffusion_timesteps,
+        "--model.head.num-inference-steps": m.head.num_inference_steps,
+        "--model.finetune.lora-r": m.finetune.lora_r,
+    }
+    for flag, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{flag} must be > 0, got {value}")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        raise ConfigError("--train.epochs must be > 0 (or set --train.max-steps)")
+    if m.head.num_inference_steps > m.head.diffusion_timesteps and m.head.type == "diffusion":
+        raise ConfigError(
+            f"--model.head.num-inference-steps ({m.head.num_inference_steps}) cannot exceed "
+            f"--diffusion_timesteps ({m.head.diffusion_timesteps})"
+        )
+    if d.sensor_window_s <= 0:
+        raise ConfigError(f"--data.sensor-window-s must be > 0, got {d.sensor_window_s}")
+    if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
+        raise ConfigError("--data.val-fraction and --data.test-fraction must be in [0, 1) and sum below 1")
+    if m.backbone.min_pixels > m.backbone.max_pixels:
+        raise ConfigError("--model.backbone.min-pixels must be <= --model.backbone.max-pixels")
+    if m.fusion.hidden_dim % m.fusion.num_heads or m.head.hidden_dim % m.head.num_heads:
+        raise ConfigError("--model.fusion.hidden-dim / --model.head.hidden-dim must divide by their num-heads")
+    if m.sensor.hidden_dim % m.sensor.num_heads:
+        raise ConfigError("--model.sensor.hidden-dim must be divisible by --model.sensor.num-heads")
+    if m.sensor.force_channels < 0 or (m.sensor.channels and m.sensor.force_channels > m.sensor.channels):
+        raise ConfigError("--model.sensor.force-channels must be between 0 and the sensor channel count")
+    if t.stage == "stage2" and not t.stage1_checkpoint and not t.resume:
+        raise ConfigError("Stage 2 training requires --stage1-checkpoint")
+    if not 0 <= t.sensor_loss_weight:
+        raise ConfigError("--sensor_loss_weight must be >= 0")
+    for spec in d.mixture:
+        _parse_mixture(spec)
+
+
+def _parse_mixture(spec: str) -> tuple[str, float]:
+    path, sep, weight = spec.rpartition(":")
+    try:
+        w = float(weight)
+    except ValueError:
+        w = -1.0
+    if not sep or not path or w <= 0:
+        raise ConfigError(f"--data.mixture entry {spec!r} must look like 'path/to/dataset:weight' with weight > 0")
+    return path, w
+
+
+parse_mixture = _parse_mixture

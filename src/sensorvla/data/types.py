@@ -1,0 +1,63 @@
+"""In-memory episode container shared by the writer, the importers and the synthetic generator.
+
+An `EpisodeData` holds every stream of one episode with its own timestamps. Nothing here touches disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the episode, the file and the fix."""
+
+    def __init__(self, message: str, *, episode: str | None = None, path: str | None = None, fix: str = ""):
+        parts = []
+        if episode is not None:
+            parts.append(f"episode {episode!r}")
+        if path is not None:
+            parts.append(f"file {path}")
+        where = f"[{', '.join(parts)}] " if parts else ""
+        text = f"{where}{message}"
+        if fix:
+            text += f" Fix: {fix}"
+        super().__init__(text)
+        self.episode = episode
+        self.path = path
+        self.fix = fix
+
+
+@dataclass
+class ImageStream:
+    """One camera view: frame timestamps (N_v,) float64 seconds and frames (N_v, h, w, 3) uint8."""
+
+    timestamps: np.ndarray
+    frames: np.ndarray
+
+
+@dataclass
+class EpisodeData:
+    """One episode in memory.
+
+    Timestamps are float64 seconds on each stream's own clock; `clock_offsets[stream]` (seconds) is
+    *added* to that stream's timestamps to reach the common clock. Streams: "action", "state", "sensor",
+    and "image.<view>".
+
+    Shapes: actions (N_a, D_a) at the action rate with `action_timestamps` (N_a,); state (N_st, D_st) with
+    `state_timestamps` (N_st,); sensor (N_s, C_s) with `sensor_timestamps` (N_s,) or None when the episode
+    has no sensor; images maps view name -> ImageStream.
+    """
+
+    name: str
+    instruction: str
+    action_timestamps: np.ndarray
+    actions: np.ndarray
+    state_timestamps: np.ndarray
+    state: np.ndarray
+    images: dict[str, ImageStream]
+    sensor_timestamps: np.ndarray | None = None
+    sensor: np.ndarray | None = None
+    clock_offsets: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)  # JSON-serialisable per-episode metadata

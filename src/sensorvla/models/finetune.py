@@ -1,0 +1,132 @@
+"""What of the VL backbone trains: `none` (frozen), `lora` (PEFT adapters on named modules) or `full`.
+
+Freezing is set by parameter name, never by class identity. LoRA adapters are injected in place into the
+HF base model (`policy.backbone.model`), so module names stay those of transformers; adapter files use
+PEFT's own key layout so `PeftModel.from_pretrained(AutoModelForImageTextToText..., dir)` also reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from torch import nn
+
+from sensorvla.config import FinetuneConfig
+
+logger = logging.getLogger(__name__)
+
+HF_BASE_PREFIX = "backbone.model."  # the Hugging Face base model inside a VLAPolicy
+ADAPTER_NAME = "default"
+# PEFT saves keys relative to PeftModel(<...ForConditionalGeneration>): base_model.model.model.<...>
+PEFT_KEY_PREFIX = "base_model.model.model."
+
+
+class FinetuneError(ValueError):
+    """The fine-tuning request cannot be applied (e.g. LoRA targets match no module)."""
+
+
+def is_lora_param(name: str) -> bool:
+    return "lora_" in name
+
+
+def lora_config(cfg: FinetuneConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        bias="none",
+    )
+
+
+def matched_lora_targets(base: nn.Module, pattern: str) -> list[str]:
+    """Names of `nn.Linear` modules of the HF base model whose full name matches `pattern`."""
+    rx = re.compile(pattern)
+    return [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(n)]
+
+
+def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
+    """Freeze / unfreeze the backbone and inject LoRA in place, according to `cfg.mode`.
+
+    Everything outside the HF base model (sensor encoder, fusion, head, VL resampler) stays trainable.
+    Raises `FinetuneError` when LoRA targets match zero modules.
+    """
+    base = policy.backbone.model
+    for p in base.parameters():
+        p.requires_grad_(cfg.mode == "full")
+    if cfg.mode == "lora":
+        if any(is_lora_param(n) for n, _ in base.named_parameters()):
+            raise FinetuneError("LoRA adapters are already injected into this backbone")
+        targets = matched_lora_targets(base, cfg.lora_target_modules)
+        if not targets:
+            raise FinetuneError(
+                f"--model.finetune.lora-target-modules {cfg.lora_target_modules!r} matches no Linear module "
+                "of the backbone. Module names look like 'language_model.layers.0.self_attn.q_proj'; "
+                "fix the regex (it must match the full module name)."
+            )
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(lora_config(cfg), base, adapter_name=ADAPTER_NAME)
+        for n, p in base.named_parameters():
+            p.requires_grad_(is_lora_param(n))
+        logger.info("LoRA r=%d alpha=%d on %d modules", cfg.lora_r, cfg.lora_alpha, len(targets))
+
+
+def expected_trainable(policy: nn.Module, mode: str) -> set[str]:
+    """The trainable parameter names that `mode` declares (used to assert the real trainable set)."""
+    names = set()
+    for n, _ in policy.named_parameters():
+        if not n.startswith(HF_BASE_PREFIX) or mode == "full" or (mode == "lora" and is_lora_param(n)):
+            names.add(n)
+    return names
+
+
+def assert_trainable_set(policy: nn.Module, mode: str) -> None:
+    actual = {n for n, p in policy.named_parameters() if p.requires_grad}
+    expected = expected_trainable(policy, mode)
+    if actual != expected:
+        extra, missing = sorted(actual - expected)[:10], sorted(expected - actual)[:10]
+        raise AssertionError(f"trainable set differs from finetune mode {mode!r}: extra={extra} missing={missing}")
+
+
+def adapter_state_dict(policy: nn.Module) -> dict:
+    """LoRA tensors in PEFT's on-disk key layout."""
+    from peft import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(policy.backbone.model, adapter_name=ADAPTER_NAME)
+    return {PEFT_KEY_PREFIX + k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def load_adapter_state_dict(policy: nn.Module, sd: dict) -> None:
+    """Load LoRA tensors saved by `adapter_state_dict`; raises listing missing/unexpected keys."""
+    from peft import set_peft_model_state_dict
+
+    stripped = {}
+    for k, v in sd.items():
+        if not k.startswith(PEFT_KEY_PREFIX):
+            raise FinetuneError(f"adapter key {k!r} does not start with {PEFT_KEY_PREFIX!r}; not a sensorvla adapter")
+        stripped[k[len(PEFT_KEY_PREFIX):]] = v
+    expected = set(adapter_state_dict(policy))
+    got = {PEFT_KEY_PREFIX + k for k in stripped}
+    if expected != got:
+        raise FinetuneError(
+            "adapter mismatch: missing="
+            f"{sorted(expected - got)[:10]} unexpected={sorted(got - expected)[:10]}. "
+            "The adapter was trained with other --lora-r / --lora-target-modules or another backbone."
+        )
+    set_peft_model_state_dict(policy.backbone.model, stripped, adapter_name=ADAPTER_NAME)
+
+
+def merge_lora(policy: nn.Module) -> int:
+    """Merge LoRA weights into the base linear layers in place (inference). Returns modules merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    count = 0
+    for m in policy.backbone.model.modules():
+        if isinstance(m, BaseTunerLayer) and not m.merged:
+            m.merge()
+            count += 1
+    return count

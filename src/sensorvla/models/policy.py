@@ -1,0 +1,108 @@
+"""`VLAPolicy`: VL backbone + sensor encoder + fusion + action head, behind two seams.
+
+`forward(batch) -> (loss, metrics)` for training and `predict_chunk(batch) -> (B, H, D_a)` for inference
+(normalized action space). Freezing / LoRA live in `models/finetune.py`; files live in `models/pretrained.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sensorvla.config import ModelConfig
+from sensorvla.models.backbone import VLBackbone
+from sensorvla.models.fusion import build_fusion
+from sensorvla.models.heads import build_head
+from sensorvla.models.sensor_encoder import SensorEncoder
+
+# Top-level submodule names. Parameter groups, checkpoint keys and the seed-compatible checkpoint
+# ("sensor_encoder", "action_expert") are all derived from these prefixes.
+BACKBONE, SENSOR, FUSION, HEAD = "backbone", "sensor_encoder", "fusion", "head"
+
+
+class VLAPolicy(nn.Module):
+    """A sensor-augmented VLA policy. The constructor builds modules only (no I/O, no device moves).
+
+    Args:
+        cfg: the model config; `sensor.channels`, `head.horizon`, `head.action_dim`, `num_views` and
+            `state_dim` must already be resolved from the dataset (see `resolve_from_dataset`).
+        vl_model: a loaded Hugging Face Qwen-VL model (`models/backbone.load_vl_model`).
+        sensor_samples: T_s, grid points per sensor window.
+    """
+
+    def __init__(self, cfg: ModelConfig, vl_model: nn.Module, sensor_samples: int):
+        super().__init__()
+        for name, value in {
+            "model.head.horizon": cfg.head.horizon,
+            "model.head.action_dim": cfg.head.action_dim,
+            "model.num_views": cfg.num_views,
+        }.items():
+            if value <= 0:
+                raise ValueError(f"{name} is unresolved ({value}); build the policy with build_policy(), "
+                                 "which reads it from the dataset metadata")
+        self.cfg = cfg
+        self.sensor_samples = sensor_samples
+        self.backbone = VLBackbone(vl_model, cfg.backbone, cfg.num_views)
+        if cfg.sensor.enabled:
+            if cfg.sensor.channels <= 0:
+                raise ValueError("model.sensor.channels is unresolved; the dataset declares no sensor. "
+                                 "Pass --no-sensor-enabled for a vision-only policy.")
+            self.sensor_encoder = SensorEncoder(cfg.sensor, sensor_samples, cfg.sensor.channels)
+            sensor_dim = self.sensor_encoder.out_dim
+        else:
+            self.sensor_encoder = None
+            sensor_dim = None
+        self.fusion = build_fusion(cfg.fusion, self.backbone.hidden_size, sensor_dim, cfg.state_dim)
+        self.head = build_head(cfg.head, self.fusion.out_dim)
+
+    # --- shared path -------------------------------------------------------------------------------
+    def condition(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch -> conditioning sequence (B, N_c, D) and its mask (B, N_c)."""
+        vl, vl_mask = self.backbone(batch)
+        vl = vl.float()
+        sensor_tok = sensor_tok_mask = None
+        if self.sensor_encoder is not None:
+            sensor_tok, sensor_tok_mask = self.sensor_encoder(
+                batch["sensor"].float(), batch["sensor_mask"].bool(), batch["has_sensor"].bool()
+            )
+        state = batch.get("state") if self.cfg.state_dim > 0 else None
+        return self.fusion(vl, vl_mask, sensor_tok, sensor_tok_mask, None if state is None else state.float())
+
+    def forward(self, batch: dict[str, torch.Tensor], sensor_loss_weight: float = 1.0):
+        """Training seam.
+
+        Args:
+            batch: model batch (docs/interfaces.md section 3) with `actions` (B, H, D_a) and
+                `action_mask` (B, H).
+            sensor_loss_weight: weight of samples that carry sensor data (the seed's `--sensor_loss_weight`).
+
+        Returns:
+            (loss, metrics): the weighted mean loss (scalar) and per-subset diagnostics: `loss_sensor`
+            and `loss_no_sensor` (means over samples with / without sensor data, NaN-free: absent subsets
+            are omitted) and their sample counts.
+        """
+        cond, cond_mask = self.condition(batch)
+        per_sample = self.head.loss(cond, cond_mask, batch["actions"].float(), batch["action_mask"].bool())
+        has_sensor = batch["has_sensor"].bool()
+        weights = torch.where(has_sensor, sensor_loss_weight, 1.0).to(per_sample.dtype)
+        loss = (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
+        metrics: dict[str, float] = {"loss_unweighted": float(per_sample.detach().mean())}
+        with torch.no_grad():
+            for name, sel in (("sensor", has_sensor), ("no_sensor", ~has_sensor)):
+                n = int(sel.sum())
+                metrics[f"n_{name}"] = float(n)
+                if n:
+                    metrics[f"loss_{name}"] = float(per_sample[sel].mean())
+        return loss, metrics
+
+    @torch.no_grad()
+    def predict_chunk(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Inference seam: batch without actions -> normalized action chunk (B, H, D_a)."""
+        cond, cond_mask = self.condition(batch)
+        return self.head.sample(cond, cond_mask, generator=generator)
+
+    def sample_from_condition(self, cond, cond_mask, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Head only, for fast-slow inference where `cond` pieces are reused: (B, N_c, D) -> (B, H, D_a)."""
+        return self.head.sample(cond, cond_mask, generator=generator)

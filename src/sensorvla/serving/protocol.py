@@ -1,0 +1,302 @@
+"""Wire protocol of the policy server: msgpack-numpy packing, message shapes and observation validation.
+
+Byte-compatible with openpi's `msgpack_numpy` (arrays are `{b"__ndarray__": True, b"data", b"dtype",
+b"shape"}` maps with bytes keys), so existing openpi robot clients can talk to a sensorvla server.
+Imports only numpy and msgpack: the robot-side client depends on this module.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_NAME = "sensorvla-msgpack-numpy"
+PROTOCOL_VERSION = 1
+
+# Error types carried in `{"error": {"type": ..., "message": ...}}` replies. A failing `policy.infer`
+# reports its own exception class name (e.g. "RuntimeError") instead.
+INVALID_MESSAGE = "InvalidMessage"  # not msgpack, truncated, a text frame, or not a map
+OBSERVATION_ERROR = "ObservationError"  # missing/unknown key, wrong shape/dtype, NaN/inf
+MESSAGE_TOO_LARGE = "MessageTooLarge"  # raised client-side before sending; the server closes with 1009
+INVALID_POLICY_OUTPUT = "InvalidPolicyOutput"  # the policy returned something that is not a reply
+INTERNAL_ERROR = "InternalError"
+UNAUTHORIZED = "Unauthorized"
+
+# Websocket close code the server uses when a frame exceeds max_message_bytes (RFC 6455 "message too big").
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+# Keys of openpi's array encoding. Bytes keys on the wire (what openpi writes); both spellings decode.
+_ND = (b"__ndarray__", "__ndarray__")
+_NG = (b"__npgeneric__", "__npgeneric__")
+_DECODABLE_KINDS = frozenset("biufcUS")  # never "O" (objects) or "V" (raw/structured)
+
+# key -> (shape with None wildcards, or None for any shape; dtype kind "f"/"u"/... or an exact dtype name)
+ObservationSpec = dict[str, tuple[tuple[int | None, ...] | None, str]]
+
+
+class ObservationError(ValueError):
+    """An observation does not match the policy's observation spec (key, shape, dtype or value)."""
+
+
+class PolicyServerError(RuntimeError):
+    """The server answered a request with an error reply.
+
+    Attributes:
+        type: the error type (`ObservationError`, `InvalidMessage`, or the policy's exception class name).
+        message: the server's message.
+        traceback: the server-side traceback for exceptions raised by the policy, else None.
+    """
+
+    def __init__(self, type: str, message: str, traceback: str | None = None):  # noqa: A002
+        super().__init__(f"{type}: {message}")
+        self.type = type
+        self.message = message
+        self.traceback = traceback
+
+
+# --------------------------------------------------------------------------------------------- packing
+
+
+def _default(obj: Any) -> Any:
+    """msgpack `default` hook: numpy arrays/scalars -> openpi maps; tuples and mapping subclasses too."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "VO":
+            raise TypeError(f"cannot send a numpy array of dtype {obj.dtype} (object/void); convert it first")
+        # tobytes() writes C order, so non-contiguous views are handled.
+        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": obj.shape}
+    if isinstance(obj, np.generic):
+        if obj.dtype.kind in "VO":
+            raise TypeError(f"cannot send a numpy scalar of dtype {obj.dtype}")
+        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
+    # strict_types routes these here (exact types only go through msgpack's fast path).
+    if isinstance(obj, tuple):
+        return list(obj)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, bool | int | float | str | bytes | list):  # subclasses, e.g. IntEnum, str enums
+        for base in (bool, int, float, str, bytes, list):
+            if isinstance(obj, base):
+                return base(obj)
+    raise TypeError(
+        f"cannot serialize a {type(obj).__module__}.{type(obj).__qualname__} for the policy protocol; "
+        "send numpy arrays, python scalars, str, bytes, lists or dicts (convert torch tensors with .numpy())"
+    )
+
+
+def packb(obj: Any) -> bytes:
+    """Serialize `obj` (nested dicts/lists of numpy arrays, numpy scalars, str, numbers) to msgpack bytes.
+
+    numpy scalars keep their dtype (strict types: `np.float64(1.0)` is not flattened to a python float).
+
+    Raises:
+        TypeError: for values the protocol cannot carry (torch tensors, object arrays, ...).
+    """
+    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True)
+
+
+def _get(obj: dict, keys: tuple[bytes, str]) -> Any:
+    return obj[keys[0]] if keys[0] in obj else obj[keys[1]]
+
+
+def _field(obj: dict, name: str) -> Any:
+    try:
+        return _get(obj, (name.encode(), name))
+    except KeyError:
+        raise ValueError(f"encoded numpy value lacks the {name!r} field") from None
+
+
+def _checked_dtype(raw: Any) -> np.dtype:
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii")
+    if not isinstance(raw, str) or len(raw) > 16:
+        raise ValueError(f"bad encoded dtype {raw!r}")
+    dtype = np.dtype(raw)
+    if dtype.kind not in _DECODABLE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(
+            f"refusing to decode a numpy value of dtype {dtype} (only bool/int/float/complex/str)"
+        )
+    return dtype
+
+
+def _object_hook(obj: dict) -> Any:
+    """msgpack `object_hook`: openpi array/scalar maps -> numpy; every other map unchanged."""
+    if _ND[0] in obj or _ND[1] in obj:
+        dtype = _checked_dtype(_field(obj, "dtype"))
+        shape = _field(obj, "shape")
+        data = _field(obj, "data")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise ValueError(f"bad encoded array shape {shape!r}")
+        if not isinstance(data, bytes) or len(data) != math.prod(shape) * dtype.itemsize:
+            raise ValueError(
+                f"encoded array of shape {tuple(shape)} and dtype {dtype} needs "
+                f"{math.prod(shape) * dtype.itemsize} bytes, got "
+                f"{len(data) if isinstance(data, bytes) else type(data).__name__}"
+            )
+        # Copy so that receivers get a writable array (torch.from_numpy warns on read-only buffers).
+        return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    if _NG[0] in obj or _NG[1] in obj:
+        return _checked_dtype(_field(obj, "dtype")).type(_field(obj, "data"))
+    return obj
+
+
+def unpackb(data: bytes) -> Any:
+    """Inverse of `packb`; also decodes openpi messages. Arrays come back writable, C-contiguous.
+
+    Raises:
+        ValueError: (or a msgpack exception) on a payload that is not valid msgpack-numpy.
+    """
+    return msgpack.unpackb(data, object_hook=_object_hook, raw=False, strict_map_key=True)
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+
+def make_error(type: str, message: str, traceback: str | None = None) -> dict[str, Any]:  # noqa: A002
+    """The error reply `{"error": {"type", "message"[, "traceback"]}}`."""
+    err: dict[str, Any] = {"type": type, "message": message}
+    if traceback:
+        err["traceback"] = traceback
+    return {"error": err}
+
+
+def raise_if_error(reply: Any) -> dict[str, Any]:
+    """Return `reply` if it is a normal reply; raise `PolicyServerError` if it is an error reply."""
+    if not isinstance(reply, dict):
+        raise PolicyServerError(
+            INVALID_MESSAGE, f"expected a map from the server, got {type(reply).__name__}"
+        )
+    err = reply.get("error")
+    if isinstance(err, dict) and "actions" not in reply:
+        raise PolicyServerError(
+            str(err.get("type", INTERNAL_ERROR)), str(err.get("message", "")), err.get("traceback")
+        )
+    return reply
+
+
+def spec_to_json(spec: ObservationSpec) -> dict[str, dict[str, Any]]:
+    """Observation spec -> `{key: {"shape": [..., None], "dtype": kind}}` for the handshake."""
+    return {
+        key: {"shape": None if shape is None else list(shape), "dtype": dtype}
+        for key, (shape, dtype) in spec.items()
+    }
+
+
+def spec_from_json(data: Mapping[str, Mapping[str, Any]]) -> ObservationSpec:
+    """Inverse of `spec_to_json`."""
+    return {
+        key: (None if v["shape"] is None else tuple(v["shape"]), str(v["dtype"])) for key, v in data.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def check_spec(spec: Mapping[str, Any]) -> ObservationSpec:
+    """Validate an observation spec's form (fail fast at server construction, not on the first request).
+
+    Raises:
+        ValueError: naming the bad entry.
+    """
+    out: ObservationSpec = {}
+    for key, entry in spec.items():
+        try:
+            shape, dtype = entry
+        except (TypeError, ValueError):
+            raise ValueError(f"observation_spec[{key!r}] must be (shape, dtype), got {entry!r}") from None
+        if shape is not None and (
+            not isinstance(shape, tuple | list)
+            or not all(s is None or (isinstance(s, int) and s >= 0) for s in shape)
+        ):
+            raise ValueError(
+                f"observation_spec[{key!r}]: shape must be a tuple of ints/None or None, got {shape!r}"
+            )
+        if not isinstance(dtype, str) or not dtype:
+            raise ValueError(
+                f"observation_spec[{key!r}]: dtype must be a kind ('f') or a dtype name ('float32')"
+            )
+        if len(dtype) == 1:
+            if dtype not in _DECODABLE_KINDS:
+                raise ValueError(
+                    f"observation_spec[{key!r}]: unknown dtype kind {dtype!r}; use one of 'biufcUS'"
+                )
+        else:
+            try:
+                np.dtype(dtype)
+            except TypeError:
+                raise ValueError(f"observation_spec[{key!r}]: {dtype!r} is not a numpy dtype") from None
+        out[str(key)] = (None if shape is None else tuple(shape), dtype)
+    return out
+
+
+def _fmt_shape(shape: tuple[int | None, ...]) -> str:
+    return (
+        "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+    )
+
+
+def _dtype_matches(dtype: np.dtype, want: str) -> bool:
+    # One character is a dtype kind ("f" = any float); anything longer is an exact dtype ("float32").
+    return dtype.kind == want if len(want) == 1 else dtype == np.dtype(want)
+
+
+def validate_observation(obs: Any, spec: ObservationSpec, allow_extra_keys: bool = False) -> dict[str, Any]:
+    """Check an observation against a spec; return it with lists/python numbers turned into numpy arrays.
+
+    Every spec key is required. Strings stay `str`. Float/complex values must be finite.
+
+    Args:
+        obs: the decoded request, e.g. `{"images": uint8 (V, h, w, 3), "state": float32 (D_st,),
+            "sensor": float32 (N, C_s), "sensor_timestamps": float64 (N,), "timestamp": float64 (),
+            "instruction": str}`.
+        spec: key -> (shape with None wildcards or None for any shape, dtype kind or exact dtype name).
+        allow_extra_keys: pass keys absent from the spec through instead of rejecting them.
+
+    Raises:
+        ObservationError: naming the offending key, what was expected and what arrived.
+    """
+    if not isinstance(obs, dict):
+        raise ObservationError(f"an observation must be a map of key -> value, got {type(obs).__name__}")
+    missing = [k for k in spec if k not in obs]
+    extra = [k for k in obs if k not in spec]
+    problems = []
+    if missing:
+        problems.append(f"missing observation key(s) {missing}")
+    if extra and not allow_extra_keys:
+        hints = []
+        for k in extra:
+            close = difflib.get_close_matches(str(k), list(spec), n=1)
+            hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+        problems.append(f"unexpected observation key(s) {', '.join(hints)}")
+    if problems:
+        raise ObservationError("; ".join(problems) + f"; the policy expects exactly {sorted(spec)}")
+    out = dict(obs)
+    for key, (shape, want) in spec.items():
+        value = obs[key]
+        try:
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except Exception as exc:  # ragged lists and the like
+            raise ObservationError(
+                f"observation key {key!r}: cannot read {type(value).__name__} as an array ({exc})"
+            ) from None
+        if not _dtype_matches(arr.dtype, want):
+            wanted = f"kind {want!r}" if len(want) == 1 else want
+            raise ObservationError(
+                f"observation key {key!r}: expected dtype {wanted}, got {arr.dtype} (kind {arr.dtype.kind!r})"
+            )
+        if shape is not None and (
+            arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape))
+        ):
+            raise ObservationError(
+                f"observation key {key!r}: expected shape {_fmt_shape(shape)}, got {_fmt_shape(arr.shape)}"
+            )
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise ObservationError(f"observation key {key!r}: {bad} non-finite value(s) (NaN or inf)")
+        if not isinstance(value, str | np.ndarray | np.generic):
+            out[key] = arr
+    return out

@@ -1,0 +1,390 @@
+"""Websocket policy server: a thin msgpack-numpy transport around any object with `infer(obs) -> dict`.
+
+It knows nothing about models. One worker thread runs `policy.infer` (one model, one request at a time)
+while the asyncio loop keeps accepting, validating and answering. Same message shapes as openpi's server:
+a metadata handshake on connect, `{"actions", ..., "server_timing"}` replies, `/healthz` over plain HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import http
+import itertools
+import logging
+import signal
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from sensorvla.serving import protocol
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a 650 x 1026 float32 sensor window is 2.7 MB; 3 raw VGA views 2.8 MB
+
+
+class Policy(Protocol):
+    """What the server wraps (the real one is `sensorvla.inference.PolicyRunner`)."""
+
+    metadata: dict
+    observation_spec: dict[str, tuple[tuple[int | None, ...] | None, str]]
+
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        """obs -> {"actions": (H, D_a), "timing": {...}, ...}."""
+        ...
+
+
+class _RequestError(Exception):
+    """A request the server answers with an error reply (the connection stays open)."""
+
+    def __init__(self, type: str, message: str, tb: str | None = None):  # noqa: A002
+        super().__init__(message)
+        self.type, self.message, self.tb = type, message, tb
+
+
+class PolicyServer:
+    """Serve `policy` over a websocket with the openpi message shapes.
+
+    Protocol: on connect the server sends the handshake (the policy's `metadata` plus a `"protocol"`
+    entry with the observation spec and `max_message_bytes`). Each binary msgpack frame is one
+    observation; the reply is the policy's result plus `"server_timing": {"infer_ms", "queue_ms",
+    "total_ms"}`, or `{"error": {"type", "message"[, "traceback"]}}` for a bad request or a failing
+    policy, after which the connection keeps serving. Frames over `max_message_bytes` are rejected by
+    websockets itself (it closes that connection with code 1009 before buffering the whole frame, which
+    bounds memory); other connections and new ones are unaffected. `PolicyClient` checks the size before
+    sending and raises `PolicyServerError("MessageTooLarge")` instead.
+
+    Args:
+        policy: object with `metadata`, `observation_spec` and `infer(obs) -> {"actions": (H, D_a), ...}`.
+        host: interface to bind; loopback by default (use "0.0.0.0" to reach it from the robot's network).
+        port: TCP port, 0 = any free port (read `.port` after `start()`).
+        token: shared secret; clients must send `Authorization: Bearer <token>` or `?token=<token>`, else
+            HTTP 401 and no handshake. `/healthz` never needs it.
+        max_message_bytes: largest accepted request frame.
+        allow_extra_keys: accept observation keys that the spec does not list (passed through).
+        send_traceback: include the server traceback in error replies for exceptions raised by the policy.
+        log_every: log every n-th request at INFO (the others at DEBUG).
+        ping_interval: websocket keepalive interval in seconds (None disables).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        allow_extra_keys: bool = False,
+        send_traceback: bool = True,
+        log_every: int = 1,
+        ping_interval: float | None = 20.0,
+    ):
+        if max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
+        if token is not None and not token:
+            raise ValueError("token must be a non-empty string or None (no authentication)")
+        self.policy = policy
+        self.host = host
+        self._requested_port = port
+        self._token = token
+        self.max_message_bytes = max_message_bytes
+        self.allow_extra_keys = allow_extra_keys
+        self.send_traceback = send_traceback
+        self.log_every = max(1, log_every)
+        self.ping_interval = ping_interval
+        self._spec = protocol.check_spec(policy.observation_spec)
+        handshake = dict(policy.metadata)
+        if "protocol" in handshake:
+            raise ValueError("policy.metadata must not use the key 'protocol' (the server adds it)")
+        handshake["protocol"] = {
+            "name": protocol.PROTOCOL_NAME,
+            "version": protocol.PROTOCOL_VERSION,
+            "max_message_bytes": max_message_bytes,
+            "observation_spec": protocol.spec_to_json(self._spec),
+        }
+        try:
+            self._handshake = protocol.packb(handshake)
+        except TypeError as exc:
+            raise TypeError(f"policy.metadata must be msgpack-serializable (JSON-like): {exc}") from None
+        self._bound_port: int | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._request_ids = itertools.count(1)
+        self._connection_ids = itertools.count(1)
+        self.num_requests = 0  # answered requests, errors included
+        self.num_errors = 0
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def port(self) -> int:
+        """The bound port once listening (the requested one before)."""
+        return self._bound_port if self._bound_port is not None else self._requested_port
+
+    @property
+    def url(self) -> str:
+        """`ws://host:port` of the listening server."""
+        return f"ws://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> PolicyServer:
+        """Serve from a background thread with its own event loop; return once listening."""
+        if self._thread is not None:
+            raise RuntimeError("PolicyServer.start() was already called; call stop() first")
+        self._ready.clear()
+        self._startup_error = None
+        self._thread = threading.Thread(target=self._thread_main, name="PolicyServer", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise TimeoutError(
+                f"policy server did not start listening on {self.host}:{self.port} in {timeout}s"
+            )
+        if self._startup_error is not None:
+            self._thread.join(timeout)
+            self._thread = None
+            raise self._startup_error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close every connection and the listening socket (also ends `run_forever` from another thread)."""
+        thread, loop, event = self._thread, self._loop, self._stop_event
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already finished
+                loop.call_soon_threadsafe(event.set)
+        if thread is None:
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("policy server thread did not stop within %.1fs", timeout)
+        self._thread = None
+
+    def run_forever(self) -> None:
+        """Serve in the calling thread until Ctrl-C / SIGTERM (or `stop()` from another thread)."""
+        self._ready.clear()
+        try:
+            asyncio.run(self._serve(handle_signals=True))
+        except KeyboardInterrupt:
+            logger.info("policy server interrupted")
+
+    def __enter__(self) -> PolicyServer:
+        # `with PolicyServer(p) as s:` and `with PolicyServer(p).start() as s:` both work.
+        return self if self._thread is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._serve(handle_signals=False))
+        except BaseException as exc:  # surfaced by start(); a bind error must not vanish in a thread
+            self._startup_error = exc
+            self._ready.set()
+
+    async def _serve(self, handle_signals: bool) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    self._loop.add_signal_handler(sig, self._stop_event.set)
+        # One worker = one model: requests from all connections are served one at a time, FIFO.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-infer")
+        try:
+            async with serve(
+                lambda ws: self._handler(ws, executor),
+                self.host,
+                self._requested_port,
+                process_request=self._process_request,
+                max_size=self.max_message_bytes,
+                compression=None,  # arrays barely compress; deflate only costs latency
+                max_queue=4,  # backpressure: at most a few unread frames buffered per connection
+                ping_interval=self.ping_interval,
+                ping_timeout=self.ping_interval,
+                close_timeout=2,
+            ) as server:
+                self._bound_port = server.sockets[0].getsockname()[1]
+                logger.info(
+                    "policy server listening on ws://%s:%d (token %s, max message %d bytes)",
+                    self.host,
+                    self._bound_port,
+                    "required" if self._token else "off",
+                    self.max_message_bytes,
+                )
+                self._ready.set()
+                await self._stop_event.wait()
+                logger.info("policy server stopping")
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            self._loop = None
+            self._stop_event = None
+
+    # ------------------------------------------------------------------------------------- requests
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """HTTP hook before the websocket upgrade: `/healthz`, then the token check."""
+        url = urlsplit(request.path)
+        if url.path == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "ok")
+        if self._token is None:
+            return None
+        supplied = None
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            supplied = auth[len("Bearer ") :].strip()
+        else:
+            supplied = (parse_qs(url.query).get("token") or [None])[0]
+        if supplied is None or not hmac.compare_digest(supplied.encode(), self._token.encode()):
+            logger.warning("rejected connection from %s: missing or wrong token", connection.remote_address)
+            return connection.respond(
+                http.HTTPStatus.UNAUTHORIZED,
+                "missing or wrong token: send 'Authorization: Bearer <token>' (PolicyClient(token=...))\n",
+            )
+        return None
+
+    async def _handler(self, ws: ServerConnection, executor: ThreadPoolExecutor) -> None:
+        conn = next(self._connection_ids)
+        logger.info("connection %d from %s opened", conn, ws.remote_address)
+        n = 0
+        try:
+            await ws.send(self._handshake)
+            while True:
+                message = await ws.recv()
+                t0 = time.perf_counter()
+                n += 1
+                reply = await self._answer(message, executor, conn, n, t0)
+                await ws.send(reply)
+        except ConnectionClosed as exc:
+            code = (
+                exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent is not None else None)
+            )
+            if code == protocol.CLOSE_MESSAGE_TOO_BIG:
+                logger.warning(
+                    "connection %d closed: a frame exceeded max_message_bytes=%d (code 1009)",
+                    conn,
+                    self.max_message_bytes,
+                )
+            else:
+                logger.info("connection %d closed after %d request(s) (code %s)", conn, n, code)
+
+    async def _answer(
+        self, message: str | bytes, executor: ThreadPoolExecutor, conn: int, n: int, t0: float
+    ) -> bytes:
+        """One request -> the packed reply. Never raises for a bad request or a failing policy."""
+        rid = next(self._request_ids)
+        self.num_requests += 1
+        try:
+            obs = self._decode(message)
+            loop = asyncio.get_running_loop()
+            t_submit = time.perf_counter()
+            result, queue_ms, infer_ms = await loop.run_in_executor(executor, self._infer, obs, t_submit)
+            reply = self._check_result(result)
+            reply["server_timing"] = {
+                "infer_ms": infer_ms,
+                "queue_ms": queue_ms,
+                "total_ms": (time.perf_counter() - t0) * 1e3,
+            }
+            try:
+                packed = protocol.packb(reply)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise _RequestError(
+                    protocol.INVALID_POLICY_OUTPUT, f"the policy's reply cannot be sent: {exc}"
+                ) from None
+        except _RequestError as err:
+            self.num_errors += 1
+            total_ms = (time.perf_counter() - t0) * 1e3
+            logger.warning(
+                "request %d (conn %d #%d) -> %s: %s [%.1f ms]", rid, conn, n, err.type, err.message, total_ms
+            )
+            tb = err.tb if self.send_traceback else None
+            return protocol.packb(protocol.make_error(err.type, err.message, tb))
+        except Exception as exc:  # a server bug must cost one request, not the connection
+            self.num_errors += 1
+            logger.exception("request %d (conn %d #%d): internal server error", rid, conn, n)
+            return protocol.packb(
+                protocol.make_error(protocol.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            )
+        timing = reply["server_timing"]
+        logger.log(
+            logging.INFO if rid % self.log_every == 0 else logging.DEBUG,
+            "request %d (conn %d #%d): infer %.1f ms, queue %.1f ms, total %.1f ms",
+            rid,
+            conn,
+            n,
+            timing["infer_ms"],
+            timing["queue_ms"],
+            timing["total_ms"],
+        )
+        return packed
+
+    def _decode(self, message: str | bytes) -> dict[str, Any]:
+        if isinstance(message, str):
+            raise _RequestError(
+                protocol.INVALID_MESSAGE,
+                "got a text frame; send the observation as a binary frame of protocol.packb(obs)",
+            )
+        try:
+            obs = protocol.unpackb(message)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage input
+            raise _RequestError(
+                protocol.INVALID_MESSAGE,
+                f"could not decode the {len(message)}-byte frame as msgpack-numpy "
+                f"({type(exc).__name__}: {exc}); send protocol.packb(obs)",
+            ) from None
+        try:
+            return protocol.validate_observation(obs, self._spec, allow_extra_keys=self.allow_extra_keys)
+        except protocol.ObservationError as exc:
+            raise _RequestError(protocol.OBSERVATION_ERROR, str(exc)) from None
+
+    def _infer(self, obs: dict[str, Any], t_submit: float) -> tuple[Any, float, float]:
+        """Runs in the single inference thread; returns (result, queue_ms, infer_ms)."""
+        t_start = time.perf_counter()
+        try:
+            result = self.policy.infer(obs)
+        except Exception as exc:
+            raise _RequestError(type(exc).__name__, str(exc) or repr(exc), traceback.format_exc()) from None
+        t_end = time.perf_counter()
+        return result, (t_start - t_submit) * 1e3, (t_end - t_start) * 1e3
+
+    @staticmethod
+    def _check_result(result: Any) -> dict[str, Any]:
+        if not isinstance(result, dict) or "actions" not in result:
+            got = f"a dict with keys {sorted(result)}" if isinstance(result, dict) else type(result).__name__
+            raise _RequestError(
+                protocol.INVALID_POLICY_OUTPUT, f"policy.infer must return a dict with 'actions'; got {got}"
+            )
+        actions = result["actions"]
+        if not isinstance(actions, np.ndarray):
+            raise _RequestError(
+                protocol.INVALID_POLICY_OUTPUT,
+                f"policy.infer returned actions of type {type(actions).__name__}; "
+                "return a numpy array (H, D_a)",
+            )
+        return dict(result)
+
+
+def serve_forever(
+    policy: Policy,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    **kwargs: Any,
+) -> None:
+    """Build a `PolicyServer` and serve in the calling thread until Ctrl-C (what `sensorvla serve` calls)."""
+    PolicyServer(
+        policy, host=host, port=port, token=token, max_message_bytes=max_message_bytes, **kwargs
+    ).run_forever()

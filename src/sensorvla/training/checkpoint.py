@@ -1,0 +1,216 @@
+"""Checkpoints: the seed guide's `.pt` files (tensors only), `pretrained_model/`, and resume state.
+
+<output_dir>/checkpoints/
+    qwen_vla_sensor_best.pt        best by validation loss (seed keys, loads with weights_only=True)
+    diffusion_epoch<N>.pt          diffusion head: one per epoch, as in the seed guide
+    pretrained_model/              best model for serving/eval (config, safetensors, adapters, norm stats)
+    last/                          resume state: checkpoint.pt (seed keys) + training_state.json + rng.pt
+Every file is written atomically, so a kill during a save never leaves a broken `best` or `last`.
+
+Seed keys. stage 1: epoch, sensor_encoder, action_expert, optimizer_state_dict, scheduler_state_dict,
+val_loss, training_stage="stage1". stage 2: epoch, model_state_dict, and the same others with
+training_stage="stage2". `action_expert` holds every non-backbone, non-sensor tensor (fusion + head + VL
+projection); `model_state_dict` holds every tensor except the frozen HF base (it is named by the config).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sensorvla.io import atomic_dir, atomic_write_json, torch_load, torch_save
+from sensorvla.models import finetune
+from sensorvla.models.pretrained import CheckpointMismatchError, saved_state_dict
+
+logger = logging.getLogger(__name__)
+
+BEST_NAME = "qwen_vla_sensor_best.pt"
+STAGE1_KEYS = ("sensor_encoder", "action_expert")
+SEED_KEYS = {
+    "stage1": ("epoch", "sensor_encoder", "action_expert", "optimizer_state_dict", "scheduler_state_dict",
+               "val_loss", "training_stage"),
+    "stage2": ("epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "val_loss",
+               "training_stage"),
+}
+
+
+def tensors_sha256(sd: dict) -> str:
+    """Content hash of a state dict (key order independent); used to prove what a run started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def epoch_name(epoch: int) -> str:
+    return f"diffusion_epoch{epoch}.pt"
+
+
+def split_stage1(policy) -> tuple[dict, dict]:
+    """(sensor_encoder, action_expert) state dicts with policy-level key names."""
+    sensor, expert = {}, {}
+    for k, v in saved_state_dict(policy).items():
+        if k.startswith(finetune.HF_BASE_PREFIX):
+            continue  # only for `full`, which is not a stage-1 mode
+        (sensor if k.startswith("sensor_encoder.") else expert)[k] = v.detach().cpu()
+    return sensor, expert
+
+
+def model_state(policy) -> dict:
+    """Stage-2 `model_state_dict`: saved tensors plus LoRA adapters (policy key names)."""
+    sd = {k: v.detach().cpu() for k, v in saved_state_dict(policy).items()}
+    for k, v in policy.state_dict().items():
+        if finetune.is_lora_param(k):
+            sd[k] = v.detach().cpu()
+    return sd
+
+
+def seed_payload(policy, optimizer, scheduler, *, epoch: int, val_loss: float, stage: str) -> dict[str, Any]:
+    payload: dict[str, Any] = {"epoch": int(epoch)}
+    if stage == "stage1":
+        payload["sensor_encoder"], payload["action_expert"] = split_stage1(policy)
+    else:
+        payload["model_state_dict"] = model_state(policy)
+    payload["optimizer_state_dict"] = optimizer.state_dict() if optimizer is not None else {}
+    payload["scheduler_state_dict"] = scheduler.state_dict() if scheduler is not None else {}
+    payload["val_loss"] = float(val_loss)
+    payload["training_stage"] = stage
+    return payload
+
+
+def _mismatch(path, missing, unexpected) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"Checkpoint loading mismatch in {path}: missing={sorted(missing)[:20]} unexpected={sorted(unexpected)[:20]}. "
+        "Ensure Stage 1 checkpoint contains `sensor_encoder` and `action_expert` keys saved from the same "
+        "model config (head, fusion, sensor); check with torch.load(path, weights_only=True).keys()."
+    )
+
+
+def load_seed_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found; pass the file written by stage 1 "
+                                f"(e.g. checkpoints/{BEST_NAME})")
+    try:
+        return torch_load(path)
+    except Exception as e:  # weights_only refusal, truncated zip, ...
+        raise CheckpointMismatchError(
+            f"cannot load {path} with torch.load(weights_only=True): {e}. sensorvla never unpickles "
+            "objects; re-save the checkpoint with tensors and plain containers only."
+        ) from e
+
+
+def load_stage1_into(policy, path: str | Path) -> dict:
+    """Load a stage-1 checkpoint's sensor encoder + action expert into `policy` strictly."""
+    ckpt = load_seed_checkpoint(path)
+    missing_top = [k for k in STAGE1_KEYS if k not in ckpt]
+    if missing_top:
+        raise _mismatch(path, missing_top, [k for k in ckpt if k not in SEED_KEYS["stage1"]])
+    sensor_exp, expert_exp = split_stage1(policy)
+    got = {**ckpt["sensor_encoder"], **ckpt["action_expert"]}
+    expected = set(sensor_exp) | set(expert_exp)
+    if set(got) != expected:
+        raise _mismatch(path, expected - set(got), set(got) - expected)
+    own = policy.state_dict()
+    bad = [k for k in got if own[k].shape != got[k].shape]
+    if bad:
+        raise CheckpointMismatchError(f"Checkpoint loading mismatch in {path}: shapes differ for {bad[:10]}")
+    policy.load_state_dict(got, strict=False)  # exact key set verified above; the rest is the frozen base
+    logger.info("loaded stage-1 weights from %s (%d tensors, epoch %s, val_loss %s)", path, len(got),
+                ckpt.get("epoch"), ckpt.get("val_loss"))
+    return {"path": str(path), "epoch": ckpt.get("epoch"), "val_loss": ckpt.get("val_loss"),
+            "sha256": tensors_sha256(got)}
+
+
+def load_model_payload(policy, ckpt: dict, path) -> None:
+    """Restore model tensors from a seed payload of either stage (used by resume)."""
+    if ckpt.get("training_stage") == "stage2":
+        sd = ckpt["model_state_dict"]
+        expected = set(model_state(policy))
+    else:
+        sd = {**ckpt["sensor_encoder"], **ckpt["action_expert"]}
+        expected = set().union(*split_stage1(policy))
+    if set(sd) != expected:
+        raise _mismatch(path, expected - set(sd), set(sd) - expected)
+    policy.load_state_dict(sd, strict=False)  # exact key set verified above
+
+
+# --- resume state ----------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _rng_to_tensors(state: dict) -> dict[str, Any]:
+    np_state = state["numpy"]
+    out = {
+        "torch": state["torch"],
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_meta": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python": torch.tensor(list(state["python"][1]), dtype=torch.int64),
+        "python_version": torch.tensor([state["python"][0]], dtype=torch.int64),
+    }
+    if "cuda" in state:
+        out["cuda"] = list(state["cuda"])
+    return out
+
+
+def restore_rng(t: dict[str, Any]) -> None:
+    torch.set_rng_state(t["torch"])
+    np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), int(t["numpy_meta"][0]),
+                         int(t["numpy_meta"][1]), float(t["numpy_gauss"][0])))
+    random.setstate((int(t["python_version"][0]), tuple(int(x) for x in t["python"].tolist()), None))
+    if "cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(t["cuda"])
+
+
+def save_last(ckpt_dir: Path, payload: dict, state: dict, rng_per_rank: list[dict]) -> Path:
+    """Atomically replace <ckpt_dir>/last with the seed payload, JSON state and every rank's RNG."""
+    with atomic_dir(ckpt_dir / "last") as tmp:
+        torch_save(payload, tmp / "checkpoint.pt")
+        torch_save({"ranks": [_rng_to_tensors(r) for r in rng_per_rank]}, tmp / "rng.pt")
+        atomic_write_json(tmp / "training_state.json", state)
+    return ckpt_dir / "last"
+
+
+def load_last(ckpt_dir: Path) -> tuple[dict, dict, list[dict]]:
+    import json
+
+    last = Path(ckpt_dir) / "last"
+    if not (last / "training_state.json").exists():
+        raise FileNotFoundError(f"--resume: no resumable state in {last}; start without --resume")
+    state = json.loads((last / "training_state.json").read_text())
+    payload = load_seed_checkpoint(last / "checkpoint.pt")
+    rng = torch_load(last / "rng.pt")["ranks"]
+    return payload, state, rng
+
+
+def save_seed_file(path: Path, payload: dict) -> Path:
+    return torch_save(payload, path)
+
+
+def backup_if_overwritten(ckpt_dir: Path, stage1_checkpoint: str | None, names: list[str]) -> None:
+    """Stage 2 writes the same file names as stage 1; keep the stage-1 input under checkpoints/stage1/."""
+    if not stage1_checkpoint:
+        return
+    src = Path(stage1_checkpoint).resolve()
+    for name in names:
+        if (ckpt_dir / name).resolve() == src and src.exists():
+            dst = ckpt_dir / "stage1" / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists():
+                import shutil
+
+                shutil.copy2(src, dst)
+                logger.warning("stage 2 will overwrite %s; the stage-1 file is kept at %s", src, dst)

@@ -1,0 +1,97 @@
+"""Training-side data assembly: norm stats, split datasets, the resumable sharded sampler, loaders."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from sensorvla.config import SensorVLAConfig
+from sensorvla.data.transforms import SampleTransform, TransformedDataset, collate
+
+logger = logging.getLogger(__name__)
+
+
+def stats_path(dataset_dir: str | Path) -> Path:
+    return Path(dataset_dir) / "meta" / "norm_stats.json"
+
+
+def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
+    """Load the dataset's norm stats; compute and save them on rank 0 first if they do not exist."""
+    from sensorvla.data.normalize import NormStats, compute_stats
+    from sensorvla.training.distributed import barrier
+
+    path = stats_path(cfg.data.dataset_dir)
+    if not path.exists():
+        if info.is_main:
+            logger.info("no %s yet: computing normalization stats (same as `sensorvla stats`)", path)
+            compute_stats(cfg.data.dataset_dir, progress=progress).save(path)
+        barrier(info)
+    return NormStats.load(path)
+
+
+def build_normalizer(stats, cfg: SensorVLAConfig):
+    from sensorvla.data.normalize import Normalizer
+
+    keys = ["actions"]
+    if cfg.model.state_dim:
+        keys.append("state")
+    if cfg.model.sensor.enabled:
+        keys.append("sensor")
+    norm = Normalizer(stats, mode=cfg.data.normalization)
+    norm.check_keys(keys)
+    return norm
+
+
+def raw_dataset(cfg: SensorVLAConfig, split: str, load_images: bool = True):
+    from sensorvla.data.dataset import EpisodeDataset
+
+    return EpisodeDataset(cfg.data.dataset_dir, cfg.data, split=split, load_images=load_images)
+
+
+class ShardedEpochSampler(torch.utils.data.Sampler[int]):
+    """Deterministic per-epoch permutation, split across ranks, able to start mid-epoch (resume).
+
+    Every rank gets the same number of indices (the permutation is padded by wrapping around).
+    """
+
+    def __init__(self, n: int, *, seed: int, rank: int, world: int, shuffle: bool = True):
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = math.ceil(self.n / self.world)
+        order = (order * math.ceil(per_rank * self.world / max(self.n, 1) + 1))[: per_rank * self.world]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return len(self.indices()) - self.start
+
+
+def make_loader(dataset, transform: SampleTransform, sampler, cfg: SensorVLAConfig, pad_token_id: int):
+    return torch.utils.data.DataLoader(
+        TransformedDataset(dataset, transform),
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
+        persistent_workers=False,
+        # a private generator: creating loaders never consumes the global RNG (resume equality)
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )

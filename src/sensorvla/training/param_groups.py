@@ -1,0 +1,96 @@
+"""Named optimizer parameter groups with their own learning rates, asserted to partition the trainable set.
+
+Groups (by parameter-name prefix): head, fusion, sensor_encoder, vl_projection (a learned VL resampler),
+vl_lora (LoRA adapters, --vl-lr), and for `full` fine-tuning vision (--vision-lr) and language (--vl-lr).
+Biases and norm weights (1-D tensors) go to a `<group>/no_decay` twin with weight decay 0.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from sensorvla.config import TrainConfig
+from sensorvla.models.finetune import HF_BASE_PREFIX, is_lora_param
+
+
+def group_of(name: str) -> str:
+    """Map a trainable parameter name of a VLAPolicy to its group."""
+    if name.startswith("head."):
+        return "head"
+    if name.startswith("fusion."):
+        return "fusion"
+    if name.startswith("sensor_encoder."):
+        return "sensor_encoder"
+    if name.startswith(HF_BASE_PREFIX):
+        if is_lora_param(name):
+            return "vl_lora"
+        return "vision" if name.startswith(HF_BASE_PREFIX + "visual.") else "language"
+    if name.startswith("backbone."):
+        return "vl_projection"
+    raise ValueError(f"parameter {name!r} belongs to no declared group; add it to training/param_groups.py")
+
+
+def group_lrs(cfg: TrainConfig) -> dict[str, float]:
+    return {
+        "head": cfg.lr,
+        "fusion": cfg.lr,
+        "vl_projection": cfg.lr,
+        "sensor_encoder": cfg.sensor_lr,
+        "vl_lora": cfg.vl_lr,
+        "language": cfg.vl_lr,
+        "vision": cfg.vision_lr,
+    }
+
+
+def build_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Optimizer groups for every trainable parameter of `model` (an unwrapped VLAPolicy).
+
+    Asserts that each trainable parameter lands in exactly one group and no frozen one does.
+    """
+    lrs = group_lrs(cfg)
+    groups: OrderedDict[str, dict] = OrderedDict()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        base = group_of(name)
+        no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        key = f"{base}/no_decay" if no_decay else base
+        g = groups.setdefault(
+            key, {"name": key, "params": [], "param_names": [], "lr": lrs[base],
+                  "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+        )
+        g["params"].append(p)
+        g["param_names"].append(name)
+    check_groups(model, list(groups.values()))
+    return list(groups.values())
+
+
+def check_groups(model: nn.Module, groups: list[dict]) -> None:
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    seen: list[int] = [id(p) for g in groups for p in g["params"]]
+    if len(seen) != len(set(seen)):
+        raise AssertionError("a parameter appears in more than one optimizer group")
+    if set(seen) != trainable:
+        raise AssertionError(
+            f"optimizer groups do not match the trainable set: {len(set(seen) - trainable)} frozen in optimizer, "
+            f"{len(trainable - set(seen))} trainable missing"
+        )
+
+
+def group_table(model: nn.Module, groups: list[dict]) -> str:
+    """A printable table: group, tensors, parameters, learning rate, weight decay; plus totals."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = [("group", "tensors", "params", "lr", "wd")]
+    for g in groups:
+        rows.append((g["name"], str(len(g["params"])), f"{sum(p.numel() for p in g['params']):,}",
+                     f"{g['lr']:.2e}", f"{g['weight_decay']:g}"))
+    rows.append(("trainable", "", f"{trainable:,}", "", ""))
+    rows.append(("frozen", "", f"{total - trainable:,}", "", ""))
+    rows.append(("total", "", f"{total:,}", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""VLAPolicy end to end on the tiny Qwen-VL: every head x fusion, sensor on/off/missing, fine-tune modes,
+save/load and the seed-compatible constructors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from sensorvla.config import SensorVLAConfig
+from sensorvla.models import finetune
+from sensorvla.models.backbone import collate_vl, load_processor, pad_token_id, process_sample
+from sensorvla.models.pretrained import (
+    CheckpointMismatchError,
+    build_policy,
+    from_pretrained,
+    save_pretrained,
+)
+
+V, T_S, C_S, H, D_A, D_ST = 2, 16, 9, 8, 7, 6
+
+
+def make_cfg(vl_dir, head="regression", fusion="concat", sensor=True, mode="none") -> SensorVLAConfig:
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(vl_dir)
+    cfg.model.head.type = head
+    cfg.model.head.horizon, cfg.model.head.action_dim = H, D_A
+    cfg.model.head.num_inference_steps = 4
+    cfg.model.fusion.strategy = fusion
+    cfg.model.sensor.enabled = sensor
+    cfg.model.sensor.channels = C_S
+    cfg.model.sensor.force_channels = 1
+    cfg.model.num_views, cfg.model.state_dim = V, D_ST
+    cfg.model.finetune.mode = mode
+    cfg.data.sensor_samples = T_S
+    cfg.data.views = ("cam_a", "cam_b")
+    return cfg
+
+
+def make_batch(vl_dir, b=4, seed=0, has_sensor=(True, False, True, True)):
+    g = np.random.default_rng(seed)
+    proc = load_processor(str(vl_dir), min_pixels=56 * 56, max_pixels=112 * 112)
+    items = [
+        process_sample(proc, [g.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(V)],
+                       "insert the needle" if i % 2 else "stop at the layer", "{instruction}")
+        for i in range(b)
+    ]
+    batch = collate_vl(items, pad_token_id(proc))
+    hs = torch.tensor([has_sensor[i % len(has_sensor)] for i in range(b)])
+    mask = hs[:, None].expand(b, T_S).clone()
+    mask[0, :3] = False  # a partially missing window
+    batch.update(
+        state=torch.from_numpy(g.normal(size=(b, D_ST)).astype(np.float32)),
+        sensor=torch.from_numpy(g.normal(size=(b, T_S, C_S)).astype(np.float32)) * mask[..., None],
+        sensor_mask=mask,
+        has_sensor=hs,
+        actions=torch.from_numpy(g.normal(size=(b, H, D_A)).astype(np.float32)),
+        action_mask=torch.ones(b, H, dtype=torch.bool),
+        sample_id=torch.arange(b),
+    )
+    batch["action_mask"][1, -2:] = False
+    return batch
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_vl_dir):
+    return [make_batch(tiny_vl_dir, seed=0), make_batch(tiny_vl_dir, seed=1)]
+
+
+@pytest.mark.parametrize("head", ["regression", "diffusion", "flow"])
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention", "gated"])
+def test_forward_backward_and_overfit(tiny_vl_dir, batches, head, fusion):
+    torch.manual_seed(0)
+    policy = build_policy(make_cfg(tiny_vl_dir, head, fusion))
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for step in range(50):
+        loss, metrics = policy(batches[step % 2], sensor_loss_weight=2.0)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.sensor_encoder.parameters())
+            assert metrics["n_sensor"] == 3 and metrics["n_no_sensor"] == 1
+        opt.step()
+        losses.append(float(loss))
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.6 * first, (head, fusion, losses[:4], losses[-4:])
+    out = policy.predict_chunk(batches[0], generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, H, D_A) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("head", ["regression", "diffusion", "flow"])
+def test_vision_only_policy(tiny_vl_dir, batches, head):
+    torch.manual_seed(0)
+    policy = build_policy(make_cfg(tiny_vl_dir, head, sensor=False))
+    assert policy.sensor_encoder is None
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for step in range(40):
+        loss, _ = policy(batches[step % 2])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
+
+
+def test_sensor_loss_weight_weights_sensor_samples(tiny_vl_dir, batches):
+    policy = build_policy(make_cfg(tiny_vl_dir)).eval()
+    b = batches[0]
+    l1, m = policy(b, sensor_loss_weight=1.0)
+    l3, _ = policy(b, sensor_loss_weight=3.0)
+    expected = (3 * 3 * m["loss_sensor"] + 1 * m["loss_no_sensor"]) / (3 * 3 + 1)
+    assert float(l3) == pytest.approx(expected, rel=1e-5)
+    assert float(l1) == pytest.approx((3 * m["loss_sensor"] + m["loss_no_sensor"]) / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["none", "lora", "full"])
+def test_finetune_modes_trainable_set(tiny_vl_dir, batches, mode):
+    torch.manual_seed(0)
+    policy = build_policy(make_cfg(tiny_vl_dir, mode=mode))
+    finetune.assert_trainable_set(policy, mode)
+    names = {n for n, p in policy.named_parameters() if p.requires_grad}
+    if mode == "none":
+        assert not any(n.startswith("backbone.model.") for n in names)
+    if mode == "lora":
+        lora = {n for n in names if n.startswith("backbone.model.")}
+        assert lora and all("lora_" in n for n in lora)
+        assert all(".language_model." in n for n in lora)  # default targets: LM attention only
+    if mode == "full":
+        assert all(p.requires_grad for p in policy.parameters())
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    policy.train()
+    loss, _ = policy(batches[0])
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p.detach(), before[n])}
+    frozen = {n for n, p in policy.named_parameters() if not p.requires_grad}
+    assert not (changed & frozen), "a frozen parameter changed"
+    backbone_changed = {n for n in changed if n.startswith("backbone.model.")}
+    if mode == "lora":
+        assert backbone_changed and all("lora_B" in n or "lora_A" in n for n in backbone_changed)
+    if mode == "none":
+        assert not backbone_changed
+
+
+def test_lora_zero_match_is_an_error(tiny_vl_dir):
+    cfg = make_cfg(tiny_vl_dir, mode="lora")
+    cfg.model.finetune.lora_target_modules = r".*no_such_module"
+    with pytest.raises(finetune.FinetuneError, match="matches no Linear"):
+        build_policy(cfg)
+
+
+@pytest.mark.parametrize("head,mode", [("regression", "none"), ("diffusion", "lora"), ("flow", "none")])
+def test_save_load_predict_identical(tiny_vl_dir, batches, tmp_path, head, mode):
+    torch.manual_seed(0)
+    cfg = make_cfg(tiny_vl_dir, head, mode=mode)
+    policy = build_policy(cfg)
+    with torch.no_grad():  # make LoRA B non-zero so the adapters matter
+        for n, p in policy.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    policy.eval()
+    save_pretrained(policy, tmp_path / "pm", cfg)
+    files = {p.name for p in (tmp_path / "pm").iterdir()}
+    assert {"config.json", "model.safetensors"} <= files
+    assert ("adapter_model.safetensors" in files) == (mode == "lora")
+    loaded, cfg2, _ = from_pretrained(tmp_path / "pm")
+    assert cfg2 == cfg
+    a = policy.predict_chunk(batches[0], generator=torch.Generator().manual_seed(3))
+    b = loaded.eval().predict_chunk(batches[0], generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_load_errors(tiny_vl_dir, tmp_path):
+    cfg = make_cfg(tiny_vl_dir)
+    policy = build_policy(cfg)
+    save_pretrained(policy, tmp_path / "pm", cfg)
+    # corrupted weights
+    bad = tmp_path / "bad"
+    save_pretrained(policy, bad, cfg)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointMismatchError, match="corrupt"):
+        from_pretrained(bad)
+    # mismatched config: another fusion -> missing and unexpected keys are listed
+    other = tmp_path / "other"
+    save_pretrained(policy, other, cfg)
+    cfg_other = copy.deepcopy(cfg)
+    cfg_other.model.fusion.strategy = "gated"
+    (other / "config.json").write_text(cfg_other.to_json())
+    with pytest.raises(CheckpointMismatchError, match="missing=.*unexpected="):
+        from_pretrained(other)
+    with pytest.raises(FileNotFoundError, match="not a sensorvla pretrained_model"):
+        from_pretrained(tmp_path / "nowhere")
+
+
+def test_seed_class_names(tiny_vl_dir, tmp_path):
+    from sensorvla.models import compat
+    from sensorvla.training.checkpoint import seed_payload
+
+    cfg = make_cfg(tiny_vl_dir)
+    p1 = compat.QwenVLAWithSensor(cfg)
+    assert p1.cfg.head.type == "regression"
+    finetune.assert_trainable_set(p1, "none")
+    p1d = compat.QwenVLAWithSensorDiffusion(cfg)
+    assert p1d.cfg.head.type == "diffusion"
+    finetune.assert_trainable_set(p1d, "none")
+    with torch.no_grad():
+        for p in p1.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    path = tmp_path / "stage1.pt"
+    torch.save(seed_payload(p1, None, None, epoch=1, val_loss=0.5, stage="stage1"), path)
+    p2 = compat.Not_freeze_QwenVLAWithSensor(cfg, stage1_checkpoint=str(path))
+    finetune.assert_trainable_set(p2, "lora")
+    sd1, sd2 = p1.state_dict(), p2.state_dict()
+    for k in sd1:
+        if k.startswith(("sensor_encoder.", "head.", "fusion.")):
+            assert torch.equal(sd1[k], sd2[k]), k
+    p2d = compat.Not_freeze_QwenVLAWithSensorDiffusion(cfg)
+    assert p2d.cfg.head.type == "diffusion"
+    finetune.assert_trainable_set(p2d, "lora")
