@@ -64,6 +64,32 @@ def make_batch(vl_dir, b=4, seed=0, has_sensor=(True, False, True, True)):
     return batch
 
 
+def eval_loss(policy, batches) -> float:
+    """Mean loss over both batches with fixed noise draws (diffusion/flow losses are stochastic)."""
+    policy.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        out = float(np.mean([float(policy(b)[0]) for _ in range(3) for b in batches]))
+    policy.train()
+    return out
+
+
+def overfit(policy, batches, steps=100, lr=3e-3) -> tuple[float, float, list]:
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
+    before = eval_loss(policy, batches)
+    metrics_seen = []
+    for step in range(steps):
+        loss, metrics = policy(batches[step % 2], sensor_loss_weight=2.0)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            metrics_seen.append(metrics)
+            metrics_seen.append([n for n, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0])
+        opt.step()
+    return before, eval_loss(policy, batches), metrics_seen
+
+
 @pytest.fixture(scope="module")
 def batches(tiny_vl_dir):
     return [make_batch(tiny_vl_dir, seed=0), make_batch(tiny_vl_dir, seed=1)]
@@ -74,20 +100,12 @@ def batches(tiny_vl_dir):
 def test_forward_backward_and_overfit(tiny_vl_dir, batches, head, fusion):
     torch.manual_seed(0)
     policy = build_policy(make_cfg(tiny_vl_dir, head, fusion))
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for step in range(50):
-        loss, metrics = policy(batches[step % 2], sensor_loss_weight=2.0)
-        assert torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        if step == 0:
-            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.sensor_encoder.parameters())
-            assert metrics["n_sensor"] == 3 and metrics["n_no_sensor"] == 1
-        opt.step()
-        losses.append(float(loss))
-    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
-    assert last < 0.6 * first, (head, fusion, losses[:4], losses[-4:])
+    before, after, (metrics, with_grad) = overfit(policy, batches)
+    assert metrics["n_sensor"] == 3 and metrics["n_no_sensor"] == 1
+    assert any(n.startswith("sensor_encoder.") for n in with_grad)
+    assert any(n.startswith("head.") for n in with_grad) and any(n.startswith("fusion.") for n in with_grad)
+    # deterministic-noise eval loss; diffusion/flow losses have an irreducible noise term
+    assert after < (0.7 if head == "regression" else 0.85) * before, (head, fusion, before, after)
     out = policy.predict_chunk(batches[0], generator=torch.Generator().manual_seed(0))
     assert out.shape == (4, H, D_A) and torch.isfinite(out).all()
 
@@ -97,15 +115,8 @@ def test_vision_only_policy(tiny_vl_dir, batches, head):
     torch.manual_seed(0)
     policy = build_policy(make_cfg(tiny_vl_dir, head, sensor=False))
     assert policy.sensor_encoder is None
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for step in range(40):
-        loss, _ = policy(batches[step % 2])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
+    before, after, _ = overfit(policy, batches)
+    assert after < (0.7 if head == "regression" else 0.85) * before, (head, before, after)
 
 
 def test_sensor_loss_weight_weights_sensor_samples(tiny_vl_dir, batches):

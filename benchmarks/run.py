@@ -1,0 +1,50 @@
+"""Benchmark CLI: `python benchmarks/run.py {data,train,serving,latency,all}` prints JSON/markdown results.
+
+Each benchmark measures the quantities it compares side by side in one run and reports ratios, because
+these machines are noisy. The README's figures are copied from this command's output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv: list[str]) -> int:
+    which = argv[0] if argv else "all"
+    results = {}
+    if which in ("data", "all"):
+        results["data"] = _load("bench_data").run()
+    if which in ("serving", "all"):
+        results["serving"] = _load("bench_serving").run()
+    if which in ("latency", "all"):
+        import tempfile
+
+        from sensorvla.eval.latency import bench_latency, format_table
+        from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+
+        rows = bench_latency(build_tiny_qwen_vl(Path(tempfile.mkdtemp()) / "tiny"), iters=30)
+        print(format_table(rows))
+        results["latency"] = rows
+    if which in ("train", "all"):
+        results["train"] = _load("bench_train").run()
+    if not results:
+        print(f"unknown benchmark {which!r}; choose data, train, serving, latency or all", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,271 @@
+"""The Qwen-VL backbone: loading (model + image-only processor), prompt rendering, and `VLBackbone`,
+which turns camera views + an instruction into a few VL tokens (B, N_vl, D_vl).
+
+The same functions load a tiny offline model folder and `Qwen/Qwen2.5-VL-3B-Instruct`. Processors are
+loaded through our image-only subclasses, never `AutoProcessor` (without torchvision it silently returns a
+bare tokenizer, see offline-stack.md section 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
+
+from sensorvla.config import BackboneConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):  # noqa: N801 (HF naming)
+    """Qwen2.5-VL processor without a video processor (which would need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without a video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL processor without a video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+IMAGE_ONLY_PROCESSORS = {
+    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+    "qwen2_vl": ImageOnlyQwen2VLProcessor,
+    "qwen3_vl": ImageOnlyQwen3VLProcessor,
+}
+
+
+class BackboneLoadError(OSError):
+    """The backbone or its processor cannot be loaded; the message says how to fix it."""
+
+
+def make_image_processor(patch_size: int, min_pixels: int, max_pixels: int):
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                    size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+
+
+def _hint(path_or_id: str) -> str:
+    return (f"cannot load {path_or_id!r}. Pass a local folder laid out like a hub checkpoint (config.json, "
+            "*.safetensors, tokenizer and processor files) with --vl-model, or pre-download the model "
+            "(huggingface-cli download) before running with HF_HUB_OFFLINE=1. For tests and demos build one "
+            "with `sensorvla tiny-model --out DIR`.")
+
+
+def detect_family(path_or_id: str, revision: str | None = None) -> str:
+    """Model family key from config.json's model_type (qwen2_5_vl, qwen2_vl or qwen3_vl)."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(path_or_id, revision=revision).model_type
+    except (OSError, ValueError) as e:
+        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
+    if model_type not in IMAGE_ONLY_PROCESSORS:
+        raise BackboneLoadError(f"{path_or_id!r} is a {model_type!r} model; supported: {sorted(IMAGE_ONLY_PROCESSORS)}")
+    return model_type
+
+
+def load_processor(path_or_id: str, *, min_pixels: int, max_pixels: int, revision: str | None = None):
+    """The family's image-only processor with the resolution applied at construction (min/max pixels)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    family = detect_family(path_or_id, revision)
+    size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    try:
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path_or_id, revision=revision, size=size,
+                                                                   min_pixels=None, max_pixels=None)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, revision=revision)
+    except (OSError, ValueError) as e:
+        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
+    chat_template = _read_chat_template(path_or_id) or getattr(tokenizer, "chat_template", None)
+    if chat_template is None:
+        raise BackboneLoadError(f"{path_or_id!r} has no chat template (chat_template.jinja / chat_template.json)")
+    return IMAGE_ONLY_PROCESSORS[family](image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=chat_template)
+
+
+def _read_chat_template(path_or_id: str) -> str | None:
+    p = Path(path_or_id)
+    if (p / "chat_template.jinja").exists():
+        return (p / "chat_template.jinja").read_text()
+    if (p / "chat_template.json").exists():
+        return json.loads((p / "chat_template.json").read_text())["chat_template"]
+    if not p.exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return json.loads(Path(hf_hub_download(path_or_id, "chat_template.json")).read_text())["chat_template"]
+        except Exception:  # the tokenizer may carry it instead
+            return None
+    return None
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`auto` -> bf16 on CUDA (with support), fp32 elsewhere; otherwise the named dtype."""
+    device = torch.device(device)
+    if name == "auto":
+        ok = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if ok else torch.float32
+    return getattr(torch, name)
+
+
+def load_vl_model(path_or_id: str, *, dtype: torch.dtype, attn_implementation: str = "sdpa",
+                  revision: str | None = None):
+    """The full HF model (`AutoModelForImageTextToText`), exactly as a real checkpoint is loaded."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        return AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=dtype, revision=revision,
+                                                           attn_implementation=attn_implementation)
+    except (OSError, ValueError) as e:
+        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
+
+
+def build_messages(instruction: str, num_views: int, template: str = "{instruction}") -> list[dict]:
+    """One user turn: V image entries, then the instruction through `template`."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_views)]
+    content.append({"type": "text", "text": template.format(instruction=instruction)})
+    return [{"role": "user", "content": content}]
+
+
+def render_prompt(processor, instruction: str, num_views: int, template: str) -> str:
+    return processor.apply_chat_template(build_messages(instruction, num_views, template), tokenize=False,
+                                         add_generation_prompt=False)
+
+
+def process_sample(processor, images: list[np.ndarray], instruction: str, template: str) -> dict[str, torch.Tensor]:
+    """One sample -> input_ids (1, L), attention_mask (1, L), pixel_values (patches, P), image_grid_thw (V, 3)."""
+    from PIL import Image
+
+    pil = [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
+    text = render_prompt(processor, instruction, len(pil), template)
+    out = processor(text=[text], images=pil, return_tensors="pt")
+    return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+def pad_token_id(processor) -> int:
+    tok = processor.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+
+def collate_vl(items: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token tensors to (B, L); concatenate pixel_values / image_grid_thw along dim 0."""
+    length = max(it["input_ids"].shape[-1] for it in items)
+    out: dict[str, torch.Tensor] = {}
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    for key, pad in pads.items():
+        if key not in items[0]:
+            continue
+        rows = []
+        for it in items:
+            t = it[key].reshape(-1)
+            rows.append(torch.cat([t, t.new_full((length - t.numel(),), pad)]))
+        out[key] = torch.stack(rows)
+    out["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
+    out["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in items])
+    return out
+
+
+class VLBackbone(nn.Module):
+    """Wraps the HF Qwen-VL base model (no LM head) -> VL tokens. The constructor does no I/O.
+
+    Args:
+        vl_model: a loaded `...ForConditionalGeneration`; only its `.model` (the base) is kept.
+        cfg: backbone config (pooling mode, number of resampler queries).
+        num_views: V.
+    """
+
+    def __init__(self, vl_model: nn.Module, cfg: BackboneConfig, num_views: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_views = num_views
+        self.model = vl_model.model
+        conf = vl_model.config
+        self.image_token_id = int(conf.image_token_id)
+        self.vision_end_token_id = int(conf.vision_end_token_id)
+        text_conf = getattr(conf, "text_config", conf)
+        self.hidden_size = int(text_conf.hidden_size)
+        if cfg.pooling == "resampler":
+            self.queries = nn.Parameter(torch.randn(cfg.num_queries, self.hidden_size) * 0.02)
+            heads = max(1, self.hidden_size // 64)
+            self.resampler = nn.MultiheadAttention(self.hidden_size, heads, batch_first=True)
+            self.resampler_norm = nn.LayerNorm(self.hidden_size)
+        elif cfg.pooling != "view_mean":
+            raise ValueError(f"--model.backbone.pooling {cfg.pooling!r}: choose view_mean or resampler")
+
+    @property
+    def num_tokens(self) -> int:
+        """N_vl."""
+        return self.num_views + 1 if self.cfg.pooling == "view_mean" else self.cfg.num_queries
+
+    def _base_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+        kwargs = {k: batch[k] for k in keys if k in batch}
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(next(self.model.parameters()).dtype)
+        return self.model(**kwargs, use_cache=False, return_dict=True).last_hidden_state
+
+    def view_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token masks (B, V + 1, L): the k-th run of image pads = view k; last row = the instruction
+        tokens (after the last <|vision_end|>, before the padding; role/end tokens excluded)."""
+        b, length = input_ids.shape
+        is_img = input_ids == self.image_token_id
+        starts = is_img & ~torch.cat([is_img.new_zeros(b, 1), is_img[:, :-1]], dim=1)
+        run_index = torch.cumsum(starts.long(), dim=1) - 1  # view index of each image token
+        masks = torch.zeros(b, self.num_views + 1, length, dtype=torch.bool, device=input_ids.device)
+        for v in range(self.num_views):
+            masks[:, v] = is_img & (run_index == v)
+        pos = torch.arange(length, device=input_ids.device).expand(b, length)
+        last_end = torch.where(input_ids == self.vision_end_token_id, pos, -1).max(dim=1).values
+        valid = attention_mask.bool()
+        n_valid = valid.sum(dim=1)
+        # the text span ends with "<|im_end|>\n": drop those two trailing tokens
+        text = (pos > last_end[:, None]) & (pos < (n_valid - 2)[:, None]) & valid
+        masks[:, self.num_views] = text
+        return masks
+
+    def encode_frozen(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cacheable part. view_mean: (B, V + 1, D_vl) masked means, mask all True (a view or an empty
+        instruction with no tokens is masked False). resampler: (B, L, D_vl) and the attention mask."""
+        hidden = self._base_forward(batch)
+        if self.cfg.pooling == "resampler":
+            return hidden, batch["attention_mask"].bool()
+        masks = self.view_masks(batch["input_ids"], batch["attention_mask"]).to(hidden.dtype)
+        counts = masks.sum(-1)
+        pooled = torch.einsum("bnl,bld->bnd", masks, hidden) / counts.clamp_min(1)[..., None]
+        return pooled, counts > 0
+
+    def project(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable part: identity for view_mean; learned queries attending over valid tokens otherwise."""
+        if self.cfg.pooling == "view_mean":
+            return feats, mask.bool()
+        q = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1).to(feats.dtype)
+        out, _ = self.resampler(q, feats, feats, key_padding_mask=~mask.bool(), need_weights=False)
+        out = self.resampler_norm(out + q)
+        return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch -> VL tokens (B, N_vl, D_vl) and mask (B, N_vl); uses cached `vl_features` when present."""
+        if "vl_features" in batch:
+            return self.project(batch["vl_features"], batch["vl_mask"])
+        return self.project(*self.encode_frozen(batch))
+
+    def enable_activation_checkpointing(self) -> None:
+        """Non-reentrant gradient checkpointing on the base model (stage-2 memory)."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
