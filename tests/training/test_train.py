@@ -165,9 +165,10 @@ def test_two_stage_overfit(tmp_path, tiny_vl_dir, synth_dataset_dir, head):
     s2.train.epochs = 2
     s2.train.lr = s2.train.sensor_lr = 5e-4
     r2 = train(s2, progress=False)
-    # stage 2 starts where stage 1 ended (far below stage 1's start) and keeps improving or holds
+    # stage 2 starts where stage 1 ended (far below stage 1's start) and does not lose it: its validation
+    # loss (fixed noise draws) stays at stage 1's level or better
     assert r2["train_loss"][0] < 0.6 * np.mean(l1[:3])
-    assert np.mean(r2["train_loss"][-3:]) <= 1.2 * np.mean(r2["train_loss"][:3])
+    assert min(r2["val_loss"]) <= 1.2 * min(r1["val_loss"]), (r1["val_loss"], r2["val_loss"])
 
 
 def test_nan_loss_stops_and_keeps_last_good(tmp_path, tiny_vl_dir, synth_dataset_dir, monkeypatch):

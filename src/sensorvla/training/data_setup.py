@@ -48,9 +48,9 @@ def build_normalizer(stats, cfg: SensorVLAConfig):
 
 
 def raw_dataset(cfg: SensorVLAConfig, split: str, load_images: bool = True):
-    from sensorvla.data.dataset import EpisodeDataset
+    from sensorvla.data.dataset import build_dataset
 
-    return EpisodeDataset(cfg.data.dataset_dir, cfg.data, split=split, load_images=load_images)
+    return build_dataset(cfg.data, split, load_images=load_images)
 
 
 class ShardedEpochSampler(torch.utils.data.Sampler[int]):

@@ -79,6 +79,8 @@ def check_cacheable(cfg: SensorVLAConfig) -> None:
     if cfg.data.vl_max_staleness_steps:
         raise StaleCacheError("--data.vl-max-staleness-steps changes images every epoch and cannot be cached; "
                               "use --train.use-cache never")
+    if cfg.data.mixture:
+        raise StaleCacheError("the VL cache covers one dataset; use --train.use-cache never with --data.mixture")
     if cfg.model.finetune.mode != "none":
         raise StaleCacheError("a VL cache only makes sense for a frozen backbone (--finetune-vl none)")
 

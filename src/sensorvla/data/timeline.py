@@ -1,0 +1,74 @@
+"""Timestamp alignment, correct by construction: nothing returned for time t comes from after t.
+
+Pure functions over sorted timestamp arrays (float64 seconds on the common clock). They work on
+memory-mapped arrays: each slices with `searchsorted` first and copies only the slice it needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def latest_at_or_before(timestamps: np.ndarray, t: float) -> int:
+    """Index of the newest sample with timestamp <= t, or -1 when there is none."""
+    return int(np.searchsorted(timestamps, t, side="right")) - 1
+
+
+def value_at(timestamps: np.ndarray, values: np.ndarray, t: float) -> np.ndarray:
+    """The newest (C,) row of `values` at or before t (zero-order hold). Interpolating *at* t would need a
+    sample after t, i.e. the future, so the newest past sample is the causal estimate.
+    Raises ValueError when no sample exists at or before t.
+    """
+    i = latest_at_or_before(timestamps, t)
+    if i < 0:
+        raise ValueError(f"no sample at or before t={t:.6f}")
+    return np.asarray(values[i], dtype=np.float32)
+
+
+def window_grid(t: float, window_s: float, num_samples: int) -> np.ndarray:
+    """Uniform grid of `num_samples` points covering (t - window_s, t]; the last point is exactly t."""
+    step = window_s / num_samples
+    return t - window_s + step * np.arange(1, num_samples + 1, dtype=np.float64)
+
+
+def resample_window(ts: np.ndarray, data: np.ndarray, t: float, window_s: float, num_samples: int,
+                    max_gap_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a high-rate stream onto the window grid ending at t.
+
+    Args:
+        ts: (N,) sorted timestamps; data: (N, C) values (may be a memory-mapped array).
+        t: the frame time; window_s: W; num_samples: T_s; max_gap_s: a grid point is "measured" only if
+            a sample lies within max_gap_s at or before it (and, for interpolation, after it but <= t).
+
+    Returns:
+        values float32 (T_s, C) — per-channel linear interpolation between the neighbouring samples
+        that are both <= t; after the newest sample <= t the value is held; 0 where masked.
+        mask bool (T_s,) — True where the grid point is backed by measured samples.
+    """
+    grid = window_grid(t, window_s, num_samples)
+    channels = data.shape[1]
+    lo = int(np.searchsorted(ts, grid[0] - max_gap_s, side="left"))
+    hi = int(np.searchsorted(ts, t, side="right"))  # samples strictly after t are never touched
+    seg_t = np.asarray(ts[lo:hi], dtype=np.float64)
+    values = np.zeros((num_samples, channels), np.float32)
+    mask = np.zeros(num_samples, bool)
+    if seg_t.size == 0:
+        return values, mask
+    seg = np.asarray(data[lo:hi], dtype=np.float32)
+    right = np.searchsorted(seg_t, grid, side="left")  # first sample >= grid point
+    left = np.searchsorted(seg_t, grid, side="right") - 1  # last sample <= grid point
+    has_left = left >= 0
+    li = np.clip(left, 0, seg_t.size - 1)
+    ri = np.clip(right, 0, seg_t.size - 1)
+    has_right = right < seg_t.size
+    left_gap = np.where(has_left, grid - seg_t[li], np.inf)
+    mask = has_left & (left_gap <= max_gap_s)
+    exact = has_right & (seg_t[ri] == grid)
+    interp = has_left & has_right & ~exact & ((seg_t[ri] - seg_t[li]) <= 2 * max_gap_s)
+    denom = np.where(interp, seg_t[ri] - seg_t[li], 1.0)
+    w = np.where(interp, (grid - seg_t[li]) / denom, 0.0).astype(np.float32)[:, None]
+    out = seg[li] * (1 - w) + seg[ri] * w
+    out = np.where(exact[:, None], seg[ri], out)
+    mask = mask | exact
+    values = np.where(mask[:, None], out, 0.0).astype(np.float32)
+    return values, mask
