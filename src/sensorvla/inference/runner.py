@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,9 @@ class PolicyRunner:
         self.device = torch.device(device)
         self.transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template,
                                          cfg.model.state_dim)
+        # the same chain without the processor, for fast-slow steps that reuse VL features
+        self._transform_no_vl = SampleTransform(normalizer, None, cfg.model.backbone.prompt_template,
+                                                cfg.model.state_dim)
         self.vl_refresh_every = max(1, vl_refresh_every)
         self.max_vl_age_s = max_vl_age_s
         self.background_vl = background_vl
@@ -102,10 +104,10 @@ class PolicyRunner:
     def observation_spec(self) -> dict[str, tuple[tuple[int | None, ...], str]]:
         m = self.cfg.model
         spec: dict[str, tuple[tuple[int | None, ...], str]] = {
-            "images": ((m.num_views, None, None, 3), "u"), "instruction": ((), "U")}
+            "images": ((m.num_views, None, None, 3), "u"), "instruction": ((), "U"), "timestamp": ((), "f")}
         if m.state_dim:
             spec["state"] = ((m.state_dim,), "f")
-        if m.sensor.enabled:
+        if m.sensor.enabled:  # zero rows = no sensor data right now (the learned "missing" token is used)
             spec["sensor"] = ((None, m.sensor.channels), "f")
             spec["sensor_timestamps"] = ((None,), "f")
         return spec
@@ -139,12 +141,14 @@ class PolicyRunner:
 
         return default_max_gap_s(self.cfg.data)
 
-    def prepare(self, obs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Observation -> model batch of one sample (identical to the training path's batch)."""
+    def prepare(self, obs: dict[str, Any], with_vl: bool = True) -> dict[str, torch.Tensor]:
+        """Observation -> model batch of one sample (identical to the training path's batch).
+        `with_vl=False` skips the image processor (the VL features are being reused)."""
         from sensorvla.data.transforms import collate
         from sensorvla.models.backbone import pad_token_id
 
-        return collate([self.transform(self.raw_sample(obs))], pad_token_id(self.processor))
+        transform = self.transform if with_vl else self._transform_no_vl
+        return collate([transform(self.raw_sample(obs))], pad_token_id(self.processor))
 
     # --- inference ---------------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -169,6 +173,14 @@ class PolicyRunner:
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
 
+    def _needs_vl(self) -> bool:
+        """Whether this call must (or, in background mode, may) run the VL part."""
+        with self._lock:
+            cached = self._vl
+        if cached is None or self._calls % self.vl_refresh_every == 0:
+            return True
+        return time.monotonic() - cached[2] > self.max_vl_age_s
+
     def _vl_features(self, batch) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
         """Return (feats, mask, age_s, fresh) according to the fast-slow policy."""
         with self._lock:
@@ -189,12 +201,13 @@ class PolicyRunner:
         return cached[0], cached[1], time.monotonic() - cached[2], False
 
     @torch.inference_mode()
-    def infer(self, obs: dict[str, Any], *, need_vl: bool = True) -> dict[str, Any]:
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Observation -> {"actions": float32 (H, D_a) in physical units, "actions_normalized", "timing",
         "vl_age_s", "vl_fresh"}."""
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.prepare(obs).items()}
+        with_vl = self._needs_vl()
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.prepare(obs, with_vl).items()}
         self._sync()
         t1 = time.perf_counter()
         feats, mask, age, fresh = self._vl_features(batch)
@@ -236,5 +249,3 @@ class PolicyRunner:
             self._thread.join()
         self._vl, self._calls = None, 0
 
-
-InferFn = Callable[[dict[str, Any]], dict[str, Any]]

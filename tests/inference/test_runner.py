@@ -1,0 +1,114 @@
+"""PolicyRunner: identical model inputs to the training path, fast-slow VL reuse, and serving a real runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sensorvla.config import SensorVLAConfig
+from sensorvla.data.dataset import EpisodeDataset
+from sensorvla.data.format import load_meta
+from sensorvla.data.normalize import compute_stats
+from sensorvla.data.transforms import collate
+from sensorvla.inference.runner import PolicyRunner
+from sensorvla.models.backbone import pad_token_id
+from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_vl_dir, synth_dataset_dir):
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.model.head.type = "diffusion"
+    cfg.model.head.num_inference_steps = 4
+    cfg.data.dataset_dir = str(synth_dataset_dir)
+    cfg = resolve_from_meta(cfg, load_meta(synth_dataset_dir))
+    torch.manual_seed(0)
+    policy = build_policy(cfg)
+    out = tmp_path_factory.mktemp("ckpt") / "pretrained_model"
+    save_pretrained(policy, out, cfg, compute_stats(synth_dataset_dir, progress=False))
+    return out
+
+
+def obs_from_dataset(ds: EpisodeDataset, idx: int, margin_s: float = 0.05) -> dict:
+    """What a robot would send at the sample's frame time: raw streams, not the dataset's window."""
+    raw = ds[idx]
+    e, t = raw["episode_index"], raw["timestamp"]
+    obs = {"images": np.stack(raw["images"]), "state": raw["state"], "timestamp": np.float64(t),
+           "instruction": raw["instruction"]}
+    if ds.has_sensor(e):
+        ts = ds._ts(e, "sensor_timestamps.npy", "sensor")
+        keep = (ts > t - ds.cfg.sensor_window_s - margin_s) & (ts <= t + 0.5)  # future samples must be ignored
+        obs["sensor"] = np.asarray(ds._arr(e, "sensor.npy")[keep])
+        obs["sensor_timestamps"] = ts[keep]
+    return obs
+
+
+def test_runner_inputs_equal_training_inputs(checkpoint, synth_dataset_dir):
+    runner = PolicyRunner.from_pretrained(checkpoint)
+    cfg = runner.cfg.data
+    ds = EpisodeDataset(synth_dataset_dir, cfg, split="all")
+    for idx in (0, 7, len(ds) // 2, len(ds) - 1):
+        train_batch = collate([runner.transform(ds[idx])], pad_token_id(runner.processor))
+        run_batch = runner.prepare(obs_from_dataset(ds, idx))
+        assert set(train_batch) - {"actions", "action_mask"} == set(run_batch)
+        for k in run_batch:
+            if k == "sample_id":
+                continue
+            assert torch.equal(train_batch[k], run_batch[k]), k
+
+
+def test_infer_outputs_physical_units_and_timing(checkpoint, synth_dataset_dir):
+    runner = PolicyRunner.from_pretrained(checkpoint)
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")
+    out = runner.infer(obs_from_dataset(ds, 3))
+    assert out["actions"].shape == (runner.cfg.model.head.horizon, runner.cfg.model.head.action_dim)
+    expected = runner.normalizer.unnormalize("actions", out["actions_normalized"])
+    np.testing.assert_allclose(out["actions"], expected, rtol=1e-6)
+    assert set(out["timing"]) >= {"preprocess_ms", "vl_ms", "sensor_ms", "head_ms", "postprocess_ms"}
+    again = runner.infer(obs_from_dataset(ds, 3))  # seeded sampling: deterministic
+    np.testing.assert_array_equal(out["actions"], again["actions"])
+
+
+def test_fast_slow_reuses_vl_and_reacts_to_sensor(checkpoint, synth_dataset_dir):
+    runner = PolicyRunner.from_pretrained(checkpoint, vl_refresh_every=4, max_vl_age_s=60.0)
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")
+    idx = next(i for i in range(len(ds)) if ds[i]["has_sensor"])
+    obs = obs_from_dataset(ds, idx)
+    for _ in range(8):
+        runner.infer(obs)
+    assert runner.vl_calls == 2  # calls 0 and 4 refresh; the other six reuse the features
+    base = runner.infer(obs)  # call 8: refresh (3rd)
+    changed = dict(obs, sensor=obs["sensor"] * 3.0 + 1.0)
+    reused = runner.infer(changed)  # call 9: reuses VL, fresh sensor
+    assert runner.vl_calls == 3 and not reused["vl_fresh"] and reused["vl_age_s"] >= 0
+    assert not np.allclose(base["actions"], reused["actions"])
+
+
+def test_stale_features_are_refreshed(checkpoint, synth_dataset_dir):
+    runner = PolicyRunner.from_pretrained(checkpoint, vl_refresh_every=100, max_vl_age_s=0.0)
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")
+    obs = obs_from_dataset(ds, 0)
+    runner.infer(obs)
+    runner.infer(obs)
+    assert runner.vl_calls == 2  # the bound on feature age forces a refresh
+
+
+def test_server_with_real_runner(checkpoint, synth_dataset_dir):
+    from sensorvla.serving.client import PolicyClient
+    from sensorvla.serving.protocol import PolicyServerError
+    from sensorvla.serving.server import PolicyServer
+
+    runner = PolicyRunner.from_pretrained(checkpoint)
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")
+    obs = obs_from_dataset(ds, 5)
+    local = runner.infer(obs)["actions"]
+    with PolicyServer(runner, port=0).start() as server, PolicyClient(port=server.port) as client:
+        assert client.metadata["horizon"] == runner.cfg.model.head.horizon
+        reply = client.infer({**obs, "images": obs["images"].astype(np.uint8)})
+        np.testing.assert_allclose(reply["actions"], local, rtol=1e-5, atol=1e-6)
+        with pytest.raises(PolicyServerError):
+            client.infer({**obs, "state": np.full(3, np.nan, np.float32)})
+        again = client.infer(obs)
+        np.testing.assert_allclose(again["actions"], local, rtol=1e-5, atol=1e-6)
