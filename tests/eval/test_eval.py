@@ -1,0 +1,105 @@
+"""Offline evaluation (metrics in physical units, sensor ablation, plots, report), the closed-loop env,
+rollouts and the latency benchmark's structure."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from sensorvla.config import SensorVLAConfig
+from sensorvla.eval.envs import register_envs
+from sensorvla.eval.offline import evaluate
+from sensorvla.eval.rollout import expert_rollout, rollout
+from sensorvla.inference.runner import PolicyRunner
+from sensorvla.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_vl_dir, synth_dataset_dir):
+    out = tmp_path_factory.mktemp("trained")
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.data.dataset_dir = str(synth_dataset_dir)
+    cfg.train.output_dir = str(out)
+    cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.max_steps = 16, 1, 6
+    cfg.train.tensorboard = False
+    train(cfg, progress=False)
+    return out / "checkpoints" / "pretrained_model"
+
+
+def test_offline_eval_writes_metrics_plots_report(trained, synth_dataset_dir, tmp_path):
+    m = evaluate(trained, synth_dataset_dir, split="test", out_dir=tmp_path, progress=False)
+    for name in ("metrics.json", "report.md", "report.html", "trajectories.png", "error_per_step.png",
+                 "sensor_ablation.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["num_samples"] == m["num_samples"] > 0
+    assert len(saved["l1_per_step"]) == 8 and len(saved["l1_per_dim"]) == 7
+    assert set(saved["ablation"]) == {"missing", "shuffled"}
+    assert "sensor_ablation_delta_l1_missing" in saved
+    assert saved["with_sensor"]["num_samples"] + saved["without_sensor"]["num_samples"] == saved["num_samples"]
+
+
+def test_offline_metrics_are_physical_units(trained, synth_dataset_dir, tmp_path):
+    """Recompute the first-action error of two samples by hand through PolicyRunner.infer."""
+    from sensorvla.data.dataset import EpisodeDataset
+
+    runner = PolicyRunner.from_pretrained(trained)
+    m = evaluate(trained, synth_dataset_dir, split="test", out_dir=tmp_path, max_samples=2, progress=False,
+                 runner=runner)
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="test")
+    errs = []
+    for i in range(2):
+        raw = ds[i]
+        batch = runner.prepare({"images": np.stack(raw["images"]), "state": raw["state"],
+                                "instruction": raw["instruction"], "timestamp": raw["timestamp"]})
+        batch.update(sensor=runner.transform(raw)["sensor"][None], sensor_mask=runner.transform(raw)["sensor_mask"][None],
+                     has_sensor=runner.transform(raw)["has_sensor"][None])
+        import torch
+
+        pred = runner.policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0)).numpy()[0]
+        phys = runner.normalizer.unnormalize("actions", pred)
+        errs.append(np.abs(phys[0] - raw["actions"][0]))
+    assert m["first_action_l1"] == pytest.approx(float(np.mean(errs)), rel=1e-4)
+    # the unit scale is physical: dz targets are O(0.1-1 mm), not unit-variance normalized values
+    assert np.abs(ds[0]["actions"][:, 2]).max() < 2.0
+
+
+def test_env_expert_needs_the_sensor():
+    register_envs()
+    from gymnasium.utils.env_checker import check_env
+
+    env = gym.make("sensorvla/Insertion-v0")
+    check_env(env.unwrapped, skip_render_check=True)
+    expert = expert_rollout(env, episodes=10, seed=0)
+    blind = expert_rollout(env, episodes=10, seed=0, blind=True)
+    assert expert["success_rate"] >= 0.9
+    assert blind["success_rate"] <= expert["success_rate"] - 0.4
+
+
+def test_rollout_reports_success_and_writes_gif(trained, tmp_path):
+    register_envs()
+    runner = PolicyRunner.from_pretrained(trained)
+    env = gym.make("sensorvla/Insertion-v0", max_episode_steps=None)
+    env.unwrapped.cfg.max_steps = 15
+    r = rollout(runner, env, episodes=2, execute_steps=4, video_dir=tmp_path, max_videos=1)
+    assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0
+    assert all(1 <= e["length"] <= 15 for e in r["results"])
+    assert (tmp_path / "episode_00_sensor.gif").stat().st_size > 0
+    blind = rollout(runner, env, episodes=1, execute_steps=8, ablate_sensor=True)
+    assert blind["sensor_ablated"] and blind["results"][0]["length"] <= 15
+
+
+def test_latency_benchmark_structure(tiny_vl_dir):
+    from sensorvla.eval.latency import bench_latency, format_table, ratios
+
+    rows = bench_latency(tiny_vl_dir, heads=("regression", "diffusion"), views=(1, 2), iters=2, warmup=1,
+                         image_size=56)
+    assert len(rows) == 8
+    fast = [r for r in rows if r["mode"] == "fast_slow"]
+    assert all(r["vl_p50"] < 1.0 for r in fast)  # VL reused: no backbone call in the timed loop
+    assert set(ratios(rows)) >= {"diffusion_over_regression", "full_over_fast_slow"}
+    assert "| regression | 1 | full |" in format_table(rows)
