@@ -70,7 +70,9 @@ def rollout(runner, env, *, episodes: int = 10, execute_steps: int = 4, ablate_s
             if frames is not None:
                 frames.append(env.render())
         success = bool(info.get("success", False))
-        results.append({"episode": ep, "success": success, "length": steps})
+        results.append({"episode": ep, "success": success, "length": steps,
+                        "final_layer_distance_mm": info.get("layer_distance_mm"),
+                        "final_lateral_error_mm": info.get("lateral_error_mm")})
         if frames is not None:
             tag = "blind" if ablate_sensor else "sensor"
             _save_gif(frames, Path(video_dir) / f"episode_{ep:02d}_{tag}.gif")
@@ -78,6 +80,7 @@ def rollout(runner, env, *, episodes: int = 10, execute_steps: int = 4, ablate_s
         "episodes": episodes, "success_rate": float(np.mean([r["success"] for r in results])),
         "mean_episode_length": float(np.mean([r["length"] for r in results])),
         "mean_infer_ms": float(np.mean(latencies)) if latencies else 0.0,
+        "mean_final_lateral_error_mm": float(np.mean([r["final_lateral_error_mm"] or 0.0 for r in results])),
         "sensor_ablated": ablate_sensor, "execute_steps": execute_steps, "results": results,
     }
     logger.info("rollout: success %.2f over %d episodes (sensor %s)", summary["success_rate"], episodes,
