@@ -112,3 +112,54 @@ def test_server_with_real_runner(checkpoint, synth_dataset_dir):
             client.infer({**obs, "state": np.full(3, np.nan, np.float32)})
         again = client.infer(obs)
         np.testing.assert_allclose(again["actions"], local, rtol=1e-5, atol=1e-6)
+
+
+def test_background_vl_refresh(checkpoint, synth_dataset_dir):
+    runner = PolicyRunner.from_pretrained(checkpoint, vl_refresh_every=2, background_vl=True, max_vl_age_s=60.0)
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")
+    obs = obs_from_dataset(ds, 1)
+    first = runner.infer(obs)
+    assert first["vl_fresh"] and runner.vl_calls == 1  # nothing cached yet: computed inline
+    outs = [runner.infer(obs) for _ in range(5)]
+    runner._thread.join(timeout=30)  # noqa: SLF001 - wait for the background refresh to land
+    assert not any(o["vl_fresh"] for o in outs)  # every later call used cached features
+    assert runner.vl_calls >= 2  # refreshes happened off the control path
+
+
+def test_serve_cli_healthz_and_infer(checkpoint, synth_dataset_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sensorvla.serving.client import PolicyClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sensorvla.cli", "serve", "--checkpoint", str(checkpoint),
+                             "--port", str(port), "--token", "s3cret"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise AssertionError(proc.stderr.read() if proc.poll() is not None else "server did not start")
+                time.sleep(0.3)
+        runner = PolicyRunner.from_pretrained(checkpoint)
+        ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")
+        obs = obs_from_dataset(ds, 2)
+        with PolicyClient(port=port, token="s3cret") as client:
+            reply = client.infer(obs)
+        np.testing.assert_allclose(reply["actions"], runner.infer(obs)["actions"], rtol=1e-5, atol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

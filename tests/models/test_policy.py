@@ -182,6 +182,10 @@ def test_save_load_predict_identical(tiny_vl_dir, batches, tmp_path, head, mode)
     assert ("adapter_model.safetensors" in files) == (mode == "lora")
     loaded, cfg2, _ = from_pretrained(tmp_path / "pm")
     assert cfg2 == cfg
+    from sensorvla.models.policy import VLAPolicy
+
+    again = VLAPolicy.from_pretrained(tmp_path / "pm")
+    assert again.config == cfg
     a = policy.predict_chunk(batches[0], generator=torch.Generator().manual_seed(3))
     b = loaded.eval().predict_chunk(batches[0], generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
@@ -235,3 +239,15 @@ def test_seed_class_names(tiny_vl_dir, tmp_path):
     p2d = compat.Not_freeze_QwenVLAWithSensorDiffusion(cfg)
     assert p2d.cfg.head.type == "diffusion"
     finetune.assert_trainable_set(p2d, "lora")
+
+
+def test_activation_checkpointing_with_lora(tiny_vl_dir, batches):
+    cfg = make_cfg(tiny_vl_dir, mode="lora")
+    cfg.model.backbone.activation_checkpointing = True
+    policy = build_policy(cfg)
+    assert policy.backbone.model.is_gradient_checkpointing
+    policy.train()
+    loss, _ = policy(batches[0])
+    loss.backward()
+    lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_A" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)

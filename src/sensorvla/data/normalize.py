@@ -61,11 +61,32 @@ class NormStats:
                 "computed on another dataset or version; recompute them with `sensorvla stats --dataset DIR`.")
 
 
+def _row_counts(meta) -> dict[str, int]:
+    """Rows per feature key over the whole dataset, from .npy headers only (memory maps, no data read)."""
+    counts = {"actions": int(meta.info["total_frames"]), "state": 0, "sensor": 0}
+    for ep in meta.episodes:
+        sdir = meta.stream_dir(ep["episode_index"])
+        for key, fname in (("state", "state.npy"), ("sensor", "sensor.npy")):
+            if (sdir / fname).exists():
+                counts[key] += int(np.load(sdir / fname, mmap_mode="r").shape[0])
+    return {k: v for k, v in counts.items() if v}
+
+
+def dataset_fingerprint(root: str | Path) -> dict[str, Any]:
+    """The fingerprint stats computed on `root` today would carry: dataset id, keys, row counts."""
+    from sensorvla.data.format import load_meta
+
+    meta = load_meta(root)
+    counts = _row_counts(meta)
+    return {"dataset_id": meta.dataset_id, "keys": sorted(counts), "count": dict(sorted(counts.items()))}
+
+
 def compute_stats(root: str | Path, progress: bool = True, max_rows_per_episode: int = 20_000) -> NormStats:
     """Stats over every episode: actions (all frames), state (state stream), sensor (measured samples).
 
-    Streams are read through memory maps, one episode at a time; quantiles come from a per-episode
-    subsample of at most `max_rows_per_episode` rows (exact for small datasets).
+    Streams are read through memory maps, one episode at a time; moments and quantiles come from a
+    per-episode subsample of at most `max_rows_per_episode` rows (exact for small datasets). The
+    fingerprint counts every row.
     """
     from tqdm.auto import tqdm
 
@@ -81,7 +102,7 @@ def compute_stats(root: str | Path, progress: bool = True, max_rows_per_episode:
                 arr = np.load(sdir / fname, mmap_mode="r")
                 step = max(1, len(arr) // max_rows_per_episode)
                 chunks[key].append(np.asarray(arr[::step], dtype=np.float32))
-    stats, counts = {}, {}
+    stats = {}
     for key, parts in chunks.items():
         if not parts:
             continue
@@ -89,8 +110,7 @@ def compute_stats(root: str | Path, progress: bool = True, max_rows_per_episode:
         stats[key] = {"mean": x.mean(0), "std": x.std(0), "q01": np.quantile(x, 0.01, axis=0),
                       "q99": np.quantile(x, 0.99, axis=0), "min": x.min(0), "max": x.max(0)}
         stats[key] = {k: v.astype(np.float32) for k, v in stats[key].items()}
-        counts[key] = int(len(x))
-    return NormStats(stats, counts, meta.dataset_id)
+    return NormStats(stats, _row_counts(meta), meta.dataset_id)
 
 
 class Normalizer:

@@ -22,7 +22,7 @@ def stats_path(dataset_dir: str | Path) -> Path:
 
 def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
     """Load the dataset's norm stats; compute and save them on rank 0 first if they do not exist."""
-    from sensorvla.data.normalize import NormStats, compute_stats
+    from sensorvla.data.normalize import NormStats, compute_stats, dataset_fingerprint
     from sensorvla.training.distributed import barrier
 
     path = stats_path(cfg.data.dataset_dir)
@@ -31,7 +31,9 @@ def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
             logger.info("no %s yet: computing normalization stats (same as `sensorvla stats`)", path)
             compute_stats(cfg.data.dataset_dir, progress=progress).save(path)
         barrier(info)
-    return NormStats.load(path)
+    stats = NormStats.load(path)
+    stats.check(dataset_fingerprint(cfg.data.dataset_dir))  # stale stats (the dataset changed) raise
+    return stats
 
 
 def build_normalizer(stats, cfg: SensorVLAConfig):
