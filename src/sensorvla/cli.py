@@ -107,8 +107,10 @@ def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:  # noqa: N802
     from sensorvla.training.feature_cache import StaleCacheError
     from sensorvla.training.loop import TrainingDivergedError
 
+    from sensorvla.models.backbone import BackboneLoadError
+
     return (CheckpointMismatchError, StaleCacheError, NormalizationError, DataError, FinetuneError,
-            TrainingDivergedError, FileNotFoundError)
+            TrainingDivergedError, BackboneLoadError, FileNotFoundError, FileExistsError)
 
 
 def _sub(fn, argv: list[str], prog: str):
@@ -138,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in table:
         print(f"error: unknown command {verb!r}; run `sensorvla --help`", file=sys.stderr)
         return 2
-    result = _sub(table[verb][0], rest, f"sensorvla {verb}")
+    try:
+        result = _sub(table[verb][0], rest, f"sensorvla {verb}")
+    except KNOWN_ERRORS() as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

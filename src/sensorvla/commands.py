@@ -19,20 +19,25 @@ def data_synth(out: Path, episodes: int = 24, seed: int = 0, sensor_channels: in
 
 
 def data_import_recorder(src: Path, out: Path, instruction: str | None = None, image_size: int | None = None,
-                         min_actions: int = 8, overwrite: bool = False) -> int:
+                         min_actions: int = 8, views: tuple[str, ...] | None = None, include_joints: bool = False,
+                         overwrite: bool = False) -> int:
     """Convert the original recorder's episode folders (metadata.json, images/, robot_states.csv, sensor_data.npz)."""
     from sensorvla.data.importers.recorder import import_recorder
 
-    print(f"wrote {import_recorder(src, out, instruction=instruction, image_size=image_size, min_actions=min_actions, overwrite=overwrite)}")
+    path = import_recorder(src, out, instruction=instruction, image_size=image_size, min_actions=min_actions,
+                           views=list(views) if views else None, include_joints=include_joints, overwrite=overwrite)
+    print(f"wrote {path}")
     return 0
 
 
-def data_import_hdf5(src: Path, out: Path, image_size: int | None = None, min_actions: int = 8,
-                     overwrite: bool = False) -> int:
+def data_import_hdf5(src: Path, out: Path, instruction: str | None = None, image_size: int | None = None,
+                     min_actions: int = 8, views: tuple[str, ...] | None = None, overwrite: bool = False) -> int:
     """Convert plain HDF5 episodes (docs/hdf5-format.md)."""
     from sensorvla.data.importers.hdf5 import import_hdf5
 
-    print(f"wrote {import_hdf5(src, out, image_size=image_size, min_actions=min_actions, overwrite=overwrite)}")
+    path = import_hdf5(src, out, instruction=instruction, image_size=image_size, min_actions=min_actions,
+                       views=list(views) if views else None, overwrite=overwrite)
+    print(f"wrote {path}")
     return 0
 
 

@@ -1,0 +1,129 @@
+"""Helpers shared by the importers: timestamp checks, frame resizing, JPEG decoding and pose-delta actions.
+
+Everything here is pure (arrays in, arrays out) except `decode_jpeg`, which reads one file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sensorvla.data.types import DataError
+
+ImageSize = int | tuple[int, int] | None
+
+
+def size_hw(image_size: ImageSize) -> tuple[int, int] | None:
+    """`image_size` (int = square side, or (h, w)) -> (h, w), or None for "keep the native size"."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        hw = (image_size, image_size)
+    else:
+        hw = (int(image_size[0]), int(image_size[1]))
+    if min(hw) <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}; pass e.g. --image-size 224")
+    return hw
+
+
+def check_increasing(ts: np.ndarray, *, what: str, episode: str, path: str | Path, fix: str = "") -> None:
+    """DataError unless `ts` (N,) is finite and strictly increasing; names the first offending index."""
+    ts = np.asarray(ts, np.float64)
+    if not np.all(np.isfinite(ts)):
+        i = int(np.argmax(~np.isfinite(ts)))
+        raise DataError(
+            f"{what} timestamp {i} is {ts[i]} (NaN/inf)",
+            episode=episode,
+            path=str(path),
+            fix=fix or "fix or drop the corrupt rows",
+        )
+    d = np.diff(ts)
+    if np.any(d <= 0):
+        i = int(np.argmax(d <= 0))
+        raise DataError(
+            f"{what} timestamps are not strictly increasing (index {i} -> {i + 1}: "
+            f"{ts[i]:.6f} -> {ts[i + 1]:.6f})",
+            episode=episode,
+            path=str(path),
+            fix=fix or "sort the samples by time and drop duplicates, or fix the recorder clock",
+        )
+
+
+def resize_frames(frames: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
+    """(N, h, w, 3) uint8 -> (N, H, W, 3) uint8, bilinear (no-op when `hw` is None or already the size)."""
+    if hw is None or tuple(frames.shape[1:3]) == hw:
+        return frames
+    from PIL import Image
+
+    out = np.empty((len(frames), hw[0], hw[1], 3), np.uint8)
+    for i, f in enumerate(frames):
+        out[i] = np.asarray(Image.fromarray(f).resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
+    return out
+
+
+def decode_jpeg(path: Path, hw: tuple[int, int] | None, *, episode: str) -> np.ndarray:
+    """Decode one image file to (h, w, 3) uint8 RGB, resized to `hw` when given."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if hw is not None:
+                # JPEG draft mode decodes at a reduced scale directly: much faster for big frames.
+                im.draft("RGB", (hw[1], hw[0]))
+            im = im.convert("RGB")
+            if hw is not None and im.size != (hw[1], hw[0]):
+                im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(
+            f"cannot decode image ({type(e).__name__}: {e})",
+            episode=episode,
+            path=str(path),
+            fix="delete the corrupt frame (the view keeps its other frames) or re-export it",
+        ) from e
+
+
+def stack_frames(frames: Sequence[np.ndarray], *, view: str, episode: str, path: str | Path) -> np.ndarray:
+    """Stack per-frame arrays; DataError (with the --image-size fix) when their sizes differ."""
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise DataError(
+            f"view {view} has frames of different sizes {sorted(shapes)}",
+            episode=episode,
+            path=str(path),
+            fix="pass image_size (--image-size N) to resize every frame",
+        )
+    return np.stack(frames).astype(np.uint8, copy=False)
+
+
+def pose_delta_actions(
+    ts: np.ndarray,
+    pose: np.ndarray,
+    *,
+    fps: float,
+    tool: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step pose deltas on a uniform grid.
+
+    Args:
+        ts: (N,) strictly increasing pose timestamps (seconds).
+        pose: (N, 6) [x, y, z, a, b, r]; angles must already be unwrapped (continuous).
+        fps: action rate; dt = 1 / fps.
+        tool: value of the constant 7th channel.
+
+    Returns:
+        action_ts (N_a,) = ts[0] + k dt for every k with t_k + dt <= ts[-1], and actions (N_a, 7) float32 with
+        a_k = pose(t_k + dt) - pose(t_k) (pose linearly interpolated) and a_k[6] = tool.
+    """
+    dt = 1.0 / fps
+    span = float(ts[-1] - ts[0])
+    n = int(np.floor(span / dt + 1e-6))  # number of full steps that fit inside the recording
+    grid = ts[0] + np.arange(n + 1) * dt
+    grid[-1] = min(grid[-1], ts[-1]) if n > 0 else grid[-1]  # guard the float round-off at the very end
+    p = np.stack([np.interp(grid, ts, pose[:, k]) for k in range(pose.shape[1])], axis=1)
+    actions = np.empty((n, pose.shape[1] + 1), np.float32)
+    actions[:, : pose.shape[1]] = np.diff(p, axis=0)
+    actions[:, pose.shape[1]] = tool
+    return grid[:n].copy(), actions

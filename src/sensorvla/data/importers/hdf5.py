@@ -1,0 +1,469 @@
+"""Importer (and writer) for plain HDF5 episodes, the layout documented in docs/hdf5-format.md.
+
+One episode per file (streams at the file root) or many per file (`/episodes/<name>/` groups). Each stream
+is a group with `timestamps` (N,) and `data` (N, ...) and an optional `clock_offset` attribute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sensorvla.data.importers._common import ImageSize, check_increasing, resize_frames, size_hw
+from sensorvla.data.types import DataError, EpisodeData, ImageStream
+
+logger = logging.getLogger(__name__)
+
+H5_SUFFIXES = {".h5", ".hdf5", ".hdf"}
+REQUIRED_STREAMS = ("action", "state")
+
+
+@dataclass
+class H5Episode:
+    """One episode found by `scan_hdf5`: the file, the group inside it and what its shapes declare."""
+
+    file: Path
+    group: str  # "/" or "/episodes/<name>"
+    name: str
+    views: list[str] = field(default_factory=list)
+    action_fps: float | None = None
+    force_channels: int | None = None
+    sensor_rate: float | None = None
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _fix_file(what: str = "") -> str:
+    return (
+        what or "re-export the episode (see docs/hdf5-format.md)"
+    ) + ", or move the file out of the source folder"
+
+
+def find_hdf5_files(src: str | Path) -> list[Path]:
+    """`src` itself when it is a file, else every *.h5 / *.hdf5 / *.hdf under it (sorted)."""
+    src = Path(src)
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        raise DataError("source does not exist", path=str(src), fix="pass an .h5 file or a folder of them")
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in H5_SUFFIXES)
+    if not files:
+        raise DataError(
+            "no .h5/.hdf5 files found",
+            path=str(src),
+            fix="pass a folder of HDF5 episodes (docs/hdf5-format.md) or one file",
+        )
+    return files
+
+
+def _open(path: Path):
+    h5py = _h5py()
+    try:
+        return h5py.File(path, "r")
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"cannot open the HDF5 file ({e})",
+            path=str(path),
+            fix=_fix_file("the file is corrupt or not HDF5; re-export it"),
+        ) from e
+
+
+def _declared_len(g, key: str, name: str, file: Path) -> tuple[int, tuple[int, ...]]:
+    """(len(timestamps), data.shape) of stream group `g` from the shapes only; checks they agree."""
+    for part in ("timestamps", "data"):
+        if part not in g:
+            raise DataError(f"{g.name}/{part} is missing", episode=name, path=str(file), fix=_fix_file())
+    n_ts, shape = g["timestamps"].shape, g["data"].shape
+    if len(n_ts) != 1:
+        raise DataError(
+            f"{g.name}/timestamps has shape {n_ts}, expected (N,)",
+            episode=name,
+            path=str(file),
+            fix=_fix_file(),
+        )
+    if not shape or shape[0] != n_ts[0]:
+        raise DataError(
+            f"{g.name} has {n_ts[0]} timestamps but data of shape {shape} (truncated array?)",
+            episode=name,
+            path=str(file),
+            fix=_fix_file(),
+        )
+    return n_ts[0], shape
+
+
+def _median_rate(g) -> float | None:
+    """1 / median step of a stream group's timestamps (None when it cannot be told)."""
+    try:
+        ts = np.asarray(g["timestamps"][()], np.float64)
+    except (OSError, ValueError):
+        return None  # reported with the file and dataset when the episode is read
+    step = float(np.median(np.diff(ts))) if len(ts) > 1 else 0.0
+    return round(1.0 / step, 6) if np.isfinite(step) and step > 0 else None
+
+
+def scan_hdf5(src: str | Path, views: Sequence[str] | None = None) -> list[H5Episode]:
+    """Open every file and check the layout from shapes and attributes only (no arrays read).
+
+    Raises DataError before anything is written on a missing/corrupt file, a missing stream, mismatched
+    lengths, or a view that some episodes lack.
+    """
+    episodes: list[H5Episode] = []
+    for path in find_hdf5_files(src):
+        with _open(path) as f:
+            if "episodes" in f:
+                groups = [(f"/episodes/{k}", f"{path.stem}/{k}") for k in sorted(f["episodes"])]
+            else:
+                groups = [("/", path.stem)]
+            for gname, name in groups:
+                g = f[gname]
+                for s in REQUIRED_STREAMS:
+                    if s not in g:
+                        raise DataError(
+                            f"stream group {gname.rstrip('/')}/{s} is missing",
+                            episode=name,
+                            path=str(path),
+                            fix=_fix_file(f"write /{s}/timestamps and /{s}/data"),
+                        )
+                    _declared_len(g[s], s, name, path)
+                ep = H5Episode(path, gname, name, sorted(g["images"]) if "images" in g else [])
+                for v in ep.views:
+                    _declared_len(g["images"][v], f"image.{v}", name, path)
+                if "sensor" in g:
+                    _declared_len(g["sensor"], "sensor", name, path)
+                    ep.force_channels = int(g["sensor"].attrs.get("force_channels", 1))
+                    rate = g["sensor"].attrs.get("rate")
+                    ep.sensor_rate = float(rate) if rate is not None else _median_rate(g["sensor"])
+                fps = g.attrs.get("action_fps", f.attrs.get("action_fps"))
+                ep.action_fps = float(fps) if fps is not None else _median_rate(g["action"])
+                episodes.append(ep)
+    wanted = sorted(views) if views else sorted(set().union(*(e.views for e in episodes)))
+    if not wanted:
+        raise DataError(
+            "no camera views (/images/<view>/) in any episode",
+            path=str(src),
+            fix="write at least one /images/<view>/{timestamps,data} group per episode",
+        )
+    common = sorted(set.intersection(*(set(e.views) for e in episodes)))
+    for e in episodes:
+        missing = sorted(set(wanted) - set(e.views))
+        if missing:
+            raise DataError(
+                f"view(s) {missing} missing (other episodes have {wanted})",
+                episode=e.name,
+                path=str(e.file),
+                fix=f"import only the shared views with views={common} (--views), "
+                "or move this episode out of the source folder",
+            )
+        e.views = wanted
+    fc = {e.force_channels for e in episodes if e.force_channels is not None}
+    if len(fc) > 1:
+        raise DataError(
+            f"episodes declare different sensor force_channels {sorted(fc)}",
+            path=str(src),
+            fix="import each sensor configuration into its own dataset",
+        )
+    return episodes
+
+
+def _read(g, part: str, name: str, file: Path) -> np.ndarray:
+    try:
+        return np.asarray(g[part][()])
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(
+            f"cannot read {g.name}/{part} ({e})",
+            episode=name,
+            path=str(file),
+            fix=_fix_file("the file is corrupt; re-export it"),
+        ) from e
+
+
+def _read_stream(g, name: str, file: Path, *, ndim: int) -> tuple[np.ndarray, np.ndarray, float]:
+    ts = _read(g, "timestamps", name, file).astype(np.float64)
+    data = _read(g, "data", name, file)
+    if len(ts) != len(data):
+        raise DataError(
+            f"{g.name} has {len(ts)} timestamps but {len(data)} rows (truncated array?)",
+            episode=name,
+            path=str(file),
+            fix=_fix_file(),
+        )
+    if data.ndim != ndim:
+        raise DataError(
+            f"{g.name}/data has shape {data.shape}, expected {ndim} dimensions",
+            episode=name,
+            path=str(file),
+            fix="see docs/hdf5-format.md for each stream's shape",
+        )
+    check_increasing(ts, what=g.name, episode=name, path=file)
+    return ts, data, float(g.attrs.get("clock_offset", 0.0))
+
+
+def load_hdf5_episode(
+    ep: H5Episode,
+    *,
+    instruction: str | None = None,
+    image_size: ImageSize = None,
+) -> EpisodeData:
+    """Read one episode group into EpisodeData (images resized to `image_size` when given)."""
+    hw = size_hw(image_size)
+    name, file = ep.name, ep.file
+    with _open(file) as f:
+        g = f[ep.group]
+        text = instruction or g.attrs.get("instruction", f.attrs.get("instruction"))
+        if isinstance(text, bytes):
+            text = text.decode()
+        if not text:
+            raise DataError(
+                "no instruction attribute",
+                episode=name,
+                path=str(file),
+                fix="set the group's `instruction` attribute or pass instruction=... (--instruction)",
+            )
+        offsets: dict[str, float] = {}
+        a_ts, actions, offsets["action"] = _read_stream(g["action"], name, file, ndim=2)
+        s_ts, state, offsets["state"] = _read_stream(g["state"], name, file, ndim=2)
+        images = {}
+        for v in ep.views:
+            ts, frames, offsets[f"image.{v}"] = _read_stream(g["images"][v], name, file, ndim=4)
+            if frames.dtype != np.uint8 or frames.shape[-1] != 3:
+                raise DataError(
+                    f"/images/{v}/data is {frames.dtype} {frames.shape}, expected uint8 (N, h, w, 3)",
+                    episode=name,
+                    path=str(file),
+                    fix="store RGB frames as uint8",
+                )
+            images[v] = ImageStream(ts, resize_frames(frames, hw))
+        sensor_ts = sensor = None
+        if "sensor" in g:
+            sensor_ts, sensor, offsets["sensor"] = _read_stream(g["sensor"], name, file, ndim=2)
+            sensor = sensor.astype(np.float32)
+            bad = ~np.isfinite(sensor)
+            if bad.any():
+                k, c = (int(x) for x in np.argwhere(bad)[0])
+                raise DataError(
+                    f"/sensor/data has {int(bad.sum())} NaN/inf values (first at sample {k}, channel {c})",
+                    episode=name,
+                    path=str(file),
+                    fix="clean the sensor stream, or delete the /sensor group to import without sensor",
+                )
+        try:
+            extra = json.loads(g.attrs.get("extra", "{}"))
+        except (TypeError, json.JSONDecodeError):
+            extra = {}
+    extra = {**(extra if isinstance(extra, dict) else {}), "source": "hdf5", "source_path": str(file)}
+    return EpisodeData(
+        name=name,
+        instruction=str(text),
+        action_timestamps=a_ts,
+        actions=actions.astype(np.float32),
+        state_timestamps=s_ts,
+        state=state.astype(np.float32),
+        images=images,
+        sensor_timestamps=sensor_ts,
+        sensor=sensor,
+        clock_offsets=offsets,
+        extra=extra,
+    )
+
+
+def _consistent(values: list[float], what: str, src: Path, fix: str) -> float | None:
+    if not values:
+        return None
+    if max(values) - min(values) > 0.02 * max(abs(v) for v in values):  # inferred rates jitter a little
+        raise DataError(f"episodes have different {what} {sorted(set(values))}", path=str(src), fix=fix)
+    return values[0]
+
+
+def import_hdf5(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset_id: str | None = None,
+    instruction: str | None = None,
+    image_size: ImageSize = None,
+    min_actions: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    views: Sequence[str] | None = None,
+) -> Path:
+    """Convert HDF5 episodes (docs/hdf5-format.md) into a sensorvla dataset at `out_dir`.
+
+    Args:
+        src: one .h5 file or a folder of them.
+        out_dir: the dataset to create; on any error nothing is left there.
+        dataset_id: defaults to "hdf5_<src stem>".
+        instruction: overrides every episode's `instruction` attribute.
+        image_size: resize frames to N x N (int) or (h, w); None keeps the stored size.
+        min_actions: episodes with fewer action frames are an error (the training horizon).
+        views: import only these views (default: all; every episode must have them).
+
+    Returns:
+        out_dir. Raises DataError (naming episode, file and fix) on bad input, FileExistsError when out_dir
+        exists without `overwrite`.
+    """
+    from sensorvla.data.format import write_dataset
+
+    src, out_dir = Path(src), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another --out")
+    episodes = scan_hdf5(src, views)
+    fps = _consistent(
+        [e.action_fps for e in episodes if e.action_fps],
+        "action_fps",
+        src,
+        "resample to one action rate, or set the file attribute action_fps",
+    )
+    if fps is None:
+        raise DataError(
+            "cannot tell the action rate", path=str(src), fix="set the file attribute action_fps (e.g. 10.0)"
+        )
+    rate = _consistent(
+        [e.sensor_rate for e in episodes if e.sensor_rate],
+        "sensor rate",
+        src,
+        "import each sensor configuration into its own dataset",
+    )
+    force = next((e.force_channels for e in episodes if e.force_channels is not None), 1)
+    info: dict[str, Any] = {"source": "hdf5", "force_channels": force}
+    if rate is not None:
+        info["sensor_rate"] = rate
+    logger.info("importing %d HDF5 episodes from %s", len(episodes), src)
+    gen = (load_hdf5_episode(e, instruction=instruction, image_size=image_size) for e in episodes)
+    return write_dataset(
+        gen,
+        out_dir,
+        dataset_id=dataset_id or f"hdf5_{src.stem}",
+        action_fps=fps,
+        min_actions=min_actions,
+        overwrite=overwrite,
+        progress=progress,
+        extra_info=info,
+    )
+
+
+# --- writing --------------------------------------------------------------------------------------------
+def _write_group(g, ep: EpisodeData, *, force_channels: int, sensor_rate: float | None) -> None:
+    g.attrs["instruction"] = ep.instruction
+    g.attrs["extra"] = json.dumps(ep.extra, default=str)
+    off = ep.clock_offsets
+
+    def stream(sub, ts, data, key, **kw):
+        sub.create_dataset("timestamps", data=np.asarray(ts, np.float64))
+        sub.create_dataset("data", data=np.asarray(data), **kw)
+        sub.attrs["clock_offset"] = float(off.get(key, 0.0))
+
+    stream(g.create_group("action"), ep.action_timestamps, np.asarray(ep.actions, np.float32), "action")
+    stream(g.create_group("state"), ep.state_timestamps, np.asarray(ep.state, np.float32), "state")
+    imgs = g.create_group("images")
+    for v, s in ep.images.items():
+        stream(
+            imgs.create_group(v),
+            s.timestamps,
+            np.asarray(s.frames, np.uint8),
+            f"image.{v}",
+            compression="gzip",
+        )
+    if ep.sensor is not None:
+        sg = g.create_group("sensor")
+        stream(sg, ep.sensor_timestamps, np.asarray(ep.sensor, np.float32), "sensor")
+        sg.attrs["force_channels"] = int(force_channels)
+        if sensor_rate:
+            sg.attrs["rate"] = float(sensor_rate)
+
+
+def write_hdf5(
+    path: str | Path,
+    episodes: EpisodeData | Sequence[EpisodeData],
+    *,
+    action_fps: float,
+    force_channels: int = 1,
+    sensor_rate: float | None = None,
+) -> Path:
+    """Write episodes in the documented layout, atomically (temp file + rename).
+
+    A single EpisodeData is written at the file root; a sequence goes to /episodes/<name> groups ("/" in a
+    name becomes "__").
+    """
+    h5py = _h5py()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = "sensorvla-hdf5-episode/1"
+            f.attrs["action_fps"] = float(action_fps)
+            if isinstance(episodes, EpisodeData):
+                _write_group(f, episodes, force_channels=force_channels, sensor_rate=sensor_rate)
+            else:
+                root = f.create_group("episodes")
+                for ep in episodes:
+                    _write_group(
+                        root.create_group(ep.name.replace("/", "__")),
+                        ep,
+                        force_channels=force_channels,
+                        sensor_rate=sensor_rate,
+                    )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def iter_example_episodes(
+    num_episodes: int = 2,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    sensor_channels: int = 33,
+    with_sensor: Sequence[bool] | None = None,
+) -> Iterator[EpisodeData]:
+    """Synthetic insertion episodes (sensorvla.data.synth) to build example HDF5 files from."""
+    from sensorvla.data.synth import SimConfig, simulate_episode
+
+    cfg = SimConfig(image_size=image_size, sensor_channels=sensor_channels)
+    for e in range(num_episodes):
+        has = True if with_sensor is None else bool(with_sensor[e])
+        yield simulate_episode(seed * 100_003 + e, cfg, with_sensor=has, name=f"example_{e:04d}")
+
+
+def export_hdf5_example(
+    out_dir: str | Path,
+    *,
+    num_episodes: int = 2,
+    seed: int = 0,
+    image_size: int = 32,
+    sensor_channels: int = 33,
+    with_sensor: Sequence[bool] | None = None,
+) -> list[Path]:
+    """Write `num_episodes` valid example files (one episode each) into `out_dir`; returns their paths.
+
+    `sensorvla data import-hdf5 --src out_dir --out DIR` then imports them.
+    """
+    out = []
+    for ep in iter_example_episodes(
+        num_episodes,
+        seed=seed,
+        image_size=image_size,
+        sensor_channels=sensor_channels,
+        with_sensor=with_sensor,
+    ):
+        out.append(
+            write_hdf5(
+                Path(out_dir) / f"{ep.name}.h5", ep, action_fps=10.0, force_channels=1, sensor_rate=650.0
+            )
+        )
+    return out
