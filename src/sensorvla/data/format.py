@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from sensorvla.data.types import DataError, EpisodeData
+from sensorvla.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +107,7 @@ def write_dataset(episodes: Iterable[EpisodeData], out_dir: str | Path, *, datas
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         frames, ep_rows, tasks = [], [], {}
         views: list[str] | None = None
         dims: dict[str, Any] = {}
@@ -183,12 +180,6 @@ def write_dataset(episodes: Iterable[EpisodeData], out_dir: str | Path, *, datas
                           "sensor_channels": dims.get("sensor_channels", 0), **(extra_info or {})},
         }
         (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

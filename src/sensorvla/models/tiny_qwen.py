@@ -9,8 +9,6 @@ Recipe and pitfalls: shared notes `offline-stack.md` section 2.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -121,6 +119,7 @@ def build_tiny_qwen_vl(out_dir: str | Path, family: str = "qwen2_5_vl", *, seed:
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from sensorvla.io import atomic_dir
     from sensorvla.models.backbone import IMAGE_ONLY_PROCESSORS, make_image_processor
 
     if family not in FAMILIES:
@@ -135,9 +134,7 @@ def build_tiny_qwen_vl(out_dir: str | Path, family: str = "qwen2_5_vl", *, seed:
     patch = 16 if family == "qwen3_vl" else 14
     proc = IMAGE_ONLY_PROCESSORS[family](image_processor=make_image_processor(patch, min_pixels, max_pixels),
                                          tokenizer=tok, chat_template=CHAT_TEMPLATE)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
         if layout == "hub":
@@ -152,10 +149,4 @@ def build_tiny_qwen_vl(out_dir: str | Path, family: str = "qwen2_5_vl", *, seed:
             (tmp / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
             for name in ("processor_config.json", "chat_template.jinja"):
                 (tmp / name).unlink(missing_ok=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
