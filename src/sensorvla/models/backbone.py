@@ -94,14 +94,14 @@ def load_processor(path_or_id: str, *, min_pixels: int, max_pixels: int, revisio
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, revision=revision)
     except (OSError, ValueError) as e:
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
-    chat_template = _read_chat_template(path_or_id) or getattr(tokenizer, "chat_template", None)
+    chat_template = _read_chat_template(path_or_id, revision) or getattr(tokenizer, "chat_template", None)
     if chat_template is None:
         raise BackboneLoadError(f"{path_or_id!r} has no chat template (chat_template.jinja / chat_template.json)")
     return IMAGE_ONLY_PROCESSORS[family](image_processor=image_processor, tokenizer=tokenizer,
                                          chat_template=chat_template)
 
 
-def _read_chat_template(path_or_id: str) -> str | None:
+def _read_chat_template(path_or_id: str, revision: str | None = None) -> str | None:
     p = Path(path_or_id)
     if (p / "chat_template.jinja").exists():
         return (p / "chat_template.jinja").read_text()
@@ -111,7 +111,8 @@ def _read_chat_template(path_or_id: str) -> str | None:
         try:
             from huggingface_hub import hf_hub_download
 
-            return json.loads(Path(hf_hub_download(path_or_id, "chat_template.json")).read_text())["chat_template"]
+            path = hf_hub_download(path_or_id, "chat_template.json", revision=revision)
+            return json.loads(Path(path).read_text())["chat_template"]
         except Exception:  # the tokenizer may carry it instead
             return None
     return None
@@ -123,7 +124,10 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if name == "auto":
         ok = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if ok else torch.float32
-    return getattr(torch, name)
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"--model.backbone.dtype {name!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
+    return dtype
 
 
 def load_vl_model(path_or_id: str, *, dtype: torch.dtype, attn_implementation: str = "sdpa",
@@ -202,6 +206,10 @@ class VLBackbone(nn.Module):
         self.vision_end_token_id = int(conf.vision_end_token_id)
         text_conf = getattr(conf, "text_config", conf)
         self.hidden_size = int(text_conf.hidden_size)
+        eos = getattr(text_conf, "eos_token_id", None) or getattr(conf, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        # <|im_end|> ends the user turn: the instruction span stops there (robust to any padding side)
+        self.register_buffer("im_end_token_ids", torch.tensor(eos, dtype=torch.long), persistent=False)
         if cfg.pooling == "resampler":
             self.queries = nn.Parameter(torch.randn(cfg.num_queries, self.hidden_size) * 0.02)
             heads = max(1, self.hidden_size // 64)
@@ -233,11 +241,13 @@ class VLBackbone(nn.Module):
             masks[:, v] = is_img & (run_index == v)
         pos = torch.arange(length, device=input_ids.device).expand(b, length)
         last_end = torch.where(input_ids == self.vision_end_token_id, pos, -1).max(dim=1).values
-        valid = attention_mask.bool()
-        n_valid = valid.sum(dim=1)
-        # the text span ends with "<|im_end|>\n": drop those two trailing tokens
-        text = (pos > last_end[:, None]) & (pos < (n_valid - 2)[:, None]) & valid
-        masks[:, self.num_views] = text
+        after = (pos > last_end[:, None]) & attention_mask.bool()
+        if self.im_end_token_ids.numel():
+            ends = torch.isin(input_ids, self.im_end_token_ids.to(input_ids.device)) & after
+            stop = torch.where(ends, pos, length).min(dim=1).values
+        else:  # no end-of-turn id known: the prompt ends with "<|im_end|>\n"
+            stop = after.sum(dim=1) + last_end - 1
+        masks[:, self.num_views] = after & (pos < stop[:, None])
         return masks
 
     def encode_frozen(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,4 +278,8 @@ class VLBackbone(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         """Non-reentrant gradient checkpointing on the base model (stage-2 memory)."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5 name
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
