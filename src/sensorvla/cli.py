@@ -70,7 +70,10 @@ def parse_train_config(argv: list[str], default_head: str = "regression"):
     cfg.model.head.type = default_head
     if os.environ.get(VL_MODEL_ENV):
         cfg.model.backbone.vl_model = os.environ[VL_MODEL_ENV]
-    cfg = tyro.cli(SensorVLAConfig, args=args, default=cfg, prog="sensorvla train")
+    aliases = ", ".join(sorted(SEED_ALIASES))
+    cfg = tyro.cli(SensorVLAConfig, args=args, default=cfg, prog="sensorvla train",
+                   description="Train stage 1 / stage 2 with one loop. Seed-guide flags are accepted too "
+                   f"(with - or _): {aliases}. Default backbone: ${VL_MODEL_ENV} or {cfg.model.backbone.vl_model}.")
     # The seed guide: stage 1 defaults to finetune-vl none, stage 2 to lora.
     if "--model.finetune.mode" not in given:
         cfg.model.finetune.mode = "lora" if cfg.train.stage == "stage2" else "none"
