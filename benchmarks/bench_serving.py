@@ -78,13 +78,9 @@ def run(
             errors: list[BaseException] = []
             barrier = threading.Barrier(num_clients)
 
-            def client_loop(
-                i: int, obs=obs, latencies=latencies, server_ms=server_ms, errors=errors, barrier=barrier
-            ):
+            def client_loop(i: int, obs=obs, latencies=latencies, server_ms=server_ms, errors=errors, barrier=barrier):
                 try:
-                    with PolicyClient(
-                        port=server.port, timeout=timeout_s, connect_timeout=timeout_s
-                    ) as client:
+                    with PolicyClient(port=server.port, timeout=timeout_s, connect_timeout=timeout_s) as client:
                         for _ in range(warmup):
                             client.infer(obs)
                         barrier.wait(timeout=timeout_s)
@@ -96,9 +92,7 @@ def run(
                 except BaseException as exc:  # re-raised in the main thread below
                     errors.append(exc)
 
-            threads = [
-                threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(num_clients)
-            ]
+            threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(num_clients)]
             t_start = time.perf_counter()
             for t in threads:
                 t.start()
@@ -149,9 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=50)
-    parser.add_argument(
-        "--sizes", default="1000,100000,2700000", help="comma-separated payload sizes (bytes)"
-    )
+    parser.add_argument("--sizes", default="1000,100000,2700000", help="comma-separated payload sizes (bytes)")
     parser.add_argument("--infer-ms", type=float, default=0.0, help="simulated model time per request")
     parser.add_argument("--timeout-s", type=float, default=60.0)
     args = parser.parse_args(argv)

@@ -19,8 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-WIDE = {"text_hidden": 256, "text_layers": 4, "vision_hidden": 128, "vision_depth": 4,
-        "min_pixels": 224 * 224, "max_pixels": 224 * 224}
+WIDE = {
+    "text_hidden": 256,
+    "text_layers": 4,
+    "vision_hidden": 128,
+    "vision_depth": 4,
+    "min_pixels": 224 * 224,
+    "max_pixels": 224 * 224,
+}
 
 
 def _setup(root: Path, episodes: int = 4):
@@ -71,22 +77,42 @@ def cache_vs_backbone(root: Path, vl, data, steps: int = 12) -> dict:
     t_cached = time.perf_counter() - t0
     sps_plain = sorted(_step_times(root / "plain"))[len(_step_times(root / "plain")) // 2]
     sps_cached = sorted(_step_times(root / "cached"))[len(_step_times(root / "cached")) // 2]
-    return {"stage1_samples_per_s_backbone": sps_plain, "stage1_samples_per_s_cache": sps_cached,
-            "speedup_cache_vs_backbone": sps_cached / sps_plain, "wall_backbone_s": t_plain,
-            "wall_cache_build_s": t_build, "wall_cached_s": t_cached}
+    return {
+        "stage1_samples_per_s_backbone": sps_plain,
+        "stage1_samples_per_s_cache": sps_cached,
+        "speedup_cache_vs_backbone": sps_cached / sps_plain,
+        "wall_backbone_s": t_plain,
+        "wall_cache_build_s": t_build,
+        "wall_cached_s": t_cached,
+    }
 
 
 def _torchrun(cfg_path: Path, nproc: int, extra: str = "") -> float:
-    code = ("import sys,resource,json,torch; from sensorvla.config import SensorVLAConfig;"
-            "from sensorvla.training.loop import train; train(SensorVLAConfig.load(sys.argv[1]), progress=False);"
-            "peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else "
-            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
-            "print('PEAK', peak)")
+    code = (
+        "import sys,resource,json,torch; from sensorvla.config import SensorVLAConfig;"
+        "from sensorvla.training.loop import train; train(SensorVLAConfig.load(sys.argv[1]), progress=False);"
+        "peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
+        "print('PEAK', peak)"
+    )
     script = cfg_path.with_suffix(".py")
     script.write_text(code)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        str(script), str(cfg_path)], env=env, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(script),
+            str(cfg_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
     return max(float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("PEAK"))
@@ -124,8 +150,11 @@ def run(root: str | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(root or tempfile.mkdtemp(prefix="bench_train_"))
     vl, data = _setup(root)
-    result = {"cache": cache_vs_backbone(root, vl, data), "processes": processes(root, vl, data),
-              "memory": memory(root, vl, data)}
+    result = {
+        "cache": cache_vs_backbone(root, vl, data),
+        "processes": processes(root, vl, data),
+        "memory": memory(root, vl, data),
+    }
     return result
 
 

@@ -29,14 +29,19 @@ def test_unknown_key_is_rejected():
         SensorVLAConfig.from_dict(d)
 
 
-@pytest.mark.parametrize("mutate,flag", [
-    (lambda c: setattr(c.train, "batch_size", 0), "--train.batch-size"),
-    (lambda c: setattr(c.model.head, "type", "gan"), "--model.head.type"),
-    (lambda c: setattr(c.model.fusion, "strategy", "sum"), "--model.fusion.strategy"),
-    (lambda c: setattr(c.data, "mixture", ("nopath",)), "--data.mixture"),
-    (lambda c: (setattr(c.model.head, "num_inference_steps", 500), setattr(c.model.head, "type", "diffusion")),
-     "--model.head.num-inference-steps"),
-])
+@pytest.mark.parametrize(
+    "mutate,flag",
+    [
+        (lambda c: setattr(c.train, "batch_size", 0), "--train.batch-size"),
+        (lambda c: setattr(c.model.head, "type", "gan"), "--model.head.type"),
+        (lambda c: setattr(c.model.fusion, "strategy", "sum"), "--model.fusion.strategy"),
+        (lambda c: setattr(c.data, "mixture", ("nopath",)), "--data.mixture"),
+        (
+            lambda c: (setattr(c.model.head, "num_inference_steps", 500), setattr(c.model.head, "type", "diffusion")),
+            "--model.head.num-inference-steps",
+        ),
+    ],
+)
 def test_validation_names_the_flag(mutate, flag):
     cfg = SensorVLAConfig()
     mutate(cfg)
@@ -52,10 +57,36 @@ def test_stage2_requires_checkpoint_message():
 
 
 def test_seed_flags_both_spellings():
-    a = parse_train_config(["--grad_accum", "3", "--batch_size", "5", "--dataset_dir", "/d",
-                            "--diffusion_timesteps", "50", "--sensor_loss_weight", "3"], "diffusion")
-    b = parse_train_config(["--grad-accum-steps", "3", "--batch-size", "5", "--dataset-dir", "/d",
-                            "--diffusion-timesteps", "50", "--sensor-loss-weight", "3"], "diffusion")
+    a = parse_train_config(
+        [
+            "--grad_accum",
+            "3",
+            "--batch_size",
+            "5",
+            "--dataset_dir",
+            "/d",
+            "--diffusion_timesteps",
+            "50",
+            "--sensor_loss_weight",
+            "3",
+        ],
+        "diffusion",
+    )
+    b = parse_train_config(
+        [
+            "--grad-accum-steps",
+            "3",
+            "--batch-size",
+            "5",
+            "--dataset-dir",
+            "/d",
+            "--diffusion-timesteps",
+            "50",
+            "--sensor-loss-weight",
+            "3",
+        ],
+        "diffusion",
+    )
     assert a == b
     assert (a.train.grad_accum_steps, a.train.batch_size, a.data.dataset_dir) == (3, 5, "/d")
     assert a.model.head.diffusion_timesteps == 50 and a.train.sensor_loss_weight == 3

@@ -12,8 +12,13 @@ import torch
 
 def test_demo_quick_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "sensorvla.cli", "demo", "--out", str(tmp_path), "--quick"],
-                       env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "sensorvla.cli", "demo", "--out", str(tmp_path), "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     # the smoke step printed each head's loss and the parameter table

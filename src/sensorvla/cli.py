@@ -71,9 +71,14 @@ def parse_train_config(argv: list[str], default_head: str = "regression"):
     if os.environ.get(VL_MODEL_ENV):
         cfg.model.backbone.vl_model = os.environ[VL_MODEL_ENV]
     aliases = ", ".join(sorted(SEED_ALIASES))
-    cfg = tyro.cli(SensorVLAConfig, args=args, default=cfg, prog="sensorvla train",
-                   description="Train stage 1 / stage 2 with one loop. Seed-guide flags are accepted too "
-                   f"(with - or _): {aliases}. Default backbone: ${VL_MODEL_ENV} or {cfg.model.backbone.vl_model}.")
+    cfg = tyro.cli(
+        SensorVLAConfig,
+        args=args,
+        default=cfg,
+        prog="sensorvla train",
+        description="Train stage 1 / stage 2 with one loop. Seed-guide flags are accepted too "
+        f"(with - or _): {aliases}. Default backbone: ${VL_MODEL_ENV} or {cfg.model.backbone.vl_model}.",
+    )
     # The seed guide: stage 1 defaults to finetune-vl none, stage 2 to lora.
     if "--model.finetune.mode" not in given:
         cfg.model.finetune.mode = "lora" if cfg.train.stage == "stage2" else "none"
@@ -105,15 +110,23 @@ def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:  # noqa: N802
     """Errors whose message already says what to do: print it without a traceback."""
     from sensorvla.data.normalize import NormalizationError
     from sensorvla.data.types import DataError
+    from sensorvla.models.backbone import BackboneLoadError
     from sensorvla.models.finetune import FinetuneError
     from sensorvla.models.pretrained import CheckpointMismatchError
     from sensorvla.training.feature_cache import StaleCacheError
     from sensorvla.training.loop import TrainingDivergedError
 
-    from sensorvla.models.backbone import BackboneLoadError
-
-    return (CheckpointMismatchError, StaleCacheError, NormalizationError, DataError, FinetuneError,
-            TrainingDivergedError, BackboneLoadError, FileNotFoundError, FileExistsError)
+    return (
+        CheckpointMismatchError,
+        StaleCacheError,
+        NormalizationError,
+        DataError,
+        FinetuneError,
+        TrainingDivergedError,
+        BackboneLoadError,
+        FileNotFoundError,
+        FileExistsError,
+    )
 
 
 def _sub(fn, argv: list[str], prog: str):
@@ -163,4 +176,3 @@ def train_diffusion_entry() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-

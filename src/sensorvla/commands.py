@@ -7,36 +7,77 @@ from pathlib import Path
 from typing import Literal
 
 
-def data_synth(out: Path, episodes: int = 24, seed: int = 0, sensor_channels: int = 33,
-               sensor_rate: float = 650.0, image_size: int = 64) -> int:
+def data_synth(
+    out: Path,
+    episodes: int = 24,
+    seed: int = 0,
+    sensor_channels: int = 33,
+    sensor_rate: float = 650.0,
+    image_size: int = 64,
+) -> int:
     """Generate the synthetic insertion dataset (the demo's data, the tests' fixture)."""
     from sensorvla.data.synth import generate_dataset
 
-    path = generate_dataset(out, num_episodes=episodes, seed=seed, sensor_channels=sensor_channels,
-                            sensor_rate=sensor_rate, image_size=image_size)
+    path = generate_dataset(
+        out,
+        num_episodes=episodes,
+        seed=seed,
+        sensor_channels=sensor_channels,
+        sensor_rate=sensor_rate,
+        image_size=image_size,
+    )
     print(f"wrote {path}")
     return 0
 
 
-def data_import_recorder(src: Path, out: Path, instruction: str | None = None, image_size: int | None = None,
-                         min_actions: int = 8, views: tuple[str, ...] | None = None, include_joints: bool = False,
-                         overwrite: bool = False) -> int:
+def data_import_recorder(
+    src: Path,
+    out: Path,
+    instruction: str | None = None,
+    image_size: int | None = None,
+    min_actions: int = 8,
+    views: tuple[str, ...] | None = None,
+    include_joints: bool = False,
+    overwrite: bool = False,
+) -> int:
     """Convert the original recorder's episode folders (metadata.json, images/, robot_states.csv, sensor_data.npz)."""
     from sensorvla.data.importers.recorder import import_recorder
 
-    path = import_recorder(src, out, instruction=instruction, image_size=image_size, min_actions=min_actions,
-                           views=list(views) if views else None, include_joints=include_joints, overwrite=overwrite)
+    path = import_recorder(
+        src,
+        out,
+        instruction=instruction,
+        image_size=image_size,
+        min_actions=min_actions,
+        views=list(views) if views else None,
+        include_joints=include_joints,
+        overwrite=overwrite,
+    )
     print(f"wrote {path}")
     return 0
 
 
-def data_import_hdf5(src: Path, out: Path, instruction: str | None = None, image_size: int | None = None,
-                     min_actions: int = 8, views: tuple[str, ...] | None = None, overwrite: bool = False) -> int:
+def data_import_hdf5(
+    src: Path,
+    out: Path,
+    instruction: str | None = None,
+    image_size: int | None = None,
+    min_actions: int = 8,
+    views: tuple[str, ...] | None = None,
+    overwrite: bool = False,
+) -> int:
     """Convert plain HDF5 episodes (docs/hdf5-format.md)."""
     from sensorvla.data.importers.hdf5 import import_hdf5
 
-    path = import_hdf5(src, out, instruction=instruction, image_size=image_size, min_actions=min_actions,
-                       views=list(views) if views else None, overwrite=overwrite)
+    path = import_hdf5(
+        src,
+        out,
+        instruction=instruction,
+        image_size=image_size,
+        min_actions=min_actions,
+        views=list(views) if views else None,
+        overwrite=overwrite,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -52,8 +93,7 @@ def stats(dataset: Path) -> int:
     return 0
 
 
-def tiny_model(out: Path, family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"] = "qwen2_5_vl",
-               seed: int = 0) -> int:
+def tiny_model(out: Path, family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"] = "qwen2_5_vl", seed: int = 0) -> int:
     """Build a tiny random Qwen-VL (model + tokenizer + processor) in the hub layout, offline."""
     from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
 
@@ -61,21 +101,33 @@ def tiny_model(out: Path, family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"] 
     return 0
 
 
-def serve(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          device: str = "cpu", vl_refresh_every: int = 1, max_message_mb: float = 32.0) -> int:
+def serve(
+    checkpoint: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    device: str = "cpu",
+    vl_refresh_every: int = 1,
+    max_message_mb: float = 32.0,
+) -> int:
     """Serve a pretrained_model folder over websocket + msgpack (openpi-style); /healthz over HTTP."""
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.serving.server import PolicyServer
 
     runner = PolicyRunner.from_pretrained(checkpoint, device=device, vl_refresh_every=vl_refresh_every)
-    server = PolicyServer(runner, host=host, port=port, token=token,
-                          max_message_bytes=int(max_message_mb * 2**20))
+    server = PolicyServer(runner, host=host, port=port, token=token, max_message_bytes=int(max_message_mb * 2**20))
     server.run_forever()
     return 0
 
 
-def evaluate(checkpoint: Path, dataset: Path, split: Literal["train", "val", "test", "all"] = "test",
-             out: Path = Path("eval_out"), batch_size: int = 16, max_samples: int | None = None) -> int:
+def evaluate(
+    checkpoint: Path,
+    dataset: Path,
+    split: Literal["train", "val", "test", "all"] = "test",
+    out: Path = Path("eval_out"),
+    batch_size: int = 16,
+    max_samples: int | None = None,
+) -> int:
     """Offline metrics on held-out episodes, sensor ablation, plots and a report page."""
     from sensorvla.eval.offline import evaluate as run
 
@@ -85,8 +137,15 @@ def evaluate(checkpoint: Path, dataset: Path, split: Literal["train", "val", "te
     return 0
 
 
-def rollout(checkpoint: Path, env: str = "sensorvla/Insertion-v0", episodes: int = 10, execute_steps: int = 4,
-            ablate: bool = True, out: Path = Path("rollout_out"), seed: int = 0) -> int:
+def rollout(
+    checkpoint: Path,
+    env: str = "sensorvla/Insertion-v0",
+    episodes: int = 10,
+    execute_steps: int = 4,
+    ablate: bool = True,
+    out: Path = Path("rollout_out"),
+    seed: int = 0,
+) -> int:
     """Closed-loop rollouts of a checkpoint in a Gymnasium environment (chunked execution)."""
     import gymnasium as gym
 
@@ -98,8 +157,9 @@ def rollout(checkpoint: Path, env: str = "sensorvla/Insertion-v0", episodes: int
     runner = PolicyRunner.from_pretrained(checkpoint)
     result = run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, video_dir=out, seed=seed)
     if ablate:
-        result["sensor_ablated"] = run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps,
-                                       ablate_sensor=True, seed=seed)
+        result["sensor_ablated"] = run(
+            runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, ablate_sensor=True, seed=seed
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollout.json").write_text(json.dumps(result, indent=2, default=float))
     print(json.dumps(result, indent=2, default=float))
@@ -120,8 +180,12 @@ def bench_latency(vl_model: Path | None = None, iters: int = 30) -> int:
     return 0
 
 
-def demo(out: Path = Path("demo_out"), head: Literal["regression", "diffusion", "flow"] = "regression",
-         episodes: int = 24, quick: bool = False) -> int:
+def demo(
+    out: Path = Path("demo_out"),
+    head: Literal["regression", "diffusion", "flow"] = "regression",
+    episodes: int = 24,
+    quick: bool = False,
+) -> int:
     """The full two-stage demo: tiny model + synthetic data -> cache -> stage 1 -> stage 2 -> eval -> rollout."""
     from sensorvla.demo import run_demo
 

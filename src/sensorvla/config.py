@@ -285,7 +285,7 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--model.sensor.force-channels must be between 0 and the sensor channel count")
     if t.stage == "stage2" and not t.stage1_checkpoint and not t.resume:
         raise ConfigError("Stage 2 training requires --stage1-checkpoint")
-    if not 0 <= t.sensor_loss_weight:
+    if not t.sensor_loss_weight >= 0:
         raise ConfigError("--sensor_loss_weight must be >= 0")
     for spec in d.mixture:
         _parse_mixture(spec)

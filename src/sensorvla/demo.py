@@ -55,8 +55,9 @@ def smoke_heads(vl_dir: Path, data_dir: Path) -> None:
         cfg.data.dataset_dir = str(data_dir)
         cfg = resolve_from_meta(cfg, load_meta(data_dir))
         policy = build_policy(cfg)
-        proc = load_processor(str(vl_dir), min_pixels=cfg.model.backbone.min_pixels,
-                              max_pixels=cfg.model.backbone.max_pixels)
+        proc = load_processor(
+            str(vl_dir), min_pixels=cfg.model.backbone.min_pixels, max_pixels=cfg.model.backbone.max_pixels
+        )
         norm = build_normalizer(NormStats.load(stats_path(data_dir)), cfg)
         tf = SampleTransform(norm, proc, cfg.model.backbone.prompt_template, cfg.model.state_dim)
         ds = raw_dataset(cfg, "train")
@@ -128,10 +129,13 @@ def run_demo(out: Path, *, head: str = "regression", episodes: int = 24, quick: 
     roll = rollout(runner, gym.make("sensorvla/Insertion-v0"), episodes=n_eps, video_dir=out / "rollout")
     roll_blind = rollout(runner, gym.make("sensorvla/Insertion-v0"), episodes=n_eps, ablate_sensor=True)
     summary = {
-        "stage1_best_val": r1["best_val"], "stage2_best_val": r2["best_val"],
-        "stage1_steps": r1["steps"], "stage2_steps": r2["steps"],
+        "stage1_best_val": r1["best_val"],
+        "stage2_best_val": r2["best_val"],
+        "stage1_steps": r1["steps"],
+        "stage2_steps": r2["steps"],
         "eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        "rollout_success": roll.get("success_rate"), "rollout_success_sensor_ablated": roll_blind.get("success_rate"),
+        "rollout_success": roll.get("success_rate"),
+        "rollout_success_sensor_ablated": roll_blind.get("success_rate"),
         "wall_s": time.perf_counter() - t_start,
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -89,9 +89,7 @@ def write_robot_csv(path: Path, ts_abs: np.ndarray, pose_wrapped: np.ndarray, jo
             )
 
 
-def sensor_truth(
-    n_windows: int, s0: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def sensor_truth(n_windows: int, s0: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Continuous stream (ts (N,), data (N, 1026)) and the recorder's windows (ts (n,), (n, 650, 1026))."""
     n = WINDOW + HOP * (n_windows - 1)
     rng = np.random.default_rng(seed)

@@ -32,8 +32,14 @@ def trained(tmp_path_factory, tiny_vl_dir, synth_dataset_dir):
 
 def test_offline_eval_writes_metrics_plots_report(trained, synth_dataset_dir, tmp_path):
     m = evaluate(trained, synth_dataset_dir, split="test", out_dir=tmp_path, progress=False)
-    for name in ("metrics.json", "report.md", "report.html", "trajectories.png", "error_per_step.png",
-                 "sensor_ablation.png"):
+    for name in (
+        "metrics.json",
+        "report.md",
+        "report.html",
+        "trajectories.png",
+        "error_per_step.png",
+        "sensor_ablation.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["num_samples"] == m["num_samples"] > 0
@@ -48,16 +54,26 @@ def test_offline_metrics_are_physical_units(trained, synth_dataset_dir, tmp_path
     from sensorvla.data.dataset import EpisodeDataset
 
     runner = PolicyRunner.from_pretrained(trained)
-    m = evaluate(trained, synth_dataset_dir, split="test", out_dir=tmp_path, max_samples=2, progress=False,
-                 runner=runner)
+    m = evaluate(
+        trained, synth_dataset_dir, split="test", out_dir=tmp_path, max_samples=2, progress=False, runner=runner
+    )
     ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="test")
     errs = []
     for i in range(2):
         raw = ds[i]
-        batch = runner.prepare({"images": np.stack(raw["images"]), "state": raw["state"],
-                                "instruction": raw["instruction"], "timestamp": raw["timestamp"]})
-        batch.update(sensor=runner.transform(raw)["sensor"][None], sensor_mask=runner.transform(raw)["sensor_mask"][None],
-                     has_sensor=runner.transform(raw)["has_sensor"][None])
+        batch = runner.prepare(
+            {
+                "images": np.stack(raw["images"]),
+                "state": raw["state"],
+                "instruction": raw["instruction"],
+                "timestamp": raw["timestamp"],
+            }
+        )
+        batch.update(
+            sensor=runner.transform(raw)["sensor"][None],
+            sensor_mask=runner.transform(raw)["sensor_mask"][None],
+            has_sensor=runner.transform(raw)["has_sensor"][None],
+        )
         import torch
 
         pred = runner.policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0)).numpy()[0]
@@ -96,8 +112,7 @@ def test_rollout_reports_success_and_writes_gif(trained, tmp_path):
 def test_latency_benchmark_structure(tiny_vl_dir):
     from sensorvla.eval.latency import bench_latency, format_table, ratios
 
-    rows = bench_latency(tiny_vl_dir, heads=("regression", "diffusion"), views=(1, 2), iters=2, warmup=1,
-                         image_size=56)
+    rows = bench_latency(tiny_vl_dir, heads=("regression", "diffusion"), views=(1, 2), iters=2, warmup=1, image_size=56)
     assert len(rows) == 8
     fast = [r for r in rows if r["mode"] == "fast_slow"]
     assert all(r["vl_p50"] < 1.0 for r in fast)  # VL reused: no backbone call in the timed loop

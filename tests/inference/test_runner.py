@@ -35,8 +35,12 @@ def obs_from_dataset(ds: EpisodeDataset, idx: int, margin_s: float = 0.05) -> di
     """What a robot would send at the sample's frame time: raw streams, not the dataset's window."""
     raw = ds[idx]
     e, t = raw["episode_index"], raw["timestamp"]
-    obs = {"images": np.stack(raw["images"]), "state": raw["state"], "timestamp": np.float64(t),
-           "instruction": raw["instruction"]}
+    obs = {
+        "images": np.stack(raw["images"]),
+        "state": raw["state"],
+        "timestamp": np.float64(t),
+        "instruction": raw["instruction"],
+    }
     if ds.has_sensor(e):
         ts = ds._ts(e, "sensor_timestamps.npy", "sensor")
         keep = (ts > t - ds.cfg.sensor_window_s - margin_s) & (ts <= t + 0.5)  # future samples must be ignored
@@ -140,9 +144,24 @@ def test_serve_cli_healthz_and_infer(checkpoint, synth_dataset_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sensorvla.cli", "serve", "--checkpoint", str(checkpoint),
-                             "--port", str(port), "--token", "s3cret"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sensorvla.cli",
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--token",
+            "s3cret",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while True:
@@ -150,9 +169,10 @@ def test_serve_cli_healthz_and_infer(checkpoint, synth_dataset_dir, tmp_path):
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
                     assert r.status == 200
                     break
-            except OSError:
+            except OSError as e:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise AssertionError(proc.stderr.read() if proc.poll() is not None else "server did not start")
+                    msg = proc.stderr.read() if proc.poll() is not None else "server did not start"
+                    raise AssertionError(msg) from e
                 time.sleep(0.3)
         runner = PolicyRunner.from_pretrained(checkpoint)
         ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")

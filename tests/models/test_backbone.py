@@ -342,9 +342,7 @@ def test_activation_checkpointing_keeps_gradients(tiny_dirs):
         if checkpointing:
             backbone.enable_activation_checkpointing()
             assert backbone.model.is_gradient_checkpointing
-        feats, _ = backbone(
-            collate_vl([process_sample(proc, _images(1), "go", TEMPLATE)], pad_token_id(proc))
-        )
+        feats, _ = backbone(collate_vl([process_sample(proc, _images(1), "go", TEMPLATE)], pad_token_id(proc)))
         feats.square().sum().backward()
         grads.append(backbone.model.language_model.layers[0].self_attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])

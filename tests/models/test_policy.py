@@ -43,8 +43,12 @@ def make_batch(vl_dir, b=4, seed=0, has_sensor=(True, False, True, True)):
     g = np.random.default_rng(seed)
     proc = load_processor(str(vl_dir), min_pixels=56 * 56, max_pixels=112 * 112)
     items = [
-        process_sample(proc, [g.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(V)],
-                       "insert the needle" if i % 2 else "stop at the layer", "{instruction}")
+        process_sample(
+            proc,
+            [g.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(V)],
+            "insert the needle" if i % 2 else "stop at the layer",
+            "{instruction}",
+        )
         for i in range(b)
     ]
     batch = collate_vl(items, pad_token_id(proc))
@@ -85,7 +89,9 @@ def overfit(policy, batches, steps=100, lr=3e-3) -> tuple[float, float, list]:
         loss.backward()
         if step == 0:
             metrics_seen.append(metrics)
-            metrics_seen.append([n for n, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0])
+            metrics_seen.append(
+                [n for n, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+            )
         opt.step()
     return before, eval_loss(policy, batches), metrics_seen
 
@@ -172,7 +178,7 @@ def test_save_load_predict_identical(tiny_vl_dir, batches, tmp_path, head, mode)
     cfg = make_cfg(tiny_vl_dir, head, mode=mode)
     policy = build_policy(cfg)
     with torch.no_grad():  # make LoRA B non-zero so the adapters matter
-        for n, p in policy.named_parameters():
+        for _n, p in policy.named_parameters():
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
     policy.eval()

@@ -124,9 +124,7 @@ def test_round_trip_handshake_and_timing(server, policy, caplog):
     st = reply["server_timing"]
     assert set(st) == {"infer_ms", "queue_ms", "total_ms"} and 0 <= st["infer_ms"] <= st["total_ms"]
     assert policy.calls == 1 and server.num_requests == 1 and server.num_errors == 0
-    assert any(
-        re.match(r"request 1 \(conn 1 #1\): infer [\d.]+ ms, queue", r.getMessage()) for r in caplog.records
-    )
+    assert any(re.match(r"request 1 \(conn 1 #1\): infer [\d.]+ ms, queue", r.getMessage()) for r in caplog.records)
 
 
 def test_healthz_is_plain_http_200(server):

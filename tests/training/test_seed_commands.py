@@ -16,20 +16,108 @@ from sensorvla.training.checkpoint import SEED_KEYS, tensors_sha256
 # A few steps each: the guide's flags are kept and these are appended (the last value of a flag wins).
 FAST = ["--epochs", "1", "--max-steps", "2", "--train.log-every-steps", "1", "--train.save-every-steps", "1"]
 
-STAGE1_REG = ("sensorvla.train", ["--mode", "train", "--training-stage", "stage1", "--finetune-vl", "none",
-              "--sensor-enabled", "--fusion-strategy", "concat", "--lr", "1e-4", "--sensor-lr", "5e-4",
-              "--epochs", "20", "--batch-size", "4", "--grad-accum-steps", "8"])
-STAGE2_REG = ("sensorvla.train", ["--mode", "train", "--training-stage", "stage2", "--stage1-checkpoint",
-              "checkpoints/qwen_vla_sensor_best.pt", "--finetune-vl", "lora", "--lora-r", "16", "--lora-alpha",
-              "32", "--lora-dropout", "0.05", "--sensor-enabled", "--fusion-strategy", "concat", "--lr", "1e-4",
-              "--vl-lr", "1e-5", "--sensor-lr", "5e-4", "--epochs", "10", "--batch-size", "4",
-              "--grad-accum-steps", "8"])
-STAGE1_DIFF = ("sensorvla.train_diffusion", ["--training-stage", "stage1", "--epochs", "20", "--batch_size", "4",
-               "--grad_accum", "8", "--lr", "1e-4", "--diffusion_timesteps", "100"])
-STAGE2_DIFF = ("sensorvla.train_diffusion", ["--training-stage", "stage2", "--stage1-checkpoint",
-               "checkpoints/diffusion_epoch1.pt", "--finetune-vl", "lora", "--lora-r", "16", "--lora-alpha",
-               "32", "--lora-dropout", "0.05", "--epochs", "10", "--batch_size", "4", "--grad_accum", "8",
-               "--lr", "1e-4", "--vl-lr", "1e-5"])
+STAGE1_REG = (
+    "sensorvla.train",
+    [
+        "--mode",
+        "train",
+        "--training-stage",
+        "stage1",
+        "--finetune-vl",
+        "none",
+        "--sensor-enabled",
+        "--fusion-strategy",
+        "concat",
+        "--lr",
+        "1e-4",
+        "--sensor-lr",
+        "5e-4",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "4",
+        "--grad-accum-steps",
+        "8",
+    ],
+)
+STAGE2_REG = (
+    "sensorvla.train",
+    [
+        "--mode",
+        "train",
+        "--training-stage",
+        "stage2",
+        "--stage1-checkpoint",
+        "checkpoints/qwen_vla_sensor_best.pt",
+        "--finetune-vl",
+        "lora",
+        "--lora-r",
+        "16",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0.05",
+        "--sensor-enabled",
+        "--fusion-strategy",
+        "concat",
+        "--lr",
+        "1e-4",
+        "--vl-lr",
+        "1e-5",
+        "--sensor-lr",
+        "5e-4",
+        "--epochs",
+        "10",
+        "--batch-size",
+        "4",
+        "--grad-accum-steps",
+        "8",
+    ],
+)
+STAGE1_DIFF = (
+    "sensorvla.train_diffusion",
+    [
+        "--training-stage",
+        "stage1",
+        "--epochs",
+        "20",
+        "--batch_size",
+        "4",
+        "--grad_accum",
+        "8",
+        "--lr",
+        "1e-4",
+        "--diffusion_timesteps",
+        "100",
+    ],
+)
+STAGE2_DIFF = (
+    "sensorvla.train_diffusion",
+    [
+        "--training-stage",
+        "stage2",
+        "--stage1-checkpoint",
+        "checkpoints/diffusion_epoch1.pt",
+        "--finetune-vl",
+        "lora",
+        "--lora-r",
+        "16",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0.05",
+        "--epochs",
+        "10",
+        "--batch_size",
+        "4",
+        "--grad_accum",
+        "8",
+        "--lr",
+        "1e-4",
+        "--vl-lr",
+        "1e-5",
+    ],
+)
 
 
 def env_for(vl_dir: Path) -> dict:
@@ -39,8 +127,16 @@ def env_for(vl_dir: Path) -> dict:
 
 
 def torchrun(module: str, args: list[str], cwd: Path, env: dict, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -49,10 +145,13 @@ def stage1_init_events(run_dir: Path) -> list[dict]:
     return [r for r in rows if r["kind"] == "stage1_init"]
 
 
-@pytest.mark.parametrize("stage1,stage2,stage1_file", [
-    (STAGE1_REG, STAGE2_REG, "qwen_vla_sensor_best.pt"),
-    (STAGE1_DIFF, STAGE2_DIFF, "diffusion_epoch1.pt"),
-])
+@pytest.mark.parametrize(
+    "stage1,stage2,stage1_file",
+    [
+        (STAGE1_REG, STAGE2_REG, "qwen_vla_sensor_best.pt"),
+        (STAGE1_DIFF, STAGE2_DIFF, "diffusion_epoch1.pt"),
+    ],
+)
 def test_seed_guide_commands_torchrun(tmp_path, tiny_vl_dir, synth_dataset_dir, stage1, stage2, stage1_file):
     env = env_for(tiny_vl_dir)
     data = ["--dataset_dir", str(synth_dataset_dir)]
@@ -81,8 +180,9 @@ def test_seed_guide_commands_torchrun(tmp_path, tiny_vl_dir, synth_dataset_dir, 
 
 
 def run_cli(args: list[str], cwd: Path, env: dict, module: str = "sensorvla.train") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_guide_messages(tmp_path, tiny_vl_dir, synth_dataset_dir):

@@ -77,8 +77,9 @@ def test_cached_stage1_equals_uncached(tmp_path, tiny_vl_dir, synth_dataset_dir)
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_vl_dir, synth_dataset_dir):
-    full = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "full", head="diffusion", max_steps=6,
-                    save_every_steps=3)
+    full = tiny_cfg(
+        tiny_vl_dir, synth_dataset_dir, tmp_path / "full", head="diffusion", max_steps=6, save_every_steps=3
+    )
     train(full)
     part = copy.deepcopy(full)
     part.train.output_dir = str(tmp_path / "part")
@@ -98,11 +99,17 @@ def test_sigkill_then_resume(tmp_path, tiny_vl_dir, synth_dataset_dir):
     cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, epochs=50, save_every_steps=2)
     cfg.train.batch_size, cfg.train.grad_accum_steps = 4, 1
     (tmp_path / "cfg.json").write_text(cfg.to_json())
-    code = ("import sys; from sensorvla.config import SensorVLAConfig; from sensorvla.training.loop import train;"
-            "train(SensorVLAConfig.load(sys.argv[1]), progress=False)")
+    code = (
+        "import sys; from sensorvla.config import SensorVLAConfig; from sensorvla.training.loop import train;"
+        "train(SensorVLAConfig.load(sys.argv[1]), progress=False)"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cfg.json")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "cfg.json")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     best = tmp_path / "checkpoints" / ckpt.BEST_NAME
     deadline = time.time() + 240
     while time.time() < deadline and not (best.exists() and len(losses(tmp_path)) >= 30):

@@ -36,8 +36,11 @@ def split_episodes(n: int, seed: int, val_fraction: float, test_fraction: float)
     n_test = int(round(n * test_fraction)) if n >= 3 else 0
     n_val = max(n_val, 1 if val_fraction > 0 and n >= 3 else 0)
     n_test = max(n_test, 1 if test_fraction > 0 and n >= 3 else 0)
-    return {"val": sorted(order[:n_val]), "test": sorted(order[n_val:n_val + n_test]),
-            "train": sorted(order[n_val + n_test:])}
+    return {
+        "val": sorted(order[:n_val]),
+        "test": sorted(order[n_val : n_val + n_test]),
+        "train": sorted(order[n_val + n_test :]),
+    }
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
@@ -50,8 +53,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
         load_images: False skips image decoding (stage 1 reading VL features from the cache).
     """
 
-    def __init__(self, root: str | Path, cfg: DataConfig, split: str = "train", load_images: bool = True,
-                 id_offset: int = 0):
+    def __init__(
+        self, root: str | Path, cfg: DataConfig, split: str = "train", load_images: bool = True, id_offset: int = 0
+    ):
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: choose one of {SPLITS}")
         self.root = Path(root)
@@ -62,8 +66,11 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.views = list(cfg.views) or list(self.meta.views)
         missing = sorted(set(self.views) - set(self.meta.views))
         if missing:
-            raise DataError(f"--data.views {missing} not in the dataset (it has {self.meta.views})",
-                            path=str(self.root), fix="pick views the dataset has")
+            raise DataError(
+                f"--data.views {missing} not in the dataset (it has {self.meta.views})",
+                path=str(self.root),
+                fix="pick views the dataset has",
+            )
         self.fps = self.meta.action_fps
         self.epoch = 0
         self.max_gap_s = default_max_gap_s(cfg)
@@ -145,8 +152,13 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, Any]:
         e, i = self.index[idx]
         t = float(self._frame_ts[e][i])
-        sample: dict[str, Any] = {"sample_id": int(self.sample_ids[idx]), "episode_index": e, "frame_index": i,
-                                  "timestamp": t, "instruction": self.meta.episodes[e]["instruction"]}
+        sample: dict[str, Any] = {
+            "sample_id": int(self.sample_ids[idx]),
+            "episode_index": e,
+            "frame_index": i,
+            "timestamp": t,
+            "instruction": self.meta.episodes[e]["instruction"],
+        }
         t_vl = self._vl_time(idx, e, t)
         ages = []
         images = []
@@ -160,14 +172,20 @@ class EpisodeDataset(torch.utils.data.Dataset):
         sample["state"] = value_at(self._ts(e, "state_timestamps.npy", "state"), self._arr(e, "state.npy"), t)
         channels = max(self.meta.sensor_channels, 1)
         if self.has_sensor(e):
-            sensor, mask = resample_window(self._ts(e, "sensor_timestamps.npy", "sensor"), self._arr(e, "sensor.npy"),
-                                           t, self.cfg.sensor_window_s, self.cfg.sensor_samples, self.max_gap_s)
+            sensor, mask = resample_window(
+                self._ts(e, "sensor_timestamps.npy", "sensor"),
+                self._arr(e, "sensor.npy"),
+                t,
+                self.cfg.sensor_window_s,
+                self.cfg.sensor_samples,
+                self.max_gap_s,
+            )
         else:
             sensor = np.zeros((self.cfg.sensor_samples, channels), np.float32)
             mask = np.zeros(self.cfg.sensor_samples, bool)
         sample.update(sensor=sensor, sensor_mask=mask, has_sensor=bool(mask.any()))
         h = self.cfg.horizon
-        acts = self._actions[e][i:i + h]
+        acts = self._actions[e][i : i + h]
         actions = np.zeros((h, acts.shape[1]), np.float32)  # zero motion past the episode end
         actions[: len(acts)] = acts
         action_mask = np.zeros(h, bool)
@@ -177,10 +195,17 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
     def summary(self) -> dict[str, Any]:
         with_sensor = sum(self.has_sensor(e) for e in self.episodes)
-        return {"dataset": self.meta.dataset_id, "split": self.split, "episodes": len(self.episodes),
-                "samples": len(self), "dropped_stale_frames": self.dropped, "views": self.views,
-                "action_fps": self.fps, "sensor_channels": self.meta.sensor_channels,
-                "sensor_coverage_pct": round(100.0 * with_sensor / max(len(self.episodes), 1), 1)}
+        return {
+            "dataset": self.meta.dataset_id,
+            "split": self.split,
+            "episodes": len(self.episodes),
+            "samples": len(self),
+            "dropped_stale_frames": self.dropped,
+            "views": self.views,
+            "action_fps": self.fps,
+            "sensor_channels": self.meta.sensor_channels,
+            "sensor_coverage_pct": round(100.0 * with_sensor / max(len(self.episodes), 1), 1),
+        }
 
 
 class MixtureDataset(torch.utils.data.Dataset):
@@ -192,11 +217,16 @@ class MixtureDataset(torch.utils.data.Dataset):
         for m in members[1:]:
             for key in ("action_dim", "state_dim", "sensor_channels"):
                 if getattr(m.meta, key) != getattr(ref, key):
-                    raise DataError(f"mixture member {m.root} has {key}={getattr(m.meta, key)}, the first "
-                                    f"dataset {getattr(ref, key)}", fix="mix datasets with the same features")
+                    raise DataError(
+                        f"mixture member {m.root} has {key}={getattr(m.meta, key)}, the first "
+                        f"dataset {getattr(ref, key)}",
+                        fix="mix datasets with the same features",
+                    )
             if m.views != members[0].views:
-                raise DataError(f"mixture member {m.root} has views {m.views}, expected {members[0].views}",
-                                fix="set --data.views to views every member has")
+                raise DataError(
+                    f"mixture member {m.root} has views {m.views}, expected {members[0].views}",
+                    fix="set --data.views to views every member has",
+                )
         self.members, self.seed = members, seed
         self.weights = np.asarray(weights, np.float64) / np.sum(weights)
         self.meta = ref

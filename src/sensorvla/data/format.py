@@ -42,15 +42,22 @@ def _check_stream(ep: EpisodeData, name: str, ts: np.ndarray, data: np.ndarray |
     if ts.ndim != 1:
         raise DataError(f"{name} timestamps must be 1-D, got shape {ts.shape}", episode=ep.name, path=name, fix=fix)
     if data is not None and len(data) != len(ts):
-        raise DataError(f"{name} has {len(ts)} timestamps but {len(data)} rows (truncated array?)",
-                        episode=ep.name, path=name, fix=fix)
+        raise DataError(
+            f"{name} has {len(ts)} timestamps but {len(data)} rows (truncated array?)",
+            episode=ep.name,
+            path=name,
+            fix=fix,
+        )
     if not np.all(np.isfinite(ts)):
         raise DataError(f"{name} timestamps contain NaN/inf", episode=ep.name, path=name, fix=fix)
     if len(ts) > 1 and np.any(np.diff(ts) <= 0):
         i = int(np.argmax(np.diff(ts) <= 0))
-        raise DataError(f"{name} timestamps are not strictly increasing (at index {i + 1}: "
-                        f"{ts[i]:.6f} -> {ts[i + 1]:.6f})", episode=ep.name, path=name,
-                        fix="sort the samples by time and drop duplicates, or fix the recorder clock")
+        raise DataError(
+            f"{name} timestamps are not strictly increasing (at index {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
+            episode=ep.name,
+            path=name,
+            fix="sort the samples by time and drop duplicates, or fix the recorder clock",
+        )
 
 
 def validate_episode(ep: EpisodeData, *, views: Sequence[str] | None = None, min_actions: int = 1) -> None:
@@ -59,16 +66,24 @@ def validate_episode(ep: EpisodeData, *, views: Sequence[str] | None = None, min
     _check_stream(ep, "action", ep.action_timestamps, ep.actions, fix)
     _check_stream(ep, "state", ep.state_timestamps, ep.state, fix)
     if len(ep.actions) < min_actions:
-        raise DataError(f"episode has {len(ep.actions)} action frames, fewer than the horizon ({min_actions})",
-                        episode=ep.name, path="action", fix="drop the episode or lower the horizon (--min-actions)")
+        raise DataError(
+            f"episode has {len(ep.actions)} action frames, fewer than the horizon ({min_actions})",
+            episode=ep.name,
+            path="action",
+            fix="drop the episode or lower the horizon (--min-actions)",
+        )
     for name, arr in (("action", ep.actions), ("state", ep.state)):
         if np.asarray(arr).ndim != 2:
             raise DataError(f"{name} must be 2-D (N, D)", episode=ep.name, path=name, fix=fix)
         if not np.all(np.isfinite(arr)):
             raise DataError(f"{name} contains NaN/inf", episode=ep.name, path=name, fix="clean the recording")
     if (ep.sensor is None) != (ep.sensor_timestamps is None):
-        raise DataError("sensor data and sensor timestamps must both be present or both absent",
-                        episode=ep.name, path="sensor", fix=fix)
+        raise DataError(
+            "sensor data and sensor timestamps must both be present or both absent",
+            episode=ep.name,
+            path="sensor",
+            fix=fix,
+        )
     if ep.sensor is not None:
         _check_stream(ep, "sensor", ep.sensor_timestamps, ep.sensor, fix)
         if np.asarray(ep.sensor).ndim != 2:
@@ -76,29 +91,48 @@ def validate_episode(ep: EpisodeData, *, views: Sequence[str] | None = None, min
         bad = ~np.isfinite(np.asarray(ep.sensor))
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
-            raise DataError(f"sensor contains NaN/inf ({int(bad.sum())} values, first at sample {row})",
-                            episode=ep.name, path="sensor",
-                            fix="drop or interpolate the corrupt samples, or import the episode without sensor")
+            raise DataError(
+                f"sensor contains NaN/inf ({int(bad.sum())} values, first at sample {row})",
+                episode=ep.name,
+                path="sensor",
+                fix="drop or interpolate the corrupt samples, or import the episode without sensor",
+            )
     if views is not None:
         missing = sorted(set(views) - set(ep.images))
         if missing:
-            raise DataError(f"view(s) {missing} missing (the dataset's views are {sorted(views)})",
-                            episode=ep.name, path="images", fix="drop the episode or record every view")
+            raise DataError(
+                f"view(s) {missing} missing (the dataset's views are {sorted(views)})",
+                episode=ep.name,
+                path="images",
+                fix="drop the episode or record every view",
+            )
     for view, stream in ep.images.items():
         _check_stream(ep, f"image.{view}", stream.timestamps, stream.frames, fix)
         frames = np.asarray(stream.frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise DataError(f"view {view} frames must be uint8 (N, h, w, 3), got {frames.dtype} {frames.shape}",
-                            episode=ep.name, path=f"image.{view}", fix=fix)
+            raise DataError(
+                f"view {view} frames must be uint8 (N, h, w, 3), got {frames.dtype} {frames.shape}",
+                episode=ep.name,
+                path=f"image.{view}",
+                fix=fix,
+            )
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
 
 
-def write_dataset(episodes: Iterable[EpisodeData], out_dir: str | Path, *, dataset_id: str, action_fps: float,
-                  min_actions: int = 1, overwrite: bool = False, progress: bool = True,
-                  extra_info: dict[str, Any] | None = None) -> Path:
+def write_dataset(
+    episodes: Iterable[EpisodeData],
+    out_dir: str | Path,
+    *,
+    dataset_id: str,
+    action_fps: float,
+    min_actions: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_info: dict[str, Any] | None = None,
+) -> Path:
     """Validate and write episodes; built in a temp folder and renamed, so a failure leaves no output."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -116,21 +150,35 @@ def write_dataset(episodes: Iterable[EpisodeData], out_dir: str | Path, *, datas
             validate_episode(ep, views=views, min_actions=min_actions)
             if views is None:
                 views = sorted(ep.images)
-                dims = {"action_dim": ep.actions.shape[1], "state_dim": ep.state.shape[1],
-                        "image_shape": list(np.asarray(next(iter(ep.images.values())).frames).shape[1:])}
+                dims = {
+                    "action_dim": ep.actions.shape[1],
+                    "state_dim": ep.state.shape[1],
+                    "image_shape": list(np.asarray(next(iter(ep.images.values())).frames).shape[1:]),
+                }
             extra = sorted(set(ep.images) - set(views))
             if extra:
-                raise DataError(f"view(s) {extra} not in the first episode's views {views}", episode=ep.name,
-                                path="images", fix="use the same camera set in every episode")
+                raise DataError(
+                    f"view(s) {extra} not in the first episode's views {views}",
+                    episode=ep.name,
+                    path="images",
+                    fix="use the same camera set in every episode",
+                )
             for key, width in (("action_dim", ep.actions.shape[1]), ("state_dim", ep.state.shape[1])):
                 if width != dims[key]:
-                    raise DataError(f"{key} {width} differs from the dataset's {dims[key]}", episode=ep.name,
-                                    fix="convert every episode with the same robot/action definition")
+                    raise DataError(
+                        f"{key} {width} differs from the dataset's {dims[key]}",
+                        episode=ep.name,
+                        fix="convert every episode with the same robot/action definition",
+                    )
             if ep.sensor is not None:
                 c = ep.sensor.shape[1]
                 if dims.setdefault("sensor_channels", c) != c:
-                    raise DataError(f"sensor has {c} channels, the dataset {dims['sensor_channels']}",
-                                    episode=ep.name, path="sensor", fix="use one sensor configuration per dataset")
+                    raise DataError(
+                        f"sensor has {c} channels, the dataset {dims['sensor_channels']}",
+                        episode=ep.name,
+                        path="sensor",
+                        fix="use one sensor configuration per dataset",
+                    )
             task = tasks.setdefault(ep.instruction, len(tasks))
             sdir = tmp / "streams" / f"episode_{e:06d}"
             sdir.mkdir(parents=True)
@@ -147,28 +195,51 @@ def write_dataset(episodes: Iterable[EpisodeData], out_dir: str | Path, *, datas
             s_ts = np.asarray(ep.state_timestamps, np.float64) + off.get("state", 0.0)
             for i, t in enumerate(a_ts):
                 j = int(np.searchsorted(s_ts, t, side="right")) - 1
-                frames.append({"timestamp": float(t), "frame_index": i, "episode_index": e, "index": index,
-                               "task_index": task, "action": np.asarray(ep.actions[i], np.float32).tolist(),
-                               "observation.state": np.asarray(ep.state[max(j, 0)], np.float32).tolist()})
+                frames.append(
+                    {
+                        "timestamp": float(t),
+                        "frame_index": i,
+                        "episode_index": e,
+                        "index": index,
+                        "task_index": task,
+                        "action": np.asarray(ep.actions[i], np.float32).tolist(),
+                        "observation.state": np.asarray(ep.state[max(j, 0)], np.float32).tolist(),
+                    }
+                )
                 index += 1
-            ep_rows.append({"episode_index": e, "name": ep.name, "length": len(ep.actions), "task_index": task,
-                            "tasks": [ep.instruction], "has_sensor": ep.sensor is not None,
-                            "clock_offsets": json.dumps(off), "extra": json.dumps(ep.extra, default=str)})
+            ep_rows.append(
+                {
+                    "episode_index": e,
+                    "name": ep.name,
+                    "length": len(ep.actions),
+                    "task_index": task,
+                    "tasks": [ep.instruction],
+                    "has_sensor": ep.sensor is not None,
+                    "clock_offsets": json.dumps(off),
+                    "extra": json.dumps(ep.extra, default=str),
+                }
+            )
         if views is None:
             raise DataError("no episodes to write", fix="check the source folder")
         for rel in (DATA_FILE, EPISODES_FILE):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(frames), tmp / DATA_FILE)
         pq.write_table(pa.Table.from_pylist(ep_rows), tmp / EPISODES_FILE)
-        pq.write_table(pa.Table.from_pylist([{"task_index": i, "task": t} for t, i in tasks.items()]),
-                       tmp / TASKS_FILE)
+        pq.write_table(pa.Table.from_pylist([{"task_index": i, "task": t} for t, i in tasks.items()]), tmp / TASKS_FILE)
         info = {
-            "codebase_version": CODEBASE_VERSION, "fps": action_fps, "total_episodes": len(ep_rows),
-            "total_frames": index, "total_tasks": len(tasks), "chunks_size": 1000,
+            "codebase_version": CODEBASE_VERSION,
+            "fps": action_fps,
+            "total_episodes": len(ep_rows),
+            "total_frames": index,
+            "total_tasks": len(tasks),
+            "chunks_size": 1000,
             "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
             "features": {
-                "action": {"dtype": "float32", "shape": [dims["action_dim"]],
-                           "names": ACTION_NAMES_7 if dims["action_dim"] == 7 else None},
+                "action": {
+                    "dtype": "float32",
+                    "shape": [dims["action_dim"]],
+                    "names": ACTION_NAMES_7 if dims["action_dim"] == 7 else None,
+                },
                 "observation.state": {"dtype": "float32", "shape": [dims["state_dim"]]},
                 "timestamp": {"dtype": "float64", "shape": [1]},
                 "frame_index": {"dtype": "int64", "shape": [1]},
@@ -176,8 +247,13 @@ def write_dataset(episodes: Iterable[EpisodeData], out_dir: str | Path, *, datas
                 "index": {"dtype": "int64", "shape": [1]},
                 "task_index": {"dtype": "int64", "shape": [1]},
             },
-            "sensorvla": {"dataset_id": dataset_id, "views": views, "image_shape": dims["image_shape"],
-                          "sensor_channels": dims.get("sensor_channels", 0), **(extra_info or {})},
+            "sensorvla": {
+                "dataset_id": dataset_id,
+                "views": views,
+                "image_shape": dims["image_shape"],
+                "sensor_channels": dims.get("sensor_channels", 0),
+                **(extra_info or {}),
+            },
         }
         (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
     return out_dir
@@ -211,9 +287,12 @@ def load_meta(root: str | Path) -> DatasetMeta:
     root = Path(root)
     info_path = root / "meta" / "info.json"
     if not info_path.exists():
-        raise DataError(f"{root} is not a sensorvla dataset (no meta/info.json)", path=str(info_path),
-                        fix="generate one with `sensorvla data synth --out DIR` or convert your recordings with "
-                            "`sensorvla data import-recorder` / `import-hdf5`")
+        raise DataError(
+            f"{root} is not a sensorvla dataset (no meta/info.json)",
+            path=str(info_path),
+            fix="generate one with `sensorvla data synth --out DIR` or convert your recordings with "
+            "`sensorvla data import-recorder` / `import-hdf5`",
+        )
     try:
         info = json.loads(info_path.read_text())
         rows = pq.read_table(root / EPISODES_FILE).to_pylist()
@@ -224,12 +303,19 @@ def load_meta(root: str | Path) -> DatasetMeta:
         r["clock_offsets"] = json.loads(r.get("clock_offsets") or "{}")
         r["instruction"] = r["tasks"][0]
     return DatasetMeta(
-        root=root, dataset_id=sv.get("dataset_id", root.name), action_fps=float(info["fps"]),
-        views=list(sv["views"]), action_dim=int(info["features"]["action"]["shape"][0]),
+        root=root,
+        dataset_id=sv.get("dataset_id", root.name),
+        action_fps=float(info["fps"]),
+        views=list(sv["views"]),
+        action_dim=int(info["features"]["action"]["shape"][0]),
         state_dim=int(info["features"]["observation.state"]["shape"][0]),
-        sensor_channels=int(sv.get("sensor_channels", 0)), force_channels=int(sv.get("force_channels", 1)),
-        sensor_rate=float(sv.get("sensor_rate", 0.0)), image_shape=list(sv.get("image_shape", [])),
-        episodes=rows, info=info)
+        sensor_channels=int(sv.get("sensor_channels", 0)),
+        force_channels=int(sv.get("force_channels", 1)),
+        sensor_rate=float(sv.get("sensor_rate", 0.0)),
+        image_shape=list(sv.get("image_shape", [])),
+        episodes=rows,
+        info=info,
+    )
 
 
 def read_frames(root: str | Path):

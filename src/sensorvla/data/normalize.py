@@ -34,12 +34,19 @@ class NormStats:
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
-            self.fingerprint = {"dataset_id": self.dataset_id, "keys": sorted(self.stats),
-                                "count": {k: int(v) for k, v in sorted(self.counts.items())}}
+            self.fingerprint = {
+                "dataset_id": self.dataset_id,
+                "keys": sorted(self.stats),
+                "count": {k: int(v) for k, v in sorted(self.counts.items())},
+            }
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset_id": self.dataset_id, "fingerprint": self.fingerprint, "counts": self.counts,
-                "stats": {k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in self.stats.items()}}
+        return {
+            "dataset_id": self.dataset_id,
+            "fingerprint": self.fingerprint,
+            "counts": self.counts,
+            "stats": {k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in self.stats.items()},
+        }
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_json())
@@ -58,7 +65,8 @@ class NormStats:
         if expected != self.fingerprint:
             raise NormalizationError(
                 f"normalization stats fingerprint {self.fingerprint} does not match {expected}. The stats were "
-                "computed on another dataset or version; recompute them with `sensorvla stats --dataset DIR`.")
+                "computed on another dataset or version; recompute them with `sensorvla stats --dataset DIR`."
+            )
 
 
 def _row_counts(meta) -> dict[str, int]:
@@ -107,8 +115,14 @@ def compute_stats(root: str | Path, progress: bool = True, max_rows_per_episode:
         if not parts:
             continue
         x = np.concatenate(parts).astype(np.float64)
-        stats[key] = {"mean": x.mean(0), "std": x.std(0), "q01": np.quantile(x, 0.01, axis=0),
-                      "q99": np.quantile(x, 0.99, axis=0), "min": x.min(0), "max": x.max(0)}
+        stats[key] = {
+            "mean": x.mean(0),
+            "std": x.std(0),
+            "q01": np.quantile(x, 0.01, axis=0),
+            "q99": np.quantile(x, 0.99, axis=0),
+            "min": x.min(0),
+            "max": x.max(0),
+        }
         stats[key] = {k: v.astype(np.float32) for k, v in stats[key].items()}
     return NormStats(stats, _row_counts(meta), meta.dataset_id)
 
@@ -130,7 +144,8 @@ class Normalizer:
         if missing:
             raise NormalizationError(
                 f"normalization stats have no {missing} (they cover {sorted(self.stats.stats)}). "
-                "Recompute them with `sensorvla stats --dataset DIR`.")
+                "Recompute them with `sensorvla stats --dataset DIR`."
+            )
 
     def _params(self, key: str, like):
         if key not in self.stats.stats:
@@ -143,15 +158,19 @@ class Normalizer:
         if not isinstance(like, np.ndarray | np.generic):  # a torch tensor
             import torch
 
-            return (torch.as_tensor(shift, dtype=like.dtype, device=like.device),
-                    torch.as_tensor(scale, dtype=like.dtype, device=like.device))
+            return (
+                torch.as_tensor(shift, dtype=like.dtype, device=like.device),
+                torch.as_tensor(scale, dtype=like.dtype, device=like.device),
+            )
         return shift.astype(np.float32), scale.astype(np.float32)
 
     def _check_width(self, key: str, x) -> None:
         width = len(self.stats.stats[key]["mean"]) if key in self.stats.stats else None
         if width is not None and x.shape[-1] != width:
-            raise NormalizationError(f"{key} has {x.shape[-1]} channels but the stats have {width}; the data "
-                                     "and the checkpoint's stats disagree")
+            raise NormalizationError(
+                f"{key} has {x.shape[-1]} channels but the stats have {width}; the data "
+                "and the checkpoint's stats disagree"
+            )
 
     def normalize(self, key: str, x):
         shift, scale = self._params(key, x)

@@ -20,8 +20,11 @@ import numpy as np
 from sensorvla.data.types import EpisodeData, ImageStream
 
 ACTION_DT = 0.1
-INSTRUCTIONS = ["insert the needle and stop at the hidden layer", "pierce the membrane at the target mark",
-                "approach the target mark and insert until contact"]
+INSTRUCTIONS = [
+    "insert the needle and stop at the hidden layer",
+    "pierce the membrane at the target mark",
+    "approach the target mark and insert until contact",
+]
 
 
 @dataclass
@@ -96,8 +99,11 @@ class InsertionSim:
         k = np.arange(k0, k1 + 1)
         ts = k / rate + self.rng.uniform(0, 0.3 / rate, size=len(k))
         ts = ts[(ts > t0) & (ts <= t1)]
-        z = np.array([self.pose_at(t)[2] for t in ts]) if len(ts) < 8 else np.interp(
-            ts, [p[0] for p in self.trajectory], [p[1][2] for p in self.trajectory])
+        z = (
+            np.array([self.pose_at(t)[2] for t in ts])
+            if len(ts) < 8
+            else np.interp(ts, [p[0] for p in self.trajectory], [p[1][2] for p in self.trajectory])
+        )
         vals = self.sensor_values(z) + self.rng.normal(0, 0.03, size=(len(ts), self.cfg.sensor_channels))
         return ts, vals.astype(np.float32)
 
@@ -115,7 +121,7 @@ class InsertionSim:
             shaft = (np.abs(xx - px) < 1.2) & (yy <= pz)
             img[shaft] = (40, 40, 60)
             tgt = int(round(to_px(self.target[0], -12, 12)))
-            img[max(surf - 2, 0):surf, max(tgt - 1, 0):tgt + 2] = (30, 160, 30)
+            img[max(surf - 2, 0) : surf, max(tgt - 1, 0) : tgt + 2] = (30, 160, 30)
         else:
             tx, ty = to_px(self.target[0], -12, 12), to_px(self.target[1], -12, 12)
             ang = np.deg2rad(self.target_yaw)
@@ -170,8 +176,9 @@ class InsertionSim:
         return self.layer_distance < -self.cfg.overshoot_fail_mm or self.steps >= self.cfg.max_steps
 
 
-def simulate_episode(seed: int, cfg: SimConfig, *, with_sensor: bool, name: str, hold_steps: int = 5,
-                     action_noise: float = 0.03) -> EpisodeData:
+def simulate_episode(
+    seed: int, cfg: SimConfig, *, with_sensor: bool, name: str, hold_steps: int = 5, action_noise: float = 0.03
+) -> EpisodeData:
     """Run the expert (with small execution noise) and record every stream at its own rate and clock."""
     sim = InsertionSim(seed, cfg)
     noise_rng = np.random.default_rng(seed + 7919)
@@ -194,31 +201,66 @@ def simulate_episode(seed: int, cfg: SimConfig, *, with_sensor: bool, name: str,
     # cameras lag the common clock by a fixed, recorded offset
     cam_offset = 0.013
     cam_true = np.arange(0, t_end + 1e-9, 1 / cfg.camera_rate) + 0.004
-    images = {v: ImageStream(cam_true - cam_offset, np.stack([sim.render(v, sim.pose_at(t)) for t in cam_true]))
-              for v in ("front", "top")}
+    images = {
+        v: ImageStream(cam_true - cam_offset, np.stack([sim.render(v, sim.pose_at(t)) for t in cam_true]))
+        for v in ("front", "top")
+    }
     sensor_ts = sensor = None
     if with_sensor:
         sensor_ts, sensor = sim.sensor_samples(-0.2, t_end)
     offsets = {"image.front": cam_offset, "image.top": cam_offset}
-    return EpisodeData(name=name, instruction=INSTRUCTIONS[seed % len(INSTRUCTIONS)], action_timestamps=action_ts,
-                       actions=np.asarray(actions, np.float32), state_timestamps=state_ts, state=state,
-                       images=images, sensor_timestamps=sensor_ts, sensor=sensor, clock_offsets=offsets,
-                       extra={"layer_depth_mm": float(sim.depth), "success": bool(sim.success)})
+    return EpisodeData(
+        name=name,
+        instruction=INSTRUCTIONS[seed % len(INSTRUCTIONS)],
+        action_timestamps=action_ts,
+        actions=np.asarray(actions, np.float32),
+        state_timestamps=state_ts,
+        state=state,
+        images=images,
+        sensor_timestamps=sensor_ts,
+        sensor=sensor,
+        clock_offsets=offsets,
+        extra={"layer_depth_mm": float(sim.depth), "success": bool(sim.success)},
+    )
 
 
-def generate_dataset(out_dir: str | Path, *, num_episodes: int = 24, seed: int = 0, sensor_channels: int = 33,
-                     sensor_rate: float = 650.0, image_size: int = 64, no_sensor_fraction: float = 0.2,
-                     progress: bool = True, overwrite: bool = True) -> Path:
+def generate_dataset(
+    out_dir: str | Path,
+    *,
+    num_episodes: int = 24,
+    seed: int = 0,
+    sensor_channels: int = 33,
+    sensor_rate: float = 650.0,
+    image_size: int = 64,
+    no_sensor_fraction: float = 0.2,
+    progress: bool = True,
+    overwrite: bool = True,
+) -> Path:
     """Write the synthetic insertion dataset (deterministic for `seed`) in the native format."""
     from sensorvla.data.format import write_dataset
 
     cfg = SimConfig(image_size=image_size, sensor_rate=sensor_rate, sensor_channels=sensor_channels)
     rng = np.random.default_rng(seed)
-    no_sensor = set(rng.choice(num_episodes, size=int(round(no_sensor_fraction * num_episodes)), replace=False).tolist())
-    episodes = (simulate_episode(seed * 100_003 + e, cfg, with_sensor=e not in no_sensor, name=f"synth_{e:04d}")
-                for e in range(num_episodes))
-    return write_dataset(episodes, out_dir, dataset_id=f"synthetic_insertion_s{seed}_n{num_episodes}",
-                         action_fps=1 / ACTION_DT, min_actions=8, overwrite=overwrite, progress=progress,
-                         extra_info={"sensor_rate": sensor_rate, "force_channels": 1, "state_rate": cfg.state_rate,
-                                     "camera_rate": cfg.camera_rate, "action_semantics":
-                                     "per-100ms pose deltas [dx,dy,dz mm; droll,dpitch,dyaw deg unwrapped; tool]"})
+    no_sensor = set(
+        rng.choice(num_episodes, size=int(round(no_sensor_fraction * num_episodes)), replace=False).tolist()
+    )
+    episodes = (
+        simulate_episode(seed * 100_003 + e, cfg, with_sensor=e not in no_sensor, name=f"synth_{e:04d}")
+        for e in range(num_episodes)
+    )
+    return write_dataset(
+        episodes,
+        out_dir,
+        dataset_id=f"synthetic_insertion_s{seed}_n{num_episodes}",
+        action_fps=1 / ACTION_DT,
+        min_actions=8,
+        overwrite=overwrite,
+        progress=progress,
+        extra_info={
+            "sensor_rate": sensor_rate,
+            "force_channels": 1,
+            "state_rate": cfg.state_rate,
+            "camera_rate": cfg.camera_rate,
+            "action_semantics": "per-100ms pose deltas [dx,dy,dz mm; droll,dpitch,dyaw deg unwrapped; tool]",
+        },
+    )

@@ -31,8 +31,9 @@ def window_grid(t: float, window_s: float, num_samples: int) -> np.ndarray:
     return t - window_s + step * np.arange(1, num_samples + 1, dtype=np.float64)
 
 
-def resample_window(ts: np.ndarray, data: np.ndarray, t: float, window_s: float, num_samples: int,
-                    max_gap_s: float) -> tuple[np.ndarray, np.ndarray]:
+def resample_window(
+    ts: np.ndarray, data: np.ndarray, t: float, window_s: float, num_samples: int, max_gap_s: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Resample a high-rate stream onto the window grid ending at t.
 
     Args:

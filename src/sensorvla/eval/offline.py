@@ -33,7 +33,7 @@ def _predict(runner, raws: list[dict], batch_size: int, seed: int) -> np.ndarray
     pad = pad_token_id(runner.processor)
     gen = torch.Generator(device=runner.device).manual_seed(seed)
     for i in range(0, len(raws), batch_size):
-        batch = collate([runner.transform(r) for r in raws[i:i + batch_size]], pad)
+        batch = collate([runner.transform(r) for r in raws[i : i + batch_size]], pad)
         batch = {k: v.to(runner.device) for k, v in batch.items()}
         pred = runner.policy.predict_chunk(batch, generator=gen).float().cpu().numpy()
         out.append(np.asarray(runner.normalizer.unnormalize("actions", pred), np.float32))
@@ -79,9 +79,18 @@ def _ablate(raws: list[dict], mode: str, seed: int) -> list[dict]:
     return out
 
 
-def evaluate(checkpoint_dir: str | Path, dataset_dir: str | Path, *, split: str = "test",
-             out_dir: str | Path = "eval_out", batch_size: int = 16, max_samples: int | None = None, seed: int = 0,
-             progress: bool = True, runner=None) -> dict[str, Any]:
+def evaluate(
+    checkpoint_dir: str | Path,
+    dataset_dir: str | Path,
+    *,
+    split: str = "test",
+    out_dir: str | Path = "eval_out",
+    batch_size: int = 16,
+    max_samples: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    runner=None,
+) -> dict[str, Any]:
     """Evaluate a pretrained_model folder on a dataset split; write metrics.json, plots and a report."""
     from tqdm.auto import tqdm
 
@@ -102,8 +111,12 @@ def evaluate(checkpoint_dir: str | Path, dataset_dir: str | Path, *, split: str 
     mask = np.stack([r["action_mask"] for r in raws])
     has = np.array([r["has_sensor"] for r in raws])
     pred = _predict(runner, raws, batch_size, seed)
-    metrics: dict[str, Any] = {"checkpoint": str(checkpoint_dir), "dataset": str(dataset_dir), "split": split,
-                               **_errors(pred, gt, mask)}
+    metrics: dict[str, Any] = {
+        "checkpoint": str(checkpoint_dir),
+        "dataset": str(dataset_dir),
+        "split": split,
+        **_errors(pred, gt, mask),
+    }
     metrics["with_sensor"] = _errors(pred[has], gt[has], mask[has])
     metrics["without_sensor"] = _errors(pred[~has], gt[~has], mask[~has])
     names = ds.meta.info["features"]["action"].get("names") or [f"a{i}" for i in range(gt.shape[-1])]
@@ -115,9 +128,13 @@ def evaluate(checkpoint_dir: str | Path, dataset_dir: str | Path, *, split: str 
         for mode in ABLATIONS:
             p = _predict(runner, _ablate(sens, mode, seed), batch_size, seed)
             e = _errors(p, gt[has], mask[has])
-            ablation[mode] = {"l1": e["l1"], "final_pose_l1": e["final_pose_l1"], "delta_l1": e["l1"] - base,
-                              "delta_pct": 100.0 * (e["l1"] - base) / max(base, 1e-12),
-                              "l1_per_dim": e["l1_per_dim"]}
+            ablation[mode] = {
+                "l1": e["l1"],
+                "final_pose_l1": e["final_pose_l1"],
+                "delta_l1": e["l1"] - base,
+                "delta_pct": 100.0 * (e["l1"] - base) / max(base, 1e-12),
+                "l1_per_dim": e["l1_per_dim"],
+            }
             metrics[f"sensor_ablation_delta_l1_{mode}"] = e["l1"] - base
     metrics["ablation"] = ablation
     figs = {
@@ -129,27 +146,48 @@ def evaluate(checkpoint_dir: str | Path, dataset_dir: str | Path, *, split: str 
     metrics["figures"] = {k: str(Path(v).name) for k, v in figs.items()}
     atomic_write_json(out_dir / "metrics.json", metrics)
     write_report(metrics, out_dir)
-    logger.info("eval %s: L1 %.4f, first-action L1 %.4f, ablation %s", split, metrics["l1"],
-                metrics["first_action_l1"], {k: round(v["delta_l1"], 4) for k, v in ablation.items()})
+    logger.info(
+        "eval %s: L1 %.4f, first-action L1 %.4f, ablation %s",
+        split,
+        metrics["l1"],
+        metrics["first_action_l1"],
+        {k: round(v["delta_l1"], 4) for k, v in ablation.items()},
+    )
     return metrics
 
 
 def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
     """report.md and report.html with the headline numbers and the figures."""
     names = metrics["action_names"]
-    lines = [f"# Offline evaluation — {metrics['split']} split", "",
-             f"checkpoint `{metrics['checkpoint']}` · dataset `{metrics['dataset']}` · {metrics['num_samples']} samples",
-             "", "| metric | all | with sensor | without sensor |", "|---|---|---|---|"]
+    lines = [
+        f"# Offline evaluation — {metrics['split']} split",
+        "",
+        f"checkpoint `{metrics['checkpoint']}` · dataset `{metrics['dataset']}` · {metrics['num_samples']} samples",
+        "",
+        "| metric | all | with sensor | without sensor |",
+        "|---|---|---|---|",
+    ]
     for key in ("l1", "mse", "first_action_l1", "final_pose_l1", "num_samples"):
-        lines.append(f"| {key} | {metrics[key]:.4g} | {metrics['with_sensor'][key]:.4g} | "
-                     f"{metrics['without_sensor'][key]:.4g} |")
-    lines += ["", "Per action dimension (L1, physical units):", "",
-              "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
-              "| " + " | ".join(f"{v:.4g}" for v in metrics["l1_per_dim"]) + " |", ""]
+        lines.append(
+            f"| {key} | {metrics[key]:.4g} | {metrics['with_sensor'][key]:.4g} | {metrics['without_sensor'][key]:.4g} |"
+        )
+    lines += [
+        "",
+        "Per action dimension (L1, physical units):",
+        "",
+        "| " + " | ".join(names) + " |",
+        "|" + "---|" * len(names),
+        "| " + " | ".join(f"{v:.4g}" for v in metrics["l1_per_dim"]) + " |",
+        "",
+    ]
     if metrics["ablation"]:
-        lines += ["## Sensor ablation (samples with sensor data)", "",
-                  "| input | L1 | ΔL1 vs normal | Δ% |", "|---|---|---|---|",
-                  f"| normal | {metrics['with_sensor']['l1']:.4g} | 0 | 0 |"]
+        lines += [
+            "## Sensor ablation (samples with sensor data)",
+            "",
+            "| input | L1 | ΔL1 vs normal | Δ% |",
+            "|---|---|---|---|",
+            f"| normal | {metrics['with_sensor']['l1']:.4g} | 0 | 0 |",
+        ]
         for mode, a in metrics["ablation"].items():
             lines.append(f"| sensor {mode} | {a['l1']:.4g} | {a['delta_l1']:+.4g} | {a['delta_pct']:+.1f}% |")
         lines += ["", "A positive delta means the policy relies on the sensor.", ""]
@@ -157,12 +195,19 @@ def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
         lines += [f"## {title.replace('_', ' ')}", "", f"![{title}]({fname})", ""]
     md = "\n".join(lines)
     atomic_write_bytes(out_dir / "report.md", md.encode())
-    html = ["<html><head><meta charset='utf-8'><title>sensorvla eval</title></head><body>",
-            f"<pre>{json.dumps({k: metrics[k] for k in ('l1', 'first_action_l1', 'final_pose_l1', 'num_samples')}, indent=1)}</pre>"]
+    headline = {k: metrics[k] for k in ("l1", "first_action_l1", "final_pose_l1", "num_samples")}
+    html = [
+        "<html><head><meta charset='utf-8'><title>sensorvla eval</title></head><body>",
+        f"<pre>{json.dumps(headline, indent=1)}</pre>",
+    ]
     html += [f"<h2>{t}</h2><img src='{f}' style='max-width:100%'>" for t, f in metrics["figures"].items()]
     if metrics["ablation"]:
-        rows = "".join(f"<tr><td>{m}</td><td>{a['l1']:.4g}</td><td>{a['delta_l1']:+.4g}</td></tr>"
-                       for m, a in metrics["ablation"].items())
-        html.append(f"<h2>Sensor ablation</h2><table border=1><tr><th>input</th><th>L1</th><th>ΔL1</th></tr>{rows}</table>")
+        rows = "".join(
+            f"<tr><td>{m}</td><td>{a['l1']:.4g}</td><td>{a['delta_l1']:+.4g}</td></tr>"
+            for m, a in metrics["ablation"].items()
+        )
+        html.append(
+            f"<h2>Sensor ablation</h2><table border=1><tr><th>input</th><th>L1</th><th>ΔL1</th></tr>{rows}</table>"
+        )
     html.append("</body></html>")
     atomic_write_bytes(out_dir / "report.html", "\n".join(html).encode())

@@ -22,8 +22,7 @@ def trajectories(raws: list[dict], pred: np.ndarray, names: list[str], path: Pat
     plt = _plt()
     episodes = sorted({r["episode_index"] for r in raws})[:max_episodes]
     dims = len(names)
-    fig, axes = plt.subplots(dims, len(episodes), figsize=(4 * len(episodes), 1.6 * dims), squeeze=False,
-                             sharex="col")
+    fig, axes = plt.subplots(dims, len(episodes), figsize=(4 * len(episodes), 1.6 * dims), squeeze=False, sharex="col")
     for c, e in enumerate(episodes):
         idx = [i for i, r in enumerate(raws) if r["episode_index"] == e]
         t = [raws[i]["timestamp"] for i in idx]

@@ -23,8 +23,9 @@ def ablate(obs: dict[str, Any]) -> dict[str, Any]:
     out = dict(obs)
     if "sensor" in obs:
         out["sensor"] = np.zeros_like(obs["sensor"])
-        out["sensor_timestamps"] = np.full_like(np.asarray(obs["sensor_timestamps"], np.float64),
-                                                float(obs.get("timestamp", 0.0)) - 1e3)
+        out["sensor_timestamps"] = np.full_like(
+            np.asarray(obs["sensor_timestamps"], np.float64), float(obs.get("timestamp", 0.0)) - 1e3
+        )
     return out
 
 
@@ -37,9 +38,20 @@ def _save_gif(frames: list[np.ndarray], path: Path, fps: int = 10) -> Path:
     return path
 
 
-def rollout(runner, env, *, episodes: int = 10, execute_steps: int = 4, ablate_sensor: bool = False,
-            obs_adapter: Callable[[dict], dict] | None = None, action_adapter: Callable[[np.ndarray], Any] | None = None,
-            video_dir: str | Path | None = None, max_videos: int = 2, seed: int = 0, progress: bool = False) -> dict:
+def rollout(
+    runner,
+    env,
+    *,
+    episodes: int = 10,
+    execute_steps: int = 4,
+    ablate_sensor: bool = False,
+    obs_adapter: Callable[[dict], dict] | None = None,
+    action_adapter: Callable[[np.ndarray], Any] | None = None,
+    video_dir: str | Path | None = None,
+    max_videos: int = 2,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """Run `episodes` episodes; execute `execute_steps` of each predicted chunk before re-querying.
 
     Returns success_rate, mean_episode_length, mean inference latency and per-episode results.
@@ -70,21 +82,34 @@ def rollout(runner, env, *, episodes: int = 10, execute_steps: int = 4, ablate_s
             if frames is not None:
                 frames.append(env.render())
         success = bool(info.get("success", False))
-        results.append({"episode": ep, "success": success, "length": steps,
-                        "final_layer_distance_mm": info.get("layer_distance_mm"),
-                        "final_lateral_error_mm": info.get("lateral_error_mm")})
+        results.append(
+            {
+                "episode": ep,
+                "success": success,
+                "length": steps,
+                "final_layer_distance_mm": info.get("layer_distance_mm"),
+                "final_lateral_error_mm": info.get("lateral_error_mm"),
+            }
+        )
         if frames is not None:
             tag = "blind" if ablate_sensor else "sensor"
             _save_gif(frames, Path(video_dir) / f"episode_{ep:02d}_{tag}.gif")
     summary = {
-        "episodes": episodes, "success_rate": float(np.mean([r["success"] for r in results])),
+        "episodes": episodes,
+        "success_rate": float(np.mean([r["success"] for r in results])),
         "mean_episode_length": float(np.mean([r["length"] for r in results])),
         "mean_infer_ms": float(np.mean(latencies)) if latencies else 0.0,
         "mean_final_lateral_error_mm": float(np.mean([r["final_lateral_error_mm"] or 0.0 for r in results])),
-        "sensor_ablated": ablate_sensor, "execute_steps": execute_steps, "results": results,
+        "sensor_ablated": ablate_sensor,
+        "execute_steps": execute_steps,
+        "results": results,
     }
-    logger.info("rollout: success %.2f over %d episodes (sensor %s)", summary["success_rate"], episodes,
-                "ablated" if ablate_sensor else "on")
+    logger.info(
+        "rollout: success %.2f over %d episodes (sensor %s)",
+        summary["success_rate"],
+        episodes,
+        "ablated" if ablate_sensor else "on",
+    )
     return summary
 
 

@@ -18,9 +18,7 @@ __all__ = ["ActionChunkBroker", "TemporalEnsembler"]
 def _as_infer(policy: Any) -> Callable[[Any], Any]:
     fn = getattr(policy, "infer", policy)
     if not callable(fn):
-        raise TypeError(
-            f"expected a callable obs -> chunk or an object with .infer(obs), got {type(policy).__name__}"
-        )
+        raise TypeError(f"expected a callable obs -> chunk or an object with .infer(obs), got {type(policy).__name__}")
     return fn
 
 
@@ -29,9 +27,7 @@ def _split(result: Any) -> tuple[np.ndarray, dict[str, Any]]:
     info = dict(result) if isinstance(result, dict) else {}
     actions = result.get("actions") if isinstance(result, dict) else result
     if actions is None:
-        raise ValueError(
-            "the policy's result has no 'actions'; return {'actions': (H, D_a), ...} or an array"
-        )
+        raise ValueError("the policy's result has no 'actions'; return {'actions': (H, D_a), ...} or an array")
     chunk = np.asarray(actions)
     if chunk.ndim != 2 or chunk.shape[0] == 0:
         raise ValueError(f"expected an action chunk of shape (H, D_a) with H >= 1, got {chunk.shape}")
@@ -83,9 +79,7 @@ class ActionChunkBroker:
             chunk, info = _split(self._infer(obs))
             n = chunk.shape[0] if self.execute_steps is None else self.execute_steps
             if n > chunk.shape[0]:
-                raise ValueError(
-                    f"execute_steps={n} exceeds the chunk length H={chunk.shape[0]}; lower execute_steps"
-                )
+                raise ValueError(f"execute_steps={n} exceeds the chunk length H={chunk.shape[0]}; lower execute_steps")
             self._chunk, self._info, self._index, self._limit = chunk, info, 0, n
         assert self._chunk is not None
         out = dict(self._info)
@@ -155,9 +149,7 @@ class TemporalEnsembler:
         """Query the policy when due (every `query_every` steps), then return the ensembled action (D_a,)."""
         if self.t % self.query_every == 0:
             if self._infer is None:
-                raise RuntimeError(
-                    "TemporalEnsembler(policy=None) cannot step(); pass a policy or use add_chunk"
-                )
+                raise RuntimeError("TemporalEnsembler(policy=None) cannot step(); pass a policy or use add_chunk")
             self.add_chunk(_split(self._infer(obs))[0])
         return self.next_action()
 

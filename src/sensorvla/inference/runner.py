@@ -45,9 +45,19 @@ class PolicyRunner:
         generator_seed: seed for diffusion/flow sampling noise (None: nondeterministic).
     """
 
-    def __init__(self, policy, cfg, normalizer, processor, *, vl_refresh_every: int = 1,
-                 max_vl_age_s: float = 1.0, background_vl: bool = False, generator_seed: int | None = 0,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        policy,
+        cfg,
+        normalizer,
+        processor,
+        *,
+        vl_refresh_every: int = 1,
+        max_vl_age_s: float = 1.0,
+        background_vl: bool = False,
+        generator_seed: int | None = 0,
+        device: str | torch.device = "cpu",
+    ):
         from sensorvla.data.transforms import SampleTransform
 
         self.policy = policy.eval()
@@ -55,11 +65,11 @@ class PolicyRunner:
         self.normalizer = normalizer
         self.processor = processor
         self.device = torch.device(device)
-        self.transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template,
-                                         cfg.model.state_dim)
+        self.transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
         # the same chain without the processor, for fast-slow steps that reuse VL features
-        self._transform_no_vl = SampleTransform(normalizer, None, cfg.model.backbone.prompt_template,
-                                                cfg.model.state_dim)
+        self._transform_no_vl = SampleTransform(
+            normalizer, None, cfg.model.backbone.prompt_template, cfg.model.state_dim
+        )
         self.vl_refresh_every = max(1, vl_refresh_every)
         self.max_vl_age_s = max_vl_age_s
         self.background_vl = background_vl
@@ -73,8 +83,9 @@ class PolicyRunner:
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str = "cpu", merge_lora: bool = True,
-                        vl_model: str | None = None, **kwargs) -> PolicyRunner:
+    def from_pretrained(
+        cls, path: str | Path, *, device: str = "cpu", merge_lora: bool = True, vl_model: str | None = None, **kwargs
+    ) -> PolicyRunner:
         """Load config, weights, LoRA adapters (merged by default) and norm stats from `pretrained_model/`."""
         from sensorvla.data.normalize import Normalizer
         from sensorvla.models.backbone import load_processor
@@ -87,24 +98,35 @@ class PolicyRunner:
         if merge_lora and cfg.model.finetune.mode == "lora":
             merge(policy)
         bb = cfg.model.backbone
-        processor = load_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels,
-                                   revision=bb.revision)
+        processor = load_processor(
+            bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels, revision=bb.revision
+        )
         return cls(policy, cfg, Normalizer(stats, mode=cfg.data.normalization), processor, device=device, **kwargs)
 
     # --- metadata for the server -------------------------------------------------------------------
     @property
     def metadata(self) -> dict[str, Any]:
         m, d = self.cfg.model, self.cfg.data
-        return {"views": list(d.views), "horizon": m.head.horizon, "action_dim": m.head.action_dim,
-                "state_dim": m.state_dim, "sensor_channels": m.sensor.channels if m.sensor.enabled else 0,
-                "sensor_window_s": d.sensor_window_s, "sensor_samples": d.sensor_samples,
-                "head": m.head.type, "vl_model": m.backbone.vl_model}
+        return {
+            "views": list(d.views),
+            "horizon": m.head.horizon,
+            "action_dim": m.head.action_dim,
+            "state_dim": m.state_dim,
+            "sensor_channels": m.sensor.channels if m.sensor.enabled else 0,
+            "sensor_window_s": d.sensor_window_s,
+            "sensor_samples": d.sensor_samples,
+            "head": m.head.type,
+            "vl_model": m.backbone.vl_model,
+        }
 
     @property
     def observation_spec(self) -> dict[str, tuple[tuple[int | None, ...], str]]:
         m = self.cfg.model
         spec: dict[str, tuple[tuple[int | None, ...], str]] = {
-            "images": ((m.num_views, None, None, 3), "u"), "instruction": ((), "U"), "timestamp": ((), "f")}
+            "images": ((m.num_views, None, None, 3), "u"),
+            "instruction": ((), "U"),
+            "timestamp": ((), "f"),
+        }
         if m.state_dim:
             spec["state"] = ((m.state_dim,), "f")
         if m.sensor.enabled:  # zero rows = no sensor data right now (the learned "missing" token is used)
@@ -126,14 +148,19 @@ class PolicyRunner:
         t = float(obs["timestamp"]) if "timestamp" in obs else (float(ts[-1]) if len(ts) else 0.0)
         channels = max(m.sensor.channels, 1)
         if len(sensor) and m.sensor.enabled:
-            window, mask = resample_window(ts, sensor, t, d.sensor_window_s, d.sensor_samples,
-                                           max_gap_s=self.max_gap_s)
+            window, mask = resample_window(ts, sensor, t, d.sensor_window_s, d.sensor_samples, max_gap_s=self.max_gap_s)
         else:
             window = np.zeros((d.sensor_samples, channels), np.float32)
             mask = np.zeros(d.sensor_samples, bool)
-        return {"images": images, "state": np.asarray(obs.get("state", np.zeros(m.state_dim)), np.float32),
-                "sensor": window.astype(np.float32), "sensor_mask": mask, "has_sensor": bool(mask.any()),
-                "instruction": str(obs.get("instruction", "")), "sample_id": -1}
+        return {
+            "images": images,
+            "state": np.asarray(obs.get("state", np.zeros(m.state_dim)), np.float32),
+            "sensor": window.astype(np.float32),
+            "sensor_mask": mask,
+            "has_sensor": bool(mask.any()),
+            "instruction": str(obs.get("instruction", "")),
+            "sample_id": -1,
+        }
 
     @property
     def max_gap_s(self) -> float:
@@ -215,16 +242,20 @@ class PolicyRunner:
             raise StaleFeaturesError(f"VL features are {age:.3f}s old (> max_vl_age_s={self.max_vl_age_s})")
         self._calls += 1
         pol = self.policy
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                    if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            else nullcontext()
+        )
         with autocast:
             vl, vl_mask = pol.backbone.project(feats, mask)
             self._sync()
             t2 = time.perf_counter()
             s_tok = s_mask = None
             if pol.sensor_encoder is not None:
-                s_tok, s_mask = pol.sensor_encoder(batch["sensor"].float(), batch["sensor_mask"].bool(),
-                                                   batch["has_sensor"].bool())
+                s_tok, s_mask = pol.sensor_encoder(
+                    batch["sensor"].float(), batch["sensor_mask"].bool(), batch["has_sensor"].bool()
+                )
             self._sync()
             t3 = time.perf_counter()
             state = batch.get("state") if self.cfg.model.state_dim else None
@@ -238,14 +269,24 @@ class PolicyRunner:
         normalized = chunk[0].float().cpu().numpy()
         actions = np.asarray(self.normalizer.unnormalize("actions", normalized), dtype=np.float32)
         t5 = time.perf_counter()
-        timing.update(preprocess_ms=(t1 - t0) * 1e3, vl_ms=(t2 - t1) * 1e3, sensor_ms=(t3 - t2) * 1e3,
-                      head_ms=(t4 - t3) * 1e3, postprocess_ms=(t5 - t4) * 1e3, total_ms=(t5 - t0) * 1e3)
-        return {"actions": actions, "actions_normalized": normalized, "timing": timing,
-                "vl_age_s": float(age), "vl_fresh": bool(fresh)}
+        timing.update(
+            preprocess_ms=(t1 - t0) * 1e3,
+            vl_ms=(t2 - t1) * 1e3,
+            sensor_ms=(t3 - t2) * 1e3,
+            head_ms=(t4 - t3) * 1e3,
+            postprocess_ms=(t5 - t4) * 1e3,
+            total_ms=(t5 - t0) * 1e3,
+        )
+        return {
+            "actions": actions,
+            "actions_normalized": normalized,
+            "timing": timing,
+            "vl_age_s": float(age),
+            "vl_fresh": bool(fresh),
+        }
 
     def reset(self) -> None:
         """Forget cached VL features (call at an episode start)."""
         if self._thread is not None:
             self._thread.join()
         self._vl, self._calls = None, 0
-

@@ -58,15 +58,21 @@ class BackboneLoadError(OSError):
 def make_image_processor(patch_size: int, min_pixels: int, max_pixels: int):
     from transformers import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
-                                    size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
 
 
 def _hint(path_or_id: str) -> str:
-    return (f"cannot load {path_or_id!r}. Pass a local folder laid out like a hub checkpoint (config.json, "
-            "*.safetensors, tokenizer and processor files) with --vl-model, or pre-download the model "
-            "(huggingface-cli download) before running with HF_HUB_OFFLINE=1. For tests and demos build one "
-            "with `sensorvla tiny-model --out DIR`.")
+    return (
+        f"cannot load {path_or_id!r}. Pass a local folder laid out like a hub checkpoint (config.json, "
+        "*.safetensors, tokenizer and processor files) with --vl-model, or pre-download the model "
+        "(huggingface-cli download) before running with HF_HUB_OFFLINE=1. For tests and demos build one "
+        "with `sensorvla tiny-model --out DIR`."
+    )
 
 
 def detect_family(path_or_id: str, revision: str | None = None) -> str:
@@ -89,16 +95,18 @@ def load_processor(path_or_id: str, *, min_pixels: int, max_pixels: int, revisio
     family = detect_family(path_or_id, revision)
     size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
     try:
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path_or_id, revision=revision, size=size,
-                                                                   min_pixels=None, max_pixels=None)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+            path_or_id, revision=revision, size=size, min_pixels=None, max_pixels=None
+        )
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, revision=revision)
     except (OSError, ValueError) as e:
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
     chat_template = _read_chat_template(path_or_id, revision) or getattr(tokenizer, "chat_template", None)
     if chat_template is None:
         raise BackboneLoadError(f"{path_or_id!r} has no chat template (chat_template.jinja / chat_template.json)")
-    return IMAGE_ONLY_PROCESSORS[family](image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=chat_template)
+    return IMAGE_ONLY_PROCESSORS[family](
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
 
 
 def _read_chat_template(path_or_id: str, revision: str | None = None) -> str | None:
@@ -126,18 +134,22 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
         return torch.bfloat16 if ok else torch.float32
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"--model.backbone.dtype {name!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
+        raise ValueError(
+            f"--model.backbone.dtype {name!r} is not a torch dtype; use auto, float32, bfloat16 or float16"
+        )
     return dtype
 
 
-def load_vl_model(path_or_id: str, *, dtype: torch.dtype, attn_implementation: str = "sdpa",
-                  revision: str | None = None):
+def load_vl_model(
+    path_or_id: str, *, dtype: torch.dtype, attn_implementation: str = "sdpa", revision: str | None = None
+):
     """The full HF model (`AutoModelForImageTextToText`), exactly as a real checkpoint is loaded."""
     from transformers import AutoModelForImageTextToText
 
     try:
-        return AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=dtype, revision=revision,
-                                                           attn_implementation=attn_implementation)
+        return AutoModelForImageTextToText.from_pretrained(
+            path_or_id, dtype=dtype, revision=revision, attn_implementation=attn_implementation
+        )
     except (OSError, ValueError) as e:
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
 
@@ -150,8 +162,9 @@ def build_messages(instruction: str, num_views: int, template: str = "{instructi
 
 
 def render_prompt(processor, instruction: str, num_views: int, template: str) -> str:
-    return processor.apply_chat_template(build_messages(instruction, num_views, template), tokenize=False,
-                                         add_generation_prompt=False)
+    return processor.apply_chat_template(
+        build_messages(instruction, num_views, template), tokenize=False, add_generation_prompt=False
+    )
 
 
 def process_sample(processor, images: list[np.ndarray], instruction: str, template: str) -> dict[str, torch.Tensor]:

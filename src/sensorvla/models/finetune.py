@@ -108,7 +108,7 @@ def load_adapter_state_dict(policy: nn.Module, sd: dict) -> None:
     for k, v in sd.items():
         if not k.startswith(PEFT_KEY_PREFIX):
             raise FinetuneError(f"adapter key {k!r} does not start with {PEFT_KEY_PREFIX!r}; not a sensorvla adapter")
-        stripped[k[len(PEFT_KEY_PREFIX):]] = v
+        stripped[k[len(PEFT_KEY_PREFIX) :]] = v
     expected = set(adapter_state_dict(policy))
     got = {PEFT_KEY_PREFIX + k for k in stripped}
     if expected != got:

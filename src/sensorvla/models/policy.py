@@ -38,15 +38,19 @@ class VLAPolicy(nn.Module):
             "model.num_views": cfg.num_views,
         }.items():
             if value <= 0:
-                raise ValueError(f"{name} is unresolved ({value}); build the policy with build_policy(), "
-                                 "which reads it from the dataset metadata")
+                raise ValueError(
+                    f"{name} is unresolved ({value}); build the policy with build_policy(), "
+                    "which reads it from the dataset metadata"
+                )
         self.cfg = cfg
         self.sensor_samples = sensor_samples
         self.backbone = VLBackbone(vl_model, cfg.backbone, cfg.num_views)
         if cfg.sensor.enabled:
             if cfg.sensor.channels <= 0:
-                raise ValueError("model.sensor.channels is unresolved; the dataset declares no sensor. "
-                                 "Pass --no-sensor-enabled for a vision-only policy.")
+                raise ValueError(
+                    "model.sensor.channels is unresolved; the dataset declares no sensor. "
+                    "Pass --no-sensor-enabled for a vision-only policy."
+                )
             self.sensor_encoder = SensorEncoder(cfg.sensor, sensor_samples, cfg.sensor.channels)
             sensor_dim = self.sensor_encoder.out_dim
         else:
@@ -96,9 +100,7 @@ class VLAPolicy(nn.Module):
         return loss, metrics
 
     @torch.no_grad()
-    def predict_chunk(
-        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def predict_chunk(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference seam: batch without actions -> normalized action chunk (B, H, D_a)."""
         cond, cond_mask = self.condition(batch)
         return self.head.sample(cond, cond_mask, generator=generator)

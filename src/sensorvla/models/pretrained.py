@@ -78,8 +78,9 @@ def build_policy(cfg: SensorVLAConfig, *, device: str | torch.device = "cpu", dt
     device = torch.device(device)
     bcfg = cfg.model.backbone
     vl_dtype = dtype or resolve_dtype(bcfg.dtype, device)
-    vl = load_vl_model(bcfg.vl_model, dtype=vl_dtype, attn_implementation=bcfg.attn_implementation,
-                       revision=bcfg.revision)
+    vl = load_vl_model(
+        bcfg.vl_model, dtype=vl_dtype, attn_implementation=bcfg.attn_implementation, revision=bcfg.revision
+    )
     policy = VLAPolicy(cfg.model, vl, cfg.data.sensor_samples)
     finetune.apply_finetune(policy, cfg.model.finetune)
     if bcfg.activation_checkpointing:
@@ -107,8 +108,7 @@ def save_pretrained(policy, out_dir: str | Path, cfg: SensorVLAConfig, norm_stat
         (tmp / CONFIG_NAME).write_text(cfg.to_json())
         save_safetensors(saved_state_dict(policy), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         if cfg.model.finetune.mode == "lora":
-            save_safetensors(finetune.adapter_state_dict(policy), tmp / ADAPTER_WEIGHTS_NAME,
-                             metadata={"format": "pt"})
+            save_safetensors(finetune.adapter_state_dict(policy), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
             lcfg = finetune.lora_config(cfg.model.finetune).to_dict()
             lcfg["base_model_name_or_path"] = cfg.model.backbone.vl_model
             lcfg["target_modules"] = cfg.model.finetune.lora_target_modules

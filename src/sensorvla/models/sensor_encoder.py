@@ -22,8 +22,11 @@ class AScanEncoder(nn.Module):
         layers: list[nn.Module] = []
         c_in, length = 1, depth
         for _ in range(3 if depth >= 16 else 1):
-            layers += [nn.Conv1d(c_in, channels, kernel_size=5, stride=2, padding=2),
-                       nn.GroupNorm(min(4, channels), channels), nn.GELU()]
+            layers += [
+                nn.Conv1d(c_in, channels, kernel_size=5, stride=2, padding=2),
+                nn.GroupNorm(min(4, channels), channels),
+                nn.GELU(),
+            ]
             c_in, length = channels, (length + 1) // 2
         self.conv = nn.Sequential(*layers)
         self.proj = nn.Linear(channels * 2, out_dim)
@@ -57,8 +60,9 @@ class SensorEncoder(nn.Module):
         self.ascan = AScanEncoder(self.ascan_channels, cfg.ascan_conv_channels, d) if self.ascan_channels else None
         self.time_pos = nn.Parameter(torch.randn(1, num_samples, d) * 0.02)
         self.in_norm = nn.LayerNorm(d)
-        layer = nn.TransformerEncoderLayer(d, cfg.num_heads, 4 * d, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d, cfg.num_heads, 4 * d, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.queries = nn.Parameter(torch.randn(1, cfg.num_tokens, d) * 0.02)
         self.pool = nn.MultiheadAttention(d, cfg.num_heads, batch_first=True)
@@ -72,7 +76,7 @@ class SensorEncoder(nn.Module):
         if self.force_proj is not None:
             h = h + self.force_proj(sensor[..., : self.force_channels])
         if self.ascan is not None:
-            h = h + self.ascan(sensor[..., self.force_channels:].reshape(b * t, -1)).reshape(b, t, -1)
+            h = h + self.ascan(sensor[..., self.force_channels :].reshape(b * t, -1)).reshape(b, t, -1)
         h = self.in_norm(h + self.time_pos[:, :t])
         valid = sensor_mask.bool() & has_sensor.bool()[:, None]
         present = valid.any(dim=1)  # samples with at least one measured grid point

@@ -19,13 +19,24 @@ QWEN_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 SPECIAL_TOKENS = [
-    "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
     "<|video_pad|>",
 ]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
@@ -36,8 +47,18 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _VERBS = ["insert", "approach", "stop at", "retract from", "move to", "align with", "push", "hold", "touch", "pierce"]
-_OBJECTS = ["the needle", "the white square silicone", "the eye phantom", "the trocar", "the tissue layer",
-            "the red point", "the blue point", "the target mark", "the membrane", "the surface"]
+_OBJECTS = [
+    "the needle",
+    "the white square silicone",
+    "the eye phantom",
+    "the trocar",
+    "the tissue layer",
+    "the red point",
+    "the blue point",
+    "the target mark",
+    "the membrane",
+    "the surface",
+]
 
 
 def _corpus() -> list[str]:
@@ -56,18 +77,31 @@ def train_tokenizer(vocab_size: int = 400):
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(_corpus(), trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, bos_token=None,
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=SPECIAL_TOKENS)
+    tok = Qwen2Tokenizer(
+        vocab=state["vocab"],
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=SPECIAL_TOKENS,
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -77,40 +111,88 @@ def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidd
 
     heads = 4
     head_dim = text_hidden // heads
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [("image_token_id", "<|image_pad|>"),
-                                                         ("video_token_id", "<|video_pad|>"),
-                                                         ("vision_start_token_id", "<|vision_start|>"),
-                                                         ("vision_end_token_id", "<|vision_end|>")]}
+    ids = {
+        k: tok.convert_tokens_to_ids(t)
+        for k, t in [
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        ]
+    }
     half = head_dim // 2  # mrope_section must sum to head_dim / 2 (checked only at forward time by HF)
     section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-    text = dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
-                num_attention_heads=heads, num_key_value_heads=2, vocab_size=len(tok),
-                max_position_embeddings=4096, bos_token_id=None, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section})
+    text = dict(
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+    )
     if family == "qwen2_5_vl":
-        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                      num_heads=4, out_hidden_size=text_hidden, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1])
+        vision = dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=4,
+            out_hidden_size=text_hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[vision_depth - 1],
+        )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     if family == "qwen2_vl":
-        vision = dict(depth=vision_depth, embed_dim=vision_hidden, mlp_ratio=2, num_heads=4,
-                      hidden_size=text_hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(
+            depth=vision_depth,
+            embed_dim=vision_hidden,
+            mlp_ratio=2,
+            num_heads=4,
+            hidden_size=text_hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     if family == "qwen3_vl":
         text["head_dim"] = head_dim
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                      num_heads=4, out_hidden_size=text_hidden, patch_size=16, spatial_merge_size=2,
-                      temporal_patch_size=2, num_position_embeddings=256, deepstack_visual_indexes=[0])
+        vision = dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=4,
+            out_hidden_size=text_hidden,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0],
+        )
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
-def build_tiny_qwen_vl(out_dir: str | Path, family: str = "qwen2_5_vl", *, seed: int = 0, text_hidden: int = 64,
-                       text_layers: int = 2, vision_hidden: int = 32, vision_depth: int = 2,
-                       min_pixels: int = 56 * 56, max_pixels: int = 224 * 224,
-                       layout: Literal["v5", "hub"] = "v5") -> Path:
+def build_tiny_qwen_vl(
+    out_dir: str | Path,
+    family: str = "qwen2_5_vl",
+    *,
+    seed: int = 0,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    vision_hidden: int = 32,
+    vision_depth: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+    layout: Literal["v5", "hub"] = "v5",
+) -> Path:
     """Build, randomly initialise (deterministic for `seed`) and save a tiny Qwen-VL + processor.
 
     `layout="hub"` also writes the legacy files real checkpoints ship (`preprocessor_config.json` with
@@ -126,26 +208,51 @@ def build_tiny_qwen_vl(out_dir: str | Path, family: str = "qwen2_5_vl", *, seed:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     out_dir = Path(out_dir)
     tok = train_tokenizer()
-    cfg = _config(family, tok, text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden,
-                  vision_depth=vision_depth)
+    cfg = _config(
+        family,
+        tok,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
+        vision_hidden=vision_hidden,
+        vision_depth=vision_depth,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(cfg)
     patch = 16 if family == "qwen3_vl" else 14
-    proc = IMAGE_ONLY_PROCESSORS[family](image_processor=make_image_processor(patch, min_pixels, max_pixels),
-                                         tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    proc = IMAGE_ONLY_PROCESSORS[family](
+        image_processor=make_image_processor(patch, min_pixels, max_pixels), tokenizer=tok, chat_template=CHAT_TEMPLATE
+    )
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
         if layout == "hub":
-            processor_class = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor",
-                               "qwen3_vl": "Qwen3VLProcessor"}[family]
-            (tmp / "preprocessor_config.json").write_text(json.dumps({
-                "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
-                "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": patch, "merge_size": 2,
-                "temporal_patch_size": 2, "do_resize": True, "do_rescale": True, "do_normalize": True,
-                "rescale_factor": 1 / 255, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}, indent=2))
+            processor_class = {
+                "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                "qwen2_vl": "Qwen2VLProcessor",
+                "qwen3_vl": "Qwen3VLProcessor",
+            }[family]
+            (tmp / "preprocessor_config.json").write_text(
+                json.dumps(
+                    {
+                        "image_processor_type": "Qwen2VLImageProcessor",
+                        "processor_class": processor_class,
+                        "min_pixels": min_pixels,
+                        "max_pixels": max_pixels,
+                        "patch_size": patch,
+                        "merge_size": 2,
+                        "temporal_patch_size": 2,
+                        "do_resize": True,
+                        "do_rescale": True,
+                        "do_normalize": True,
+                        "rescale_factor": 1 / 255,
+                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                        "image_std": [0.26862954, 0.26130258, 0.27577711],
+                        "do_convert_rgb": True,
+                    },
+                    indent=2,
+                )
+            )
             (tmp / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
             for name in ("processor_config.json", "chat_template.jinja"):
                 (tmp / name).unlink(missing_ok=True)

@@ -133,9 +133,7 @@ class PolicyClient:
                     raise PolicyServerError(
                         protocol.MESSAGE_TOO_LARGE, f"the server closed the connection: {exc.rcvd}"
                     ) from None
-                raise PolicyConnectionError(
-                    f"connection to {self.uri} closed during a request: {exc}"
-                ) from exc
+                raise PolicyConnectionError(f"connection to {self.uri} closed during a request: {exc}") from exc
         if isinstance(response, str):  # openpi servers send a traceback as a text frame on failure
             raise PolicyServerError(protocol.INTERNAL_ERROR, response)
         return protocol.raise_if_error(protocol.unpackb(response))

@@ -117,9 +117,7 @@ def _checked_dtype(raw: Any) -> np.dtype:
         raise ValueError(f"bad encoded dtype {raw!r}")
     dtype = np.dtype(raw)
     if dtype.kind not in _DECODABLE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise ValueError(
-            f"refusing to decode a numpy value of dtype {dtype} (only bool/int/float/complex/str)"
-        )
+        raise ValueError(f"refusing to decode a numpy value of dtype {dtype} (only bool/int/float/complex/str)")
     return dtype
 
 
@@ -167,30 +165,23 @@ def make_error(type: str, message: str, traceback: str | None = None) -> dict[st
 def raise_if_error(reply: Any) -> dict[str, Any]:
     """Return `reply` if it is a normal reply; raise `PolicyServerError` if it is an error reply."""
     if not isinstance(reply, dict):
-        raise PolicyServerError(
-            INVALID_MESSAGE, f"expected a map from the server, got {type(reply).__name__}"
-        )
+        raise PolicyServerError(INVALID_MESSAGE, f"expected a map from the server, got {type(reply).__name__}")
     err = reply.get("error")
     if isinstance(err, dict) and "actions" not in reply:
-        raise PolicyServerError(
-            str(err.get("type", INTERNAL_ERROR)), str(err.get("message", "")), err.get("traceback")
-        )
+        raise PolicyServerError(str(err.get("type", INTERNAL_ERROR)), str(err.get("message", "")), err.get("traceback"))
     return reply
 
 
 def spec_to_json(spec: ObservationSpec) -> dict[str, dict[str, Any]]:
     """Observation spec -> `{key: {"shape": [..., None], "dtype": kind}}` for the handshake."""
     return {
-        key: {"shape": None if shape is None else list(shape), "dtype": dtype}
-        for key, (shape, dtype) in spec.items()
+        key: {"shape": None if shape is None else list(shape), "dtype": dtype} for key, (shape, dtype) in spec.items()
     }
 
 
 def spec_from_json(data: Mapping[str, Mapping[str, Any]]) -> ObservationSpec:
     """Inverse of `spec_to_json`."""
-    return {
-        key: (None if v["shape"] is None else tuple(v["shape"]), str(v["dtype"])) for key, v in data.items()
-    }
+    return {key: (None if v["shape"] is None else tuple(v["shape"]), str(v["dtype"])) for key, v in data.items()}
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -209,21 +200,14 @@ def check_spec(spec: Mapping[str, Any]) -> ObservationSpec:
         except (TypeError, ValueError):
             raise ValueError(f"observation_spec[{key!r}] must be (shape, dtype), got {entry!r}") from None
         if shape is not None and (
-            not isinstance(shape, tuple | list)
-            or not all(s is None or (isinstance(s, int) and s >= 0) for s in shape)
+            not isinstance(shape, tuple | list) or not all(s is None or (isinstance(s, int) and s >= 0) for s in shape)
         ):
-            raise ValueError(
-                f"observation_spec[{key!r}]: shape must be a tuple of ints/None or None, got {shape!r}"
-            )
+            raise ValueError(f"observation_spec[{key!r}]: shape must be a tuple of ints/None or None, got {shape!r}")
         if not isinstance(dtype, str) or not dtype:
-            raise ValueError(
-                f"observation_spec[{key!r}]: dtype must be a kind ('f') or a dtype name ('float32')"
-            )
+            raise ValueError(f"observation_spec[{key!r}]: dtype must be a kind ('f') or a dtype name ('float32')")
         if len(dtype) == 1:
             if dtype not in _DECODABLE_KINDS:
-                raise ValueError(
-                    f"observation_spec[{key!r}]: unknown dtype kind {dtype!r}; use one of 'biufcUS'"
-                )
+                raise ValueError(f"observation_spec[{key!r}]: unknown dtype kind {dtype!r}; use one of 'biufcUS'")
         else:
             try:
                 np.dtype(dtype)
@@ -234,9 +218,7 @@ def check_spec(spec: Mapping[str, Any]) -> ObservationSpec:
 
 
 def _fmt_shape(shape: tuple[int | None, ...]) -> str:
-    return (
-        "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-    )
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def _dtype_matches(dtype: np.dtype, want: str) -> bool:

@@ -150,9 +150,7 @@ class PolicyServer:
         self._thread.start()
         if not self._ready.wait(timeout):
             self.stop()
-            raise TimeoutError(
-                f"policy server did not start listening on {self.host}:{self.port} in {timeout}s"
-            )
+            raise TimeoutError(f"policy server did not start listening on {self.host}:{self.port} in {timeout}s")
         if self._startup_error is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -268,9 +266,7 @@ class PolicyServer:
                 reply = await self._answer(message, executor, conn, n, t0)
                 await ws.send(reply)
         except ConnectionClosed as exc:
-            code = (
-                exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent is not None else None)
-            )
+            code = exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent is not None else None)
             if code == protocol.CLOSE_MESSAGE_TOO_BIG:
                 logger.warning(
                     "connection %d closed: a frame exceeded max_message_bytes=%d (code 1009)",
@@ -280,9 +276,7 @@ class PolicyServer:
             else:
                 logger.info("connection %d closed after %d request(s) (code %s)", conn, n, code)
 
-    async def _answer(
-        self, message: str | bytes, executor: ThreadPoolExecutor, conn: int, n: int, t0: float
-    ) -> bytes:
+    async def _answer(self, message: str | bytes, executor: ThreadPoolExecutor, conn: int, n: int, t0: float) -> bytes:
         """One request -> the packed reply. Never raises for a bad request or a failing policy."""
         rid = next(self._request_ids)
         self.num_requests += 1
@@ -314,9 +308,7 @@ class PolicyServer:
         except Exception as exc:  # a server bug must cost one request, not the connection
             self.num_errors += 1
             logger.exception("request %d (conn %d #%d): internal server error", rid, conn, n)
-            return protocol.packb(
-                protocol.make_error(protocol.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-            )
+            return protocol.packb(protocol.make_error(protocol.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
         timing = reply["server_timing"]
         logger.log(
             logging.INFO if rid % self.log_every == 0 else logging.DEBUG,
@@ -370,8 +362,7 @@ class PolicyServer:
         if not isinstance(actions, np.ndarray):
             raise _RequestError(
                 protocol.INVALID_POLICY_OUTPUT,
-                f"policy.infer returned actions of type {type(actions).__name__}; "
-                "return a numpy array (H, D_a)",
+                f"policy.infer returned actions of type {type(actions).__name__}; return a numpy array (H, D_a)",
             )
         return dict(result)
 
@@ -385,6 +376,4 @@ def serve_forever(
     **kwargs: Any,
 ) -> None:
     """Build a `PolicyServer` and serve in the calling thread until Ctrl-C (what `sensorvla serve` calls)."""
-    PolicyServer(
-        policy, host=host, port=port, token=token, max_message_bytes=max_message_bytes, **kwargs
-    ).run_forever()
+    PolicyServer(policy, host=host, port=port, token=token, max_message_bytes=max_message_bytes, **kwargs).run_forever()

@@ -32,10 +32,23 @@ logger = logging.getLogger(__name__)
 BEST_NAME = "qwen_vla_sensor_best.pt"
 STAGE1_KEYS = ("sensor_encoder", "action_expert")
 SEED_KEYS = {
-    "stage1": ("epoch", "sensor_encoder", "action_expert", "optimizer_state_dict", "scheduler_state_dict",
-               "val_loss", "training_stage"),
-    "stage2": ("epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "val_loss",
-               "training_stage"),
+    "stage1": (
+        "epoch",
+        "sensor_encoder",
+        "action_expert",
+        "optimizer_state_dict",
+        "scheduler_state_dict",
+        "val_loss",
+        "training_stage",
+    ),
+    "stage2": (
+        "epoch",
+        "model_state_dict",
+        "optimizer_state_dict",
+        "scheduler_state_dict",
+        "val_loss",
+        "training_stage",
+    ),
 }
 
 
@@ -97,8 +110,9 @@ def _mismatch(path, missing, unexpected) -> CheckpointMismatchError:
 def load_seed_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass the file written by stage 1 "
-                                f"(e.g. checkpoints/{BEST_NAME})")
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; pass the file written by stage 1 (e.g. checkpoints/{BEST_NAME})"
+        )
     try:
         return torch_load(path)
     except Exception as e:  # weights_only refusal, truncated zip, ...
@@ -124,10 +138,19 @@ def load_stage1_into(policy, path: str | Path) -> dict:
     if bad:
         raise CheckpointMismatchError(f"Checkpoint loading mismatch in {path}: shapes differ for {bad[:10]}")
     policy.load_state_dict(got, strict=False)  # exact key set verified above; the rest is the frozen base
-    logger.info("loaded stage-1 weights from %s (%d tensors, epoch %s, val_loss %s)", path, len(got),
-                ckpt.get("epoch"), ckpt.get("val_loss"))
-    return {"path": str(path), "epoch": ckpt.get("epoch"), "val_loss": ckpt.get("val_loss"),
-            "sha256": tensors_sha256(got)}
+    logger.info(
+        "loaded stage-1 weights from %s (%d tensors, epoch %s, val_loss %s)",
+        path,
+        len(got),
+        ckpt.get("epoch"),
+        ckpt.get("val_loss"),
+    )
+    return {
+        "path": str(path),
+        "epoch": ckpt.get("epoch"),
+        "val_loss": ckpt.get("val_loss"),
+        "sha256": tensors_sha256(got),
+    }
 
 
 def load_model_payload(policy, ckpt: dict, path) -> None:
@@ -168,8 +191,15 @@ def _rng_to_tensors(state: dict) -> dict[str, Any]:
 
 def restore_rng(t: dict[str, Any]) -> None:
     torch.set_rng_state(t["torch"])
-    np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), int(t["numpy_meta"][0]),
-                         int(t["numpy_meta"][1]), float(t["numpy_gauss"][0])))
+    np.random.set_state(
+        (
+            "MT19937",
+            t["numpy_keys"].numpy().astype(np.uint32),
+            int(t["numpy_meta"][0]),
+            int(t["numpy_meta"][1]),
+            float(t["numpy_gauss"][0]),
+        )
+    )
     random.setstate((int(t["python_version"][0]), tuple(int(x) for x in t["python"].tolist()), None))
     if "cuda" in t and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(t["cuda"])

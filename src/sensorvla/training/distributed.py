@@ -93,10 +93,10 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") ->
                 fully_shard(block)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, find_unused_parameters=False)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -30,8 +30,10 @@ class StaleCacheError(RuntimeError):
 
 
 def rebuild_command(cfg: SensorVLAConfig) -> str:
-    return (f"sensorvla train --mode cache --dataset_dir {cfg.data.dataset_dir} --vl-model "
-            f"{cfg.model.backbone.vl_model} --train.cache-dir {cache_root(cfg)}")
+    return (
+        f"sensorvla train --mode cache --dataset_dir {cfg.data.dataset_dir} --vl-model "
+        f"{cfg.model.backbone.vl_model} --train.cache-dir {cache_root(cfg)}"
+    )
 
 
 def cache_root(cfg: SensorVLAConfig) -> Path:
@@ -43,8 +45,11 @@ def _model_files_signature(vl_model: str) -> list:
     p = Path(vl_model)
     if not p.is_dir():
         return []
-    return sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir()
-                  if f.suffix in {".json", ".safetensors", ".jinja"})
+    return sorted(
+        (f.name, f.stat().st_size, int(f.stat().st_mtime))
+        for f in p.iterdir()
+        if f.suffix in {".json", ".safetensors", ".jinja"}
+    )
 
 
 def fingerprint(cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str) -> dict:
@@ -74,11 +79,14 @@ def fingerprint_key(fp: dict) -> str:
 
 def check_cacheable(cfg: SensorVLAConfig) -> None:
     if cfg.model.backbone.pooling != "view_mean":
-        raise StaleCacheError("the VL cache stores pooled per-view tokens; use --model.backbone.pooling view_mean "
-                              "or --train.use-cache never")
+        raise StaleCacheError(
+            "the VL cache stores pooled per-view tokens; use --model.backbone.pooling view_mean "
+            "or --train.use-cache never"
+        )
     if cfg.data.vl_max_staleness_steps:
-        raise StaleCacheError("--data.vl-max-staleness-steps changes images every epoch and cannot be cached; "
-                              "use --train.use-cache never")
+        raise StaleCacheError(
+            "--data.vl-max-staleness-steps changes images every epoch and cannot be cached; use --train.use-cache never"
+        )
     if cfg.data.mixture:
         raise StaleCacheError("the VL cache covers one dataset; use --train.use-cache never with --data.mixture")
     if cfg.model.finetune.mode != "none":
@@ -132,8 +140,12 @@ def open_cache(cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str) ->
             )
         return None
     meta = json.loads((folder / "meta.json").read_text())
-    done = [json.loads((folder / f"progress-{r}.json").read_text())["done"]
-            if (folder / f"progress-{r}.json").exists() else 0 for r in range(meta["world_size"])]
+    done = [
+        json.loads((folder / f"progress-{r}.json").read_text())["done"]
+        if (folder / f"progress-{r}.json").exists()
+        else 0
+        for r in range(meta["world_size"])
+    ]
     if done != meta["shard_sizes"]:
         raise StaleCacheError(
             f"the VL cache {folder} is partial ({sum(done)}/{sum(meta['shard_sizes'])} samples). "
@@ -143,8 +155,15 @@ def open_cache(cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str) ->
 
 
 @torch.inference_mode()
-def build_cache(cfg: SensorVLAConfig, policy, loader_factory, sample_ids: np.ndarray, dataset_id: str,
-                dist_info, progress: bool = True) -> Path:
+def build_cache(
+    cfg: SensorVLAConfig,
+    policy,
+    loader_factory,
+    sample_ids: np.ndarray,
+    dataset_id: str,
+    dist_info,
+    progress: bool = True,
+) -> Path:
     """Encode every sample (sharded rank r::world) and write it into the memory-mapped shards.
 
     Args:
@@ -169,8 +188,10 @@ def build_cache(cfg: SensorVLAConfig, policy, loader_factory, sample_ids: np.nda
         meta_path = folder / "meta.json"
         if meta_path.exists() and json.loads(meta_path.read_text())["world_size"] != world:
             raise StaleCacheError(f"{folder} was started with another world size; delete it and rebuild")
-        atomic_write_json(meta_path, {"fingerprint": fp, "world_size": world, "shard_sizes": sizes,
-                                      "num_tokens": n_tok, "hidden_size": dim})
+        atomic_write_json(
+            meta_path,
+            {"fingerprint": fp, "world_size": world, "shard_sizes": sizes, "num_tokens": n_tok, "hidden_size": dim},
+        )
     barrier(dist_info)
     stem = folder / f"shard-{rank}-of-{world}"
     prog_path = folder / f"progress-{rank}.json"
@@ -178,7 +199,9 @@ def build_cache(cfg: SensorVLAConfig, policy, loader_factory, sample_ids: np.nda
     np_dtype = NP_DTYPES[cfg.train.cache_dtype]
     if done == 0 or not Path(f"{stem}.feats.npy").exists():
         done = 0
-        feats = np.lib.format.open_memmap(f"{stem}.feats.npy", mode="w+", dtype=np_dtype, shape=(len(positions), n_tok, dim))
+        feats = np.lib.format.open_memmap(
+            f"{stem}.feats.npy", mode="w+", dtype=np_dtype, shape=(len(positions), n_tok, dim)
+        )
         masks = np.lib.format.open_memmap(f"{stem}.mask.npy", mode="w+", dtype=np.bool_, shape=(len(positions), n_tok))
         np.save(f"{stem}.ids.npy", np.asarray(sample_ids, dtype=np.int64)[positions])
     else:
@@ -195,8 +218,8 @@ def build_cache(cfg: SensorVLAConfig, policy, loader_factory, sample_ids: np.nda
         f, m = backbone.encode_frozen(batch)
         n = f.shape[0]
         out = f.to(tdtype).cpu()
-        feats[row:row + n] = (out.view(torch.uint16) if cfg.train.cache_dtype == "bfloat16" else out).numpy()
-        masks[row:row + n] = m.cpu().numpy()
+        feats[row : row + n] = (out.view(torch.uint16) if cfg.train.cache_dtype == "bfloat16" else out).numpy()
+        masks[row : row + n] = m.cpu().numpy()
         row += n
         feats.flush()
         masks.flush()

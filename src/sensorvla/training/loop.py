@@ -31,7 +31,6 @@ from sensorvla.training.distributed import (
     all_reduce_sum,
     init_distributed,
     teardown,
-    unwrap,
     wrap_model,
 )
 from sensorvla.training.param_groups import build_param_groups, group_table
@@ -68,8 +67,11 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def _setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915 (flat by design)
@@ -110,14 +112,22 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
         cache = feature_cache.open_cache(cfg, all_ids, meta.dataset_id)
         if cache is None and cfg.train.use_cache == "always":
             raise feature_cache.StaleCacheError(
-                f"--train.use-cache always but no VL cache exists; build it: {feature_cache.rebuild_command(cfg)}")
+                f"--train.use-cache always but no VL cache exists; build it: {feature_cache.rebuild_command(cfg)}"
+            )
         if cache is not None:
             train_raw = raw_dataset(cfg, "train", load_images=False)
             val_raw = raw_dataset(cfg, "val", load_images=False)
             logger.info("stage 1 reads VL features from the cache %s", cache.folder)
-    processor = None if cache is not None else load_processor(
-        cfg.model.backbone.vl_model, min_pixels=cfg.model.backbone.min_pixels,
-        max_pixels=cfg.model.backbone.max_pixels, revision=cfg.model.backbone.revision)
+    processor = (
+        None
+        if cache is not None
+        else load_processor(
+            cfg.model.backbone.vl_model,
+            min_pixels=cfg.model.backbone.min_pixels,
+            max_pixels=cfg.model.backbone.max_pixels,
+            revision=cfg.model.backbone.revision,
+        )
+    )
     from sensorvla.data.transforms import SampleTransform
 
     transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
@@ -131,42 +141,56 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
     # --- optimisation -------------------------------------------------------------------------------
     groups = build_param_groups(policy, cfg.train)
     optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], betas=(0.9, 0.95))
+        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], betas=(0.9, 0.95)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio))
-    state = {"epoch": 0, "micro_in_epoch": 0, "step": 0, "best_val": math.inf, "bad_validations": 0,
-             "samples_seen": 0}
+        optimizer, warmup_cosine(total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
+    )
+    state = {"epoch": 0, "micro_in_epoch": 0, "step": 0, "best_val": math.inf, "bad_validations": 0, "samples_seen": 0}
     if cfg.train.resume:
         payload, saved_state, rng = ckpt.load_last(ckpt_dir)
         ckpt.load_model_payload(policy, payload, ckpt_dir / "last")
         optimizer.load_state_dict(payload["optimizer_state_dict"])
         scheduler.load_state_dict(payload["scheduler_state_dict"])
         if len(rng) != info.world_size:
-            raise RuntimeError(f"--resume: the run was saved with {len(rng)} processes; resume with the same "
-                               f"--nproc_per_node (got {info.world_size})")
+            raise RuntimeError(
+                f"--resume: the run was saved with {len(rng)} processes; resume with the same "
+                f"--nproc_per_node (got {info.world_size})"
+            )
         ckpt.restore_rng(rng[info.rank])
         state.update(saved_state)
         logger.info("resumed at epoch %d, step %d", state["epoch"], state["step"])
     model = wrap_model(policy, info, cfg.train.strategy)
 
-    run_log = RunLogger(out_dir, enabled=info.is_main, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
-                        config=cfg.to_dict())
+    run_log = RunLogger(
+        out_dir, enabled=info.is_main, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=cfg.to_dict()
+    )
     if stage1_init is not None:
         run_log.log("stage1_init", 0, stage1_init)
     if info.is_main:
         logger.info("resolved config:\n%s", cfg.to_json())
         logger.info("parameter groups:\n%s", group_table(policy, groups))
-        logger.info("dataset: %s | train samples %d, val samples %d | world size %d | %d steps/epoch",
-                    train_raw.summary(), len(train_raw), len(val_raw), info.world_size, steps_per_epoch)
+        logger.info(
+            "dataset: %s | train samples %d, val samples %d | world size %d | %d steps/epoch",
+            train_raw.summary(),
+            len(train_raw),
+            len(val_raw),
+            info.world_size,
+            steps_per_epoch,
+        )
         if cfg.train.stage == "stage2":
-            ckpt.backup_if_overwritten(ckpt_dir, cfg.train.stage1_checkpoint,
-                                       [ckpt.BEST_NAME] + [ckpt.epoch_name(e) for e in range(1, cfg.train.epochs + 1)])
+            ckpt.backup_if_overwritten(
+                ckpt_dir,
+                cfg.train.stage1_checkpoint,
+                [ckpt.BEST_NAME] + [ckpt.epoch_name(e) for e in range(1, cfg.train.epochs + 1)],
+            )
 
     def save_last() -> None:
         rngs = all_gather_objects(ckpt.rng_state(), info)
         if info.is_main:
-            payload = ckpt.seed_payload(policy, optimizer, scheduler, epoch=state["epoch"],
-                                        val_loss=state["best_val"], stage=cfg.train.stage)
+            payload = ckpt.seed_payload(
+                policy, optimizer, scheduler, epoch=state["epoch"], val_loss=state["best_val"], stage=cfg.train.stage
+            )
             ckpt.save_last(ckpt_dir, payload, dict(state), rngs)
 
     def validate() -> float:
@@ -188,8 +212,12 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
 
     stop = False
     summary: dict = {"train_loss": [], "val_loss": []}
-    bar = tqdm(total=min(total_steps, cfg.train.max_steps or total_steps), initial=state["step"],
-               disable=not (progress and info.is_main), desc=f"{cfg.train.stage} {cfg.model.head.type}")
+    bar = tqdm(
+        total=min(total_steps, cfg.train.max_steps or total_steps),
+        initial=state["step"],
+        disable=not (progress and info.is_main),
+        desc=f"{cfg.train.stage} {cfg.model.head.type}",
+    )
     try:
         while state["epoch"] < cfg.train.epochs and not stop:
             epoch = state["epoch"]
@@ -207,7 +235,7 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                 for i in range(n_micro):
                     batch = _prepare(next(loader), cache, info.device)
                     sync = i == n_micro - 1 or not info.enabled
-                    with (nullcontext() if sync else model.no_sync()), autocast_ctx(cfg, info.device):
+                    with nullcontext() if sync else model.no_sync(), autocast_ctx(cfg, info.device):
                         loss, m = model(batch, sensor_loss_weight=cfg.train.sensor_loss_weight)
                         (loss / n_micro).backward()
                     loss_sum += float(loss.detach())
@@ -221,7 +249,8 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                     raise TrainingDivergedError(
                         f"loss became {mean_loss} (grad norm {float(grad_norm)}) at step {state['step'] + 1}. "
                         f"The last good checkpoint is kept in {ckpt_dir}. Lower --lr / --vl-lr, check the "
-                        "data for NaN, or resume with --resume.")
+                        "data for NaN, or resume with --resume."
+                    )
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -229,17 +258,23 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                 state["samples_seen"] += n_samples * info.world_size
                 dt = time.perf_counter() - t0
                 lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups if "no_decay" not in g["name"]}
-                row = {"loss": mean_loss, "grad_norm": float(grad_norm), "epoch": epoch,
-                       "samples_per_s": n_samples * info.world_size / dt, **lrs,
-                       **{k: v for k, v in step_metrics.items() if k.startswith("loss_")}}
+                row = {
+                    "loss": mean_loss,
+                    "grad_norm": float(grad_norm),
+                    "epoch": epoch,
+                    "samples_per_s": n_samples * info.world_size / dt,
+                    **lrs,
+                    **{k: v for k, v in step_metrics.items() if k.startswith("loss_")},
+                }
                 summary["train_loss"].append(mean_loss)
                 if state["step"] % cfg.train.log_every_steps == 0 or state["step"] == 1:
                     run_log.log("train", state["step"], row)
                 else:
                     run_log.log("train", state["step"], {"loss": mean_loss})
                 bar.update(1)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}",
-                                sps=f"{row['samples_per_s']:.1f}")
+                bar.set_postfix(
+                    loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", sps=f"{row['samples_per_s']:.1f}"
+                )
                 if cfg.train.save_every_steps and state["step"] % cfg.train.save_every_steps == 0:
                     save_last()
                 if cfg.train.max_steps and state["step"] >= cfg.train.max_steps:
@@ -250,8 +285,9 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                 state["epoch"] += 1
                 state["micro_in_epoch"] = 0
             epoch_label = epoch + 1  # 1-based index of the epoch just run (complete or cut by --max-steps)
-            if stop or (epoch_done and (state["epoch"] % cfg.train.val_every_epochs == 0
-                                        or state["epoch"] == cfg.train.epochs)):
+            if stop or (
+                epoch_done and (state["epoch"] % cfg.train.val_every_epochs == 0 or state["epoch"] == cfg.train.epochs)
+            ):
                 val = validate() if len(val_raw) else mean_loss
                 summary["val_loss"].append(val)
                 run_log.log("val", state["step"], {"val_loss": val, "epoch": epoch_label})
@@ -262,8 +298,9 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                 else:
                     state["bad_validations"] += 1
                 if info.is_main:
-                    payload = ckpt.seed_payload(policy, optimizer, scheduler, epoch=epoch_label, val_loss=val,
-                                                stage=cfg.train.stage)
+                    payload = ckpt.seed_payload(
+                        policy, optimizer, scheduler, epoch=epoch_label, val_loss=val, stage=cfg.train.stage
+                    )
                     if cfg.model.head.type == "diffusion":
                         ckpt.save_seed_file(ckpt_dir / ckpt.epoch_name(epoch_label), payload)
                     if improved:
@@ -279,10 +316,11 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
     finally:
         bar.close()
         run_log.close()
-        del model, optimizer, scheduler
+        model = optimizer = scheduler = None  # drop DDP + optimizer refs before teardown  # noqa: F841
         teardown(info)
-    summary.update(best_val=state["best_val"], steps=state["step"], checkpoint_dir=str(ckpt_dir),
-                   config=dataclasses.asdict(cfg))
+    summary.update(
+        best_val=state["best_val"], steps=state["step"], checkpoint_dir=str(ckpt_dir), config=dataclasses.asdict(cfg)
+    )
     return summary
 
 
@@ -300,20 +338,30 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
 
     feature_cache.check_cacheable(cfg)
     ds = raw_dataset(cfg, "all")
-    processor = load_processor(cfg.model.backbone.vl_model, min_pixels=cfg.model.backbone.min_pixels,
-                               max_pixels=cfg.model.backbone.max_pixels, revision=cfg.model.backbone.revision)
-    tds = TransformedDataset(ds, SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template,
-                                                 cfg.model.state_dim))
+    processor = load_processor(
+        cfg.model.backbone.vl_model,
+        min_pixels=cfg.model.backbone.min_pixels,
+        max_pixels=cfg.model.backbone.max_pixels,
+        revision=cfg.model.backbone.revision,
+    )
+    tds = TransformedDataset(
+        ds, SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
+    )
     pad = pad_token_id(processor)
 
     def loader_factory(positions, start):
         subset = torch.utils.data.Subset(tds, positions[start:])
-        return torch.utils.data.DataLoader(subset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                                           collate_fn=lambda items: collate(items, pad))
+        return torch.utils.data.DataLoader(
+            subset,
+            batch_size=cfg.train.batch_size,
+            num_workers=cfg.data.num_workers,
+            collate_fn=lambda items: collate(items, pad),
+        )
 
     try:
-        folder = feature_cache.build_cache(cfg, policy, loader_factory, ds.sample_ids, meta.dataset_id, info,
-                                           progress=progress and info.is_main)
+        folder = feature_cache.build_cache(
+            cfg, policy, loader_factory, ds.sample_ids, meta.dataset_id, info, progress=progress and info.is_main
+        )
     finally:
         teardown(info)
     logger.info("VL cache ready in %s", folder)

@@ -58,8 +58,14 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
         key = f"{base}/no_decay" if no_decay else base
         g = groups.setdefault(
-            key, {"name": key, "params": [], "param_names": [], "lr": lrs[base],
-                  "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+            key,
+            {
+                "name": key,
+                "params": [],
+                "param_names": [],
+                "lr": lrs[base],
+                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+            },
         )
         g["params"].append(p)
         g["param_names"].append(name)
@@ -85,8 +91,15 @@ def group_table(model: nn.Module, groups: list[dict]) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = [("group", "tensors", "params", "lr", "wd")]
     for g in groups:
-        rows.append((g["name"], str(len(g["params"])), f"{sum(p.numel() for p in g['params']):,}",
-                     f"{g['lr']:.2e}", f"{g['weight_decay']:g}"))
+        rows.append(
+            (
+                g["name"],
+                str(len(g["params"])),
+                f"{sum(p.numel() for p in g['params']):,}",
+                f"{g['lr']:.2e}",
+                f"{g['weight_decay']:g}",
+            )
+        )
     rows.append(("trainable", "", f"{trainable:,}", "", ""))
     rows.append(("frozen", "", f"{total - trainable:,}", "", ""))
     rows.append(("total", "", f"{total:,}", "", ""))

@@ -42,9 +42,8 @@ class RunLogger:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
         self._file.write(json.dumps({"kind": kind, "step": step, **clean}) + "\n")
         for k, v in clean.items():
-            if isinstance(v, float) and math.isfinite(v):
-                if self._tb is not None:
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            if isinstance(v, float) and math.isfinite(v) and self._tb is not None:
+                self._tb.add_scalar(f"{kind}/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({f"{kind}/{k}": v for k, v in clean.items()}, step=step)
 

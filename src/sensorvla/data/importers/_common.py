@@ -43,8 +43,7 @@ def check_increasing(ts: np.ndarray, *, what: str, episode: str, path: str | Pat
     if np.any(d <= 0):
         i = int(np.argmax(d <= 0))
         raise DataError(
-            f"{what} timestamps are not strictly increasing (index {i} -> {i + 1}: "
-            f"{ts[i]:.6f} -> {ts[i + 1]:.6f})",
+            f"{what} timestamps are not strictly increasing (index {i} -> {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
             episode=episode,
             path=str(path),
             fix=fix or "sort the samples by time and drop duplicates, or fix the recorder clock",

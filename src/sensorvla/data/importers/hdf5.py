@@ -46,9 +46,7 @@ def _h5py():
 
 
 def _fix_file(what: str = "") -> str:
-    return (
-        what or "re-export the episode (see docs/hdf5-format.md)"
-    ) + ", or move the file out of the source folder"
+    return (what or "re-export the episode (see docs/hdf5-format.md)") + ", or move the file out of the source folder"
 
 
 def find_hdf5_files(src: str | Path) -> list[Path]:
@@ -462,8 +460,6 @@ def export_hdf5_example(
         with_sensor=with_sensor,
     ):
         out.append(
-            write_hdf5(
-                Path(out_dir) / f"{ep.name}.h5", ep, action_fps=10.0, force_channels=1, sensor_rate=650.0
-            )
+            write_hdf5(Path(out_dir) / f"{ep.name}.h5", ep, action_fps=10.0, force_channels=1, sensor_rate=650.0)
         )
     return out

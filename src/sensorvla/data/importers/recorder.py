@@ -38,8 +38,7 @@ POSE_NAMES = ["x_mm", "y_mm", "z_mm", "a_deg", "b_deg", "r_deg"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 REQUIRED_FILES = ("metadata.json", "robot_states.csv")
 ACTION_SEMANTICS = (
-    "per-100ms pose deltas [dx,dy,dz mm; da,db,dr deg of the unwrapped Meca500 XYZ Euler "
-    "angles; tool = constant 1.0]"
+    "per-100ms pose deltas [dx,dy,dz mm; da,db,dr deg of the unwrapped Meca500 XYZ Euler angles; tool = constant 1.0]"
 )
 
 
@@ -129,8 +128,7 @@ def scan_recorder(src: str | Path, views: Sequence[str] | None = None) -> list[R
                     f"missing {f}",
                     episode=name,
                     path=str(ep_dir / f),
-                    fix="restore the file from the recorder output or move the episode folder out "
-                    "of the source folder",
+                    fix="restore the file from the recorder output or move the episode folder out of the source folder",
                 )
         meta = read_metadata(ep_dir, name)
         found = _list_views(ep_dir)
@@ -224,9 +222,7 @@ def read_robot_states(path: Path, episode: str) -> tuple[np.ndarray, np.ndarray,
     bad_rows = ~np.isfinite(np.column_stack([ts, pose, joints])).all(axis=1)
     if bad_rows.any():
         i = int(np.argmax(bad_rows))
-        raise DataError(
-            f"robot CSV line {i + 2} has NaN/inf values", episode=episode, path=str(path), fix=fix
-        )
+        raise DataError(f"robot CSV line {i + 2} has NaN/inf values", episode=episode, path=str(path), fix=fix)
     d = np.diff(ts)
     if np.any(d < 0):
         i = int(np.argmax(d < 0))
@@ -238,14 +234,10 @@ def read_robot_states(path: Path, episode: str) -> tuple[np.ndarray, np.ndarray,
         )
     keep = np.concatenate([[True], d > 0])
     if not keep.all():
-        logger.warning(
-            "%s: dropped %d robot rows with a repeated origin_timestamp", episode, int((~keep).sum())
-        )
+        logger.warning("%s: dropped %d robot rows with a repeated origin_timestamp", episode, int((~keep).sum()))
     ts, pose, joints = ts[keep], pose[keep], joints[keep]
     if len(ts) < 2:
-        raise DataError(
-            "robot CSV has fewer than 2 distinct timestamps", episode=episode, path=str(path), fix=fix
-        )
+        raise DataError("robot CSV has fewer than 2 distinct timestamps", episode=episode, path=str(path), fix=fix)
     pose = pose.copy()
     # Euler angles jump +-360 deg at the +-180 boundary; unwrapping keeps state and deltas continuous.
     pose[:, 3:6] = np.unwrap(pose[:, 3:6], period=360.0, axis=0)
@@ -431,9 +423,7 @@ def import_recorder(
     rate = float(meta0.get("sensor_hz", 650.0))
     state_names = POSE_NAMES + ([f"joint_{i}_deg" for i in range(1, 7)] if include_joints else [])
     gen = (
-        load_recorder_episode(
-            e, instruction=instruction, image_size=image_size, include_joints=include_joints
-        )
+        load_recorder_episode(e, instruction=instruction, image_size=image_size, include_joints=include_joints)
         for e in episodes
     )
     logger.info("importing %d recorder episodes from %s", len(episodes), src)

@@ -38,24 +38,18 @@ def iter_npz_windows(path: Path, episode: str, window: int) -> tuple[np.ndarray,
         keys = set(npz.files)
         if not {"timestamps", "data"} <= keys:
             npz.close()
-            raise _sensor_error(
-                f"sensor npz has keys {sorted(keys)}, expected 'timestamps' and 'data'", episode, path
-            )
+            raise _sensor_error(f"sensor npz has keys {sorted(keys)}, expected 'timestamps' and 'data'", episode, path)
         ts = np.asarray(npz["timestamps"], np.float64)
         f = npz.zip.open("data.npy")
         version = np.lib.format.read_magic(f)
-        reader = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = reader(f)
     except DataError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         if isinstance(npz, np.lib.npyio.NpzFile):
             npz.close()
-        raise _sensor_error(
-            "cannot read the sensor npz (corrupt, truncated or pickled)", episode, path, e
-        ) from e
+        raise _sensor_error("cannot read the sensor npz (corrupt, truncated or pickled)", episode, path, e) from e
     problem = None
     if dtype.hasobject:
         problem = "sensor data holds Python objects (ragged windows?); refusing to unpickle"

@@ -25,22 +25,29 @@ class InsertionEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, sim_config: SimConfig | None = None, sensor_history_s: float = 0.25,
-                 sensor_available: bool = True, render_mode: str | None = "rgb_array"):
+    def __init__(
+        self,
+        sim_config: SimConfig | None = None,
+        sensor_history_s: float = 0.25,
+        sensor_available: bool = True,
+        render_mode: str | None = "rgb_array",
+    ):
         self.cfg = sim_config or SimConfig()
         self.sensor_history_s = sensor_history_s
         self.sensor_available = sensor_available
         self.render_mode = render_mode
         s, c = self.cfg.image_size, self.cfg.sensor_channels
         self.n_sensor = int(sensor_history_s * self.cfg.sensor_rate * 0.9)  # always available after reset
-        self.observation_space = spaces.Dict({
-            "images": spaces.Box(0, 255, (len(VIEWS), s, s, 3), np.uint8),
-            "state": spaces.Box(-np.inf, np.inf, (6,), np.float32),
-            "sensor": spaces.Box(-np.inf, np.inf, (self.n_sensor, c), np.float32),
-            "sensor_timestamps": spaces.Box(-np.inf, np.inf, (self.n_sensor,), np.float64),
-            "timestamp": spaces.Box(-np.inf, np.inf, (), np.float64),
-            "instruction": spaces.Text(max_length=200, charset=INSTRUCTION_CHARSET),
-        })
+        self.observation_space = spaces.Dict(
+            {
+                "images": spaces.Box(0, 255, (len(VIEWS), s, s, 3), np.uint8),
+                "state": spaces.Box(-np.inf, np.inf, (6,), np.float32),
+                "sensor": spaces.Box(-np.inf, np.inf, (self.n_sensor, c), np.float32),
+                "sensor_timestamps": spaces.Box(-np.inf, np.inf, (self.n_sensor,), np.float64),
+                "timestamp": spaces.Box(-np.inf, np.inf, (), np.float64),
+                "instruction": spaces.Text(max_length=200, charset=INSTRUCTION_CHARSET),
+            }
+        )
         limit = np.array([2.0, 2.0, 2.0, 10.0, 10.0, 10.0, 1.0], np.float32)
         self.action_space = spaces.Box(-limit, limit, dtype=np.float32)
         self.sim: InsertionSim | None = None
@@ -50,13 +57,18 @@ class InsertionEnv(gym.Env):
 
     def _observe(self) -> dict:
         sim = self.sim
-        ts, vals = self._sensor_ts[-self.n_sensor:], self._sensor[-self.n_sensor:]
+        ts, vals = self._sensor_ts[-self.n_sensor :], self._sensor[-self.n_sensor :]
         if not self.sensor_available:
             # no measurement: zeros stamped long ago, so every window over them is masked as missing
             ts, vals = np.full(self.n_sensor, sim.t - 1e3), np.zeros_like(vals)
-        return {"images": np.stack([sim.render(v) for v in VIEWS]), "state": sim.pose.astype(np.float32),
-                "sensor": vals.astype(np.float32), "sensor_timestamps": ts.astype(np.float64),
-                "timestamp": np.array(sim.t, dtype=np.float64), "instruction": self._instruction}
+        return {
+            "images": np.stack([sim.render(v) for v in VIEWS]),
+            "state": sim.pose.astype(np.float32),
+            "sensor": vals.astype(np.float32),
+            "sensor_timestamps": ts.astype(np.float64),
+            "timestamp": np.array(sim.t, dtype=np.float64),
+            "instruction": self._instruction,
+        }
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -76,8 +88,11 @@ class InsertionEnv(gym.Env):
         self._sensor = np.concatenate([self._sensor, vals])[-4000:]
         terminated = sim.success or sim.layer_distance < -sim.cfg.overshoot_fail_mm
         truncated = not terminated and sim.steps >= sim.cfg.max_steps
-        info = {"success": sim.success, "layer_distance_mm": sim.layer_distance,
-                "lateral_error_mm": float(np.linalg.norm(sim.target - sim.pose[:2]))}
+        info = {
+            "success": sim.success,
+            "layer_distance_mm": sim.layer_distance,
+            "lateral_error_mm": float(np.linalg.norm(sim.target - sim.pose[:2])),
+        }
         return self._observe(), float(sim.success), bool(terminated), bool(truncated), info
 
     def render(self):

@@ -23,13 +23,19 @@ class ActionHead(nn.Module):
         self.cfg = cfg
         self.horizon, self.action_dim = cfg.horizon, cfg.action_dim
 
-    def loss(self, cond: torch.Tensor, cond_mask: torch.Tensor, actions: torch.Tensor,
-             action_mask: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, cond: torch.Tensor, cond_mask: torch.Tensor, actions: torch.Tensor, action_mask: torch.Tensor
+    ) -> torch.Tensor:
         """cond (B, N_c, D), cond_mask (B, N_c), actions (B, H, D_a), action_mask (B, H) -> loss (B,)."""
         raise NotImplementedError
 
-    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, generator: torch.Generator | None = None,
-               num_steps: int | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
         """cond (B, N_c, D) -> actions (B, H, D_a)."""
         raise NotImplementedError
 
@@ -59,8 +65,9 @@ class ChunkDenoiser(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, cfg.horizon, d) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.cond_proj = nn.Linear(cond_dim, d) if cond_dim != d else nn.Identity()
-        layer = nn.TransformerDecoderLayer(d, cfg.num_heads, 4 * d, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            d, cfg.num_heads, 4 * d, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.decoder = nn.TransformerDecoder(layer, cfg.num_layers)
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.action_dim))
         self.dim = d

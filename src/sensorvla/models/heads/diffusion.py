@@ -16,8 +16,12 @@ class DiffusionHead(ActionHead):
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.denoiser = ChunkDenoiser(cfg, cond_dim)
-        common = dict(num_train_timesteps=cfg.diffusion_timesteps, beta_schedule="squaredcos_cap_v2",
-                      prediction_type="epsilon", clip_sample=False)
+        common = dict(
+            num_train_timesteps=cfg.diffusion_timesteps,
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type="epsilon",
+            clip_sample=False,
+        )
         self.train_scheduler = DDPMScheduler(**common)
         # "trailing" spacing starts sampling at t = T - 1 (the original started at t = 90 of 100)
         self.sample_scheduler = DDIMScheduler(**common, timestep_spacing="trailing", set_alpha_to_one=True)

@@ -30,8 +30,11 @@ class FlowHead(ActionHead):
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
         b = cond.shape[0]
         steps = num_steps or self.cfg.num_inference_steps
-        x = torch.randn((b, self.horizon, self.action_dim), generator=generator,
-                        device=generator.device if generator else cond.device).to(cond.device, cond.dtype)
+        x = torch.randn(
+            (b, self.horizon, self.action_dim),
+            generator=generator,
+            device=generator.device if generator else cond.device,
+        ).to(cond.device, cond.dtype)
         dt = 1.0 / steps
         for i in range(steps):
             tau = torch.full((b,), i * dt, device=cond.device)

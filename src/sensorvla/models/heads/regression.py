@@ -19,8 +19,9 @@ class RegressionHead(ActionHead):
         d = cfg.hidden_dim
         self.queries = nn.Parameter(torch.randn(1, cfg.horizon, d) * 0.02)
         self.cond_proj = nn.Linear(cond_dim, d) if cond_dim != d else nn.Identity()
-        layer = nn.TransformerDecoderLayer(d, cfg.num_heads, 4 * d, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            d, cfg.num_heads, 4 * d, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.decoder = nn.TransformerDecoder(layer, cfg.num_layers)
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.action_dim))
 
