@@ -1,0 +1,206 @@
+"""Format, splits, mixing, normalization and the synthetic task (which must need the sensor)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sensorvla.config import DataConfig
+from sensorvla.data.dataset import EpisodeDataset, MixtureDataset, split_episodes
+from sensorvla.data.format import load_meta, read_frames, validate_episode, write_dataset
+from sensorvla.data.normalize import NormalizationError, Normalizer, NormStats, compute_stats, dataset_fingerprint
+from sensorvla.data.synth import SimConfig, generate_dataset, simulate_episode
+from sensorvla.data.types import DataError
+
+
+def data_cfg(root, **kw) -> DataConfig:
+    return DataConfig(dataset_dir=str(root), **kw)
+
+
+def test_lerobot_v3_layout(synth_dataset_dir):
+    info = json.loads((synth_dataset_dir / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 10.0
+    assert {"action", "observation.state", "timestamp", "frame_index", "episode_index", "index"} <= set(
+        info["features"]
+    )
+    cols = set(read_frames(synth_dataset_dir).column_names)
+    assert {"action", "observation.state", "timestamp", "frame_index", "episode_index", "index", "task_index"} <= cols
+    meta = load_meta(synth_dataset_dir)
+    assert meta.views == ["front", "top"] and meta.action_dim == 7 and meta.sensor_channels == 33
+
+
+def test_sidecars_are_memory_mapped_npy(synth_dataset_dir):
+    ds = EpisodeDataset(synth_dataset_dir, data_cfg(synth_dataset_dir), split="all")
+    e = next(e for e in ds.episodes if ds.has_sensor(e))
+    ds[0]
+    assert isinstance(ds._arr(e, "sensor.npy"), np.memmap)
+    assert not list(synth_dataset_dir.rglob("*.npz")) and not list(synth_dataset_dir.rglob("*.pkl"))
+
+
+def test_splits_deterministic_and_disjoint(synth_dataset_dir):
+    a = split_episodes(20, 3, 0.15, 0.15)
+    assert a == split_episodes(20, 3, 0.15, 0.15) and a != split_episodes(20, 4, 0.15, 0.15)
+    assert sorted(a["train"] + a["val"] + a["test"]) == list(range(20))
+    cfg = data_cfg(synth_dataset_dir)
+    eps = {s: set(EpisodeDataset(synth_dataset_dir, cfg, split=s).episodes) for s in ("train", "val", "test")}
+    assert not (eps["train"] & eps["val"]) and not (eps["train"] & eps["test"]) and not (eps["val"] & eps["test"])
+    assert all(eps.values())
+
+
+def test_raw_sample_padding_and_missing_sensor(synth_dataset_dir):
+    ds = EpisodeDataset(synth_dataset_dir, data_cfg(synth_dataset_dir, horizon=8), split="all")
+    meta = load_meta(synth_dataset_dir)
+    no_sensor = [i for i, (e, _) in enumerate(ds.index) if not meta.episodes[e]["has_sensor"]]
+    assert no_sensor, "the synthetic set must contain sensor-less episodes"
+    s = ds[no_sensor[0]]
+    assert not s["has_sensor"] and not s["sensor_mask"].any() and not s["sensor"].any()
+    # the last frame of an episode: one real action, 7 zero-motion padded steps
+    last = max(i for i, (e, _) in enumerate(ds.index) if e == ds.index[0][0])
+    s = ds[last]
+    assert s["action_mask"].sum() == 1 and np.all(s["actions"][1:] == 0)
+    assert s["images"][0].dtype == np.uint8 and s["sensor"].shape == (32, 33)
+
+
+def test_vl_staleness_gives_older_never_future_images(synth_dataset_dir):
+    fresh = EpisodeDataset(synth_dataset_dir, data_cfg(synth_dataset_dir), split="all")
+    stale = EpisodeDataset(synth_dataset_dir, data_cfg(synth_dataset_dir, vl_max_staleness_steps=4), split="all")
+    ages_f = np.array([fresh[i]["image_age_s"].max() for i in range(len(fresh))])
+    ages_s = np.array([stale[i]["image_age_s"].max() for i in range(len(stale))])
+    assert np.all(ages_s >= ages_f - 1e-9) and ages_s.mean() > ages_f.mean() + 0.05
+    assert np.all(ages_s >= 0)
+
+
+def test_mixture_weights_without_copies(tmp_path, synth_dataset_dir):
+    other = generate_dataset(tmp_path / "b", num_episodes=4, seed=1, progress=False)
+    cfg = data_cfg(synth_dataset_dir)
+    a = EpisodeDataset(synth_dataset_dir, cfg, split="all")
+    b = EpisodeDataset(other, cfg, split="all", id_offset=10**9)
+    mix = MixtureDataset([a, b], [1.0, 3.0], seed=0)
+    src = np.array([k for k, _ in mix._plan])
+    assert abs((src == 1).mean() - 0.75) < 0.06
+    assert len(set(a.sample_ids) & set(b.sample_ids)) == 0
+    assert mix[0]["actions"].shape == (8, 7)
+    wrong = generate_dataset(tmp_path / "c", num_episodes=3, seed=2, sensor_channels=9, progress=False)
+    with pytest.raises(DataError, match="sensor_channels"):
+        MixtureDataset([a, EpisodeDataset(wrong, cfg, split="all")], [1, 1])
+
+
+def test_normalize_round_trip_and_errors(synth_dataset_dir, tmp_path):
+    stats = compute_stats(synth_dataset_dir, progress=False)
+    acts = np.asarray(read_frames(synth_dataset_dir).column("action").to_pylist(), np.float32)
+    np.testing.assert_allclose(stats.stats["actions"]["mean"], acts.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats.stats["actions"]["q99"], np.quantile(acts, 0.99, axis=0), rtol=1e-4, atol=1e-6)
+    stats.save(tmp_path / "s.json")
+    loaded = NormStats.load(tmp_path / "s.json")
+    assert loaded.fingerprint == stats.fingerprint == dataset_fingerprint(synth_dataset_dir)
+    x = np.random.default_rng(0).normal(size=(5, 8, 7)).astype(np.float32)
+    for mode in ("mean_std", "quantile"):
+        n = Normalizer(loaded, mode)
+        np.testing.assert_allclose(n.unnormalize("actions", n.normalize("actions", x)), x, rtol=1e-5, atol=1e-5)
+        t = torch.from_numpy(x)
+        assert torch.allclose(n.unnormalize("actions", n.normalize("actions", t)), t, atol=1e-5)
+        np.testing.assert_allclose(n.normalize("actions", t).numpy(), n.normalize("actions", x), rtol=1e-6)
+    with pytest.raises(NormalizationError, match="sensorvla stats"):
+        Normalizer(NormStats({"actions": stats.stats["actions"]}, {"actions": 1}, "x")).normalize("state", x[0, 0, :6])
+    with pytest.raises(NormalizationError, match="sensorvla stats"):
+        stats.check({**stats.fingerprint, "count": {"actions": 1}})
+
+
+def test_stale_stats_raise_in_training_setup(tmp_path, synth_dataset_dir):
+    from sensorvla.config import SensorVLAConfig
+    from sensorvla.training.data_setup import ensure_stats, stats_path
+    from sensorvla.training.distributed import DistInfo
+
+    root = generate_dataset(tmp_path / "d", num_episodes=3, seed=5, progress=False)
+    compute_stats(synth_dataset_dir, progress=False).save(stats_path(root))  # another dataset's stats
+    cfg = SensorVLAConfig()
+    cfg.data.dataset_dir = str(root)
+    with pytest.raises(NormalizationError, match="recompute"):
+        ensure_stats(cfg, DistInfo(0, 1, 0, torch.device("cpu")), progress=False)
+
+
+def test_synthetic_dataset_is_deterministic(tmp_path):
+    a = generate_dataset(tmp_path / "a", num_episodes=3, seed=7, progress=False)
+    b = generate_dataset(tmp_path / "b", num_episodes=3, seed=7, progress=False)
+    for f in sorted(p.relative_to(a) for p in a.rglob("*.npy")):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert read_frames(a).equals(read_frames(b))
+
+
+def _features(ds, idx, with_sensor):
+    s = ds[idx]
+    img = np.concatenate([im[::8, ::8].astype(np.float32).ravel() / 255 for im in s["images"]])
+    feats = [img, s["state"]]
+    if with_sensor:
+        w = s["sensor"]
+        feats += [w[-1], w.mean(0), [np.argmax(w[-1, 1:])]]
+    return np.concatenate([np.ravel(f) for f in feats])
+
+
+def test_the_task_needs_the_sensor(synth_dataset_dir):
+    """Ridge regression of the dz action: image (+ state) features vs the same plus sensor features."""
+    cfg = data_cfg(synth_dataset_dir)
+    train = EpisodeDataset(synth_dataset_dir, dataclasses.replace(cfg, val_fraction=0.0, test_fraction=0.3), "train")
+    test = EpisodeDataset(synth_dataset_dir, dataclasses.replace(cfg, val_fraction=0.0, test_fraction=0.3), "test")
+    tr = [i for i in range(len(train)) if train[i]["has_sensor"]]
+    te = [i for i in range(len(test)) if test[i]["has_sensor"]]
+    y_tr = np.array([train[i]["actions"][0, 2] for i in tr])
+    y_te = np.array([test[i]["actions"][0, 2] for i in te])
+    errors = {}
+    for with_sensor in (False, True):
+        x_tr = np.stack([_features(train, i, with_sensor) for i in tr])
+        x_te = np.stack([_features(test, i, with_sensor) for i in te])
+        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+        a, b = (x_tr - mu) / sd, (x_te - mu) / sd
+        w = np.linalg.solve(a.T @ a + 10.0 * np.eye(a.shape[1]), a.T @ (y_tr - y_tr.mean()))
+        errors[with_sensor] = np.abs(b @ w + y_tr.mean() - y_te).mean()
+    print("ridge dz MAE", errors)
+    assert errors[False] > 1.5 * errors[True], errors
+
+
+def test_expert_episode_succeeds():
+    cfg = SimConfig()
+    ep = simulate_episode(3, cfg, with_sensor=True, name="x")
+    assert ep.extra["success"]
+
+
+@pytest.mark.parametrize(
+    "breakage,match",
+    [
+        (lambda ep: setattr(ep, "sensor_timestamps", ep.sensor_timestamps[::-1].copy()), "not strictly increasing"),
+        (lambda ep: ep.sensor.__setitem__((5, 3), np.nan), "NaN/inf"),
+        (lambda ep: setattr(ep, "sensor", ep.sensor[:-3]), "truncated"),
+        (lambda ep: ep.images.pop("top"), "missing"),
+        (
+            lambda ep: (
+                setattr(ep, "actions", ep.actions[:3]),
+                setattr(ep, "action_timestamps", ep.action_timestamps[:3]),
+            ),
+            "fewer than the horizon",
+        ),
+    ],
+)
+def test_validate_episode_errors(breakage, match):
+    ep = simulate_episode(0, SimConfig(), with_sensor=True, name="bad_ep")
+    breakage(ep)
+    with pytest.raises(DataError, match=match) as info:
+        validate_episode(ep, views=["front", "top"], min_actions=8)
+    assert "bad_ep" in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_write_dataset_is_atomic(tmp_path):
+    good = simulate_episode(0, SimConfig(), with_sensor=True, name="ok")
+
+    def episodes():
+        yield good
+        raise RuntimeError("crash mid-way")
+
+    with pytest.raises(RuntimeError):
+        write_dataset(episodes(), tmp_path / "out", dataset_id="x", action_fps=10, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError, match="not a sensorvla dataset.*sensorvla data synth"):
+        load_meta(tmp_path)
