@@ -8,6 +8,7 @@ the stage-1 VL feature cache instead (`training/feature_cache.py`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -221,7 +222,7 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
     try:
         while state["epoch"] < cfg.train.epochs and not stop:
             epoch = state["epoch"]
-            train_raw.set_epoch(epoch) if hasattr(train_raw, "set_epoch") else None
+            train_raw.set_epoch(epoch)  # reseeds VL-staleness draws / the mixture plan
             sampler.set_position(epoch, state["micro_in_epoch"] * cfg.train.batch_size)
             policy.train()
             if cfg.model.finetune.mode == "none":
@@ -355,7 +356,7 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
             subset,
             batch_size=cfg.train.batch_size,
             num_workers=cfg.data.num_workers,
-            collate_fn=lambda items: collate(items, pad),
+            collate_fn=functools.partial(collate, pad_token_id=pad),
         )
 
     try:
