@@ -285,6 +285,11 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--model.sensor.force-channels must be between 0 and the sensor channel count")
     if t.stage == "stage2" and not t.stage1_checkpoint and not t.resume:
         raise ConfigError("Stage 2 training requires --stage1-checkpoint")
+    if t.strategy == "fsdp" and (m.finetune.mode != "full" or t.resume):
+        raise ConfigError(
+            "--train.strategy fsdp is for full fine-tuning (--finetune-vl full) and does not resume yet; "
+            "use --train.strategy ddp otherwise"
+        )
     if not t.sensor_loss_weight >= 0:
         raise ConfigError("--sensor_loss_weight must be >= 0")
     for spec in d.mixture:

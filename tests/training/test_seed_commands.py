@@ -202,3 +202,39 @@ def test_guide_messages(tmp_path, tiny_vl_dir, synth_dataset_dir):
     assert r.returncode != 0
     assert "Checkpoint loading mismatch" in r.stderr
     assert "missing=" in r.stderr and "sensor_encoder" in r.stderr and "unexpected=" in r.stderr
+
+
+def test_fsdp2_full_finetune_two_processes(tmp_path, tiny_vl_dir, synth_dataset_dir):
+    """Stage 2 with --finetune-vl full under FSDP2 (gloo, 2 ranks): runs, and saves full, loadable states."""
+    env = env_for(tiny_vl_dir)
+    data = ["--dataset_dir", str(synth_dataset_dir)]
+    r1 = torchrun(STAGE1_REG[0], STAGE1_REG[1] + data + FAST, tmp_path, env)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    args = [
+        "--training-stage",
+        "stage2",
+        "--stage1-checkpoint",
+        "checkpoints/qwen_vla_sensor_best.pt",
+        "--finetune-vl",
+        "full",
+        "--train.strategy",
+        "fsdp",
+        "--batch-size",
+        "4",
+        "--grad-accum-steps",
+        "2",
+        "--output-dir",
+        "fsdp",
+        *data,
+        *FAST,
+    ]
+    r2 = torchrun("sensorvla.train", args, tmp_path, env)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    ck = torch.load(tmp_path / "fsdp" / "checkpoints" / "qwen_vla_sensor_best.pt", weights_only=True)
+    assert ck["training_stage"] == "stage2"
+    assert any(k.startswith("backbone.model.language_model.") for k in ck["model_state_dict"])
+    from sensorvla.models.pretrained import from_pretrained
+
+    policy, cfg, _ = from_pretrained(tmp_path / "fsdp" / "checkpoints" / "pretrained_model")
+    assert cfg.train.strategy == "fsdp" and cfg.model.finetune.mode == "full"
+    assert all(torch.isfinite(p).all() for p in policy.parameters())

@@ -88,11 +88,11 @@ def build_policy(cfg: SensorVLAConfig, *, device: str | torch.device = "cpu", dt
     return policy.to(device)
 
 
-def saved_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+def saved_state_dict(policy: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
     """The tensors that go to model.safetensors: everything but the frozen HF base and LoRA tensors."""
     full = policy.cfg.finetune.mode == "full"
     out = {}
-    for k, v in policy.state_dict().items():
+    for k, v in (policy.state_dict() if state is None else state).items():
         if finetune.is_lora_param(k):
             continue
         if k.startswith(finetune.HF_BASE_PREFIX) and not full:
@@ -101,12 +101,18 @@ def saved_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(policy, out_dir: str | Path, cfg: SensorVLAConfig, norm_stats=None) -> Path:
-    """Write the pretrained_model folder atomically (see module docstring)."""
+def save_pretrained(
+    policy, out_dir: str | Path, cfg: SensorVLAConfig, norm_stats=None, state: dict | None = None
+) -> Path:
+    """Write the pretrained_model folder atomically (see module docstring).
+
+    Args:
+        state: a full (gathered) state dict to save instead of `policy.state_dict()` (FSDP2 training).
+    """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(cfg.to_json())
-        save_safetensors(saved_state_dict(policy), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_safetensors(saved_state_dict(policy, state), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         if cfg.model.finetune.mode == "lora":
             save_safetensors(finetune.adapter_state_dict(policy), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
             lcfg = finetune.lora_config(cfg.model.finetune).to_dict()

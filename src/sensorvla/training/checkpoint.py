@@ -67,32 +67,45 @@ def epoch_name(epoch: int) -> str:
     return f"diffusion_epoch{epoch}.pt"
 
 
-def split_stage1(policy) -> tuple[dict, dict]:
+def split_stage1(policy, state: dict | None = None) -> tuple[dict, dict]:
     """(sensor_encoder, action_expert) state dicts with policy-level key names."""
     sensor, expert = {}, {}
-    for k, v in saved_state_dict(policy).items():
+    for k, v in saved_state_dict(policy, state).items():
         if k.startswith(finetune.HF_BASE_PREFIX):
             continue  # only for `full`, which is not a stage-1 mode
         (sensor if k.startswith("sensor_encoder.") else expert)[k] = v.detach().cpu()
     return sensor, expert
 
 
-def model_state(policy) -> dict:
+def model_state(policy, state: dict | None = None) -> dict:
     """Stage-2 `model_state_dict`: saved tensors plus LoRA adapters (policy key names)."""
-    sd = {k: v.detach().cpu() for k, v in saved_state_dict(policy).items()}
-    for k, v in policy.state_dict().items():
+    sd = {k: v.detach().cpu() for k, v in saved_state_dict(policy, state).items()}
+    for k, v in (policy.state_dict() if state is None else state).items():
         if finetune.is_lora_param(k):
             sd[k] = v.detach().cpu()
     return sd
 
 
-def seed_payload(policy, optimizer, scheduler, *, epoch: int, val_loss: float, stage: str) -> dict[str, Any]:
+def seed_payload(
+    policy,
+    optimizer,
+    scheduler,
+    *,
+    epoch: int,
+    val_loss: float,
+    stage: str,
+    state: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> dict[str, Any]:
+    """The seed guide's checkpoint dict. `state` / `optimizer_state`: gathered full states (FSDP2)."""
     payload: dict[str, Any] = {"epoch": int(epoch)}
     if stage == "stage1":
-        payload["sensor_encoder"], payload["action_expert"] = split_stage1(policy)
+        payload["sensor_encoder"], payload["action_expert"] = split_stage1(policy, state)
     else:
-        payload["model_state_dict"] = model_state(policy)
-    payload["optimizer_state_dict"] = optimizer.state_dict() if optimizer is not None else {}
+        payload["model_state_dict"] = model_state(policy, state)
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict() if optimizer is not None else {}
+    payload["optimizer_state_dict"] = optimizer_state
     payload["scheduler_state_dict"] = scheduler.state_dict() if scheduler is not None else {}
     payload["val_loss"] = float(val_loss)
     payload["training_stage"] = stage

@@ -140,6 +140,9 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
     total_steps = steps_per_epoch * cfg.train.epochs
 
     # --- optimisation -------------------------------------------------------------------------------
+    # wrap before building the optimizer: FSDP2 replaces parameters with sharded DTensors
+    is_fsdp = cfg.train.strategy == "fsdp" and info.enabled
+    model = wrap_model(policy, info, cfg.train.strategy)
     groups = build_param_groups(policy, cfg.train)
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "param_names"} for g in groups], betas=(0.9, 0.95)
@@ -161,7 +164,6 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
         ckpt.restore_rng(rng[info.rank])
         state.update(saved_state)
         logger.info("resumed at epoch %d, step %d", state["epoch"], state["step"])
-    model = wrap_model(policy, info, cfg.train.strategy)
 
     run_log = RunLogger(
         out_dir, enabled=info.is_main, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=cfg.to_dict()
@@ -186,11 +188,32 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                 [ckpt.BEST_NAME] + [ckpt.epoch_name(e) for e in range(1, cfg.train.epochs + 1)],
             )
 
+    def gathered() -> tuple[dict | None, dict | None]:
+        """Full model/optimizer states on every rank for FSDP2 (collective); None for DDP / 1 process."""
+        if not is_fsdp:
+            return None, None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(policy, options=opts), get_optimizer_state_dict(policy, optimizer, options=opts)
+
     def save_last() -> None:
         rngs = all_gather_objects(ckpt.rng_state(), info)
+        full, opt_full = gathered()
         if info.is_main:
             payload = ckpt.seed_payload(
-                policy, optimizer, scheduler, epoch=state["epoch"], val_loss=state["best_val"], stage=cfg.train.stage
+                policy,
+                optimizer,
+                scheduler,
+                epoch=state["epoch"],
+                val_loss=state["best_val"],
+                stage=cfg.train.stage,
+                state=full,
+                optimizer_state=opt_full,
             )
             ckpt.save_last(ckpt_dir, payload, dict(state), rngs)
 
@@ -236,7 +259,10 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                 for i in range(n_micro):
                     batch = _prepare(next(loader), cache, info.device)
                     sync = i == n_micro - 1 or not info.enabled
-                    with nullcontext() if sync else model.no_sync(), autocast_ctx(cfg, info.device):
+                    if is_fsdp:
+                        model.set_requires_gradient_sync(sync)
+                    no_sync = nullcontext() if sync or is_fsdp or not info.enabled else model.no_sync()
+                    with no_sync, autocast_ctx(cfg, info.device):
                         loss, m = model(batch, sensor_loss_weight=cfg.train.sensor_loss_weight)
                         (loss / n_micro).backward()
                     loss_sum += float(loss.detach())
@@ -245,6 +271,8 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                         step_metrics[k] = step_metrics.get(k, 0.0) + v / n_micro
                     state["micro_in_epoch"] += 1
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                    grad_norm = grad_norm.full_tensor()
                 mean_loss = all_reduce_sum([loss_sum / n_micro], info)[0] / info.world_size
                 if not math.isfinite(mean_loss) or not torch.isfinite(grad_norm):
                     raise TrainingDivergedError(
@@ -298,22 +326,32 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
                     state["best_val"], state["bad_validations"] = val, 0
                 else:
                     state["bad_validations"] += 1
+                full, opt_full = gathered()
                 if info.is_main:
                     payload = ckpt.seed_payload(
-                        policy, optimizer, scheduler, epoch=epoch_label, val_loss=val, stage=cfg.train.stage
+                        policy,
+                        optimizer,
+                        scheduler,
+                        epoch=epoch_label,
+                        val_loss=val,
+                        stage=cfg.train.stage,
+                        state=full,
+                        optimizer_state=opt_full,
                     )
                     if cfg.model.head.type == "diffusion":
                         ckpt.save_seed_file(ckpt_dir / ckpt.epoch_name(epoch_label), payload)
                     if improved:
                         ckpt.save_seed_file(ckpt_dir / ckpt.BEST_NAME, payload)
-                        save_pretrained(policy, ckpt_dir / "pretrained_model", cfg, stats)
+                        save_pretrained(policy, ckpt_dir / "pretrained_model", cfg, stats, state=full)
                 if cfg.train.patience and state["bad_validations"] >= cfg.train.patience:
                     logger.info("early stopping: no improvement in %d validations", cfg.train.patience)
                     stop = True
             if epoch_done or stop:
                 save_last()
-        if info.is_main and not (ckpt_dir / "pretrained_model").exists():
-            save_pretrained(policy, ckpt_dir / "pretrained_model", cfg, stats)
+        if not (ckpt_dir / "pretrained_model").exists():
+            full, _ = gathered()
+            if info.is_main:
+                save_pretrained(policy, ckpt_dir / "pretrained_model", cfg, stats, state=full)
     finally:
         bar.close()
         run_log.close()
