@@ -1,0 +1,51 @@
+"""Tests outside the default suite: `-m slow` (the full demo) and `-m gpu` (CUDA + bf16 paths)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.mark.slow
+def test_full_demo_sensor_matters_in_closed_loop(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "sensorvla.cli", "demo", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert s["rollout_success"] >= 0.8
+    assert s["rollout_success"] - s["rollout_success_sensor_ablated"] >= 0.3
+    assert s["eval"]["sensor_ablation_delta_l1_missing"] > 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_training_and_inference(tmp_path, tiny_vl_dir, synth_dataset_dir):
+    from sensorvla.config import SensorVLAConfig
+    from sensorvla.inference.runner import PolicyRunner
+    from sensorvla.training.loop import train
+
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.model.finetune.mode = "lora"
+    cfg.train.stage, cfg.train.stage1_checkpoint, cfg.train.resume = "stage1", None, False
+    cfg.data.dataset_dir = str(synth_dataset_dir)
+    cfg.train.output_dir = str(tmp_path)
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum_steps = 4, 8, 1
+    cfg.train.tensorboard = False
+    torch.cuda.reset_peak_memory_stats()
+    out = train(cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(out["train_loss"])))
+    runner = PolicyRunner.from_pretrained(tmp_path / "checkpoints" / "pretrained_model", device="cuda")
+    assert next(runner.policy.backbone.model.parameters()).dtype == torch.bfloat16
+    assert torch.cuda.max_memory_allocated() > 0
