@@ -69,7 +69,8 @@ def smoke_heads(vl_dir: Path, data_dir: Path) -> None:
         if head == "regression":
             print(group_table(policy, build_param_groups(policy, cfg.train)))
         del policy
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run_demo(out: Path, *, head: str = "regression", episodes: int = 24, quick: bool = False) -> dict:
