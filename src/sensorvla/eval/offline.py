@@ -54,7 +54,9 @@ def _errors(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[str, Any
         "first_action_l1": float(np.abs(err[:, 0]).mean()) if len(err) else 0.0,
         "final_pose_l1": float(final.mean()) if len(err) else 0.0,
         "l1_per_step": l1_step_dim.mean(1).tolist(),
+        "mse_per_step": mse_step_dim.mean(1).tolist(),
         "l1_per_dim": ((np.abs(err) * m).sum((0, 1)) / max(m.sum(), 1)).tolist(),
+        "mse_per_dim": ((err**2 * m).sum((0, 1)) / max(m.sum(), 1)).tolist(),
         "l1_per_step_dim": l1_step_dim.tolist(),
         "mse_per_step_dim": mse_step_dim.tolist(),
         "first_action_l1_per_dim": np.abs(err[:, 0]).mean(0).tolist() if len(err) else [],
@@ -64,18 +66,22 @@ def _errors(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[str, Any
 
 
 def _ablate(raws: list[dict], mode: str, seed: int) -> list[dict]:
+    """The same samples with the sensor of every sample that has one masked ("missing") or swapped with
+    another such sample's window ("shuffled", a deterministic derangement for `seed`). Samples without
+    sensor data stay as they are, so batches, and so sampling noise, match the normal pass exactly."""
     out = [dict(r) for r in raws]
+    idx = [i for i, r in enumerate(raws) if r["has_sensor"]]
     if mode == "missing":
-        for r in out:
-            r["sensor"] = np.zeros_like(r["sensor"])
-            r["sensor_mask"] = np.zeros_like(r["sensor_mask"])
-            r["has_sensor"] = False
-    elif mode == "shuffled":
-        perm = np.random.default_rng(seed).permutation(len(out))
-        src = np.empty(len(out), dtype=int)
-        src[perm] = np.roll(perm, 1)  # a random derangement: no sample keeps its own window (n > 1)
-        for r, j in zip(out, src):
-            r["sensor"], r["sensor_mask"] = raws[j]["sensor"], raws[j]["sensor_mask"]
+        for i in idx:
+            out[i]["sensor"] = np.zeros_like(raws[i]["sensor"])
+            out[i]["sensor_mask"] = np.zeros_like(raws[i]["sensor_mask"])
+            out[i]["has_sensor"] = False
+    elif mode == "shuffled" and len(idx) > 1:
+        perm = np.random.default_rng(seed).permutation(len(idx))
+        src = np.empty(len(idx), dtype=int)
+        src[perm] = np.roll(perm, 1)  # one cycle through a random order: no sample keeps its own window
+        for i, j in zip(idx, src):
+            out[i]["sensor"], out[i]["sensor_mask"] = raws[idx[j]]["sensor"], raws[idx[j]]["sensor_mask"]
     return out
 
 
@@ -123,10 +129,9 @@ def evaluate(
     metrics["action_names"] = names
     ablation = {}
     if has.any():
-        sens = [r for r, h in zip(raws, has) if h]
         base = metrics["with_sensor"]["l1"]
         for mode in ABLATIONS:
-            p = _predict(runner, _ablate(sens, mode, seed), batch_size, seed)
+            p = _predict(runner, _ablate(raws, mode, seed), batch_size, seed)[has]
             e = _errors(p, gt[has], mask[has])
             ablation[mode] = {
                 "l1": e["l1"],

@@ -1,0 +1,175 @@
+"""Offline evaluation: files written, metrics in physical units against a hand computation, padded steps
+left out, and the sensor ablation (deltas that match a hand re-evaluation, zero for a sensor-blind policy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sensorvla.config import SensorVLAConfig
+from sensorvla.data.dataset import EpisodeDataset
+from sensorvla.eval.offline import _errors, evaluate
+from sensorvla.inference.runner import PolicyRunner
+from sensorvla.training.loop import train
+
+H, D_A = 8, 7
+
+
+def _train(out, vl_dir, data_dir, *, head="regression", sensor=True, steps=6):
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(vl_dir)
+    cfg.data.dataset_dir = str(data_dir)
+    cfg.train.output_dir = str(out)
+    cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.max_steps = 16, 1, steps
+    cfg.train.tensorboard = False
+    cfg.model.head.type = head
+    cfg.model.head.num_inference_steps = 2
+    cfg.model.sensor.enabled = sensor
+    train(cfg, progress=False)
+    return out / "checkpoints" / "pretrained_model"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_vl_dir, synth_dataset_dir):
+    return _train(tmp_path_factory.mktemp("trained_offline"), tiny_vl_dir, synth_dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def runner(trained):
+    return PolicyRunner.from_pretrained(trained)
+
+
+def _hand_predict(runner, raws, mutate=None):
+    """One sample at a time through transform -> predict_chunk -> unnormalize: (N, H, D_a) physical."""
+    from sensorvla.data.transforms import collate
+    from sensorvla.models.backbone import pad_token_id
+
+    out = []
+    for raw in raws:
+        raw = dict(raw)
+        if mutate is not None:
+            mutate(raw)
+        batch = collate([runner.transform(raw)], pad_token_id(runner.processor))
+        pred = runner.policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0)).numpy()[0]
+        out.append(runner.normalizer.unnormalize("actions", pred))
+    return np.stack(out).astype(np.float64)
+
+
+def test_writes_metrics_plots_and_report(runner, trained, synth_dataset_dir, tmp_path):
+    m = evaluate(trained, synth_dataset_dir, split="test", out_dir=tmp_path, progress=False, runner=runner)
+    for name in ("metrics.json", "report.md", "report.html"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    for name in ("trajectories.png", "error_per_step.png", "sensor_ablation.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["num_samples"] == m["num_samples"] == len(EpisodeDataset(synth_dataset_dir, runner.cfg.data, "test"))
+    assert np.asarray(saved["l1_per_step_dim"]).shape == np.asarray(saved["mse_per_step_dim"]).shape == (H, D_A)
+    assert len(saved["l1_per_step"]) == H and len(saved["l1_per_dim"]) == len(saved["action_names"]) == D_A
+    # the split has episodes with and without sensor data; both groups are reported and add up
+    w, wo = saved["with_sensor"], saved["without_sensor"]
+    assert w["num_samples"] > 0 and wo["num_samples"] > 0
+    assert w["num_samples"] + wo["num_samples"] == saved["num_samples"]
+    n = saved["num_samples"]
+    assert saved["l1"] == pytest.approx((w["l1"] * w["num_samples"] + wo["l1"] * wo["num_samples"]) / n, rel=0.05)
+    assert set(saved["ablation"]) == {"missing", "shuffled"}
+    for mode, a in saved["ablation"].items():
+        assert a["delta_l1"] == pytest.approx(a["l1"] - w["l1"])
+        assert saved[f"sensor_ablation_delta_l1_{mode}"] == pytest.approx(a["delta_l1"])
+    report = (tmp_path / "report.md").read_text()
+    assert "Sensor ablation" in report and "![ablation](sensor_ablation.png)" in report
+    html = (tmp_path / "report.html").read_text()
+    assert all(f"src='{f}'" in html for f in saved["figures"].values())
+
+
+def test_metrics_match_a_hand_computation_in_physical_units(runner, trained, synth_dataset_dir, tmp_path):
+    m = evaluate(
+        trained, synth_dataset_dir, split="test", out_dir=tmp_path, max_samples=2, progress=False, runner=runner
+    )
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="test")
+    raws = [ds[0], ds[1]]
+    pred = _hand_predict(runner, raws)
+    gt = np.stack([r["actions"] for r in raws]).astype(np.float64)
+    assert all(r["action_mask"].all() for r in raws)  # full chunks: plain means are the reference
+    err = pred - gt
+    assert m["num_samples"] == 2
+    assert m["l1"] == pytest.approx(np.abs(err).mean(), rel=1e-4)
+    assert m["mse"] == pytest.approx((err**2).mean(), rel=1e-4)
+    assert m["first_action_l1"] == pytest.approx(np.abs(err[:, 0]).mean(), rel=1e-4)
+    np.testing.assert_allclose(m["l1_per_step"], np.abs(err).mean((0, 2)), rtol=1e-4)
+    np.testing.assert_allclose(m["l1_per_dim"], np.abs(err).mean((0, 1)), rtol=1e-4)
+    np.testing.assert_allclose(m["mse_per_step_dim"], (err**2).mean(0), rtol=1e-4)
+    # integrated chunk: the summed deltas are the commanded displacement
+    assert m["final_pose_l1"] == pytest.approx(np.abs(pred.sum(1) - gt.sum(1)).mean(), rel=1e-4)
+
+    # physical, not normalized: the same error measured in normalized space differs
+    def normalized(x):
+        return np.stack([runner.normalizer.normalize("actions", c) for c in x])
+
+    assert abs(np.abs(normalized(pred) - normalized(gt)).mean() - m["l1"]) > 1e-3
+
+
+def test_padded_steps_are_left_out():
+    pred = np.zeros((2, 3, 2))
+    gt = np.ones((2, 3, 2))
+    gt[1, 2] = 100.0  # padding: must not count
+    mask = np.array([[True, True, True], [True, True, False]])
+    e = _errors(pred, gt, mask)
+    assert e["l1"] == pytest.approx(1.0) and e["mse"] == pytest.approx(1.0)
+    assert e["l1_per_step"] == pytest.approx([1.0, 1.0, 1.0])
+    assert e["final_pose_l1"] == pytest.approx((3.0 + 2.0) / 2)  # sums over the valid steps only
+
+
+def test_sensor_ablation_matches_a_hand_re_evaluation(runner, trained, synth_dataset_dir, tmp_path):
+    m = evaluate(
+        trained, synth_dataset_dir, split="test", out_dir=tmp_path, max_samples=6, progress=False, runner=runner
+    )
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="test")
+    raws = [ds[i] for i in range(6)]
+    assert all(r["has_sensor"] for r in raws)
+    gt = np.stack([r["actions"] for r in raws])
+
+    def missing(raw):
+        raw.update(sensor=np.zeros_like(raw["sensor"]), sensor_mask=np.zeros_like(raw["sensor_mask"]), has_sensor=False)
+
+    l1_missing = np.abs(_hand_predict(runner, raws, missing) - gt).mean()
+    assert m["ablation"]["missing"]["l1"] == pytest.approx(l1_missing, rel=1e-4)
+    # the policy reads the sensor: masking or shuffling it changes the error
+    assert abs(m["ablation"]["missing"]["delta_l1"]) > 1e-6
+    assert abs(m["ablation"]["shuffled"]["delta_l1"]) > 1e-6
+    kw = {"split": "test", "max_samples": 6, "progress": False, "runner": runner}
+    again = evaluate(trained, synth_dataset_dir, out_dir=tmp_path / "again", **kw)
+    assert again["ablation"]["shuffled"]["l1"] == m["ablation"]["shuffled"]["l1"]  # deterministic permutation
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """Two episodes, the first without sensor data: sensor-less samples come before sensor ones."""
+    from sensorvla.data.synth import generate_dataset
+
+    root = generate_dataset(
+        tmp_path_factory.mktemp("mixed") / "ds", num_episodes=2, seed=1, no_sensor_fraction=0.5, progress=False
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    "head",
+    ["regression", "diffusion"],
+)
+def test_sensor_blind_policy_has_zero_ablation_delta(head, tmp_path, tiny_vl_dir, synth_dataset_dir, mixed_dataset):
+    ckpt = _train(tmp_path / "blind", tiny_vl_dir, synth_dataset_dir, head=head, sensor=False, steps=1)
+    ds = EpisodeDataset(mixed_dataset, SensorVLAConfig().data, split="all")
+    assert not ds[0]["has_sensor"] and ds[len(ds) - 1]["has_sensor"]
+    m = evaluate(ckpt, mixed_dataset, split="all", out_dir=tmp_path / "eval", batch_size=16, progress=False)
+    for mode in ("missing", "shuffled"):
+        assert m["ablation"][mode]["delta_l1"] == pytest.approx(0.0, abs=1e-5), mode
+
+
+def test_empty_selection_fails_with_the_fix(runner, trained, synth_dataset_dir, tmp_path):
+    with pytest.raises(ValueError, match="--split"):
+        evaluate(
+            trained, synth_dataset_dir, split="test", out_dir=tmp_path, max_samples=0, progress=False, runner=runner
+        )

@@ -1,0 +1,130 @@
+"""The closed-loop insertion env (Gymnasium API, success/failure rules, the sensor matters) and `rollout`
+(chunked re-querying, success/length reporting, the ablated sensor reaching the policy as missing, GIFs)."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from PIL import Image
+
+from sensorvla.config import SensorVLAConfig
+from sensorvla.eval.envs import register_envs
+from sensorvla.eval.envs.insertion import InsertionEnv
+from sensorvla.eval.rollout import expert_rollout, rollout
+from sensorvla.inference.runner import PolicyRunner
+from sensorvla.training.loop import train
+
+ENV_ID = "sensorvla/Insertion-v0"
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory, tiny_vl_dir, synth_dataset_dir):
+    out = tmp_path_factory.mktemp("trained_rollout")
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.data.dataset_dir = str(synth_dataset_dir)
+    cfg.train.output_dir = str(out)
+    cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.max_steps = 16, 1, 2
+    cfg.train.tensorboard = False
+    train(cfg, progress=False)
+    return PolicyRunner.from_pretrained(out / "checkpoints" / "pretrained_model")
+
+
+class SpyRunner:
+    """Wraps a runner; records, per query, whether the observation reaches the model with sensor data."""
+
+    def __init__(self, runner):
+        self.runner, self.has_sensor, self.resets = runner, [], 0
+
+    def infer(self, obs):
+        self.has_sensor.append(self.runner.raw_sample(obs)["has_sensor"])
+        return self.runner.infer(obs)
+
+    def reset(self):
+        self.resets += 1
+        self.runner.reset()
+
+
+def test_register_is_explicit_and_idempotent():
+    register_envs()
+    register_envs()
+    env = gym.make(ENV_ID)
+    assert isinstance(env.unwrapped, InsertionEnv)
+
+
+def test_env_passes_gymnasium_checks_and_is_seeded():
+    from gymnasium.utils.env_checker import check_env
+
+    env = InsertionEnv()
+    with pytest.warns(UserWarning):  # only advisory warnings (unbounded boxes, physical action units)
+        check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=3)
+    assert env.observation_space.contains(obs)
+    assert obs["images"].shape == (2, 64, 64, 3) and obs["images"].dtype == np.uint8
+    assert obs["sensor"].shape == (env.n_sensor, 33) and obs["sensor"].dtype == np.float32
+    assert np.all(obs["sensor_timestamps"] <= obs["timestamp"]) and np.all(np.diff(obs["sensor_timestamps"]) > 0)
+    again, _ = InsertionEnv().reset(seed=3)
+    np.testing.assert_array_equal(obs["images"], again["images"])
+    np.testing.assert_array_equal(obs["state"], again["state"])
+    frame = env.render()
+    assert frame.shape == (64, 128, 3) and frame.dtype == np.uint8
+    obs2, reward, terminated, truncated, info = env.step(np.zeros(7, np.float32))
+    assert obs2["timestamp"] == pytest.approx(0.1) and reward == 0.0 and not terminated and not truncated
+    assert obs2["sensor_timestamps"][-1] > obs["sensor_timestamps"][-1]  # fresh samples every step
+    assert {"success", "layer_distance_mm", "lateral_error_mm"} <= set(info)
+
+
+def test_overshoot_fails_and_timeout_truncates():
+    env = InsertionEnv()
+    env.reset(seed=0)
+    down = np.array([0, 0, -2, 0, 0, 0, 1], np.float32)
+    for _ in range(50):
+        _, reward, terminated, truncated, info = env.step(down)
+        if terminated or truncated:
+            break
+    assert terminated and not truncated and not info["success"] and reward == 0.0
+    assert info["layer_distance_mm"] < -env.cfg.overshoot_fail_mm
+    env.reset(seed=0)
+    env.unwrapped.cfg.max_steps = 5
+    results = [env.step(np.zeros(7, np.float32)) for _ in range(5)]
+    assert [r[3] for r in results] == [False] * 4 + [True] and not any(r[2] for r in results)
+
+
+def test_expert_succeeds_and_a_sensor_blind_expert_fails_more():
+    env = InsertionEnv()
+    expert = expert_rollout(env, episodes=12, seed=0)
+    blind = expert_rollout(env, episodes=12, seed=0, blind=True)  # assumes the mean layer depth
+    assert expert["success_rate"] >= 0.9
+    assert blind["success_rate"] <= expert["success_rate"] - 0.4
+
+
+def test_sensor_unavailable_env_reaches_the_runner_as_missing(runner):
+    obs, _ = InsertionEnv(sensor_available=False).reset(seed=0)
+    assert not runner.raw_sample(obs)["has_sensor"]
+    obs, _ = InsertionEnv().reset(seed=0)
+    assert runner.raw_sample(obs)["has_sensor"]
+
+
+def test_rollout_reports_success_length_and_writes_a_gif(runner, tmp_path):
+    env = InsertionEnv()
+    env.cfg.max_steps = 10
+    spy = SpyRunner(runner)
+    r = rollout(spy, env, episodes=2, execute_steps=3, video_dir=tmp_path, max_videos=1, seed=0)
+    lengths = [e["length"] for e in r["results"]]
+    assert r["episodes"] == 2 and spy.resets == 2 and all(1 <= n <= 10 for n in lengths)
+    assert r["success_rate"] == np.mean([e["success"] for e in r["results"]])
+    assert r["mean_episode_length"] == pytest.approx(np.mean(lengths))
+    assert len(spy.has_sensor) == sum(math.ceil(n / 3) for n in lengths)  # re-query every 3 steps
+    assert all(spy.has_sensor)
+    gif = Image.open(tmp_path / "episode_00_sensor.gif")
+    assert gif.n_frames == lengths[0] + 1  # the reset frame plus one per step
+    assert not (tmp_path / "episode_01_sensor.gif").exists()  # max_videos=1
+
+    spy.has_sensor.clear()
+    blind = rollout(spy, env, episodes=2, execute_steps=8, ablate_sensor=True, seed=0)
+    assert blind["sensor_ablated"] and len(blind["results"]) == 2
+    assert spy.has_sensor and not any(spy.has_sensor)  # the policy saw the sensor as missing
+    assert 0.0 <= blind["success_rate"] <= 1.0 and blind["mean_episode_length"] >= 1
