@@ -131,6 +131,16 @@ class DataConfig:
     vl_max_staleness_steps: int = 0
     num_workers: int = 0
     normalization: Literal["mean_std", "quantile"] = "mean_std"
+    # The sensor source: sidecar stream(s) or per-frame features (e.g. observation.force); empty = automatic.
+    sensor_keys: tuple[str, ...] = ()
+    # Row timestamps must sit within this of their video frame (LeRobot's tolerance_s).
+    timestamp_tolerance_s: float = 1e-4
+    # Sensor transforms before normalization (saved in norm_stats.json, applied by the Normalizer):
+    # clip each channel to its [q, 1 - q] training quantiles, then signed_log1p(x) = sign(x) log1p(|x| / s).
+    sensor_transform: Literal["none", "signed_log1p"] = "none"
+    sensor_transform_channels: Literal["force", "all"] = "force"  # force: the leading force channels
+    sensor_log_scale: float = 0.0  # s; 0 = per channel, the median |x| of the training split
+    sensor_clip_quantile: float = 0.0  # q; 0 = no clipping
 
 
 @dataclass
@@ -294,6 +304,10 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--sensor_loss_weight must be >= 0")
     for spec in d.mixture:
         _parse_mixture(spec)
+    if not 0 <= d.sensor_clip_quantile < 0.5:
+        raise ConfigError(f"--data.sensor-clip-quantile must be in [0, 0.5), got {d.sensor_clip_quantile}")
+    if d.sensor_log_scale < 0 or d.timestamp_tolerance_s <= 0:
+        raise ConfigError("--data.sensor-log-scale must be >= 0 and --data.timestamp-tolerance-s > 0")
 
 
 def _parse_mixture(spec: str) -> tuple[str, float]:

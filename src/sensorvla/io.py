@@ -7,18 +7,77 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+LEGACY_TMP_AGE_S = 24 * 3600  # temp folders named before the owner pid was recorded count as stale after this
+
+
+def _owner_tag() -> str:
+    """`<host>-<pid>`: written into every temp name so a later run can tell whether its owner still lives."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{_owner_tag()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings of `path` that a killed atomic write left behind, and say so.
+
+    Ours are `.<name>.<host>-<pid>.<random>.tmp` (and `.<name>.old-<pid>`): removed when that pid no
+    longer runs on this host. Names without an owner (written by older versions) are removed once they
+    are older than a day. Returns the removed paths.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    host = _owner_tag().rsplit("-", 1)[0]
+    owned = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)\..+\.tmp$")
+    old = re.compile(rf"^\.{re.escape(path.name)}\.old-(?P<pid>\d+)$")
+    legacy = re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    for p in path.parent.iterdir():
+        m = owned.match(p.name) or old.match(p.name)
+        if m:
+            if m.groupdict().get("host", host) != host or _pid_alive(int(m["pid"])):
+                continue
+        elif not legacy.match(p.name) or time.time() - p.stat().st_mtime < LEGACY_TMP_AGE_S:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        logger.warning("removed %s, a temporary copy left by an interrupted write of %s", p, path)
+        removed.append(p)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,7 +100,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -77,10 +137,14 @@ def torch_load(path: str | Path) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory in a sibling temp folder; swap it into place only when the block succeeds."""
+    """Build a directory in a sibling temp folder; swap it into place only when the block succeeds.
+
+    Temp folders that an earlier, killed run left beside `path` are removed first (with a warning).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    clean_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp"))
     try:
         yield tmp
         old = None

@@ -83,7 +83,12 @@ def test_no_sample_sees_the_future(tmp_path_factory, cam_hz, state_hz, sensor_hz
     offsets = dict(zip(("action", "state", "sensor", "image.cam"), offs))
     ep, cam_true = timed_episode(cam_hz, state_hz, sensor_hz, action_hz, offsets)
     root = write_dataset(
-        [ep], tmp_path_factory.mktemp("prop") / "ds", dataset_id="prop", action_fps=action_hz, progress=False
+        [ep],
+        tmp_path_factory.mktemp("prop") / "ds",
+        dataset_id="prop",
+        action_fps=action_hz,
+        progress=False,
+        image_format="npy",  # lossless: the frame number is a pixel value
     )
     check_causal(root, cam_true)
 
@@ -92,7 +97,7 @@ def test_original_rates_with_clock_offset(tmp_path):
     """5 Hz cameras, 100 Hz state, 650 Hz sensor, 10 Hz actions; the camera clock lags by 37 ms."""
     offsets = {"action": 0.0, "state": 0.002, "sensor": -0.011, "image.cam": 0.037}
     ep, cam_true = timed_episode(5, 100, 650, 10, offsets, duration=4.0)
-    root = write_dataset([ep], tmp_path / "ds", dataset_id="orig", action_fps=10, progress=False)
+    root = write_dataset([ep], tmp_path / "ds", dataset_id="orig", action_fps=10, progress=False, image_format="npy")
     check_causal(root, cam_true, window_s=0.1, samples=32)
 
 

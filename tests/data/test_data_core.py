@@ -37,7 +37,7 @@ def test_sidecars_are_memory_mapped_npy(synth_dataset_dir):
     ds = EpisodeDataset(synth_dataset_dir, data_cfg(synth_dataset_dir), split="all")
     e = next(e for e in ds.episodes if ds.has_sensor(e))
     ds[0]
-    assert isinstance(ds._arr(e, "sensor.npy"), np.memmap)
+    assert isinstance(ds._eps[e].sensor[1], np.memmap) and isinstance(ds._eps[e].state[1], np.memmap)
     assert not list(synth_dataset_dir.rglob("*.npz")) and not list(synth_dataset_dir.rglob("*.pkl"))
 
 
@@ -90,8 +90,9 @@ def test_mixture_weights_without_copies(tmp_path, synth_dataset_dir):
 
 
 def test_normalize_round_trip_and_errors(synth_dataset_dir, tmp_path):
-    stats = compute_stats(synth_dataset_dir, progress=False)
-    acts = np.asarray(read_frames(synth_dataset_dir).column("action").to_pylist(), np.float32)
+    stats = compute_stats(synth_dataset_dir, progress=False)  # the training split of the default config
+    train = EpisodeDataset(synth_dataset_dir, data_cfg(synth_dataset_dir), split="train")
+    acts = np.concatenate([train._actions[e] for e in train.episodes])
     np.testing.assert_allclose(stats.stats["actions"]["mean"], acts.mean(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats.stats["actions"]["q99"], np.quantile(acts, 0.99, axis=0), rtol=1e-4, atol=1e-6)
     stats.save(tmp_path / "s.json")
@@ -202,5 +203,5 @@ def test_write_dataset_is_atomic(tmp_path):
     with pytest.raises(RuntimeError):
         write_dataset(episodes(), tmp_path / "out", dataset_id="x", action_fps=10, progress=False)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(DataError, match="not a sensorvla dataset.*sensorvla data synth"):
+    with pytest.raises(DataError, match="not a sensorvla or LeRobot v3 dataset.*sensorvla data synth"):
         load_meta(tmp_path)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dataset_helpers import stream
 from fixtures_importers import build_recorder_root, true_pose
 from PIL import Image
 
@@ -25,10 +26,6 @@ def episode_actions(root: Path, e: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array([t["action"][i] for i in rows], np.float64), np.array([t["timestamp"][i] for i in rows])
 
 
-def stream(meta, e: int, name: str) -> np.ndarray:
-    return np.load(meta.stream_dir(e) / f"{name}.npy", allow_pickle=False)
-
-
 def assert_nothing_written(out: Path) -> None:
     assert not out.exists()
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
@@ -45,7 +42,7 @@ def recorder_src(tmp_path_factory):
 def recorder_ds(recorder_src, tmp_path_factory):
     root, _ = recorder_src
     out = tmp_path_factory.mktemp("rec_out") / "ds"
-    return import_recorder(root, out, progress=False)
+    return import_recorder(root, out, progress=False, image_format="npy")  # lossless: frames compared exactly
 
 
 @pytest.fixture
@@ -90,7 +87,7 @@ def test_recorder_meta_and_has_sensor(recorder_ds, recorder_src):
     ]
     off = meta.episodes[0]["clock_offsets"]
     assert off["sensor"] == 0.012 and off["image.View1"] == -0.004 and off["state"] == 0.0
-    assert not (meta.stream_dir(1) / "sensor.npy").exists()
+    assert meta.streams["sensor"].has(0) and not meta.streams["sensor"].has(1)
 
 
 def test_recorder_actions_are_pose_deltas_across_yaw_wrap(recorder_ds, recorder_src):
@@ -149,10 +146,10 @@ def test_recorder_single_episode_resize_joints_instruction(recorder_src, tmp_pat
         include_joints=True,
         progress=False,
         dataset_id="one",
-    )
+    )  # video: 8x12 frames held on the 10 Hz action grid
     meta = load_meta(out)
     assert meta.dataset_id == "one" and len(meta.episodes) == 1 and meta.state_dim == 12
-    assert stream(meta, 0, "image_View1").shape[1:] == (8, 12, 3)
+    assert stream(meta, 0, "image_View1").shape == (meta.episodes[0]["length"], 8, 12, 3)
     assert meta.episodes[0]["instruction"] == "insert it"
     np.testing.assert_allclose(
         stream(meta, 0, "state")[:, 6],
@@ -326,7 +323,8 @@ def _check_h5_round_trip(out: Path, episodes, names) -> None:
     for e, ep in enumerate(episodes):
         actions, ts = episode_actions(out, e)
         np.testing.assert_array_equal(actions.astype(np.float32), ep.actions)
-        np.testing.assert_array_equal(ts, ep.action_timestamps)
+        np.testing.assert_array_equal(stream(meta, e, "action_timestamps"), ep.action_timestamps)  # exact
+        np.testing.assert_allclose(ts, np.arange(len(ts)) / 10.0, atol=1e-6)  # LeRobot's grid (float32)
         np.testing.assert_array_equal(stream(meta, e, "state"), ep.state)
         np.testing.assert_array_equal(stream(meta, e, "state_timestamps"), ep.state_timestamps)
         for v, s in ep.images.items():
@@ -340,18 +338,18 @@ def _check_h5_round_trip(out: Path, episodes, names) -> None:
 
 
 def test_hdf5_round_trip_one_file_per_episode(h5_src, h5_episodes, tmp_path):
-    out = import_hdf5(h5_src, tmp_path / "ds", progress=False)
+    out = import_hdf5(h5_src, tmp_path / "ds", progress=False, image_format="npy")
     _check_h5_round_trip(out, h5_episodes, [ep.name for ep in h5_episodes])
     assert load_meta(out).sensor_channels == 9
 
 
 def test_hdf5_round_trip_grouped_file_and_resize(h5_episodes, tmp_path):
     f = write_hdf5(tmp_path / "all.h5", h5_episodes, action_fps=10.0, sensor_rate=650.0)
-    out = import_hdf5(f, tmp_path / "ds", progress=False)
+    out = import_hdf5(f, tmp_path / "ds", progress=False, image_format="npy")
     _check_h5_round_trip(out, h5_episodes, [f"all/{ep.name}" for ep in h5_episodes])
     small = import_hdf5(f, tmp_path / "small", image_size=8, instruction="do it", progress=False)
     meta = load_meta(small)
-    assert stream(meta, 0, "image_front").shape[1:] == (8, 8, 3)
+    assert stream(meta, 0, "image_front").shape[1:] == (8, 8, 3) and meta.cameras["front"].storage == "video"
     assert {r["instruction"] for r in meta.episodes} == {"do it"}
 
 

@@ -3,12 +3,14 @@ and weighted mixing of several datasets without duplicating files.
 
 A sample at action frame t takes the newest image of each view at or before t (within the staleness
 limit), the newest robot state at or before t, the sensor window (t - W, t] resampled onto T_s points,
-and the next H actions. Streams are memory-mapped per worker; only the slices a sample needs are copied.
+and the next H actions. Episodes come from a source (`sensorvla.data.source`): streams are memory-mapped
+and frames decoded on access; only the slices a sample needs are read.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ import numpy as np
 import torch
 
 from sensorvla.config import DataConfig, parse_mixture
-from sensorvla.data.format import DatasetMeta, load_meta, read_frames
-from sensorvla.data.timeline import latest_at_or_before, resample_window, value_at
+from sensorvla.data.format import DatasetMeta
+from sensorvla.data.source import open_source
+from sensorvla.data.timeline import latest_at_or_before, resample_window, value_at, window_slice
 from sensorvla.data.types import DataError
+from sensorvla.data.writer import check_finite
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "all")
@@ -43,11 +47,26 @@ def split_episodes(n: int, seed: int, val_fraction: float, test_fraction: float)
     }
 
 
+@dataclass
+class _Episode:
+    """What a sample of one episode reads: action rows on the common clock and each stream on its own
+    clock with its offset (timestamps + offset = common clock). Arrays may be memory maps or lazy frames."""
+
+    name: str
+    instruction: str
+    frame_tasks: list[str] | None
+    t: np.ndarray  # (N_a,) action-row times, common clock
+    actions: np.ndarray  # (N_a, D_a)
+    state: tuple[np.ndarray, np.ndarray, float]  # own-clock ts (N_st,), values (N_st, D_st), offset
+    images: dict[str, tuple[np.ndarray, Any, float]]  # view -> own-clock ts, frames (N_v, h, w, 3), offset
+    sensor: tuple[np.ndarray, np.ndarray, float] | None
+
+
 class EpisodeDataset(torch.utils.data.Dataset):
     """Raw samples of one dataset split.
 
     Args:
-        root: dataset folder (native format).
+        root: dataset folder (any LeRobot v3 folder; ours adds the own-rate sidecar).
         cfg: data config (views, staleness, sensor window, horizon, split fractions, VL staleness).
         split: train | val | test | all.
         load_images: False skips image decoding (stage 1 reading VL features from the cache).
@@ -62,76 +81,114 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.split = split
         self.load_images = load_images
-        self.meta: DatasetMeta = load_meta(root)
-        self.views = list(cfg.views) or list(self.meta.views)
-        missing = sorted(set(self.views) - set(self.meta.views))
-        if missing:
-            raise DataError(
-                f"--data.views {missing} not in the dataset (it has {self.meta.views})",
-                path=str(self.root),
-                fix="pick views the dataset has",
-            )
+        self.source = open_source(root, sensor_keys=cfg.sensor_keys, tolerance_s=cfg.timestamp_tolerance_s)
+        self.meta: DatasetMeta = self.source.meta
+        self.views = resolve_views(cfg.views, self.meta)
         self.fps = self.meta.action_fps
         self.epoch = 0
         self.max_gap_s = default_max_gap_s(cfg)
-        self._mmaps: dict[tuple[int, str], np.ndarray] = {}
+        self._warn_low_rate()
         episodes = list(range(len(self.meta.episodes)))
         if split != "all":
             episodes = split_episodes(len(episodes), cfg.split_seed, cfg.val_fraction, cfg.test_fraction)[split]
         self.episodes = episodes
-        frames = read_frames(root)
-        ep_col = np.asarray(frames.column("episode_index").to_numpy())
-        self._actions = {}
-        self._frame_ts = {}
-        self._global_index = {}
-        all_actions = np.asarray(frames.column("action").to_pylist(), dtype=np.float32)
-        ts_col = np.asarray(frames.column("timestamp").to_numpy(), dtype=np.float64)
-        idx_col = np.asarray(frames.column("index").to_numpy())
+        self._eps: dict[int, _Episode] = {}
+        self._actions: dict[int, np.ndarray] = {}
+        self._frame_ts: dict[int, np.ndarray] = {}
         index: list[tuple[int, int]] = []
+        ids: list[np.ndarray] = []
         self.dropped = 0
         for e in episodes:
-            rows = np.nonzero(ep_col == e)[0]
-            self._actions[e] = all_actions[rows]
-            self._frame_ts[e] = ts_col[rows]
-            self._global_index[e] = idx_col[rows]
-            for i, t in enumerate(self._frame_ts[e]):
-                if self._valid(e, float(t)):
-                    index.append((e, i))
-                else:
-                    self.dropped += 1
+            ep = self._open_episode(e)
+            self._eps[e], self._actions[e], self._frame_ts[e] = ep, ep.actions, ep.t
+            valid = self._valid_rows(ep)
+            rows = np.nonzero(valid)[0]
+            index.extend((e, int(i)) for i in rows)
+            ids.append(self.source.global_index(e)[rows])
+            self.dropped += int((~valid).sum())
         self.index = index
-        self.sample_ids = np.asarray([self._global_index[e][i] + id_offset for e, i in index], dtype=np.int64)
+        self.sample_ids = (np.concatenate(ids) if ids else np.zeros(0, np.int64)).astype(np.int64) + id_offset
 
     # --- streams ----------------------------------------------------------------------------------
-    def _offset(self, e: int, stream: str) -> float:
-        return float(self.meta.episodes[e]["clock_offsets"].get(stream, 0.0))
+    def _open_episode(self, e: int) -> _Episode:
+        ep = self.source.load(e)
+        off = ep.clock_offsets
+        a_t = np.asarray(ep.action_timestamps, np.float64) + off.get("action", 0.0)
+        images = {
+            v: (np.asarray(ep.images[v].timestamps, np.float64), ep.images[v].frames, off.get(f"image.{v}", 0.0))
+            for v in self.views
+        }
+        sensor = None
+        if ep.sensor is not None and len(ep.sensor_timestamps):
+            sensor = (ep.sensor_timestamps, ep.sensor, off.get("sensor", 0.0))
+        return _Episode(
+            name=ep.name,
+            instruction=ep.instruction,
+            frame_tasks=ep.extra.get("frame_tasks"),
+            t=a_t,
+            actions=np.asarray(ep.actions, np.float32),
+            state=(np.asarray(ep.state_timestamps, np.float64), ep.state, off.get("state", 0.0)),
+            images=images,
+            sensor=sensor,
+        )
 
-    def _ts(self, e: int, name: str, stream: str) -> np.ndarray:
-        key = (e, name)
-        if key not in self._mmaps:
-            self._mmaps[key] = np.load(self.meta.stream_dir(e) / name, allow_pickle=False) + self._offset(e, stream)
-        return self._mmaps[key]
+    def _warn_low_rate(self) -> None:
+        rate = self.meta.sensor_rate
+        if self.meta.sensor_channels and rate and 1.0 / rate > self.max_gap_s:
+            logger.warning(
+                "the sensor (%s) runs at %.3g Hz, but a sensor window grid point counts as measured only within "
+                "%.3g s of a sample: most of each window will be masked. For a low-rate sensor widen the window, "
+                "e.g. --data.sensor-window-s %.3g --data.sensor-samples %d",
+                "+".join(self.meta.sensor_keys),
+                rate,
+                self.max_gap_s,
+                10.0 / rate,
+                10,
+            )
 
-    def _arr(self, e: int, name: str) -> np.ndarray:
-        key = (e, name)
-        if key not in self._mmaps:
-            self._mmaps[key] = np.load(self.meta.stream_dir(e) / name, mmap_mode="r", allow_pickle=False)
-        return self._mmaps[key]
+    def _image_rows(self, ep: _Episode, view: str, t) -> np.ndarray:
+        """Index of the newest frame of `view` at or before t (-1: none, or older than the staleness limit).
+        Of several rows holding the same capture (a held video frame), the first one."""
+        ts, _, off = ep.images[view]
+        t = np.asarray(t, np.float64) - off
+        j = np.searchsorted(ts, t, side="right") - 1
+        ok = j >= 0
+        jj = np.maximum(j, 0)
+        ok &= (t - ts[jj]) <= self.cfg.image_staleness_s if ts.size else False
+        first = np.searchsorted(ts, ts[jj], side="left") if ts.size else jj
+        return np.where(ok, first, -1)
 
-    def _image_index(self, e: int, view: str, t: float) -> int:
-        ts = self._ts(e, f"image_{view}_timestamps.npy", f"image.{view}")
-        j = latest_at_or_before(ts, t)
-        if j < 0 or t - ts[j] > self.cfg.image_staleness_s:
-            return -1
-        return j
-
-    def _valid(self, e: int, t: float) -> bool:
-        if latest_at_or_before(self._ts(e, "state_timestamps.npy", "state"), t) < 0:
-            return False
-        return all(self._image_index(e, v, t) >= 0 for v in self.views)
+    def _valid_rows(self, ep: _Episode) -> np.ndarray:
+        ts, _, off = ep.state
+        valid = ep.t >= (ts[0] + off) if len(ts) else np.zeros(len(ep.t), bool)
+        for v in self.views:
+            valid &= self._image_rows(ep, v, ep.t) >= 0
+        return valid
 
     def has_sensor(self, e: int) -> bool:
         return bool(self.meta.episodes[e]["has_sensor"])
+
+    def sensor_stream(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """Episode e's whole sensor stream: timestamps (N_s,) on the common clock, values (N_s, C_s)."""
+        ts, values, off = self._eps[e].sensor
+        return np.asarray(ts, np.float64) + off, values
+
+    def _stream(self, e: int, name: str):
+        ep = self._eps[e]
+        base = name.removesuffix(".npy").removesuffix("_timestamps")
+        if base == "sensor":
+            return ep.sensor
+        if base == "state":
+            return ep.state
+        return ep.images[base.removeprefix("image_")]
+
+    # names of the per-episode .npy files of the previous layout, kept for callers that read streams directly
+    def _ts(self, e: int, name: str, stream: str | None = None) -> np.ndarray:
+        ts, _, off = self._stream(e, name)
+        return np.asarray(ts, np.float64) + off
+
+    def _arr(self, e: int, name: str):
+        return self._stream(e, name)[1]
 
     # --- samples ----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -141,51 +198,65 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _vl_time(self, idx: int, e: int, t: float) -> float:
+    def _vl_time(self, idx: int, ep: _Episode, t: float) -> float:
         k = self.cfg.vl_max_staleness_steps
         if k <= 0:
             return t
         rng = np.random.default_rng([self.cfg.split_seed, self.epoch, idx])
         t_old = t - int(rng.integers(0, k + 1)) / self.fps
-        return t_old if all(self._image_index(e, v, t_old) >= 0 for v in self.views) else t
+        return t_old if all(self._image_rows(ep, v, t_old) >= 0 for v in self.views) else t
+
+    def _state_at(self, ep: _Episode, t: float) -> np.ndarray:
+        ts, values, off = ep.state
+        state = value_at(ts, values, t - off)
+        check_finite(state[None], episode=ep.name, stream="state", start=latest_at_or_before(ts, t - off))
+        return state
+
+    def _sensor_window(self, ep: _Episode, t: float) -> tuple[np.ndarray, np.ndarray]:
+        c = self.cfg
+        ts, values, off = ep.sensor
+        lo, hi = window_slice(ts, t - off, c.sensor_window_s, c.sensor_samples, self.max_gap_s)
+        check_finite(
+            values[lo:hi],
+            episode=ep.name,
+            stream="sensor",
+            start=lo,
+            fix="drop or interpolate the corrupt samples and re-create the dataset (or re-attach the sensor)",
+        )
+        return resample_window(ts, values, t - off, c.sensor_window_s, c.sensor_samples, self.max_gap_s)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         e, i = self.index[idx]
-        t = float(self._frame_ts[e][i])
+        ep = self._eps[e]
+        t = float(ep.t[i])
         sample: dict[str, Any] = {
             "sample_id": int(self.sample_ids[idx]),
             "episode_index": e,
             "frame_index": i,
             "timestamp": t,
-            "instruction": self.meta.episodes[e]["instruction"],
+            "instruction": ep.frame_tasks[i] if ep.frame_tasks else ep.instruction,
         }
-        t_vl = self._vl_time(idx, e, t)
+        t_vl = self._vl_time(idx, ep, t)
         ages = []
         images = []
         for v in self.views:
-            j = self._image_index(e, v, t_vl)
-            ages.append(t - float(self._ts(e, f"image_{v}_timestamps.npy", f"image.{v}")[j]))
+            j = int(self._image_rows(ep, v, t_vl))
+            ts, frames, off = ep.images[v]
+            ages.append(t - (float(ts[j]) + off))
             if self.load_images:
-                images.append(np.array(self._arr(e, f"image_{v}.npy")[j]))
+                images.append(np.array(frames[j]))
         sample["images"] = images if self.load_images else None
         sample["image_age_s"] = np.asarray(ages, np.float32)
-        sample["state"] = value_at(self._ts(e, "state_timestamps.npy", "state"), self._arr(e, "state.npy"), t)
+        sample["state"] = self._state_at(ep, t)
         channels = max(self.meta.sensor_channels, 1)
-        if self.has_sensor(e):
-            sensor, mask = resample_window(
-                self._ts(e, "sensor_timestamps.npy", "sensor"),
-                self._arr(e, "sensor.npy"),
-                t,
-                self.cfg.sensor_window_s,
-                self.cfg.sensor_samples,
-                self.max_gap_s,
-            )
+        if ep.sensor is not None:
+            sensor, mask = self._sensor_window(ep, t)
         else:
             sensor = np.zeros((self.cfg.sensor_samples, channels), np.float32)
             mask = np.zeros(self.cfg.sensor_samples, bool)
         sample.update(sensor=sensor, sensor_mask=mask, has_sensor=bool(mask.any()))
         h = self.cfg.horizon
-        acts = self._actions[e][i : i + h]
+        acts = ep.actions[i : i + h]
         actions = np.zeros((h, acts.shape[1]), np.float32)  # zero motion past the episode end
         actions[: len(acts)] = acts
         action_mask = np.zeros(h, bool)
@@ -204,8 +275,25 @@ class EpisodeDataset(torch.utils.data.Dataset):
             "views": self.views,
             "action_fps": self.fps,
             "sensor_channels": self.meta.sensor_channels,
+            "sensor_keys": self.meta.sensor_keys,
             "sensor_coverage_pct": round(100.0 * with_sensor / max(len(self.episodes), 1), 1),
         }
+
+
+def resolve_views(wanted, meta: DatasetMeta) -> list[str]:
+    """`--data.views` (view names or full camera keys) -> view names; every view when empty."""
+    if not wanted:
+        return list(meta.views)
+    by_key = {c.key: v for v, c in meta.cameras.items()}
+    views = [by_key.get(w, w) for w in wanted]
+    missing = sorted(set(views) - set(meta.views))
+    if missing:
+        raise DataError(
+            f"--data.views {missing} not in the dataset (it has {meta.views}, keys {sorted(by_key)})",
+            path=str(meta.root),
+            fix="pick views the dataset has",
+        )
+    return views
 
 
 class MixtureDataset(torch.utils.data.Dataset):

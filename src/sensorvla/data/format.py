@@ -1,262 +1,62 @@
-"""The native episode format: the LeRobot v3 layout plus per-episode multi-rate sidecars.
+"""The dataset format: a LeRobot v3 dataset, plus sensorvla's own-rate streams as a declared sidecar.
 
-    meta/info.json                       codebase_version v3.0, fps (= action rate), features, totals, and a
-                                         "sensorvla" block (views, rates, sensor channels, action semantics)
-    meta/tasks.parquet                   task_index, task
-    meta/episodes/chunk-000/file-000.parquet   one row per episode (length, task, has_sensor, clock offsets)
-    data/chunk-000/file-000.parquet      one row per action frame: timestamp, frame_index, episode_index,
-                                         index, task_index, action, observation.state (newest state <= t)
-    streams/episode_XXXXXX/              own-rate streams as plain .npy (memory-mappable, never pickled):
-        state_timestamps.npy, state.npy          (N_st,), (N_st, D_st)
-        sensor_timestamps.npy, sensor.npy        (N_s,), (N_s, C_s)   (absent for sensor-less episodes)
-        image_<view>_timestamps.npy, image_<view>.npy   (N_v,), (N_v, h, w, 3) uint8
-Timestamps are stored on each stream's own clock; the per-stream offsets in the episode row are added
-when reading. See docs/data-format.md.
+    meta/info.json                    LeRobot's: codebase_version "v3.0", integer fps (= the action rate),
+                                      features, totals, data_path, video_path. sensorvla adds one key,
+                                      "sensorvla" (LeRobot ignores it): dataset id, views, rates and the
+                                      sidecar streams, see `sensorvla.data.sidecar`.
+    meta/tasks.parquet                task_index, indexed by the task string (LeRobot's layout)
+    meta/episodes/chunk-*/file-*.parquet   one row per episode: the v3 columns (dataset_from_index,
+                                      dataset_to_index, data/*, videos/<key>/*) + sensorvla's name, extra
+    meta/stats.json                   LeRobot-layout statistics; meta/norm_stats.json: ours (fingerprinted)
+    data/chunk-*/file-*.parquet       one row per action frame: action, observation.state, timestamp
+                                      (= frame_index / fps), frame_index, episode_index, index, task_index,
+                                      image-dtype cameras, any extra per-frame features
+    videos/<key>/chunk-*/file-*.mp4   video cameras; an episode spans [from_timestamp, to_timestamp)
+    streams/<key>/...                 the sidecar: own-rate timestamps (+ values), memory-mapped .npy
+
+`load_meta` reads any local v3 folder written by the `lerobot` library or by us; see docs/data-format.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sensorvla.data.types import DataError, EpisodeData
-from sensorvla.io import atomic_dir
+from sensorvla.data.layout import (  # noqa: F401  (re-exported: the layout's names)
+    ACTION_KEY,
+    ACTION_NAMES_7,
+    CAMERA_PREFIX,
+    CODEBASE_VERSION,
+    DATA_FILE,
+    DATA_PATH,
+    EPISODES_FILE,
+    EPISODES_PATH,
+    INFO_FILE,
+    ROW_KEYS,
+    STATE_KEY,
+    TASKS_FILE,
+    V21_FIX,
+    VIDEO_PATH,
+)
+from sensorvla.data.types import DataError
 
 logger = logging.getLogger(__name__)
 
-CODEBASE_VERSION = "v3.0"
-DATA_FILE = "data/chunk-000/file-000.parquet"
-EPISODES_FILE = "meta/episodes/chunk-000/file-000.parquet"
-TASKS_FILE = "meta/tasks.parquet"
-ACTION_NAMES_7 = ["dx_mm", "dy_mm", "dz_mm", "droll_deg", "dpitch_deg", "dyaw_deg", "tool"]
 
+@dataclass
+class Camera:
+    """One camera: its view name, its LeRobot feature key, where the frames live and their shape."""
 
-def _check_stream(ep: EpisodeData, name: str, ts: np.ndarray, data: np.ndarray | None, fix: str) -> None:
-    ts = np.asarray(ts)
-    if ts.ndim != 1:
-        raise DataError(f"{name} timestamps must be 1-D, got shape {ts.shape}", episode=ep.name, path=name, fix=fix)
-    if data is not None and len(data) != len(ts):
-        raise DataError(
-            f"{name} has {len(ts)} timestamps but {len(data)} rows (truncated array?)",
-            episode=ep.name,
-            path=name,
-            fix=fix,
-        )
-    if not np.all(np.isfinite(ts)):
-        raise DataError(f"{name} timestamps contain NaN/inf", episode=ep.name, path=name, fix=fix)
-    if len(ts) > 1 and np.any(np.diff(ts) <= 0):
-        i = int(np.argmax(np.diff(ts) <= 0))
-        raise DataError(
-            f"{name} timestamps are not strictly increasing (at index {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
-            episode=ep.name,
-            path=name,
-            fix="sort the samples by time and drop duplicates, or fix the recorder clock",
-        )
-
-
-def validate_episode(ep: EpisodeData, *, views: Sequence[str] | None = None, min_actions: int = 1) -> None:
-    """Raise DataError (naming the episode, the stream and the fix) for any inconsistency."""
-    fix = "re-export the episode; the recording is incomplete or corrupt"
-    _check_stream(ep, "action", ep.action_timestamps, ep.actions, fix)
-    _check_stream(ep, "state", ep.state_timestamps, ep.state, fix)
-    if len(ep.actions) < min_actions:
-        raise DataError(
-            f"episode has {len(ep.actions)} action frames, fewer than the horizon ({min_actions})",
-            episode=ep.name,
-            path="action",
-            fix="drop the episode or lower the horizon (--min-actions)",
-        )
-    for name, arr in (("action", ep.actions), ("state", ep.state)):
-        if np.asarray(arr).ndim != 2:
-            raise DataError(f"{name} must be 2-D (N, D)", episode=ep.name, path=name, fix=fix)
-        if not np.all(np.isfinite(arr)):
-            raise DataError(f"{name} contains NaN/inf", episode=ep.name, path=name, fix="clean the recording")
-    if (ep.sensor is None) != (ep.sensor_timestamps is None):
-        raise DataError(
-            "sensor data and sensor timestamps must both be present or both absent",
-            episode=ep.name,
-            path="sensor",
-            fix=fix,
-        )
-    if ep.sensor is not None:
-        _check_stream(ep, "sensor", ep.sensor_timestamps, ep.sensor, fix)
-        if np.asarray(ep.sensor).ndim != 2:
-            raise DataError("sensor must be 2-D (N, C_s)", episode=ep.name, path="sensor", fix=fix)
-        bad = ~np.isfinite(np.asarray(ep.sensor))
-        if bad.any():
-            row = int(np.argwhere(bad)[0][0])
-            raise DataError(
-                f"sensor contains NaN/inf ({int(bad.sum())} values, first at sample {row})",
-                episode=ep.name,
-                path="sensor",
-                fix="drop or interpolate the corrupt samples, or import the episode without sensor",
-            )
-    if views is not None:
-        missing = sorted(set(views) - set(ep.images))
-        if missing:
-            raise DataError(
-                f"view(s) {missing} missing (the dataset's views are {sorted(views)})",
-                episode=ep.name,
-                path="images",
-                fix="drop the episode or record every view",
-            )
-    for view, stream in ep.images.items():
-        _check_stream(ep, f"image.{view}", stream.timestamps, stream.frames, fix)
-        frames = np.asarray(stream.frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise DataError(
-                f"view {view} frames must be uint8 (N, h, w, 3), got {frames.dtype} {frames.shape}",
-                episode=ep.name,
-                path=f"image.{view}",
-                fix=fix,
-            )
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
-
-
-def write_dataset(
-    episodes: Iterable[EpisodeData],
-    out_dir: str | Path,
-    *,
-    dataset_id: str,
-    action_fps: float,
-    min_actions: int = 1,
-    overwrite: bool = False,
-    progress: bool = True,
-    extra_info: dict[str, Any] | None = None,
-) -> Path:
-    """Validate and write episodes; built in a temp folder and renamed, so a failure leaves no output."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another --out")
-    with atomic_dir(out_dir) as tmp:
-        frames, ep_rows, tasks = [], [], {}
-        views: list[str] | None = None
-        dims: dict[str, Any] = {}
-        index = 0
-        for e, ep in enumerate(tqdm(episodes, desc="writing episodes", disable=not progress)):
-            validate_episode(ep, views=views, min_actions=min_actions)
-            if views is None:
-                views = sorted(ep.images)
-                dims = {
-                    "action_dim": ep.actions.shape[1],
-                    "state_dim": ep.state.shape[1],
-                    "image_shape": list(np.asarray(next(iter(ep.images.values())).frames).shape[1:]),
-                }
-            extra = sorted(set(ep.images) - set(views))
-            if extra:
-                raise DataError(
-                    f"view(s) {extra} not in the first episode's views {views}",
-                    episode=ep.name,
-                    path="images",
-                    fix="use the same camera set in every episode",
-                )
-            for key, width in (("action_dim", ep.actions.shape[1]), ("state_dim", ep.state.shape[1])):
-                if width != dims[key]:
-                    raise DataError(
-                        f"{key} {width} differs from the dataset's {dims[key]}",
-                        episode=ep.name,
-                        fix="convert every episode with the same robot/action definition",
-                    )
-            if ep.sensor is not None:
-                c = ep.sensor.shape[1]
-                if dims.setdefault("sensor_channels", c) != c:
-                    raise DataError(
-                        f"sensor has {c} channels, the dataset {dims['sensor_channels']}",
-                        episode=ep.name,
-                        path="sensor",
-                        fix="use one sensor configuration per dataset",
-                    )
-            task = tasks.setdefault(ep.instruction, len(tasks))
-            sdir = tmp / "streams" / f"episode_{e:06d}"
-            sdir.mkdir(parents=True)
-            _save_npy(sdir / "state_timestamps.npy", np.asarray(ep.state_timestamps, np.float64))
-            _save_npy(sdir / "state.npy", np.asarray(ep.state, np.float32))
-            if ep.sensor is not None:
-                _save_npy(sdir / "sensor_timestamps.npy", np.asarray(ep.sensor_timestamps, np.float64))
-                _save_npy(sdir / "sensor.npy", np.asarray(ep.sensor, np.float32))
-            for view, stream in ep.images.items():
-                _save_npy(sdir / f"image_{view}_timestamps.npy", np.asarray(stream.timestamps, np.float64))
-                _save_npy(sdir / f"image_{view}.npy", np.asarray(stream.frames, np.uint8))
-            off = {k: float(v) for k, v in ep.clock_offsets.items()}
-            a_ts = np.asarray(ep.action_timestamps, np.float64) + off.get("action", 0.0)
-            s_ts = np.asarray(ep.state_timestamps, np.float64) + off.get("state", 0.0)
-            for i, t in enumerate(a_ts):
-                j = int(np.searchsorted(s_ts, t, side="right")) - 1
-                frames.append(
-                    {
-                        "timestamp": float(t),
-                        "frame_index": i,
-                        "episode_index": e,
-                        "index": index,
-                        "task_index": task,
-                        "action": np.asarray(ep.actions[i], np.float32).tolist(),
-                        "observation.state": np.asarray(ep.state[max(j, 0)], np.float32).tolist(),
-                    }
-                )
-                index += 1
-            ep_rows.append(
-                {
-                    "episode_index": e,
-                    "name": ep.name,
-                    "length": len(ep.actions),
-                    "task_index": task,
-                    "tasks": [ep.instruction],
-                    "has_sensor": ep.sensor is not None,
-                    "clock_offsets": json.dumps(off),
-                    "extra": json.dumps(ep.extra, default=str),
-                }
-            )
-        if views is None:
-            raise DataError("no episodes to write", fix="check the source folder")
-        for rel in (DATA_FILE, EPISODES_FILE):
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(frames), tmp / DATA_FILE)
-        pq.write_table(pa.Table.from_pylist(ep_rows), tmp / EPISODES_FILE)
-        pq.write_table(pa.Table.from_pylist([{"task_index": i, "task": t} for t, i in tasks.items()]), tmp / TASKS_FILE)
-        info = {
-            "codebase_version": CODEBASE_VERSION,
-            "fps": action_fps,
-            "total_episodes": len(ep_rows),
-            "total_frames": index,
-            "total_tasks": len(tasks),
-            "chunks_size": 1000,
-            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-            "features": {
-                "action": {
-                    "dtype": "float32",
-                    "shape": [dims["action_dim"]],
-                    "names": ACTION_NAMES_7 if dims["action_dim"] == 7 else None,
-                },
-                "observation.state": {"dtype": "float32", "shape": [dims["state_dim"]]},
-                "timestamp": {"dtype": "float64", "shape": [1]},
-                "frame_index": {"dtype": "int64", "shape": [1]},
-                "episode_index": {"dtype": "int64", "shape": [1]},
-                "index": {"dtype": "int64", "shape": [1]},
-                "task_index": {"dtype": "int64", "shape": [1]},
-            },
-            "sensorvla": {
-                "dataset_id": dataset_id,
-                "views": views,
-                "image_shape": dims["image_shape"],
-                "sensor_channels": dims.get("sensor_channels", 0),
-                **(extra_info or {}),
-            },
-        }
-        (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
-    return out_dir
+    view: str
+    key: str
+    storage: str  # "video" (mp4 under videos/), "image" (PNG bytes in the parquet), "npy" (sidecar frames)
+    shape: tuple[int, int, int]
 
 
 @dataclass
@@ -275,51 +75,279 @@ class DatasetMeta:
     image_shape: list[int]
     episodes: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    cameras: dict[str, Camera] = field(default_factory=dict)  # view -> camera
+    tasks: list[str] = field(default_factory=list)  # task_index -> task string
+    sensor_keys: list[str] = field(default_factory=list)  # the sensor source: sidecar stream or per-frame keys
+    streams: dict[str, Any] = field(default_factory=dict)  # sidecar stream key -> SidecarStream
 
-    def stream_dir(self, episode_index: int) -> Path:
-        return self.root / "streams" / f"episode_{episode_index:06d}"
+    @property
+    def fps(self) -> int:
+        """LeRobot's integer fps (the action rate)."""
+        return int(self.info["fps"])
 
 
-def load_meta(root: str | Path) -> DatasetMeta:
-    """Read meta/ of a sensorvla dataset; DataError with the fix when the folder is not one."""
-    import pyarrow.parquet as pq
+def _err(msg: str, path: Path, fix: str) -> DataError:
+    return DataError(msg, path=str(path), fix=fix)
 
+
+def read_info(root: str | Path) -> dict[str, Any]:
+    """meta/info.json, after the version check (v2.x names LeRobot's conversion command)."""
     root = Path(root)
-    info_path = root / "meta" / "info.json"
-    if not info_path.exists():
-        raise DataError(
-            f"{root} is not a sensorvla dataset (no meta/info.json)",
-            path=str(info_path),
-            fix="generate one with `sensorvla data synth --out DIR` or convert your recordings with "
-            "`sensorvla data import-recorder` / `import-hdf5`",
+    path = root / INFO_FILE
+    if not path.exists():
+        raise _err(
+            f"{root} is not a sensorvla or LeRobot v3 dataset (no meta/info.json)",
+            path,
+            "generate one with `sensorvla data synth --out DIR`, convert your recordings with "
+            "`sensorvla data import-recorder` / `import-hdf5`, or point --dataset_dir at a LeRobot v3 folder",
         )
     try:
-        info = json.loads(info_path.read_text())
-        rows = pq.read_table(root / EPISODES_FILE).to_pylist()
-    except (json.JSONDecodeError, OSError) as e:
-        raise DataError(f"cannot read dataset metadata: {e}", path=str(info_path), fix="re-create the dataset") from e
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise _err(f"cannot read dataset metadata: {e}", path, "re-create the dataset") from e
+    version = str(info.get("codebase_version", "?"))
+    m = re.fullmatch(r"v(\d+)\.(\d+)", version)
+    if m and m.group(1) == "2":
+        raise _err(f"LeRobot dataset of version {version}; sensorvla reads v3.0", path, V21_FIX.format(root=root))
+    if not m or m.group(1) != "3":
+        raise _err(
+            f"unsupported codebase_version {version!r} (sensorvla reads LeRobot v3.0)",
+            path,
+            "write the dataset with lerobot 0.4.x (v3.0), or convert it to v3.0",
+        )
     sv = info.get("sensorvla", {})
+    if "views" in sv and "streams" not in sv and (root / "streams").is_dir():
+        raise _err(
+            "written by an older sensorvla (per-episode streams/episode_* folders, no video features)",
+            path,
+            "re-create it with this version (`sensorvla data synth` or the importer you used)",
+        )
+    if not isinstance(info.get("features"), dict) or ACTION_KEY not in info["features"]:
+        found = sorted(info.get("features", {})) if isinstance(info.get("features"), dict) else None
+        raise _err(
+            f"the dataset has no {ACTION_KEY!r} feature (features: {found})",
+            path,
+            "record the commanded action as the `action` feature (shape (D_a,)), as LeRobot datasets do",
+        )
+    return info
+
+
+def _read_parquets(root: Path, pattern: str, what: str, columns: list[str] | None = None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(root.glob(pattern))
+    if not files:
+        raise _err(f"no {what} files ({pattern})", root / pattern, "re-create the dataset; its files are missing")
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, columns=columns))
+        except (OSError, pa.ArrowException) as e:
+            raise _err(f"cannot read {what} ({type(e).__name__}: {e})", f, "re-create the dataset") from e
+    return files, pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
+def read_tasks(root: Path) -> list[str]:
+    """task_index -> task string. LeRobot keeps the string as the (pandas) index of meta/tasks.parquet."""
+    import pyarrow.parquet as pq
+
+    path = root / TASKS_FILE
+    if not path.exists():
+        raise _err("meta/tasks.parquet is missing", path, "re-create the dataset")
+    table = pq.read_table(path)
+    names = table.column_names
+    if "task" in names:
+        col = "task"
+    else:
+        pandas_meta = table.schema.pandas_metadata or {}
+        index_cols = [c for c in pandas_meta.get("index_columns", []) if isinstance(c, str)]
+        col = next((c for c in index_cols if c in names), "__index_level_0__")
+        if col not in names:
+            raise _err(f"meta/tasks.parquet has no task strings (columns {names})", path, "re-create the tasks table")
+    tasks = dict(zip(table.column("task_index").to_pylist(), table.column(col).to_pylist()))
+    return [tasks[i] for i in range(len(tasks))]
+
+
+def select_cameras(info: dict[str, Any], root: Path) -> dict[str, Camera]:
+    """Every image/video feature (and sidecar frame stream) as a Camera, keyed by view name."""
+    cams: dict[str, Camera] = {}
+    sidecar = info.get("sensorvla", {}).get("streams", {})
+    for key, ft in info["features"].items():
+        if ft.get("dtype") not in ("video", "image"):
+            continue
+        shape = tuple(int(x) for x in ft.get("shape", ()))
+        names = ft.get("names") or []
+        if len(shape) == 3 and shape[0] == 3 and list(names)[:1] == ["channels"]:  # channel-first declaration
+            shape = (shape[1], shape[2], shape[0])
+        if len(shape) != 3 or shape[2] != 3 or ft.get("info", {}).get("video.is_depth_map"):
+            raise _err(
+                f"camera {key!r} has shape {list(shape)} (dtype {ft['dtype']}); sensorvla reads RGB (h, w, 3) cameras",
+                root / INFO_FILE,
+                "drop depth/grey cameras from --data.views, or convert them to 3-channel RGB",
+            )
+        view = key[len(CAMERA_PREFIX) :] if key.startswith(CAMERA_PREFIX) else key
+        cams[view] = Camera(view, key, ft["dtype"], shape)
+    for key, spec in sidecar.items():
+        if spec.get("kind") == "frames":
+            view = key[len(CAMERA_PREFIX) :] if key.startswith(CAMERA_PREFIX) else key
+            cams[view] = Camera(view, key, "npy", tuple(spec["shape"]))
+    return cams
+
+
+def per_frame_sensor_keys(info: dict[str, Any]) -> list[str]:
+    """Extra per-frame float features usable as a low-rate sensor (e.g. observation.force): 1-D float
+    `observation.*` features other than the state and the cameras, sorted."""
+    out = []
+    for key, ft in info["features"].items():
+        if key in (STATE_KEY, ACTION_KEY) or key in ROW_KEYS or ft.get("dtype") in ("video", "image", "string"):
+            continue
+        if key.startswith("observation.") and str(ft.get("dtype", "")).startswith("float") and len(ft["shape"]) == 1:
+            out.append(key)
+    return sorted(out)
+
+
+def resolve_sensor_keys(info: dict[str, Any], streams: dict, wanted, root: Path) -> list[str]:
+    """The sensor source. Auto (empty `wanted`): the sidecar "sensor" stream, else the only sidecar values
+    stream that is no state, else every per-frame sensor feature. Explicit: one sidecar stream, or
+    per-frame features (concatenated)."""
+    value_streams = [k for k, s in streams.items() if s.kind == "values" and k != STATE_KEY]
+    frame_keys = per_frame_sensor_keys(info)
+    if not wanted:
+        if "sensor" in streams:
+            return ["sensor"]
+        if len(value_streams) == 1:
+            return value_streams
+        return frame_keys
+    wanted = list(wanted)
+    unknown = [k for k in wanted if k not in value_streams and k not in frame_keys]
+    if unknown:
+        raise _err(
+            f"--data.sensor-keys {unknown} not in the dataset (sidecar streams: {value_streams}, "
+            f"per-frame sensor features: {frame_keys})",
+            root / INFO_FILE,
+            "pick keys the dataset has, or attach a stream with `sensorvla data add-sensor`",
+        )
+    if any(k in value_streams for k in wanted) and len(wanted) > 1:
+        raise _err(
+            f"--data.sensor-keys {wanted} mixes a sidecar stream with other keys (they have different clocks)",
+            root / INFO_FILE,
+            "use one sidecar stream, or only per-frame features",
+        )
+    return wanted
+
+
+def _stream_name(key: str, sensor_keys: list[str]) -> str:
+    """A sidecar key as EpisodeData names its clock offsets: action, state, image.<view>, sensor."""
+    if key == STATE_KEY:
+        return "state"
+    if key.startswith(CAMERA_PREFIX):
+        return "image." + key[len(CAMERA_PREFIX) :]
+    return "sensor" if sensor_keys == [key] else key
+
+
+def load_meta(root: str | Path, sensor_keys=None) -> DatasetMeta:
+    """Read meta/ of any LeRobot v3 dataset (ours or lerobot's); DataError with the fix when it is not one.
+
+    Args:
+        root: the dataset folder.
+        sensor_keys: which sensor source to use (`--data.sensor-keys`); None/empty = automatic.
+    """
+    from sensorvla.data.sidecar import load_streams
+
+    root = Path(root)
+    info = read_info(root)
+    sv = info.get("sensorvla", {})
+    _, ep_table = _read_parquets(root, "meta/episodes/*/*.parquet", "episode metadata")
+    rows = sorted(
+        [{k: v for k, v in r.items() if not k.startswith("stats/")} for r in ep_table.to_pylist()],
+        key=lambda r: r["episode_index"],
+    )
+    if [r["episode_index"] for r in rows] != list(range(len(rows))):
+        raise _err(
+            f"episode indices are not 0..{len(rows) - 1}",
+            root / "meta/episodes",
+            "re-create the episode metadata (LeRobot numbers episodes consecutively)",
+        )
+    tasks = read_tasks(root)
+    streams = load_streams(root, info, rows)
+    cams = select_cameras(info, root)
+    keys = resolve_sensor_keys(info, streams, sensor_keys, root)
+    feats = info["features"]
+    if len(keys) == 1 and keys[0] in streams:
+        s = streams[keys[0]]
+        channels, rate = int(np.prod(s.shape)), float(s.rate_hz or 0.0)
+        force = int(s.extra.get("force_channels", channels))
+        with_sensor = set(s.episodes)
+    else:
+        channels = sum(int(feats[k]["shape"][0]) for k in keys)
+        rate, force = float(info["fps"]), channels
+        with_sensor = set(range(len(rows))) if keys else set()
     for r in rows:
-        r["clock_offsets"] = json.loads(r.get("clock_offsets") or "{}")
-        r["instruction"] = r["tasks"][0]
+        e = r["episode_index"]
+        r.setdefault("name", f"episode_{e:06d}")
+        r["instruction"] = (r.get("tasks") or [""])[0]
+        r["has_sensor"] = e in with_sensor
+        r["clock_offsets"] = {_stream_name(k, keys): s.offset(e) for k, s in streams.items() if s.has(e)}
+    action = feats[ACTION_KEY]
+    if len(action.get("shape", ())) != 1:
+        raise _err(
+            f"feature 'action' has shape {action.get('shape')}; sensorvla needs a vector (D_a,)",
+            root / INFO_FILE,
+            "flatten the action to one vector per frame",
+        )
+    state = feats.get(STATE_KEY, {"shape": [0]})
+    first_cam = next(iter(cams.values()), None)
     return DatasetMeta(
         root=root,
         dataset_id=sv.get("dataset_id", root.name),
-        action_fps=float(info["fps"]),
-        views=list(sv["views"]),
-        action_dim=int(info["features"]["action"]["shape"][0]),
-        state_dim=int(info["features"]["observation.state"]["shape"][0]),
-        sensor_channels=int(sv.get("sensor_channels", 0)),
-        force_channels=int(sv.get("force_channels", 1)),
-        sensor_rate=float(sv.get("sensor_rate", 0.0)),
-        image_shape=list(sv.get("image_shape", [])),
+        action_fps=float(sv.get("action_fps", info["fps"])),
+        views=sorted(cams),
+        action_dim=int(action["shape"][0]),
+        state_dim=int(state["shape"][0]),
+        sensor_channels=channels,
+        force_channels=force if channels else int(sv.get("force_channels", 1)),
+        sensor_rate=rate if channels else 0.0,
+        image_shape=list(first_cam.shape) if first_cam else [],
         episodes=rows,
         info=info,
+        cameras=cams,
+        tasks=tasks,
+        sensor_keys=keys,
+        streams=streams,
     )
 
 
-def read_frames(root: str | Path):
-    """The per-frame parquet table (pyarrow.Table)."""
-    import pyarrow.parquet as pq
+def read_frames(root: str | Path, columns: list[str] | None = None):
+    """The per-frame table of every data parquet file, concatenated (pyarrow.Table)."""
+    return _read_parquets(Path(root), "data/*/*.parquet", "frame data", columns)[1]
 
-    return pq.read_table(Path(root) / DATA_FILE)
+
+def column_array(table, key: str, width: int | None = None, dtype=np.float32) -> np.ndarray:
+    """A fixed-size-list (or scalar) parquet column -> numpy (N, width) / (N,), without Python lists."""
+    import pyarrow as pa
+
+    col = table.column(key).combine_chunks()
+    if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype)
+        n = len(col)
+        w = width if width is not None else (flat.size // n if n else 0)
+        if flat.size != n * w:
+            raise DataError(f"column {key!r} has rows of different lengths", fix="re-create the dataset")
+        return flat.reshape(n, w)
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+# the writer lives in writer.py; these names stay importable from here
+from sensorvla.data.writer import validate_episode, write_dataset  # noqa: E402
+
+__all__ = [
+    "DatasetMeta",
+    "Camera",
+    "load_meta",
+    "read_frames",
+    "read_info",
+    "validate_episode",
+    "write_dataset",
+    "column_array",
+]

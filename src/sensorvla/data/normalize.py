@@ -1,11 +1,16 @@
-"""Normalization statistics (computed once, fingerprinted, saved with every checkpoint) and the Normalizer.
+"""Normalization statistics (computed once on the training split, fingerprinted, saved with every
+checkpoint), the sensor transforms applied before them, and the Normalizer.
 
-A missing key or a fingerprint mismatch raises `NormalizationError` with the fix; data never passes
-through unnormalized.
+The fingerprint is the dataset id, a content hash of the data files (`sensorvla.data.fingerprint`), the
+split the stats were computed on, and the row counts. A missing key, a fingerprint mismatch or a sensor
+transform that differs from the config raises `NormalizationError` with the fix; data never passes
+through unnormalized. The sensor transform is saved inside the stats, so training and `PolicyRunner`
+(both go through the Normalizer) apply exactly the same one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +22,120 @@ from sensorvla.io import atomic_write_json
 
 STAT_NAMES = ("mean", "std", "q01", "q99", "min", "max")
 EPS = 1e-6  # std / quantile range floor: constant channels map to 0 instead of dividing by ~0
+STATS_FIX = "recompute them with `sensorvla stats --dataset DIR` (with the same --data flags as training)"
 
 
 class NormalizationError(ValueError):
     """Stats do not cover the requested features or belong to another dataset."""
 
 
+# --- sensor transforms ------------------------------------------------------------------------------------
+def transform_spec(data_cfg) -> dict[str, Any]:
+    """The sensor-transform part of a DataConfig, as saved in norm_stats.json."""
+    if data_cfg is None or (data_cfg.sensor_transform == "none" and data_cfg.sensor_clip_quantile == 0):
+        return {"transform": "none", "clip_quantile": 0.0}
+    spec = {"transform": data_cfg.sensor_transform, "clip_quantile": float(data_cfg.sensor_clip_quantile)}
+    if data_cfg.sensor_transform != "none":
+        spec.update(channels=data_cfg.sensor_transform_channels, log_scale=float(data_cfg.sensor_log_scale))
+    return spec
+
+
+def spec_flags(spec: dict[str, Any]) -> str:
+    """The `sensorvla stats` / train flags that produce `spec`."""
+    flags = [f"--data.sensor-transform {spec['transform']}"]
+    if spec["transform"] != "none":
+        flags += [
+            f"--data.sensor-transform-channels {spec['channels']}",
+            f"--data.sensor-log-scale {spec['log_scale']}",
+        ]
+    flags.append(f"--data.sensor-clip-quantile {spec['clip_quantile']}")
+    return " ".join(flags)
+
+
+def signed_log1p(x, scale):
+    """sign(x) * log1p(|x| / scale), for numpy arrays and torch tensors."""
+    if isinstance(x, np.ndarray | np.generic):
+        return np.sign(x) * np.log1p(np.abs(x) / scale)
+    import torch
+
+    return torch.sign(x) * torch.log1p(torch.abs(x) / scale)
+
+
+@dataclass
+class SensorTransform:
+    """Per-channel transform before normalization: clip to [lo, hi], then signed_log1p where `log_mask`.
+
+    Arrays are (C,) and come from the training split; `spec` is the config that made them.
+    """
+
+    spec: dict[str, Any]
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    log_mask: np.ndarray | None = None
+    log_scale: np.ndarray | None = None
+
+    @classmethod
+    def fit(cls, spec: dict[str, Any], x: np.ndarray, force_channels: int) -> SensorTransform:
+        """Fit the per-channel parameters on training samples x (N, C)."""
+        t = cls(spec)
+        if spec["clip_quantile"] > 0:
+            q = spec["clip_quantile"]
+            t.lo = np.quantile(x, q, axis=0).astype(np.float32)
+            t.hi = np.quantile(x, 1 - q, axis=0).astype(np.float32)
+            x = np.clip(x, t.lo, t.hi)
+        if spec["transform"] == "signed_log1p":
+            c = x.shape[1]
+            mask = np.zeros(c, bool)
+            mask[: (min(force_channels, c) if spec["channels"] == "force" else c)] = True
+            if spec["log_scale"] > 0:
+                scale = np.full(c, spec["log_scale"], np.float32)
+            else:
+                scale = np.maximum(np.median(np.abs(x), axis=0), EPS).astype(np.float32)
+            t.log_mask, t.log_scale = mask, scale
+        return t
+
+    def __call__(self, x):
+        """(..., C) -> transformed (..., C); numpy or torch, as given."""
+        if self.lo is not None:
+            if isinstance(x, np.ndarray | np.generic):
+                x = np.clip(x, self.lo, self.hi)
+            else:
+                import torch
+
+                x = torch.clamp(x, torch.as_tensor(self.lo, dtype=x.dtype), torch.as_tensor(self.hi, dtype=x.dtype))
+        if self.log_mask is not None:
+            if isinstance(x, np.ndarray | np.generic):
+                x = np.where(self.log_mask, signed_log1p(x, self.log_scale), x).astype(np.float32)
+            else:
+                import torch
+
+                mask = torch.as_tensor(self.log_mask, device=x.device)
+                scale = torch.as_tensor(self.log_scale, dtype=x.dtype, device=x.device)
+                x = torch.where(mask, signed_log1p(x, scale), x)
+        return x
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"spec": self.spec}
+        for k in ("lo", "hi", "log_mask", "log_scale"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = np.asarray(v).tolist()
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SensorTransform:
+        t = cls(d["spec"])
+        for k, dtype in (("lo", np.float32), ("hi", np.float32), ("log_mask", bool), ("log_scale", np.float32)):
+            if k in d:
+                setattr(t, k, np.asarray(d[k], dtype=dtype))
+        return t
+
+    @property
+    def identity(self) -> bool:
+        return self.lo is None and self.log_mask is None
+
+
+# --- stats ------------------------------------------------------------------------------------------------
 @dataclass
 class NormStats:
     """Per feature key ("state", "actions", "sensor"): per-channel mean, std, q01, q99, min, max, count."""
@@ -31,6 +144,7 @@ class NormStats:
     counts: dict[str, int]
     dataset_id: str
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    sensor_transform: SensorTransform | None = None
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -39,12 +153,15 @@ class NormStats:
                 "keys": sorted(self.stats),
                 "count": {k: int(v) for k, v in sorted(self.counts.items())},
             }
+        if self.sensor_transform is None:
+            self.sensor_transform = SensorTransform(transform_spec(None))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "dataset_id": self.dataset_id,
             "fingerprint": self.fingerprint,
             "counts": self.counts,
+            "sensor_transform": self.sensor_transform.to_json(),
             "stats": {k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in self.stats.items()},
         }
 
@@ -58,79 +175,174 @@ class NormStats:
             raise NormalizationError(f"{path} not found. Compute it with `sensorvla stats --dataset DIR`")
         d = json.loads(path.read_text())
         stats = {k: {s: np.asarray(v, dtype=np.float32) for s, v in sd.items()} for k, sd in d["stats"].items()}
-        return cls(stats, {k: int(v) for k, v in d["counts"].items()}, d["dataset_id"], d["fingerprint"])
+        bad = [k for k, sd in stats.items() if not all(np.all(np.isfinite(v)) for v in sd.values())]
+        if bad:
+            raise NormalizationError(f"{path} holds NaN/inf statistics for {bad}; {STATS_FIX}")
+        tf = SensorTransform.from_json(d["sensor_transform"]) if "sensor_transform" in d else None
+        return cls(stats, {k: int(v) for k, v in d["counts"].items()}, d["dataset_id"], d["fingerprint"], tf)
 
     def check(self, expected: dict[str, Any]) -> None:
         """Raise unless `expected` (another fingerprint) matches."""
         if expected != self.fingerprint:
+            diff = sorted(
+                k for k in set(expected) | set(self.fingerprint) if expected.get(k) != self.fingerprint.get(k)
+            )
             raise NormalizationError(
-                f"normalization stats fingerprint {self.fingerprint} does not match {expected}. The stats were "
-                "computed on another dataset or version; recompute them with `sensorvla stats --dataset DIR`."
+                f"normalization stats fingerprint differs in {diff} (stats: "
+                f"{ {k: self.fingerprint.get(k) for k in diff} }, dataset: { {k: expected.get(k) for k in diff} }). "
+                f"The stats were computed on another dataset, version or split; {STATS_FIX}."
+            )
+
+    def check_transform(self, spec: dict[str, Any]) -> None:
+        """Raise unless the stats were computed with the sensor transform `spec` (from the config)."""
+        saved = self.sensor_transform.spec
+        if saved != spec:
+            raise NormalizationError(
+                f"the config asks for the sensor transform {spec}, but the normalization stats were computed with "
+                f"{saved}. Recompute them: `sensorvla stats --dataset DIR {spec_flags(spec)}` (or delete "
+                "meta/norm_stats.json; training then recomputes it), or set the flags back to "
+                f"`{spec_flags(saved)}`."
             )
 
 
-def _row_counts(meta) -> dict[str, int]:
-    """Rows per feature key over the whole dataset, from .npy headers only (memory maps, no data read)."""
-    counts = {"actions": int(meta.info["total_frames"]), "state": 0, "sensor": 0}
-    for ep in meta.episodes:
-        sdir = meta.stream_dir(ep["episode_index"])
-        for key, fname in (("state", "state.npy"), ("sensor", "sensor.npy")):
-            if (sdir / fname).exists():
-                counts[key] += int(np.load(sdir / fname, mmap_mode="r").shape[0])
+def _split_info(n_episodes: int, data_cfg, split: str) -> tuple[list[int], dict[str, Any]]:
+    from sensorvla.data.dataset import split_episodes
+
+    seed, vf, tf = data_cfg.split_seed, data_cfg.val_fraction, data_cfg.test_fraction
+    eps = list(range(n_episodes)) if split == "all" else split_episodes(n_episodes, seed, vf, tf)[split]
+    ids = np.asarray(eps, np.int64)
+    return eps, {
+        "name": split,
+        "seed": int(seed),
+        "val_fraction": float(vf),
+        "test_fraction": float(tf),
+        "episodes": eps,
+        "episodes_sha256": hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+    }
+
+
+def _row_counts(meta, episodes: list[int]) -> dict[str, int]:
+    """Rows per feature key over `episodes`, from the metadata and stream indexes only (no data read)."""
+    counts = {"actions": sum(int(meta.episodes[e]["length"]) for e in episodes), "state": 0, "sensor": 0}
+    state = meta.streams.get("observation.state")
+    for e in episodes:
+        counts["state"] += (
+            int(state.index[e]["num_samples"]) if state and state.has(e) else int(meta.episodes[e]["length"])
+        )
+    keys = meta.sensor_keys
+    if len(keys) == 1 and keys[0] in meta.streams:
+        s = meta.streams[keys[0]]
+        counts["sensor"] = sum(int(s.index[e]["num_samples"]) for e in episodes if s.has(e))
+    elif keys:
+        counts["sensor"] = counts["actions"]
+    if meta.state_dim == 0:
+        counts["state"] = 0
     return {k: v for k, v in counts.items() if v}
 
 
-def dataset_fingerprint(root: str | Path) -> dict[str, Any]:
-    """The fingerprint stats computed on `root` today would carry: dataset id, keys, row counts."""
+def _default_cfg(data_cfg):
+    if data_cfg is not None:
+        return data_cfg
+    from sensorvla.config import DataConfig
+
+    return DataConfig()
+
+
+def dataset_fingerprint(root: str | Path, data_cfg=None, split: str = "train") -> dict[str, Any]:
+    """The fingerprint stats computed on `root` (that split of `data_cfg`) today would carry."""
+    from sensorvla.data.fingerprint import content_hash
     from sensorvla.data.format import load_meta
 
-    meta = load_meta(root)
-    counts = _row_counts(meta)
-    return {"dataset_id": meta.dataset_id, "keys": sorted(counts), "count": dict(sorted(counts.items()))}
+    data_cfg = _default_cfg(data_cfg)
+    meta = load_meta(root, sensor_keys=data_cfg.sensor_keys)
+    eps, split_info = _split_info(len(meta.episodes), data_cfg, split)
+    counts = _row_counts(meta, eps)
+    return {
+        "dataset_id": meta.dataset_id,
+        "content_sha256": content_hash(root),
+        "split": split_info,
+        "sensor_keys": list(meta.sensor_keys),
+        "keys": sorted(counts),
+        "count": dict(sorted(counts.items())),
+    }
 
 
-def compute_stats(root: str | Path, progress: bool = True, max_rows_per_episode: int = 20_000) -> NormStats:
-    """Stats over every episode: actions (all frames), state (state stream), sensor (measured samples).
+def _moments(x: np.ndarray) -> dict[str, np.ndarray]:
+    x = x.astype(np.float64)
+    out = {
+        "mean": x.mean(0),
+        "std": x.std(0),
+        "q01": np.quantile(x, 0.01, axis=0),
+        "q99": np.quantile(x, 0.99, axis=0),
+        "min": x.min(0),
+        "max": x.max(0),
+    }
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def compute_stats(
+    root: str | Path,
+    progress: bool = True,
+    max_rows_per_episode: int = 20_000,
+    *,
+    data_cfg=None,
+    split: str = "train",
+) -> NormStats:
+    """Stats over the `split` episodes of `data_cfg` (default: the training split of the default config):
+    actions (all frames), state (its stream), sensor (measured samples, after the sensor transform).
 
     Streams are read through memory maps, one episode at a time; moments and quantiles come from a
-    per-episode subsample of at most `max_rows_per_episode` rows (exact for small datasets). The
-    fingerprint counts every row.
+    per-episode subsample of at most `max_rows_per_episode` rows (exact for small datasets). Every value
+    read is checked: a NaN/inf raises DataError naming the episode, stream, column and sample.
     """
     from tqdm.auto import tqdm
 
-    from sensorvla.data.format import load_meta, read_frames
+    from sensorvla.data.source import open_source
+    from sensorvla.data.writer import check_finite
 
-    meta = load_meta(root)
-    actions = np.asarray(read_frames(root).column("action").to_pylist(), dtype=np.float32)
-    chunks: dict[str, list[np.ndarray]] = {"actions": [actions], "state": [], "sensor": []}
-    for ep in tqdm(meta.episodes, desc="stats", disable=not progress):
-        sdir = meta.stream_dir(ep["episode_index"])
-        for key, fname in (("state", "state.npy"), ("sensor", "sensor.npy")):
-            if (sdir / fname).exists():
-                arr = np.load(sdir / fname, mmap_mode="r")
-                step = max(1, len(arr) // max_rows_per_episode)
-                chunks[key].append(np.asarray(arr[::step], dtype=np.float32))
+    data_cfg = _default_cfg(data_cfg)
+    src = open_source(root, sensor_keys=data_cfg.sensor_keys, tolerance_s=data_cfg.timestamp_tolerance_s)
+    meta = src.meta
+    eps, _ = _split_info(len(meta.episodes), data_cfg, split)
+    if not eps:
+        raise NormalizationError(
+            f"the {split} split of {root} has no episodes; lower --data.val-fraction/test-fraction"
+        )
+    chunks: dict[str, list[np.ndarray]] = {"actions": [], "state": [], "sensor": []}
+    for e in tqdm(eps, desc="stats", disable=not progress):
+        ep = src.load(e)
+        chunks["actions"].append(np.asarray(ep.actions, np.float32))
+        parts = [("state", ep.state)]
+        if ep.sensor is not None:
+            parts.append(("sensor", ep.sensor))
+        for key, arr in parts:
+            if key == "state" and meta.state_dim == 0:
+                continue
+            step = max(1, len(arr) // max_rows_per_episode)
+            # every row is checked for NaN/inf, in blocks (memory-mapped), only a subsample is kept
+            for lo in range(0, len(arr), 65536):
+                check_finite(arr[lo : lo + 65536], episode=ep.name, stream=key, start=lo)
+            chunks[key].append(np.asarray(arr[::step], dtype=np.float32))
+    spec = transform_spec(data_cfg)
+    transform = SensorTransform(spec)
     stats = {}
     for key, parts in chunks.items():
         if not parts:
             continue
-        x = np.concatenate(parts).astype(np.float64)
-        stats[key] = {
-            "mean": x.mean(0),
-            "std": x.std(0),
-            "q01": np.quantile(x, 0.01, axis=0),
-            "q99": np.quantile(x, 0.99, axis=0),
-            "min": x.min(0),
-            "max": x.max(0),
-        }
-        stats[key] = {k: v.astype(np.float32) for k, v in stats[key].items()}
-    return NormStats(stats, _row_counts(meta), meta.dataset_id)
+        x = np.concatenate(parts)
+        if key == "sensor":
+            transform = SensorTransform.fit(spec, x, meta.force_channels)
+            x = transform(x)
+        stats[key] = _moments(x)
+    fp = dataset_fingerprint(root, data_cfg, split)
+    return NormStats(stats, dict(fp["count"]), meta.dataset_id, fp, transform)
 
 
 class Normalizer:
     """normalize / unnormalize per feature key, for numpy arrays and torch tensors alike.
 
-    mean_std: (x - mean) / std.  quantile: map [q01, q99] to [-1, 1] (not clipped).
+    mean_std: (x - mean) / std.  quantile: map [q01, q99] to [-1, 1] (not clipped). The sensor goes
+    through the stats' sensor transform first (clip, signed_log1p), so training and inference match.
     """
 
     def __init__(self, stats: NormStats, mode: str = "mean_std"):
@@ -175,9 +387,12 @@ class Normalizer:
     def normalize(self, key: str, x):
         shift, scale = self._params(key, x)
         self._check_width(key, x)
+        if key == "sensor" and not self.stats.sensor_transform.identity:
+            x = self.stats.sensor_transform(x)
         return (x - shift) / scale
 
     def unnormalize(self, key: str, x):
+        """Inverse of the affine part (the sensor transform, a clip, is not inverted)."""
         shift, scale = self._params(key, x)
         self._check_width(key, x)
         return x * scale + shift

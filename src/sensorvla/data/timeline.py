@@ -31,6 +31,13 @@ def window_grid(t: float, window_s: float, num_samples: int) -> np.ndarray:
     return t - window_s + step * np.arange(1, num_samples + 1, dtype=np.float64)
 
 
+def window_slice(ts: np.ndarray, t: float, window_s: float, num_samples: int, max_gap_s: float) -> tuple[int, int]:
+    """[lo, hi): the rows of a sorted stream that `resample_window` reads for the window ending at t
+    (from one gap before the first grid point up to t; samples strictly after t are never touched)."""
+    grid0 = t - window_s + window_s / num_samples
+    return int(np.searchsorted(ts, grid0 - max_gap_s, side="left")), int(np.searchsorted(ts, t, side="right"))
+
+
 def resample_window(
     ts: np.ndarray, data: np.ndarray, t: float, window_s: float, num_samples: int, max_gap_s: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +55,7 @@ def resample_window(
     """
     grid = window_grid(t, window_s, num_samples)
     channels = data.shape[1]
-    lo = int(np.searchsorted(ts, grid[0] - max_gap_s, side="left"))
-    hi = int(np.searchsorted(ts, t, side="right"))  # samples strictly after t are never touched
+    lo, hi = window_slice(ts, t, window_s, num_samples, max_gap_s)
     seg_t = np.asarray(ts[lo:hi], dtype=np.float64)
     values = np.zeros((num_samples, channels), np.float32)
     mask = np.zeros(num_samples, bool)

@@ -21,18 +21,21 @@ def stats_path(dataset_dir: str | Path) -> Path:
 
 
 def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
-    """Load the dataset's norm stats; compute and save them on rank 0 first if they do not exist."""
-    from sensorvla.data.normalize import NormStats, compute_stats, dataset_fingerprint
+    """Load the dataset's norm stats (training split, sensor transform of the config); compute and save them
+    on rank 0 first if they do not exist."""
+    from sensorvla.data.normalize import NormStats, compute_stats, dataset_fingerprint, transform_spec
     from sensorvla.training.distributed import barrier
 
     path = stats_path(cfg.data.dataset_dir)
     if not path.exists():
         if info.is_main:
             logger.info("no %s yet: computing normalization stats (same as `sensorvla stats`)", path)
-            compute_stats(cfg.data.dataset_dir, progress=progress).save(path)
+            compute_stats(cfg.data.dataset_dir, progress=progress, data_cfg=cfg.data).save(path)
         barrier(info)
     stats = NormStats.load(path)
-    stats.check(dataset_fingerprint(cfg.data.dataset_dir))  # stale stats (the dataset changed) raise
+    # stale stats (the dataset, its split or the sensor transform changed) raise
+    stats.check(dataset_fingerprint(cfg.data.dataset_dir, cfg.data))
+    stats.check_transform(transform_spec(cfg.data))
     return stats
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sensorvla.config import SensorVLAConfig
+from sensorvla.data.fingerprint import content_hash
 from sensorvla.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def fingerprint(cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str) -
         "views": list(cfg.data.views),
         "image_staleness_s": cfg.data.image_staleness_s,
         "dataset_id": dataset_id,
+        "dataset_content_sha256": content_hash(cfg.data.dataset_dir) if cfg.data.dataset_dir else None,
         "num_samples": int(ids.size),
         "sample_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
     }

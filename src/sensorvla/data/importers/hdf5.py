@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from sensorvla.data.importers._common import ImageSize, check_increasing, resize_frames, size_hw
+from sensorvla.data.importers.base import ImportSource, run_import
 from sensorvla.data.types import DataError, EpisodeData, ImageStream
+from sensorvla.data.writer import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -247,15 +249,13 @@ def load_hdf5_episode(
         if "sensor" in g:
             sensor_ts, sensor, offsets["sensor"] = _read_stream(g["sensor"], name, file, ndim=2)
             sensor = sensor.astype(np.float32)
-            bad = ~np.isfinite(sensor)
-            if bad.any():
-                k, c = (int(x) for x in np.argwhere(bad)[0])
-                raise DataError(
-                    f"/sensor/data has {int(bad.sum())} NaN/inf values (first at sample {k}, channel {c})",
-                    episode=name,
-                    path=str(file),
-                    fix="clean the sensor stream, or delete the /sensor group to import without sensor",
-                )
+            check_finite(
+                sensor,
+                episode=name,
+                stream="/sensor/data",
+                path=str(file),
+                fix="clean the sensor stream, or delete the /sensor group to import without sensor",
+            )
         try:
             extra = json.loads(g.attrs.get("extra", "{}"))
         except (TypeError, json.JSONDecodeError):
@@ -284,38 +284,15 @@ def _consistent(values: list[float], what: str, src: Path, fix: str) -> float | 
     return values[0]
 
 
-def import_hdf5(
+def scan_hdf5_source(
     src: str | Path,
-    out_dir: str | Path,
     *,
-    dataset_id: str | None = None,
+    views: Sequence[str] | None = None,
     instruction: str | None = None,
     image_size: ImageSize = None,
-    min_actions: int = 8,
-    overwrite: bool = False,
-    progress: bool = True,
-    views: Sequence[str] | None = None,
-) -> Path:
-    """Convert HDF5 episodes (docs/hdf5-format.md) into a sensorvla dataset at `out_dir`.
-
-    Args:
-        src: one .h5 file or a folder of them.
-        out_dir: the dataset to create; on any error nothing is left there.
-        dataset_id: defaults to "hdf5_<src stem>".
-        instruction: overrides every episode's `instruction` attribute.
-        image_size: resize frames to N x N (int) or (h, w); None keeps the stored size.
-        min_actions: episodes with fewer action frames are an error (the training horizon).
-        views: import only these views (default: all; every episode must have them).
-
-    Returns:
-        out_dir. Raises DataError (naming episode, file and fix) on bad input, FileExistsError when out_dir
-        exists without `overwrite`.
-    """
-    from sensorvla.data.format import write_dataset
-
-    src, out_dir = Path(src), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another --out")
+) -> ImportSource:
+    """The HDF5 episodes under `src` as an import source (layout checked, rates inferred; no arrays read)."""
+    src = Path(src)
     episodes = scan_hdf5(src, views)
     fps = _consistent(
         [e.action_fps for e in episodes if e.action_fps],
@@ -333,21 +310,56 @@ def import_hdf5(
         src,
         "import each sensor configuration into its own dataset",
     )
-    force = next((e.force_channels for e in episodes if e.force_channels is not None), 1)
-    info: dict[str, Any] = {"source": "hdf5", "force_channels": force}
+    info: dict[str, Any] = {"force_channels": next((e.force_channels for e in episodes if e.force_channels), 1)}
     if rate is not None:
         info["sensor_rate"] = rate
-    logger.info("importing %d HDF5 episodes from %s", len(episodes), src)
-    gen = (load_hdf5_episode(e, instruction=instruction, image_size=image_size) for e in episodes)
-    return write_dataset(
-        gen,
-        out_dir,
-        dataset_id=dataset_id or f"hdf5_{src.stem}",
+    return ImportSource(
+        kind="hdf5",
+        items=episodes,
+        loader=lambda e: load_hdf5_episode(e, instruction=instruction, image_size=image_size),
         action_fps=fps,
+        default_id=f"hdf5_{src.stem}",
+        info=info,
+    )
+
+
+def import_hdf5(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    dataset_id: str | None = None,
+    instruction: str | None = None,
+    image_size: ImageSize = None,
+    min_actions: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    views: Sequence[str] | None = None,
+    image_format: str = "video",
+) -> Path:
+    """Convert HDF5 episodes (docs/hdf5-format.md) into a sensorvla dataset at `out_dir`.
+
+    Args:
+        src: one .h5 file or a folder of them.
+        out_dir: the dataset to create; on any error nothing is left there.
+        dataset_id: defaults to "hdf5_<src stem>".
+        instruction: overrides every episode's `instruction` attribute.
+        image_size: resize frames to N x N (int) or (h, w); None keeps the stored size.
+        min_actions: episodes with fewer action frames are an error (the training horizon).
+        views: import only these views (default: all; every episode must have them).
+        image_format: "video" (mp4, LeRobot-visible) or "npy" (lossless raw frames).
+
+    Returns:
+        out_dir. Raises DataError (naming episode, file and fix) on bad input, FileExistsError when out_dir
+        exists without `overwrite`.
+    """
+    return run_import(
+        lambda: scan_hdf5_source(src, views=views, instruction=instruction, image_size=image_size),
+        out_dir,
+        dataset_id=dataset_id,
         min_actions=min_actions,
         overwrite=overwrite,
         progress=progress,
-        extra_info=info,
+        image_format=image_format,
     )
 
 

@@ -25,6 +25,7 @@ from sensorvla.data.importers._common import (
     size_hw,
     stack_frames,
 )
+from sensorvla.data.importers.base import ImportSource, run_import
 from sensorvla.data.importers.recorder_sensor import iter_npz_windows, rebuild_sensor_stream
 from sensorvla.data.types import DataError, EpisodeData, ImageStream
 
@@ -384,6 +385,38 @@ def load_recorder_episode(
 
 
 # --- whole import ---------------------------------------------------------------------------------------
+def scan_recorder_source(
+    src: str | Path,
+    *,
+    views: Sequence[str] | None = None,
+    instruction: str | None = None,
+    image_size: ImageSize = None,
+    include_joints: bool = False,
+) -> ImportSource:
+    """The recorder episode folders under `src` as an import source (files and views checked; no arrays)."""
+    src = Path(src)
+    episodes = scan_recorder(src, views)
+    meta0 = episodes[0].metadata
+    state_names = POSE_NAMES + ([f"joint_{i}_deg" for i in range(1, 7)] if include_joints else [])
+    return ImportSource(
+        kind="recorder",
+        items=episodes,
+        loader=lambda e: load_recorder_episode(
+            e, instruction=instruction, image_size=image_size, include_joints=include_joints
+        ),
+        action_fps=ACTION_FPS,
+        default_id=f"recorder_{src.name}",
+        info={
+            "sensor_rate": float(meta0.get("sensor_hz", 650.0)),
+            "force_channels": 1,
+            "sensor_window_assumption": "sample k of window n at ts_n - (W-1-k)/rate",
+            "state_rate": float(meta0.get("robot_hz", 100.0)),
+            "state_names": state_names,
+            "action_semantics": ACTION_SEMANTICS,
+        },
+    )
+
+
 def import_recorder(
     src: str | Path,
     out_dir: str | Path,
@@ -396,6 +429,7 @@ def import_recorder(
     progress: bool = True,
     views: Sequence[str] | None = None,
     include_joints: bool = False,
+    image_format: str = "video",
 ) -> Path:
     """Convert recorder episode folders into a sensorvla dataset at `out_dir`.
 
@@ -408,40 +442,20 @@ def import_recorder(
         min_actions: episodes with fewer 10 Hz actions are an error (the training horizon).
         views: import only these views (default: all; every episode must have them).
         include_joints: append the 6 joint angles to the state (D_st = 12 instead of 6).
+        image_format: "video" (mp4, LeRobot-visible) or "npy" (lossless raw frames).
 
     Returns:
         out_dir. Raises DataError (naming episode, file and fix) on bad input, FileExistsError when out_dir
         exists without `overwrite`.
     """
-    from sensorvla.data.format import write_dataset
-
-    src, out_dir = Path(src), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another --out")
-    episodes = scan_recorder(src, views)
-    meta0 = episodes[0].metadata
-    rate = float(meta0.get("sensor_hz", 650.0))
-    state_names = POSE_NAMES + ([f"joint_{i}_deg" for i in range(1, 7)] if include_joints else [])
-    gen = (
-        load_recorder_episode(e, instruction=instruction, image_size=image_size, include_joints=include_joints)
-        for e in episodes
-    )
-    logger.info("importing %d recorder episodes from %s", len(episodes), src)
-    return write_dataset(
-        gen,
+    return run_import(
+        lambda: scan_recorder_source(
+            src, views=views, instruction=instruction, image_size=image_size, include_joints=include_joints
+        ),
         out_dir,
-        dataset_id=dataset_id or f"recorder_{src.name}",
-        action_fps=ACTION_FPS,
+        dataset_id=dataset_id,
         min_actions=min_actions,
         overwrite=overwrite,
         progress=progress,
-        extra_info={
-            "source": "recorder",
-            "sensor_rate": rate,
-            "force_channels": 1,
-            "sensor_window_assumption": "sample k of window n at ts_n - (W-1-k)/rate",
-            "state_rate": float(meta0.get("robot_hz", 100.0)),
-            "state_names": state_names,
-            "action_semantics": ACTION_SEMANTICS,
-        },
+        image_format=image_format,
     )

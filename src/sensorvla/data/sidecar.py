@@ -1,0 +1,241 @@
+"""The sidecar: streams at their own rate and on their own clock, beside a LeRobot v3 dataset.
+
+Declared in meta/info.json under "sensorvla" -> "streams" -> <key> (LeRobot ignores the key):
+    {"kind": "values" | "timing" | "frames", "shape": [...], "dtype": "float32", "rate_hz": 650.0,
+     "path": "streams/<key>/chunk-{chunk_index:03d}/episode_{episode_index:06d}",
+     "index": "streams/<key>/episodes.parquet", ...}  (+ e.g. "force_channels", "names")
+Per episode: `<path>.timestamps.npy` (N,) float64 seconds on the stream's own clock and, for "values" and
+"frames", `<path>.values.npy` (N, *shape); both memory-mappable, never pickled. The index holds one row per
+episode that has the stream: episode_index, num_samples, clock_offset_s (added to the timestamps to reach
+the dataset's clock), t_first, t_last. Episodes without a row have no data for that stream.
+
+Kinds: "values" (a sensor, the full-rate state), "timing" (the capture time of each video frame, or the
+true time of each action row), "frames" (raw uint8 camera frames, the lossless option).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sensorvla.data.types import DataError
+
+logger = logging.getLogger(__name__)
+
+STREAMS_DIR = "streams"
+PATH_TEMPLATE = STREAMS_DIR + "/{key}/chunk-{chunk_index:03d}/episode_{episode_index:06d}"
+INDEX_TEMPLATE = STREAMS_DIR + "/{key}/episodes.parquet"
+CHUNK_SIZE = 1000  # episodes per chunk folder, as LeRobot's chunks_size
+KINDS = ("values", "timing", "frames")
+INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t_last")
+NPY_FIX = (
+    "the file is truncated or damaged: re-create the dataset or re-attach the stream (`sensorvla data add-sensor`)"
+)
+
+
+def open_npy(path: Path, *, episode: str | None = None, rows: int | None = None, mmap: bool = True) -> np.ndarray:
+    """np.load (memory-mapped) with a DataError naming the file and the fix for missing/truncated files."""
+    if not path.is_file():
+        raise DataError("file is missing", episode=episode, path=str(path), fix=NPY_FIX)
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(
+            f"cannot read the array (truncated? {type(e).__name__}: {e})", episode=episode, path=str(path), fix=NPY_FIX
+        ) from e
+    if rows is not None and len(arr) != rows:
+        raise DataError(
+            f"array has {len(arr)} rows, the stream index says {rows} (truncated?)",
+            episode=episode,
+            path=str(path),
+            fix=NPY_FIX,
+        )
+    return arr
+
+
+@dataclass
+class SidecarStream:
+    """Read side of one declared stream."""
+
+    root: Path
+    key: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    rate_hz: float | None
+    path: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    index: dict[int, dict[str, Any]] = field(default_factory=dict)  # episode_index -> index row
+
+    @property
+    def episodes(self) -> list[int]:
+        return sorted(self.index)
+
+    def has(self, e: int) -> bool:
+        return e in self.index
+
+    def offset(self, e: int) -> float:
+        return float(self.index[e]["clock_offset_s"])
+
+    def files(self, e: int) -> tuple[Path, Path]:
+        stem = self.root / self.path.format(key=self.key, chunk_index=e // CHUNK_SIZE, episode_index=e)
+        return stem.with_name(stem.name + ".timestamps.npy"), stem.with_name(stem.name + ".values.npy")
+
+    def timestamps(self, e: int, name: str | None = None) -> np.ndarray:
+        """(N,) float64 on the stream's own clock (memory-mapped)."""
+        return open_npy(self.files(e)[0], episode=name, rows=int(self.index[e]["num_samples"]))
+
+    def values(self, e: int, name: str | None = None) -> np.ndarray:
+        """(N, *shape) memory-mapped values ("values" and "frames" kinds)."""
+        arr = open_npy(self.files(e)[1], episode=name, rows=int(self.index[e]["num_samples"]))
+        if tuple(arr.shape[1:]) != tuple(self.shape):
+            raise DataError(
+                f"stream {self.key!r} values have shape {arr.shape}, info.json declares (N, {list(self.shape)})",
+                episode=name,
+                path=str(self.files(e)[1]),
+                fix=NPY_FIX,
+            )
+        return arr
+
+    def spec(self) -> dict[str, Any]:
+        return _spec(self.key, self.kind, self.shape, self.dtype, self.rate_hz, self.extra)
+
+
+def _spec(key, kind, shape, dtype, rate_hz, extra) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "shape": [int(x) for x in shape],
+        "dtype": str(dtype),
+        "rate_hz": None if rate_hz is None else float(rate_hz),
+        "path": PATH_TEMPLATE.replace("{key}", key),
+        "index": INDEX_TEMPLATE.format(key=key),
+        **extra,
+    }
+
+
+def episode_span(rows: list[dict[str, Any]], fps: float, action: SidecarStream | None, e: int) -> tuple[float, float]:
+    """[first, last] action-row time of episode e on the dataset clock."""
+    if action is not None and action.has(e):
+        r = action.index[e]
+        return float(r["t_first"]) + action.offset(e), float(r["t_last"]) + action.offset(e)
+    return 0.0, (int(rows[e]["length"]) - 1) / fps
+
+
+def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, SidecarStream]:
+    """Every declared stream with its index, checked against the episodes (ids, clocks); no array is read."""
+    import pyarrow.parquet as pq
+
+    declared = info.get("sensorvla", {}).get("streams", {}) or {}
+    out: dict[str, SidecarStream] = {}
+    info_path = str(root / "meta" / "info.json")
+    for key, spec in declared.items():
+        if spec.get("kind") not in KINDS:
+            raise DataError(
+                f"sidecar stream {key!r} has kind {spec.get('kind')!r}; expected one of {KINDS}",
+                path=info_path,
+                fix="fix the declaration in meta/info.json or re-attach the stream",
+            )
+        index_path = root / spec.get("index", INDEX_TEMPLATE.format(key=key))
+        if not index_path.is_file():
+            raise DataError(
+                f"sidecar stream {key!r} is declared but its index is missing",
+                path=str(index_path),
+                fix=f"re-attach it (`sensorvla data add-sensor --name {key} --overwrite`) or remove it from info.json",
+            )
+        table = pq.read_table(index_path).to_pylist()
+        extra = {k: v for k, v in spec.items() if k not in ("kind", "shape", "dtype", "rate_hz", "path", "index")}
+        s = SidecarStream(
+            root=root,
+            key=key,
+            kind=spec["kind"],
+            shape=tuple(spec.get("shape", ())),
+            dtype=spec.get("dtype", "float32"),
+            rate_hz=spec.get("rate_hz"),
+            path=spec.get("path", PATH_TEMPLATE.replace("{key}", key)),
+            extra=extra,
+            index={int(r["episode_index"]): r for r in table},
+        )
+        out[key] = s
+    fps = float(info["fps"])
+    action = out.get("action")
+    for key, s in out.items():
+        bad = sorted(e for e in s.index if not 0 <= e < len(rows))
+        if bad:
+            raise DataError(
+                f"sidecar stream {key!r} has episode_index {bad[:5]} but the dataset has episodes 0..{len(rows) - 1}",
+                path=str(root / INDEX_TEMPLATE.format(key=key)),
+                fix="attach the stream to the dataset it was recorded with (`sensorvla data add-sensor --overwrite`)",
+            )
+        if key == "action" or s.kind != "values":
+            continue
+        for e, r in s.index.items():
+            lo, hi = episode_span(rows, fps, action, e)
+            t0, t1 = float(r["t_first"]) + s.offset(e), float(r["t_last"]) + s.offset(e)
+            if t1 < lo - 1.0 or t0 > hi + 1.0:
+                raise DataError(
+                    f"sidecar stream {key!r} covers {t0:.3f}..{t1:.3f} s on the dataset clock, the episode "
+                    f"{lo:.3f}..{hi:.3f} s: the clocks do not match",
+                    episode=rows[e].get("name", f"episode_{e:06d}"),
+                    path=str(root / INDEX_TEMPLATE.format(key=key)),
+                    fix=f"re-attach it with the right offset (`sensorvla data add-sensor --clock-offset "
+                    f"{lo - float(r['t_first']):.6f} --overwrite`)",
+                )
+    return out
+
+
+class StreamWriter:
+    """Write one stream's per-episode arrays and its index into a dataset folder being built."""
+
+    def __init__(self, root: Path, key: str, kind: str, *, rate_hz: float | None = None, **extra):
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: choose one of {KINDS}")
+        self.root, self.key, self.kind, self.rate_hz, self.extra = Path(root), key, kind, rate_hz, extra
+        self.shape: tuple[int, ...] | None = () if kind == "timing" else None
+        self.dtype = "float64" if kind == "timing" else None
+        self.rows: list[dict[str, Any]] = []
+        self.nbytes = 0
+
+    def add(self, e: int, timestamps: np.ndarray, values: np.ndarray | None, clock_offset: float) -> None:
+        """Store episode e: timestamps (N,) own clock, values (N, *shape) (None for "timing")."""
+        ts = np.ascontiguousarray(timestamps, dtype=np.float64)
+        stem = self.root / PATH_TEMPLATE.format(key=self.key, chunk_index=e // CHUNK_SIZE, episode_index=e)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        np.save(stem.with_name(stem.name + ".timestamps.npy"), ts, allow_pickle=False)
+        self.nbytes += ts.nbytes
+        if self.kind != "timing":
+            arr = np.ascontiguousarray(values)
+            if self.shape is None:
+                self.shape, self.dtype = tuple(arr.shape[1:]), str(arr.dtype)
+            elif tuple(arr.shape[1:]) != self.shape:
+                raise DataError(
+                    f"stream {self.key!r} has rows of shape {arr.shape[1:]}, earlier episodes {self.shape}",
+                    path=str(stem),
+                    fix="use one configuration per stream and dataset",
+                )
+            np.save(stem.with_name(stem.name + ".values.npy"), arr.astype(self.dtype, copy=False), allow_pickle=False)
+            self.nbytes += arr.nbytes
+        self.rows.append(
+            {
+                "episode_index": int(e),
+                "num_samples": len(ts),
+                "clock_offset_s": float(clock_offset),
+                "t_first": float(ts[0]) if len(ts) else 0.0,
+                "t_last": float(ts[-1]) if len(ts) else 0.0,
+            }
+        )
+
+    def finish(self) -> dict[str, Any] | None:
+        """Write the index; returns the info.json declaration (None when no episode had the stream)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.rows:
+            return None
+        path = self.root / INDEX_TEMPLATE.format(key=self.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(self.rows), path)
+        return _spec(self.key, self.kind, self.shape or (), self.dtype, self.rate_hz, self.extra)

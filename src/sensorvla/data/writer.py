@@ -1,0 +1,572 @@
+"""Write episodes as a LeRobot v3 dataset that LeRobot opens fully, plus the own-rate sidecar streams.
+
+LeRobot sees one row per action frame at `timestamp = frame_index / fps`: the action, the newest robot
+state at or before the row's time, and each camera as a video whose frame k is the newest camera image at
+or before row k (so a 5 Hz camera is held for two 10 Hz rows). The sidecar keeps what LeRobot's single
+clock cannot: the true action times, the full-rate state, each video frame's capture time and the
+high-rate sensor, each on its own clock with its offset. Everything is built in a temp folder and
+renamed, so a failure leaves no output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sensorvla.data.layout import (
+    ACTION_KEY,
+    ACTION_NAMES_7,
+    CAMERA_PREFIX,
+    CODEBASE_VERSION,
+    DATA_PATH,
+    EPISODES_FILE,
+    INFO_FILE,
+    STATE_KEY,
+    TASKS_FILE,
+    VIDEO_PATH,
+)
+from sensorvla.data.sidecar import StreamWriter
+from sensorvla.data.types import DataError, EpisodeData
+from sensorvla.io import atomic_dir, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FORMATS = ("video", "npy")
+DATA_FILE_MB = 100  # LeRobot's defaults for when a data / video file is rotated
+VIDEO_FILE_MB = 200
+QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
+SIDECAR_FORMAT = "sensorvla-sidecar/1"
+
+
+# --- validation -----------------------------------------------------------------------------------------
+def _check_stream(ep: EpisodeData, name: str, ts: np.ndarray, data, fix: str) -> None:
+    ts = np.asarray(ts)
+    if ts.ndim != 1:
+        raise DataError(f"{name} timestamps must be 1-D, got shape {ts.shape}", episode=ep.name, path=name, fix=fix)
+    if data is not None and len(data) != len(ts):
+        raise DataError(
+            f"{name} has {len(ts)} timestamps but {len(data)} rows (truncated array?)",
+            episode=ep.name,
+            path=name,
+            fix=fix,
+        )
+    if not np.all(np.isfinite(ts)):
+        raise DataError(f"{name} timestamps contain NaN/inf", episode=ep.name, path=name, fix=fix)
+    if len(ts) > 1 and np.any(np.diff(ts) <= 0):
+        i = int(np.argmax(np.diff(ts) <= 0))
+        raise DataError(
+            f"{name} timestamps are not strictly increasing (at index {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
+            episode=ep.name,
+            path=name,
+            fix="sort the samples by time and drop duplicates, or fix the recorder clock",
+        )
+
+
+def check_finite(arr, *, episode: str, stream: str, path: str | None = None, fix: str = "", start: int = 0) -> None:
+    """DataError naming the episode, stream, column and sample index of the first NaN/inf in `arr` (N, C)."""
+    a = np.asarray(arr)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        row, col = int(where[0]) + start, int(where[1]) if a.ndim > 1 else 0
+        raise DataError(
+            f"{stream} contains NaN/inf ({int(bad.sum())} values; first at sample {row}, column {col})",
+            episode=episode,
+            path=path or getattr(arr, "filename", None) or stream,  # a memory map knows its file
+            fix=fix or "drop or interpolate the corrupt samples and re-create the dataset",
+        )
+
+
+def validate_episode(ep: EpisodeData, *, views: Sequence[str] | None = None, min_actions: int = 1) -> None:
+    """Raise DataError (naming the episode, the stream and the fix) for any inconsistency."""
+    fix = "re-export the episode; the recording is incomplete or corrupt"
+    _check_stream(ep, "action", ep.action_timestamps, ep.actions, fix)
+    _check_stream(ep, "state", ep.state_timestamps, ep.state, fix)
+    if len(ep.actions) < min_actions:
+        raise DataError(
+            f"episode has {len(ep.actions)} action frames, fewer than the horizon ({min_actions})",
+            episode=ep.name,
+            path="action",
+            fix="drop the episode or lower the horizon (--min-actions)",
+        )
+    for name, arr in (("action", ep.actions), ("state", ep.state)):
+        if np.asarray(arr).ndim != 2:
+            raise DataError(f"{name} must be 2-D (N, D)", episode=ep.name, path=name, fix=fix)
+        check_finite(arr, episode=ep.name, stream=name, fix="clean the recording")
+    if (ep.sensor is None) != (ep.sensor_timestamps is None):
+        raise DataError(
+            "sensor data and sensor timestamps must both be present or both absent",
+            episode=ep.name,
+            path="sensor",
+            fix=fix,
+        )
+    if ep.sensor is not None:
+        _check_stream(ep, "sensor", ep.sensor_timestamps, ep.sensor, fix)
+        if np.asarray(ep.sensor).ndim != 2:
+            raise DataError("sensor must be 2-D (N, C_s)", episode=ep.name, path="sensor", fix=fix)
+        check_finite(
+            ep.sensor,
+            episode=ep.name,
+            stream="sensor",
+            fix="drop or interpolate the corrupt samples, or import the episode without sensor",
+        )
+    if views is not None:
+        missing = sorted(set(views) - set(ep.images))
+        if missing:
+            raise DataError(
+                f"view(s) {missing} missing (the dataset's views are {sorted(views)})",
+                episode=ep.name,
+                path="images",
+                fix="drop the episode or record every view",
+            )
+    for view, stream in ep.images.items():
+        _check_stream(ep, f"image.{view}", stream.timestamps, stream.frames, fix)
+        frames = stream.frames
+        shape, dtype = tuple(getattr(frames, "shape", np.shape(frames))), getattr(frames, "dtype", None)
+        if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+            raise DataError(
+                f"view {view} frames must be uint8 (N, h, w, 3), got {dtype} {shape}",
+                episode=ep.name,
+                path=f"image.{view}",
+                fix=fix,
+            )
+
+
+# --- statistics in LeRobot's layout ---------------------------------------------------------------------
+def lerobot_stats(x: np.ndarray, axis=0, keepdims: bool = False) -> dict[str, Any]:
+    """min/max/mean/std/count/q01..q99 of `x` along `axis`, as LeRobot's meta/stats.json stores them."""
+    x = np.asarray(x, np.float64)
+    out = {
+        "min": x.min(axis=axis, keepdims=keepdims),
+        "max": x.max(axis=axis, keepdims=keepdims),
+        "mean": x.mean(axis=axis, keepdims=keepdims),
+        "std": x.std(axis=axis, keepdims=keepdims),
+    }
+    for q in QUANTILES:
+        out[f"q{int(round(q * 100)):02d}"] = np.quantile(x, q, axis=axis, keepdims=keepdims)
+    res = {k: np.asarray(v).tolist() for k, v in out.items()}
+    res["count"] = [int(x.shape[0])]
+    return res
+
+
+def _image_stats(samples: list[np.ndarray]) -> dict[str, Any]:
+    """Per-channel stats in [0, 1] with shape (3, 1, 1), from sampled (h, w, 3) uint8 frames."""
+    x = np.stack(samples).astype(np.float32) / 255.0  # (n, h, w, 3)
+    x = np.transpose(x, (0, 3, 1, 2))  # (n, 3, h, w) as LeRobot
+    st = lerobot_stats(x, axis=(0, 2, 3), keepdims=True)
+    st = {k: (np.asarray(v)[0].tolist() if k != "count" else v) for k, v in st.items()}
+    st["count"] = [len(samples)]
+    return st
+
+
+# --- the writer ------------------------------------------------------------------------------------------
+def _tasks_table(tasks: dict[str, int]):
+    """meta/tasks.parquet as LeRobot writes it: task_index, indexed (pandas index) by the task string."""
+    import pyarrow as pa
+
+    ordered = sorted(tasks.items(), key=lambda kv: kv[1])
+    table = pa.table(
+        {
+            "task_index": pa.array([i for _, i in ordered], pa.int64()),
+            "__index_level_0__": pa.array([t for t, _ in ordered], pa.large_string()),
+        }
+    )
+    pandas_meta = {
+        "index_columns": ["__index_level_0__"],
+        "column_indexes": [
+            {"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "str", "metadata": None}
+        ],
+        "columns": [
+            {
+                "name": "task_index",
+                "field_name": "task_index",
+                "pandas_type": "int64",
+                "numpy_type": "int64",
+                "metadata": None,
+            },
+            {
+                "name": None,
+                "field_name": "__index_level_0__",
+                "pandas_type": "unicode",
+                "numpy_type": "object",
+                "metadata": None,
+            },
+        ],
+        "attributes": {},
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "pandas_version": "2.2.0",
+    }
+    return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
+
+
+def _frames_table(cols: dict[str, np.ndarray], features: dict[str, Any]):
+    import pyarrow as pa
+
+    arrays, fields = [], []
+    for key, values in cols.items():
+        ft = features[key]
+        if key in (ACTION_KEY, STATE_KEY):
+            n = int(ft["shape"][0])
+            flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1))
+            arr = pa.FixedSizeListArray.from_arrays(flat, n)
+        else:
+            arr = pa.array(values, pa.float32() if ft["dtype"] == "float32" else pa.int64())
+        arrays.append(arr)
+        fields.append(pa.field(key, arr.type))
+    hf = {}
+    for key in cols:
+        ft = features[key]
+        if key in (ACTION_KEY, STATE_KEY):
+            hf[key] = {"feature": {"dtype": "float32", "_type": "Value"}, "length": ft["shape"][0], "_type": "List"}
+        else:
+            hf[key] = {"dtype": ft["dtype"], "_type": "Value"}
+    schema = pa.schema(fields, metadata={b"huggingface": json.dumps({"info": {"features": hf}}).encode()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class _Videos:
+    """One encoder per camera; rotates to a new file past VIDEO_FILE_MB between episodes."""
+
+    def __init__(self, root: Path, fps: float, codec: str, crf: int):
+        self.root, self.fps, self.codec, self.crf = root, fps, codec, crf
+        self.enc: dict[str, Any] = {}
+        self.where: dict[str, tuple[int, int]] = {}
+
+    def write(self, key: str, frames: Iterable[np.ndarray], n: int, shape) -> dict[str, Any]:
+        from sensorvla.data.video import VideoEncoder
+
+        enc = self.enc.get(key)
+        chunk, file = self.where.get(key, (0, 0))
+        if enc is not None and enc.nbytes() > VIDEO_FILE_MB * 2**20:
+            enc.close()
+            chunk, file = (chunk + 1, 0) if file + 1 >= 1000 else (chunk, file + 1)
+            enc = None
+        if enc is None:
+            path = self.root / VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
+            enc = VideoEncoder(path, self.fps, shape[0], shape[1], codec=self.codec, crf=self.crf)
+            self.enc[key], self.where[key] = enc, (chunk, file)
+        start = enc.frames
+        for f in frames:
+            enc.add(np.asarray(f, np.uint8))
+        return {
+            f"videos/{key}/chunk_index": chunk,
+            f"videos/{key}/file_index": file,
+            f"videos/{key}/from_timestamp": start / self.fps,
+            f"videos/{key}/to_timestamp": (start + n) / self.fps,
+        }
+
+    def close(self) -> None:
+        for enc in self.enc.values():
+            enc.close()
+
+
+def _held_indices(frame_t: np.ndarray, row_t: np.ndarray) -> np.ndarray:
+    """For each row time, the newest frame at or before it (-1: none yet)."""
+    return np.searchsorted(frame_t, row_t, side="right") - 1
+
+
+def _sample_rows(n: int) -> np.ndarray:
+    """LeRobot-like frame sampling for image stats: about n^0.75 frames, at least 10 (all when fewer)."""
+    k = min(n, max(10, int(n**0.75)))
+    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(int))
+
+
+def write_dataset(  # noqa: PLR0915  (one pass over the episodes, flat by design)
+    episodes: Iterable[EpisodeData],
+    out_dir: str | Path,
+    *,
+    dataset_id: str,
+    action_fps: float,
+    min_actions: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_info: dict[str, Any] | None = None,
+    image_format: str = "video",
+    video_codec: str = "h264",
+    video_crf: int = 20,
+    robot_type: str | None = None,
+) -> Path:
+    """Validate and write episodes as a LeRobot v3 dataset + sidecar (see the module docstring).
+
+    Args:
+        episodes: EpisodeData, consumed one at a time (a generator keeps memory flat).
+        out_dir: the dataset folder to create; on any error nothing is left there.
+        dataset_id: recorded in info.json and in the norm-stats fingerprint.
+        action_fps: the action rate (LeRobot's fps; info.json stores it rounded, the sidecar exactly).
+        min_actions: episodes with fewer action frames are an error.
+        image_format: "video" (mp4, LeRobot video features) or "npy" (raw frames at the camera's own rate
+            and clock in the sidecar: lossless and memory-mapped, but not visible to LeRobot).
+        video_codec: "h264" (fast to decode; default) or "av1" (LeRobot's default, smaller).
+        video_crf: encoder quality (lower is better and larger).
+    """
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format {image_format!r}: choose one of {IMAGE_FORMATS}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another --out")
+    extra_info = dict(extra_info or {})
+    fps_int = max(1, int(round(action_fps)))
+    if abs(fps_int - action_fps) > 1e-6:
+        logger.warning(
+            "action rate %.6g Hz is not an integer: LeRobot needs an integer fps, info.json records %d and "
+            "sensorvla keeps the exact rate (sensorvla.action_fps)",
+            action_fps,
+            fps_int,
+        )
+    with atomic_dir(out_dir) as tmp:
+        views: list[str] | None = None
+        dims: dict[str, Any] = {}
+        cam_shapes: dict[str, tuple[int, int, int]] = {}
+        tasks: dict[str, int] = {}
+        ep_rows: list[dict[str, Any]] = []
+        acts, states, ts_all, fidx_all, eidx_all, tidx_all = [], [], [], [], [], []
+        img_samples: dict[str, list[np.ndarray]] = {}
+        features: dict[str, Any] = {}
+        writers = {"action": StreamWriter(tmp, "action", "timing", rate_hz=action_fps)}
+        videos = _Videos(tmp, fps_int, video_codec, video_crf)  # LeRobot's clock: integer fps
+        data_writer, data_file, data_rows_in_file = None, (0, 0), 0
+        index = 0
+        try:
+            for e, ep in enumerate(tqdm(episodes, desc="writing episodes", disable=not progress)):
+                validate_episode(ep, views=views, min_actions=min_actions)
+                if views is None:
+                    views = sorted(ep.images)
+                    dims = {"action_dim": ep.actions.shape[1], "state_dim": ep.state.shape[1]}
+                    cam_shapes = {v: tuple(int(x) for x in ep.images[v].frames.shape[1:]) for v in views}
+                    features = _features(views, cam_shapes, dims, extra_info, image_format, video_codec, fps_int)
+                    writers["observation.state"] = StreamWriter(
+                        tmp, STATE_KEY, "values", rate_hz=extra_info.get("state_rate")
+                    )
+                    for v in views:
+                        key = CAMERA_PREFIX + v
+                        kind = "timing" if image_format == "video" else "frames"
+                        writers[key] = StreamWriter(tmp, key, kind, rate_hz=extra_info.get("camera_rate"))
+                extra = sorted(set(ep.images) - set(views))
+                if extra:
+                    raise DataError(
+                        f"view(s) {extra} not in the first episode's views {views}",
+                        episode=ep.name,
+                        path="images",
+                        fix="use the same camera set in every episode",
+                    )
+                for key, width in (("action_dim", ep.actions.shape[1]), ("state_dim", ep.state.shape[1])):
+                    if width != dims[key]:
+                        raise DataError(
+                            f"{key} {width} differs from the dataset's {dims[key]}",
+                            episode=ep.name,
+                            fix="convert every episode with the same robot/action definition",
+                        )
+                for v in views:
+                    shape = tuple(int(x) for x in ep.images[v].frames.shape[1:])
+                    if shape != cam_shapes[v]:
+                        raise DataError(
+                            f"view {v} frames are {shape}, earlier episodes {cam_shapes[v]}",
+                            episode=ep.name,
+                            path=f"image.{v}",
+                            fix="use one image size per camera (--image-size)",
+                        )
+                if ep.sensor is not None:
+                    c = ep.sensor.shape[1]
+                    if dims.setdefault("sensor_channels", c) != c:
+                        raise DataError(
+                            f"sensor has {c} channels, the dataset {dims['sensor_channels']}",
+                            episode=ep.name,
+                            path="sensor",
+                            fix="use one sensor configuration per dataset",
+                        )
+                    if "sensor" not in writers:
+                        writers["sensor"] = StreamWriter(
+                            tmp,
+                            "sensor",
+                            "values",
+                            rate_hz=extra_info.get("sensor_rate") or _median_rate(ep.sensor_timestamps),
+                            force_channels=int(extra_info.get("force_channels", 1)),
+                        )
+                task = tasks.setdefault(ep.instruction, len(tasks))
+                off = {k: float(v) for k, v in ep.clock_offsets.items()}
+                n = len(ep.actions)
+                a_own = np.asarray(ep.action_timestamps, np.float64)
+                a_t = a_own + off.get("action", 0.0)
+                s_own = np.asarray(ep.state_timestamps, np.float64)
+                j = _held_indices(s_own + off.get("state", 0.0), a_t)
+                state = np.asarray(ep.state, np.float32)
+                baked = state[np.maximum(j, 0)]
+                writers["action"].add(e, a_own, None, off.get("action", 0.0))
+                writers["observation.state"].add(e, s_own, state, off.get("state", 0.0))
+                if ep.sensor is not None:
+                    sensor = np.asarray(ep.sensor, np.float32)
+                    writers["sensor"].add(e, ep.sensor_timestamps, sensor, off.get("sensor", 0.0))
+                row: dict[str, Any] = {
+                    "episode_index": e,
+                    "tasks": [ep.instruction],
+                    "length": n,
+                    "data/chunk_index": data_file[0],
+                    "data/file_index": data_file[1],
+                    "dataset_from_index": index,
+                    "dataset_to_index": index + n,
+                }
+                for v in views:
+                    stream, key = ep.images[v], CAMERA_PREFIX + v
+                    c_own = np.asarray(stream.timestamps, np.float64)
+                    c_off = off.get(f"image.{v}", 0.0)
+                    if image_format == "npy":
+                        writers[key].add(e, c_own, np.asarray(stream.frames, np.uint8), c_off)
+                        sample_src = stream.frames
+                        picks = _sample_rows(len(c_own))
+                    else:
+                        held = np.maximum(_held_indices(c_own + c_off, a_t), 0)
+                        writers[key].add(e, c_own[held], None, c_off)
+                        row.update(videos.write(key, (stream.frames[k] for k in held), n, cam_shapes[v]))
+                        sample_src = stream.frames
+                        picks = held[_sample_rows(n)]
+                    h, w = cam_shapes[v][:2]
+                    stride = (max(1, h // 32), max(1, w // 32))  # per-channel stats only need a few pixels
+                    img_samples.setdefault(key, []).extend(
+                        np.asarray(sample_src[int(k)])[:: stride[0], :: stride[1]]
+                        for k in picks[:: max(1, len(picks) // 8)]
+                    )
+                row.update(
+                    {
+                        "meta/episodes/chunk_index": 0,
+                        "meta/episodes/file_index": 0,
+                        "name": ep.name,
+                        "extra": json.dumps(ep.extra, default=str),
+                    }
+                )
+                ep_rows.append(row)
+                cols = {
+                    ACTION_KEY: np.asarray(ep.actions, np.float32),
+                    STATE_KEY: baked,
+                    "timestamp": (np.arange(n) / fps_int).astype(np.float32),  # LeRobot: frame_index / fps
+                    "frame_index": np.arange(n),
+                    "episode_index": np.full(n, e),
+                    "index": np.arange(index, index + n),
+                    "task_index": np.full(n, task),
+                }
+                table = _frames_table(cols, features)
+                row_bytes = 4 * (dims["action_dim"] + dims["state_dim"]) + 40
+                if data_writer is not None and (data_rows_in_file + n) * row_bytes > DATA_FILE_MB * 2**20:
+                    data_writer.close()
+                    data_writer, data_rows_in_file = None, 0
+                    data_file = (data_file[0], data_file[1] + 1)
+                    row["data/file_index"] = data_file[1]
+                if data_writer is None:
+                    path = tmp / DATA_PATH.format(chunk_index=data_file[0], file_index=data_file[1])
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    data_writer = pq.ParquetWriter(path, table.schema)
+                data_writer.write_table(table)
+                data_rows_in_file += n
+                acts.append(cols[ACTION_KEY])
+                states.append(baked)
+                ts_all.append(cols["timestamp"])
+                fidx_all.append(cols["frame_index"])
+                eidx_all.append(cols["episode_index"])
+                tidx_all.append(cols["task_index"])
+                index += n
+        finally:
+            videos.close()
+            if data_writer is not None:
+                data_writer.close()
+        if views is None:
+            raise DataError("no episodes to write", fix="check the source folder")
+        import pyarrow as pa
+
+        (tmp / EPISODES_FILE).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(ep_rows), tmp / EPISODES_FILE)
+        pq.write_table(_tasks_table(tasks), tmp / TASKS_FILE)
+        streams = {k: spec for k, w in writers.items() if (spec := w.finish()) is not None}
+        stats = {
+            ACTION_KEY: lerobot_stats(np.concatenate(acts)),
+            STATE_KEY: lerobot_stats(np.concatenate(states)),
+            "timestamp": lerobot_stats(np.concatenate(ts_all)[:, None]),
+            "frame_index": lerobot_stats(np.concatenate(fidx_all)[:, None]),
+            "episode_index": lerobot_stats(np.concatenate(eidx_all)[:, None]),
+            "index": lerobot_stats(np.arange(index)[:, None]),
+            "task_index": lerobot_stats(np.concatenate(tidx_all)[:, None]),
+        }
+        if image_format == "video":
+            stats.update({k: _image_stats(v) for k, v in img_samples.items()})
+        atomic_write_json(tmp / "meta" / "stats.json", stats)
+        info = {
+            "codebase_version": CODEBASE_VERSION,
+            "robot_type": robot_type or extra_info.get("source"),
+            "total_episodes": len(ep_rows),
+            "total_frames": index,
+            "total_tasks": len(tasks),
+            "chunks_size": 1000,
+            "data_files_size_in_mb": DATA_FILE_MB,
+            "video_files_size_in_mb": VIDEO_FILE_MB,
+            "fps": fps_int,
+            "splits": {"train": f"0:{len(ep_rows)}"},
+            "data_path": DATA_PATH,
+            "video_path": VIDEO_PATH if image_format == "video" and views else None,
+            "features": features,
+            "sensorvla": {
+                "format": SIDECAR_FORMAT,
+                "dataset_id": dataset_id,
+                "action_fps": float(action_fps),
+                "views": views,
+                "image_storage": image_format,
+                "image_shape": list(cam_shapes[views[0]]) if views else [],
+                "sensor_channels": dims.get("sensor_channels", 0),
+                **extra_info,
+                "streams": streams,
+            },
+        }
+        atomic_write_json(tmp / INFO_FILE, info)
+    return out_dir
+
+
+def _median_rate(ts) -> float | None:
+    ts = np.asarray(ts, np.float64)
+    if len(ts) < 2:
+        return None
+    step = float(np.median(np.diff(ts)))
+    return round(1.0 / step, 6) if step > 0 else None
+
+
+def _features(views, cam_shapes, dims, extra_info, image_format, codec, fps_int) -> dict[str, Any]:
+    feats: dict[str, Any] = {
+        ACTION_KEY: {
+            "dtype": "float32",
+            "shape": [dims["action_dim"]],
+            "names": ACTION_NAMES_7 if dims["action_dim"] == 7 else None,
+        },
+        STATE_KEY: {"dtype": "float32", "shape": [dims["state_dim"]], "names": extra_info.get("state_names")},
+    }
+    if image_format == "video":
+        for v in views:
+            h, w, c = cam_shapes[v]
+            feats[CAMERA_PREFIX + v] = {
+                "dtype": "video",
+                "shape": [h, w, c],
+                "names": ["height", "width", "channels"],
+                "info": {
+                    "video.height": h,
+                    "video.width": w,
+                    "video.codec": codec,
+                    "video.pix_fmt": "yuv420p",
+                    "video.is_depth_map": False,
+                    "video.fps": fps_int,
+                    "video.channels": c,
+                    "has_audio": False,
+                },
+            }
+    feats.update(
+        {
+            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+            "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+            "index": {"dtype": "int64", "shape": [1], "names": None},
+            "task_index": {"dtype": "int64", "shape": [1], "names": None},
+        }
+    )
+    return feats

@@ -1,0 +1,164 @@
+"""Issue 10 "Data": non-finite values, truncated arrays, stale temp folders, train-split stats, content fingerprint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sensorvla.config import DataConfig
+from sensorvla.data.dataset import EpisodeDataset
+from sensorvla.data.format import load_meta, write_dataset
+from sensorvla.data.normalize import NormalizationError, NormStats, compute_stats, dataset_fingerprint
+from sensorvla.data.synth import SimConfig, generate_dataset, simulate_episode
+from sensorvla.data.types import DataError
+
+
+@pytest.fixture
+def small_ds(tmp_path):
+    return generate_dataset(tmp_path / "ds", num_episodes=5, seed=3, no_sensor_fraction=0.0, progress=False)
+
+
+def sensor_file(root, e, part=1):
+    """The sidecar file of episode e's sensor values (part=1) or timestamps (part=0)."""
+    return load_meta(root).streams["sensor"].files(e)[part]
+
+
+def _poke(path, row, col, value):
+    arr = np.load(path, mmap_mode="r+")
+    arr[row, col] = value
+    arr.flush()
+    del arr
+
+
+def test_loader_rejects_nan_sensor_naming_episode_stream_column_index(small_ds):
+    cfg = DataConfig(dataset_dir=str(small_ds), val_fraction=0.0, test_fraction=0.0)
+    ds = EpisodeDataset(small_ds, cfg, split="all")
+    e, i = ds.index[len(ds) // 2]
+    t = float(ds._frame_ts[e][i])
+    ts = np.load(sensor_file(small_ds, e, 0))
+    row = int(np.searchsorted(ts, t, side="right")) - 3  # inside the window that ends at t
+    _poke(sensor_file(small_ds, e), row, 4, np.nan)
+    ds = EpisodeDataset(small_ds, cfg, split="all")
+    with pytest.raises(DataError) as ei:
+        ds[len(ds) // 2]
+    msg = str(ei.value)
+    name = load_meta(small_ds).episodes[e]["name"]
+    assert name in msg and "sensor" in msg and "column 4" in msg and f"sample {row}" in msg and "Fix:" in msg
+    with pytest.raises(DataError) as ei:  # `sensorvla stats` refuses too, instead of writing NaN
+        compute_stats(small_ds, progress=False, data_cfg=cfg)
+    assert name in str(ei.value) and "column 4" in str(ei.value)
+
+
+def test_stats_reject_inf_state(small_ds):
+    _poke(load_meta(small_ds).streams["observation.state"].files(1)[1], 7, 2, np.inf)
+    cfg = DataConfig(dataset_dir=str(small_ds), val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataError) as ei:
+        compute_stats(small_ds, progress=False, data_cfg=cfg)
+    msg = str(ei.value)
+    assert "state" in msg and "column 2" in msg and "sample 7" in msg and "observation.state" in msg  # the file
+
+
+def test_truncated_npy_is_a_data_error(small_ds):
+    path = sensor_file(small_ds, 2)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    cfg = DataConfig(dataset_dir=str(small_ds), val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataError) as ei:
+        ds = EpisodeDataset(small_ds, cfg, split="all")
+        for k in range(len(ds)):
+            ds[k]
+    assert str(path) in str(ei.value) or path.name in str(ei.value)
+    assert "truncated" in str(ei.value) and "Fix:" in str(ei.value)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temp_folders_are_cleaned_with_a_message(tmp_path, caplog):
+    import socket
+
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32]
+    out = tmp_path / "imp"
+    stale = tmp_path / f".imp.{host}-{_dead_pid()}.x1y2.tmp"
+    (stale / "streams").mkdir(parents=True)
+    legacy = tmp_path / ".imp.abc123_z.tmp"  # named by an older version: cleaned once it is old
+    legacy.mkdir()
+    os.utime(legacy, (0, 0))
+    live = tmp_path / f".imp.{host}-{os.getpid()}.live.tmp"  # a running writer's folder stays
+    live.mkdir()
+    other = tmp_path / ".other.abc.tmp"
+    other.mkdir()
+    ep = simulate_episode(0, SimConfig(image_size=16, sensor_channels=5), with_sensor=True, name="e0")
+    with caplog.at_level("WARNING"):
+        write_dataset([ep], out, dataset_id="x", action_fps=10, progress=False)
+    assert not stale.exists() and not legacy.exists() and live.exists() and other.exists()
+    assert str(stale) in caplog.text and "interrupted" in caplog.text
+
+
+def test_stats_cover_the_training_split_only(tmp_path):
+    root = generate_dataset(tmp_path / "ds", num_episodes=8, seed=1, progress=False)
+    cfg = DataConfig(dataset_dir=str(root), val_fraction=0.25, test_fraction=0.25, split_seed=4)
+    train = EpisodeDataset(root, cfg, split="train")
+    stats = compute_stats(root, progress=False, data_cfg=cfg)
+    acts = np.concatenate([train._actions[e] for e in train.episodes])
+    np.testing.assert_allclose(stats.stats["actions"]["mean"], acts.mean(0), rtol=1e-5, atol=1e-6)
+    assert stats.counts["actions"] == len(acts)
+    fp = stats.fingerprint
+    assert fp["split"]["name"] == "train" and fp["split"]["episodes"] == train.episodes
+    assert fp["split"]["val_fraction"] == 0.25 and fp["split"]["seed"] == 4
+    other = DataConfig(dataset_dir=str(root), val_fraction=0.25, test_fraction=0.25, split_seed=5)
+    with pytest.raises(NormalizationError, match="recompute"):
+        stats.check(dataset_fingerprint(root, data_cfg=other))
+    stats.check(dataset_fingerprint(root, data_cfg=cfg))
+
+
+def test_fingerprint_is_a_content_hash_with_a_cheap_cache(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import sensorvla.data.fingerprint as fpmod
+
+    monkeypatch.setenv("SENSORVLA_CACHE_DIR", str(tmp_path / "cache"))
+    root = generate_dataset(tmp_path / "ds", num_episodes=4, seed=2, progress=False)
+    cfg = DataConfig(dataset_dir=str(root))
+    stats = compute_stats(root, progress=False, data_cfg=cfg)
+    stats.save(root / "meta" / "norm_stats.json")  # derived: does not change the fingerprint
+    calls = []
+    real = fpmod.hash_file
+    monkeypatch.setattr(fpmod, "hash_file", lambda p: calls.append(p) or real(p))
+    NormStats.load(root / "meta" / "norm_stats.json").check(dataset_fingerprint(root, data_cfg=cfg))
+    assert calls == []  # unchanged files: stat() only, nothing re-read
+    # a re-import with the same row counts but other values
+    data = next((root / "data").rglob("*.parquet"))
+    table = pq.read_table(data)
+    acts = np.asarray(table.column("action").to_pylist(), np.float32)
+    acts[3, 0] += 1.0
+    col = pa.array(acts.tolist(), type=table.schema.field("action").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("action"), "action", col), data)
+    with pytest.raises(NormalizationError, match="recompute"):
+        stats.check(dataset_fingerprint(root, data_cfg=cfg))
+    assert [p.name for p in calls] == [data.name]  # only the changed file is hashed again
+
+
+def test_vl_cache_key_follows_dataset_content(tmp_path, monkeypatch):
+    from sensorvla.config import SensorVLAConfig
+    from sensorvla.training.feature_cache import fingerprint, fingerprint_key
+
+    monkeypatch.setenv("SENSORVLA_CACHE_DIR", str(tmp_path / "cache"))
+    a = generate_dataset(tmp_path / "a", num_episodes=3, seed=2, progress=False)
+    b = generate_dataset(tmp_path / "b", num_episodes=3, seed=9, progress=False)  # same counts? ids equal
+    cfg = SensorVLAConfig()
+    ids = np.arange(10)
+    cfg.data.dataset_dir = str(a)
+    ka = fingerprint_key(fingerprint(cfg, ids, "same_id"))
+    cfg.data.dataset_dir = str(b)
+    kb = fingerprint_key(fingerprint(cfg, ids, "same_id"))
+    assert ka != kb
+    cfg.data.dataset_dir = str(a)
+    assert fingerprint_key(fingerprint(cfg, ids, "same_id")) == ka
