@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from sensorvla.config import DataConfig
+
 
 def data_synth(
     out: Path,
@@ -39,8 +41,12 @@ def data_import_recorder(
     views: tuple[str, ...] | None = None,
     include_joints: bool = False,
     overwrite: bool = False,
+    image_format: Literal["video", "npy"] = "video",
 ) -> int:
-    """Convert the original recorder's episode folders (metadata.json, images/, robot_states.csv, sensor_data.npz)."""
+    """Convert the original recorder's episode folders (metadata.json, images/, robot_states.csv, sensor_data.npz).
+
+    --image-format video writes LeRobot video features (mp4); npy keeps lossless raw frames (not LeRobot-visible).
+    """
     from sensorvla.data.importers.recorder import import_recorder
 
     path = import_recorder(
@@ -52,6 +58,7 @@ def data_import_recorder(
         views=list(views) if views else None,
         include_joints=include_joints,
         overwrite=overwrite,
+        image_format=image_format,
     )
     print(f"wrote {path}")
     return 0
@@ -65,8 +72,9 @@ def data_import_hdf5(
     min_actions: int = 8,
     views: tuple[str, ...] | None = None,
     overwrite: bool = False,
+    image_format: Literal["video", "npy"] = "video",
 ) -> int:
-    """Convert plain HDF5 episodes (docs/hdf5-format.md)."""
+    """Convert plain HDF5 episodes (docs/hdf5-format.md); --image-format as for import-recorder."""
     from sensorvla.data.importers.hdf5 import import_hdf5
 
     path = import_hdf5(
@@ -77,19 +85,59 @@ def data_import_hdf5(
         min_actions=min_actions,
         views=list(views) if views else None,
         overwrite=overwrite,
+        image_format=image_format,
     )
     print(f"wrote {path}")
     return 0
 
 
-def stats(dataset: Path) -> int:
-    """Compute per-feature normalization stats (mean/std/quantiles) into <dataset>/meta/norm_stats.json."""
+def data_add_sensor(
+    dataset: Path,
+    src: Path,
+    clock_offset: float = 0.0,
+    name: str = "sensor",
+    rate: float | None = None,
+    force_channels: int | None = None,
+    episode: int | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Attach a sensor stream (CSV/NPZ/HDF5: episode_index, timestamps, values) to a LeRobot v3 dataset, in place.
+
+    --clock-offset S is added to the sensor's timestamps to reach the dataset's clock (frame i of an episode is at
+    frame_index / fps). See docs/data-format.md, "Add a sensor to a LeRobot dataset".
+    """
+    from sensorvla.data.attach import add_sensor
+
+    spec = add_sensor(
+        dataset,
+        src,
+        clock_offset=clock_offset,
+        name=name,
+        rate=rate,
+        force_channels=force_channels,
+        episode=episode,
+        overwrite=overwrite,
+    )
+    print(f"attached {name!r} to {dataset}: {json.dumps(spec)}")
+    return 0
+
+
+def stats(dataset: Path, data: DataConfig = DataConfig()) -> int:  # noqa: B008  (tyro reads the default)
+    """Compute normalization stats on the training split into <dataset>/meta/norm_stats.json.
+
+    Takes the same --data.* flags as `sensorvla train` (split, sensor keys, sensor transforms), which the
+    stats record and training checks.
+    """
+    import dataclasses
+
     from sensorvla.data.normalize import compute_stats
     from sensorvla.training.data_setup import stats_path
 
-    s = compute_stats(dataset)
+    s = compute_stats(dataset, data_cfg=dataclasses.replace(data, dataset_dir=str(dataset)))
     s.save(stats_path(dataset))
-    print(f"wrote {stats_path(dataset)} (fingerprint {s.fingerprint})")
+    fp = {k: v for k, v in s.fingerprint.items() if k != "split"}
+    split = s.fingerprint["split"]
+    print(f"wrote {stats_path(dataset)} ({split['name']} split: {len(split['episodes'])} episodes; {fp})")
     return 0
 
 
@@ -198,6 +246,7 @@ COMMANDS = {
     "data synth": (data_synth, "generate the synthetic insertion dataset"),
     "data import-recorder": (data_import_recorder, "import the original recorder's episode folders"),
     "data import-hdf5": (data_import_hdf5, "import plain HDF5 episodes"),
+    "data add-sensor": (data_add_sensor, "attach a sensor stream to a LeRobot v3 dataset (in place)"),
     "stats": (stats, "compute normalization statistics for a dataset"),
     "tiny-model": (tiny_model, "build a tiny offline Qwen-VL"),
     "serve": (serve, "serve a checkpoint over websocket"),

@@ -300,3 +300,33 @@ def test_lerobot_opens_a_sensorvla_dataset(tmp_path):
         i = s["sample_id"]
         np.testing.assert_array_equal(s["actions"][s["action_mask"]], acts[i : i + int(s["action_mask"].sum())])
         np.testing.assert_array_equal(s["actions"][s["action_mask"]], np.asarray(out["actions"][i])[s["action_mask"]])
+
+
+@pytest.mark.interop
+def test_lerobot_ignores_an_attached_sidecar(tmp_path):
+    """A LeRobot-written dataset with a sensor attached by `add-sensor` still opens in the real LeRobot."""
+    exe = lerobot_python()
+    if exe is None:
+        pytest.skip(
+            "no LeRobot environment (set SENSORVLA_LEROBOT_PYTHON, see tests/fixtures/lerobot/make_fixtures.py)"
+        )
+    from sensorvla.data.attach import add_sensor
+
+    root = Path(shutil.copytree(FIXTURES / "video_h264", tmp_path / "ds"))
+    ts = np.arange(0, 0.7, 1 / 500.0)
+    np.savez(tmp_path / "s.npz", timestamps=ts, values=np.stack([ts, -ts], 1))
+    add_sensor(root, tmp_path / "s.npz", episode=0)
+    proc = subprocess.run(
+        [exe, "-c", LEROBOT_CHECK, str(root), "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_LEROBOT_HOME": str(tmp_path / "lerobot_home")},
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = json.loads(line[len("RESULT ") :])
+    spec = patterns.SPECS["video_h264"]
+    assert out["n"] == sum(spec["lengths"]) and out["cameras"] == ["observation.images.top"]
+    assert out["tasks"] == [t for t, n in zip(spec["tasks"], spec["lengths"]) for _ in range(n)]
+    assert load_meta(root).sensor_keys == ["sensor"]

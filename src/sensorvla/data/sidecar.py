@@ -190,10 +190,14 @@ def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -
 class StreamWriter:
     """Write one stream's per-episode arrays and its index into a dataset folder being built."""
 
-    def __init__(self, root: Path, key: str, kind: str, *, rate_hz: float | None = None, **extra):
+    def __init__(
+        self, root: Path, key: str, kind: str, *, rate_hz: float | None = None, folder: Path | None = None, **extra
+    ):
+        """`folder`: where `streams/<key>/` goes (default under `root`; add-sensor builds it in a temp folder)."""
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: choose one of {KINDS}")
         self.root, self.key, self.kind, self.rate_hz, self.extra = Path(root), key, kind, rate_hz, extra
+        self.folder = Path(folder) if folder is not None else self.root / STREAMS_DIR / key
         self.shape: tuple[int, ...] | None = () if kind == "timing" else None
         self.dtype = "float64" if kind == "timing" else None
         self.rows: list[dict[str, Any]] = []
@@ -202,7 +206,7 @@ class StreamWriter:
     def add(self, e: int, timestamps: np.ndarray, values: np.ndarray | None, clock_offset: float) -> None:
         """Store episode e: timestamps (N,) own clock, values (N, *shape) (None for "timing")."""
         ts = np.ascontiguousarray(timestamps, dtype=np.float64)
-        stem = self.root / PATH_TEMPLATE.format(key=self.key, chunk_index=e // CHUNK_SIZE, episode_index=e)
+        stem = self.folder / f"chunk-{e // CHUNK_SIZE:03d}" / f"episode_{e:06d}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         np.save(stem.with_name(stem.name + ".timestamps.npy"), ts, allow_pickle=False)
         self.nbytes += ts.nbytes
@@ -235,7 +239,7 @@ class StreamWriter:
 
         if not self.rows:
             return None
-        path = self.root / INDEX_TEMPLATE.format(key=self.key)
+        path = self.folder / "episodes.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self.rows), path)
         return _spec(self.key, self.kind, self.shape or (), self.dtype, self.rate_hz, self.extra)

@@ -1,0 +1,294 @@
+"""`sensorvla data add-sensor`: attach a sensor stream (own rate, own clock) to an existing LeRobot v3
+dataset, in place and atomically: the stream is built in a temp folder, swapped in, then declared in
+meta/info.json. Nothing of LeRobot's changes, so LeRobot still opens the dataset.
+
+Source files hold, for each sample, the episode index, a timestamp on the sensor's clock and the values:
+    CSV   header row; columns `episode_index`, `timestamp` (or `t`, `time`), then one column per channel
+    NPZ   arrays `episode_index` (N,), `timestamps` (N,), `values` (N, C)   (never unpickled)
+    HDF5  datasets `episode_index`, `timestamps`, `values` at the root, or groups
+          `/episodes/<episode_index>/{timestamps,values}`
+A file without episode indices is one episode: name it with `episode=` (`--episode`).
+`clock_offset` (seconds) is added to the timestamps to reach the dataset's clock (an episode's frame i is
+at frame_index / fps); see docs/data-format.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from sensorvla.data.format import INFO_FILE, load_meta
+from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span
+from sensorvla.data.types import DataError
+from sensorvla.data.writer import check_finite
+from sensorvla.io import atomic_dir, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+TS_NAMES = ("timestamp", "timestamps", "t", "time", "timestamp_s")
+RATE_TOLERANCE = 0.05  # relative: per-episode rates must agree with each other and with --rate
+
+
+def _by_episode(src: Path, ep_idx, ts, values, episode: int | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    ts = np.asarray(ts, np.float64)
+    values = np.asarray(values)
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2 or len(values) != len(ts):
+        raise DataError(
+            f"{len(ts)} timestamps but values of shape {values.shape}; expected (N, C)",
+            path=str(src),
+            fix="write one row of C values per timestamp",
+        )
+    if ep_idx is None:
+        if episode is None:
+            raise DataError(
+                "the file has no episode_index column",
+                path=str(src),
+                fix="add an episode_index column, or name the episode it belongs to (--episode N)",
+            )
+        ep_idx = np.full(len(ts), episode)
+    ep_idx = np.asarray(ep_idx)
+    if not np.issubdtype(ep_idx.dtype, np.number) or not np.all(np.equal(np.mod(ep_idx, 1), 0)):
+        raise DataError("episode_index must be integers", path=str(src), fix="write 0-based episode numbers")
+    ep_idx = ep_idx.astype(np.int64)
+    out = {}
+    for e in np.unique(ep_idx):
+        rows = np.nonzero(ep_idx == e)[0]
+        out[int(e)] = (ts[rows], values[rows])
+    return out
+
+
+def _read_csv(src: Path, episode: int | None):
+    with open(src, newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise DataError("empty CSV", path=str(src), fix="write a header row and one row per sample") from None
+        ts_col = next((i for i, h in enumerate(header) if h.lower() in TS_NAMES), None)
+        if ts_col is None:
+            raise DataError(
+                f"CSV header {header} has no timestamp column",
+                path=str(src),
+                fix=f"name the time column one of {list(TS_NAMES)}",
+            )
+        ep_col = header.index("episode_index") if "episode_index" in header else None
+        rows = []
+        for n, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                rows.append([float(x) for x in row])
+            except ValueError as e:
+                raise DataError(f"line {n} is not numeric ({e})", path=str(src), fix="fix or drop that line") from e
+            if len(row) != len(header):
+                raise DataError(
+                    f"line {n} has {len(row)} fields, the header {len(header)}",
+                    path=str(src),
+                    fix="write one value per header column",
+                )
+    if not rows:
+        raise DataError("CSV has no samples", path=str(src), fix="write one row per sample")
+    a = np.asarray(rows, np.float64)
+    value_cols = [i for i in range(len(header)) if i not in (ts_col, ep_col)]
+    names = [header[i] for i in value_cols]
+    ep = a[:, ep_col] if ep_col is not None else None
+    return _by_episode(src, ep, a[:, ts_col], a[:, value_cols], episode), names
+
+
+def _read_npz(src: Path, episode: int | None):
+    try:
+        with np.load(src, allow_pickle=False) as z:
+            keys = set(z.files)
+            if not {"timestamps", "values"} <= keys:
+                raise DataError(
+                    f"npz has arrays {sorted(keys)}, expected 'timestamps' and 'values' (+ 'episode_index')",
+                    path=str(src),
+                    fix="np.savez(path, episode_index=..., timestamps=..., values=...)",
+                )
+            ep = z["episode_index"] if "episode_index" in keys else None
+            return _by_episode(src, ep, z["timestamps"], z["values"], episode), None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(
+            f"cannot read the npz ({type(e).__name__}: {e}; pickled arrays are refused)",
+            path=str(src),
+            fix="re-export it with numeric arrays",
+        ) from e
+
+
+def _read_h5(src: Path, episode: int | None):
+    import h5py
+
+    try:
+        with h5py.File(src, "r") as f:
+            if "episodes" in f:
+                out = {}
+                for k in sorted(f["episodes"], key=lambda x: int(x) if x.isdigit() else -1):
+                    if not k.isdigit():
+                        raise DataError(
+                            f"group /episodes/{k} is not an episode index",
+                            path=str(src),
+                            fix="name each group by its 0-based episode index",
+                        )
+                    g = f["episodes"][k]
+                    out.update(_by_episode(src, None, g["timestamps"][()], g["values"][()], int(k)))
+                return out, None
+            for k in ("timestamps", "values"):
+                if k not in f:
+                    raise DataError(
+                        f"no /{k} dataset (found {sorted(f)})",
+                        path=str(src),
+                        fix="write /episode_index, /timestamps, /values or /episodes/<i>/{timestamps,values}",
+                    )
+            ep = f["episode_index"][()] if "episode_index" in f else None
+            return _by_episode(src, ep, f["timestamps"][()], f["values"][()], episode), None
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"cannot read the HDF5 file ({e})", path=str(src), fix="re-export it") from e
+
+
+def read_sensor_file(src: str | Path, episode: int | None = None):
+    """{episode_index: (timestamps (N,), values (N, C))} and the channel names (CSV header) or None."""
+    src = Path(src)
+    if not src.is_file():
+        raise DataError("sensor file does not exist", path=str(src), fix="pass --src with a CSV, NPZ or HDF5 file")
+    suffix = src.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(src, episode)
+    if suffix == ".npz":
+        return _read_npz(src, episode)
+    if suffix in (".h5", ".hdf5", ".hdf"):
+        return _read_h5(src, episode)
+    raise DataError(f"unknown sensor file type {suffix!r}", path=str(src), fix="use .csv, .npz or .h5")
+
+
+def add_sensor(
+    dataset: str | Path,
+    src: str | Path,
+    *,
+    clock_offset: float = 0.0,
+    name: str = "sensor",
+    rate: float | None = None,
+    force_channels: int | None = None,
+    episode: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Attach `src` as sidecar stream `name` of `dataset` (see the module docstring); returns its declaration.
+
+    Checks, before anything is written: episode indices exist; timestamps are finite and increase; values
+    are finite; after `clock_offset` each episode's samples overlap that episode's frames (a wrong clock
+    names the offset that would fit); the per-episode rates agree (and match `rate` when given).
+    """
+    root = Path(dataset)
+    meta = load_meta(root)
+    info_path = root / INFO_FILE
+    if name in meta.streams and not overwrite:
+        raise DataError(
+            f"the dataset already has a sidecar stream {name!r}",
+            path=str(info_path),
+            fix="pass --overwrite to replace it, or --name another",
+        )
+    if (
+        name in meta.info["features"]
+        or name in ("action", "observation.state")
+        or name.startswith("observation.images")
+    ):
+        raise DataError(f"{name!r} is a LeRobot feature of the dataset", path=str(info_path), fix="pick another --name")
+    per_episode, names = read_sensor_file(src, episode)
+    n_eps = len(meta.episodes)
+    bad = sorted(e for e in per_episode if not 0 <= e < n_eps)
+    if bad:
+        raise DataError(
+            f"the sensor file has episode_index {bad[:5]}, the dataset has episodes 0..{n_eps - 1}",
+            path=str(src),
+            fix="number the sensor samples by the dataset's episode_index (meta/episodes), or attach it to the "
+            "dataset it was recorded with",
+        )
+    fps, action = float(meta.info["fps"]), meta.streams.get("action")
+    channels = {v.shape[1] for _, v in per_episode.values()}
+    if len(channels) > 1:
+        raise DataError(f"episodes have different channel counts {sorted(channels)}", path=str(src), fix="one per file")
+    rates = {}
+    for e, (ts, values) in sorted(per_episode.items()):
+        ename = meta.episodes[e]["name"]
+        check_finite(ts[:, None], episode=ename, stream=f"{name} timestamps", path=str(src))
+        check_finite(values, episode=ename, stream=name, path=str(src), fix="clean the sensor recording")
+        d = np.diff(ts)
+        if np.any(d <= 0):
+            i = int(np.argmax(d <= 0))
+            raise DataError(
+                f"{name} timestamps are not strictly increasing "
+                f"(sample {i} -> {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
+                episode=ename,
+                path=str(src),
+                fix="sort the samples by time and drop duplicates",
+            )
+        lo, hi = episode_span(meta.episodes, fps, action, e)
+        t0, t1 = ts[0] + clock_offset, ts[-1] + clock_offset
+        if t1 < lo or t0 > hi:
+            raise DataError(
+                f"with --clock-offset {clock_offset:g} the samples cover {t0:.3f}..{t1:.3f} s, the episode's frames "
+                f"{lo:.3f}..{hi:.3f} s: the clocks do not match",
+                episode=ename,
+                path=str(src),
+                fix=f"pass the offset from the sensor clock to the dataset clock, e.g. --clock-offset {lo - ts[0]:.6f} "
+                "(if the sensor started with the episode)",
+            )
+        if len(ts) > 1:
+            rates[e] = 1.0 / float(np.median(d))
+    measured = round(float(np.median(list(rates.values()))), 6) if rates else None
+    if rates:
+        off = {e: r for e, r in rates.items() if abs(r - measured) > RATE_TOLERANCE * measured}
+        if off:
+            e = next(iter(off))
+            raise DataError(
+                f"episode rates differ: {off[e]:.4g} Hz here, {measured:.4g} Hz in most episodes",
+                episode=meta.episodes[e]["name"],
+                path=str(src),
+                fix="attach one sensor configuration per stream (resample, or split it with --name)",
+            )
+    if rate is not None and measured is not None and abs(rate - measured) > RATE_TOLERANCE * rate:
+        raise DataError(
+            f"--rate {rate:g} Hz, but the timestamps run at {measured:.4g} Hz",
+            path=str(src),
+            fix="check the timestamp unit (seconds) or pass the measured rate",
+        )
+    c = channels.pop()
+    fc = c if force_channels is None else int(force_channels)
+    if not 0 <= fc <= c:
+        raise DataError(f"--force-channels {fc} is not within 0..{c}", path=str(src), fix=f"pass 0..{c}")
+    missing = sorted(set(range(n_eps)) - set(per_episode))
+    if missing:
+        logger.warning("%d episode(s) have no %s samples (sensor-less, masked): %s", len(missing), name, missing[:10])
+    extra = {"force_channels": fc}
+    if names:
+        extra["names"] = names
+    stream_dir = root / STREAMS_DIR / name
+    if stream_dir.exists() and name not in meta.streams:
+        logger.warning(
+            "replacing %s: a stream folder no dataset declaration points to (an interrupted add-sensor)", stream_dir
+        )
+    with atomic_dir(stream_dir) as tmp:
+        w = StreamWriter(root, name, "values", rate_hz=rate or measured, folder=tmp, **extra)
+        for e, (ts, values) in sorted(per_episode.items()):
+            w.add(e, ts, values.astype(np.float32), clock_offset)
+        spec = w.finish()
+    info = json.loads(info_path.read_text())
+    sv = info.setdefault("sensorvla", {})
+    sv.setdefault("format", "sensorvla-sidecar/1")
+    sv.setdefault("streams", {})[name] = spec
+    atomic_write_json(info_path, info)
+    stats = root / "meta" / "norm_stats.json"
+    if stats.exists():
+        stats.unlink()
+        logger.warning("removed %s: computed without the new stream (training recomputes it)", stats)
+    logger.info("attached %s: %d episodes, %d channels, %.4g Hz", name, len(per_episode), c, rate or measured or 0)
+    return spec
