@@ -205,3 +205,21 @@ def test_write_dataset_is_atomic(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(DataError, match="not a sensorvla or LeRobot v3 dataset.*sensorvla data synth"):
         load_meta(tmp_path)
+
+
+def test_loader_workers_after_decoding_in_the_main_process(synth_dataset_dir):
+    """Video containers opened in the main process are never closed in a forked worker (that hangs)."""
+    ds = EpisodeDataset(synth_dataset_dir, data_cfg(synth_dataset_dir), split="all")
+    first = [ds[i]["images"][0] for i in range(3)]  # the main process opens the decoders
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return torch.from_numpy(ds[i]["images"][0].copy())
+
+    loader = torch.utils.data.DataLoader(Images(), batch_size=6, num_workers=2, timeout=120)
+    batches = list(loader)
+    assert sum(len(b) for b in batches) == 24
+    np.testing.assert_array_equal(batches[0][:3].numpy(), np.stack(first))

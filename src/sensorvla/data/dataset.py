@@ -235,6 +235,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
             "frame_index": i,
             "timestamp": t,
             "instruction": ep.frame_tasks[i] if ep.frame_tasks else ep.instruction,
+            "epoch": self.epoch,  # seeds training-only augmentation (deterministic under resume)
         }
         t_vl = self._vl_time(idx, ep, t)
         ages = []

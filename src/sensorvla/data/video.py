@@ -140,7 +140,8 @@ class _Decoder:
             self.stream = self.container.streams.video[0]
         except (av.error.FFmpegError, OSError, IndexError) as e:
             raise DataError(f"cannot open the video ({type(e).__name__}: {e})", path=str(path), fix=VIDEO_FIX) from e
-        self.stream.thread_type = "SLICE"  # frame threading adds latency for random access
+        # one decoding thread: DataLoader workers are the parallelism (frame threads add latency to seeks)
+        self.stream.thread_count = 1
         # one reformatter per container: to_ndarray(format=...) would build a new swscale context per frame (25x)
         self._rgb = av.video.reformatter.VideoReformatter()
         self._iter = None
@@ -190,6 +191,8 @@ class DecoderPool:
 
     def get(self, path: Path) -> _Decoder:
         if os.getpid() != self._pid:
+            # a forked DataLoader worker: never touch (or free: closing hangs) the parent's containers
+            _INHERITED.extend(self._open.values())
             self._open, self._pid = OrderedDict(), os.getpid()
         dec = self._open.pop(path, None) or _Decoder(path)
         self._open[path] = dec
@@ -204,6 +207,7 @@ class DecoderPool:
         self.__init__(state["max_open"])
 
 
+_INHERITED: list[_Decoder] = []  # decoders a forked process got from its parent, kept alive, never used
 POOL = DecoderPool()
 
 
