@@ -79,6 +79,11 @@ def loader_vs_train(root: Path, num_workers=(0, 2), batch_size: int = 16, steps:
     tf, proc = _transform(cfg, data)
     ds = raw_dataset(cfg, "train")
     result: dict = {"batch_size": batch_size, "image_size": 64, "views": len(ds.views), "storage": "video (h264)"}
+    n = min(len(ds), steps * batch_size)
+    t0 = time.perf_counter()
+    for i in range(n):  # the data layer alone: decode + alignment + windows, before the policy's processor
+        ds[i]
+    result["raw_samples_per_s_0workers"] = n / (time.perf_counter() - t0)
     batches = []
     for w in num_workers:
         cfg.data.num_workers = w
@@ -101,6 +106,7 @@ def loader_vs_train(root: Path, num_workers=(0, 2), batch_size: int = 16, steps:
         result[f"ratio_loader_{w}workers_over_train"] = (
             result[f"loader_samples_per_s_{w}workers"] / result["train_step_samples_per_s"]
         )
+    result["ratio_raw_0workers_over_train"] = result["raw_samples_per_s_0workers"] / result["train_step_samples_per_s"]
     return result
 
 
