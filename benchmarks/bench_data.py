@@ -40,8 +40,8 @@ def _setup(root: Path, image_size: int, episodes: int, vl=None):
 
 def _transform(cfg, data):
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.data.transforms import SampleTransform
     from sensorvla.models.backbone import load_processor
+    from sensorvla.models.processor import SampleTransform
     from sensorvla.training.data_setup import build_normalizer
 
     norm = build_normalizer(compute_stats(data, progress=False, data_cfg=cfg.data), cfg)
@@ -115,8 +115,8 @@ def decode_vs_consumption(root: Path, image_size: int = 224, frames: int = 400, 
     import numpy as np
 
     from sensorvla.data.dataset import EpisodeDataset
-    from sensorvla.data.transforms import collate
     from sensorvla.models.backbone import pad_token_id
+    from sensorvla.models.processor import collate
 
     vl, data, cfg = _setup(root, image_size, 8)
     ds = EpisodeDataset(data, cfg.data, split="all")

@@ -42,9 +42,9 @@ def smoke_heads(vl_dir: Path, data_dir: Path) -> None:
     from sensorvla.config import SensorVLAConfig
     from sensorvla.data.format import load_meta
     from sensorvla.data.normalize import NormStats
-    from sensorvla.data.transforms import SampleTransform, collate
     from sensorvla.models.backbone import load_processor, pad_token_id
     from sensorvla.models.pretrained import build_policy, resolve_from_meta
+    from sensorvla.models.processor import SampleTransform, collate
     from sensorvla.training.data_setup import build_normalizer, raw_dataset, stats_path
     from sensorvla.training.param_groups import build_param_groups, group_table
 

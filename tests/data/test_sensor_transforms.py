@@ -142,8 +142,8 @@ def test_training_and_runner_apply_the_same_transform(tmp_path, tiny_vl_dir, hea
     """Train 2 steps with a transform, load the checkpoint in PolicyRunner: its inputs equal training's."""
     from sensorvla.config import SensorVLAConfig
     from sensorvla.data.dataset import EpisodeDataset
-    from sensorvla.data.transforms import SampleTransform
     from sensorvla.inference.runner import PolicyRunner
+    from sensorvla.models.processor import SampleTransform
     from sensorvla.training.data_setup import build_normalizer, ensure_stats
     from sensorvla.training.distributed import DistInfo
     from sensorvla.training.loop import train

@@ -44,8 +44,8 @@ def runner(trained):
 
 def _hand_predict(runner, raws, mutate=None):
     """One sample at a time through transform -> predict_chunk -> unnormalize: (N, H, D_a) physical."""
-    from sensorvla.data.transforms import collate
     from sensorvla.models.backbone import pad_token_id
+    from sensorvla.models.processor import collate
 
     out = []
     for raw in raws:

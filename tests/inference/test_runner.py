@@ -10,10 +10,10 @@ from sensorvla.config import SensorVLAConfig
 from sensorvla.data.dataset import EpisodeDataset
 from sensorvla.data.format import load_meta
 from sensorvla.data.normalize import compute_stats
-from sensorvla.data.transforms import collate
 from sensorvla.inference.runner import PolicyRunner
 from sensorvla.models.backbone import pad_token_id
 from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+from sensorvla.models.processor import collate
 
 
 @pytest.fixture(scope="module")

@@ -1,86 +1,55 @@
-"""The one transform chain shared by training and `PolicyRunner`: raw sample -> model inputs.
+"""The data side of the transform chain: a raw sample's state, sensor and actions -> normalized tensors.
 
 raw sample (docs/interfaces.md section 1, numpy, physical units)
-  -> (training only) image augmentation: random shift + colour jitter (`data/augment.py`)
-  -> normalize state / sensor (masked) / actions with the checkpoint's NormStats
-  -> chat template (V image entries + instruction) -> Qwen processor      (skipped for cached VL features)
-  -> per-sample torch tensors; `collate` pads tokens and stacks the rest into a model batch (section 3).
+  -> normalize state / sensor (masked; after the stats' sensor transform) / actions with the NormStats
+  -> per-sample torch tensors; `stack` batches them.
+The policy's processor (`sensorvla.models.processor.PolicyProcessor`, also importable as
+`SampleTransform`) adds the image and instruction part (augmentation in training, chat template, Qwen
+image processor) on top of this and is what training and `PolicyRunner` both call. Nothing in `data/`
+imports `models/`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from sensorvla.models.backbone import collate_vl, process_sample
 
-VL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-class SampleTransform:
-    """raw sample dict -> per-sample model-input dict (torch).
-
-    Args:
-        normalizer: `sensorvla.data.normalize.Normalizer` built from the checkpoint's NormStats.
-        processor: the Qwen-VL processor, or None to skip images (features come from the VL cache).
-        prompt_template: `--model.backbone.prompt-template`.
-        state_dim: D_st; 0 drops the state.
-        augment: an `ImageAugment` for training; None (the default, and always in PolicyRunner) = off.
-    """
-
-    def __init__(self, normalizer, processor, prompt_template: str, state_dim: int, augment=None):
-        self.normalizer = normalizer
-        self.processor = processor
-        self.prompt_template = prompt_template
-        self.state_dim = state_dim
-        self.augment = augment
-
-    def __call__(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One raw sample -> per-sample tensors (see the module docstring)."""
-        out: dict[str, torch.Tensor] = {}
-        if self.processor is not None:
-            images = raw["images"]
-            if self.augment is not None:
-                images = self.augment(images, int(raw.get("sample_id", 0)), int(raw.get("epoch", 0)))
-            out.update(process_sample(self.processor, images, raw["instruction"], self.prompt_template))
-        if self.state_dim:
-            state = self.normalizer.normalize("state", np.asarray(raw["state"], dtype=np.float32))
-            out["state"] = torch.as_tensor(np.asarray(state, dtype=np.float32))
-        mask = np.asarray(raw["sensor_mask"], dtype=bool)
-        sensor = np.asarray(raw["sensor"], dtype=np.float32)
-        if sensor.size and mask.any():
-            sensor = self.normalizer.normalize("sensor", sensor)
-        sensor = np.where(mask[:, None], sensor, 0.0).astype(np.float32)
-        out["sensor"] = torch.from_numpy(np.ascontiguousarray(sensor))
-        out["sensor_mask"] = torch.from_numpy(mask.copy())
-        out["has_sensor"] = torch.tensor(bool(raw["has_sensor"]) and bool(mask.any()))
-        out["sample_id"] = torch.tensor(int(raw.get("sample_id", -1)), dtype=torch.long)
-        if raw.get("actions") is not None:
-            actions = self.normalizer.normalize("actions", np.asarray(raw["actions"], dtype=np.float32))
-            out["actions"] = torch.as_tensor(np.asarray(actions, dtype=np.float32))
-            out["action_mask"] = torch.as_tensor(np.asarray(raw["action_mask"], dtype=bool))
-        return out
+def normalize_sample(raw: dict[str, Any], normalizer, state_dim: int) -> dict[str, torch.Tensor]:
+    """The non-VL model inputs of one raw sample: state (D_st,), sensor (T_s, C_s) + mask (T_s,),
+    has_sensor, sample_id, and actions (H, D_a) + action_mask (H,) when the sample has actions."""
+    out: dict[str, torch.Tensor] = {}
+    if state_dim:
+        state = normalizer.normalize("state", np.asarray(raw["state"], dtype=np.float32))
+        out["state"] = torch.as_tensor(np.asarray(state, dtype=np.float32))
+    mask = np.asarray(raw["sensor_mask"], dtype=bool)
+    sensor = np.asarray(raw["sensor"], dtype=np.float32)
+    if sensor.size and mask.any():
+        sensor = normalizer.normalize("sensor", sensor)
+    sensor = np.where(mask[:, None], sensor, 0.0).astype(np.float32)
+    out["sensor"] = torch.from_numpy(np.ascontiguousarray(sensor))
+    out["sensor_mask"] = torch.from_numpy(mask.copy())
+    out["has_sensor"] = torch.tensor(bool(raw["has_sensor"]) and bool(mask.any()))
+    out["sample_id"] = torch.tensor(int(raw.get("sample_id", -1)), dtype=torch.long)
+    if raw.get("actions") is not None:
+        actions = normalizer.normalize("actions", np.asarray(raw["actions"], dtype=np.float32))
+        out["actions"] = torch.as_tensor(np.asarray(actions, dtype=np.float32))
+        out["action_mask"] = torch.as_tensor(np.asarray(raw["action_mask"], dtype=bool))
+    return out
 
 
-def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Per-sample dicts -> model batch: VL keys padded/concatenated, everything else stacked on dim 0."""
-    batch: dict[str, torch.Tensor] = {}
-    if "input_ids" in items[0]:
-        batch.update(collate_vl([{k: it[k] for k in VL_KEYS if k in it} for it in items], pad_token_id))
-    for key in items[0]:
-        if key in VL_KEYS:
-            continue
-        batch[key] = torch.stack([it[key] for it in items])
-    return batch
+def stack(items: Sequence[dict[str, torch.Tensor]], skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Per-sample dicts -> a batch, every key (but `skip`) stacked on dim 0."""
+    return {key: torch.stack([it[key] for it in items]) for key in items[0] if key not in skip}
 
 
 class TransformedDataset(torch.utils.data.Dataset):
-    """Applies a `SampleTransform` to a raw-sample dataset (runs inside DataLoader workers)."""
+    """Applies a transform (the policy's processor) to a raw-sample dataset (runs inside DataLoader workers)."""
 
-    def __init__(self, raw_dataset, transform: SampleTransform):
+    def __init__(self, raw_dataset, transform: Callable[[dict[str, Any]], dict[str, torch.Tensor]]):
         self.raw = raw_dataset
         self.transform = transform
 

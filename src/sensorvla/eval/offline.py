@@ -26,8 +26,8 @@ ABLATIONS = ("missing", "shuffled")
 
 def _predict(runner, raws: list[dict], batch_size: int, seed: int) -> np.ndarray:
     """Raw samples -> predicted chunks (N, H, D_a) in physical units."""
-    from sensorvla.data.transforms import collate
     from sensorvla.models.backbone import pad_token_id
+    from sensorvla.models.processor import collate
 
     out = []
     pad = pad_token_id(runner.processor)

@@ -58,7 +58,7 @@ class PolicyRunner:
         generator_seed: int | None = 0,
         device: str | torch.device = "cpu",
     ):
-        from sensorvla.data.transforms import SampleTransform
+        from sensorvla.models.processor import SampleTransform
 
         self.policy = policy.eval()
         self.cfg = cfg
@@ -171,8 +171,8 @@ class PolicyRunner:
     def prepare(self, obs: dict[str, Any], with_vl: bool = True) -> dict[str, torch.Tensor]:
         """Observation -> model batch of one sample (identical to the training path's batch).
         `with_vl=False` skips the image processor (the VL features are being reused)."""
-        from sensorvla.data.transforms import collate
         from sensorvla.models.backbone import pad_token_id
+        from sensorvla.models.processor import collate
 
         transform = self.transform if with_vl else self._transform_no_vl
         return collate([transform(self.raw_sample(obs))], pad_token_id(self.processor))

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from sensorvla.config import SensorVLAConfig
-from sensorvla.data.transforms import SampleTransform, TransformedDataset, collate
+from sensorvla.data.transforms import TransformedDataset
+from sensorvla.models.processor import SampleTransform, collate
 
 logger = logging.getLogger(__name__)
 

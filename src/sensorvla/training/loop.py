@@ -135,7 +135,7 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
             revision=cfg.model.backbone.revision,
         )
     )
-    from sensorvla.data.transforms import SampleTransform
+    from sensorvla.models.processor import SampleTransform
 
     augment = None
     if cfg.data.augment.enabled and processor is not None:
@@ -387,8 +387,9 @@ def _prepare(batch: dict, cache, device: torch.device) -> dict:
 
 def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
     """`--mode cache`: encode every sample of the dataset (all splits) once with the frozen backbone."""
-    from sensorvla.data.transforms import SampleTransform, TransformedDataset, collate
+    from sensorvla.data.transforms import TransformedDataset
     from sensorvla.models.backbone import load_processor, pad_token_id
+    from sensorvla.models.processor import SampleTransform, collate
 
     feature_cache.check_cacheable(cfg)
     ds = raw_dataset(cfg, "all")
