@@ -453,3 +453,28 @@ def test_recorder_drops_repeated_robot_timestamps(rec_copy, tmp_path, caplog):
         out = import_recorder(src, tmp_path / "out", progress=False)
     assert "dropped 1 robot rows" in caplog.text
     np.testing.assert_allclose(stream(load_meta(out), 1, "state_timestamps"), truths[1].robot_ts, atol=1e-6)
+
+
+def test_one_episode_interface_import_source_equals_the_written_dataset(h5_src, tmp_path):
+    """An importer's source and the LeRobot source of what it wrote serve the same streams (npy frames)."""
+    from sensorvla.data.importers.hdf5 import scan_hdf5_source
+    from sensorvla.data.source import EpisodeSource, LeRobotSource
+
+    src = scan_hdf5_source(h5_src)
+    out = import_hdf5(h5_src, tmp_path / "ds", progress=False, image_format="npy")
+    back = LeRobotSource.open(out)
+    assert isinstance(src, EpisodeSource) and isinstance(back, EpisodeSource)
+    assert len(src) == len(back) == 2
+    for i in range(len(src)):
+        a, b = src.load(i), back.load(i)
+        assert a.name == b.name and a.instruction == b.instruction
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.action_timestamps, b.action_timestamps)
+        np.testing.assert_array_equal(a.state, b.state)
+        np.testing.assert_array_equal(a.state_timestamps, b.state_timestamps)
+        assert (a.sensor is None) == (b.sensor is None)
+        if a.sensor is not None:
+            np.testing.assert_array_equal(a.sensor, b.sensor)
+        for v in a.images:
+            np.testing.assert_array_equal(a.images[v].frames, np.asarray(b.images[v].frames))
+        assert {k: v for k, v in b.clock_offsets.items() if v} == {k: v for k, v in a.clock_offsets.items() if v}

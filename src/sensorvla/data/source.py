@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOLERANCE_S = 1e-4  # LeRobot's tolerance_s between a row timestamp and its video frame
 
 
+@runtime_checkable
 class EpisodeSource(Protocol):
     """Episodes readable one at a time."""
 
@@ -33,22 +34,6 @@ class EpisodeSource(Protocol):
     def name(self, i: int) -> str: ...
 
     def load(self, i: int) -> EpisodeData: ...
-
-
-class ListSource:
-    """In-memory episodes (tests, generators collected in a list)."""
-
-    def __init__(self, episodes: list[EpisodeData]):
-        self.episodes = list(episodes)
-
-    def __len__(self) -> int:
-        return len(self.episodes)
-
-    def name(self, i: int) -> str:
-        return self.episodes[i].name
-
-    def load(self, i: int) -> EpisodeData:
-        return self.episodes[i]
 
 
 class ParquetImages:
@@ -342,4 +327,4 @@ def open_source(root: str | Path, *, sensor_keys=None, tolerance_s: float = DEFA
     return LeRobotSource.open(root, sensor_keys=sensor_keys, tolerance_s=tolerance_s)
 
 
-__all__ = ["EpisodeSource", "ListSource", "LeRobotSource", "open_source", "CAMERA_PREFIX"]
+__all__ = ["EpisodeSource", "LeRobotSource", "open_source", "CAMERA_PREFIX"]

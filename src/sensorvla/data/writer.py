@@ -276,7 +276,227 @@ def _sample_rows(n: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n - 1, k)).astype(int))
 
 
-def write_dataset(  # noqa: PLR0915  (one pass over the episodes, flat by design)
+class _DatasetWriter:
+    """Builds one dataset in `tmp`: `add(e, ep)` per episode (streams, videos, frame rows), then `finish()`."""
+
+    def __init__(self, tmp: Path, *, dataset_id: str, action_fps: float, extra_info: dict[str, Any], **opts):
+        self.tmp, self.dataset_id, self.action_fps, self.extra_info = tmp, dataset_id, action_fps, extra_info
+        self.image_format, self.codec, self.robot_type = opts["image_format"], opts["video_codec"], opts["robot_type"]
+        self.fps = max(1, int(round(action_fps)))  # LeRobot's clock: an integer fps
+        self.views: list[str] | None = None
+        self.dims: dict[str, Any] = {}
+        self.cam_shapes: dict[str, tuple[int, int, int]] = {}
+        self.features: dict[str, Any] = {}
+        self.tasks: dict[str, int] = {}
+        self.ep_rows: list[dict[str, Any]] = []
+        self.columns: dict[str, list[np.ndarray]] = {}  # every frame column, for meta/stats.json
+        self.img_samples: dict[str, list[np.ndarray]] = {}
+        self.streams = {"action": StreamWriter(tmp, "action", "timing", rate_hz=action_fps)}
+        self.videos = _Videos(tmp, self.fps, opts["video_codec"], opts["video_crf"])
+        self.data_writer, self.data_file, self.rows_in_file, self.index = None, (0, 0), 0, 0
+
+    # --- per episode -----------------------------------------------------------------------------------
+    def _first(self, ep: EpisodeData) -> None:
+        """The first episode fixes the views, widths, image sizes and the feature table."""
+        info = self.extra_info
+        self.views = sorted(ep.images)
+        self.dims = {"action_dim": ep.actions.shape[1], "state_dim": ep.state.shape[1]}
+        self.cam_shapes = {v: tuple(int(x) for x in ep.images[v].frames.shape[1:]) for v in self.views}
+        self.features = _features(self.views, self.cam_shapes, self.dims, info, self.image_format, self.codec, self.fps)
+        self.streams[STATE_KEY] = StreamWriter(self.tmp, STATE_KEY, "values", rate_hz=info.get("state_rate"))
+        kind = "timing" if self.image_format == "video" else "frames"
+        for v in self.views:
+            key = CAMERA_PREFIX + v
+            self.streams[key] = StreamWriter(self.tmp, key, kind, rate_hz=info.get("camera_rate"))
+
+    def _check(self, ep: EpisodeData) -> None:
+        """Every episode must match the first one's views, widths, image sizes and sensor channels."""
+        extra = sorted(set(ep.images) - set(self.views))
+        if extra:
+            raise DataError(
+                f"view(s) {extra} not in the first episode's views {self.views}",
+                episode=ep.name,
+                path="images",
+                fix="use the same camera set in every episode",
+            )
+        for key, width in (("action_dim", ep.actions.shape[1]), ("state_dim", ep.state.shape[1])):
+            if width != self.dims[key]:
+                raise DataError(
+                    f"{key} {width} differs from the dataset's {self.dims[key]}",
+                    episode=ep.name,
+                    fix="convert every episode with the same robot/action definition",
+                )
+        for v in self.views:
+            shape = tuple(int(x) for x in ep.images[v].frames.shape[1:])
+            if shape != self.cam_shapes[v]:
+                raise DataError(
+                    f"view {v} frames are {shape}, earlier episodes {self.cam_shapes[v]}",
+                    episode=ep.name,
+                    path=f"image.{v}",
+                    fix="use one image size per camera (--image-size)",
+                )
+        if ep.sensor is not None:
+            c = ep.sensor.shape[1]
+            if self.dims.setdefault("sensor_channels", c) != c:
+                raise DataError(
+                    f"sensor has {c} channels, the dataset {self.dims['sensor_channels']}",
+                    episode=ep.name,
+                    path="sensor",
+                    fix="use one sensor configuration per dataset",
+                )
+
+    def add(self, e: int, ep: EpisodeData) -> None:
+        """Write episode e: its sidecar streams, its camera frames and its frame rows."""
+        if self.views is None:
+            self._first(ep)
+        self._check(ep)
+        off = {k: float(v) for k, v in ep.clock_offsets.items()}
+        n = len(ep.actions)
+        a_own = np.asarray(ep.action_timestamps, np.float64)
+        a_t = a_own + off.get("action", 0.0)
+        s_own = np.asarray(ep.state_timestamps, np.float64)
+        state = np.asarray(ep.state, np.float32)
+        self.streams["action"].add(e, a_own, None, off.get("action", 0.0))
+        self.streams[STATE_KEY].add(e, s_own, state, off.get("state", 0.0))
+        if ep.sensor is not None:
+            if "sensor" not in self.streams:
+                self.streams["sensor"] = StreamWriter(
+                    self.tmp,
+                    "sensor",
+                    "values",
+                    rate_hz=self.extra_info.get("sensor_rate") or _median_rate(ep.sensor_timestamps),
+                    force_channels=int(self.extra_info.get("force_channels", 1)),
+                )
+            self.streams["sensor"].add(
+                e, ep.sensor_timestamps, np.asarray(ep.sensor, np.float32), off.get("sensor", 0.0)
+            )
+        row: dict[str, Any] = {
+            "episode_index": e,
+            "tasks": [ep.instruction],
+            "length": n,
+            "dataset_from_index": self.index,
+            "dataset_to_index": self.index + n,
+        }
+        for v in self.views:
+            row.update(self._camera(e, v, ep.images[v], off.get(f"image.{v}", 0.0), a_t))
+        row.update(self._rows(e, ep, state[np.maximum(_held_indices(s_own + off.get("state", 0.0), a_t), 0)]))
+        row.update(
+            {
+                "meta/episodes/chunk_index": 0,
+                "meta/episodes/file_index": 0,
+                "name": ep.name,
+                "extra": json.dumps(ep.extra, default=str),
+            }
+        )
+        self.ep_rows.append(row)
+
+    def _camera(self, e: int, view: str, stream, c_off: float, a_t: np.ndarray) -> dict[str, Any]:
+        """Video: the newest capture at or before each action row, capture times in the sidecar.
+        npy: the frames at the camera's own rate and clock, in the sidecar."""
+        key, shape = CAMERA_PREFIX + view, self.cam_shapes[view]
+        c_own = np.asarray(stream.timestamps, np.float64)
+        cols: dict[str, Any] = {}
+        if self.image_format == "npy":
+            self.streams[key].add(e, c_own, np.asarray(stream.frames, np.uint8), c_off)
+            picks = _sample_rows(len(c_own))
+        else:
+            held = np.maximum(_held_indices(c_own + c_off, a_t), 0)
+            self.streams[key].add(e, c_own[held], None, c_off)
+            cols = self.videos.write(key, (stream.frames[k] for k in held), len(a_t), shape)
+            picks = held[_sample_rows(len(a_t))]
+        stride = (max(1, shape[0] // 32), max(1, shape[1] // 32))  # per-channel stats only need a few pixels
+        self.img_samples.setdefault(key, []).extend(
+            np.asarray(stream.frames[int(k)])[:: stride[0], :: stride[1]] for k in picks[:: max(1, len(picks) // 8)]
+        )
+        return cols
+
+    def _rows(self, e: int, ep: EpisodeData, baked_state: np.ndarray) -> dict[str, Any]:
+        """Append the episode's frame rows to the data parquet (rotated past DATA_FILE_MB)."""
+        import pyarrow.parquet as pq
+
+        n = len(ep.actions)
+        task = self.tasks.setdefault(ep.instruction, len(self.tasks))
+        cols = {
+            ACTION_KEY: np.asarray(ep.actions, np.float32),
+            STATE_KEY: baked_state,
+            "timestamp": (np.arange(n) / self.fps).astype(np.float32),  # LeRobot: frame_index / fps
+            "frame_index": np.arange(n),
+            "episode_index": np.full(n, e),
+            "index": np.arange(self.index, self.index + n),
+            "task_index": np.full(n, task),
+        }
+        table = _frames_table(cols, self.features)
+        row_bytes = 4 * (self.dims["action_dim"] + self.dims["state_dim"]) + 40
+        if self.data_writer is not None and (self.rows_in_file + n) * row_bytes > DATA_FILE_MB * 2**20:
+            self.data_writer.close()
+            self.data_writer, self.rows_in_file = None, 0
+            self.data_file = (self.data_file[0], self.data_file[1] + 1)
+        if self.data_writer is None:
+            path = self.tmp / DATA_PATH.format(chunk_index=self.data_file[0], file_index=self.data_file[1])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.data_writer = pq.ParquetWriter(path, table.schema)
+        self.data_writer.write_table(table)
+        self.rows_in_file += n
+        self.index += n
+        for k, v in cols.items():
+            self.columns.setdefault(k, []).append(v)
+        return {"data/chunk_index": self.data_file[0], "data/file_index": self.data_file[1]}
+
+    # --- the end -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.videos.close()
+        if self.data_writer is not None:
+            self.data_writer.close()
+
+    def finish(self) -> None:
+        """Episodes, tasks, sidecar indexes, LeRobot stats and info.json."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.views is None:
+            raise DataError("no episodes to write", fix="check the source folder")
+        (self.tmp / EPISODES_FILE).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(self.ep_rows), self.tmp / EPISODES_FILE)
+        pq.write_table(_tasks_table(self.tasks), self.tmp / TASKS_FILE)
+        streams = {k: spec for k, w in self.streams.items() if (spec := w.finish()) is not None}
+        stats = {}
+        for k, parts in self.columns.items():
+            x = np.concatenate(parts)
+            stats[k] = lerobot_stats(x if x.ndim == 2 else x[:, None])
+        if self.image_format == "video":
+            stats.update({k: _image_stats(v) for k, v in self.img_samples.items()})
+        atomic_write_json(self.tmp / "meta" / "stats.json", stats)
+        views = self.views
+        info = {
+            "codebase_version": CODEBASE_VERSION,
+            "robot_type": self.robot_type or self.extra_info.get("source"),
+            "total_episodes": len(self.ep_rows),
+            "total_frames": self.index,
+            "total_tasks": len(self.tasks),
+            "chunks_size": 1000,
+            "data_files_size_in_mb": DATA_FILE_MB,
+            "video_files_size_in_mb": VIDEO_FILE_MB,
+            "fps": self.fps,
+            "splits": {"train": f"0:{len(self.ep_rows)}"},
+            "data_path": DATA_PATH,
+            "video_path": VIDEO_PATH if self.image_format == "video" and views else None,
+            "features": self.features,
+            "sensorvla": {
+                "format": SIDECAR_FORMAT,
+                "dataset_id": self.dataset_id,
+                "action_fps": float(self.action_fps),
+                "views": views,
+                "image_storage": self.image_format,
+                "image_shape": list(self.cam_shapes[views[0]]) if views else [],
+                "sensor_channels": self.dims.get("sensor_channels", 0),
+                **self.extra_info,
+                "streams": streams,
+            },
+        }
+        atomic_write_json(self.tmp / INFO_FILE, info)
+
+
+def write_dataset(
     episodes: Iterable[EpisodeData],
     out_dir: str | Path,
     *,
@@ -304,7 +524,6 @@ def write_dataset(  # noqa: PLR0915  (one pass over the episodes, flat by design
         video_codec: "h264" (fast to decode; default) or "av1" (LeRobot's default, smaller).
         video_crf: encoder quality (lower is better and larger).
     """
-    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     if image_format not in IMAGE_FORMATS:
@@ -312,216 +531,33 @@ def write_dataset(  # noqa: PLR0915  (one pass over the episodes, flat by design
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another --out")
-    extra_info = dict(extra_info or {})
-    fps_int = max(1, int(round(action_fps)))
-    if abs(fps_int - action_fps) > 1e-6:
+    if abs(round(action_fps) - action_fps) > 1e-6:
         logger.warning(
             "action rate %.6g Hz is not an integer: LeRobot needs an integer fps, info.json records %d and "
             "sensorvla keeps the exact rate (sensorvla.action_fps)",
             action_fps,
-            fps_int,
+            max(1, round(action_fps)),
         )
     with atomic_dir(out_dir) as tmp:
-        views: list[str] | None = None
-        dims: dict[str, Any] = {}
-        cam_shapes: dict[str, tuple[int, int, int]] = {}
-        tasks: dict[str, int] = {}
-        ep_rows: list[dict[str, Any]] = []
-        acts, states, ts_all, fidx_all, eidx_all, tidx_all = [], [], [], [], [], []
-        img_samples: dict[str, list[np.ndarray]] = {}
-        features: dict[str, Any] = {}
-        writers = {"action": StreamWriter(tmp, "action", "timing", rate_hz=action_fps)}
-        videos = _Videos(tmp, fps_int, video_codec, video_crf)  # LeRobot's clock: integer fps
-        data_writer, data_file, data_rows_in_file = None, (0, 0), 0
-        index = 0
+        w = _DatasetWriter(
+            tmp,
+            dataset_id=dataset_id,
+            action_fps=action_fps,
+            extra_info=dict(extra_info or {}),
+            image_format=image_format,
+            video_codec=video_codec,
+            video_crf=video_crf,
+            robot_type=robot_type,
+        )
+        views = None
         try:
             for e, ep in enumerate(tqdm(episodes, desc="writing episodes", disable=not progress)):
                 validate_episode(ep, views=views, min_actions=min_actions)
-                if views is None:
-                    views = sorted(ep.images)
-                    dims = {"action_dim": ep.actions.shape[1], "state_dim": ep.state.shape[1]}
-                    cam_shapes = {v: tuple(int(x) for x in ep.images[v].frames.shape[1:]) for v in views}
-                    features = _features(views, cam_shapes, dims, extra_info, image_format, video_codec, fps_int)
-                    writers["observation.state"] = StreamWriter(
-                        tmp, STATE_KEY, "values", rate_hz=extra_info.get("state_rate")
-                    )
-                    for v in views:
-                        key = CAMERA_PREFIX + v
-                        kind = "timing" if image_format == "video" else "frames"
-                        writers[key] = StreamWriter(tmp, key, kind, rate_hz=extra_info.get("camera_rate"))
-                extra = sorted(set(ep.images) - set(views))
-                if extra:
-                    raise DataError(
-                        f"view(s) {extra} not in the first episode's views {views}",
-                        episode=ep.name,
-                        path="images",
-                        fix="use the same camera set in every episode",
-                    )
-                for key, width in (("action_dim", ep.actions.shape[1]), ("state_dim", ep.state.shape[1])):
-                    if width != dims[key]:
-                        raise DataError(
-                            f"{key} {width} differs from the dataset's {dims[key]}",
-                            episode=ep.name,
-                            fix="convert every episode with the same robot/action definition",
-                        )
-                for v in views:
-                    shape = tuple(int(x) for x in ep.images[v].frames.shape[1:])
-                    if shape != cam_shapes[v]:
-                        raise DataError(
-                            f"view {v} frames are {shape}, earlier episodes {cam_shapes[v]}",
-                            episode=ep.name,
-                            path=f"image.{v}",
-                            fix="use one image size per camera (--image-size)",
-                        )
-                if ep.sensor is not None:
-                    c = ep.sensor.shape[1]
-                    if dims.setdefault("sensor_channels", c) != c:
-                        raise DataError(
-                            f"sensor has {c} channels, the dataset {dims['sensor_channels']}",
-                            episode=ep.name,
-                            path="sensor",
-                            fix="use one sensor configuration per dataset",
-                        )
-                    if "sensor" not in writers:
-                        writers["sensor"] = StreamWriter(
-                            tmp,
-                            "sensor",
-                            "values",
-                            rate_hz=extra_info.get("sensor_rate") or _median_rate(ep.sensor_timestamps),
-                            force_channels=int(extra_info.get("force_channels", 1)),
-                        )
-                task = tasks.setdefault(ep.instruction, len(tasks))
-                off = {k: float(v) for k, v in ep.clock_offsets.items()}
-                n = len(ep.actions)
-                a_own = np.asarray(ep.action_timestamps, np.float64)
-                a_t = a_own + off.get("action", 0.0)
-                s_own = np.asarray(ep.state_timestamps, np.float64)
-                j = _held_indices(s_own + off.get("state", 0.0), a_t)
-                state = np.asarray(ep.state, np.float32)
-                baked = state[np.maximum(j, 0)]
-                writers["action"].add(e, a_own, None, off.get("action", 0.0))
-                writers["observation.state"].add(e, s_own, state, off.get("state", 0.0))
-                if ep.sensor is not None:
-                    sensor = np.asarray(ep.sensor, np.float32)
-                    writers["sensor"].add(e, ep.sensor_timestamps, sensor, off.get("sensor", 0.0))
-                row: dict[str, Any] = {
-                    "episode_index": e,
-                    "tasks": [ep.instruction],
-                    "length": n,
-                    "data/chunk_index": data_file[0],
-                    "data/file_index": data_file[1],
-                    "dataset_from_index": index,
-                    "dataset_to_index": index + n,
-                }
-                for v in views:
-                    stream, key = ep.images[v], CAMERA_PREFIX + v
-                    c_own = np.asarray(stream.timestamps, np.float64)
-                    c_off = off.get(f"image.{v}", 0.0)
-                    if image_format == "npy":
-                        writers[key].add(e, c_own, np.asarray(stream.frames, np.uint8), c_off)
-                        sample_src = stream.frames
-                        picks = _sample_rows(len(c_own))
-                    else:
-                        held = np.maximum(_held_indices(c_own + c_off, a_t), 0)
-                        writers[key].add(e, c_own[held], None, c_off)
-                        row.update(videos.write(key, (stream.frames[k] for k in held), n, cam_shapes[v]))
-                        sample_src = stream.frames
-                        picks = held[_sample_rows(n)]
-                    h, w = cam_shapes[v][:2]
-                    stride = (max(1, h // 32), max(1, w // 32))  # per-channel stats only need a few pixels
-                    img_samples.setdefault(key, []).extend(
-                        np.asarray(sample_src[int(k)])[:: stride[0], :: stride[1]]
-                        for k in picks[:: max(1, len(picks) // 8)]
-                    )
-                row.update(
-                    {
-                        "meta/episodes/chunk_index": 0,
-                        "meta/episodes/file_index": 0,
-                        "name": ep.name,
-                        "extra": json.dumps(ep.extra, default=str),
-                    }
-                )
-                ep_rows.append(row)
-                cols = {
-                    ACTION_KEY: np.asarray(ep.actions, np.float32),
-                    STATE_KEY: baked,
-                    "timestamp": (np.arange(n) / fps_int).astype(np.float32),  # LeRobot: frame_index / fps
-                    "frame_index": np.arange(n),
-                    "episode_index": np.full(n, e),
-                    "index": np.arange(index, index + n),
-                    "task_index": np.full(n, task),
-                }
-                table = _frames_table(cols, features)
-                row_bytes = 4 * (dims["action_dim"] + dims["state_dim"]) + 40
-                if data_writer is not None and (data_rows_in_file + n) * row_bytes > DATA_FILE_MB * 2**20:
-                    data_writer.close()
-                    data_writer, data_rows_in_file = None, 0
-                    data_file = (data_file[0], data_file[1] + 1)
-                    row["data/file_index"] = data_file[1]
-                if data_writer is None:
-                    path = tmp / DATA_PATH.format(chunk_index=data_file[0], file_index=data_file[1])
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    data_writer = pq.ParquetWriter(path, table.schema)
-                data_writer.write_table(table)
-                data_rows_in_file += n
-                acts.append(cols[ACTION_KEY])
-                states.append(baked)
-                ts_all.append(cols["timestamp"])
-                fidx_all.append(cols["frame_index"])
-                eidx_all.append(cols["episode_index"])
-                tidx_all.append(cols["task_index"])
-                index += n
+                w.add(e, ep)
+                views = w.views
         finally:
-            videos.close()
-            if data_writer is not None:
-                data_writer.close()
-        if views is None:
-            raise DataError("no episodes to write", fix="check the source folder")
-        import pyarrow as pa
-
-        (tmp / EPISODES_FILE).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(ep_rows), tmp / EPISODES_FILE)
-        pq.write_table(_tasks_table(tasks), tmp / TASKS_FILE)
-        streams = {k: spec for k, w in writers.items() if (spec := w.finish()) is not None}
-        stats = {
-            ACTION_KEY: lerobot_stats(np.concatenate(acts)),
-            STATE_KEY: lerobot_stats(np.concatenate(states)),
-            "timestamp": lerobot_stats(np.concatenate(ts_all)[:, None]),
-            "frame_index": lerobot_stats(np.concatenate(fidx_all)[:, None]),
-            "episode_index": lerobot_stats(np.concatenate(eidx_all)[:, None]),
-            "index": lerobot_stats(np.arange(index)[:, None]),
-            "task_index": lerobot_stats(np.concatenate(tidx_all)[:, None]),
-        }
-        if image_format == "video":
-            stats.update({k: _image_stats(v) for k, v in img_samples.items()})
-        atomic_write_json(tmp / "meta" / "stats.json", stats)
-        info = {
-            "codebase_version": CODEBASE_VERSION,
-            "robot_type": robot_type or extra_info.get("source"),
-            "total_episodes": len(ep_rows),
-            "total_frames": index,
-            "total_tasks": len(tasks),
-            "chunks_size": 1000,
-            "data_files_size_in_mb": DATA_FILE_MB,
-            "video_files_size_in_mb": VIDEO_FILE_MB,
-            "fps": fps_int,
-            "splits": {"train": f"0:{len(ep_rows)}"},
-            "data_path": DATA_PATH,
-            "video_path": VIDEO_PATH if image_format == "video" and views else None,
-            "features": features,
-            "sensorvla": {
-                "format": SIDECAR_FORMAT,
-                "dataset_id": dataset_id,
-                "action_fps": float(action_fps),
-                "views": views,
-                "image_storage": image_format,
-                "image_shape": list(cam_shapes[views[0]]) if views else [],
-                "sensor_channels": dims.get("sensor_channels", 0),
-                **extra_info,
-                "streams": streams,
-            },
-        }
-        atomic_write_json(tmp / INFO_FILE, info)
+            w.close()
+        w.finish()
     return out_dir
 
 
