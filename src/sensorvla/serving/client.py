@@ -74,6 +74,7 @@ class PolicyClient:
         self._pending_ts: list[np.ndarray] = []  # stream_sensor samples not yet sent
         self._pending_values: list[np.ndarray] = []
         self._pending_newest: float | None = None
+        self._stream_channels: int | None = None  # set by the first stream_sensor call
 
     @property
     def uri(self) -> str:
@@ -106,13 +107,14 @@ class PolicyClient:
             ValueError: wrong shapes, lengths, non-finite values or timestamps not increasing.
         """
         ts = np.asarray(ts, dtype=np.float64).reshape(-1)
-        values = np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is rejected below
+            values = np.asarray(values, dtype=np.float32)
         if values.ndim == 1 and len(ts) == 1:
             values = values[None]
         if values.ndim != 2 or len(values) != len(ts):
             raise ValueError(f"stream_sensor: values must be (N, C_s) with N = len(ts) = {len(ts)}, got {values.shape}")
-        if self._pending_values and values.shape[1] != self._pending_values[0].shape[1]:
-            earlier = self._pending_values[0].shape[1]
+        if self._stream_channels is not None and values.shape[1] != self._stream_channels:
+            earlier = self._stream_channels
             raise ValueError(f"stream_sensor: {values.shape[1]} channels, earlier samples had {earlier}")
         if not (np.isfinite(ts).all() and np.isfinite(values).all()):
             raise ValueError("stream_sensor: NaN or inf in the timestamps or values (as float32)")
@@ -122,6 +124,7 @@ class PolicyClient:
             raise ValueError(
                 f"stream_sensor: t={ts[0]:.6f} is not newer than the last streamed sample t={self._pending_newest:.6f}"
             )
+        self._stream_channels = values.shape[1]
         if len(ts):
             self._pending_ts.append(ts)
             self._pending_values.append(values)
@@ -135,6 +138,10 @@ class PolicyClient:
     def _with_stream(self, obs: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """obs plus the streamed samples (the newest the server accepts), and how many pending chunks it took."""
         if not self._pending_ts:
+            if self._stream_channels is not None and obs.get("sensor") is None and obs.get("sensor_timestamps") is None:
+                # streaming, nothing new since the last call: zero rows (the server's history is used)
+                empty = np.zeros((0, self._stream_channels), np.float32)
+                return {**obs, "sensor": empty, "sensor_timestamps": np.zeros(0, np.float64)}, 0
             return obs, 0
         if obs.get("sensor") is not None or obs.get("sensor_timestamps") is not None:
             raise ValueError(
@@ -152,6 +159,7 @@ class PolicyClient:
         sensor history). The session is fresh on every new connection too."""
         with self._lock:
             self._pending_ts, self._pending_values, self._pending_newest = [], [], None
+            self._stream_channels = None
             if self._ws is None:
                 return  # the next connection starts with a fresh session
         reply = self._request(protocol.packb({protocol.CONTROL_KEY: protocol.CONTROL_RESET}))
