@@ -264,3 +264,16 @@ def test_non_finite_actions_raise_instead_of_returning(runner, sensor_obs, monke
     monkeypatch.setattr(head, "sample", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(NonFiniteOutputError, match="56 non-finite action value"):
         runner.new_session().infer(sensor_obs)
+
+
+def test_image_over_max_pixels_is_resized_like_in_training_not_rejected(runner, sensor_obs):
+    bb = runner.cfg.model.backbone
+    big = np.random.default_rng(0).integers(0, 256, (2, 300, 400, 3), dtype=np.uint8)  # 120,000 px per view
+    pixels = 300 * 400
+    assert bb.max_pixels < pixels <= runner.limits.max_image_pixels
+    session = runner.new_session()
+    raw, _ = session.raw_sample(runner.check_request(dict(sensor_obs, images=big)))
+    batch = runner.batch_from_raw(raw)
+    patches_per_view = batch["image_grid_thw"].prod(dim=1)
+    assert (patches_per_view * 14 * 14 <= bb.max_pixels).all()  # the processor's resize, as in training
+    assert np.isfinite(session.infer(dict(sensor_obs, images=big))["actions"]).all()
