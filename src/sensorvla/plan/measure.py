@@ -4,15 +4,19 @@ The measured quantity is the steady-state step peak: the most tensor memory allo
 first optimizer step (so weights, gradients and AdamW states all exist, and one-off loading temporaries are
 excluded), through the following steps, validation and checkpointing of `train(cfg)`.
 - CUDA: `torch.cuda.max_memory_allocated`, reset by a global optimizer-step hook after the first step.
-- CPU: the allocator's own accounting: `torch.profiler` with `profile_memory=True` records every CPU allocation
-  and free (kernel workspaces included); the hook drops a marker into the same timeline and the peak of the
-  running total is taken after it. RSS would not do: glibc keeps freed pages, so it shows the high-water mark
-  of the process, loading included, not the live tensors.
+- CPU: at the end of the first step the hook sums the storages of every live tensor (found through the garbage
+  collector: weights, gradients, AdamW states, the batch) and drops a marker into a `torch.profiler` timeline
+  recorded with `profile_memory=True`; the profiler then sees every later allocation and free of the training
+  thread at the allocator (kernel workspaces included), and the peak is that sum plus the running total's
+  highest point after the marker. The profiler alone cannot give the sum: it does not see allocations made on
+  other threads, e.g. transformers' parallel weight loading. RSS would not do either: glibc keeps freed pages,
+  so RSS shows the process's high-water mark, loading included, not the live tensors.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 
 import torch
 
@@ -40,6 +44,7 @@ def measure_step_peak(cfg, device: str = "cpu") -> int:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             else:
+                state["baseline"] = live_tensor_bytes("cpu")
                 with torch.profiler.record_function(MARKER):
                     pass
 
@@ -55,12 +60,30 @@ def measure_step_peak(cfg, device: str = "cpu") -> int:
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             _train(cfg)
-        return _cpu_peak_after_marker(prof)
+        return state["baseline"] + _cpu_rise_after_marker(prof)
     finally:
         handle.remove()
 
 
-def _cpu_peak_after_marker(prof) -> int:
+def live_tensor_bytes(device_type: str = "cpu") -> int:
+    """Bytes of all live tensors' storages on `device_type`, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type != device_type or obj.is_sparse:
+                continue
+            st = obj.untyped_storage()
+        except (RuntimeError, ReferenceError, NotImplementedError):
+            continue
+        if st._cdata not in seen:
+            seen.add(st._cdata)
+            total += st.nbytes()
+    return total
+
+
+def _cpu_rise_after_marker(prof) -> int:
+    """Highest point of the allocator's running total after the marker, relative to its value at the marker."""
     events = prof.profiler.kineto_results.events()
     marks = [e.start_ns() for e in events if e.name() == MARKER]
     if not marks:
@@ -70,9 +93,11 @@ def _cpu_peak_after_marker(prof) -> int:
         (e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
         key=lambda e: e.start_ns(),
     )
-    live = peak = 0
+    live, at_mark, rise = 0, None, 0
     for e in mem:
+        if at_mark is None and e.start_ns() >= start:
+            at_mark = live
         live += e.nbytes()
-        if e.start_ns() >= start:
-            peak = max(peak, live)
-    return peak
+        if at_mark is not None:
+            rise = max(rise, live - at_mark)
+    return rise

@@ -158,6 +158,18 @@ def resolve(
     return cfg, hw, samples or d["samples"], DEFAULT_INSTRUCTION
 
 
+def cast_meta_adapters(model: torch.nn.Module) -> None:
+    """PEFT casts new LoRA adapters to their base layer's dtype, but skips adapters on the meta device
+    (`_move_adapter_to_device_of_base_layer`); do that cast here so the meta model has the real dtypes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            dtype = m.get_base_layer().weight.dtype
+            for name in m.adapter_layer_names:
+                getattr(m, name).to(dtype=dtype)
+
+
 def _set_checkpointing(policy, on: bool) -> None:
     base = policy.backbone.model
     if on:
@@ -215,6 +227,7 @@ def plan(
     with torch.device("meta"):
         policy = VLAPolicy(m, vl, cfg.data.sensor_samples)
         finetune.apply_finetune(policy, m.finetune)
+    cast_meta_adapters(policy)
     policy.train()
     if m.finetune.mode == "none":
         policy.backbone.model.eval()

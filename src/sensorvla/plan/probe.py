@@ -100,8 +100,9 @@ def probe(
     for p in params:  # as in gradient accumulation: the .grad buffers exist, backward adds into them
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
-    with LiveBytes(ignore=[*params, *[p.grad for p in params if p.grad is not None], *ignore]) as lb:
-        inputs = make_inputs()
+    inputs = make_inputs()
+    device = next(t.device.type for t in tree_leaves(inputs) if isinstance(t, torch.Tensor))
+    with LiveBytes(ignore=[*params, *[p.grad for p in params if p.grad is not None], *ignore], device=device) as lb:
         lb.track(*[t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)])
         out = fn(*inputs)
         del inputs

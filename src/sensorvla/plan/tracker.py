@@ -24,10 +24,12 @@ class LiveBytes(TorchDispatchMode):
     Args:
         ignore: tensors whose storages are never counted (e.g. parameters, counted as weights elsewhere).
         by_op: keep, for the peak moment, the bytes per creating op (for diagnosis).
+        device: count only tensors on this device type (a meta probe ignores its small CPU index tensors).
     """
 
-    def __init__(self, ignore: list[torch.Tensor] | None = None, by_op: bool = False):
+    def __init__(self, ignore: list[torch.Tensor] | None = None, by_op: bool = False, device: str | None = None):
         super().__init__()
+        self.device = device
         self._ignore = {_key(t) for t in ignore or []}
         self._live: dict[int, tuple[StorageWeakRef, int, str]] = {}
         self.current = 0
@@ -47,7 +49,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.current
 
     def _add(self, t: torch.Tensor, name: str) -> None:
-        if not isinstance(t, torch.Tensor) or t.is_sparse:
+        if not isinstance(t, torch.Tensor) or t.is_sparse or (self.device and t.device.type != self.device):
             return
         st = t.untyped_storage()
         key = st._cdata
