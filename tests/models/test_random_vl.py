@@ -164,6 +164,7 @@ def test_materialized_random_model_is_deterministic_and_runs():
     name = "random:Qwen/Qwen2-VL-2B-Instruct"
     model = load_vl_model(name, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # tie_word_embeddings
     first = model.model.language_model.embed_tokens.weight[:4, :64].clone()
     bb = VLBackbone(model, BackboneConfig(vl_model=name), num_views=1)
     proc = load_processor(name, min_pixels=56 * 56, max_pixels=112 * 112)

@@ -90,6 +90,7 @@ def build_random_vl(path_or_id: str, *, dtype: torch.dtype, attn_implementation:
     cfg = hf_config(path_or_id)
     with no_init_weights():
         model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # skipped with the init; tied checkpoints (tie_word_embeddings) share embedding and head
     fill_random(model, seed=seed, std=float(getattr(cfg, "initializer_range", 0.02)))
     return model
 
@@ -98,8 +99,9 @@ def build_random_vl(path_or_id: str, *, dtype: torch.dtype, attn_implementation:
 def fill_random(model: torch.nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
     """Deterministic weights: normalization weights 1, biases 0, everything else N(0, std) values copied from a
     seeded bank of BANK_SIZE draws, starting at a per-tensor offset. A no-op on the meta device."""
-    gen = torch.Generator().manual_seed(seed)
-    bank = torch.randn(BANK_SIZE, generator=gen) * std
+    if all(p.device.type == "meta" for p in model.parameters()):
+        return
+    bank = torch.randn(BANK_SIZE, generator=torch.Generator().manual_seed(seed)) * std
     banks: dict[tuple, torch.Tensor] = {}
     for mod_name, module in model.named_modules():
         is_norm = "norm" in type(module).__name__.lower()
