@@ -101,19 +101,27 @@ def test_fsdp_units_follow_the_wrap_rule():
 def test_per_gpu_formulas():
     st = memory.States(weights={"bfloat16": 8000}, grads={"float32": 400}, optimizer={"float32": 800})
     units = memory.Units(root_w=2000, root_g=100, unit_w=500, unit_g=50, count=12)
-    act, tmp = 1000, 300
-    assert memory.per_gpu_peak(st, units, act, tmp, "ddp", 1) == 8000 + 400 + 800 + 1000
-    assert memory.per_gpu_peak(st, units, act, tmp, "ddp", 4) == 8000 + 2 * 400 + 800 + 1000
-    assert memory.per_gpu_peak(st, units, act, tmp, "fsdp", 4) == (
-        8000 // 4 + 2000 + 2 * 500 + 400 // 4 + 100 + 50 + 800 // 4 + 1000
+    d = memory.Dynamic(act=1000, act_grads=400, opt_tmp=300, batch=10)
+    assert memory.per_gpu_peak(st, units, d, "ddp", 1) == 8000 + 800 + (1000 + 400)
+    assert memory.per_gpu_peak(st, units, d, "ddp", 4) == 8000 + 800 + 400 + (1000 + 400)  # + gradient buckets
+    g4 = 400 // 4 + 100 + 50
+    assert memory.per_gpu_peak(st, units, d, "fsdp", 4) == (
+        8000 // 4 + 2000 + 2 * 500 + 800 // 4 + 1000 + int(400 * g4 / 400)
     )
-    assert memory.per_gpu_peak(st, units, act, tmp, "fsdp", 1) == memory.per_gpu_peak(st, units, act, tmp, "ddp", 1)
-    # the optimizer step dominates when activations are small
-    assert memory.per_gpu_peak(st, units, 10, tmp, "ddp", 1) == 8000 + 400 + 800 + 300
-    # the loop's data moments: 3 batches alive at validation (gradients freed), 2 while collating the next one
-    assert memory.per_gpu_peak(st, units, 10, 0, "ddp", 1, batch=1000) == 8000 + 400 + 800 + (3 * 1000 - 400)
+    assert memory.per_gpu_peak(st, units, d, "fsdp", 1) == memory.per_gpu_peak(st, units, d, "ddp", 1)
     with pytest.raises(ValueError, match="gpus"):
-        memory.per_gpu_peak(st, units, act, tmp, "ddp", 0)
+        memory.per_gpu_peak(st, units, d, "ddp", 0)
+
+
+def test_dynamic_moments():
+    d = memory.Dynamic(act=1000, act_grads=0, opt_tmp=300, batch=10, accumulate=False, validation=False)
+    assert memory.dynamic_peak(d, 400, 400) == 1000  # a micro-batch whose gradients come after its peak
+    small = memory.Dynamic(act=10, act_grads=0, opt_tmp=300, batch=10, accumulate=False, validation=False)
+    assert memory.dynamic_peak(small, 400, 400) == 400 + 300  # the optimizer step
+    data = memory.Dynamic(act=10, act_grads=0, opt_tmp=0, batch=1000, accumulate=True, validation=False)
+    assert memory.dynamic_peak(data, 400, 400) == 2 * 1000 + 400  # collating the next micro-batch
+    val = memory.Dynamic(act=10, act_grads=0, opt_tmp=0, batch=1000, accumulate=False, validation=True)
+    assert memory.dynamic_peak(val, 400, 400) == 3 * 1000  # validation: gradients are freed
 
 
 def test_cache_size_is_what_the_trainer_writes(tiny_vl_dir, synth_dataset_dir, tmp_path):

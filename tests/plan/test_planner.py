@@ -54,7 +54,7 @@ def test_stage1_plan_of_the_3b_without_materializing_weights():
     assert uncached.states.weights["bfloat16"] == 2 * 3_754_622_976
     # a frozen backbone keeps nothing for backward: only the trainable tail does
     assert all(b.cost.retained == 0 for b in uncached.blocks if b.name != "policy.tail")
-    assert uncached.act_peak > cached.act_peak
+    assert uncached.dynamic.act > cached.dynamic.act
     # 4 GPUs: FSDP2 shards the 36 decoder layers, DDP replicates everything
     assert uncached.per_gpu["fsdp"][4] < uncached.per_gpu["ddp"][4]
     assert 6.9 * GIB < uncached.per_gpu["ddp"][1] < 8 * GIB
@@ -148,5 +148,5 @@ def test_other_families_plan_on_meta(name):
     cfg.model.backbone.activation_checkpointing = True
     p = plan(cfg, gpus=(1, 8))
     (sc,) = p.scenarios
-    assert sc.act_peak == sc.act_peak_on < sc.act_peak_off
+    assert sc.dynamic.act == sc.act_peak_on < sc.act_peak_off
     assert sc.per_gpu["fsdp"][8] < sc.per_gpu["ddp"][1]

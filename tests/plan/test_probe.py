@@ -12,7 +12,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sensorvla.plan.activations import Block, step_peak  # noqa: E402
+from sensorvla.plan.activations import Block, StepPeak, step_peak  # noqa: E402
 from sensorvla.plan.probe import Probe, emulate_sdpa, probe  # noqa: E402
 from sensorvla.plan.tracker import LiveBytes  # noqa: E402
 
@@ -92,13 +92,15 @@ def test_sdpa_emulation_saves_what_the_cpu_kernel_saves(dtype):
 
 
 def test_step_peak_sums_blocks_in_order():
-    a = Block("a", 3, Probe(fwd_peak=50, retained=10, bwd_peak=40, out_bytes=1))
-    b = Block("b", 2, Probe(fwd_peak=100, retained=20, bwd_peak=70, out_bytes=1))
+    a = Block("a", 3, Probe(fwd_peak=50, retained=10, bwd_peak=40, out_bytes=1), grad_bytes=5)
+    b = Block("b", 2, Probe(fwd_peak=100, retained=20, bwd_peak=70, out_bytes=1), grad_bytes=7)
     frozen = Block("f", 1, Probe(fwd_peak=500, retained=0, bwd_peak=0, out_bytes=1))
-    # forward of b's last instance: 3*10 + 1*20 + 100 = 150; backward of b: 30 + 20 + 70 = 120
-    assert step_peak([a, b]) == (150, 70)
+    # gradients kept (accumulation): forward of b's last instance 3*10 + 1*20 + 100 = 150, plus G = 3*5 + 2*7
+    assert step_peak([a, b], grads_persist=True) == StepPeak(peak=150 + 29, grads=29, saved=70)
+    # no accumulation: forward 150 without gradients; b's first backward 30 + 20 + 70 + 7 = 127 < 150
+    assert step_peak([a, b], grads_persist=False) == StepPeak(peak=150, grads=0, saved=70)
     # a frozen block before the trainable ones: its transient peak counts, nothing is retained
-    assert step_peak([frozen, a, b]) == (500, 70)
+    assert step_peak([frozen, a, b], grads_persist=False).peak == 500
 
 
 def _tiny_layer(tiny_vl_dir, device, dtype, lora):

@@ -41,11 +41,26 @@ class Shapes:
 
 @dataclass(frozen=True)
 class Block:
-    """A probed block and how many times the step runs it."""
+    """A probed block, how many times the step runs it and its trainable parameters' gradient bytes (each)."""
 
     name: str
     count: int
     cost: Probe
+    grad_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class StepPeak:
+    """The activation peak of a micro-batch: `peak` (activations + the gradients live at that moment, `grads`),
+    and `saved`, what the forward retains for backward."""
+
+    peak: int
+    grads: int
+    saved: int
+
+
+def _grad_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params if p.requires_grad)
 
 
 def sample_shapes(cfg, processor, image_hw: tuple[int, int], instruction: str) -> Shapes:
@@ -84,8 +99,8 @@ def _elem(dtype: torch.dtype) -> int:
 
 
 def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], int]:
-    """Probes of the HF backbone's blocks for one micro-batch; returns (blocks, shared bytes): position
-    embeddings used by every block and the pixel values cast to the backbone dtype."""
+    """Probes of the HF backbone's blocks for one micro-batch; returns (blocks, shared bytes): the position
+    embeddings every block uses (and the cast pixel values when the vision tower trains)."""
     from transformers.vision_utils import get_vision_position_ids
 
     base = policy.backbone.model
@@ -125,7 +140,8 @@ def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], in
             Block(
                 "vision.blocks",
                 len(vision.blocks),
-                probe(
+                grad_bytes=_grad_bytes(blk.parameters()),
+                cost=probe(
                     lambda h: blk(h, cu_seqlens=cu_seqlens, position_embeddings=(vcos, vsin)),
                     lambda: (_meta(p, dv, dtype=dtype, grad=vis_grad),),
                     params=list(blk.parameters()),
@@ -150,7 +166,15 @@ def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], in
         h = lm.config.hidden_size
         hb = b * s * h * _elem(dtype)
         # inputs_embeds, the image-feature scatter result and the merged image features (no grad: frozen embedding)
-        blocks.append(Block("embeddings", 1, Probe(fwd_peak=3 * hb, retained=0, bwd_peak=0, out_bytes=hb)))
+        emb = lm.get_input_embeddings()
+        blocks.append(
+            Block(
+                "embeddings",
+                1,
+                Probe(fwd_peak=3 * hb, retained=0, bwd_peak=0, out_bytes=hb),
+                grad_bytes=_grad_bytes(emb.parameters()),
+            )
+        )
         xt = _meta(b, s, h, dtype=dtype)
         tpos = torch.zeros(3, b, s, dtype=torch.long, device="meta")
         cos, sin = lm.rotary_emb(xt, tpos)
@@ -159,7 +183,8 @@ def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], in
             Block(
                 "language.layers",
                 len(lm.layers),
-                probe(
+                grad_bytes=_grad_bytes(layer.parameters()),
+                cost=probe(
                     lambda t: layer(t, position_embeddings=(cos, sin), attention_mask=None),
                     lambda: (_meta(b, s, h, dtype=dtype, grad=vis_grad or lm_grad),),
                     params=list(layer.parameters()),
@@ -196,8 +221,12 @@ def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], in
                 )
             )
     shared = sum(t.untyped_storage().nbytes() for t in (vcos, vsin, cos, sin))
-    if dtype != torch.float32:  # the cast copy; fp32 pixel values are the batch tensor itself
-        shared += px.untyped_storage().nbytes()
+    if dtype != torch.float32:  # the cast copy (fp32 pixel values are the batch tensor itself): it lives through
+        cast = px.untyped_storage().nbytes()  # the HF forward, and on to the backward when the patch embedding trains
+        if vis_grad:
+            shared += cast
+        else:
+            blocks = [replace(b, cost=replace(b.cost, fwd_peak=b.cost.fwd_peak + cast)) for b in blocks]
     return blocks, shared
 
 
@@ -233,22 +262,27 @@ def tail_block(policy, shapes: Shapes, device_type: str, *, vl_dtype: torch.dtyp
         return policy.head.loss(cond, mask, batch["actions"].float(), batch["action_mask"].bool()).mean()
 
     with emulate_sdpa(device_type):
-        return Block("policy.tail", 1, probe(step, inputs, params=params))
+        return Block("policy.tail", 1, probe(step, inputs, params=params), grad_bytes=_grad_bytes(params))
 
 
-def step_peak(blocks: list[Block]) -> tuple[int, int]:
-    """(peak bytes above the static state, bytes retained for backward at the end of the forward)."""
-    peak, run = 0, 0
+def step_peak(blocks: list[Block], *, grads_persist: bool) -> StepPeak:
+    """The micro-batch's peak (module docstring), with gradients: `grads_persist` (gradient accumulation, or any
+    micro-batch after the first of a step) keeps every gradient allocated throughout; otherwise a block's
+    gradients appear during its backward and stay until the optimizer step."""
+    total_g = sum(b.count * b.grad_bytes for b in blocks)
+    best = (0, 0)
+    run = 0
     for blk in blocks:
-        peak = max(peak, run + (blk.count - 1) * blk.cost.retained + blk.cost.fwd_peak)
+        g = total_g if grads_persist else 0
+        best = max(best, (run + (blk.count - 1) * blk.cost.retained + blk.cost.fwd_peak + g, g))
         run += blk.count * blk.cost.retained
-    saved = run
+    saved, done = run, 0
     for blk in reversed(blocks):
         run -= blk.count * blk.cost.retained
         if blk.cost.bwd_peak:
-            peak = max(peak, run + (blk.count - 1) * blk.cost.retained + blk.cost.bwd_peak)
-    return peak, saved
-
-
-def with_count(block: Block, count: int) -> Block:
-    return replace(block, count=count)
+            c, r = blk.count, blk.cost.retained
+            for k in (0, c - 1):  # first and last instance in backward order; the peak is linear in between
+                g = total_g if grads_persist else done + (k + 1) * blk.grad_bytes
+                best = max(best, (run + (c - 1 - k) * r + blk.cost.bwd_peak + g, g))
+        done += blk.count * blk.grad_bytes
+    return StepPeak(peak=best[0], grads=best[1], saved=saved)

@@ -2,11 +2,12 @@
 disk, and peak memory per GPU for DDP and FSDP2 at N GPUs. Works on any module (meta or real); no tensor is read.
 
 Per-GPU peak (bytes), with W weights+buffers, G gradients (trainable params, their dtype), O AdamW states
-(exp_avg + exp_avg_sq, the params' dtype, + a 4-byte step per tensor), A the activation peak of a micro-batch
-and T the optimizer step's temporaries (A is at least the loop's activation-free data moments, `data_moments`):
-- 1 process:     W + G + O + max(A, T)
-- DDP, N > 1:    W + 2G + O + max(A, T)        (the reducer's flat gradient buckets are a second copy of G)
-- FSDP2, N > 1:  W/N + W_root + 2 W_unit + G/N + G_root + G_unit + O/N + max(A, T/N)
+(exp_avg + exp_avg_sq, the params' dtype, + a 4-byte step per tensor) and D the largest of the step's dynamic
+moments (`dynamic_peak`: a micro-batch's activations with the gradients live at that moment, the optimizer
+step with its temporaries, and the loop's batch hand-overs):
+- 1 process:     W + O + D
+- DDP, N > 1:    W + O + G + D                 (the reducer's flat gradient buckets are a second copy of G)
+- FSDP2, N > 1:  W/N + W_root + 2 W_unit + O/N + D with G -> G/N + G_root + G_unit and the step temporaries / N,
   where units are the `*DecoderLayer` modules (as `training/distributed.wrap_model` shards them) and root is
   everything else: the root's parameters stay gathered from its forward to the end of backward, two units are
   gathered at a time (the current one and the prefetched next), and a unit's (and the root's) gradients exist
@@ -140,27 +141,55 @@ def fsdp_units(model: nn.Module) -> Units:
     )
 
 
-def data_moments(st: States, batch: int) -> int:
-    """Activation-free moments of the loop, as bytes on top of W + G + O: while the next micro-batch is collated the
-    previous one is still bound (2 batches, gradients accumulating), and during validation the last training
-    batch, the previous and the new validation batch are alive while gradients are already freed (3 batches)."""
-    return max(2 * batch, 3 * batch - st.g)
+@dataclass(frozen=True)
+class Dynamic:
+    """What comes and goes during a step, on top of weights and AdamW states (bytes).
+
+    Args:
+        act: the activation peak of a micro-batch (batch included, gradients excluded).
+        act_grads: gradient bytes live at that peak (all of G with accumulation, part of it otherwise).
+        opt_tmp: temporaries of the optimizer step (gradients are all live then).
+        batch: the collated micro-batch.
+        accumulate: grad-accum > 1 (gradients stay allocated between micro-batches of a step).
+        validation: the run validates (3 batches alive at once, gradients already freed).
+    """
+
+    act: int
+    act_grads: int
+    opt_tmp: int
+    batch: int
+    accumulate: bool = True
+    validation: bool = True
 
 
-def per_gpu_peak(st: States, units: Units, act: int, opt_tmp: int, strategy: str, n: int, batch: int = 0) -> int:
-    """Peak bytes on one GPU for `strategy` (`ddp` or `fsdp`) at `n` GPUs (module docstring); `batch` is the
-    collated micro-batch (`data_moments`)."""
+def dynamic_peak(d: Dynamic, g_total: int, g: int, opt_tmp: int | None = None) -> int:
+    """The largest of the step's moments with `g` gradient bytes on this GPU (`g_total` unsharded): the micro-batch
+    peak; the optimizer step (all gradients + its temporaries); collating the next micro-batch while the previous
+    one is still bound (2 batches, plus the gradients when accumulating); validation (3 batches: the last training
+    batch, the previous and the new validation batch; gradients freed by zero_grad)."""
+    scale = g / g_total if g_total else 0.0
+    moments = [
+        d.act + int(d.act_grads * scale),
+        g + (d.opt_tmp if opt_tmp is None else opt_tmp),
+        2 * d.batch + (g if d.accumulate else 0),
+    ]
+    if d.validation:
+        moments.append(3 * d.batch)
+    return max(moments)
+
+
+def per_gpu_peak(st: States, units: Units, d: Dynamic, strategy: str, n: int) -> int:
+    """Peak bytes on one GPU for `strategy` (`ddp` or `fsdp`) at `n` GPUs (module docstring)."""
     if n < 1:
         raise ValueError("--gpus entries must be >= 1")
-    act = max(act, data_moments(st, batch))
     if strategy == "ddp" or n == 1:
         buckets = st.g if n > 1 else 0
-        return st.w + st.g + buckets + st.o + max(act, opt_tmp)
+        return st.w + st.o + buckets + dynamic_peak(d, st.g, st.g)
     if strategy != "fsdp":
         raise ValueError(f"strategy {strategy!r}: ddp or fsdp")
     params = st.w // n + units.root_w + 2 * units.unit_w
     grads = st.g // n + units.root_g + units.unit_g
-    return params + grads + st.o // n + max(act, opt_tmp // n)
+    return params + st.o // n + dynamic_peak(d, st.g, grads, d.opt_tmp // n)
 
 
 def cache_bytes(num_samples: int, num_tokens: int, hidden: int, cache_dtype: str) -> int:

@@ -37,12 +37,10 @@ class Scenario:
 
     name: str
     states: memory.States
-    act_peak: int  # with the configured activation checkpointing
+    dynamic: memory.Dynamic  # with the configured activation checkpointing
     act_saved: int
-    act_peak_off: int
+    act_peak_off: int  # activations of a micro-batch (batch included, gradients excluded)
     act_peak_on: int
-    batch_bytes: int
-    opt_tmp: int
     blocks: list[Block] = field(default_factory=list)
     per_gpu: dict[str, dict[int, int]] = field(default_factory=dict)
 
@@ -138,8 +136,9 @@ def resolve(
         cfg = resolve_from_meta(cfg, meta)
         hw = tuple(int(x) for x in meta.image_shape[:2])
         n = samples or len(raw_dataset(cfg, "all", load_images=False))
+        n_val = len(raw_dataset(cfg, "val", load_images=False)) if cfg.data.val_fraction > 0 else 0
         instruction = meta.episodes[0].get("instruction", DEFAULT_INSTRUCTION) if meta.episodes else DEFAULT_INSTRUCTION
-        return cfg, image_size or hw, n, instruction
+        return cfg, image_size or hw, n, n_val, instruction
     d = NO_DATASET_DEFAULTS
     m = cfg.model
     given = {}
@@ -155,7 +154,8 @@ def resolve(
         + ", ".join(f"{k}={v}" for k, v in given.items())
         + f", image {hw[0]}x{hw[1]}, {samples or d['samples']} samples"
     )
-    return cfg, hw, samples or d["samples"], DEFAULT_INSTRUCTION
+    n = samples or d["samples"]
+    return cfg, hw, n, int(n * cfg.data.val_fraction), DEFAULT_INSTRUCTION
 
 
 def cast_meta_adapters(model: torch.nn.Module) -> None:
@@ -211,7 +211,7 @@ def plan(
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device {device!r}: plan for cuda or cpu")
     notes: list[str] = []
-    cfg, image_hw, n_samples, instruction = resolve(
+    cfg, image_hw, n_samples, n_val, instruction = resolve(
         cfg,
         views=views,
         image_size=image_size,
@@ -251,23 +251,34 @@ def plan(
 
     scenarios = []
     ckpt = m.backbone.activation_checkpointing
-    batch = _batch_bytes(shapes, False, n_feat, hidden)
-    peaks = {on: step_peak(runs[on][0]) for on in (False, True)}
-    shared = runs[ckpt][1]
-    name = f"{cfg.train.stage} {m.finetune.mode}" + (" uncached" if m.finetune.mode == "none" else "")
-    scenarios.append(
-        Scenario(
-            name=name,
-            states=st,
-            act_peak=peaks[ckpt][0] + shared + batch,
-            act_saved=peaks[ckpt][1],
-            act_peak_off=peaks[False][0] + shared + batch,
-            act_peak_on=peaks[True][0] + shared + batch,
-            batch_bytes=batch,
+    accumulate = cfg.train.grad_accum_steps > 1
+    validation = n_val > 0
+
+    def scenario(name: str, runs: dict, extra: int, batch: int, states: memory.States) -> Scenario:
+        peaks = {on: step_peak(runs[on][0], grads_persist=accumulate) for on in runs}
+        chosen = peaks[ckpt if ckpt in peaks else False]
+        dyn = memory.Dynamic(
+            act=chosen.peak - chosen.grads + runs[ckpt if ckpt in runs else False][1] + extra,
+            act_grads=chosen.grads,
             opt_tmp=opt_tmp,
-            blocks=runs[ckpt][0],
+            batch=batch,
+            accumulate=accumulate,
+            validation=validation,
         )
-    )
+        acts = {on: pk.peak - pk.grads + runs[on][1] + extra for on, pk in peaks.items()}
+        return Scenario(
+            name=name,
+            states=states,
+            dynamic=dyn,
+            act_saved=chosen.saved,
+            act_peak_off=acts[False],
+            act_peak_on=acts.get(True, acts[False]),
+            blocks=runs[ckpt if ckpt in runs else False][0],
+        )
+
+    batch = _batch_bytes(shapes, False, n_feat, hidden)
+    name = f"{cfg.train.stage} {m.finetune.mode}" + (" uncached" if m.finetune.mode == "none" else "")
+    scenarios.append(scenario(name, runs, batch, batch, st))
     cache_size = None
     try:
         check_cacheable(cfg)
@@ -279,33 +290,16 @@ def plan(
     if cacheable:
         cache_size = memory.cache_bytes(n_samples, n_feat, hidden, cfg.train.cache_dtype)
         tail = tail_block(policy, shapes, device, vl_dtype=torch.float32, vl_grad=False)
-        cpeak, csaved = step_peak([tail])
         cbatch = _batch_bytes(shapes, True, n_feat, hidden)
         cst = st
         if not CACHED_STAGE1_LOADS_BACKBONE:
             cst = memory.states(policy)
             vl_bytes = sum(memory.tensor_bytes(p) for p in policy.backbone.model.parameters())
             cst.weights[memory.dtype_name(dtype)] -= vl_bytes
-        scenarios.append(
-            Scenario(
-                name=f"{cfg.train.stage} none cached",
-                states=cst,
-                act_peak=cpeak + cbatch,
-                act_saved=csaved,
-                act_peak_off=cpeak + cbatch,
-                act_peak_on=cpeak + cbatch,
-                batch_bytes=cbatch,
-                opt_tmp=opt_tmp,
-                blocks=[tail],
-            )
-        )
+        scenarios.append(scenario(f"{cfg.train.stage} none cached", {False: ([tail], 0)}, cbatch, cbatch, cst))
     for sc in scenarios:
         sc.per_gpu = {
-            s: {
-                n: memory.per_gpu_peak(sc.states, units, sc.act_peak, sc.opt_tmp, s, n, batch=sc.batch_bytes)
-                for n in gpus
-            }
-            for s in ("ddp", "fsdp")
+            s: {n: memory.per_gpu_peak(sc.states, units, sc.dynamic, s, n) for n in gpus} for s in ("ddp", "fsdp")
         }
     if cfg.train.strategy == "fsdp" or max(gpus) > 1:
         notes.append(
@@ -387,7 +381,7 @@ def format_plan(p: Plan) -> str:
         "",
         "activations per micro-batch (peak incl. the batch)",
     ]
-    rows = [(sc.name, human(sc.act_peak_off), human(sc.act_peak_on), human(sc.batch_bytes)) for sc in p.scenarios]
+    rows = [(sc.name, human(sc.act_peak_off), human(sc.act_peak_on), human(sc.dynamic.batch)) for sc in p.scenarios]
     out += _table(rows, ("scenario", "no checkpointing", "checkpointing", "of which batch"))
     top = sorted(p.scenarios[0].blocks, key=lambda b: -b.count * b.cost.retained)[:4]
     if top and top[0].cost.retained:
