@@ -1,4 +1,4 @@
-"""Benchmark CLI: `python benchmarks/run.py {data,train,serving,latency,all}` prints JSON/markdown results.
+"""Benchmark CLI: `python benchmarks/run.py {data,train,serving,latency,plan,all}` prints JSON/markdown results.
 
 Each benchmark measures the quantities it compares side by side in one run and reports ratios, because
 these machines are noisy. The README's figures are copied from this command's output.
@@ -39,8 +39,10 @@ def main(argv: list[str]) -> int:
         results["latency"] = rows
     if which in ("train", "all"):
         results["train"] = _load("bench_train").run()
+    if which in ("plan", "all"):
+        results["plan"] = _load("bench_plan").run()
     if not results:
-        print(f"unknown benchmark {which!r}; choose data, train, serving, latency or all", file=sys.stderr)
+        print(f"unknown benchmark {which!r}; choose data, train, serving, latency, plan or all", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2, default=float))
     return 0

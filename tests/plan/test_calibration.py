@@ -7,16 +7,13 @@ activation checkpointing, and a mid-size (141 M parameter) random model in fp32 
 
 from __future__ import annotations
 
-import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from sensorvla.config import SensorVLAConfig  # noqa: E402
-from sensorvla.plan.measure import measure_step_peak  # noqa: E402
-from sensorvla.plan.planner import plan  # noqa: E402
+from sensorvla.plan.measure import calibration_config, planned_and_measured  # noqa: E402
 
 TOLERANCE = 0.15
 MID = {"text_hidden": 1024, "text_layers": 12, "vision_hidden": 512, "vision_depth": 8}  # 141.6 M parameters
@@ -37,36 +34,12 @@ def mid_vl(tmp_path_factory):
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("mid") / "mid", **MID)
 
 
-def _cfg(vl, data, out, scenario: str, dtype: str, **train) -> SensorVLAConfig:
-    cfg = SensorVLAConfig()
-    cfg.model.backbone.vl_model = str(vl)
-    cfg.model.backbone.dtype = dtype
-    cfg.data.dataset_dir = str(data)
-    cfg.train.output_dir = str(out)
-    cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.max_steps, cfg.train.epochs = 4, 2, 3, 1
-    cfg.train.tensorboard = False
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    if scenario in ("lora", "full", "lora+ckpt"):
-        cfg.model.finetune.mode = scenario.removesuffix("+ckpt")
-        cfg.model.backbone.activation_checkpointing = scenario.endswith("+ckpt")
-    elif scenario == "cached":
-        from sensorvla.training.loop import train as run
-
-        build = copy.deepcopy(cfg)
-        build.train.mode = "cache"
-        run(build, progress=False)
-        cfg.train.use_cache = "always"
-    else:
-        cfg.train.use_cache = "never"
-    return cfg
+def _cfg(vl, data, out, scenario: str, dtype: str, **train):
+    return calibration_config(vl, data, out, scenario, dtype, **train)
 
 
 def _check(cfg, scenario: str) -> tuple[int, int]:
-    p = plan(cfg, device="cpu", gpus=(1,))
-    (sc,) = [s for s in p.scenarios if s.name.endswith(" cached") == (scenario == "cached")]
-    planned = sc.per_gpu["ddp"][1]
-    measured = measure_step_peak(cfg, "cpu")
+    planned, measured = planned_and_measured(cfg, scenario, "cpu")
     assert abs(planned / measured - 1) <= TOLERANCE, (
         f"{scenario}: planned {planned / 2**20:.1f} MiB vs measured {measured / 2**20:.1f} MiB "
         f"({planned / measured - 1:+.1%})"
@@ -103,5 +76,14 @@ def test_mid_size_within_15_percent(mid_vl, data224, tmp_path, scenario, dtype):
     """141 M parameters; one view, 2 steps of 2 micro-batches of 2, no validation (keeps it to about a minute)."""
     cfg = _cfg(mid_vl, data224, tmp_path, scenario, dtype, batch_size=2, max_steps=2)
     cfg.data.views = ("front",)
+    cfg.data.val_fraction = 0.0
+    _check(cfg, scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["none", "lora"])
+def test_tiny_without_accumulation_or_validation(tiny_vl_dir, data224, tmp_path, scenario):
+    """Gradients appear during each backward (no accumulation) and no validation batches pile up."""
+    cfg = _cfg(tiny_vl_dir, data224, tmp_path, scenario, "bfloat16", grad_accum_steps=1)
     cfg.data.val_fraction = 0.0
     _check(cfg, scenario)

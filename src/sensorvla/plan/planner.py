@@ -301,6 +301,13 @@ def plan(
         sc.per_gpu = {
             s: {n: memory.per_gpu_peak(sc.states, units, sc.dynamic, s, n) for n in gpus} for s in ("ddp", "fsdp")
         }
+    if cacheable and CACHED_STAGE1_LOADS_BACKBONE:
+        vl_bytes = sum(memory.tensor_bytes(p) for p in policy.backbone.model.parameters())
+        one = scenarios[-1].per_gpu["ddp"][gpus[0]] - vl_bytes
+        notes.append(
+            f"the cached stage 1 counts the backbone weights the trainer loads today; without that load it needs "
+            f"{human(one)} on {gpus[0]} GPU(s)"
+        )
     if cfg.train.strategy == "fsdp" or max(gpus) > 1:
         notes.append(
             f"FSDP2 shards {units.count} decoder layers as units; the rest (vision tower, embeddings, sensor "
