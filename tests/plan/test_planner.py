@@ -125,6 +125,8 @@ def test_cli_plan_prints_and_writes_json(tmp_path, capsys):
 def test_cli_plan_errors_name_the_fix(capsys, tmp_path):
     assert main(["plan", "--vl-model", QWEN3B, "--gpus", "one"]) == 2
     assert "--gpus" in capsys.readouterr().err
+    assert main(["plan", "--vl-model", QWEN3B, "--image-size", "224"]) == 2
+    assert "--image-size HxW" in capsys.readouterr().err
     assert main(["plan", "--vl-model", QWEN3B, "--measure-steps", "2", "--views", "1"]) == 2
     assert "--data.dataset-dir" in capsys.readouterr().err
     assert main(["plan", "--vl-model", "random:Qwen/Nope"]) == 1
