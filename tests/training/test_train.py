@@ -70,8 +70,9 @@ def test_cached_stage1_equals_uncached(tmp_path, tiny_vl_dir, synth_dataset_dir)
     with pytest.raises(StaleCacheError, match="sensorvla train --mode cache"):
         train(stale)
     # a partial cache raises with the command that resumes building it
-    progress = next(Path(out["cache_dir"]).glob("progress-0.json"))
-    progress.write_text(json.dumps({"done": 1}))
+    index_path = next(Path(out["cache_dir"]).glob("shard-0-of-*.index.json"))
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({"ids": index["ids"][:1], "offsets": index["offsets"][:2]}))
     with pytest.raises(StaleCacheError, match="partial"):
         train(cached)
 

@@ -108,7 +108,7 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
     train_raw = raw_dataset(cfg, "train")
     val_raw = raw_dataset(cfg, "val")
     cache = None
-    if cfg.train.stage == "stage1" and cfg.train.use_cache != "never" and cfg.model.finetune.mode == "none":
+    if cfg.train.stage == "stage1" and cfg.train.use_cache != "never" and feature_cache.backbone_frozen(cfg):
         all_ids = raw_dataset(cfg, "all", load_images=False).sample_ids
         cache = feature_cache.open_cache(cfg, all_ids, meta.dataset_id)
         if cache is None and cfg.train.use_cache == "always":
@@ -119,6 +119,12 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
             train_raw = raw_dataset(cfg, "train", load_images=False)
             val_raw = raw_dataset(cfg, "val", load_images=False)
             logger.info("stage 1 reads VL features from the cache %s", cache.folder)
+            if cfg.data.augment.enabled:
+                logger.warning(
+                    "--data.augment.enabled: stage 1 reads VL features from the cache, which holds the "
+                    "un-augmented images, so NO image augmentation is applied in this run. Use "
+                    "--train.use-cache never to augment (the backbone then runs every step)."
+                )
     processor = (
         None
         if cache is not None
@@ -131,7 +137,16 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
     )
     from sensorvla.data.transforms import SampleTransform
 
-    transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
+    augment = None
+    if cfg.data.augment.enabled and processor is not None:
+        from sensorvla.data.augment import ImageAugment
+
+        augment = ImageAugment(cfg.data.augment, seed=cfg.train.seed)
+    transform = SampleTransform(
+        normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim, augment=augment
+    )
+    # validation never augments: the same chain without the augmenter
+    val_transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
     pad_id = pad_token_id(processor) if processor is not None else 0
     sampler = ShardedEpochSampler(len(train_raw), seed=cfg.train.seed, rank=info.rank, world=info.world_size)
     val_sampler = ShardedEpochSampler(len(val_raw), seed=0, rank=info.rank, world=info.world_size, shuffle=False)
@@ -222,7 +237,7 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
         totals = [0.0, 0.0]
         with torch.no_grad(), torch.random.fork_rng(devices=[]), autocast_ctx(cfg, info.device):
             torch.manual_seed(12345)  # identical noise draws every validation (diffusion/flow)
-            for batch in make_loader(val_raw, transform, val_sampler, cfg, pad_id):
+            for batch in make_loader(val_raw, val_transform, val_sampler, cfg, pad_id):
                 batch = _prepare(batch, cache, info.device)
                 loss, m = policy(batch, sensor_loss_weight=1.0)
                 n = batch["actions"].shape[0]
@@ -365,8 +380,8 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:  # noqa: PLR0915
 
 def _prepare(batch: dict, cache, device: torch.device) -> dict:
     if cache is not None:
-        feats, mask = cache.lookup(batch["sample_id"])
-        batch["vl_features"], batch["vl_mask"] = feats.float(), mask
+        feats, mask, pos = cache.lookup(batch["sample_id"])
+        batch["vl_features"], batch["vl_mask"], batch["vl_pos"] = feats.float(), mask, pos
     return _to(batch, device)
 
 

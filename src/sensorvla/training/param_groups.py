@@ -1,7 +1,8 @@
 """Named optimizer parameter groups with their own learning rates, asserted to partition the trainable set.
 
 Groups (by parameter-name prefix): head, fusion, sensor_encoder, vl_projection (a learned VL resampler),
-vl_lora (LoRA adapters, --vl-lr), and for `full` fine-tuning vision (--vision-lr) and language (--vl-lr).
+vl_lora (language-model LoRA adapters, --vl-lr), vision (the vision tower's LoRA adapters or, with
+--model.finetune.full-vision / `full`, its weights: --vision-lr) and language (full fine-tuning, --vl-lr).
 Biases and norm weights (1-D tensors) go to a `<group>/no_decay` twin with weight decay 0.
 """
 
@@ -12,7 +13,7 @@ from collections import OrderedDict
 from torch import nn
 
 from sensorvla.config import TrainConfig
-from sensorvla.models.finetune import HF_BASE_PREFIX, is_lora_param
+from sensorvla.models.finetune import HF_BASE_PREFIX, is_lora_param, is_vision_param
 
 
 def group_of(name: str) -> str:
@@ -24,9 +25,9 @@ def group_of(name: str) -> str:
     if name.startswith("sensor_encoder."):
         return "sensor_encoder"
     if name.startswith(HF_BASE_PREFIX):
-        if is_lora_param(name):
-            return "vl_lora"
-        return "vision" if name.startswith(HF_BASE_PREFIX + "visual.") else "language"
+        if is_vision_param(name):
+            return "vision"  # LoRA adapters or full weights of the vision tower: --vision-lr
+        return "vl_lora" if is_lora_param(name) else "language"
     if name.startswith("backbone."):
         return "vl_projection"
     raise ValueError(f"parameter {name!r} belongs to no declared group; add it to training/param_groups.py")
