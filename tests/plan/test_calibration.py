@@ -87,3 +87,11 @@ def test_tiny_without_accumulation_or_validation(tiny_vl_dir, data224, tmp_path,
     cfg = _cfg(tiny_vl_dir, data224, tmp_path, scenario, "bfloat16", grad_accum_steps=1)
     cfg.data.val_fraction = 0.0
     _check(cfg, scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pooling,scenario", [("grid", "cached"), ("all", "cached"), ("all", "lora"), ("resampler", "lora")]
+)
+def test_tiny_token_modes_within_15_percent(tiny_vl_dir, data224, tmp_path, pooling, scenario):
+    _check(calibration_config(tiny_vl_dir, data224, tmp_path, scenario, "float32", pooling=pooling), scenario)

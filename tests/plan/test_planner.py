@@ -58,7 +58,8 @@ def test_stage1_plan_of_the_3b_without_materializing_weights():
     # 4 GPUs: FSDP2 shards the 36 decoder layers, DDP replicates everything
     assert uncached.per_gpu["fsdp"][4] < uncached.per_gpu["ddp"][4]
     assert 6.9 * GIB < uncached.per_gpu["ddp"][1] < 8 * GIB
-    assert p.cache_bytes == 15000 * 2 * (2048 * 2 + 1) + 15000 * 8 + 384  # 2 tokens (1 view + instruction)
+    # 2 tokens per sample (1 view + instruction): fp16 features, fp16 positions, a mask byte; + the index
+    assert p.cache_bytes == 15000 * 2 * (2048 * 2 + 3 * 2 + 1) + 15000 * 16
     text = format_plan(p)
     assert "peak memory per GPU" in text and "stage1 none cached" in text
 
@@ -152,3 +153,18 @@ def test_other_families_plan_on_meta(name):
     (sc,) = p.scenarios
     assert sc.dynamic.act == sc.act_peak_on < sc.act_peak_off
     assert sc.per_gpu["fsdp"][8] < sc.per_gpu["ddp"][1]
+
+
+@pytest.mark.parametrize("pooling", ["grid", "all", "resampler"])
+def test_token_modes_size_the_cache_and_the_tail(tiny_vl_dir, synth_dataset_dir, pooling):
+    from sensorvla.plan.activations import vl_token_count
+
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.model.backbone.pooling = pooling
+    cfg.data.dataset_dir = str(synth_dataset_dir)
+    p = plan(cfg, device="cpu", gpus=(1,))
+    tokens = vl_token_count(pooling, p.shapes, grid_size=4, num_queries=8)
+    expected = {"grid": p.shapes.num_views * 16 + 1, "all": None, "resampler": p.shapes.seq_len}[pooling]
+    assert expected is None or tokens == expected
+    assert p.cache_bytes == p.num_samples * (tokens * (64 * 2 + 3 * 2 + 1) + 16)

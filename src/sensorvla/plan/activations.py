@@ -86,6 +86,17 @@ def sample_shapes(cfg, processor, image_hw: tuple[int, int], instruction: str) -
     )
 
 
+def vl_token_count(pooling: str, shapes: Shapes, *, grid_size: int, num_queries: int) -> int:
+    """VL features per sample that `VLBackbone.encode` returns (and the stage-1 cache stores) for a token mode."""
+    if pooling == "view_mean":
+        return shapes.num_views + 1
+    if pooling == "grid":
+        return shapes.num_views * grid_size**2 + 1
+    if pooling == "all":
+        return sum(t * h * w for t, h, w in shapes.grid_thw) // 4 + 1  # merged 2 x 2 patches + instruction
+    return shapes.seq_len  # resampler: every token of the prompt
+
+
 def _meta(*shape, dtype=torch.float32, grad=False) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
 
@@ -126,7 +137,8 @@ def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], in
             Block(
                 "vision.patch_embed",
                 1,
-                probe(
+                grad_bytes=_grad_bytes(vision.patch_embed.parameters()),
+                cost=probe(
                     vision.patch_embed,
                     lambda: (px,),
                     params=list(vision.patch_embed.parameters()),
@@ -155,7 +167,8 @@ def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], in
             Block(
                 "vision.merger",
                 len(mergers),
-                probe(
+                grad_bytes=_grad_bytes(vision.merger.parameters()),
+                cost=probe(
                     vision.merger,
                     lambda: (_meta(p, dv, dtype=dtype, grad=vis_grad),),
                     params=list(vision.merger.parameters()),
@@ -193,11 +206,15 @@ def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], in
                 ),
             )
         )
+        if policy.cfg.backbone.feature_layer != -1:  # output_hidden_states keeps every layer's output
+            last = blocks[-1]
+            blocks[-1] = replace(last, cost=replace(last.cost, retained=last.cost.retained + last.cost.out_bytes))
         blocks.append(
             Block(
                 "language.norm",
                 1,
-                probe(
+                grad_bytes=_grad_bytes(lm.norm.parameters()),
+                cost=probe(
                     lm.norm,
                     lambda: (_meta(b, s, h, dtype=dtype, grad=lm_grad),),
                     params=list(lm.norm.parameters()),
@@ -226,7 +243,7 @@ def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], in
         if vis_grad:
             shared += cast
         else:
-            blocks = [replace(b, cost=replace(b.cost, fwd_peak=b.cost.fwd_peak + cast)) for b in blocks]
+            blocks = [replace(blk, cost=replace(blk.cost, fwd_peak=blk.cost.fwd_peak + cast)) for blk in blocks]
     return blocks, shared
 
 
@@ -240,13 +257,14 @@ def tail_block(policy, shapes: Shapes, device_type: str, *, vl_dtype: torch.dtyp
     """Probe of everything after the HF backbone: VL projection, sensor encoder, fusion, head and its loss."""
     bb = policy.backbone
     b = shapes.batch
-    n_feat = bb.num_tokens if bb.cfg.pooling == "view_mean" else shapes.seq_len
+    n_feat = vl_token_count(bb.cfg.pooling, shapes, grid_size=bb.cfg.grid_size, num_queries=bb.cfg.num_queries)
     params = [p for n, p in policy.named_parameters() if not n.startswith("backbone.model.")]
 
     def inputs():
         batch = {
             "vl_features": _meta(b, n_feat, bb.hidden_size, dtype=vl_dtype, grad=vl_grad),
             "vl_mask": _meta(b, n_feat, dtype=torch.bool),
+            "vl_pos": _meta(b, n_feat, 3),
             "sensor": _meta(b, shapes.sensor_samples, max(shapes.sensor_channels, 1)),
             "sensor_mask": _meta(b, shapes.sensor_samples, dtype=torch.bool),
             "has_sensor": _meta(b, dtype=torch.bool),

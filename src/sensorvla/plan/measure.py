@@ -106,11 +106,11 @@ def _cpu_rise_after_marker(prof) -> int:
 SCENARIOS = ("none", "cached", "lora", "lora+ckpt", "full")
 
 
-def calibration_config(vl_model, dataset, out_dir, scenario: str, dtype: str, **train):
+def calibration_config(vl_model, dataset, out_dir, scenario: str, dtype: str, pooling: str = "view_mean", **train):
     """A short training config for checking the planner: batch 4, accumulation 2, 3 steps (override with `train`).
 
     `scenario`: none (stage 1, no cache), cached (builds the VL cache first), lora, lora+ckpt (activation
-    checkpointing), full.
+    checkpointing), full. `pooling`: the VL token mode (--model.backbone.pooling).
     """
     from sensorvla.config import SensorVLAConfig
     from sensorvla.training.loop import train as run
@@ -120,6 +120,7 @@ def calibration_config(vl_model, dataset, out_dir, scenario: str, dtype: str, **
     cfg = SensorVLAConfig()
     cfg.model.backbone.vl_model = str(vl_model)
     cfg.model.backbone.dtype = dtype
+    cfg.model.backbone.pooling = pooling
     cfg.data.dataset_dir = str(dataset)
     cfg.train.output_dir = str(out_dir)
     cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.max_steps, cfg.train.epochs = 4, 2, 3, 1

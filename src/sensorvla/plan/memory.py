@@ -192,8 +192,12 @@ def per_gpu_peak(st: States, units: Units, d: Dynamic, strategy: str, n: int) ->
     return params + st.o // n + dynamic_peak(d, st.g, grads, d.opt_tmp // n)
 
 
-def cache_bytes(num_samples: int, num_tokens: int, hidden: int, cache_dtype: str) -> int:
-    """Size on disk of the stage-1 VL cache (training/feature_cache.py): features + masks + ids, one shard."""
-    elem = {"float16": 2, "bfloat16": 2, "float32": 4}[cache_dtype]
-    header = 128 * 3  # .npy headers
-    return num_samples * num_tokens * (hidden * elem + 1) + num_samples * 8 + header
+def cache_bytes(num_samples: int, tokens_per_sample: int, hidden: int, cache_dtype: str) -> int:
+    """Size on disk of the stage-1 VL cache (training/feature_cache.py): its token rows (features, positions,
+    masks, as `feature_cache.estimate_bytes` counts them) + the JSON index (about 16 bytes per sample)."""
+    from sensorvla.training.feature_cache import estimate_bytes
+
+    return estimate_bytes(num_samples, tokens_per_sample, hidden, cache_dtype) + INDEX_BYTES_PER_SAMPLE * num_samples
+
+
+INDEX_BYTES_PER_SAMPLE = 16  # sample id + row offset in shard-*.index.json

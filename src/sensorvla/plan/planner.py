@@ -19,7 +19,15 @@ import torch
 
 from sensorvla.config import SensorVLAConfig
 from sensorvla.plan import memory
-from sensorvla.plan.activations import Block, Shapes, sample_shapes, step_peak, tail_block, vl_blocks
+from sensorvla.plan.activations import (
+    Block,
+    Shapes,
+    sample_shapes,
+    step_peak,
+    tail_block,
+    vl_blocks,
+    vl_token_count,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +192,8 @@ def _batch_bytes(shapes: Shapes, cached: bool, n_feat: int, hidden: int) -> int:
     b = shapes.batch
     common = b * (shapes.sensor_samples * max(shapes.sensor_channels, 1) * 4 + shapes.sensor_samples + 1)
     common += b * (shapes.horizon * shapes.action_dim * 4 + shapes.horizon + shapes.state_dim * 4 + 8)
-    if cached:
-        return common + b * n_feat * (hidden * 4 + 1)
+    if cached:  # features as float32 (the trainer casts them), masks, float32 positions
+        return common + b * n_feat * (hidden * 4 + 1 + 3 * 4)
     pixels = b * shapes.patches_per_sample * shapes.pixel_dim * 4
     return common + pixels + 3 * b * shapes.seq_len * 8 + b * shapes.num_views * 3 * 8
 
@@ -238,7 +246,8 @@ def plan(
     opt_tmp = memory.optimizer_transient(policy, opt_groups, impl)
     units = memory.fsdp_units(policy)
     hidden = policy.backbone.hidden_size
-    n_feat = policy.backbone.num_tokens if m.backbone.pooling == "view_mean" else shapes.seq_len
+    bb = m.backbone
+    n_feat = vl_token_count(bb.pooling, shapes, grid_size=bb.grid_size, num_queries=bb.num_queries)
     trainable_vl = any(p.requires_grad for p in policy.backbone.model.parameters())
 
     runs = {}
