@@ -1,4 +1,4 @@
-"""Benchmark CLI: `python benchmarks/run.py {data,train,serving,latency,fuzz,all}` prints JSON/markdown results.
+"""Benchmark CLI: `python benchmarks/run.py {data,train,serving,latency,plan,fuzz,all}` prints JSON/markdown results.
 
 `fuzz` (10,000 hostile payloads against a real server, a few minutes) runs only when named.
 
@@ -45,8 +45,10 @@ def main(argv: list[str]) -> int:
         print(mod.format_table(results["fuzz"]))
     if which in ("train", "all"):
         results["train"] = _load("bench_train").run()
+    if which in ("plan", "all"):
+        results["plan"] = _load("bench_plan").run()
     if not results:
-        print(f"unknown benchmark {which!r}; choose data, train, serving, latency, fuzz or all", file=sys.stderr)
+        print(f"unknown benchmark {which!r}; choose data, train, serving, latency, plan, fuzz or all", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2, default=float))
     return 0
