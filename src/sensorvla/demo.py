@@ -248,9 +248,7 @@ def format_table(head: str, table: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(
-    out: Path, *, head: str = "regression", quick: bool = False, settings: DemoSettings | None = None
-) -> dict:
+def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settings: DemoSettings | None = None) -> dict:
     """Run the demo for one head; returns (and writes to out/demo_summary.json) the summary."""
     from sensorvla.data.normalize import compute_stats
     from sensorvla.data.synth import generate_dataset

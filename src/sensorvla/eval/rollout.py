@@ -161,9 +161,7 @@ def summarize(results: list[dict]) -> dict[str, Any]:
     }
 
 
-def expert_rollout(
-    env, *, episodes: int = 10, seed: int = 0, blind: bool = False, vision_blind: bool = False
-) -> dict:
+def expert_rollout(env, *, episodes: int = 10, seed: int = 0, blind: bool = False, vision_blind: bool = False) -> dict:
     """The scripted expert of the insertion env. `blind` assumes the mean layer depth (no sensor);
     `vision_blind` assumes the target at the workspace centre (no cameras)."""
     results = []

@@ -126,9 +126,7 @@ def _vocab_with_special_ids(vocab: dict[str, int], first: int) -> dict[str, int]
     return out
 
 
-def _config(
-    family: str, tok, *, text_hidden: int, text_layers: int, vision_hidden: int, vision_depth: int, patch: int
-):
+def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidden: int, vision_depth: int, patch: int):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     heads = 4
