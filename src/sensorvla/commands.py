@@ -362,13 +362,22 @@ def _validate_for_plan(cfg) -> None:
 def demo(
     out: Path = Path("demo_out"),
     head: Literal["regression", "diffusion", "flow"] = "regression",
-    episodes: int = 24,
     quick: bool = False,
+    episodes: int | None = None,
+    rollouts: int | None = None,
+    baseline: bool | None = None,
 ) -> int:
-    """The full two-stage demo: tiny model + synthetic data -> cache -> stage 1 -> stage 2 -> eval -> rollout."""
-    from sensorvla.demo import run_demo
+    """The full two-stage demo: tiny model + synthetic data -> cache -> stage 1 -> stage 2 -> eval -> closed-loop
+    table (all / sensor ablated / vision ablated) beside a plain CNN reference. `--quick` is the < 2 min variant.
+    The table and whether each target was met are printed and written to OUT/report.md."""
+    import dataclasses
 
-    run_demo(out, head=head, episodes=episodes, quick=quick)
+    from sensorvla.demo import DemoSettings, run_demo
+
+    s = DemoSettings.quick() if quick else DemoSettings()
+    overrides = {"episodes": episodes, "rollouts": rollouts, "baseline": baseline}
+    s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    run_demo(out, head=head, quick=quick, settings=s)
     return 0
 
 
