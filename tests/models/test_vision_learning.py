@@ -95,8 +95,8 @@ def test_full_vision_trains_the_whole_tower_at_the_vision_lr(tiny_vl_dir, synth_
 
 def test_frozen_base_stays_bit_equal_while_vision_trains(tiny_vl_dir, synth_dataset_dir):
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.data.transforms import SampleTransform, collate
     from sensorvla.models.backbone import load_processor, pad_token_id
+    from sensorvla.models.processor import SampleTransform, collate
     from sensorvla.training.data_setup import build_normalizer, raw_dataset
 
     cfg = _cfg(tiny_vl_dir, synth_dataset_dir, mode="none", full_vision=True)
@@ -158,10 +158,10 @@ def test_augmentation_is_training_only(tiny_vl_dir, synth_dataset_dir, tmp_path)
     """The training loop's chain augments; validation and PolicyRunner never do."""
     from sensorvla.data.dataset import EpisodeDataset
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.data.transforms import SampleTransform
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.models.backbone import load_processor
     from sensorvla.models.pretrained import save_pretrained
+    from sensorvla.models.processor import SampleTransform
     from sensorvla.training.data_setup import build_normalizer
 
     cfg = _cfg(tiny_vl_dir, synth_dataset_dir, mode="none")

@@ -71,8 +71,8 @@ def test_cached_equals_uncached_for_every_token_mode(tmp_path, tiny_vl_dir, synt
 
 def _policy_and_batch(vl_dir, data_dir, pooling, n=4):
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.data.transforms import SampleTransform, collate
     from sensorvla.models.backbone import load_processor, pad_token_id
+    from sensorvla.models.processor import SampleTransform, collate
     from sensorvla.training.data_setup import build_normalizer, raw_dataset
 
     cfg = resolve_from_meta(mode_cfg(vl_dir, data_dir, data_dir, pooling), load_meta(data_dir))
