@@ -240,3 +240,34 @@ def test_lookup_pads_and_masks_variable_rows(tmp_path):
     torch.testing.assert_close(f[1, :2], torch.from_numpy(feats[0, :2]))
     with pytest.raises(StaleCacheError, match="not in the VL cache"):
         cache.lookup(torch.tensor([8]))
+
+
+def test_samples_sharing_a_camera_frame_share_one_cache_row(tmp_path, tiny_vl_dir, synth_dataset_dir):
+    """5 Hz cameras, 10 Hz actions: every camera frame set is encoded once, and each sample reads its own."""
+    from sensorvla.data.dataset import EpisodeDataset
+
+    cfg = mode_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, "grid")
+    folder = build(cfg, "float32")
+    ds = EpisodeDataset(synth_dataset_dir, cfg.data, split="all", load_images=False)
+    keys = [ds.vl_key(i) for i in range(len(ds))]
+    rows = len(json.loads((folder / "shard-0-of-1.index.json").read_text())["ids"])
+    assert rows == len(set(keys)) < len(ds) * 0.6
+    meta = json.loads((folder / "meta.json").read_text())
+    cache = feature_cache.FeatureCache(folder, meta)
+    assert len(cache) == len(ds)
+    policy, batch, _ = _policy_and_batch(tiny_vl_dir, synth_dataset_dir, "grid", n=6)
+    with torch.no_grad():
+        direct = policy.backbone.encode(batch)
+    feats, mask, pos = cache.lookup(batch["sample_id"])
+    torch.testing.assert_close(feats, direct.feats, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask, direct.mask)
+
+
+def test_cached_stage1_says_it_cannot_augment(tmp_path, tiny_vl_dir, synth_dataset_dir, capfd):
+    cfg = mode_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, "grid", max_steps=1)
+    build(cfg, "float16")
+    cfg.train.use_cache, cfg.train.cache_dtype = "always", "float16"
+    cfg.data.augment.enabled = True
+    train(cfg, progress=False)
+    err = capfd.readouterr().err
+    assert "NO image augmentation is applied" in err and "--train.use-cache never" in err

@@ -225,6 +225,14 @@ class EpisodeDataset(torch.utils.data.Dataset):
         )
         return resample_window(ts, values, t - off, c.sensor_window_s, c.sensor_samples, self.max_gap_s)
 
+    def vl_key(self, idx: int) -> tuple:
+        """What the backbone sees for sample `idx` (episode, camera frame of each view, instruction), without
+        loading images: samples with equal keys have identical VL inputs (the stage-1 cache encodes them once)."""
+        e, i = self.index[idx]
+        t = self._vl_time(idx, e, float(self._frame_ts[e][i]))
+        frames = tuple(self._image_index(e, v, t) for v in self.views)
+        return (e, frames, self.meta.episodes[e]["instruction"])
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         e, i = self.index[idx]
         ep = self._eps[e]
