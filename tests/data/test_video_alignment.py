@@ -76,3 +76,17 @@ def test_video_staleness_rule_drops_frames_across_a_camera_gap(tmp_path):
     dropped = dropped[(dropped - last_before_gap > 0.5) & (dropped < cam_true[cam_true > 2.2][0])]
     assert len(dropped) > 0 and not np.isin(np.round(times, 6), dropped).any()
     assert all(ds[i]["image_age_s"][0] <= 0.5 + 1e-9 for i in range(len(ds)))
+
+
+def test_rows_holding_the_same_capture_share_a_vl_key(tmp_path):
+    """The stage-1 cache encodes a camera frame set once: rows that hold the same captures share vl_key."""
+    ep, cam_true = episode(5.0)
+    root = write_dataset([ep], tmp_path / "ds", dataset_id="v", action_fps=10, progress=False)
+    cfg = DataConfig(dataset_dir=str(root), val_fraction=0.0, test_fraction=0.0, horizon=2)
+    ds = EpisodeDataset(root, cfg, split="all")
+    keys = [ds.vl_key(i) for i in range(len(ds))]
+    captures = [decoded_number(ds[i]["images"][0]) for i in range(len(ds))]
+    for a in range(len(ds)):
+        for b in range(len(ds)):
+            assert (keys[a] == keys[b]) == (captures[a] == captures[b])
+    assert len(set(keys)) == len(set(captures)) < len(ds)  # 5 Hz frames under 10 Hz rows: about half

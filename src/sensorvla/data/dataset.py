@@ -229,9 +229,10 @@ class EpisodeDataset(torch.utils.data.Dataset):
         """What the backbone sees for sample `idx` (episode, camera frame of each view, instruction), without
         loading images: samples with equal keys have identical VL inputs (the stage-1 cache encodes them once)."""
         e, i = self.index[idx]
-        t = self._vl_time(idx, e, float(self._frame_ts[e][i]))
-        frames = tuple(self._image_index(e, v, t) for v in self.views)
-        return (e, frames, self.meta.episodes[e]["instruction"])
+        ep = self._eps[e]
+        t = self._vl_time(idx, ep, float(ep.t[i]))
+        frames = tuple(int(self._image_rows(ep, v, t)) for v in self.views)  # a held frame: its first row
+        return (e, frames, ep.frame_tasks[i] if ep.frame_tasks else ep.instruction)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         e, i = self.index[idx]
