@@ -15,9 +15,11 @@ def data_synth(
     seed: int = 0,
     sensor_channels: int = 33,
     sensor_rate: float = 650.0,
-    image_size: int = 64,
+    image_size: int = 112,
+    task: Literal["align_insert", "contact"] = "align_insert",
+    image_format: Literal["video", "npy"] = "video",
 ) -> int:
-    """Generate the synthetic insertion dataset (the demo's data, the tests' fixture)."""
+    """Generate the synthetic insertion dataset (the demo's data, the tests' fixture) as LeRobot v3."""
     from sensorvla.data.synth import generate_dataset
 
     path = generate_dataset(
@@ -27,6 +29,8 @@ def data_synth(
         sensor_channels=sensor_channels,
         sensor_rate=sensor_rate,
         image_size=image_size,
+        task=task,
+        image_format=image_format,
     )
     print(f"wrote {path}")
     return 0

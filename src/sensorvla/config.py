@@ -52,7 +52,7 @@ class BackboneConfig:
     # "all": every image token of every view with 2-D positions, + the instruction token (masked).
     # "view_mean": one masked-mean token per view + one for the instruction (N_vl = V + 1).
     # "resampler": a learned resampler with `num_queries` queries over all valid tokens.
-    pooling: Literal["grid", "all", "view_mean", "resampler"] = "view_mean"
+    pooling: Literal["grid", "all", "view_mean", "resampler"] = "all"
     grid_size: int = 4  # k of "grid"
     num_queries: int = 8
     # Hidden layer the VL tokens come from: -1 = the last (after the final norm); 0 = the embeddings (the

@@ -81,7 +81,7 @@ def _n_image_pads(proc, sample) -> int:
 
 @torch.no_grad()
 def _features(model, proc, samples, num_views: int, cfg: BackboneConfig | None = None):
-    backbone = VLBackbone(model, cfg or BackboneConfig(), num_views).eval()
+    backbone = VLBackbone(model, cfg or BackboneConfig(pooling="view_mean"), num_views).eval()
     return backbone(collate_vl(samples, pad_token_id(proc)))
 
 
@@ -251,7 +251,7 @@ def test_collate_vl_right_pads(loaded):
 def test_view_masks_cover_views_and_instruction(loaded):
     proc, model = loaded["qwen2_5_vl"]
     sample = process_sample(proc, _images(3), "insert the needle", TEMPLATE)
-    backbone = VLBackbone(model, BackboneConfig(), 3)
+    backbone = VLBackbone(model, BackboneConfig(pooling="view_mean"), 3)
     masks = backbone.view_masks(sample["input_ids"], sample["attention_mask"])[0]
     per_view = (sample["image_grid_thw"].prod(dim=1) // 4).tolist()
     assert masks[:3].sum(dim=1).tolist() == per_view
@@ -314,7 +314,7 @@ def test_resampler_pooling_trains_queries(loaded):
 
 def test_view_mean_project_is_identity_and_cache_path_matches(loaded):
     proc, model = loaded["qwen2_5_vl"]
-    backbone = VLBackbone(model, BackboneConfig(), num_views=1).eval()
+    backbone = VLBackbone(model, BackboneConfig(pooling="view_mean"), num_views=1).eval()
     assert backbone.num_tokens == 2
     batch = collate_vl([process_sample(proc, _images(1), "go", TEMPLATE)], pad_token_id(proc))
     with torch.no_grad():

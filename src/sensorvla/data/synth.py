@@ -272,8 +272,11 @@ def generate_dataset(
     no_sensor_fraction: float = 0.2,
     progress: bool = True,
     overwrite: bool = True,
+    image_format: str = "video",
 ) -> Path:
-    """Write the synthetic insertion dataset (deterministic for `seed`) in the native format."""
+    """Write the synthetic insertion dataset (deterministic for `seed`) as a LeRobot v3 dataset (+ sidecar).
+
+    `image_format`: "video" (mp4, LeRobot's default) or "npy" (lossless raw frames)."""
     from sensorvla.data.format import write_dataset
 
     cfg = SimConfig(image_size=image_size, sensor_rate=sensor_rate, sensor_channels=sensor_channels, task=task)
@@ -293,6 +296,7 @@ def generate_dataset(
         min_actions=8,
         overwrite=overwrite,
         progress=progress,
+        image_format=image_format,
         extra_info={
             "sensor_rate": sensor_rate,
             "force_channels": 1,
