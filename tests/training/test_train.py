@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -308,16 +309,17 @@ def test_schedule_spans_the_run_not_the_epochs(tmp_path, tiny_vl_dir, synth_data
     assert lr4 > 0.9 * cfg.train.lr
 
 
-def test_progress_is_plain_lines_when_not_a_terminal(tmp_path, tiny_vl_dir, synth_dataset_dir, capfd):
+def test_progress_is_plain_lines_when_not_a_terminal(tmp_path, tiny_vl_dir, synth_dataset_dir, capfd, caplog):
     from sensorvla.training.loop import use_progress_bar
 
     cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, max_steps=3)
     cfg.train.log_every_steps = 2
-    train(cfg)  # progress allowed; pytest's captured stdout/stderr are not terminals
+    with caplog.at_level("INFO", logger="sensorvla.train"):
+        train(cfg)  # progress allowed; pytest's captured stdout/stderr are not terminals
     out, err = capfd.readouterr()
-    assert "\r" not in out + err  # no tqdm bar redraws in a redirected log
+    assert "\r" not in out + err + caplog.text  # no bar redraws (ours or transformers') in a redirected log
     for step in ("step 1/3", "step 2/3", "step 3/3"):
-        assert step in err
+        assert step in caplog.text
     assert use_progress_bar("on") and not use_progress_bar("off") and not use_progress_bar("on", allowed=False)
     assert not use_progress_bar("auto")  # not a terminal here
 
@@ -338,3 +340,55 @@ def test_validation_never_reseeds_global_generators(tmp_path, tiny_vl_dir, synth
     assert len(out["val_loss"]) == 1
     assert ("manual_seed", 7) in calls
     assert all(seed == 7 for _, seed in calls) and ("fork_rng", 0) not in calls, calls
+
+
+def test_resume_refuses_reinterpretation_and_applies_optimizer_flags(tmp_path, tiny_vl_dir, synth_dataset_dir, caplog):
+    from sensorvla.cli import parse_train_config
+    from sensorvla.training.loop import warmup_cosine
+    from sensorvla.training.resume import ResumeMismatchError
+
+    cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, max_steps=2, schedule_steps=10, lr=0.5)
+    train(cfg, progress=False)
+    saved = json.loads((tmp_path / "checkpoints" / "last" / "config.json").read_text())
+    assert saved["train"]["lr"] == 0.5 and saved["train"]["schedule_steps"] == 10
+    again = copy.deepcopy(cfg)
+    again.train.resume, again.train.max_steps = True, 3
+    for field, value, flag in [
+        ("batch_size", 4, "--train.batch-size (--batch-size)"),
+        ("grad_accum_steps", 1, "--train.grad-accum-steps"),
+        ("epochs", 2, "--train.epochs (--epochs)"),
+        ("schedule_steps", 20, "--train.schedule-steps"),
+    ]:
+        bad = copy.deepcopy(again)
+        setattr(bad.train, field, value)
+        with pytest.raises(ResumeMismatchError, match=re.escape(flag)):
+            train(bad, progress=False)
+    bad = copy.deepcopy(again)
+    bad.model.head.hidden_dim = 64
+    with pytest.raises(ResumeMismatchError, match=re.escape("--model.head.hidden-dim")):
+        train(bad, progress=False)
+    run_json = tmp_path / "checkpoints" / "last" / "run.json"
+    info = json.loads(run_json.read_text())
+    tampered = {**info, "dataset_fingerprint": [{"dataset_id": "another"}]}
+    run_json.write_text(json.dumps(tampered))
+    with pytest.raises(ResumeMismatchError, match="dataset's content changed"):
+        train(copy.deepcopy(again), progress=False)
+    run_json.write_text(json.dumps(info))
+    assert max(losses(tmp_path)) == 2  # nothing above trained a step
+
+    # the CLI starts from the saved config: only the flags given change
+    argv = ["--resume", "--output-dir", str(tmp_path), "--lr", "1e-3", "--sensor-lr", "2e-4", "--max-steps", "3"]
+    cli = parse_train_config(argv)
+    assert cli.train.batch_size == 8 and cli.train.schedule_steps == 10 and cli.train.lr == 1e-3
+    assert cli.model.backbone.vl_model == str(tiny_vl_dir) and cli.train.use_cache == "never"
+    with caplog.at_level("INFO", logger="sensorvla.train"):
+        train(cli, progress=False)
+    assert "--train.lr (--lr): 0.5 -> 0.001 (applied to the restored optimizer)" in caplog.text
+    factor = warmup_cosine(10, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)(3)
+    row = train_rows(tmp_path)[3]
+    assert row["lr/head"] == pytest.approx(1e-3 * factor, rel=1e-12)  # not the saved 0.5
+    assert row["lr/sensor_encoder"] == pytest.approx(2e-4 * factor, rel=1e-12)
+    last = torch.load(tmp_path / "checkpoints" / "last" / "checkpoint.pt", weights_only=True)
+    groups = {g["name"]: g for g in last["optimizer_state_dict"]["param_groups"]}
+    assert groups["head"]["initial_lr"] == 1e-3 and groups["sensor_encoder"]["initial_lr"] == 2e-4
+    assert last["scheduler_state_dict"]["base_lrs"][0] in (1e-3, 2e-4)
