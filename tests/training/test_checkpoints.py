@@ -139,3 +139,14 @@ def test_bad_config_json_types_fail_at_load(runs, tmp_path, section, key, value)
         from_pretrained(pm)
     msg = str(err.value)
     assert str(pm / "config.json") in msg and f"model.{section}.{key}" in msg and repr(value) in msg, msg
+
+
+class NotATensor:
+    """Anything torch.save would pickle: a checkpoint must never make us run its code."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"epoch": 1, "sensor_encoder": NotATensor(), "training_stage": "stage1"}, path)
+    with pytest.raises(CheckpointMismatchError, match="never unpickles"):
+        ckpt.load_seed_checkpoint(path)

@@ -225,6 +225,7 @@ def test_guide_messages(tmp_path, tiny_vl_dir, synth_dataset_dir):
     assert "missing=" in r.stderr and "sensor_encoder" in r.stderr and "unexpected=" in r.stderr
 
 
+@pytest.mark.slow  # heavy end-to-end (stage 1 + FSDP2 stage 2 under torchrun, ~30 s); run with --run-slow
 def test_fsdp2_full_finetune_two_processes(tmp_path, tiny_vl_dir, synth_dataset_dir):
     """Stage 2 with --finetune-vl full under FSDP2 (gloo, 2 ranks): runs, and saves full, loadable states."""
     env = env_for(tiny_vl_dir)

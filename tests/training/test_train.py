@@ -225,7 +225,11 @@ def test_param_groups_and_trainable_sets_by_stage(tiny_vl_dir, synth_dataset_dir
         assert sorted(in_groups) == sorted(n for n, p in policy.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("head", ["regression", "diffusion", "flow"])
+# diffusion / flow: heavy (~25 s each); their learning is also covered by tests/models/test_policy.py
+@pytest.mark.parametrize(
+    "head",
+    ["regression", pytest.param("diffusion", marks=pytest.mark.slow), pytest.param("flow", marks=pytest.mark.slow)],
+)
 def test_two_stage_overfit(tmp_path, tiny_vl_dir, synth_dataset_dir, head):
     torch.manual_seed(0)
     s1 = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "s1", head=head, epochs=6)
