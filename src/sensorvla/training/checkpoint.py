@@ -271,10 +271,18 @@ def load_last(ckpt_dir: Path) -> tuple[dict, dict, list[dict]]:
 
 def load_run_config(output_dir: str | Path):
     """The saved run's config from <output_dir>/checkpoints/last/config.json, or None (no saved run)."""
-    from sensorvla.config import SensorVLAConfig
+    from sensorvla.config import ConfigError, SensorVLAConfig
 
     path = Path(output_dir) / "checkpoints" / LAST_NAME / RUN_CONFIG_NAME
-    return SensorVLAConfig.load(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return SensorVLAConfig.load(path)
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError; so is a JSON syntax error
+        raise ConfigError(
+            f"--resume: {path} (the saved run's config) is unreadable: {e}. Fix it, or start a new run in another "
+            "--train.output-dir"
+        ) from e
 
 
 def load_run_info(ckpt_dir: str | Path) -> dict | None:
