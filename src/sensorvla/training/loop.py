@@ -37,6 +37,7 @@ from sensorvla.training.data_setup import (
 from sensorvla.training.distributed import (
     all_gather_objects,
     all_reduce_sum,
+    broadcast_object,
     init_distributed,
     teardown,
     wrap_model,
@@ -506,7 +507,8 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
                     stop = True
             if epoch_done or stop:
                 save_last()
-        if not (ckpt_dir / "pretrained_model").exists():
+        # decided on rank 0 and broadcast: gathered() is collective, a per-rank file check could split ranks
+        if not broadcast_object((ckpt_dir / "pretrained_model").exists(), info):
             full, _ = gathered()
             if info.is_main:
                 save_pretrained(policy, ckpt_dir / "pretrained_model", cfg, stats, state=full)
