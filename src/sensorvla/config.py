@@ -27,6 +27,12 @@ DEFAULT_VL_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 # LoRA on the language model's attention projections only. A plain list of names would also hit the
 # Qwen2.5-VL vision MLP (gate/up/down_proj), see docs/decisions.md.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+# `--lora-targets` presets -> regexes over the HF base model's module names (full match, Linear only).
+LORA_TARGET_PRESETS = {
+    "language": DEFAULT_LORA_TARGETS,
+    "vision": r"visual\..*",
+    "all": rf"(?:{DEFAULT_LORA_TARGETS})|(?:visual\..*)",
+}
 
 
 class ConfigError(ValueError):
@@ -43,10 +49,18 @@ class BackboneConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     min_pixels: int = 56 * 56
     max_pixels: int = 224 * 224
+    # Which VL tokens the head sees (every mode can be cached for stage 1):
+    # "grid": each view's merged patch grid adaptive-pooled to grid_size x grid_size tokens with 2-D
+    #         positions, + one instruction token (N_vl = V * k^2 + 1).
+    # "all": every image token of every view with 2-D positions, + the instruction token (masked).
     # "view_mean": one masked-mean token per view + one for the instruction (N_vl = V + 1).
     # "resampler": a learned resampler with `num_queries` queries over all valid tokens.
-    pooling: Literal["view_mean", "resampler"] = "view_mean"
+    pooling: Literal["grid", "all", "view_mean", "resampler"] = "view_mean"
+    grid_size: int = 4  # k of "grid"
     num_queries: int = 8
+    # Hidden layer the VL tokens come from: -1 = the last (after the final norm); 0 = the embeddings (the
+    # vision tower's output at image positions); i = after decoder layer i (GR00T takes a middle one).
+    feature_layer: int = -1
     prompt_template: str = "{instruction}"
     activation_checkpointing: bool = False
 
@@ -99,7 +113,12 @@ class FinetuneConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: str = DEFAULT_LORA_TARGETS
+    # A preset ("language": attention projections of the language model; "vision": every Linear of the
+    # vision tower incl. the merger; "all": both) or a regex over module names (full match).
+    lora_target_modules: str = "language"
+    # Also train every weight of the vision tower (full fine-tuning of vision, with --train.vision-lr),
+    # on top of `mode` (e.g. frozen or LoRA language model + fully trained vision).
+    full_vision: bool = False
 
 
 @dataclass
@@ -112,7 +131,24 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     state_dim: int = 0  # robot state size, derived from the dataset (0 = no state input)
+    # Modality dropout in training only (fights modality neglect; trains a policy that survives a dead
+    # camera or sensor): each view's VL tokens are masked with p = view_dropout, the whole sensor window
+    # with p = sensor_dropout (the learned "missing" tokens are used). Off by default.
+    view_dropout: float = 0.0
+    sensor_dropout: float = 0.0
     num_views: int = 0  # V, derived from the dataset
+
+
+@dataclass
+class AugmentConfig:
+    """Image augmentation, training only (never in PolicyRunner): random shift (pad + random crop back to
+    size, DrQ-style) and mild colour jitter, per view and per sample."""
+
+    enabled: bool = False
+    shift_frac: float = 0.06  # max shift as a fraction of the image side
+    brightness: float = 0.1  # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.1
+    saturation: float = 0.1
 
 
 @dataclass
@@ -134,6 +170,7 @@ class DataConfig:
     vl_max_staleness_steps: int = 0
     num_workers: int = 0
     normalization: Literal["mean_std", "quantile"] = "mean_std"
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
 
 
 @dataclass
@@ -169,6 +206,7 @@ class TrainConfig:
     cache_dir: str = ""  # default <output_dir>/vl_cache
     use_cache: Literal["auto", "always", "never"] = "auto"  # auto: use a valid cache when one exists
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    cache_max_gb: float = 50.0  # refuse to build a VL cache larger than this on disk
     log_every_steps: int = 10
     # auto: a progress bar on a terminal, plain periodic log lines otherwise; off: never a bar
     progress: Literal["auto", "on", "off"] = "auto"
@@ -405,6 +443,16 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--model.backbone.min-pixels must be <= --model.backbone.max-pixels")
     if m.fusion.hidden_dim % m.fusion.num_heads or m.head.hidden_dim % m.head.num_heads:
         raise ConfigError("--model.fusion.hidden-dim / --model.head.hidden-dim must divide by their num-heads")
+    if m.backbone.grid_size <= 0:
+        raise ConfigError(f"--model.backbone.grid-size must be > 0, got {m.backbone.grid_size}")
+    for flag, p in (("--model.view-dropout", m.view_dropout), ("--model.sensor-dropout", m.sensor_dropout)):
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"{flag} must be in [0, 1), got {p}")
+    if m.view_dropout and m.backbone.pooling == "resampler":
+        raise ConfigError("--model.view-dropout needs per-view tokens; use --model.backbone.pooling grid/all/view_mean")
+    a = d.augment
+    if not 0.0 <= a.shift_frac < 0.5 or min(a.brightness, a.contrast, a.saturation) < 0:
+        raise ConfigError("--data.augment.shift-frac must be in [0, 0.5) and the jitter strengths >= 0")
     if m.sensor.hidden_dim % m.sensor.num_heads:
         raise ConfigError("--model.sensor.hidden-dim must be divisible by --model.sensor.num-heads")
     if m.sensor.force_channels < 0 or (m.sensor.channels and m.sensor.force_channels > m.sensor.channels):

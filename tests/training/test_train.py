@@ -120,8 +120,9 @@ def test_cached_stage1_equals_uncached(tmp_path, tiny_vl_dir, synth_dataset_dir)
     with pytest.raises(StaleCacheError, match="sensorvla train --mode cache"):
         train(stale)
     # a partial cache raises with the command that resumes building it
-    progress = next(Path(out["cache_dir"]).glob("progress-0.json"))
-    progress.write_text(json.dumps({"done": 1}))
+    index_path = next(Path(out["cache_dir"]).glob("shard-0-of-*.index.json"))
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({"ids": index["ids"][:1], "offsets": index["offsets"][:2]}))
     with pytest.raises(StaleCacheError, match="partial"):
         train(cached)
 
@@ -186,14 +187,16 @@ def test_sigkill_then_resume(tmp_path, tiny_vl_dir, synth_dataset_dir):
     assert out["steps"] == state["step"] + 2
 
 
-# learned positions / queries / missing tokens / type embeddings in our modules (grep nn.Parameter)
-NO_DECAY_LEAVES = {"pos", "time_pos", "queries", "missing_tokens", "type_emb"}
+# learned positions / queries / missing tokens / type and view embeddings in our modules (grep nn.Parameter,
+# nn.Embedding): a name component of theirs
+NO_DECAY_PARTS = {"pos", "time_pos", "queries", "missing_tokens", "type_emb", "view_emb"}
 
 
 def test_param_groups_and_trainable_sets_by_stage(tiny_vl_dir, synth_dataset_dir, tmp_path):
     for stage, mode, head, pooling, expected in [
         ("stage1", "none", "regression", "view_mean", {"head", "fusion", "sensor_encoder"}),
         ("stage1", "none", "diffusion", "resampler", {"head", "fusion", "sensor_encoder", "vl_projection"}),
+        ("stage1", "none", "regression", "grid", {"head", "fusion", "sensor_encoder", "vl_projection"}),
         ("stage2", "lora", "flow", "view_mean", {"head", "fusion", "sensor_encoder", "vl_lora"}),
         ("stage2", "full", "regression", "view_mean", {"head", "fusion", "sensor_encoder", "vision", "language"}),
     ]:
@@ -216,11 +219,13 @@ def test_param_groups_and_trainable_sets_by_stage(tiny_vl_dir, synth_dataset_dir
         assert all(g["weight_decay"] == 0 for g in groups if g["name"].endswith("no_decay"))
         decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
         learned_embeddings = {
-            n for n, _ in policy.named_parameters() if n.rsplit(".", 1)[-1] in NO_DECAY_LEAVES and "lora_" not in n
+            n for n, _ in policy.named_parameters() if NO_DECAY_PARTS & set(n.split(".")) and "lora_" not in n
         }
         assert learned_embeddings and not (learned_embeddings & decayed), sorted(learned_embeddings & decayed)
         assert (pooling == "resampler") == ("backbone.queries" in learned_embeddings)
+        assert (pooling == "grid") == ("backbone.view_emb.weight" in learned_embeddings)
         assert any(n.endswith("linear1.weight") for n in decayed)  # projections keep their decay
+        assert pooling != "grid" or "backbone.pos_proj.weight" in decayed
         in_groups = [n for g in groups for n in g["param_names"]]
         assert sorted(in_groups) == sorted(n for n, p in policy.named_parameters() if p.requires_grad)
 
@@ -396,3 +401,28 @@ def test_resume_refuses_reinterpretation_and_applies_optimizer_flags(tmp_path, t
     groups = {g["name"]: g for g in last["optimizer_state_dict"]["param_groups"]}
     assert groups["head"]["initial_lr"] == 1e-3 and groups["sensor_encoder"]["initial_lr"] == 2e-4
     assert last["scheduler_state_dict"]["base_lrs"][0] in (1e-3, 2e-4)
+
+
+def test_resume_policy_classifies_every_change():
+    from sensorvla.training.resume import ResumeMismatchError, check_resume
+
+    saved = SensorVLAConfig().to_dict()
+    ok = SensorVLAConfig()
+    ok.train.lr, ok.train.max_steps, ok.train.patience = 1e-3, 50, 2
+    ok.model.sensor_dropout, ok.data.augment.enabled = 0.2, True  # training-only regularisers
+    ok.data.dataset_dir, ok.data.num_workers, ok.train.output_dir = "/moved/data", 4, "/copied/run"
+    lines = "\n".join(check_resume(saved, ok.to_dict(), [{"id": 1}], [{"id": 1}]))
+    assert "--train.lr (--lr): 0.0001 -> 0.001 (applied to the restored optimizer)" in lines
+    assert "--train.max-steps (--max-steps): 0 -> 50 (taken as given)" in lines
+    assert "--model.sensor-dropout: 0.0 -> 0.2 (taken as given)" in lines and "output-dir" not in lines
+    for mutate, flag in [
+        (lambda c: setattr(c.data, "horizon", 4), "--data.horizon"),
+        (lambda c: setattr(c.data, "views", ("front",)), "--data.views"),
+        (lambda c: setattr(c.train, "seed", 3), "--train.seed (--seed)"),
+        (lambda c: setattr(c.train, "stage", "stage2"), "--train.stage (--training-stage)"),
+        (lambda c: setattr(c.model.backbone, "pooling", "grid"), "--model.backbone.pooling"),
+    ]:
+        bad = SensorVLAConfig()
+        mutate(bad)
+        with pytest.raises(ResumeMismatchError, match=re.escape(flag)):
+            check_resume(saved, bad.to_dict())

@@ -158,6 +158,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
             "frame_index": i,
             "timestamp": t,
             "instruction": self.meta.episodes[e]["instruction"],
+            "epoch": self.epoch,  # seeds training-only augmentation (deterministic under resume)
         }
         t_vl = self._vl_time(idx, e, t)
         ages = []

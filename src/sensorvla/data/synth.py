@@ -1,19 +1,25 @@
 """The embedded synthetic insertion task: a simulator (reused by the closed-loop Gymnasium env) and a
 deterministic dataset generator (the demo's data and the tests' fixture).
 
-A needle moves laterally to a visible target mark (aligning its yaw with the mark), then descends into a
-tissue block. A hidden layer lies at a random depth under the surface: it is NOT drawn in the images, but
-it shows in the A-scan (a reflection peak at the tip-to-layer distance) and in force (rises on contact).
-The expert slows down near the layer and stops on it, so the right z motion needs the sensor.
+A needle must (1) move laterally onto a target disc whose position varies per episode and is visible
+ONLY in the cameras (the state holds the needle pose, never the target), then (2) descend into a tissue
+block and stop on a hidden layer whose depth varies per episode and is visible ONLY to the sensor (a
+reflection peak in the A-scan at the tip-to-layer distance, and force on contact; the layer is never
+drawn). Success needs both senses: the tip holds on the layer within `success_tol_mm` while the lateral
+error to the target is within `lateral_tol_mm`. `task="contact"` keeps the older contact-only scoring
+(lateral error reported, not scored).
 
 Units: mm and degrees; actions are per-100 ms deltas (10 Hz): [dx, dy, dz, droll, dpitch, dyaw, tool],
-where tool is 1.0 while the needle is being driven and 0.0 once it holds at the layer.
+where tool is 1.0 while the needle is being driven and 0.0 once it holds at the layer. Demonstrations are
+recorded DART-style: the executed motion carries a small perturbation, the recorded action is the
+expert's (clean) command at the visited state, so the data shows how to recover from small errors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -21,25 +27,30 @@ from sensorvla.data.types import EpisodeData, ImageStream
 
 ACTION_DT = 0.1
 INSTRUCTIONS = [
-    "insert the needle and stop at the hidden layer",
-    "pierce the membrane at the target mark",
-    "approach the target mark and insert until contact",
+    "insert the needle at the target and stop at the hidden layer",
+    "move onto the green target, then pierce down to the layer",
+    "align with the target mark and insert until contact",
 ]
+WORKSPACE_MM = 12.0  # the cameras see [-12, 12] mm laterally
 
 
 @dataclass
 class SimConfig:
     """Simulator constants (mm, deg, Hz)."""
 
-    image_size: int = 64
+    image_size: int = 112
     sensor_rate: float = 650.0
     sensor_channels: int = 33  # 1 force + (C - 1) A-scan depth bins
     ascan_range_mm: float = 8.0  # depth covered ahead of the tip
-    camera_rate: float = 5.0
+    camera_rate: float = 10.0
     state_rate: float = 100.0
-    max_steps: int = 90
-    success_tol_mm: float = 0.35
+    max_steps: int = 110
+    success_tol_mm: float = 0.35  # |tip - layer| while holding
+    lateral_tol_mm: float = 1.0  # |tip - target| in x-y at success
     overshoot_fail_mm: float = 1.2
+    target_range_mm: float = 7.0  # target and start x, y ~ U(-range, range)
+    target_radius_mm: float = 2.0
+    task: Literal["align_insert", "contact"] = "align_insert"
 
 
 class InsertionSim:
@@ -54,11 +65,11 @@ class InsertionSim:
         self.reset()
 
     def reset(self) -> None:
-        r = self.rng
-        self.target = r.uniform(-8, 8, size=2)
-        self.target_yaw = r.uniform(-30, 30)
-        self.depth = r.uniform(2.0, 6.0)  # hidden
-        self.pose = np.array([*r.uniform(-8, 8, size=2), r.uniform(6, 12), 0.0, 0.0, r.uniform(-30, 30)])
+        r, c = self.rng, self.cfg
+        self.target = r.uniform(-c.target_range_mm, c.target_range_mm, size=2)
+        self.depth = r.uniform(2.0, 6.0)  # hidden from the cameras
+        start = r.uniform(-c.target_range_mm, c.target_range_mm, size=2)
+        self.pose = np.array([*start, r.uniform(5, 10), 0.0, 0.0, 0.0])
         self.t = 0.0
         self.steps = 0
         self.held = 0
@@ -69,6 +80,11 @@ class InsertionSim:
     def layer_distance(self) -> float:
         """Tip-to-layer distance (mm, > 0 above the layer)."""
         return float(self.pose[2] + self.depth)
+
+    @property
+    def lateral_error(self) -> float:
+        """Tip-to-target distance in the x-y plane (mm)."""
+        return float(np.linalg.norm(self.target - self.pose[:2]))
 
     def pose_at(self, t: float) -> np.ndarray:
         """Pose at time t (linear between the 100 ms action steps)."""
@@ -99,56 +115,51 @@ class InsertionSim:
         k = np.arange(k0, k1 + 1)
         ts = k / rate + self.rng.uniform(0, 0.3 / rate, size=len(k))
         ts = ts[(ts > t0) & (ts <= t1)]
-        z = (
-            np.array([self.pose_at(t)[2] for t in ts])
-            if len(ts) < 8
-            else np.interp(ts, [p[0] for p in self.trajectory], [p[1][2] for p in self.trajectory])
-        )
+        z = np.interp(ts, [p[0] for p in self.trajectory], [p[1][2] for p in self.trajectory])
         vals = self.sensor_values(z) + self.rng.normal(0, 0.03, size=(len(ts), self.cfg.sensor_channels))
         return ts, vals.astype(np.float32)
 
     def render(self, view: str, pose: np.ndarray | None = None) -> np.ndarray:
-        """uint8 (S, S, 3): 'front' (x-z: tissue surface, needle) or 'top' (x-y: target mark, needle)."""
+        """uint8 (S, S, 3). 'top' (x-y): the green target disc and the needle tip, whose shade and shadow
+        offset show its height. 'front' (x-z): the tissue surface, the needle shaft and the target's x as a
+        green mark on the surface. The hidden layer is drawn in neither."""
         s = self.cfg.image_size
         pose = self.pose if pose is None else pose
         img = np.full((s, s, 3), 235, np.uint8)
-        yy, xx = np.mgrid[0:s, 0:s]
-        to_px = lambda v, lo, hi: (v - lo) / (hi - lo) * (s - 1)  # noqa: E731
-        if view == "front":
-            surf = int(round(to_px(-0.0, 14, -8)))
-            img[surf:, :] = (205, 150, 140)  # tissue block; the hidden layer is not drawn
-            px, pz = to_px(pose[0], -12, 12), to_px(pose[2], 14, -8)
-            shaft = (np.abs(xx - px) < 1.2) & (yy <= pz)
-            img[shaft] = (40, 40, 60)
-            tgt = int(round(to_px(self.target[0], -12, 12)))
-            img[max(surf - 2, 0) : surf, max(tgt - 1, 0) : tgt + 2] = (30, 160, 30)
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+        px_per_mm = (s - 1) / (2 * WORKSPACE_MM)
+        to_px = lambda v: (v + WORKSPACE_MM) * px_per_mm  # noqa: E731  lateral mm -> px
+        if view == "top":
+            tx, ty = to_px(self.target[0]), to_px(self.target[1])
+            r_t = self.cfg.target_radius_mm * px_per_mm
+            img[(xx - tx) ** 2 + (yy - ty) ** 2 <= r_t**2] = (30, 170, 30)
+            nx, ny = to_px(pose[0]), to_px(pose[1])
+            height = max(float(pose[2]), 0.0)
+            sx, sy = nx + 0.25 * height * px_per_mm, ny + 0.25 * height * px_per_mm  # shadow
+            img[(xx - sx) ** 2 + (yy - sy) ** 2 <= (0.6 * px_per_mm) ** 2] = (150, 150, 150)
+            shade = int(np.clip(40 + 12 * height, 40, 200))
+            img[(xx - nx) ** 2 + (yy - ny) ** 2 <= (0.7 * px_per_mm) ** 2] = (shade, 30, 30)
         else:
-            tx, ty = to_px(self.target[0], -12, 12), to_px(self.target[1], -12, 12)
-            ang = np.deg2rad(self.target_yaw)
-            u, v = xx - tx, yy - ty
-            along, across = u * np.cos(ang) + v * np.sin(ang), -u * np.sin(ang) + v * np.cos(ang)
-            img[(np.abs(along) < 6) & (np.abs(across) < 1.0)] = (30, 160, 30)
-            nx, ny = to_px(pose[0], -12, 12), to_px(pose[1], -12, 12)
-            na = np.deg2rad(pose[5])
-            u, v = xx - nx, yy - ny
-            along, across = u * np.cos(na) + v * np.sin(na), -u * np.sin(na) + v * np.cos(na)
-            img[(np.abs(along) < 4) & (np.abs(across) < 0.8)] = (40, 40, 60)
-            shade = int(np.clip(200 - 10 * pose[2], 60, 255))  # height shows as the dot's shade
-            img[(u**2 + v**2) < 3] = (shade, 60, 60)
+            z_to_px = lambda z: (14.0 - z) / 22.0 * (s - 1)  # noqa: E731  z in [14, -8] mm -> rows
+            surf = int(round(z_to_px(0.0)))
+            img[surf:, :] = (205, 150, 140)  # tissue block; the hidden layer is not drawn
+            tx = int(round(to_px(self.target[0])))
+            img[max(surf - 3, 0) : surf, max(tx - 2, 0) : tx + 3] = (30, 170, 30)
+            nx, nz = to_px(pose[0]), z_to_px(pose[2])
+            img[(np.abs(xx - nx) < 1.3) & (yy <= nz)] = (40, 40, 60)
         return img
 
     # --- control -----------------------------------------------------------------------------------
     def expert_action(self) -> np.ndarray:
-        """The demonstrator: align laterally, descend, slow near the layer (sensor-visible), stop on it."""
+        """The demonstrator: servo onto the target (vision), descend once aligned, slow near the layer
+        (sensor) and stop on it. Lateral servoing continues during the descent."""
         a = np.zeros(7)
         err = self.target - self.pose[:2]
-        yaw_err = self.target_yaw - self.pose[5]
-        lateral = np.linalg.norm(err)
-        if lateral > 0.3 or abs(yaw_err) > 2.0:
-            a[:2] = err * min(1.0, 1.0 / max(lateral, 1e-6))
-            a[5] = np.clip(yaw_err, -6, 6)
-            a[6] = 1.0
-            return a
+        lateral = float(np.linalg.norm(err))
+        a[:2] = err * min(1.0, 1.0 / max(lateral, 1e-6)) if lateral > 0.15 else 0.0
+        a[6] = 1.0
+        if self.cfg.task == "align_insert" and lateral > 0.5 and self.pose[2] > 0.5:
+            return a  # align above the surface before entering the tissue
         d = self.layer_distance
         if d > 2.0:
             a[2] = -0.8
@@ -156,16 +167,22 @@ class InsertionSim:
             a[2] = -max(0.1, 0.35 * d)
         elif d < -0.1:
             a[2] = min(0.5, -d)  # retract after an overshoot
-        a[6] = 1.0 if abs(d) > 0.1 else 0.0
+        a[6] = 1.0 if abs(d) > 0.1 or lateral > 0.15 else 0.0
         return a
 
-    def step(self, action: np.ndarray) -> None:
-        self.pose = self.pose + np.asarray(action[:6], dtype=np.float64)
+    def step(self, action: np.ndarray, perturbation: np.ndarray | None = None) -> None:
+        """Apply a commanded action (plus an optional execution perturbation, DART) for 100 ms."""
+        delta = np.asarray(action[:6], dtype=np.float64)
+        if perturbation is not None:
+            delta = delta + perturbation
+        self.pose = self.pose + delta
         self.t += ACTION_DT
         self.steps += 1
         self.trajectory.append((self.t, self.pose.copy()))
-        stopped = abs(action[2]) < 0.05 and np.linalg.norm(action[:2]) < 0.05
-        self.held = self.held + 1 if stopped and abs(self.layer_distance) <= self.cfg.success_tol_mm else 0
+        stopped = abs(action[2]) < 0.05 and np.linalg.norm(action[:2]) < 0.3
+        on_layer = abs(self.layer_distance) <= self.cfg.success_tol_mm
+        aligned = self.cfg.task == "contact" or self.lateral_error <= self.cfg.lateral_tol_mm
+        self.held = self.held + 1 if stopped and on_layer and aligned else 0
 
     @property
     def success(self) -> bool:
@@ -177,17 +194,29 @@ class InsertionSim:
 
 
 def simulate_episode(
-    seed: int, cfg: SimConfig, *, with_sensor: bool, name: str, hold_steps: int = 5, action_noise: float = 0.03
+    seed: int,
+    cfg: SimConfig,
+    *,
+    with_sensor: bool,
+    name: str,
+    hold_steps: int = 5,
+    lateral_noise_mm: float = 0.12,
+    depth_noise_mm: float = 0.03,
 ) -> EpisodeData:
-    """Run the expert (with small execution noise) and record every stream at its own rate and clock."""
+    """Run the expert and record every stream at its own rate and clock.
+
+    Execution is perturbed (Gaussian, per step: `lateral_noise_mm` in x-y, `depth_noise_mm` in z) while the
+    recorded action is the expert's clean command at the visited state (DART), so the demonstrations
+    cover the small errors a learned policy makes and show their correction.
+    """
     sim = InsertionSim(seed, cfg)
     noise_rng = np.random.default_rng(seed + 7919)
     actions = []
+    scale = np.array([lateral_noise_mm, lateral_noise_mm, depth_noise_mm, 0, 0, 0])
     while len(actions) < cfg.max_steps:
         a = sim.expert_action()
-        a[:6] += noise_rng.normal(0, action_noise, size=6) * (np.abs(a[:6]) > 0)
         actions.append(a)
-        sim.step(a)
+        sim.step(a, perturbation=noise_rng.normal(0, 1, size=6) * scale)
         if sim.success:
             for _ in range(hold_steps):
                 a = sim.expert_action()
@@ -198,9 +227,10 @@ def simulate_episode(
     action_ts = np.arange(len(actions)) * ACTION_DT
     state_ts = np.arange(0, t_end + 1e-9, 1 / cfg.state_rate)
     state = np.stack([sim.pose_at(t) for t in state_ts]).astype(np.float32)
-    # cameras lag the common clock by a fixed, recorded offset
+    # camera frames are exposed 4 ms before each control tick; their clock lags the common clock by a
+    # fixed, recorded offset
     cam_offset = 0.013
-    cam_true = np.arange(0, t_end + 1e-9, 1 / cfg.camera_rate) + 0.004
+    cam_true = np.arange(0, t_end + 1e-9, 1 / cfg.camera_rate) - 0.004
     images = {
         v: ImageStream(cam_true - cam_offset, np.stack([sim.render(v, sim.pose_at(t)) for t in cam_true]))
         for v in ("front", "top")
@@ -220,7 +250,11 @@ def simulate_episode(
         sensor_timestamps=sensor_ts,
         sensor=sensor,
         clock_offsets=offsets,
-        extra={"layer_depth_mm": float(sim.depth), "success": bool(sim.success)},
+        extra={
+            "layer_depth_mm": float(sim.depth),
+            "target_mm": [float(v) for v in sim.target],
+            "success": bool(sim.success),
+        },
     )
 
 
@@ -231,7 +265,8 @@ def generate_dataset(
     seed: int = 0,
     sensor_channels: int = 33,
     sensor_rate: float = 650.0,
-    image_size: int = 64,
+    image_size: int = 112,
+    task: str = "align_insert",
     no_sensor_fraction: float = 0.2,
     progress: bool = True,
     overwrite: bool = True,
@@ -239,7 +274,7 @@ def generate_dataset(
     """Write the synthetic insertion dataset (deterministic for `seed`) in the native format."""
     from sensorvla.data.format import write_dataset
 
-    cfg = SimConfig(image_size=image_size, sensor_rate=sensor_rate, sensor_channels=sensor_channels)
+    cfg = SimConfig(image_size=image_size, sensor_rate=sensor_rate, sensor_channels=sensor_channels, task=task)
     rng = np.random.default_rng(seed)
     no_sensor = set(
         rng.choice(num_episodes, size=int(round(no_sensor_fraction * num_episodes)), replace=False).tolist()
@@ -251,7 +286,7 @@ def generate_dataset(
     return write_dataset(
         episodes,
         out_dir,
-        dataset_id=f"synthetic_insertion_s{seed}_n{num_episodes}",
+        dataset_id=f"synthetic_insertion_{task}_s{seed}_n{num_episodes}_px{image_size}",
         action_fps=1 / ACTION_DT,
         min_actions=8,
         overwrite=overwrite,
@@ -261,6 +296,7 @@ def generate_dataset(
             "force_channels": 1,
             "state_rate": cfg.state_rate,
             "camera_rate": cfg.camera_rate,
+            "task": task,
             "action_semantics": "per-100ms pose deltas [dx,dy,dz mm; droll,dpitch,dyaw deg unwrapped; tool]",
         },
     )

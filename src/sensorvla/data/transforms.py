@@ -1,6 +1,7 @@
 """The one transform chain shared by training and `PolicyRunner`: raw sample -> model inputs.
 
 raw sample (docs/interfaces.md section 1, numpy, physical units)
+  -> (training only) image augmentation: random shift + colour jitter (`data/augment.py`)
   -> normalize state / sensor (masked) / actions with the checkpoint's NormStats
   -> chat template (V image entries + instruction) -> Qwen processor      (skipped for cached VL features)
   -> per-sample torch tensors; `collate` pads tokens and stacks the rest into a model batch (section 3).
@@ -27,18 +28,24 @@ class SampleTransform:
         processor: the Qwen-VL processor, or None to skip images (features come from the VL cache).
         prompt_template: `--model.backbone.prompt-template`.
         state_dim: D_st; 0 drops the state.
+        augment: an `ImageAugment` for training; None (the default, and always in PolicyRunner) = off.
     """
 
-    def __init__(self, normalizer, processor, prompt_template: str, state_dim: int):
+    def __init__(self, normalizer, processor, prompt_template: str, state_dim: int, augment=None):
         self.normalizer = normalizer
         self.processor = processor
         self.prompt_template = prompt_template
         self.state_dim = state_dim
+        self.augment = augment
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One raw sample -> per-sample tensors (see the module docstring)."""
         out: dict[str, torch.Tensor] = {}
         if self.processor is not None:
-            out.update(process_sample(self.processor, raw["images"], raw["instruction"], self.prompt_template))
+            images = raw["images"]
+            if self.augment is not None:
+                images = self.augment(images, int(raw.get("sample_id", 0)), int(raw.get("epoch", 0)))
+            out.update(process_sample(self.processor, images, raw["instruction"], self.prompt_template))
         if self.state_dim:
             state = self.normalizer.normalize("state", np.asarray(raw["state"], dtype=np.float32))
             out["state"] = torch.as_tensor(np.asarray(state, dtype=np.float32))

@@ -76,7 +76,7 @@ class PolicyRunner:
         self.generator_seed = generator_seed
         self.vl_calls = 0
         self._calls = 0
-        self._vl: tuple[torch.Tensor, torch.Tensor, float] | None = None  # feats, mask, monotonic time
+        self._vl: tuple[Any, float] | None = None  # (VLFeatures, monotonic time)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pending_obs: dict | None = None
@@ -182,20 +182,21 @@ class PolicyRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _encode_vl(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_vl(self, batch: dict[str, torch.Tensor]):
+        """The frozen VL pass -> (feats, mask, pos) (a `VLFeatures`)."""
         with torch.inference_mode():
-            feats, mask = self.policy.backbone.encode_frozen(batch)
+            vl = self.policy.backbone.encode(batch)
         self.vl_calls += 1
-        return feats, mask
+        return vl
 
     def _refresh_in_background(self, batch: dict[str, torch.Tensor]) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
 
         def work() -> None:
-            feats, mask = self._encode_vl(batch)
+            vl = self._encode_vl(batch)
             with self._lock:
-                self._vl = (feats, mask, time.monotonic())
+                self._vl = (vl, time.monotonic())
 
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
@@ -206,26 +207,26 @@ class PolicyRunner:
             cached = self._vl
         if cached is None or self._calls % self.vl_refresh_every == 0:
             return True
-        return time.monotonic() - cached[2] > self.max_vl_age_s
+        return time.monotonic() - cached[1] > self.max_vl_age_s
 
-    def _vl_features(self, batch) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-        """Return (feats, mask, age_s, fresh) according to the fast-slow policy."""
+    def _vl_features(self, batch) -> tuple[Any, float, bool]:
+        """Return (VLFeatures, age_s, fresh) according to the fast-slow policy."""
         with self._lock:
             cached = self._vl
         due = cached is None or self._calls % self.vl_refresh_every == 0
-        too_old = cached is not None and time.monotonic() - cached[2] > self.max_vl_age_s
+        too_old = cached is not None and time.monotonic() - cached[1] > self.max_vl_age_s
         if self.background_vl and cached is not None and not too_old:
             if due:
                 self._refresh_in_background(batch)
-            return cached[0], cached[1], time.monotonic() - cached[2], False
+            return cached[0], time.monotonic() - cached[1], False
         if due or too_old:
             if self._thread is not None:
                 self._thread.join()
-            feats, mask = self._encode_vl(batch)
+            vl = self._encode_vl(batch)
             with self._lock:
-                self._vl = (feats, mask, time.monotonic())
-            return feats, mask, 0.0, True
-        return cached[0], cached[1], time.monotonic() - cached[2], False
+                self._vl = (vl, time.monotonic())
+            return vl, 0.0, True
+        return cached[0], time.monotonic() - cached[1], False
 
     @torch.inference_mode()
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
@@ -237,7 +238,7 @@ class PolicyRunner:
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.prepare(obs, with_vl).items()}
         self._sync()
         t1 = time.perf_counter()
-        feats, mask, age, fresh = self._vl_features(batch)
+        vl_feats, age, fresh = self._vl_features(batch)
         if age > self.max_vl_age_s and not fresh:
             raise StaleFeaturesError(f"VL features are {age:.3f}s old (> max_vl_age_s={self.max_vl_age_s})")
         self._calls += 1
@@ -248,7 +249,7 @@ class PolicyRunner:
             else nullcontext()
         )
         with autocast:
-            vl, vl_mask = pol.backbone.project(feats, mask)
+            vl, vl_mask = pol.backbone.project(*vl_feats)
             self._sync()
             t2 = time.perf_counter()
             s_tok = s_mask = None

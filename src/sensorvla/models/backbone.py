@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -200,14 +201,41 @@ def collate_vl(items: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[
     return out
 
 
+class VLFeatures(NamedTuple):
+    """The cacheable output of the frozen VL pass.
+
+    feats (B, N, D_vl) tokens; mask bool (B, N), False = padding; pos float (B, N, 3) = (view index,
+    row, col) with row/col the token's centre in [0, 1] of its view's patch grid, view -1 for the
+    instruction token (zeros for view_mean / resampler, whose project does not use positions).
+    """
+
+    feats: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+
+
+def fourier_features(xy: torch.Tensor, num_freqs: int) -> torch.Tensor:
+    """(..., 2) coordinates in [0, 1] -> (..., 4 * num_freqs) sin/cos features at octave frequencies."""
+    freqs = math.pi * (2.0 ** torch.arange(num_freqs, device=xy.device, dtype=torch.float32))
+    args = xy.float()[..., None] * freqs  # (..., 2, F)
+    return torch.cat([args.sin(), args.cos()], dim=-1).flatten(-2)
+
+
 class VLBackbone(nn.Module):
     """Wraps the HF Qwen-VL base model (no LM head) -> VL tokens. The constructor does no I/O.
 
+    Token modes (`cfg.pooling`): grid (each view's merged patch grid adaptive-pooled to k x k tokens),
+    all (every image token), view_mean (one token per view), resampler (learned queries); the first three
+    add an instruction token (masked mean of the instruction span). `encode` is the frozen, cacheable part;
+    `project` the trainable part (2-D position + view embeddings for grid/all, the resampler).
+
     Args:
         vl_model: a loaded `...ForConditionalGeneration`; only its `.model` (the base) is kept.
-        cfg: backbone config (pooling mode, number of resampler queries).
+        cfg: backbone config (token mode, grid size, feature layer, resampler queries).
         num_views: V.
     """
+
+    POS_FREQS = 6
 
     def __init__(self, vl_model: nn.Module, cfg: BackboneConfig, num_views: int):
         super().__init__()
@@ -219,6 +247,14 @@ class VLBackbone(nn.Module):
         self.vision_end_token_id = int(conf.vision_end_token_id)
         text_conf = getattr(conf, "text_config", conf)
         self.hidden_size = int(text_conf.hidden_size)
+        self.num_layers = int(text_conf.num_hidden_layers)
+        if not -self.num_layers - 1 <= cfg.feature_layer <= self.num_layers:
+            raise ValueError(
+                f"--model.backbone.feature-layer {cfg.feature_layer} is outside [-{self.num_layers + 1}, "
+                f"{self.num_layers}] for this backbone ({self.num_layers} decoder layers)"
+            )
+        vision_conf = getattr(conf, "vision_config", None)
+        self.merge_size = int(getattr(vision_conf, "spatial_merge_size", 2) or 2)
         eos = getattr(text_conf, "eos_token_id", None) or getattr(conf, "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         # <|im_end|> ends the user turn: the instruction span stops there (robust to any padding side)
@@ -228,19 +264,35 @@ class VLBackbone(nn.Module):
             heads = max(1, self.hidden_size // 64)
             self.resampler = nn.MultiheadAttention(self.hidden_size, heads, batch_first=True)
             self.resampler_norm = nn.LayerNorm(self.hidden_size)
+        elif cfg.pooling in ("grid", "all"):
+            self.token_norm = nn.LayerNorm(self.hidden_size)
+            self.pos_proj = nn.Linear(4 * self.POS_FREQS, self.hidden_size)
+            self.view_emb = nn.Embedding(num_views + 1, self.hidden_size)  # index V = the instruction token
+            nn.init.normal_(self.view_emb.weight, std=0.02)
         elif cfg.pooling != "view_mean":
-            raise ValueError(f"--model.backbone.pooling {cfg.pooling!r}: choose view_mean or resampler")
+            raise ValueError(f"--model.backbone.pooling {cfg.pooling!r}: choose grid, all, view_mean or resampler")
 
     @property
-    def num_tokens(self) -> int:
-        """N_vl."""
-        return self.num_views + 1 if self.cfg.pooling == "view_mean" else self.cfg.num_queries
+    def num_tokens(self) -> int | None:
+        """N_vl (None for "all", where it depends on the image size)."""
+        mode = self.cfg.pooling
+        if mode == "grid":
+            return self.num_views * self.cfg.grid_size**2 + 1
+        if mode == "view_mean":
+            return self.num_views + 1
+        if mode == "resampler":
+            return self.cfg.num_queries
+        return None
 
     def _base_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
         kwargs = {k: batch[k] for k in keys if k in batch}
         kwargs["pixel_values"] = kwargs["pixel_values"].to(next(self.model.parameters()).dtype)
-        return self.model(**kwargs, use_cache=False, return_dict=True).last_hidden_state
+        layer = self.cfg.feature_layer
+        if layer == -1:
+            return self.model(**kwargs, use_cache=False, return_dict=True).last_hidden_state
+        out = self.model(**kwargs, use_cache=False, return_dict=True, output_hidden_states=True)
+        return out.hidden_states[layer]
 
     def view_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token masks (B, V + 1, L): the k-th run of image pads = view k; last row = the instruction
@@ -263,31 +315,151 @@ class VLBackbone(nn.Module):
         masks[:, self.num_views] = after & (pos < stop[:, None])
         return masks
 
-    def encode_frozen(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cacheable part. view_mean: (B, V + 1, D_vl) masked means, mask all True (a view or an empty
-        instruction with no tokens is masked False). resampler: (B, L, D_vl) and the attention mask."""
-        hidden = self._base_forward(batch)
-        if self.cfg.pooling == "resampler":
-            return hidden, batch["attention_mask"].bool()
-        masks = self.view_masks(batch["input_ids"], batch["attention_mask"]).to(hidden.dtype)
-        counts = masks.sum(-1)
-        pooled = torch.einsum("bnl,bld->bnd", masks, hidden) / counts.clamp_min(1)[..., None]
-        return pooled, counts > 0
+    def _instruction_token(self, hidden: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked mean over the instruction span: (B, 1, D), valid (B, 1)."""
+        m = masks[:, self.num_views : self.num_views + 1].to(hidden.dtype)
+        count = m.sum(-1)
+        return torch.einsum("bnl,bld->bnd", m, hidden) / count.clamp_min(1)[..., None], count > 0
 
-    def project(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trainable part: identity for view_mean; learned queries attending over valid tokens otherwise."""
+    def _view_grids(self, hidden: torch.Tensor, masks: torch.Tensor, grid_thw: torch.Tensor):
+        """Per sample and view: the merged patch grid of hidden states (h', w', D) (frames averaged)."""
+        b = hidden.shape[0]
+        thw = grid_thw.reshape(b, self.num_views, 3).tolist()
+        m = self.merge_size
+        for i in range(b):
+            for v in range(self.num_views):
+                t, h, w = thw[i][v]
+                tok = hidden[i, masks[i, v]]
+                if tok.shape[0] != t * (h // m) * (w // m):
+                    raise ValueError(
+                        f"view {v} of sample {i} has {tok.shape[0]} image tokens, expected {t}x{h // m}x{w // m}; "
+                        "every sample must carry exactly the dataset's views"
+                    )
+                yield i, v, tok.reshape(t, h // m, w // m, -1).mean(0)
+
+    def _grid_tokens(self, hidden, masks, grid_thw) -> tuple[torch.Tensor, torch.Tensor]:
+        """grid mode: (B, V * k^2, D) adaptive-pooled tokens and (B, V * k^2, 3) positions."""
+        b, k, d = hidden.shape[0], self.cfg.grid_size, hidden.shape[-1]
+        out = hidden.new_zeros(b, self.num_views, k, k, d)
+        for i, v, grid in self._view_grids(hidden, masks, grid_thw):
+            out[i, v] = nn.functional.adaptive_avg_pool2d(grid.permute(2, 0, 1), k).permute(1, 2, 0)
+        return out.reshape(b, -1, d), self._grid_positions(b, hidden.device)
+
+    def _grid_positions(self, b: int, device) -> torch.Tensor:
+        """(B, V * k^2, 3) (view, row, col) of the grid tokens, view-major then row-major."""
+        k = self.cfg.grid_size
+        centres = (torch.arange(k, device=device, dtype=torch.float32) + 0.5) / k
+        rows, cols = torch.meshgrid(centres, centres, indexing="ij")
+        cell = torch.stack([rows.flatten(), cols.flatten()], dim=-1)  # (k^2, 2)
+        views = torch.arange(self.num_views, device=device, dtype=torch.float32).repeat_interleave(k * k)
+        return torch.cat([views[:, None], cell.repeat(self.num_views, 1)], dim=-1).expand(b, -1, -1)
+
+    def _all_tokens(self, hidden, masks, grid_thw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """all mode: every image token, right-padded to the batch maximum: (B, N, D), mask, positions."""
+        per_sample: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(hidden.shape[0])]
+        for i, v, grid in self._view_grids(hidden, masks, grid_thw):
+            h, w, d = grid.shape
+            rows = (torch.arange(h, device=hidden.device, dtype=torch.float32) + 0.5) / h
+            cols = (torch.arange(w, device=hidden.device, dtype=torch.float32) + 0.5) / w
+            r, c = torch.meshgrid(rows, cols, indexing="ij")
+            pos = torch.stack([torch.full_like(r, float(v)), r, c], dim=-1).reshape(-1, 3)
+            per_sample[i].append((grid.reshape(-1, d), pos))
+        n = max(sum(t.shape[0] for t, _ in views) for views in per_sample)
+        feats = hidden.new_zeros(hidden.shape[0], n, hidden.shape[-1])
+        pos = hidden.new_zeros(hidden.shape[0], n, 3, dtype=torch.float32)
+        mask = torch.zeros(hidden.shape[0], n, dtype=torch.bool, device=hidden.device)
+        for i, views in enumerate(per_sample):
+            tok, p = torch.cat([t for t, _ in views]), torch.cat([q for _, q in views])
+            feats[i, : len(tok)], pos[i, : len(tok)], mask[i, : len(tok)] = tok, p, True
+        return feats, mask, pos
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> VLFeatures:
+        """The frozen, cacheable part: processor batch -> VLFeatures (see its docstring for shapes)."""
+        hidden = self._base_forward(batch)
+        b = hidden.shape[0]
+        if self.cfg.pooling == "resampler":
+            mask = batch["attention_mask"].bool()
+            return VLFeatures(hidden, mask, hidden.new_zeros(*mask.shape, 3, dtype=torch.float32))
+        masks = self.view_masks(batch["input_ids"], batch["attention_mask"])
         if self.cfg.pooling == "view_mean":
-            return feats, mask.bool()
+            m = masks.to(hidden.dtype)
+            counts = m.sum(-1)
+            pooled = torch.einsum("bnl,bld->bnd", m, hidden) / counts.clamp_min(1)[..., None]
+            return VLFeatures(pooled, counts > 0, hidden.new_zeros(b, pooled.shape[1], 3, dtype=torch.float32))
+        if self.cfg.pooling == "grid":
+            feats, pos = self._grid_tokens(hidden, masks, batch["image_grid_thw"])
+            mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=hidden.device)
+        else:
+            feats, mask, pos = self._all_tokens(hidden, masks, batch["image_grid_thw"])
+        instr, instr_ok = self._instruction_token(hidden, masks)
+        instr_pos = pos.new_tensor([-1.0, 0.0, 0.0]).expand(b, 1, 3)
+        return VLFeatures(
+            torch.cat([feats, instr], dim=1), torch.cat([mask, instr_ok], dim=1), torch.cat([pos, instr_pos], dim=1)
+        )
+
+    def encode_frozen(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` without the positions: (feats, mask). Positions of grid mode are implied by the layout."""
+        vl = self.encode(batch)
+        return vl.feats, vl.mask
+
+    def default_positions(self, feats: torch.Tensor) -> torch.Tensor:
+        """The fixed layout of grid mode (B, N, 3), for callers that kept only (feats, mask)."""
+        if self.cfg.pooling != "grid":
+            raise ValueError(f"pooling {self.cfg.pooling!r} needs the positions returned by encode(); pass pos")
+        instr = torch.tensor([[[-1.0, 0.0, 0.0]]], device=feats.device).expand(feats.shape[0], 1, 3)
+        return torch.cat([self._grid_positions(feats.shape[0], feats.device), instr], dim=1)
+
+    def token_views(self, feats: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """(B, N) long: the view of each token, V for the instruction token (not defined for resampler)."""
+        if self.cfg.pooling == "view_mean":
+            return torch.arange(feats.shape[1], device=feats.device).expand(feats.shape[0], -1)
+        if self.cfg.pooling == "resampler":
+            raise ValueError("resampler tokens mix every view; per-view masking needs grid, all or view_mean")
+        pos = self.default_positions(feats) if pos is None else pos.to(feats.device)
+        view = pos[..., 0].round().long()
+        return torch.where(view < 0, self.num_views, view).clamp(0, self.num_views)
+
+    def project(
+        self,
+        feats: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        view_keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable part: (B, N, D_vl) features -> VL tokens (B, N_vl, D_vl) and mask (B, N_vl).
+
+        view_mean: identity. grid / all: LayerNorm + 2-D Fourier position + view embeddings (`pos` from
+        `encode`; grid mode derives it when omitted). resampler: learned queries over the valid tokens.
+        `view_keep` (B, V) bool masks every token of a dropped view (modality dropout, training only).
+        """
+        mode = self.cfg.pooling
+        mask = mask.bool()
+        if view_keep is not None:
+            views = self.token_views(feats, pos)
+            keep = torch.cat([view_keep.bool(), view_keep.new_ones(view_keep.shape[0], 1, dtype=torch.bool)], 1)
+            mask = mask & torch.gather(keep, 1, views)
+        if mode == "view_mean":
+            return feats, mask
+        if mode in ("grid", "all"):
+            pos = self.default_positions(feats) if pos is None else pos.to(feats.device)
+            view = self.token_views(feats, pos)
+            is_img = (view < self.num_views).unsqueeze(-1).to(torch.float32)
+            x = self.token_norm(feats.float())
+            x = x + self.pos_proj(fourier_features(pos[..., 1:], self.POS_FREQS)) * is_img + self.view_emb(view)
+            return x, mask
         q = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1).to(feats.dtype)
         out, _ = self.resampler(q, feats, feats, key_padding_mask=~mask.bool(), need_weights=False)
         out = self.resampler_norm(out + q)
         return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch -> VL tokens (B, N_vl, D_vl) and mask (B, N_vl); uses cached `vl_features` when present."""
+    def forward(
+        self, batch: dict[str, torch.Tensor], view_keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch -> VL tokens (B, N_vl, D_vl) and mask (B, N_vl); uses cached `vl_features` (+ `vl_mask`,
+        `vl_pos`) when present. `view_keep` (B, V): see `project`."""
         if "vl_features" in batch:
-            return self.project(batch["vl_features"], batch["vl_mask"])
-        return self.project(*self.encode_frozen(batch))
+            return self.project(batch["vl_features"], batch["vl_mask"], batch.get("vl_pos"), view_keep)
+        return self.project(*self.encode(batch), view_keep=view_keep)
 
     def enable_activation_checkpointing(self) -> None:
         """Non-reentrant gradient checkpointing on the base model (stage-2 memory)."""

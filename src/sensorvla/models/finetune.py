@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from sensorvla.config import FinetuneConfig
+from sensorvla.config import LORA_TARGET_PRESETS, FinetuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +30,38 @@ def is_lora_param(name: str) -> bool:
     return "lora_" in name
 
 
-def lora_config(cfg: FinetuneConfig):
+def lora_config(cfg: FinetuneConfig, targets: list[str] | None = None):
+    """PEFT LoraConfig; `targets` = the exact module names to adapt (default: the preset/regex)."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
+        target_modules=targets if targets is not None else lora_target_regex(cfg.lora_target_modules),
         bias="none",
     )
 
 
+def lora_target_regex(targets: str) -> str:
+    """A `--lora-targets` preset (language | vision | all) or a regex -> the regex."""
+    return LORA_TARGET_PRESETS.get(targets, targets)
+
+
 def matched_lora_targets(base: nn.Module, pattern: str) -> list[str]:
-    """Names of `nn.Linear` modules of the HF base model whose full name matches `pattern`."""
-    rx = re.compile(pattern)
+    """Names of `nn.Linear` modules of the HF base model whose full name matches `pattern` (or a preset)."""
+    try:
+        rx = re.compile(lora_target_regex(pattern))
+    except re.error as e:
+        raise FinetuneError(
+            f"--lora-targets {pattern!r} is neither a preset {sorted(LORA_TARGET_PRESETS)} nor a valid regex ({e})"
+        ) from e
     return [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(n)]
+
+
+def is_vision_param(name: str) -> bool:
+    """Whether a VLAPolicy parameter name lies in the backbone's vision tower."""
+    return name.startswith(HF_BASE_PREFIX + "visual.")
 
 
 def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
@@ -57,36 +73,49 @@ def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
     base = policy.backbone.model
     for p in base.parameters():
         p.requires_grad_(cfg.mode == "full")
+    if cfg.full_vision:
+        if not any(n.startswith("visual.") for n, _ in base.named_parameters()):
+            raise FinetuneError("--model.finetune.full-vision: this backbone has no `visual` tower")
+        for n, p in base.named_parameters():
+            if n.startswith("visual."):
+                p.requires_grad_(True)
     if cfg.mode == "lora":
         if any(is_lora_param(n) for n, _ in base.named_parameters()):
             raise FinetuneError("LoRA adapters are already injected into this backbone")
         targets = matched_lora_targets(base, cfg.lora_target_modules)
         if not targets:
             raise FinetuneError(
-                f"--model.finetune.lora-target-modules {cfg.lora_target_modules!r} matches no Linear module "
-                "of the backbone. Module names look like 'language_model.layers.0.self_attn.q_proj'; "
-                "fix the regex (it must match the full module name)."
+                f"--lora-targets {cfg.lora_target_modules!r} matches no Linear module of the backbone. "
+                f"Use a preset {sorted(LORA_TARGET_PRESETS)} or a regex over full module names such as "
+                "'language_model.layers.0.self_attn.q_proj' or 'visual.blocks.0.attn.qkv'."
             )
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(lora_config(cfg), base, adapter_name=ADAPTER_NAME)
+        # the exact Linear names: PEFT never touches a module the preset/regex did not intend
+        inject_adapter_in_model(lora_config(cfg, targets), base, adapter_name=ADAPTER_NAME)
         for n, p in base.named_parameters():
-            p.requires_grad_(is_lora_param(n))
+            p.requires_grad_(is_lora_param(n) or (cfg.full_vision and n.startswith("visual.")))
         logger.info("LoRA r=%d alpha=%d on %d modules", cfg.lora_r, cfg.lora_alpha, len(targets))
 
 
-def expected_trainable(policy: nn.Module, mode: str) -> set[str]:
-    """The trainable parameter names that `mode` declares (used to assert the real trainable set)."""
+def expected_trainable(policy: nn.Module, mode: str, full_vision: bool = False) -> set[str]:
+    """The trainable parameter names that `mode` (+ `full_vision`) declares (to assert the real set)."""
     names = set()
     for n, _ in policy.named_parameters():
-        if not n.startswith(HF_BASE_PREFIX) or mode == "full" or (mode == "lora" and is_lora_param(n)):
+        if (
+            not n.startswith(HF_BASE_PREFIX)
+            or mode == "full"
+            or (mode == "lora" and is_lora_param(n))
+            or (full_vision and is_vision_param(n))
+        ):
             names.add(n)
     return names
 
 
-def assert_trainable_set(policy: nn.Module, mode: str) -> None:
+def assert_trainable_set(policy: nn.Module, mode: str, full_vision: bool = False) -> None:
+    """Raise AssertionError unless the parameters with requires_grad are exactly the declared set."""
     actual = {n for n, p in policy.named_parameters() if p.requires_grad}
-    expected = expected_trainable(policy, mode)
+    expected = expected_trainable(policy, mode, full_vision)
     if actual != expected:
         extra, missing = sorted(actual - expected)[:10], sorted(expected - actual)[:10]
         raise AssertionError(f"trainable set differs from finetune mode {mode!r}: extra={extra} missing={missing}")

@@ -60,14 +60,31 @@ class VLAPolicy(nn.Module):
         self.head = build_head(cfg.head, self.fusion.out_dim)
 
     # --- shared path -------------------------------------------------------------------------------
+    def modality_keep(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Training-only modality dropout draws: (view_keep (B, V) bool | None, sensor_keep (B,) bool | None),
+        each view kept with p = 1 - view_dropout, the sensor with p = 1 - sensor_dropout; (None, None) in
+        eval mode or when both are 0. Draws use the global torch RNG (checkpointed, so resume is exact)."""
+        cfg = self.cfg
+        if not self.training or not (cfg.view_dropout or cfg.sensor_dropout):
+            return None, None
+        b = batch["sensor"].shape[0]
+        device = batch["sensor"].device
+        view_keep = torch.rand(b, cfg.num_views, device=device) >= cfg.view_dropout if cfg.view_dropout else None
+        sensor_keep = torch.rand(b, device=device) >= cfg.sensor_dropout if cfg.sensor_dropout else None
+        return view_keep, sensor_keep
+
     def condition(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch -> conditioning sequence (B, N_c, D) and its mask (B, N_c)."""
-        vl, vl_mask = self.backbone(batch)
+        view_keep, sensor_keep = self.modality_keep(batch)
+        vl, vl_mask = self.backbone(batch, view_keep=view_keep)
         vl = vl.float()
         sensor_tok = sensor_tok_mask = None
         if self.sensor_encoder is not None:
+            has_sensor = batch["has_sensor"].bool()
+            if sensor_keep is not None:
+                has_sensor = has_sensor & sensor_keep
             sensor_tok, sensor_tok_mask = self.sensor_encoder(
-                batch["sensor"].float(), batch["sensor_mask"].bool(), batch["has_sensor"].bool()
+                batch["sensor"].float(), batch["sensor_mask"].bool(), has_sensor
             )
         state = batch.get("state") if self.cfg.state_dim > 0 else None
         return self.fusion(vl, vl_mask, sensor_tok, sensor_tok_mask, None if state is None else state.float())

@@ -224,7 +224,7 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
     train_raw = raw_dataset(cfg, "train")
     val_raw = raw_dataset(cfg, "val")
     cache = None
-    if cfg.train.stage == "stage1" and cfg.train.use_cache != "never" and cfg.model.finetune.mode == "none":
+    if cfg.train.stage == "stage1" and cfg.train.use_cache != "never" and feature_cache.backbone_frozen(cfg):
         all_ids = raw_dataset(cfg, "all", load_images=False).sample_ids
         cache = feature_cache.open_cache(cfg, all_ids, meta.dataset_id)
         if cache is None and cfg.train.use_cache == "always":
@@ -235,6 +235,12 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
             train_raw = raw_dataset(cfg, "train", load_images=False)
             val_raw = raw_dataset(cfg, "val", load_images=False)
             logger.info("stage 1 reads VL features from the cache %s", cache.folder)
+            if cfg.data.augment.enabled:
+                logger.warning(
+                    "--data.augment.enabled: stage 1 reads VL features from the cache, which holds the "
+                    "un-augmented images, so NO image augmentation is applied in this run. Use "
+                    "--train.use-cache never to augment (the backbone then runs every step)."
+                )
     sampler = ShardedEpochSampler(len(train_raw), seed=cfg.train.seed, rank=info.rank, world=info.world_size)
     # validation: an exact partition (no wrap-around padding), so every sample is counted once
     val_sampler = ShardedEpochSampler(
@@ -285,7 +291,16 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
     )
     from sensorvla.data.transforms import SampleTransform
 
-    transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
+    augment = None
+    if cfg.data.augment.enabled and processor is not None:
+        from sensorvla.data.augment import ImageAugment
+
+        augment = ImageAugment(cfg.data.augment, seed=cfg.train.seed)
+    transform = SampleTransform(
+        normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim, augment=augment
+    )
+    # validation never augments: the same chain without the augmenter
+    val_transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
     pad_id = pad_token_id(processor) if processor is not None else 0
 
     # --- optimisation -------------------------------------------------------------------------------
@@ -384,7 +399,7 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
         gen = torch.Generator(device=info.device).manual_seed(VAL_SEED)  # the global RNG is never touched
         totals, last, done = [0.0, 0.0], None, 0
         with torch.no_grad(), autocast_ctx(cfg, info.device):
-            for batch in make_loader(val_raw, transform, val_sampler, cfg, pad_id):
+            for batch in make_loader(val_raw, val_transform, val_sampler, cfg, pad_id):
                 last = _prepare(batch, cache, info.device)
                 loss, _ = policy(last, sensor_loss_weight=1.0, generator=gen)
                 n = last["actions"].shape[0]
@@ -393,7 +408,9 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
                 done += 1
             while is_fsdp and done < val_batches:  # lockstep filler, not counted
                 if last is None:
-                    last = _prepare(next(iter(make_loader(val_raw, transform, [0], cfg, pad_id))), cache, info.device)
+                    last = _prepare(
+                        next(iter(make_loader(val_raw, val_transform, [0], cfg, pad_id))), cache, info.device
+                    )
                 policy(last, sensor_loss_weight=1.0, generator=gen)
                 done += 1
         s, n = all_reduce_sum(totals, info)
@@ -551,8 +568,8 @@ def _log_progress(step: int, total: int, epoch: int, epochs: int, row: dict, t_s
 
 def _prepare(batch: dict, cache, device: torch.device) -> dict:
     if cache is not None:
-        feats, mask = cache.lookup(batch["sample_id"])
-        batch["vl_features"], batch["vl_mask"] = feats.float(), mask
+        feats, mask, pos = cache.lookup(batch["sample_id"])
+        batch["vl_features"], batch["vl_mask"], batch["vl_pos"] = feats.float(), mask, pos
     return _to(batch, device)
 
 

@@ -1,9 +1,11 @@
 """Named optimizer parameter groups with their own learning rates, asserted to partition the trainable set.
 
 Groups (by parameter-name prefix): head, fusion, sensor_encoder, vl_projection (a learned VL resampler),
-vl_lora (LoRA adapters, --vl-lr), and for `full` fine-tuning vision (--vision-lr) and language (--vl-lr).
+vl_lora (language-model LoRA adapters, --vl-lr), vision (the vision tower's LoRA adapters or, with
+--model.finetune.full-vision / `full`, its weights: --vision-lr) and language (full fine-tuning, --vl-lr).
 Biases, norm weights (1-D tensors) and learned embeddings that are not projections (positions `pos` /
-`time_pos` / `pos_embed`, learned `queries`, `missing_tokens`, the fusion `type_emb`) go to a
+`time_pos` / `pos_embed`, learned `queries`, `missing_tokens`, the fusion `type_emb`, the backbone's
+`view_emb`) go to a
 `<group>/no_decay` twin with weight decay 0: decay would pull them towards zero for no regularising gain.
 """
 
@@ -15,10 +17,11 @@ from collections import OrderedDict
 from torch import nn
 
 from sensorvla.config import TrainConfig
-from sensorvla.models.finetune import HF_BASE_PREFIX, is_lora_param
+from sensorvla.models.finetune import HF_BASE_PREFIX, is_lora_param, is_vision_param
 
 # a name component (between dots) that is a learned position / query / missing-token / type embedding
-NO_DECAY_COMPONENT = re.compile(r"(^|_)pos(_|$)|^queries$|^missing_tokens?$|^type_emb$")
+# (`pos`, `time_pos`, `pos_embed`; not `pos_proj`, a projection of fixed Fourier features)
+NO_DECAY_COMPONENT = re.compile(r"^(\w+_)?pos(_embed?)?$|^queries$|^missing_tokens?$|^(type|view)_emb$")
 
 
 def is_no_decay(name: str, ndim: int) -> bool:
@@ -37,9 +40,9 @@ def group_of(name: str) -> str:
     if name.startswith("sensor_encoder."):
         return "sensor_encoder"
     if name.startswith(HF_BASE_PREFIX):
-        if is_lora_param(name):
-            return "vl_lora"
-        return "vision" if name.startswith(HF_BASE_PREFIX + "visual.") else "language"
+        if is_vision_param(name):
+            return "vision"  # LoRA adapters or full weights of the vision tower: --vision-lr
+        return "vl_lora" if is_lora_param(name) else "language"
     if name.startswith("backbone."):
         return "vl_projection"
     raise ValueError(f"parameter {name!r} belongs to no declared group; add it to training/param_groups.py")

@@ -2,7 +2,8 @@
 
 A resumed run is compared with the config and dataset fingerprint saved in `checkpoints/last/`:
 - refused (they change what the saved position means): the model, the data assembly, the dataset
-  content, batch size, accumulation, epochs, schedule length, seed, stage, mode and strategy;
+  content, batch size, accumulation, epochs, schedule length, seed, stage, mode and strategy (training-only
+  regularisers, modality dropout and image augmentation, may change);
 - applied to the restored optimizer with a note: `--lr`, `--sensor-lr`, `--vl-lr`, `--train.vision-lr`,
   `--train.weight-decay` (the LambdaLR base_lrs follow, so the schedule continues from the new value);
 - everything else (max steps, patience, logging, grad clip, ...) is taken as given and listed in the diff.
@@ -17,6 +18,9 @@ from sensorvla.config import ConfigError
 REFUSED_TRAIN = ("stage", "mode", "batch_size", "grad_accum_steps", "epochs", "schedule_steps", "seed", "strategy")
 OPTIMIZER_TRAIN = ("lr", "sensor_lr", "vl_lr", "vision_lr", "weight_decay")
 FREE_DATA = ("dataset_dir", "num_workers")  # a moved dataset is fine; its content is the fingerprint's job
+# training-only regularisers: they change what the next steps see, not what the saved position means
+FREE_MODEL = ("view_dropout", "sensor_dropout")
+FREE_DATA_SECTIONS = ("augment.",)
 IGNORED = ("train.resume", "train.output_dir", "train.stage1_checkpoint")  # read before resume / stage-2 start
 
 
@@ -55,9 +59,9 @@ def is_refused(key: str) -> bool:
     if key in IGNORED:
         return False
     if section == "model":
-        return True
+        return name not in FREE_MODEL
     if section == "data":
-        return name not in FREE_DATA
+        return name not in FREE_DATA and not name.startswith(FREE_DATA_SECTIONS)
     return section == "train" and name in REFUSED_TRAIN
 
 

@@ -1,14 +1,23 @@
-"""Built-in Gymnasium environments. `register_envs()` registers them (explicitly; importing does nothing)."""
+"""Built-in Gymnasium environments. `register_envs()` registers them (explicitly; importing does nothing).
+
+- `sensorvla/Insertion-v0`: success needs vision (lateral alignment to a target seen only in the cameras)
+  and the sensor (stopping on a layer seen only by the sensor).
+- `sensorvla/InsertionContact-v0`: the same world scored on the contact decision only (lateral error
+  reported, not scored): the older, sensor-only benchmark.
+"""
 
 from __future__ import annotations
 
-ENV_IDS = {"sensorvla/Insertion-v0": "sensorvla.eval.envs.insertion:InsertionEnv"}
+ENV_IDS = {
+    "sensorvla/Insertion-v0": ("sensorvla.eval.envs.insertion:InsertionEnv", {"task": "align_insert"}),
+    "sensorvla/InsertionContact-v0": ("sensorvla.eval.envs.insertion:InsertionEnv", {"task": "contact"}),
+}
 
 
 def register_envs() -> None:
     """Register every built-in env id with Gymnasium (idempotent)."""
     import gymnasium as gym
 
-    for env_id, entry in ENV_IDS.items():
+    for env_id, (entry, kwargs) in ENV_IDS.items():
         if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=entry)
+            gym.register(id=env_id, entry_point=entry, kwargs=kwargs)

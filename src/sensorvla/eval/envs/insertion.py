@@ -1,11 +1,13 @@
 """`InsertionEnv`: the synthetic insertion task in closed loop, as a Gymnasium environment.
 
 Observations follow the PolicyRunner observation dict; one action is one 10 Hz step (7-D, physical
-units). The hidden layer is only observable through the sensor, so a sensor-blind policy overshoots
-or stops early more often.
+units). The target is visible only in the cameras and the layer only to the sensor, so success needs
+both (task "align_insert"); task "contact" scores the contact decision only.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import gymnasium as gym
 import numpy as np
@@ -18,21 +20,32 @@ INSTRUCTION_CHARSET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 
 
 class InsertionEnv(gym.Env):
-    """Closed-loop needle insertion. Success: the tip holds on the hidden layer (within tolerance) for 3
-    steps; failure: overshoot past the layer; truncation: `max_steps`. The lateral error to the target mark
-    is reported in `info` (and by `rollout`) but is not part of success: this task measures the contact
-    decision, which only the sensor can inform."""
+    """Closed-loop needle insertion.
+
+    Success: the tip holds on the hidden layer (within `success_tol_mm`) for 3 steps while the lateral error
+    to the target is within `lateral_tol_mm` (task "align_insert"; "contact" drops the lateral condition).
+    Failure: overshoot past the layer. Truncation: `max_steps`. `info` reports success, the lateral
+    error, the depth error (|tip - layer|) and whether the lateral error is within tolerance.
+
+    Args:
+        sim_config: simulator constants; `task` overrides its task.
+        sensor_history_s: how much sensor history each observation carries (a whole window, as a client
+            with a continuous history would send).
+        sensor_available: False sends no sensor samples (a disconnected sensor).
+    """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(
         self,
         sim_config: SimConfig | None = None,
+        task: str | None = None,
         sensor_history_s: float = 0.25,
         sensor_available: bool = True,
         render_mode: str | None = "rgb_array",
     ):
-        self.cfg = sim_config or SimConfig()
+        cfg = sim_config or SimConfig()
+        self.cfg = dataclasses.replace(cfg, task=task) if task else cfg
         self.sensor_history_s = sensor_history_s
         self.sensor_available = sensor_available
         self.render_mode = render_mode
@@ -70,13 +83,24 @@ class InsertionEnv(gym.Env):
             "instruction": self._instruction,
         }
 
+    def _info(self) -> dict:
+        sim = self.sim
+        return {
+            "success": sim.success,
+            "layer_distance_mm": sim.layer_distance,
+            "depth_error_mm": abs(sim.layer_distance),
+            "lateral_error_mm": sim.lateral_error,
+            "lateral_ok": sim.lateral_error <= self.cfg.lateral_tol_mm,
+            "layer_depth_mm": sim.depth,
+        }
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         episode_seed = int(self.np_random.integers(0, 2**31 - 1))
         self.sim = InsertionSim(episode_seed, self.cfg)
         self._instruction = INSTRUCTIONS[episode_seed % len(INSTRUCTIONS)]
         self._sensor_ts, self._sensor = self.sim.sensor_samples(-self.sensor_history_s, 0.0)
-        return self._observe(), {"layer_depth_mm": self.sim.depth}
+        return self._observe(), self._info()
 
     def step(self, action):
         sim = self.sim
@@ -88,12 +112,7 @@ class InsertionEnv(gym.Env):
         self._sensor = np.concatenate([self._sensor, vals])[-4000:]
         terminated = sim.success or sim.layer_distance < -sim.cfg.overshoot_fail_mm
         truncated = not terminated and sim.steps >= sim.cfg.max_steps
-        info = {
-            "success": sim.success,
-            "layer_distance_mm": sim.layer_distance,
-            "lateral_error_mm": float(np.linalg.norm(sim.target - sim.pose[:2])),
-        }
-        return self._observe(), float(sim.success), bool(terminated), bool(truncated), info
+        return self._observe(), float(sim.success), bool(terminated), bool(truncated), self._info()
 
     def render(self):
         return np.concatenate([self.sim.render(v) for v in VIEWS], axis=1)
