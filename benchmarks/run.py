@@ -1,4 +1,6 @@
-"""Benchmark CLI: `python benchmarks/run.py {data,train,serving,latency,all}` prints JSON/markdown results.
+"""Benchmark CLI: `python benchmarks/run.py {data,train,serving,latency,plan,fuzz,all}` prints JSON/markdown results.
+
+`fuzz` (10,000 hostile payloads against a real server, a few minutes) runs only when named.
 
 Each benchmark measures the quantities it compares side by side in one run and reports ratios, because
 these machines are noisy. The README's figures are copied from this command's output.
@@ -37,10 +39,16 @@ def main(argv: list[str]) -> int:
         rows = bench_latency(build_tiny_qwen_vl(Path(tempfile.mkdtemp()) / "tiny"), iters=30)
         print(format_table(rows))
         results["latency"] = rows
+    if which == "fuzz":
+        mod = _load("bench_fuzz")
+        results["fuzz"] = mod.run()
+        print(mod.format_table(results["fuzz"]))
     if which in ("train", "all"):
         results["train"] = _load("bench_train").run()
+    if which in ("plan", "all"):
+        results["plan"] = _load("bench_plan").run()
     if not results:
-        print(f"unknown benchmark {which!r}; choose data, train, serving, latency or all", file=sys.stderr)
+        print(f"unknown benchmark {which!r}; choose data, train, serving, latency, plan, fuzz or all", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2, default=float))
     return 0

@@ -24,7 +24,9 @@ def synth_dataset_dir(tmp_path_factory):
     """A small synthetic insertion dataset (with some sensor-less episodes) in the native format."""
     from sensorvla.data.synth import generate_dataset
 
-    return generate_dataset(tmp_path_factory.mktemp("synth") / "insertion", num_episodes=10, seed=0, progress=False)
+    return generate_dataset(
+        tmp_path_factory.mktemp("synth") / "insertion", num_episodes=10, seed=0, image_size=64, progress=False
+    )
 
 
 def pytest_addoption(parser):

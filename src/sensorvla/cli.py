@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads()
     if verb == "train":
         return cmd_train(rest)
+    if verb in commands.RAW_ARGV_COMMANDS:  # `plan` parses the train flags itself
+        try:
+            return table[verb][0](rest)
+        except KNOWN_ERRORS() as e:
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
     if verb in {"data", "bench"} and rest and f"{verb} {rest[0]}" in table:
         verb, rest = f"{verb} {rest[0]}", rest[1:]
     if verb not in table:

@@ -109,13 +109,44 @@ def serve(
     device: str = "cpu",
     vl_refresh_every: int = 1,
     max_message_mb: float = 32.0,
+    vl_model: str | None = None,
+    max_queue: int = 8,
+    max_instruction_tokens: int = 256,
+    max_image_pixels: int = 2048 * 2048,
+    max_sensor_samples: int = 16384,
+    sensor_max_gap_s: float | None = None,
 ) -> int:
-    """Serve a pretrained_model folder over websocket + msgpack (openpi-style); /healthz over HTTP."""
+    """Serve a pretrained_model folder over websocket + msgpack (openpi-style); /healthz over HTTP.
+
+    Args:
+        vl_model: backbone folder or hub id overriding the path recorded in the checkpoint (a checkpoint
+            copied to another machine).
+        max_queue: requests waiting or running at once; more are answered Busy at once.
+        max_instruction_tokens: longest instruction accepted (tokens; characters are bounded first).
+        max_image_pixels: largest raw view (h * w) accepted; the processor resizes to max_pixels anyway.
+        max_sensor_samples: most sensor rows per request (the server keeps the history).
+        sensor_max_gap_s: sensor gap tolerance (default: the rule used in training).
+    """
+    from sensorvla.inference.checks import RequestLimits
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.serving.server import PolicyServer
 
-    runner = PolicyRunner.from_pretrained(checkpoint, device=device, vl_refresh_every=vl_refresh_every)
-    server = PolicyServer(runner, host=host, port=port, token=token, max_message_bytes=int(max_message_mb * 2**20))
+    limits = RequestLimits(
+        max_instruction_tokens=max_instruction_tokens,
+        max_image_pixels=max_image_pixels,
+        max_sensor_samples=max_sensor_samples,
+    )
+    runner = PolicyRunner.from_pretrained(
+        checkpoint,
+        device=device,
+        vl_refresh_every=vl_refresh_every,
+        vl_model=vl_model,
+        limits=limits,
+        max_gap_s=sensor_max_gap_s,
+    )
+    server = PolicyServer(
+        runner, host=host, port=port, token=token, max_message_bytes=int(max_message_mb * 2**20), max_queue=max_queue
+    )
     server.run_forever()
     return 0
 
@@ -180,6 +211,106 @@ def bench_latency(vl_model: Path | None = None, iters: int = 30) -> int:
     return 0
 
 
+PLAN_HELP = """usage: sensorvla plan [TRAIN FLAGS] [--device cuda|cpu] [--gpus 1,2,4,8] [--views N]
+                      [--image-size HxW] [--action-dim N] [--sensor-channels N] [--samples N]
+                      [--optimizer-impl auto|for-loop|foreach|fused] [--json PATH] [--measure-steps N]
+
+Memory needed to train a config, computed on the meta device (no weights are loaded): parameters and trainable
+parameters per group, weights / gradients / AdamW states by dtype, activations per micro-batch with and without
+activation checkpointing, the VL cache on disk, and the peak per GPU for DDP and FSDP2. Every `sensorvla train`
+flag applies (seed spellings and dotted overrides), e.g. --vl-model random:Qwen/Qwen2.5-VL-3B-Instruct
+--training-stage stage2 --batch-size 4 --grad-accum 8. Shapes come from --data.dataset-dir when given,
+otherwise from --views / --image-size / --action-dim / --sensor-channels / --samples.
+--measure-steps N also runs N real training steps on this machine (needs --data.dataset-dir) and prints the
+measured peak beside the planned one (torch.cuda.max_memory_allocated on CUDA, the allocator's count on CPU).
+See docs/scaling.md."""
+
+
+def plan(argv: list[str]) -> int:
+    """`sensorvla plan`: the train flags plus the planner's own (PLAN_HELP); prints the plan."""
+    import argparse
+    import sys
+
+    from sensorvla.cli import parse_train_config
+    from sensorvla.config import ConfigError
+    from sensorvla.plan.planner import format_plan, human, write_json
+    from sensorvla.plan.planner import plan as make_plan
+
+    ap = argparse.ArgumentParser(prog="sensorvla plan", add_help=False)
+    ap.add_argument("-h", "--help", action="store_true")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--gpus", default="1,2,4,8")
+    ap.add_argument("--views", type=int)
+    ap.add_argument("--image-size")
+    ap.add_argument("--action-dim", type=int)
+    ap.add_argument("--sensor-channels", type=int)
+    ap.add_argument("--samples", type=int)
+    ap.add_argument("--optimizer-impl", default="auto", choices=["auto", "for-loop", "foreach", "fused"])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--measure-steps", type=int, default=0)
+    args, rest = ap.parse_known_args(argv)
+    if args.help:
+        print(PLAN_HELP)
+        return 0
+    try:
+        gpus = tuple(int(x) for x in args.gpus.split(","))
+        size = tuple(int(x) for x in args.image_size.lower().split("x")) if args.image_size else None
+        if size is not None and len(size) != 2:
+            raise ValueError
+    except ValueError:
+        print("error: --gpus takes a comma-separated list (1,2,4) and --image-size HxW (224x224)", file=sys.stderr)
+        return 2
+    try:
+        cfg = parse_train_config(rest)
+        _validate_for_plan(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    p = make_plan(
+        cfg,
+        device=args.device,
+        gpus=gpus,
+        views=args.views,
+        image_size=size,
+        action_dim=args.action_dim,
+        sensor_channels=args.sensor_channels,
+        samples=args.samples,
+        optimizer_impl=args.optimizer_impl,
+    )
+    print(format_plan(p))
+    if args.json:
+        write_json(p, args.json)
+        print(f"wrote {args.json}")
+    if args.measure_steps:
+        from sensorvla.plan.measure import measure_step_peak
+
+        if not cfg.data.dataset_dir:
+            print("error: --measure-steps needs --data.dataset-dir", file=sys.stderr)
+            return 2
+        cfg.train.max_steps = max(2, args.measure_steps)
+        planned = p.scenarios[0].per_gpu["ddp"][1]
+        measured = measure_step_peak(cfg, args.device)
+        print(
+            f"measured step peak on {args.device}: {human(measured)} (planned {human(planned)}, "
+            f"{planned / measured - 1:+.1%})"
+        )
+    return 0
+
+
+def _validate_for_plan(cfg) -> None:
+    """The trainer's validation, except what only matters for a real run (stage-1 checkpoint present, strategies
+    the trainer does not run yet): planning those is the point."""
+    import dataclasses
+
+    from sensorvla.config import ConfigError
+
+    check = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage1_checkpoint="(plan)", strategy="ddp"))
+    try:
+        check.validate()
+    except ConfigError as e:
+        raise ConfigError(str(e)) from e
+
+
 def demo(
     out: Path = Path("demo_out"),
     head: Literal["regression", "diffusion", "flow"] = "regression",
@@ -204,4 +335,6 @@ COMMANDS = {
     "eval": (evaluate, "offline evaluation with sensor ablation and plots"),
     "rollout": (rollout, "closed-loop rollouts in a Gymnasium env"),
     "bench latency": (bench_latency, "runner latency benchmark"),
+    "plan": (plan, "memory planner: parameters, state, activations and per-GPU peaks of a train config"),
 }
+RAW_ARGV_COMMANDS = {"plan"}  # take the train flags; cli.main hands them the raw argv

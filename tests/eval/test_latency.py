@@ -42,3 +42,13 @@ def test_ratios_and_table(rows):
     assert len(body) == len(rows)
     assert "| diffusion | 2 | fast_slow |" in table
     assert all(f"- {k}:" in table for k in rat)
+
+
+def test_bench_latency_leaves_the_callers_random_state_alone(tiny_vl_dir):
+    import torch
+
+    torch.manual_seed(1234)
+    want = torch.rand(3)
+    torch.manual_seed(1234)
+    bench_latency(tiny_vl_dir, heads=("regression",), views=(1,), modes=("full",), iters=1, warmup=0, image_size=56)
+    assert torch.equal(torch.rand(3), want)  # the seeded init is local to the benchmark

@@ -128,3 +128,25 @@ def test_ensembler_rejects_bad_chunks():
 def test_ensembler_infer_wrapper_shape():
     ens = TemporalEnsembler(CountingPolicy(horizon=4))
     assert ens.infer("o")["actions"].shape == (1,)
+
+
+def test_reset_also_resets_a_wrapped_policy_object_but_not_a_plain_callable():
+    class Resettable:
+        def __init__(self):
+            self.resets = 0
+
+        def infer(self, obs):
+            return {"actions": np.zeros((4, 1), np.float32)}
+
+        def reset(self):
+            self.resets += 1
+
+    policy = Resettable()
+    broker, ens = ActionChunkBroker(policy, execute_steps=2), TemporalEnsembler(policy)
+    broker.step("o")
+    broker.reset()
+    ens.reset()
+    assert policy.resets == 2  # e.g. a PolicyClient: the server session starts a new episode too
+    bare = ActionChunkBroker(policy.infer)  # a bound method has no reset of its own: nothing to call
+    bare.reset()
+    assert policy.resets == 2

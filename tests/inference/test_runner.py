@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from runner_helpers import later_samples, obs_from_dataset
 
 from sensorvla.config import SensorVLAConfig
 from sensorvla.data.dataset import EpisodeDataset
@@ -14,39 +15,6 @@ from sensorvla.data.transforms import collate
 from sensorvla.inference.runner import PolicyRunner
 from sensorvla.models.backbone import pad_token_id
 from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_vl_dir, synth_dataset_dir):
-    cfg = SensorVLAConfig()
-    cfg.model.backbone.vl_model = str(tiny_vl_dir)
-    cfg.model.head.type = "diffusion"
-    cfg.model.head.num_inference_steps = 4
-    cfg.data.dataset_dir = str(synth_dataset_dir)
-    cfg = resolve_from_meta(cfg, load_meta(synth_dataset_dir))
-    torch.manual_seed(0)
-    policy = build_policy(cfg)
-    out = tmp_path_factory.mktemp("ckpt") / "pretrained_model"
-    save_pretrained(policy, out, cfg, compute_stats(synth_dataset_dir, progress=False))
-    return out
-
-
-def obs_from_dataset(ds: EpisodeDataset, idx: int, margin_s: float = 0.05) -> dict:
-    """What a robot would send at the sample's frame time: raw streams, not the dataset's window."""
-    raw = ds[idx]
-    e, t = raw["episode_index"], raw["timestamp"]
-    obs = {
-        "images": np.stack(raw["images"]),
-        "state": raw["state"],
-        "timestamp": np.float64(t),
-        "instruction": raw["instruction"],
-    }
-    if ds.has_sensor(e):
-        ts = ds._ts(e, "sensor_timestamps.npy", "sensor")
-        keep = (ts > t - ds.cfg.sensor_window_s - margin_s) & (ts <= t + 0.5)  # future samples must be ignored
-        obs["sensor"] = np.asarray(ds._arr(e, "sensor.npy")[keep])
-        obs["sensor_timestamps"] = ts[keep]
-    return obs
 
 
 def test_runner_inputs_equal_training_inputs(checkpoint, synth_dataset_dir):
@@ -81,11 +49,10 @@ def test_fast_slow_reuses_vl_and_reacts_to_sensor(checkpoint, synth_dataset_dir)
     idx = next(i for i in range(len(ds)) if ds[i]["has_sensor"])
     obs = obs_from_dataset(ds, idx)
     for _ in range(8):
-        runner.infer(obs)
+        runner.infer(obs)  # the same window resent: de-duplicated by the history
     assert runner.vl_calls == 2  # calls 0 and 4 refresh; the other six reuse the features
     base = runner.infer(obs)  # call 8: refresh (3rd)
-    changed = dict(obs, sensor=obs["sensor"] * 3.0 + 1.0)
-    reused = runner.infer(changed)  # call 9: reuses VL, fresh sensor
+    reused = runner.infer(later_samples(obs))  # call 9: reuses VL, fresh sensor samples
     assert runner.vl_calls == 3 and not reused["vl_fresh"] and reused["vl_age_s"] >= 0
     assert not np.allclose(base["actions"], reused["actions"])
 
@@ -125,12 +92,45 @@ def test_background_vl_refresh(checkpoint, synth_dataset_dir):
     first = runner.infer(obs)
     assert first["vl_fresh"] and runner.vl_calls == 1  # nothing cached yet: computed inline
     outs = [runner.infer(obs) for _ in range(5)]
-    runner._thread.join(timeout=30)  # noqa: SLF001 - wait for the background refresh to land
+    runner.session.join_background()  # wait for the background refresh to land
     assert not any(o["vl_fresh"] for o in outs)  # every later call used cached features
     assert runner.vl_calls >= 2  # refreshes happened off the control path
 
 
-def test_serve_cli_healthz_and_infer(checkpoint, synth_dataset_dir, tmp_path):
+@pytest.fixture(scope="module")
+def moved_checkpoint(tmp_path_factory, tiny_vl_dir, synth_dataset_dir):
+    """A checkpoint whose recorded backbone folder has moved away (a copy on another machine)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("moved")
+    old_vl = shutil.copytree(tiny_vl_dir, root / "old_place" / "vl")
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(old_vl)
+    cfg.model.head.type = "regression"
+    cfg.data.dataset_dir = str(synth_dataset_dir)
+    cfg = resolve_from_meta(cfg, load_meta(synth_dataset_dir))
+    torch.manual_seed(1)
+    ckpt = save_pretrained(
+        build_policy(cfg), root / "pretrained_model", cfg, compute_stats(synth_dataset_dir, progress=False)
+    )
+    new_vl = root / "new_place" / "vl"
+    new_vl.parent.mkdir()
+    shutil.move(old_vl, new_vl)
+    return ckpt, new_vl
+
+
+def test_moved_backbone_fails_naming_vl_model_and_the_override_loads(moved_checkpoint):
+    from sensorvla.models.backbone import BackboneLoadError
+
+    ckpt, new_vl = moved_checkpoint
+    with pytest.raises(BackboneLoadError, match="--vl-model PATH"):
+        PolicyRunner.from_pretrained(ckpt)
+    runner = PolicyRunner.from_pretrained(ckpt, vl_model=str(new_vl))
+    assert runner.metadata["vl_model"] == str(new_vl)
+
+
+def test_serve_cli_with_vl_model_override_healthz_and_infer(moved_checkpoint, synth_dataset_dir):
+    """`sensorvla serve --vl-model` serves a checkpoint whose recorded backbone path no longer exists."""
     import os
     import socket
     import subprocess
@@ -140,44 +140,32 @@ def test_serve_cli_healthz_and_infer(checkpoint, synth_dataset_dir, tmp_path):
 
     from sensorvla.serving.client import PolicyClient
 
+    ckpt, new_vl = moved_checkpoint
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sensorvla.cli",
-            "serve",
-            "--checkpoint",
-            str(checkpoint),
-            "--port",
-            str(port),
-            "--token",
-            "s3cret",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    cmd = [sys.executable, "-m", "sensorvla.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port)]
+    cmd += ["--token", "s3cret", "--vl-model", str(new_vl), "--max-queue", "3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
+        deadline = time.monotonic() + 120  # a bound on a hung start, not a timing assertion
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
                     assert r.status == 200
                     break
             except OSError as e:
-                if time.time() > deadline or proc.poll() is not None:
+                if time.monotonic() > deadline or proc.poll() is not None:
                     msg = proc.stderr.read() if proc.poll() is not None else "server did not start"
                     raise AssertionError(msg) from e
                 time.sleep(0.3)
-        runner = PolicyRunner.from_pretrained(checkpoint)
+        runner = PolicyRunner.from_pretrained(ckpt, vl_model=str(new_vl))
         ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")
         obs = obs_from_dataset(ds, 2)
         with PolicyClient(port=port, token="s3cret") as client:
+            assert client.metadata["vl_model"] == str(new_vl)
+            assert client.metadata["protocol"]["max_queue"] == 3
             reply = client.infer(obs)
         np.testing.assert_allclose(reply["actions"], runner.infer(obs)["actions"], rtol=1e-5, atol=1e-6)
     finally:

@@ -1,8 +1,11 @@
-"""PolicyServer + PolicyClient on loopback: handshake, /healthz, token, error replies, limits, concurrency."""
+"""PolicyServer + PolicyClient on loopback: handshake, /healthz, tokens (Bearer, Api-Key), error replies,
+limits, a bounded queue, per-connection sessions, sensor streaming and concurrency. No assertion reads a
+clock: slow inference is a policy blocked on an event the test releases."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import socket
@@ -12,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,6 +49,8 @@ class FakePolicy:
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
+        self.started = threading.Event()  # set when a "block" request is running
+        self.release = threading.Event()  # a "block" request returns once the test sets this
 
     def infer(self, obs):
         with self._lock:
@@ -59,8 +65,13 @@ class FakePolicy:
                 return {"actions": [[0.0] * D_A] * H}
             if obs["instruction"] == "unsendable":
                 return {"actions": np.zeros((H, D_A)), "extra": {1, 2}}
-            if obs["instruction"] == "slow":
-                time.sleep(0.6)
+            if obs["instruction"] == "nan actions":
+                return {"actions": np.full((H, D_A), np.nan, np.float32)}
+            if obs["instruction"] == "inf timing":
+                return {"actions": np.zeros((H, D_A), np.float32), "timing": {"model_ms": float("inf")}}
+            if obs["instruction"] == "block":
+                self.started.set()
+                assert self.release.wait(timeout=60), "the test never released the blocked request"
             elif self.delay_s:
                 time.sleep(self.delay_s)
             self.calls += 1
@@ -132,7 +143,12 @@ def test_healthz_is_plain_http_200(server):
         assert resp.status == 200 and resp.read() == b"ok"
 
 
-def test_token_accepted_rejected_and_healthz_open(policy):
+def rejections(caplog) -> int:
+    return sum("rejected connection" in r.getMessage() for r in caplog.records)
+
+
+def test_token_accepted_rejected_and_healthz_open(policy, caplog):
+    caplog.set_level(logging.WARNING, logger="sensorvla.serving.server")
     with PolicyServer(policy, token="s3cret").start() as srv:
         with PolicyClient(port=srv.port, token="s3cret", timeout=5, connect_timeout=5) as client:
             check_reply(client.infer(make_obs(1, 2)), 1, 2)
@@ -140,17 +156,69 @@ def test_token_accepted_rejected_and_healthz_open(policy):
         with connect(f"ws://127.0.0.1:{srv.port}/?token=s3cret", proxy=None, open_timeout=5) as ws:
             assert protocol.unpackb(ws.recv(timeout=5))["name"] == "fake"
         for token in ("wrong", None):
-            t0 = time.monotonic()
+            before = rejections(caplog)
             with pytest.raises(PolicyServerError) as info:
-                PolicyClient(port=srv.port, token=token, connect_timeout=5).connect()
+                PolicyClient(port=srv.port, token=token, connect_timeout=60).connect()
             assert info.value.type == "Unauthorized" and "token" in info.value.message
-            assert time.monotonic() - t0 < 2.0  # no retry loop on a 401
+            assert rejections(caplog) == before + 1  # one attempt: no retry loop on a 401
         with pytest.raises(InvalidStatus) as status:
             connect(f"ws://127.0.0.1:{srv.port}", proxy=None, open_timeout=5)
         assert status.value.response.status_code == 401
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=5) as resp:
             assert resp.status == 200
         assert policy.calls == 1
+
+
+def openpi_style_connect(port: int, api_key: str | None):
+    """Exactly what openpi_client.WebsocketClientPolicy(host, port, api_key) does to connect (0.1.2)."""
+    headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+    return connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None, additional_headers=headers, proxy=None)
+
+
+def test_openpi_api_key_header_is_accepted_and_a_wrong_one_refused(policy):
+    with PolicyServer(policy, token="s3cret").start() as srv:
+        with openpi_style_connect(srv.port, "s3cret") as ws:
+            assert protocol.unpackb(ws.recv(timeout=5))["name"] == "fake"
+            ws.send(protocol.packb(make_obs(2, 3)))
+            check_reply(protocol.unpackb(ws.recv(timeout=5)), 2, 3)
+        for key in ("wrong", None):
+            with pytest.raises(InvalidStatus) as status:
+                openpi_style_connect(srv.port, key)
+            assert status.value.response.status_code == 401
+            assert b"Api-Key" in status.value.response.body
+
+
+OPENPI_SCRIPT = """
+import json, sys
+import numpy as np
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+policy = WebsocketClientPolicy("127.0.0.1", int(sys.argv[1]), api_key=sys.argv[2])
+obs = {
+    "images": np.full((2, 8, 8, 3), 7, np.uint8), "state": np.array([1.0, 2.0, 3.0, 4.0], np.float32),
+    "sensor": np.zeros((13, 5), np.float32), "timestamp": np.float64(0.5), "instruction": "insert",
+    "client_id": 5, "request_id": 4,
+}
+reply = policy.infer(obs)
+print(json.dumps({"name": policy.get_server_metadata()["name"], "actions": reply["actions"].tolist()}))
+"""
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SENSORVLA_OPENPI_PYTHON"),
+    reason="set SENSORVLA_OPENPI_PYTHON to a python with `pip install openpi-client` (it pins numpy<2, so it "
+    "lives in its own venv)",
+)
+def test_real_openpi_client_with_api_key(policy):
+    import json
+
+    with PolicyServer(policy, token="s3cret").start() as srv:
+        cmd = [os.environ["SENSORVLA_OPENPI_PYTHON"], "-c", OPENPI_SCRIPT, str(srv.port), "s3cret"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["name"] == "fake"
+    check_reply({"actions": np.asarray(out["actions"])}, 5, 4)
 
 
 GOOD = protocol.packb(make_obs(0, 1))
@@ -208,6 +276,26 @@ BAD_REQUESTS = {
         protocol.packb(make_obs(instruction="bad output")),
         "InvalidPolicyOutput",
         "must return a dict with 'actions'",
+    ),
+    "nan actions": (
+        protocol.packb(make_obs(instruction="nan actions")),
+        "NonFiniteOutput",
+        "NaN/inf at reply['actions']",
+    ),
+    "inf in the reply": (
+        protocol.packb(make_obs(instruction="inf timing")),
+        "NonFiniteOutput",
+        "reply['timing']['model_ms']",
+    ),
+    "unknown control command": (
+        protocol.packb({"__control__": "reboot"}),
+        "InvalidMessage",
+        "unknown control command 'reboot'",
+    ),
+    "float64 images": (
+        protocol.packb(make_obs(images=np.zeros((2, 8, 8, 3), np.float64))),
+        "ObservationError",
+        "'images': expected dtype kind 'u'",
     ),
 }
 
@@ -290,29 +378,74 @@ def test_concurrent_clients_get_their_own_replies_in_order():
 
 
 def test_event_loop_stays_responsive_during_slow_inference(server, policy):
-    client = PolicyClient(port=server.port, timeout=5, connect_timeout=5)
-    slow = threading.Thread(target=lambda: client.infer(make_obs(instruction="slow")))
+    client = PolicyClient(port=server.port, timeout=60, connect_timeout=5)
+    replies: list = []
+    slow = threading.Thread(target=lambda: replies.append(client.infer(make_obs(instruction="block"))))
     slow.start()
-    deadline = time.monotonic() + 5
-    while policy.active == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert policy.active == 1
+    assert policy.started.wait(timeout=30)
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as resp:
         assert resp.status == 200
     with PolicyClient(port=server.port, timeout=5, connect_timeout=5) as other:
         assert other.metadata["name"] == "fake"  # handshakes are served too
-    assert policy.active == 1  # ...while infer (0.6 s sleep) is still running in the worker thread
-    slow.join(timeout=5)
+    assert policy.active == 1 and not replies  # ...while infer is still blocked in the worker thread
+    policy.release.set()
+    slow.join(timeout=30)
+    assert len(replies) == 1 and replies[0]["echo"] == "block"
     client.close()
 
 
-def test_client_timeout_then_reconnects(server):
+def test_client_timeout_then_reconnects(server, policy):
     client = PolicyClient(port=server.port, timeout=0.2, connect_timeout=5)
     with pytest.raises(TimeoutError, match="no reply"):
-        client.infer(make_obs(instruction="slow"))
+        client.infer(make_obs(instruction="block"))  # blocked until released: the timeout must fire
+    policy.release.set()
     client.timeout = 5
     check_reply(client.infer(make_obs(0, 7)), 0, 7)  # fresh connection: the late reply cannot leak in
     client.close()
+
+
+def test_full_queue_answers_busy_at_once_and_nobody_hangs():
+    """max_queue=2: one request runs (blocked), one waits; the rest get Busy while the worker is still
+    blocked, i.e. without waiting for any inference. After the release everyone is served."""
+    policy = FakePolicy()
+    with PolicyServer(policy, max_queue=2).start() as srv:
+        first = PolicyClient(port=srv.port, timeout=60, connect_timeout=5).connect()
+        second = PolicyClient(port=srv.port, timeout=60, connect_timeout=5).connect()
+        results: dict[str, Any] = {}
+        t1 = threading.Thread(target=lambda: results.update(a=first.infer(make_obs(1, 1, instruction="block"))))
+        t1.start()
+        assert policy.started.wait(timeout=30)
+        t2 = threading.Thread(target=lambda: results.update(b=second.infer(make_obs(2, 2))))
+        t2.start()
+        wait_for(lambda: srv._pending == 2)  # noqa: SLF001 - the second request is queued
+        busy = []
+        for cid in range(3, 8):
+            with PolicyClient(port=srv.port, timeout=30, connect_timeout=5) as c:
+                with pytest.raises(PolicyServerError) as info:
+                    c.infer(make_obs(cid, 0))
+                busy.append(info.value)
+        assert all(e.type == "Busy" and "max_queue=2" in e.message for e in busy)
+        assert not results and policy.active == 1 and policy.calls == 0  # answered while the model was blocked
+        policy.release.set()
+        t1.join(timeout=30)
+        t2.join(timeout=30)
+        check_reply(results["a"], 1, 1)
+        check_reply(results["b"], 2, 2)
+        with PolicyClient(port=srv.port, timeout=30, connect_timeout=5) as c:  # a retry now succeeds
+            check_reply(c.infer(make_obs(3, 0)), 3, 0)
+        assert srv.num_busy == 5 and policy.calls == 3
+        first.close()
+        second.close()
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    """Poll `predicate` until true; fail (not hang) after `timeout` s. A bound on waiting, not an assertion
+    on how long anything took."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
 
 
 def free_port() -> int:
@@ -321,18 +454,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_client_retries_until_server_is_up_and_fails_bounded(policy):
+def test_client_retries_until_server_is_up_and_fails_bounded(policy, monkeypatch):
+    import sensorvla.serving.client as client_module
+
     port = free_port()
-    t0 = time.monotonic()
-    with pytest.raises(PolicyConnectionError, match="sensorvla serve"):
+    with pytest.raises(PolicyConnectionError, match=r"sensorvla serve.*|attempts") as info:
         PolicyClient(port=port, connect_timeout=0.3).connect()
-    assert time.monotonic() - t0 < 2.0
+    assert re.search(r"within 0.3s \(\d+ attempts", str(info.value))  # gave up by itself, after retrying
+    attempts, failed_once = [], threading.Event()
+    real_connect = client_module.connect
+
+    def counting_connect(*args, **kwargs):
+        attempts.append(1)
+        try:
+            return real_connect(*args, **kwargs)
+        except OSError:
+            failed_once.set()
+            raise
+
+    monkeypatch.setattr(client_module, "connect", counting_connect)
     srv = PolicyServer(policy, port=port)
-    starter = threading.Timer(0.3, srv.start)
-    starter.start()
+    starter = threading.Thread(target=lambda: (failed_once.wait(timeout=30), srv.start()))
+    starter.start()  # the server comes up only after the client has failed at least once
     try:
-        with PolicyClient(port=port, timeout=5, connect_timeout=5) as client:
+        with PolicyClient(port=port, timeout=5, connect_timeout=60) as client:
             check_reply(client.infer(make_obs(0, 0)), 0, 0)
+        assert len(attempts) >= 2
     finally:
         starter.join()
         srv.stop()
@@ -432,3 +579,147 @@ def test_serve_forever_exits_cleanly_on_sigterm():
             proc.wait(timeout=5)
     assert proc.returncode == 0, err
     assert "clean exit" in out
+
+
+class SessionPolicy:
+    """A policy with per-connection sessions and a pre-queue check, recording what each session saw."""
+
+    metadata = {"name": "sessions"}
+    observation_spec = {"sensor": ((None, 2), "f"), "sensor_timestamps": ((None,), "f"), "instruction": ((), "U")}
+
+    def __init__(self):
+        self.sessions: list[FakeSession] = []
+        self.checked = 0
+
+    def check_request(self, obs):
+        self.checked += 1
+        if obs["instruction"] == "too long":
+            raise protocol.LimitExceededError("'instruction' has 9999 tokens, over max_instruction_tokens=256")
+        return obs
+
+    def new_session(self):
+        self.sessions.append(FakeSession())
+        return self.sessions[-1]
+
+    def infer(self, obs):
+        raise AssertionError("with new_session the server must call the session's infer")
+
+
+class FakeSession:
+    def __init__(self):
+        self.ts: list[float] = []
+        self.resets = 0
+        self.calls = 0
+        self.closed = threading.Event()
+
+    def infer(self, obs):
+        self.calls += 1
+        if obs["instruction"] == "reject in infer":  # e.g. an out-of-order sample found against the history
+            raise protocol.ObservationError("sensor sample at t=0.1 is older than the newest buffered sample")
+        self.ts.extend(obs["sensor_timestamps"].tolist())
+        return {"actions": np.array([[len(self.ts), len(obs["sensor_timestamps"])]], np.float32)}
+
+    def reset(self):
+        self.resets += 1
+        self.ts = []
+
+    def close(self):
+        self.closed.set()
+
+
+def test_each_connection_has_its_own_session_reset_and_closed():
+    policy = SessionPolicy()
+    with PolicyServer(policy).start() as srv:
+        a = PolicyClient(port=srv.port, timeout=5, connect_timeout=5).connect()
+        b = PolicyClient(port=srv.port, timeout=5, connect_timeout=5).connect()
+        a.stream_sensor([0.1, 0.2], np.zeros((2, 2)))
+        b.stream_sensor([5.0], np.ones((1, 2)))
+        ra, rb = a.infer({"instruction": "go"}), b.infer({"instruction": "go"})
+        assert ra["actions"].tolist() == [[2, 2]] and rb["actions"].tolist() == [[1, 1]]
+        assert a.pending_sensor_samples == 0
+        ra = a.infer({"instruction": "go"})  # nothing new: zero rows, the session keeps its history
+        assert ra["actions"].tolist() == [[2, 0]]
+        sa, sb = policy.sessions
+        assert sa.ts == [0.1, 0.2] and sb.ts == [5.0]
+        a.stream_sensor([0.3], np.zeros((1, 2)))
+        a.reset()  # the server session and the unsent samples
+        assert sa.resets == 1 and sa.ts == [] and a.pending_sensor_samples == 0 and sb.resets == 0
+        a.stream_sensor([0.0], np.zeros((1, 2)))  # after a reset the clock may restart
+        assert a.infer({"instruction": "go"})["actions"].tolist() == [[1, 1]]
+        a.close()
+        assert sa.closed.wait(timeout=30)
+        with PolicyClient(port=srv.port, timeout=5, connect_timeout=5) as again:
+            again.stream_sensor([9.0], np.zeros((1, 2)))
+            assert again.infer({"instruction": "go"})["actions"].tolist() == [[1, 1]]  # a fresh session
+        assert len(policy.sessions) == 3 and not sb.closed.is_set()
+        b.close()
+
+
+def test_check_request_rejects_before_the_queue_and_session_errors_are_observation_errors():
+    policy = SessionPolicy()
+    with PolicyServer(policy).start() as srv, PolicyClient(port=srv.port, timeout=5, connect_timeout=5) as c:
+        empty = {"sensor": np.zeros((0, 2), np.float32), "sensor_timestamps": np.zeros(0)}
+        with pytest.raises(PolicyServerError) as info:
+            c.infer({**empty, "instruction": "too long"})
+        assert info.value.type == "LimitExceeded" and "max_instruction_tokens" in info.value.message
+        assert policy.sessions[0].calls == 0  # never reached the session (or the model)
+        with pytest.raises(PolicyServerError) as info:
+            c.infer({**empty, "instruction": "reject in infer"})
+        assert info.value.type == "ObservationError" and info.value.traceback is None  # the request's fault
+        assert c.infer({**empty, "instruction": "go"})["actions"].tolist() == [[0, 0]]
+
+
+def test_stream_sensor_validates_locally_and_refuses_mixing():
+    client = PolicyClient(port=free_port())  # no connection is made by any of these
+    with pytest.raises(ValueError, match="increase strictly"):
+        client.stream_sensor([0.2, 0.1], np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="N = len"):
+        client.stream_sensor([0.1, 0.2], np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        client.stream_sensor([0.1], np.full((1, 2), 1e300))  # inf as float32
+    client.stream_sensor([0.1, 0.2], np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="not newer"):
+        client.stream_sensor([0.2], np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="3 channels, earlier samples had 2"):
+        client.stream_sensor([0.3], np.zeros((1, 3)))
+    assert client.pending_sensor_samples == 2
+    with pytest.raises(ValueError, match="use one or the other"):
+        client._with_stream({"sensor": np.zeros((1, 2)), "sensor_timestamps": np.zeros(1)})  # noqa: SLF001
+    client.reset()  # not connected: only the local buffer
+    assert client.pending_sensor_samples == 0
+
+
+def test_streamed_samples_survive_a_busy_reply():
+    policy = FakePolicy()
+    with PolicyServer(SessionWrapped(policy), max_queue=1).start() as srv:
+        blocker = PolicyClient(port=srv.port, timeout=60, connect_timeout=5).connect()
+        blocked = make_obs(instruction="block", sensor_timestamps=np.arange(13.0))
+        t = threading.Thread(target=lambda: blocker.infer(blocked))
+        t.start()
+        assert policy.started.wait(timeout=30)
+        with PolicyClient(port=srv.port, timeout=30, connect_timeout=5) as c:
+            c.stream_sensor([0.1, 0.2], np.zeros((2, 5)))
+            no_sensor = {k: v for k, v in make_obs(1, 1).items() if k != "sensor"}
+            with pytest.raises(PolicyServerError, match="Busy"):
+                c.infer(no_sensor)
+            assert c.pending_sensor_samples == 2  # kept for the retry
+            policy.release.set()
+            t.join(timeout=30)
+            reply = c.infer(no_sensor)
+            assert reply["rows"] == 2 and c.pending_sensor_samples == 0
+        blocker.close()
+
+
+class SessionWrapped:
+    """FakePolicy whose spec also carries sensor timestamps; reports how many sensor rows arrived."""
+
+    metadata = FakePolicy.metadata
+    observation_spec = {**FakePolicy.observation_spec, "sensor_timestamps": ((None,), "f")}
+
+    def __init__(self, inner: FakePolicy):
+        self.inner = inner
+
+    def infer(self, obs):
+        out = self.inner.infer(obs)
+        out["rows"] = len(obs["sensor_timestamps"])
+        return out

@@ -86,11 +86,13 @@ class InsertionSim:
         """Tip-to-target distance in the x-y plane (mm)."""
         return float(np.linalg.norm(self.target - self.pose[:2]))
 
-    def pose_at(self, t: float) -> np.ndarray:
-        """Pose at time t (linear between the 100 ms action steps)."""
+    def pose_at(self, t: float | np.ndarray) -> np.ndarray:
+        """Pose at time t, (6,) (or (N, 6) for an array of times): linear between the 100 ms steps."""
         times = np.array([p[0] for p in self.trajectory])
         poses = np.stack([p[1] for p in self.trajectory])
-        return np.array([np.interp(t, times, poses[:, k]) for k in range(6)])
+        tt = np.atleast_1d(np.asarray(t, np.float64))
+        out = np.stack([np.interp(tt, times, poses[:, k]) for k in range(6)], axis=-1)
+        return out if np.ndim(t) else out[0]
 
     def sensor_values(self, z_tip: np.ndarray) -> np.ndarray:
         """(N,) tip heights -> (N, C) [force, A-scan bins] readings (noise-free part)."""
@@ -226,13 +228,13 @@ def simulate_episode(
     t_end = sim.t
     action_ts = np.arange(len(actions)) * ACTION_DT
     state_ts = np.arange(0, t_end + 1e-9, 1 / cfg.state_rate)
-    state = np.stack([sim.pose_at(t) for t in state_ts]).astype(np.float32)
+    state = sim.pose_at(state_ts).astype(np.float32)
     # camera frames are exposed 4 ms before each control tick; their clock lags the common clock by a
     # fixed, recorded offset
     cam_offset = 0.013
     cam_true = np.arange(0, t_end + 1e-9, 1 / cfg.camera_rate) - 0.004
     images = {
-        v: ImageStream(cam_true - cam_offset, np.stack([sim.render(v, sim.pose_at(t)) for t in cam_true]))
+        v: ImageStream(cam_true - cam_offset, np.stack([sim.render(v, p) for p in sim.pose_at(cam_true)]))
         for v in ("front", "top")
     }
     sensor_ts = sensor = None

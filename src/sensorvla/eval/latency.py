@@ -31,8 +31,11 @@ def _runner(vl_model: str, head: str, views: int, mode: str, device: str, sensor
     cfg.model.sensor.channels = sensor_channels
     cfg.model.num_views, cfg.model.state_dim = views, 6
     cfg.data.views = tuple(f"view{i}" for i in range(views))
-    torch.manual_seed(0)
-    policy = build_policy(cfg, device=device)
+    # Module constructors draw from the global generator; fork it so the seeded init stays local and the
+    # caller's random state is left exactly as it was (a library must not reseed its caller).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        policy = build_policy(cfg, device=device)
 
     def ones(n: int) -> dict[str, np.ndarray]:  # identity normalization
         z, o = np.zeros(n, np.float32), np.ones(n, np.float32)

@@ -19,13 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 def ablate(obs: dict[str, Any]) -> dict[str, Any]:
-    """The same observation with no usable sensor data (all samples stamped far in the past)."""
+    """The same observation with no sensor samples (zero rows: the runner's history stays empty)."""
     out = dict(obs)
     if "sensor" in obs:
-        out["sensor"] = np.zeros_like(obs["sensor"])
-        out["sensor_timestamps"] = np.full_like(
-            np.asarray(obs["sensor_timestamps"], np.float64), float(obs.get("timestamp", 0.0)) - 1e3
-        )
+        out["sensor"] = np.zeros((0, np.asarray(obs["sensor"]).shape[-1]), np.float32)
+        out["sensor_timestamps"] = np.zeros(0, np.float64)
     return out
 
 

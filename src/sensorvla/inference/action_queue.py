@@ -22,6 +22,12 @@ def _as_infer(policy: Any) -> Callable[[Any], Any]:
     return fn
 
 
+def _policy_reset(policy: Any) -> Callable[[], Any] | None:
+    """The wrapped object's `reset` (a PolicyClient's resets the server session), None for plain callables."""
+    reset = None if policy is None or not hasattr(policy, "infer") else getattr(policy, "reset", None)
+    return reset if callable(reset) else None
+
+
 def _split(result: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """infer result -> (chunk (H, D_a), the result dict). Accepts a dict with "actions" or a bare array."""
     info = dict(result) if isinstance(result, dict) else {}
@@ -50,6 +56,7 @@ class ActionChunkBroker:
         if execute_steps is not None and execute_steps < 1:
             raise ValueError(f"execute_steps must be >= 1 (or None for the whole chunk), got {execute_steps}")
         self._infer = _as_infer(policy)
+        self._reset_policy = _policy_reset(policy)
         self.execute_steps = execute_steps
         self._chunk: np.ndarray | None = None
         self._info: dict[str, Any] = {}
@@ -57,8 +64,11 @@ class ActionChunkBroker:
         self._limit = 0  # rows of the current chunk to execute
 
     def reset(self) -> None:
-        """Drop the current chunk (new episode); the next step queries the policy."""
+        """Drop the current chunk (new episode); the next step queries the policy. A wrapped object with
+        `reset()` (a `PolicyClient`, a `PolicyRunner`) is reset too, so its episode state starts fresh."""
         self._chunk, self._info, self._index, self._limit = None, {}, 0, 0
+        if self._reset_policy is not None:
+            self._reset_policy()
 
     @property
     def remaining(self) -> int:
@@ -107,14 +117,17 @@ class TemporalEnsembler:
         if query_every < 1:
             raise ValueError(f"query_every must be >= 1, got {query_every}")
         self._infer = None if policy is None else _as_infer(policy)
+        self._reset_policy = _policy_reset(policy)
         self.m = float(m)
         self.query_every = query_every
         self.t = 0  # the current control step
         self._chunks: list[tuple[int, np.ndarray]] = []  # (start step, (H, D_a)), oldest first
 
     def reset(self) -> None:
-        """Forget all chunks and restart at step 0 (new episode)."""
+        """Forget all chunks and restart at step 0 (new episode); resets a wrapped object with `reset()`."""
         self.t, self._chunks = 0, []
+        if self._reset_policy is not None:
+            self._reset_policy()
 
     def add_chunk(self, chunk: np.ndarray) -> None:
         """Register a chunk (H, D_a) predicted at the current step `t` (it covers t .. t + H - 1)."""

@@ -1,9 +1,11 @@
 """`PolicyRunner`: a pretrained_model folder -> `infer(obs) -> {"actions": (H, D_a), "timing": {...}}`.
 
 Uses the training transform chain (`data/transforms.py`) and the dataset's window resampling
-(`data/timeline.py`), so a raw observation becomes exactly the model inputs training saw. Fast-slow mode
-reuses the last VL features and re-runs only the sensor encoder and head on fresh sensor windows; the
-VL part is refreshed every `vl_refresh_every` calls, or by a background thread, and its age is bounded.
+(`data/timeline.py`), so a raw observation becomes exactly the model inputs training saw. The model is
+shared; per-episode state (fast-slow VL features, the sensor history) lives in a `RunnerSession`, one per
+server connection (`new_session()`) plus a default one behind `PolicyRunner.infer`. Fast-slow mode reuses
+the last VL features and re-runs only the sensor encoder and head; the VL part is refreshed every
+`vl_refresh_every` calls, or by a background thread, and its age is bounded.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,13 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from sensorvla.inference.checks import RequestChecker, RequestLimits
+from sensorvla.inference.sensor_history import SensorHistory
+from sensorvla.serving.protocol import NonFiniteOutputError
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("preprocess_ms", "vl_ms", "sensor_ms", "head_ms", "postprocess_ms")
 
+# Fast-slow decisions, taken once per call from one clock read.
+COMPUTE, REUSE, REUSE_AND_REFRESH = "compute", "reuse", "reuse_and_refresh"
+
 
 class StaleFeaturesError(RuntimeError):
-    """Reused VL features are older than `max_vl_age_s` and no refresh is possible."""
+    """Reused VL features older than `max_vl_age_s`. Kept for callers that catch it: since the fast-slow
+    decision is taken once per call, features that are too old are recomputed inline instead."""
 
 
 class PolicyRunner:
@@ -33,8 +44,8 @@ class PolicyRunner:
     Observation dict (numpy):
         images            uint8 (V, h, w, 3) or a list of V (h, w, 3) arrays, in the checkpoint's view order
         state             float32 (D_st,)                 (omit when the policy has no state input)
-        sensor            float32 (N, C_s) raw samples    (omit or empty when no sensor is available)
-        sensor_timestamps float64 (N,) seconds, same clock as `timestamp`
+        sensor            float32 (N, C_s) raw samples    (the new ones since the last call, or a whole window)
+        sensor_timestamps float64 (N,) seconds, strictly increasing, same clock as `timestamp`
         timestamp         float64 () the query time t; defaults to the newest sensor timestamp
         instruction       str
 
@@ -43,6 +54,9 @@ class PolicyRunner:
         max_vl_age_s: refresh VL features whenever the cached ones are older than this (seconds).
         background_vl: refresh VL features in a background thread instead of inline.
         generator_seed: seed for diffusion/flow sampling noise (None: nondeterministic).
+        limits: work bounds per request (`RequestLimits()` by default).
+        max_gap_s: sensor gap tolerance; None = the dataset's rule used in training (`default_max_gap_s`).
+        clock: monotonic clock in seconds for the VL feature age (injectable for tests).
     """
 
     def __init__(
@@ -57,7 +71,11 @@ class PolicyRunner:
         background_vl: bool = False,
         generator_seed: int | None = 0,
         device: str | torch.device = "cpu",
+        limits: RequestLimits | None = None,
+        max_gap_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        from sensorvla.data.dataset import default_max_gap_s
         from sensorvla.data.transforms import SampleTransform
 
         self.policy = policy.eval()
@@ -74,25 +92,40 @@ class PolicyRunner:
         self.max_vl_age_s = max_vl_age_s
         self.background_vl = background_vl
         self.generator_seed = generator_seed
-        self.vl_calls = 0
-        self._calls = 0
-        self._vl: tuple[Any, float] | None = None  # (VLFeatures, monotonic time)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pending_obs: dict | None = None
+        self.limits = limits or RequestLimits()
+        self.max_gap_s = float(default_max_gap_s(cfg.data) if max_gap_s is None else max_gap_s)
+        self.clock = clock
+        self.checker = RequestChecker(cfg, normalizer, processor, self.limits)
+        self.vl_calls = 0  # VL encodes over all sessions
+        self._count_lock = threading.Lock()
+        self._session = RunnerSession(self)
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, device: str = "cpu", merge_lora: bool = True, vl_model: str | None = None, **kwargs
     ) -> PolicyRunner:
-        """Load config, weights, LoRA adapters (merged by default) and norm stats from `pretrained_model/`."""
+        """Load config, weights, LoRA adapters (merged by default) and norm stats from `pretrained_model/`.
+
+        Args:
+            vl_model: backbone folder or hub id to use instead of the one recorded in the checkpoint's
+                config.json (a checkpoint copied to another machine: `sensorvla serve --vl-model PATH`).
+        """
         from sensorvla.data.normalize import Normalizer
-        from sensorvla.models.backbone import load_processor
+        from sensorvla.models.backbone import BackboneLoadError, load_processor
         from sensorvla.models.finetune import merge_lora as merge
         from sensorvla.models.pretrained import from_pretrained
 
-        policy, cfg, stats = from_pretrained(path, device=device, vl_model=vl_model)
+        try:
+            policy, cfg, stats = from_pretrained(path, device=device, vl_model=vl_model)
+        except BackboneLoadError as e:
+            if vl_model is not None:
+                raise
+            raise BackboneLoadError(
+                f"{e}\nThe backbone path is the one recorded in {Path(path) / 'config.json'}; if the checkpoint "
+                "was copied from another machine, pass the backbone's new location with `--vl-model PATH` "
+                "(PolicyRunner.from_pretrained(..., vl_model=PATH))"
+            ) from e
         if stats is None:
             raise FileNotFoundError(f"{path} has no norm_stats.json; re-export the checkpoint with its stats")
         if merge_lora and cfg.model.finetune.mode == "lora":
@@ -115,28 +148,54 @@ class PolicyRunner:
             "sensor_channels": m.sensor.channels if m.sensor.enabled else 0,
             "sensor_window_s": d.sensor_window_s,
             "sensor_samples": d.sensor_samples,
+            "sensor_max_gap_s": self.max_gap_s,
             "head": m.head.type,
             "vl_model": m.backbone.vl_model,
+            "limits": self.limits.to_json(),
         }
 
     @property
     def observation_spec(self) -> dict[str, tuple[tuple[int | None, ...], str]]:
         m = self.cfg.model
         spec: dict[str, tuple[tuple[int | None, ...], str]] = {
-            "images": ((m.num_views, None, None, 3), "u"),
+            "images": ((m.num_views, None, None, 3), "uint8"),
             "instruction": ((), "U"),
             "timestamp": ((), "f"),
         }
         if m.state_dim:
             spec["state"] = ((m.state_dim,), "f")
-        if m.sensor.enabled:  # zero rows = no sensor data right now (the learned "missing" token is used)
+        if m.sensor.enabled:  # zero rows = no new sensor data (the history, or the "missing" token, is used)
             spec["sensor"] = ((None, m.sensor.channels), "f")
             spec["sensor_timestamps"] = ((None,), "f")
         return spec
 
+    def check_request(self, obs: dict[str, Any]) -> dict[str, Any]:
+        """Bounds and input checks without the model (the server calls it before queueing); see
+        `RequestChecker.check`. Raises `LimitExceededError` / `ObservationError`."""
+        return self.checker.check(obs)
+
+    # --- sessions ----------------------------------------------------------------------------------
+    def new_session(self) -> RunnerSession:
+        """Fresh per-episode state (VL features, sensor history) over the shared model."""
+        return RunnerSession(self)
+
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        """`RunnerSession.infer` on the runner's default session."""
+        return self._session.infer(obs)
+
+    def reset(self) -> None:
+        """Reset the default session (call at an episode start)."""
+        self._session.reset()
+
+    @property
+    def session(self) -> RunnerSession:
+        """The default session used by `infer` / `reset`."""
+        return self._session
+
     # --- the transform chain -----------------------------------------------------------------------
     def raw_sample(self, obs: dict[str, Any]) -> dict[str, Any]:
-        """Observation -> raw sample (docs/interfaces.md section 1), with the dataset's window resampling."""
+        """Observation -> raw sample (docs/interfaces.md section 1), windowing only this observation's own
+        sensor samples (stateless; `RunnerSession.raw_sample` uses the buffered history)."""
         from sensorvla.data.timeline import resample_window
 
         m, d = self.cfg.model, self.cfg.data
@@ -145,13 +204,21 @@ class PolicyRunner:
             raise ValueError(f"expected {m.num_views} views {list(d.views)}, got {len(images)}")
         sensor = np.asarray(obs.get("sensor", np.zeros((0, max(m.sensor.channels, 1)))), dtype=np.float32)
         ts = np.asarray(obs.get("sensor_timestamps", np.zeros(len(sensor))), dtype=np.float64)
-        t = float(obs["timestamp"]) if "timestamp" in obs else (float(ts[-1]) if len(ts) else 0.0)
-        channels = max(m.sensor.channels, 1)
+        t = float(obs["timestamp"]) if obs.get("timestamp") is not None else (float(ts[-1]) if len(ts) else 0.0)
         if len(sensor) and m.sensor.enabled:
             window, mask = resample_window(ts, sensor, t, d.sensor_window_s, d.sensor_samples, max_gap_s=self.max_gap_s)
         else:
-            window = np.zeros((d.sensor_samples, channels), np.float32)
-            mask = np.zeros(d.sensor_samples, bool)
+            window, mask = self.empty_window()
+        return self.sample_from_window(obs, images, window, mask)
+
+    def empty_window(self) -> tuple[np.ndarray, np.ndarray]:
+        """An all-missing sensor window: zeros float32 (T_s, C_s), mask False (T_s,)."""
+        t_s, channels = self.cfg.data.sensor_samples, max(self.cfg.model.sensor.channels, 1)
+        return np.zeros((t_s, channels), np.float32), np.zeros(t_s, bool)
+
+    def sample_from_window(self, obs, images, window: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+        """The raw sample dict for `images` (V x (h, w, 3)), a sensor window (T_s, C_s) and its mask (T_s,)."""
+        m = self.cfg.model
         return {
             "images": images,
             "state": np.asarray(obs.get("state", np.zeros(m.state_dim)), np.float32),
@@ -162,102 +229,52 @@ class PolicyRunner:
             "sample_id": -1,
         }
 
-    @property
-    def max_gap_s(self) -> float:
-        from sensorvla.data.dataset import default_max_gap_s
-
-        return default_max_gap_s(self.cfg.data)
-
     def prepare(self, obs: dict[str, Any], with_vl: bool = True) -> dict[str, torch.Tensor]:
-        """Observation -> model batch of one sample (identical to the training path's batch).
+        """Observation -> model batch of one sample (identical to the training path's batch), stateless.
         `with_vl=False` skips the image processor (the VL features are being reused)."""
+        return self.batch_from_raw(self.raw_sample(obs), with_vl)
+
+    def batch_from_raw(self, raw: dict[str, Any], with_vl: bool = True) -> dict[str, torch.Tensor]:
+        """Raw sample -> model batch of one sample (B = 1)."""
         from sensorvla.data.transforms import collate
         from sensorvla.models.backbone import pad_token_id
 
         transform = self.transform if with_vl else self._transform_no_vl
-        return collate([transform(self.raw_sample(obs))], pad_token_id(self.processor))
+        return collate([transform(raw)], pad_token_id(self.processor))
 
-    # --- inference ---------------------------------------------------------------------------------
-    def _sync(self) -> None:
+    # --- model steps -------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Wait for queued CUDA work (per-stage timing)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _encode_vl(self, batch: dict[str, torch.Tensor]):
-        """The frozen VL pass -> (feats, mask, pos) (a `VLFeatures`)."""
+    def encode_vl(self, batch: dict[str, torch.Tensor]):
+        """The frozen VL part: batch with pixels -> `VLFeatures` (feats (1, N, D_vl), mask (1, N), pos (1, N, 3))."""
         with torch.inference_mode():
             vl = self.policy.backbone.encode(batch)
-        self.vl_calls += 1
+        with self._count_lock:
+            self.vl_calls += 1
         return vl
 
-    def _refresh_in_background(self, batch: dict[str, torch.Tensor]) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-
-        def work() -> None:
-            vl = self._encode_vl(batch)
-            with self._lock:
-                self._vl = (vl, time.monotonic())
-
-        self._thread = threading.Thread(target=work, daemon=True)
-        self._thread.start()
-
-    def _needs_vl(self) -> bool:
-        """Whether this call must (or, in background mode, may) run the VL part."""
-        with self._lock:
-            cached = self._vl
-        if cached is None or self._calls % self.vl_refresh_every == 0:
-            return True
-        return time.monotonic() - cached[1] > self.max_vl_age_s
-
-    def _vl_features(self, batch) -> tuple[Any, float, bool]:
-        """Return (VLFeatures, age_s, fresh) according to the fast-slow policy."""
-        with self._lock:
-            cached = self._vl
-        due = cached is None or self._calls % self.vl_refresh_every == 0
-        too_old = cached is not None and time.monotonic() - cached[1] > self.max_vl_age_s
-        if self.background_vl and cached is not None and not too_old:
-            if due:
-                self._refresh_in_background(batch)
-            return cached[0], time.monotonic() - cached[1], False
-        if due or too_old:
-            if self._thread is not None:
-                self._thread.join()
-            vl = self._encode_vl(batch)
-            with self._lock:
-                self._vl = (vl, time.monotonic())
-            return vl, 0.0, True
-        return cached[0], time.monotonic() - cached[1], False
-
-    @torch.inference_mode()
-    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
-        """Observation -> {"actions": float32 (H, D_a) in physical units, "actions_normalized", "timing",
-        "vl_age_s", "vl_fresh"}."""
-        timing: dict[str, float] = {}
-        t0 = time.perf_counter()
-        with_vl = self._needs_vl()
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.prepare(obs, with_vl).items()}
-        self._sync()
-        t1 = time.perf_counter()
-        vl_feats, age, fresh = self._vl_features(batch)
-        if age > self.max_vl_age_s and not fresh:
-            raise StaleFeaturesError(f"VL features are {age:.3f}s old (> max_vl_age_s={self.max_vl_age_s})")
-        self._calls += 1
+    def head_step(self, batch, vl_feats) -> tuple[np.ndarray, dict[str, float]]:
+        """Projection, sensor encoder, fusion and head -> (normalized chunk float32 (H, D_a), stage times)."""
         pol = self.policy
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             else nullcontext()
         )
-        with autocast:
+        t1 = time.perf_counter()
+        with torch.inference_mode(), autocast:
             vl, vl_mask = pol.backbone.project(*vl_feats)
-            self._sync()
+            self.sync()
             t2 = time.perf_counter()
             s_tok = s_mask = None
             if pol.sensor_encoder is not None:
                 s_tok, s_mask = pol.sensor_encoder(
                     batch["sensor"].float(), batch["sensor_mask"].bool(), batch["has_sensor"].bool()
                 )
-            self._sync()
+            self.sync()
             t3 = time.perf_counter()
             state = batch.get("state") if self.cfg.model.state_dim else None
             cond, cond_mask = pol.fusion(vl.float(), vl_mask, s_tok, s_mask, None if state is None else state.float())
@@ -265,29 +282,168 @@ class PolicyRunner:
             if self.generator_seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)
             chunk = pol.head.sample(cond, cond_mask, generator=gen)
-        self._sync()
+        self.sync()
         t4 = time.perf_counter()
-        normalized = chunk[0].float().cpu().numpy()
-        actions = np.asarray(self.normalizer.unnormalize("actions", normalized), dtype=np.float32)
-        t5 = time.perf_counter()
-        timing.update(
-            preprocess_ms=(t1 - t0) * 1e3,
-            vl_ms=(t2 - t1) * 1e3,
-            sensor_ms=(t3 - t2) * 1e3,
-            head_ms=(t4 - t3) * 1e3,
-            postprocess_ms=(t5 - t4) * 1e3,
-            total_ms=(t5 - t0) * 1e3,
+        times = {"vl_ms": (t2 - t1) * 1e3, "sensor_ms": (t3 - t2) * 1e3, "head_ms": (t4 - t3) * 1e3}
+        return chunk[0].float().cpu().numpy(), times
+
+
+class RunnerSession:
+    """One episode's state over a shared `PolicyRunner`: fast-slow VL features and the sensor history.
+
+    A server keeps one per connection; `reset()` at an episode start (and a new connection) clears both.
+    """
+
+    def __init__(self, runner: PolicyRunner):
+        self.runner = runner
+        d, m = runner.cfg.data, runner.cfg.model
+        self.history = SensorHistory(
+            max(m.sensor.channels, 1),
+            d.sensor_window_s,
+            d.sensor_samples,
+            runner.max_gap_s,
+            capacity=runner.limits.max_history_samples,
         )
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget cached VL features and the sensor history (call at an episode start)."""
+        self.join_background()
+        with self._lock:
+            self._vl: tuple[Any, float] | None = None  # (VLFeatures, clock time of their images)
+        self._calls = 0
+        self.windows_with_gaps = 0
+        self.history.reset()
+
+    def close(self) -> None:
+        """Release the session (waits for a background VL refresh)."""
+        self.join_background()
+
+    def join_background(self) -> None:
+        """Wait for a running background VL refresh."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._thread = None
+
+    # --- sensor history ----------------------------------------------------------------------------
+    def raw_sample(self, obs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+        """Checked observation -> (raw sample with the history's window, sensor-history counters).
+
+        New samples go into the history; the window is the trained one ending at `timestamp` (default: the
+        newest sample of this request, else the newest buffered one).
+        """
+        runner = self.runner
+        m = runner.cfg.model
+        ts, sensor = obs["sensor_timestamps"], obs["sensor"]
+        t = obs.get("timestamp")
+        if t is None:
+            newest = self.history.newest
+            t = float(ts[-1]) if len(ts) else (newest if newest is not None else 0.0)
+        added = None
+        if m.sensor.enabled:
+            self.history.check_time(t)  # before extend: a rejected request leaves the history unchanged
+            added = self.history.extend(ts, sensor)
+            window, mask = self.history.window(t)
+        else:
+            window, mask = runner.empty_window()
+        missing = int((~mask).sum())
+        if m.sensor.enabled and missing:
+            self.windows_with_gaps += 1
+        info = {
+            "new_samples": added.new if added else 0,
+            "duplicate_samples": added.duplicates if added else 0,
+            "ignored_old_samples": added.ignored_old if added else 0,
+            "buffered_samples": len(self.history),
+            "window_points": int(mask.size),
+            "missing_points": missing,
+            "windows_with_gaps": self.windows_with_gaps,
+        }
+        return runner.sample_from_window(obs, obs["images"], window, mask), info
+
+    # --- fast-slow ---------------------------------------------------------------------------------
+    def _plan(self) -> tuple[str, tuple | None, float]:
+        """Decide once per call, from one clock read, whether VL runs now: (decision, cached features or
+        None, now). Reused features are the ones judged here, never a later read."""
+        r = self.runner
+        now = r.clock()
+        with self._lock:
+            cached = self._vl
+        if cached is None or now - cached[1] > r.max_vl_age_s:
+            return COMPUTE, None, now
+        if self._calls % r.vl_refresh_every == 0:
+            return (REUSE_AND_REFRESH, cached, now) if r.background_vl else (COMPUTE, None, now)
+        return REUSE, cached, now
+
+    def _refresh_in_background(self, batch: dict[str, torch.Tensor], stamp: float) -> None:
+        """Encode `batch` in a thread; its features are stamped with `stamp` (the time of their images)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+
+        def work() -> None:
+            vl = self.runner.encode_vl(batch)
+            with self._lock:
+                self._vl = (vl, stamp)
+
+        self._thread = threading.Thread(target=work, daemon=True, name="vl-refresh")
+        self._thread.start()
+
+    # --- inference ---------------------------------------------------------------------------------
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        """Observation -> {"actions": float32 (H, D_a) in physical units, "actions_normalized", "timing",
+        "vl_age_s", "vl_fresh", "sensor_history": {...counters}}.
+
+        Raises:
+            LimitExceededError / ObservationError: a bad request (nothing is run, the history is unchanged).
+            NonFiniteOutputError: the model produced NaN/inf actions (none are returned).
+        """
+        r = self.runner
+        t0 = time.perf_counter()
+        checked = r.check_request(obs)
+        decision, cached, now = self._plan()
+        raw, sensor_info = self.raw_sample(checked)
+        with_vl = decision != REUSE
+        batch = {k: v.to(r.device) if torch.is_tensor(v) else v for k, v in r.batch_from_raw(raw, with_vl).items()}
+        r.sync()
+        t1 = time.perf_counter()
+        if cached is None:
+            self.join_background()
+            vl = r.encode_vl(batch)
+            with self._lock:
+                self._vl = (vl, now)
+            age = 0.0
+        else:
+            vl, stamp = cached
+            age = now - stamp
+            if decision == REUSE_AND_REFRESH:
+                self._refresh_in_background(batch, now)
+        t_vl = time.perf_counter()
+        self._calls += 1
+        normalized, times = r.head_step(batch, vl)
+        t4 = time.perf_counter()
+        actions = np.asarray(r.normalizer.unnormalize("actions", normalized), dtype=np.float32)
+        if not (np.isfinite(normalized).all() and np.isfinite(actions).all()):
+            bad = int(actions.size - np.count_nonzero(np.isfinite(actions) & np.isfinite(normalized)))
+            raise NonFiniteOutputError(
+                f"the policy produced {bad} non-finite action value(s) of {actions.size}; no actions are returned. "
+                "The inputs are probably far outside the training data (state/sensor magnitudes and units)"
+            )
+        t5 = time.perf_counter()
+        timing = {
+            "preprocess_ms": (t1 - t0) * 1e3,
+            "vl_ms": (t_vl - t1) * 1e3 + times["vl_ms"],
+            "sensor_ms": times["sensor_ms"],
+            "head_ms": times["head_ms"],
+            "postprocess_ms": (t5 - t4) * 1e3,
+            "total_ms": (t5 - t0) * 1e3,
+        }
         return {
             "actions": actions,
             "actions_normalized": normalized,
             "timing": timing,
             "vl_age_s": float(age),
-            "vl_fresh": bool(fresh),
+            "vl_fresh": decision == COMPUTE,
+            "sensor_history": sensor_info,
         }
-
-    def reset(self) -> None:
-        """Forget cached VL features (call at an episode start)."""
-        if self._thread is not None:
-            self._thread.join()
-        self._vl, self._calls = None, 0

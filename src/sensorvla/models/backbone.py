@@ -93,6 +93,10 @@ def load_processor(path_or_id: str, *, min_pixels: int, max_pixels: int, revisio
     """The family's image-only processor with the resolution applied at construction (min/max pixels)."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
+    from sensorvla.models import random_vl
+
+    if random_vl.is_random(path_or_id):  # shipped config, local tokenizer (models/random_vl.py)
+        return random_vl.random_processor(str(path_or_id), min_pixels=min_pixels, max_pixels=max_pixels)
     family = detect_family(path_or_id, revision)
     size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
     try:
@@ -144,9 +148,16 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 def load_vl_model(
     path_or_id: str, *, dtype: torch.dtype, attn_implementation: str = "sdpa", revision: str | None = None
 ):
-    """The full HF model (`AutoModelForImageTextToText`), exactly as a real checkpoint is loaded."""
+    """The full HF model (`AutoModelForImageTextToText`), exactly as a real checkpoint is loaded.
+
+    `random:<hub id>` builds that architecture with random weights from a shipped config (models/random_vl.py).
+    """
     from transformers import AutoModelForImageTextToText
 
+    from sensorvla.models import random_vl
+
+    if random_vl.is_random(path_or_id):
+        return random_vl.build_random_vl(str(path_or_id), dtype=dtype, attn_implementation=attn_implementation)
     try:
         return AutoModelForImageTextToText.from_pretrained(
             path_or_id, dtype=dtype, revision=revision, attn_implementation=attn_implementation

@@ -70,8 +70,14 @@ def _corpus() -> list[str]:
     return out
 
 
-def train_tokenizer(vocab_size: int = 400):
-    """A Qwen2Tokenizer over a locally trained byte-level BPE, with Qwen's special tokens and template."""
+def train_tokenizer(vocab_size: int = 400, first_special_id: int | None = None):
+    """A Qwen2Tokenizer over a locally trained byte-level BPE, with Qwen's special tokens and template.
+
+    Args:
+        first_special_id: put `<|endoftext|>` and the special tokens at this id and the ones after it (the real
+            Qwen ids start at 151643), padding the vocabulary with unreachable filler tokens; used by random
+            real-size models (`models/random_vl.py`) so that token ids match the real checkpoint's config.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -93,8 +99,9 @@ def train_tokenizer(vocab_size: int = 400):
     bpe.train_from_iterator(_corpus(), trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    vocab = state["vocab"] if first_special_id is None else _vocab_with_special_ids(state["vocab"], first_special_id)
     tok = Qwen2Tokenizer(
-        vocab=state["vocab"],
+        vocab=vocab,
         merges=merges,
         unk_token=None,
         bos_token=None,
@@ -104,6 +111,19 @@ def train_tokenizer(vocab_size: int = 400):
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def _vocab_with_special_ids(vocab: dict[str, int], first: int) -> dict[str, int]:
+    """Move `<|endoftext|>` + SPECIAL_TOKENS to ids first, first + 1, ...; fill the gaps with filler tokens that no
+    merge produces (so they never appear in tokenized text)."""
+    specials = ["<|endoftext|>", *SPECIAL_TOKENS]
+    if first < len(vocab):
+        raise ValueError(f"first_special_id {first} must be >= the trained vocabulary size {len(vocab)}")
+    out = {t: i for t, i in vocab.items() if t not in specials}
+    used = set(out.values())
+    out.update({f"<|sensorvla_unused_{i}|>": i for i in range(first) if i not in used})
+    out.update({t: first + k for k, t in enumerate(specials)})
+    return out
 
 
 def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidden: int, vision_depth: int):

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -41,8 +42,14 @@ class PolicyClient:
         connect_timeout: total seconds to keep retrying to connect.
         max_message_bytes: largest reply accepted.
 
+    Sensor streaming: `stream_sensor(ts, values)` buffers samples as they arrive; the next `infer` sends
+    them (only those) and the server adds them to the connection's sensor history, so a client that
+    executes action chunks still gives the policy its full trained window. `reset()` starts a new
+    episode (server session and buffered samples).
+
     Example:
         >>> with PolicyClient("127.0.0.1", 8000) as client:  # doctest: +SKIP
+        ...     client.stream_sensor(ts, values)  # float64 (N,), float32 (N, C_s), as often as they come
         ...     actions = client.infer(obs)["actions"]  # (H, D_a)
     """
 
@@ -64,6 +71,10 @@ class PolicyClient:
         self._ws: ClientConnection | None = None
         self._metadata: dict[str, Any] | None = None
         self._lock = threading.Lock()  # one request in flight per connection, so replies never mix
+        self._pending_ts: list[np.ndarray] = []  # stream_sensor samples not yet sent
+        self._pending_values: list[np.ndarray] = []
+        self._pending_newest: float | None = None
+        self._stream_channels: int | None = None  # set by the first stream_sensor call
 
     @property
     def uri(self) -> str:
@@ -88,6 +99,73 @@ class PolicyClient:
             self._ensure_connected()
         return self
 
+    def stream_sensor(self, ts: Any, values: Any) -> None:
+        """Buffer sensor samples (ts float64 (N,) strictly increasing and newer than earlier ones, values
+        float32 (N, C_s)); the next `infer` sends them as `sensor`/`sensor_timestamps`.
+
+        Raises:
+            ValueError: wrong shapes, lengths, non-finite values or timestamps not increasing.
+        """
+        ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is rejected below
+            values = np.asarray(values, dtype=np.float32)
+        if values.ndim == 1 and len(ts) == 1:
+            values = values[None]
+        if values.ndim != 2 or len(values) != len(ts):
+            raise ValueError(f"stream_sensor: values must be (N, C_s) with N = len(ts) = {len(ts)}, got {values.shape}")
+        if self._stream_channels is not None and values.shape[1] != self._stream_channels:
+            earlier = self._stream_channels
+            raise ValueError(f"stream_sensor: {values.shape[1]} channels, earlier samples had {earlier}")
+        if not (np.isfinite(ts).all() and np.isfinite(values).all()):
+            raise ValueError("stream_sensor: NaN or inf in the timestamps or values (as float32)")
+        if len(ts) > 1 and not (np.diff(ts) > 0).all():
+            raise ValueError("stream_sensor: timestamps must increase strictly")
+        if len(ts) and self._pending_newest is not None and ts[0] <= self._pending_newest:
+            raise ValueError(
+                f"stream_sensor: t={ts[0]:.6f} is not newer than the last streamed sample t={self._pending_newest:.6f}"
+            )
+        self._stream_channels = values.shape[1]
+        if len(ts):
+            self._pending_ts.append(ts)
+            self._pending_values.append(values)
+            self._pending_newest = float(ts[-1])
+
+    @property
+    def pending_sensor_samples(self) -> int:
+        """Samples buffered by `stream_sensor` and not yet sent."""
+        return sum(len(t) for t in self._pending_ts)
+
+    def _with_stream(self, obs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """obs plus the streamed samples (the newest the server accepts), and how many pending chunks it took."""
+        if not self._pending_ts:
+            if self._stream_channels is not None and obs.get("sensor") is None and obs.get("sensor_timestamps") is None:
+                # streaming, nothing new since the last call: zero rows (the server's history is used)
+                empty = np.zeros((0, self._stream_channels), np.float32)
+                return {**obs, "sensor": empty, "sensor_timestamps": np.zeros(0, np.float64)}, 0
+            return obs, 0
+        if obs.get("sensor") is not None or obs.get("sensor_timestamps") is not None:
+            raise ValueError(
+                "the observation has 'sensor' while samples are pending from stream_sensor(); use one or the other"
+            )
+        ts, values = np.concatenate(self._pending_ts), np.concatenate(self._pending_values)
+        limit = ((self._metadata or {}).get("limits") or {}).get("max_sensor_samples")
+        if isinstance(limit, int) and len(ts) > limit:
+            logger.debug("sending the newest %d of %d streamed samples (server limit)", limit, len(ts))
+            ts, values = ts[-limit:], values[-limit:]
+        return {**obs, "sensor": values, "sensor_timestamps": ts}, len(self._pending_ts)
+
+    def reset(self) -> None:
+        """Start a new episode: drop unsent streamed samples and reset the server session (VL features,
+        sensor history). The session is fresh on every new connection too."""
+        with self._lock:
+            self._pending_ts, self._pending_values, self._pending_newest = [], [], None
+            self._stream_channels = None
+            if self._ws is None:
+                return  # the next connection starts with a fresh session
+        reply = self._request(protocol.packb({protocol.CONTROL_KEY: protocol.CONTROL_RESET}))
+        if reply.get("ok") is not True:
+            raise PolicyServerError(protocol.INVALID_MESSAGE, f"the server did not confirm the reset: {reply}")
+
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Send one observation, return the server's reply.
 
@@ -105,8 +183,29 @@ class PolicyClient:
             PolicyConnectionError: no server, or the connection dropped.
             TimeoutError: no reply within `timeout` (the connection is closed so no late reply can be
                 mistaken for the next one).
+
+        Samples from `stream_sensor` are sent with it and dropped from the buffer once the server has
+        answered (anything but `Busy`); after a Busy reply, a timeout or a dropped connection they are
+        sent again with the next call.
         """
-        payload = protocol.packb(obs)
+        with self._lock:
+            self._ensure_connected()
+            full, taken = self._with_stream(obs)
+        try:
+            reply = self._request(protocol.packb(full))
+        except PolicyServerError as exc:
+            if exc.type != protocol.BUSY:
+                self._drop_pending(taken)
+            raise
+        self._drop_pending(taken)
+        return reply
+
+    def _drop_pending(self, chunks: int) -> None:
+        with self._lock:
+            del self._pending_ts[:chunks], self._pending_values[:chunks]
+
+    def _request(self, payload: bytes) -> dict[str, Any]:
+        """Send one frame, return the decoded reply (raising `PolicyServerError` for an error reply)."""
         with self._lock:
             self._ensure_connected()
             assert self._ws is not None and self._metadata is not None

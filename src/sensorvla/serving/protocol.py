@@ -26,6 +26,15 @@ MESSAGE_TOO_LARGE = "MessageTooLarge"  # raised client-side before sending; the 
 INVALID_POLICY_OUTPUT = "InvalidPolicyOutput"  # the policy returned something that is not a reply
 INTERNAL_ERROR = "InternalError"
 UNAUTHORIZED = "Unauthorized"
+LIMIT_EXCEEDED = "LimitExceeded"  # a request over a work bound (instruction tokens, pixels, sensor samples)
+BUSY = "Busy"  # the server's request queue is full; answered at once, retry later
+NON_FINITE_OUTPUT = "NonFiniteOutput"  # the model produced NaN/inf actions; none are sent
+
+# Control messages: a request map whose only key is CONTROL_KEY. `{"__control__": "reset"}` clears the
+# connection's episode state (VL features, sensor history) and is answered `{"control": "reset", "ok": True}`.
+CONTROL_KEY = "__control__"
+CONTROL_RESET = "reset"
+CONTROL_COMMANDS = (CONTROL_RESET,)
 
 # Websocket close code the server uses when a frame exceeds max_message_bytes (RFC 6455 "message too big").
 CLOSE_MESSAGE_TOO_BIG = 1009
@@ -41,6 +50,20 @@ ObservationSpec = dict[str, tuple[tuple[int | None, ...] | None, str]]
 
 class ObservationError(ValueError):
     """An observation does not match the policy's observation spec (key, shape, dtype or value)."""
+
+    error_type = OBSERVATION_ERROR
+
+
+class LimitExceededError(ObservationError):
+    """A request exceeds a work bound (instruction length, image pixels, sensor samples); it never runs."""
+
+    error_type = LIMIT_EXCEEDED
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The policy produced non-finite actions; an error is returned instead of them."""
+
+    error_type = NON_FINITE_OUTPUT
 
 
 class PolicyServerError(RuntimeError):
@@ -160,6 +183,34 @@ def make_error(type: str, message: str, traceback: str | None = None) -> dict[st
     if traceback:
         err["traceback"] = traceback
     return {"error": err}
+
+
+def control_command(msg: Any) -> str | None:
+    """The command of a control message (`{"__control__": "reset"}`), else None (an observation)."""
+    if isinstance(msg, dict) and CONTROL_KEY in msg and len(msg) == 1:
+        return msg[CONTROL_KEY] if isinstance(msg[CONTROL_KEY], str) else ""
+    return None
+
+
+def first_non_finite(obj: Any, path: str = "reply") -> str | None:
+    """Path of the first NaN/inf float inside a nested reply (dicts, lists, arrays, scalars), else None."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = first_non_finite(v, f"{path}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            bad = first_non_finite(v, f"{path}[{i}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(obj, float | np.floating | np.complexfloating | complex | np.ndarray):
+        arr = np.asarray(obj)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            return path
+    return None
 
 
 def raise_if_error(reply: Any) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Websocket policy server: a thin msgpack-numpy transport around any object with `infer(obs) -> dict`.
 
-It knows nothing about models. One worker thread runs `policy.infer` (one model, one request at a time)
-while the asyncio loop keeps accepting, validating and answering. Same message shapes as openpi's server:
-a metadata handshake on connect, `{"actions", ..., "server_timing"}` replies, `/healthz` over plain HTTP.
+It knows nothing about models. One worker thread runs `infer` (one model, one request at a time) while
+the asyncio loop keeps accepting, validating and answering; a bounded queue answers `Busy` when full.
+Per-connection state comes from the policy's optional `new_session()`. Same message shapes as openpi's
+server: a metadata handshake on connect, `{"actions", ..., "server_timing"}` replies, `/healthz` over HTTP.
 """
 
 from __future__ import annotations
@@ -31,10 +32,19 @@ from sensorvla.serving import protocol
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a 650 x 1026 float32 sensor window is 2.7 MB; 3 raw VGA views 2.8 MB
+DEFAULT_MAX_QUEUE = 8  # requests waiting or running at once, over all connections
 
 
 class Policy(Protocol):
-    """What the server wraps (the real one is `sensorvla.inference.PolicyRunner`)."""
+    """What the server wraps (the real one is `sensorvla.inference.PolicyRunner`).
+
+    Optional hooks, used when present:
+        check_request(obs) -> obs: cheap checks run on the event loop before queueing (raise an
+            `ObservationError`/`LimitExceededError` to reject without touching the model).
+        new_session() -> object with `infer(obs)` and optionally `reset()`/`close()`: per-connection
+            state (created on connect, reset by the `reset` control message, closed on disconnect).
+        reset(): used for the `reset` control message when there is no `new_session`.
+    """
 
     metadata: dict
     observation_spec: dict[str, tuple[tuple[int | None, ...] | None, str]]
@@ -62,15 +72,20 @@ class PolicyServer:
     policy, after which the connection keeps serving. Frames over `max_message_bytes` are rejected by
     websockets itself (it closes that connection with code 1009 before buffering the whole frame, which
     bounds memory); other connections and new ones are unaffected. `PolicyClient` checks the size before
-    sending and raises `PolicyServerError("MessageTooLarge")` instead.
+    sending and raises `PolicyServerError("MessageTooLarge")` instead. When `max_queue` requests are
+    already waiting or running, a new one is answered `{"error": {"type": "Busy"}}` at once. Replies never
+    carry NaN/inf actions: such a result becomes a `NonFiniteOutput` error. `{"__control__": "reset"}`
+    resets the connection's session.
 
     Args:
         policy: object with `metadata`, `observation_spec` and `infer(obs) -> {"actions": (H, D_a), ...}`.
         host: interface to bind; loopback by default (use "0.0.0.0" to reach it from the robot's network).
         port: TCP port, 0 = any free port (read `.port` after `start()`).
-        token: shared secret; clients must send `Authorization: Bearer <token>` or `?token=<token>`, else
-            HTTP 401 and no handshake. `/healthz` never needs it.
+        token: shared secret; clients must send `Authorization: Bearer <token>`, `Authorization: Api-Key
+            <token>` (openpi-client's `api_key=`) or `?token=<token>`, else HTTP 401 and no handshake.
+            `/healthz` never needs it.
         max_message_bytes: largest accepted request frame.
+        max_queue: requests waiting or running at once (all connections); more are answered `Busy`.
         allow_extra_keys: accept observation keys that the spec does not list (passed through).
         send_traceback: include the server traceback in error replies for exceptions raised by the policy.
         log_every: log every n-th request at INFO (the others at DEBUG).
@@ -85,6 +100,7 @@ class PolicyServer:
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         *,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         allow_extra_keys: bool = False,
         send_traceback: bool = True,
         log_every: int = 1,
@@ -94,7 +110,10 @@ class PolicyServer:
             raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
         if token is not None and not token:
             raise ValueError("token must be a non-empty string or None (no authentication)")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.policy = policy
+        self.max_queue = max_queue
         self.host = host
         self._requested_port = port
         self._token = token
@@ -111,7 +130,9 @@ class PolicyServer:
             "name": protocol.PROTOCOL_NAME,
             "version": protocol.PROTOCOL_VERSION,
             "max_message_bytes": max_message_bytes,
+            "max_queue": max_queue,
             "observation_spec": protocol.spec_to_json(self._spec),
+            "control": list(protocol.CONTROL_COMMANDS),
         }
         try:
             self._handshake = protocol.packb(handshake)
@@ -127,6 +148,8 @@ class PolicyServer:
         self._connection_ids = itertools.count(1)
         self.num_requests = 0  # answered requests, errors included
         self.num_errors = 0
+        self.num_busy = 0  # requests answered Busy (counted in num_errors too)
+        self._pending = 0  # requests waiting for or running in the worker (touched on the event loop only)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -241,15 +264,18 @@ class PolicyServer:
             return None
         supplied = None
         auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            supplied = auth[len("Bearer ") :].strip()
+        for scheme in ("Bearer ", "Api-Key "):  # Api-Key: openpi_client.WebsocketClientPolicy(api_key=...)
+            if auth.startswith(scheme):
+                supplied = auth[len(scheme) :].strip()
+                break
         else:
             supplied = (parse_qs(url.query).get("token") or [None])[0]
         if supplied is None or not hmac.compare_digest(supplied.encode(), self._token.encode()):
             logger.warning("rejected connection from %s: missing or wrong token", connection.remote_address)
             return connection.respond(
                 http.HTTPStatus.UNAUTHORIZED,
-                "missing or wrong token: send 'Authorization: Bearer <token>' (PolicyClient(token=...))\n",
+                "missing or wrong token: send 'Authorization: Bearer <token>' (PolicyClient(token=...)) or "
+                "'Authorization: Api-Key <token>' (openpi_client api_key=...)\n",
             )
         return None
 
@@ -257,13 +283,15 @@ class PolicyServer:
         conn = next(self._connection_ids)
         logger.info("connection %d from %s opened", conn, ws.remote_address)
         n = 0
+        new_session = getattr(self.policy, "new_session", None)
+        session = new_session() if callable(new_session) else self.policy
         try:
             await ws.send(self._handshake)
             while True:
                 message = await ws.recv()
                 t0 = time.perf_counter()
                 n += 1
-                reply = await self._answer(message, executor, conn, n, t0)
+                reply = await self._answer(message, executor, session, conn, n, t0)
                 await ws.send(reply)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent is not None else None)
@@ -275,16 +303,38 @@ class PolicyServer:
                 )
             else:
                 logger.info("connection %d closed after %d request(s) (code %s)", conn, n, code)
+        finally:
+            close = getattr(session, "close", None) if session is not self.policy else None
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(close)
 
-    async def _answer(self, message: str | bytes, executor: ThreadPoolExecutor, conn: int, n: int, t0: float) -> bytes:
+    async def _answer(
+        self, message: str | bytes, executor: ThreadPoolExecutor, session: Any, conn: int, n: int, t0: float
+    ) -> bytes:
         """One request -> the packed reply. Never raises for a bad request or a failing policy."""
         rid = next(self._request_ids)
         self.num_requests += 1
         try:
-            obs = self._decode(message)
+            obs = self._decode_message(message)
+            command = protocol.control_command(obs)
+            if command is not None:
+                return await self._control(command, session, conn)
+            obs = self._validate(obs)
+            if self._pending >= self.max_queue:
+                self.num_busy += 1
+                raise _RequestError(
+                    protocol.BUSY,
+                    f"the server is busy: {self._pending} request(s) queued or running (max_queue="
+                    f"{self.max_queue}); retry shortly, or start the server with a larger --max-queue",
+                )
             loop = asyncio.get_running_loop()
             t_submit = time.perf_counter()
-            result, queue_ms, infer_ms = await loop.run_in_executor(executor, self._infer, obs, t_submit)
+            self._pending += 1
+            try:
+                result, queue_ms, infer_ms = await loop.run_in_executor(executor, self._infer, session, obs, t_submit)
+            finally:
+                self._pending -= 1
             reply = self._check_result(result)
             reply["server_timing"] = {
                 "infer_ms": infer_ms,
@@ -322,7 +372,28 @@ class PolicyServer:
         )
         return packed
 
+    async def _control(self, command: str, session: Any, conn: int) -> bytes:
+        """Answer a control message (`reset`)."""
+        if command != protocol.CONTROL_RESET:
+            raise _RequestError(
+                protocol.INVALID_MESSAGE,
+                f"unknown control command {command!r}; the server knows {list(protocol.CONTROL_COMMANDS)}",
+            )
+        reset = getattr(session, "reset", None)
+        if callable(reset):
+            try:
+                # not on the model queue: this connection has no request in flight, so its state is idle
+                await asyncio.to_thread(reset)
+            except Exception as exc:
+                raise _RequestError(type(exc).__name__, str(exc) or repr(exc), traceback.format_exc()) from None
+        logger.info("connection %d: session reset", conn)
+        return protocol.packb({"control": command, "ok": True})
+
     def _decode(self, message: str | bytes) -> dict[str, Any]:
+        """Decode and validate one observation frame (no control messages)."""
+        return self._validate(self._decode_message(message))
+
+    def _decode_message(self, message: str | bytes) -> Any:
         if isinstance(message, str):
             raise _RequestError(
                 protocol.INVALID_MESSAGE,
@@ -336,16 +407,27 @@ class PolicyServer:
                 f"could not decode the {len(message)}-byte frame as msgpack-numpy "
                 f"({type(exc).__name__}: {exc}); send protocol.packb(obs)",
             ) from None
-        try:
-            return protocol.validate_observation(obs, self._spec, allow_extra_keys=self.allow_extra_keys)
-        except protocol.ObservationError as exc:
-            raise _RequestError(protocol.OBSERVATION_ERROR, str(exc)) from None
+        return obs
 
-    def _infer(self, obs: dict[str, Any], t_submit: float) -> tuple[Any, float, float]:
+    def _validate(self, obs: Any) -> dict[str, Any]:
+        """Spec check, then the policy's own `check_request` (bounds, dtypes, finiteness) on the event loop."""
+        try:
+            obs = protocol.validate_observation(obs, self._spec, allow_extra_keys=self.allow_extra_keys)
+            check = getattr(self.policy, "check_request", None)
+            if callable(check):
+                check(obs)
+        except protocol.ObservationError as exc:
+            raise _RequestError(exc.error_type, str(exc)) from None
+        return obs
+
+    @staticmethod
+    def _infer(session: Any, obs: dict[str, Any], t_submit: float) -> tuple[Any, float, float]:
         """Runs in the single inference thread; returns (result, queue_ms, infer_ms)."""
         t_start = time.perf_counter()
         try:
-            result = self.policy.infer(obs)
+            result = session.infer(obs)
+        except (protocol.ObservationError, protocol.NonFiniteOutputError) as exc:  # the request's fault
+            raise _RequestError(exc.error_type, str(exc)) from None
         except Exception as exc:
             raise _RequestError(type(exc).__name__, str(exc) or repr(exc), traceback.format_exc()) from None
         t_end = time.perf_counter()
@@ -363,6 +445,16 @@ class PolicyServer:
             raise _RequestError(
                 protocol.INVALID_POLICY_OUTPUT,
                 f"policy.infer returned actions of type {type(actions).__name__}; return a numpy array (H, D_a)",
+            )
+        if actions.dtype.kind not in "biuf":
+            raise _RequestError(
+                protocol.INVALID_POLICY_OUTPUT, f"policy.infer returned actions of dtype {actions.dtype}; return floats"
+            )
+        bad = protocol.first_non_finite(result)
+        if bad is not None:
+            raise _RequestError(
+                protocol.NON_FINITE_OUTPUT,
+                f"the policy's result has NaN/inf at {bad}; no actions are sent (check the inputs' magnitudes)",
             )
         return dict(result)
 

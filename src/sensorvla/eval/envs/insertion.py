@@ -72,8 +72,9 @@ class InsertionEnv(gym.Env):
         sim = self.sim
         ts, vals = self._sensor_ts[-self.n_sensor :], self._sensor[-self.n_sensor :]
         if not self.sensor_available:
-            # no measurement: zeros stamped long ago, so every window over them is masked as missing
-            ts, vals = np.full(self.n_sensor, sim.t - 1e3), np.zeros_like(vals)
+            # no measurement: zeros stamped long ago (still strictly increasing, as the runner requires), so
+            # every window over them is masked as missing
+            ts, vals = ts - 1e3, np.zeros_like(vals)
         return {
             "images": np.stack([sim.render(v) for v in VIEWS]),
             "state": sim.pose.astype(np.float32),

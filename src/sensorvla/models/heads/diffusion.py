@@ -3,6 +3,8 @@ schedulers from diffusers. `--diffusion_timesteps` (default 100) and DDIM steps 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,9 @@ class DiffusionHead(ActionHead):
         shape = (b, self.horizon, self.action_dim)
         x = torch.randn(shape, generator=generator, device=generator.device if generator else cond.device)
         x = x.to(cond.device, cond.dtype)
-        sched = self.sample_scheduler
+        # set_timesteps mutates the scheduler (timesteps, num_inference_steps that step() reads): a per-call
+        # copy keeps concurrent sampling calls (two runners, background threads) from racing on it
+        sched = copy.deepcopy(self.sample_scheduler)
         sched.set_timesteps(num_steps or self.cfg.num_inference_steps, device=cond.device)
         for t in sched.timesteps:
             eps = self.denoiser(x, t.expand(b).to(cond.device), cond, cond_mask)

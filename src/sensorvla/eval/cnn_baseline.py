@@ -1,0 +1,203 @@
+"""A plain from-scratch CNN behaviour-cloning reference policy, to measure our VLA policies against.
+
+Per camera: 4 conv layers (stride 2 first, GroupNorm, ReLU) and a spatial-softmax keypoint readout; the
+robot state and the sensor window (normalized exactly as for the VLA, flattened through an MLP) join
+the keypoints in an MLP that predicts the same action chunk (H, D_a), trained with an L1 loss, random
+shift augmentation and AdamW for a fixed wall-clock budget. It sees every modality the VLA sees, so it
+is a fair rival. `CNNRunner` gives it the `infer(obs)` / `reset()` surface of `PolicyRunner`, so the same
+`rollout` scores both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CNNBaselineConfig:
+    """Sizes and optimisation of the reference CNN."""
+
+    channels: int = 32
+    keypoints: int = 16  # spatial-softmax keypoints per camera
+    hidden: int = 256
+    sensor_hidden: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    shift_px: int = 4
+    budget_s: float = 120.0
+    seed: int = 0
+
+
+class SpatialSoftmax(nn.Module):
+    """(B, C, h, w) feature maps -> (B, 2C) expected (x, y) of each channel's softmax (keypoints)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        attn = torch.softmax(x.flatten(2), dim=-1).view(b, c, h, w)
+        ys = torch.linspace(-1, 1, h, device=x.device)
+        xs = torch.linspace(-1, 1, w, device=x.device)
+        return torch.cat([(attn.sum(2) * xs).sum(-1), (attn.sum(3) * ys).sum(-1)], dim=-1)
+
+
+class CameraEncoder(nn.Module):
+    """One camera: uint8-derived (B, 3, h, w) in [0, 1] -> (B, 2K) keypoints."""
+
+    def __init__(self, channels: int, keypoints: int):
+        super().__init__()
+        c = channels
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out, stride) in enumerate([(3, c, 2), (c, c, 1), (c, c, 1), (c, keypoints, 1)]):
+            layers.append(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1))
+            if i < 3:
+                layers += [nn.GroupNorm(8, c_out), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        self.keypoints = SpatialSoftmax()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.keypoints(self.conv(x))
+
+
+class CNNPolicy(nn.Module):
+    """V cameras + state + sensor window -> an action chunk (B, H, D_a) in normalized units."""
+
+    def __init__(self, cfg: CNNBaselineConfig, views: int, state_dim: int, sensor_shape: tuple[int, int], horizon: int,
+                 action_dim: int):  # fmt: skip
+        super().__init__()
+        self.horizon, self.action_dim = horizon, action_dim
+        self.cameras = nn.ModuleList(CameraEncoder(cfg.channels, cfg.keypoints) for _ in range(views))
+        t, c = sensor_shape
+        self.sensor = nn.Sequential(nn.Linear(t * c + t, cfg.sensor_hidden), nn.ReLU()) if c else None
+        width = views * 2 * cfg.keypoints + state_dim + (cfg.sensor_hidden if c else 0)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
+            nn.Linear(cfg.hidden, horizon * action_dim),
+        )  # fmt: skip
+
+    def forward(self, images: torch.Tensor, state: torch.Tensor, sensor: torch.Tensor, sensor_mask: torch.Tensor):
+        """images (B, V, 3, h, w) float in [0, 1], state (B, D_st), sensor (B, T_s, C_s), mask (B, T_s)."""
+        parts = [cam(images[:, v]) for v, cam in enumerate(self.cameras)] + [state]
+        if self.sensor is not None:
+            s = (sensor * sensor_mask[..., None]).flatten(1)
+            parts.append(self.sensor(torch.cat([s, sensor_mask.float()], dim=1)))
+        return self.mlp(torch.cat(parts, dim=1)).view(-1, self.horizon, self.action_dim)
+
+
+def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, V, 3, h, w) -> the same, each image shifted by up to `pad` px (replicate pad + random crop)."""
+    if pad <= 0:
+        return images
+    b, v, c, h, w = images.shape
+    flat = F.pad(images.reshape(b * v, c, h, w), (pad,) * 4, mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (b * v,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b * v,), generator=generator)
+    out = torch.stack([flat[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b * v)])
+    return out.view(b, v, c, h, w)
+
+
+def _tensors(raws: list[dict], normalizer, state_dim: int) -> dict[str, torch.Tensor]:
+    """Raw samples -> stacked tensors (images uint8 (N, V, 3, h, w), normalized state/sensor/actions)."""
+    images = torch.from_numpy(np.stack([np.stack(r["images"]) for r in raws])).permute(0, 1, 4, 2, 3).contiguous()
+    state = np.stack([r["state"] for r in raws]).astype(np.float32)
+    out = {"images": images, "state": torch.from_numpy(np.asarray(normalizer.normalize("state", state), np.float32))}
+    mask = np.stack([r["sensor_mask"] & bool(r["has_sensor"]) for r in raws])
+    sensor = np.stack([r["sensor"] for r in raws]).astype(np.float32)
+    if sensor.shape[-1] and mask.any():
+        sensor = np.asarray(normalizer.normalize("sensor", sensor), np.float32)
+    out["sensor"] = torch.from_numpy(np.where(mask[..., None], sensor, 0.0).astype(np.float32))
+    out["sensor_mask"] = torch.from_numpy(mask)
+    if raws[0].get("actions") is not None:
+        acts = np.stack([r["actions"] for r in raws]).astype(np.float32)
+        out["actions"] = torch.from_numpy(np.asarray(normalizer.normalize("actions", acts), np.float32))
+        out["action_mask"] = torch.from_numpy(np.stack([r["action_mask"] for r in raws]))
+    return out
+
+
+def train_cnn_baseline(
+    dataset_dir: str | Path, data_cfg, normalizer, cfg: CNNBaselineConfig | None = None, progress: bool = True
+) -> tuple[CNNPolicy, dict]:
+    """Train the reference CNN on the train split for `cfg.budget_s` seconds of wall clock.
+
+    Returns (policy, summary with steps, samples seen, final training loss and the wall time)."""
+    from tqdm.auto import tqdm
+
+    from sensorvla.data.dataset import EpisodeDataset
+
+    cfg = cfg or CNNBaselineConfig()
+    ds = EpisodeDataset(dataset_dir, data_cfg, split="train")
+    data = _tensors([ds[i] for i in range(len(ds))], normalizer, ds.meta.state_dim)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, v = data["images"].shape[:2]
+    policy = CNNPolicy(
+        cfg, v, ds.meta.state_dim, tuple(data["sensor"].shape[1:]), data_cfg.horizon, data["actions"].shape[-1]
+    )
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, steps, loss_val = time.perf_counter(), 0, float("nan")
+    bar = tqdm(total=int(cfg.budget_s), desc="cnn baseline (s)", disable=not progress, unit="s")
+    while (elapsed := time.perf_counter() - start) < cfg.budget_s:
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        images = random_shift(data["images"][idx].float() / 255.0, cfg.shift_px, gen)
+        pred = policy(images, data["state"][idx], data["sensor"][idx], data["sensor_mask"][idx])
+        m = data["action_mask"][idx].float()[..., None]
+        loss = ((pred - data["actions"][idx]).abs() * m).sum() / (m.sum() * pred.shape[-1]).clamp_min(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps, loss_val = steps + 1, float(loss)
+        bar.n = int(min(elapsed, cfg.budget_s))
+        bar.set_postfix(loss=f"{loss_val:.4f}", steps=steps)
+    bar.close()
+    policy.eval()
+    return policy, {"steps": steps, "samples_seen": steps * cfg.batch_size, "final_loss": loss_val,
+                    "wall_s": time.perf_counter() - start, "train_samples": n}  # fmt: skip
+
+
+class CNNRunner:
+    """`infer(obs)` / `reset()` over a trained `CNNPolicy`, with the VLA runner's sensor windowing.
+
+    Args:
+        policy: the trained CNN; normalizer: the dataset's `Normalizer`; data_cfg: the `DataConfig`
+            the policy was trained with (views, sensor window).
+    """
+
+    def __init__(self, policy: CNNPolicy, normalizer, data_cfg):
+        from sensorvla.data.dataset import default_max_gap_s
+
+        self.policy, self.normalizer, self.data_cfg = policy.eval(), normalizer, data_cfg
+        self.max_gap_s = default_max_gap_s(data_cfg)
+
+    def reset(self) -> None:
+        """Stateless: nothing to forget between episodes."""
+
+    @torch.inference_mode()
+    def infer(self, obs: dict) -> dict:
+        """Observation dict (as for PolicyRunner) -> {"actions": (H, D_a) physical units, "timing"}."""
+        from sensorvla.data.timeline import resample_window
+
+        t0 = time.perf_counter()
+        d = self.data_cfg
+        sensor = np.asarray(obs.get("sensor", np.zeros((0, 1))), np.float32)
+        ts = np.asarray(obs.get("sensor_timestamps", np.zeros(len(sensor))), np.float64)
+        t = float(obs["timestamp"]) if "timestamp" in obs else (float(ts[-1]) if len(ts) else 0.0)
+        channels = self.policy.sensor[0].in_features // d.sensor_samples - 1 if self.policy.sensor else 1
+        if len(sensor):
+            window, mask = resample_window(ts, sensor, t, d.sensor_window_s, d.sensor_samples, self.max_gap_s)
+        else:
+            window, mask = np.zeros((d.sensor_samples, channels), np.float32), np.zeros(d.sensor_samples, bool)
+        raw = {"images": list(obs["images"]), "state": np.asarray(obs["state"], np.float32), "sensor": window,
+               "sensor_mask": mask, "has_sensor": bool(mask.any())}  # fmt: skip
+        x = _tensors([raw], self.normalizer, len(raw["state"]))
+        pred = self.policy(x["images"].float() / 255.0, x["state"], x["sensor"], x["sensor_mask"])[0].numpy()
+        actions = np.asarray(self.normalizer.unnormalize("actions", pred), np.float32)
+        return {"actions": actions, "timing": {"total_ms": (time.perf_counter() - t0) * 1e3}}

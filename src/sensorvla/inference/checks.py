@@ -1,0 +1,248 @@
+"""Request checks before the model: bounded work (`RequestLimits`) and well-formed, finite inputs.
+
+`RequestChecker.check(obs)` is cheap (no model, no image processor) and stateless, so the server runs it
+on its event loop before a request is queued: a 2 M-character instruction or a 1x1 image is answered with
+an error at once instead of occupying the inference thread. Values are cast to the dtypes the model uses
+*before* the finiteness check (1e300 is finite in float64 but inf in float32).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sensorvla.serving.protocol import LimitExceededError, ObservationError
+
+__all__ = ["RequestLimits", "RequestChecker"]
+
+# Qwen2-VL's smart_resize refuses aspect ratios of 200 and more.
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Work bounds of one request (`sensorvla serve --max-...`).
+
+    Args:
+        max_instruction_tokens: instruction length in tokens of the checkpoint's tokenizer.
+        max_instruction_chars: checked before tokenizing, so a huge string never reaches the tokenizer;
+            None = 16 x max_instruction_tokens (no Qwen token is longer than that in practice).
+        max_image_pixels: raw pixels per view (h * w) before the processor resizes to its max_pixels.
+        max_sensor_samples: sensor rows per request.
+        max_history_samples: sensor samples a connection's history keeps (the oldest are dropped).
+    """
+
+    max_instruction_tokens: int = 256
+    max_instruction_chars: int | None = None
+    max_image_pixels: int = 2048 * 2048
+    max_sensor_samples: int = 16384
+    max_history_samples: int = 65536
+
+    def __post_init__(self):
+        for name in ("max_instruction_tokens", "max_image_pixels", "max_sensor_samples", "max_history_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"RequestLimits.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_instruction_chars is not None and self.max_instruction_chars < 1:
+            raise ValueError(f"RequestLimits.max_instruction_chars must be >= 1, got {self.max_instruction_chars}")
+
+    @property
+    def instruction_chars(self) -> int:
+        """The effective character bound."""
+        return self.max_instruction_chars or 16 * self.max_instruction_tokens
+
+    def to_json(self) -> dict[str, int]:
+        """The bounds as a plain dict (sent in the server handshake)."""
+        return {
+            "max_instruction_tokens": self.max_instruction_tokens,
+            "max_instruction_chars": self.instruction_chars,
+            "max_image_pixels": self.max_image_pixels,
+            "max_sensor_samples": self.max_sensor_samples,
+            "max_history_samples": self.max_history_samples,
+        }
+
+
+def _as_float32(key: str, value: Any, shape_desc: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise ObservationError(f"{key!r} must be a real number array {shape_desc}, got dtype {arr.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is what this check looks for
+        out = arr.astype(np.float32)
+    if not np.isfinite(out).all():
+        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        raise ObservationError(
+            f"{key!r}: {bad} value(s) are NaN or inf as float32 (|x| > 3.4e38 overflows); send finite values"
+        )
+    return out
+
+
+class RequestChecker:
+    """Validates a raw observation for one checkpoint and returns it in model dtypes.
+
+    Args:
+        cfg: the checkpoint's SensorVLAConfig.
+        normalizer: its Normalizer (normalized state/sensor values must be finite too).
+        processor: the Qwen-VL processor (tokenizer for the token count, patch geometry for the minimum size).
+        limits: the work bounds.
+    """
+
+    def __init__(self, cfg, normalizer, processor, limits: RequestLimits):
+        self.cfg = cfg
+        self.normalizer = normalizer
+        self.limits = limits
+        ip = processor.image_processor
+        self.min_side = int(ip.patch_size) * int(getattr(ip, "merge_size", 1))
+        # A private copy: the server counts tokens on its event loop while the worker thread runs the
+        # processor, and a fast tokenizer must not be used from two threads when either changes settings.
+        self._tokenizer = copy.deepcopy(processor.tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` without special tokens."""
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return len(backend.encode(text, add_special_tokens=False).ids)
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check(self, obs: Any) -> dict[str, Any]:
+        """Observation -> checked copy: images list of uint8 (h, w, 3), state float32 (D_st,), sensor
+        float32 (N, C_s), sensor_timestamps float64 (N,), timestamp float or None, instruction str.
+
+        Raises:
+            LimitExceededError: over a `RequestLimits` bound.
+            ObservationError: anything malformed, naming the key and the fix.
+        """
+        if not isinstance(obs, dict):
+            raise ObservationError(f"an observation must be a dict, got {type(obs).__name__}")
+        m = self.cfg.model
+        out: dict[str, Any] = {
+            "instruction": self._instruction(obs.get("instruction", "")),
+            "images": self._images(obs.get("images")),
+        }
+        if m.state_dim:
+            if "state" not in obs:
+                raise ObservationError(f"missing 'state' (float32 ({m.state_dim},)); the policy was trained with it")
+            state = _as_float32("state", obs["state"], f"({m.state_dim},)")
+            if state.shape != (m.state_dim,):
+                raise ObservationError(f"'state' must have shape ({m.state_dim},), got {state.shape}")
+            self._finite_normalized("state", state)
+            out["state"] = state
+        else:
+            out["state"] = np.zeros(0, np.float32)
+        out["sensor"], out["sensor_timestamps"] = self._sensor(obs)
+        t = obs.get("timestamp")
+        if t is not None:
+            t_arr = np.asarray(t)
+            if t_arr.shape != () or t_arr.dtype.kind not in "iuf" or not np.isfinite(t_arr.astype(np.float64)):
+                raise ObservationError(f"'timestamp' must be one finite number (seconds), got {t!r}")
+            t = float(t_arr)
+        out["timestamp"] = t
+        return out
+
+    def _instruction(self, text: Any) -> str:
+        if not isinstance(text, str):
+            raise ObservationError(f"'instruction' must be a str, got {type(text).__name__}")
+        lim = self.limits
+        if len(text) > lim.instruction_chars:
+            raise LimitExceededError(
+                f"'instruction' has {len(text)} characters, over the bound of {lim.instruction_chars} "
+                f"(max_instruction_tokens={lim.max_instruction_tokens}); send a shorter instruction or raise "
+                "`sensorvla serve --max-instruction-tokens`"
+            )
+        n = self.count_tokens(text)
+        if n > lim.max_instruction_tokens:
+            raise LimitExceededError(
+                f"'instruction' has {n} tokens, over max_instruction_tokens={lim.max_instruction_tokens}; send a "
+                "shorter instruction or raise `sensorvla serve --max-instruction-tokens`"
+            )
+        return str(text)
+
+    def _images(self, images: Any) -> list[np.ndarray]:
+        m, views = self.cfg.model, list(self.cfg.data.views)
+        if images is None:
+            raise ObservationError(f"missing 'images': uint8 ({m.num_views}, h, w, 3) in the view order {views}")
+        seq = list(images) if isinstance(images, np.ndarray | list | tuple) else None
+        if seq is None or len(seq) != m.num_views:
+            got = f"{len(seq)}" if seq is not None else type(images).__name__
+            raise ObservationError(f"expected {m.num_views} views {views} in 'images', got {got}")
+        out = []
+        for i, im in enumerate(seq):
+            if not isinstance(im, np.ndarray):
+                raise ObservationError(f"'images'[{i}] must be a numpy uint8 array (h, w, 3), got {type(im).__name__}")
+            if im.dtype != np.uint8:
+                raise ObservationError(
+                    f"'images'[{i}] has dtype {im.dtype}; send uint8 (0-255) RGB images as in training (the "
+                    "runner never rescales other dtypes)"
+                )
+            if im.ndim != 3 or im.shape[2] != 3:
+                raise ObservationError(f"'images'[{i}] must have shape (h, w, 3), got {im.shape}")
+            h, w = im.shape[:2]
+            if min(h, w) < self.min_side:
+                raise ObservationError(
+                    f"'images'[{i}] is {h}x{w}; each side must be >= {self.min_side} pixels (patch_size x "
+                    "merge_size of the image processor: a smaller image has less than one VL token of content)"
+                )
+            if max(h, w) >= MAX_ASPECT_RATIO * min(h, w):
+                raise ObservationError(
+                    f"'images'[{i}] is {h}x{w}: the aspect ratio must be < {MAX_ASPECT_RATIO} (image processor)"
+                )
+            if h * w > self.limits.max_image_pixels:
+                raise LimitExceededError(
+                    f"'images'[{i}] has {h * w} pixels ({h}x{w}), over "
+                    f"max_image_pixels={self.limits.max_image_pixels}; "
+                    "resize on the robot (the processor resizes to its max_pixels anyway) or raise "
+                    "`sensorvla serve --max-image-pixels`"
+                )
+            out.append(im)
+        return out
+
+    def _sensor(self, obs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        m = self.cfg.model
+        channels = max(m.sensor.channels, 1)
+        empty = np.zeros((0, channels), np.float32), np.zeros(0, np.float64)
+        if not m.sensor.enabled:
+            return empty  # the policy has no sensor input; samples are not used
+        has_s, has_t = obs.get("sensor") is not None, obs.get("sensor_timestamps") is not None
+        if not has_s and not has_t:
+            return empty
+        if has_s != has_t:
+            raise ObservationError("'sensor' and 'sensor_timestamps' come together: send both or neither")
+        sensor = _as_float32("sensor", obs["sensor"], f"(N, {m.sensor.channels})")
+        if sensor.size == 0 and sensor.ndim < 2:
+            sensor = sensor.reshape(0, channels)
+        if sensor.ndim != 2 or sensor.shape[1] != m.sensor.channels:
+            raise ObservationError(f"'sensor' must have shape (N, {m.sensor.channels}), got {sensor.shape}")
+        if len(sensor) > self.limits.max_sensor_samples:
+            raise LimitExceededError(
+                f"'sensor' has {len(sensor)} samples, over max_sensor_samples={self.limits.max_sensor_samples}; "
+                "send only the samples new since the last call (the server keeps the history)"
+            )
+        ts = np.asarray(obs["sensor_timestamps"])
+        if ts.dtype.kind not in "iuf" or ts.ndim != 1:
+            raise ObservationError(f"'sensor_timestamps' must be float64 (N,), got {ts.dtype} {ts.shape}")
+        ts = ts.astype(np.float64)
+        if len(ts) != len(sensor):
+            raise ObservationError(
+                f"'sensor' has {len(sensor)} rows but 'sensor_timestamps' has {len(ts)}: one timestamp per row"
+            )
+        if not np.isfinite(ts).all():
+            raise ObservationError("'sensor_timestamps' has NaN or inf values")
+        if len(ts) > 1 and not (np.diff(ts) > 0).all():
+            i = int(np.flatnonzero(np.diff(ts) <= 0)[0])
+            raise ObservationError(
+                f"'sensor_timestamps' must increase strictly: [{i}]={ts[i]:.6f} then [{i + 1}]={ts[i + 1]:.6f}; "
+                "sort the samples and drop repeated timestamps"
+            )
+        if len(sensor):
+            self._finite_normalized("sensor", sensor)
+        return sensor, ts
+
+    def _finite_normalized(self, key: str, values: np.ndarray) -> None:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            z = np.asarray(self.normalizer.normalize(key, values), dtype=np.float32)
+        if not np.isfinite(z).all():
+            raise ObservationError(
+                f"{key!r} is finite but becomes NaN/inf after normalization with the checkpoint's stats: the "
+                "values are absurdly far from the training data (check units and scaling)"
+            )
