@@ -44,6 +44,12 @@ def grads(policy, fn) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
+def close(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Equal up to float32 rounding of sums: 1e-4 relative, plus 1e-5 of the tensor's largest entry (entries
+    near 0 carry cancellation error). A wrong ratio (1:1 instead of w:1) misses by tens of percent."""
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-9, msg=name)
+
+
 def per_sample_grad(policy, sample, pad) -> dict[str, torch.Tensor]:
     return grads(policy, lambda: policy(collate([sample], pad), sensor_loss_weight=1.0)[0].backward())
 
@@ -57,8 +63,7 @@ def test_gradient_ratio_is_w_to_1_across_the_window(setup, w):
     got = grads(policy, lambda: backward_window(policy, window, sensor_loss_weight=w, info=ONE_PROCESS))
     assert got.keys() == g_n.keys() and len(got) > 10
     for name in got:
-        expected = (w * g_s1[name] + g_n[name] + w * g_s2[name]) / (2 * w + 1)
-        torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-7, msg=name)
+        close(got[name], (w * g_s1[name] + g_n[name] + w * g_s2[name]) / (2 * w + 1), name)
 
 
 def test_all_sensor_window_and_weight_zero(setup):
@@ -69,8 +74,25 @@ def test_all_sensor_window_and_weight_zero(setup):
     window = [collate([s1], pad), collate([s2], pad)]
     got = grads(policy, lambda: backward_window(policy, window, sensor_loss_weight=3.0, info=ONE_PROCESS))
     for name in got:
-        torch.testing.assert_close(got[name], (g_s1[name] + g_s2[name]) / 2, rtol=1e-4, atol=1e-7)
+        close(got[name], (g_s1[name] + g_s2[name]) / 2, name)
     window = [collate([s1], pad), collate([n], pad)]
     got = grads(policy, lambda: backward_window(policy, window, sensor_loss_weight=0.0, info=ONE_PROCESS))
     for name in g_n:
-        torch.testing.assert_close(got[name], g_n[name], rtol=1e-4, atol=1e-7)
+        close(got[name], g_n[name], name)
+
+
+def test_the_old_per_micro_batch_normalisation_is_caught(setup):
+    """The check above can fail: dividing each micro-batch by its own weight sum (the old behaviour) gives
+    ((w g_s1 + g_n) / (w + 1) + g_s2) / 2, which misses the w:1 expectation."""
+    policy, (s1, n, s2), pad = setup
+    w = 5.0
+    g_s1, g_n, g_s2 = (per_sample_grad(policy, x, pad) for x in (s1, n, s2))
+    old = {k: ((w * g_s1[k] + g_n[k]) / (w + 1) + g_s2[k]) / 2 for k in g_n}
+    new = {k: (w * g_s1[k] + g_n[k] + w * g_s2[k]) / (2 * w + 1) for k in g_n}
+    missed = 0
+    for k in g_n:
+        try:
+            close(old[k], new[k], k)
+        except AssertionError:
+            missed += 1
+    assert missed > len(g_n) // 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import signal
@@ -313,8 +314,11 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path, tiny_vl_dir, synth_dataset
 def test_divergence_points_to_finite_best_not_last(tmp_path, tiny_vl_dir, synth_dataset_dir):
     """Epoch 1 trains normally (best saved); resumed with --lr 1e30, the weights blow up (finite 1e28-ish
     weights reach `last`), then the loss goes NaN: the message names `best`, whose tensors are finite."""
+    from sensorvla.training.data_setup import raw_dataset
+
     cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, epochs=3)
-    cfg.train.max_steps = 16  # one epoch of 242 samples: ceil(ceil(242 / 8) / 2)
+    n_train = len(raw_dataset(resolve_from_meta(copy.deepcopy(cfg), load_meta(synth_dataset_dir)), "train"))
+    cfg.train.max_steps = math.ceil(math.ceil(n_train / 8) / 2)  # exactly one epoch (batch 8, accumulation 2)
     train(cfg, progress=False)
     ckpt_dir = tmp_path / "checkpoints"
     best_before = tensors_of(ckpt_dir / ckpt.BEST_NAME)

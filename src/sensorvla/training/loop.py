@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -99,39 +100,49 @@ def window_weight_sum(batches: list[dict], sensor_loss_weight: float) -> float:
 
 def backward_window(
     model: torch.nn.Module,
-    batches: list[dict],
+    batches: Iterable[dict],
     *,
     sensor_loss_weight: float,
     info,
     prepare=lambda b: b,
     is_fsdp: bool = False,
     autocast=nullcontext,
-) -> tuple[float, dict[str, float]]:
-    """Forward + backward over one gradient-accumulation window (this rank's micro-batches).
+    n_micro: int | None = None,
+) -> tuple[float, dict[str, float], int]:
+    """Forward + backward over one gradient-accumulation window (this rank's micro-batches, read lazily).
 
-    The weighted loss sum is normalised by the window's total sample weight over all ranks (DDP/FSDP
-    average gradients over ranks, hence the world-size factor), so a sensor sample weighs exactly
-    `sensor_loss_weight` times a sensor-less one in the step's gradient, whichever micro-batch or rank it
-    is in; an all-sensor micro-batch keeps its weight too. Returns (this rank's share of the window loss;
-    the mean over ranks is the all-reduced sum / world size, metrics averaged over micro-batches).
+    Each micro-batch back-propagates its weighted loss SUM; once the window is done, the gradients are
+    divided by the window's total sample weight over all ranks (times the world size: DDP/FSDP average
+    gradients over ranks). So a sensor sample weighs exactly `sensor_loss_weight` times a sensor-less one
+    in the step's gradient, whichever micro-batch or rank it is in (an all-sensor micro-batch too), and no
+    micro-batch has to be held back to know the total. Returns (this rank's share of the window's
+    weighted mean loss: the mean over ranks is the all-reduced sum / world size; metrics averaged over
+    micro-batches; samples seen on this rank).
     """
-    total_weight = all_reduce_sum([window_weight_sum(batches, sensor_loss_weight)], info)[0]
-    norm = total_weight / info.world_size
-    share, metrics = 0.0, {}
-    n = len(batches)
+    batches = list(batches) if n_micro is None else batches
+    n = len(batches) if n_micro is None else n_micro
+    local_sum, local_weight, n_samples, metrics = 0.0, 0.0, 0, {}
     for i, raw in enumerate(batches):
+        local_weight += window_weight_sum([raw], sensor_loss_weight)
         batch = prepare(raw)
         sync = i == n - 1 or not info.enabled
         if is_fsdp:
             model.set_requires_gradient_sync(sync)
         no_sync = nullcontext() if sync or is_fsdp or not info.enabled else model.no_sync()
         with no_sync, autocast():
-            loss, m = model(batch, sensor_loss_weight=sensor_loss_weight, weight_sum=norm)
+            loss, m = model(batch, sensor_loss_weight=sensor_loss_weight, weight_sum=1.0)  # the weighted sum
             loss.backward()
-        share += float(loss.detach())
+        local_sum += float(loss.detach())
+        n_samples += batch["actions"].shape[0]
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + v / n
-    return share, metrics
+    total_weight = max(all_reduce_sum([local_weight], info)[0], 1e-8)
+    scale = info.world_size / total_weight
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return local_sum * scale, metrics, n_samples
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float):
@@ -436,18 +447,17 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
             while state["micro_in_epoch"] < micro_per_epoch:
                 t0 = time.perf_counter()
                 n_micro = min(cfg.train.grad_accum_steps, micro_per_epoch - state["micro_in_epoch"])
-                window = [next(loader) for _ in range(n_micro)]  # on CPU; moved to the device one at a time
-                share, step_metrics = backward_window(
+                share, step_metrics, n_samples = backward_window(
                     model,
-                    window,
+                    (next(loader) for _ in range(n_micro)),
                     sensor_loss_weight=cfg.train.sensor_loss_weight,
                     info=info,
                     prepare=functools.partial(_prepare, cache=cache, device=info.device),
                     is_fsdp=is_fsdp,
                     autocast=functools.partial(autocast_ctx, cfg, info.device),
+                    n_micro=n_micro,
                 )
                 state["micro_in_epoch"] += n_micro
-                n_samples = sum(b["actions"].shape[0] for b in window)
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip)
                 if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                     grad_norm = grad_norm.full_tensor()
