@@ -1,6 +1,8 @@
-"""Benchmark CLI: `python benchmarks/run.py {data,train,serving,latency,plan,fuzz,all}` prints JSON/markdown results.
+"""Benchmark CLI: `python benchmarks/run.py {data,train,vl_modes,serving,latency,plan,fuzz,cnn,all}` prints
+JSON/markdown results.
 
-`fuzz` (10,000 hostile payloads against a real server, a few minutes) runs only when named.
+`fuzz` (10,000 hostile payloads against a real server, a few minutes) and `cnn` (the CNN reference policy,
+trained for several wall-clock budgets and rolled out) run only when named.
 
 Each benchmark measures the quantities it compares side by side in one run and reports ratios, because
 these machines are noisy. The README's figures are copied from this command's output.
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # benchmarks import each other's set-up helpers
 
 
 def _load(name: str):
@@ -45,10 +48,22 @@ def main(argv: list[str]) -> int:
         print(mod.format_table(results["fuzz"]))
     if which in ("train", "all"):
         results["train"] = _load("bench_train").run()
+    if which in ("vl_modes", "all"):
+        mod = _load("bench_vl_modes")
+        results["vl_modes"] = mod.run()
+        print(mod.format_table(results["vl_modes"]))
+    if which == "cnn":
+        mod = _load("bench_cnn")
+        budgets = tuple(float(b) for b in argv[1:]) or (60.0, 120.0, 240.0)
+        results["cnn"] = mod.run(budgets)
+        print(mod.format_table(results["cnn"]))
     if which in ("plan", "all"):
         results["plan"] = _load("bench_plan").run()
     if not results:
-        print(f"unknown benchmark {which!r}; choose data, train, serving, latency, plan, fuzz or all", file=sys.stderr)
+        print(
+            f"unknown benchmark {which!r}; choose data, train, vl_modes, serving, latency, plan, fuzz, cnn or all",
+            file=sys.stderr,
+        )
         return 2
     print(json.dumps(results, indent=2, default=float))
     return 0

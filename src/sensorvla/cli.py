@@ -20,6 +20,7 @@ SEED_ALIASES = {
     "--lora-alpha": "--model.finetune.lora-alpha",
     "--lora-dropout": "--model.finetune.lora-dropout",
     "--lora-target-modules": "--model.finetune.lora-target-modules",
+    "--lora-targets": "--model.finetune.lora-target-modules",  # language | vision | all | a regex
     "--vl-lr": "--train.vl-lr",
     "--lr": "--train.lr",
     "--sensor-lr": "--train.sensor-lr",

@@ -177,24 +177,50 @@ def rollout(
     out: Path = Path("rollout_out"),
     seed: int = 0,
 ) -> int:
-    """Closed-loop rollouts of a checkpoint in a Gymnasium environment (chunked execution)."""
+    """Closed-loop rollouts of a checkpoint in a Gymnasium environment (chunked execution). With `--ablate`
+    (the default) it also runs the sensor-ablated and the vision-ablated (blanked and shuffled views) rows
+    and prints one table: all / sensor ablated / vision ablated."""
     import gymnasium as gym
 
     from sensorvla.eval.envs import register_envs
     from sensorvla.eval.rollout import rollout as run
     from sensorvla.inference.runner import PolicyRunner
+    from sensorvla.io import atomic_write_json
 
     register_envs()
     runner = PolicyRunner.from_pretrained(checkpoint)
-    result = run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, video_dir=out, seed=seed)
+    rows = {"all": {"video_dir": out}}
     if ablate:
-        result["sensor_ablated"] = run(
-            runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, ablate_sensor=True, seed=seed
+        rows.update(
+            sensor_ablated={"ablate_sensor": True},
+            vision_ablated={"ablate_vision": "blank"},
+            vision_shuffled={"ablate_vision": "shuffled"},
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rollout.json").write_text(json.dumps(result, indent=2, default=float))
-    print(json.dumps(result, indent=2, default=float))
+    result = {
+        name: run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, seed=seed, **kw)
+        for name, kw in rows.items()
+    }
+    atomic_write_json(out / "rollout.json", json.loads(json.dumps(result, default=float)))
+    print(rollout_table(result))
     return 0
+
+
+def rollout_table(result: dict) -> str:
+    """Rows of `rollout` results -> a markdown table (success, lateral within tolerance, mean errors)."""
+
+    def fmt(v, pct=False):
+        return "–" if v is None else (f"{100 * v:.0f} %" if pct else f"{v:.2f}")
+
+    lines = [
+        "| inputs | success | lateral within tolerance | lateral error (mm) | depth error (mm) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in result.items():
+        lines.append(
+            f"| {name.replace('_', ' ')} | {fmt(r['success_rate'], True)} | {fmt(r.get('lateral_ok_rate'), True)} | "
+            f"{fmt(r.get('mean_final_lateral_error_mm'))} | {fmt(r.get('mean_final_depth_error_mm'))} |"
+        )
+    return "\n".join(lines)
 
 
 def bench_latency(vl_model: Path | None = None, iters: int = 30) -> int:
@@ -314,13 +340,22 @@ def _validate_for_plan(cfg) -> None:
 def demo(
     out: Path = Path("demo_out"),
     head: Literal["regression", "diffusion", "flow"] = "regression",
-    episodes: int = 24,
     quick: bool = False,
+    episodes: int | None = None,
+    rollouts: int | None = None,
+    baseline: bool | None = None,
 ) -> int:
-    """The full two-stage demo: tiny model + synthetic data -> cache -> stage 1 -> stage 2 -> eval -> rollout."""
-    from sensorvla.demo import run_demo
+    """The full two-stage demo: tiny model + synthetic data -> cache -> stage 1 -> stage 2 -> eval -> closed-loop
+    table (all / sensor ablated / vision ablated) beside a plain CNN reference. `--quick` is the < 2 min variant.
+    The table and whether each target was met are printed and written to OUT/report.md."""
+    import dataclasses
 
-    run_demo(out, head=head, episodes=episodes, quick=quick)
+    from sensorvla.demo import DemoSettings, run_demo
+
+    s = DemoSettings.quick() if quick else DemoSettings()
+    overrides = {"episodes": episodes, "rollouts": rollouts, "baseline": baseline}
+    s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    run_demo(out, head=head, quick=quick, settings=s)
     return 0
 
 

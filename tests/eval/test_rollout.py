@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sensorvla.config import SensorVLAConfig
+from sensorvla.data.synth import SimConfig
 from sensorvla.eval.envs import register_envs
 from sensorvla.eval.envs.insertion import InsertionEnv
 from sensorvla.eval.rollout import expert_rollout, rollout
@@ -58,7 +59,7 @@ def test_register_is_explicit_and_idempotent():
 def test_env_passes_gymnasium_checks_and_is_seeded():
     from gymnasium.utils.env_checker import check_env
 
-    env = InsertionEnv()
+    env = InsertionEnv(SimConfig(image_size=64))
     with pytest.warns(UserWarning):  # only advisory warnings (unbounded boxes, physical action units)
         check_env(env, skip_render_check=True)
     obs, info = env.reset(seed=3)
@@ -66,7 +67,7 @@ def test_env_passes_gymnasium_checks_and_is_seeded():
     assert obs["images"].shape == (2, 64, 64, 3) and obs["images"].dtype == np.uint8
     assert obs["sensor"].shape == (env.n_sensor, 33) and obs["sensor"].dtype == np.float32
     assert np.all(obs["sensor_timestamps"] <= obs["timestamp"]) and np.all(np.diff(obs["sensor_timestamps"]) > 0)
-    again, _ = InsertionEnv().reset(seed=3)
+    again, _ = InsertionEnv(SimConfig(image_size=64)).reset(seed=3)
     np.testing.assert_array_equal(obs["images"], again["images"])
     np.testing.assert_array_equal(obs["state"], again["state"])
     frame = env.render()
@@ -127,4 +128,73 @@ def test_rollout_reports_success_length_and_writes_a_gif(runner, tmp_path):
     blind = rollout(spy, env, episodes=2, execute_steps=8, ablate_sensor=True, seed=0)
     assert blind["sensor_ablated"] and len(blind["results"]) == 2
     assert spy.has_sensor and not any(spy.has_sensor)  # the policy saw the sensor as missing
-    assert 0.0 <= blind["success_rate"] <= 1.0 and blind["mean_episode_length"] >= 1
+    assert blind["success_rate"] == np.mean([e["success"] for e in blind["results"]])
+    assert blind["lateral_ok_rate"] == np.mean([e["lateral_ok"] for e in blind["results"]])
+
+
+def test_expert_needs_the_cameras_and_the_sensor():
+    """The built-in task: a vision-blind expert misses the target, a sensor-blind one misses the layer."""
+    env = InsertionEnv()
+    full = expert_rollout(env, episodes=20, seed=0)
+    no_sensor = expert_rollout(env, episodes=20, seed=0, blind=True)
+    no_vision = expert_rollout(env, episodes=20, seed=0, vision_blind=True)
+    assert full["success_rate"] == 1.0 and full["lateral_ok_rate"] == 1.0
+    assert no_sensor["success_rate"] <= 0.4 and no_sensor["lateral_ok_rate"] == 1.0  # aligned, wrong depth
+    assert no_vision["success_rate"] <= 0.15 and no_vision["lateral_ok_rate"] <= 0.15
+    assert no_vision["mean_final_lateral_error_mm"] > 5 * env.cfg.lateral_tol_mm / 2
+    assert no_sensor["mean_final_depth_error_mm"] > 5 * full["mean_final_depth_error_mm"]
+
+
+def test_contact_variant_scores_only_the_depth():
+    register_envs()
+    env = gym.make("sensorvla/InsertionContact-v0")
+    assert env.unwrapped.cfg.task == "contact"
+    no_vision = expert_rollout(env, episodes=10, seed=0, vision_blind=True)
+    assert no_vision["success_rate"] == 1.0 and no_vision["lateral_ok_rate"] <= 0.2
+
+
+def test_target_is_visible_only_in_the_cameras_and_the_layer_only_to_the_sensor():
+    from sensorvla.data.synth import InsertionSim
+
+    a, b = InsertionSim(0), InsertionSim(0)
+    b.target = a.target + 3.0  # another target: the images differ, the sensor does not
+    b.depth = a.depth
+    assert not np.array_equal(a.render("top"), b.render("top"))
+    assert not np.array_equal(a.render("front"), b.render("front"))
+    z = np.linspace(-3, 5, 20)
+    np.testing.assert_array_equal(a.sensor_values(z), b.sensor_values(z))
+    c = InsertionSim(0)
+    c.depth = a.depth + 1.0  # another layer depth: the sensor differs, the images do not
+    for view in ("top", "front"):
+        np.testing.assert_array_equal(a.render(view), c.render(view))
+    assert not np.allclose(a.sensor_values(z), c.sensor_values(z))
+    assert "target" not in str(a.pose)  # the state is the pose only: [x, y, z, roll, pitch, yaw]
+    assert a.pose.shape == (6,)
+
+
+class ImageSpy(SpyRunner):
+    def __init__(self, runner):
+        super().__init__(runner)
+        self.images = []
+
+    def infer(self, obs):
+        self.images.append(np.asarray(obs["images"]).copy())
+        return super().infer(obs)
+
+
+@pytest.mark.parametrize("mode", ["blank", "shuffled"])
+def test_vision_ablation_reaches_the_policy(runner, mode):
+    env = InsertionEnv()
+    env.cfg.max_steps = 6
+    spy = ImageSpy(runner)
+    r = rollout(spy, env, episodes=2, execute_steps=3, ablate_vision=mode, seed=0)
+    assert r["vision_ablated"] == mode and spy.images
+    true_first = [env.reset(seed=s)[0]["images"] for s in (0, 1)]
+    if mode == "blank":
+        assert all(not im.any() for im in spy.images)
+    else:
+        # each episode sees one other scene, never its own
+        assert not np.array_equal(spy.images[0], true_first[0]) and spy.images[0].any()
+        assert np.array_equal(spy.images[0], spy.images[1])  # constant within the episode
+    with pytest.raises(ValueError, match="ablate_vision"):
+        rollout(spy, env, episodes=1, ablate_vision="dark")

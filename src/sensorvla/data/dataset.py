@@ -149,6 +149,14 @@ class EpisodeDataset(torch.utils.data.Dataset):
         t_old = t - int(rng.integers(0, k + 1)) / self.fps
         return t_old if all(self._image_index(e, v, t_old) >= 0 for v in self.views) else t
 
+    def vl_key(self, idx: int) -> tuple:
+        """What the backbone sees for sample `idx` (episode, camera frame of each view, instruction), without
+        loading images: samples with equal keys have identical VL inputs (the stage-1 cache encodes them once)."""
+        e, i = self.index[idx]
+        t = self._vl_time(idx, e, float(self._frame_ts[e][i]))
+        frames = tuple(self._image_index(e, v, t) for v in self.views)
+        return (e, frames, self.meta.episodes[e]["instruction"])
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         e, i = self.index[idx]
         t = float(self._frame_ts[e][i])

@@ -42,7 +42,7 @@ class SimConfig:
     sensor_rate: float = 650.0
     sensor_channels: int = 33  # 1 force + (C - 1) A-scan depth bins
     ascan_range_mm: float = 8.0  # depth covered ahead of the tip
-    camera_rate: float = 10.0
+    camera_rate: float = 5.0  # slower than the 10 Hz actions, as on real robots: frames are reused
     state_rate: float = 100.0
     max_steps: int = 110
     success_tol_mm: float = 0.35  # |tip - layer| while holding

@@ -1,10 +1,11 @@
-"""Offline evaluation on held-out episodes: errors in physical units, and the sensor ablation.
+"""Offline evaluation on held-out episodes: errors in physical units, and sensor and vision ablations.
 
 Samples go through the runner's own transform chain (the training chain), `predict_chunk`, then
 un-normalization. Reported per horizon step and per action dimension, for the first action and for the
-integrated chunk (final pose), split by sensor availability. The ablation re-evaluates samples that have
-sensor data with the sensor masked as missing and with windows shuffled across samples: a positive delta
-means the policy uses the sensor.
+integrated chunk (final pose), split by sensor availability. The sensor ablation re-evaluates samples
+that have sensor data with the sensor masked as missing and with windows shuffled across samples; the
+vision ablation re-evaluates every sample with its views blanked and with the views of a sample of
+another episode. A positive delta means the policy uses that modality.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sensorvla.io import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 ABLATIONS = ("missing", "shuffled")
+VISION_ABLATIONS = ("blank", "shuffled")
 
 
 def _predict(runner, raws: list[dict], batch_size: int, seed: int) -> np.ndarray:
@@ -85,6 +87,38 @@ def _ablate(raws: list[dict], mode: str, seed: int) -> list[dict]:
     return out
 
 
+def _ablate_vision(raws: list[dict], mode: str, seed: int) -> list[dict]:
+    """The same samples with black views ("blank") or with the views of the sample at the same relative
+    position of another episode ("shuffled": a deterministic derangement of the episodes for `seed`)."""
+    out = [dict(r) for r in raws]
+    if mode == "blank":
+        for r in out:
+            r["images"] = [np.zeros_like(im) for im in r["images"]]
+        return out
+    episodes = sorted({r["episode_index"] for r in raws})
+    members = {e: [i for i, r in enumerate(raws) if r["episode_index"] == e] for e in episodes}
+    if len(episodes) < 2:
+        raise ValueError("the shuffled vision ablation needs samples of at least 2 episodes")
+    order = np.random.default_rng(seed).permutation(len(episodes))
+    donor = {episodes[order[k]]: episodes[order[(k + 1) % len(order)]] for k in range(len(order))}
+    for e, idx in members.items():
+        src = members[donor[e]]
+        for k, i in enumerate(idx):
+            out[i]["images"] = raws[src[min(len(src) - 1, k * len(src) // len(idx))]]["images"]
+    return out
+
+
+def _delta(e: dict[str, Any], base: float) -> dict[str, Any]:
+    return {
+        "l1": e["l1"],
+        "final_pose_l1": e["final_pose_l1"],
+        "first_action_l1": e["first_action_l1"],
+        "delta_l1": e["l1"] - base,
+        "delta_pct": 100.0 * (e["l1"] - base) / max(base, 1e-12),
+        "l1_per_dim": e["l1_per_dim"],
+    }
+
+
 def evaluate(
     checkpoint_dir: str | Path,
     dataset_dir: str | Path,
@@ -133,20 +167,22 @@ def evaluate(
         for mode in ABLATIONS:
             p = _predict(runner, _ablate(raws, mode, seed), batch_size, seed)[has]
             e = _errors(p, gt[has], mask[has])
-            ablation[mode] = {
-                "l1": e["l1"],
-                "final_pose_l1": e["final_pose_l1"],
-                "delta_l1": e["l1"] - base,
-                "delta_pct": 100.0 * (e["l1"] - base) / max(base, 1e-12),
-                "l1_per_dim": e["l1_per_dim"],
-            }
+            ablation[mode] = _delta(e, base)
             metrics[f"sensor_ablation_delta_l1_{mode}"] = e["l1"] - base
     metrics["ablation"] = ablation
+    vision: dict[str, Any] = {}
+    for mode in VISION_ABLATIONS:
+        if mode == "shuffled" and len({r["episode_index"] for r in raws}) < 2:
+            continue
+        e = _errors(_predict(runner, _ablate_vision(raws, mode, seed), batch_size, seed), gt, mask)
+        vision[mode] = _delta(e, metrics["l1"])
+        metrics[f"vision_ablation_delta_l1_{mode}"] = e["l1"] - metrics["l1"]
+    metrics["vision_ablation"] = vision
     figs = {
         "trajectories": plots.trajectories(raws, pred, names, out_dir / "trajectories.png"),
         "error_per_step": plots.error_per_step(metrics, names, out_dir / "error_per_step.png"),
     }
-    if ablation:
+    if ablation or vision:
         figs["ablation"] = plots.ablation_bars(metrics, out_dir / "sensor_ablation.png")
     metrics["figures"] = {k: str(Path(v).name) for k, v in figs.items()}
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -196,6 +232,17 @@ def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
         for mode, a in metrics["ablation"].items():
             lines.append(f"| sensor {mode} | {a['l1']:.4g} | {a['delta_l1']:+.4g} | {a['delta_pct']:+.1f}% |")
         lines += ["", "A positive delta means the policy relies on the sensor.", ""]
+    if metrics.get("vision_ablation"):
+        lines += [
+            "## Vision ablation (every sample)",
+            "",
+            "| input | L1 | ΔL1 vs normal | Δ% |",
+            "|---|---|---|---|",
+            f"| normal | {metrics['l1']:.4g} | 0 | 0 |",
+        ]
+        for mode, a in metrics["vision_ablation"].items():
+            lines.append(f"| views {mode} | {a['l1']:.4g} | {a['delta_l1']:+.4g} | {a['delta_pct']:+.1f}% |")
+        lines += ["", "A positive delta means the policy relies on the cameras.", ""]
     for title, fname in metrics["figures"].items():
         lines += [f"## {title.replace('_', ' ')}", "", f"![{title}]({fname})", ""]
     md = "\n".join(lines)

@@ -61,16 +61,21 @@ def error_per_step(metrics: dict[str, Any], names: list[str], path: Path) -> Pat
 
 
 def ablation_bars(metrics: dict[str, Any], path: Path) -> Path:
-    """L1 with normal, missing and shuffled sensor input (samples that have sensor data)."""
+    """L1 with normal inputs, the sensor ablated (missing / shuffled; samples with sensor data) and the views
+    ablated (blank / shuffled; every sample)."""
     plt = _plt()
-    labels = ["normal"] + [f"sensor {m}" for m in metrics["ablation"]]
-    values = [metrics["with_sensor"]["l1"]] + [a["l1"] for a in metrics["ablation"].values()]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    bars = ax.bar(labels, values, color=["C2", "C3", "C1"][: len(values)])
-    for b, v in zip(bars, values):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("L1 error")
-    ax.set_title("sensor ablation: does the policy use the sensor?")
+    groups = [("sensor", metrics["with_sensor"]["l1"], metrics.get("ablation", {}))]
+    groups.append(("vision", metrics["l1"], metrics.get("vision_ablation", {})))
+    groups = [g for g in groups if g[2]]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
+    for ax, (name, normal, modes) in zip(axes[0], groups):
+        labels = ["normal"] + [f"{name} {m}" for m in modes]
+        values = [normal] + [a["l1"] for a in modes.values()]
+        bars = ax.bar(labels, values, color=["C2", "C3", "C1"][: len(values)])
+        for b, v in zip(bars, values):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("L1 error")
+        ax.set_title(f"does the policy use the {'sensor' if name == 'sensor' else 'cameras'}?")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

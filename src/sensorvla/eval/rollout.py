@@ -36,6 +36,16 @@ def _save_gif(frames: list[np.ndarray], path: Path, fps: int = 10) -> Path:
     return path
 
 
+VISION_ABLATIONS = ("blank", "shuffled")
+
+
+def blank_images(obs: dict[str, Any]) -> dict[str, Any]:
+    """The same observation with every camera view black (vision ablated)."""
+    out = dict(obs)
+    out["images"] = np.zeros_like(np.asarray(obs["images"]))
+    return out
+
+
 def rollout(
     runner,
     env,
@@ -43,6 +53,7 @@ def rollout(
     episodes: int = 10,
     execute_steps: int = 4,
     ablate_sensor: bool = False,
+    ablate_vision: str | None = None,
     obs_adapter: Callable[[dict], dict] | None = None,
     action_adapter: Callable[[np.ndarray], Any] | None = None,
     video_dir: str | Path | None = None,
@@ -52,22 +63,43 @@ def rollout(
 ) -> dict:
     """Run `episodes` episodes; execute `execute_steps` of each predicted chunk before re-querying.
 
-    Returns success_rate, mean_episode_length, mean inference latency and per-episode results.
+    Args:
+        ablate_sensor: the policy gets no sensor samples.
+        ablate_vision: "blank" (black views) or "shuffled" (every view of each episode replaced by the views
+            of another scene: the reset frames of other seeds, never evaluated), or None.
+
+    Returns success_rate, lateral_ok_rate (final lateral error within the env's tolerance, when it reports
+    `lateral_ok`), mean final lateral / depth errors, mean episode length and inference latency, and the
+    per-episode results.
     """
     from tqdm.auto import tqdm
 
+    if ablate_vision not in (None, *VISION_ABLATIONS):
+        raise ValueError(f"ablate_vision={ablate_vision!r}: choose one of {VISION_ABLATIONS} or None")
     obs_adapter = obs_adapter or (lambda o: o)
     action_adapter = action_adapter or (lambda a: a)
     results, latencies = [], []
+    others: list[np.ndarray] = []
+    if ablate_vision == "shuffled":  # scenes of seeds outside the evaluated range
+        others = [np.asarray(env.reset(seed=seed + episodes + 1000 + k)[0]["images"]).copy() for k in range(8)]
+    current: dict[str, Any] = {}
 
     def policy(obs: dict) -> dict:
-        out = runner.infer(ablate(obs) if ablate_sensor else obs)
+        if ablate_sensor:
+            obs = ablate(obs)
+        if ablate_vision == "blank":
+            obs = blank_images(obs)
+        elif ablate_vision == "shuffled":
+            obs = dict(obs, images=current["images"])
+        out = runner.infer(obs)
         latencies.append(out["timing"]["total_ms"])
         return out
 
     broker = ActionChunkBroker(policy, execute_steps=execute_steps)
     for ep in tqdm(range(episodes), desc="rollout", disable=not progress):
         obs, _ = env.reset(seed=seed + ep)
+        if others:
+            current["images"] = others[ep % len(others)]
         runner.reset()
         broker.reset()
         frames = [env.render()] if video_dir is not None and ep < max_videos else None
@@ -79,54 +111,82 @@ def rollout(
             done = terminated or truncated
             if frames is not None:
                 frames.append(env.render())
-        success = bool(info.get("success", False))
         results.append(
             {
                 "episode": ep,
-                "success": success,
+                "success": bool(info.get("success", False)),
                 "length": steps,
                 "final_layer_distance_mm": info.get("layer_distance_mm"),
+                "final_depth_error_mm": info.get("depth_error_mm"),
                 "final_lateral_error_mm": info.get("lateral_error_mm"),
+                "lateral_ok": info.get("lateral_ok"),
             }
         )
         if frames is not None:
-            tag = "blind" if ablate_sensor else "sensor"
+            tag = "_".join(["blind"] * ablate_sensor + [f"vision_{ablate_vision}"] * bool(ablate_vision)) or "sensor"
             _save_gif(frames, Path(video_dir) / f"episode_{ep:02d}_{tag}.gif")
-    summary = {
-        "episodes": episodes,
-        "success_rate": float(np.mean([r["success"] for r in results])),
-        "mean_episode_length": float(np.mean([r["length"] for r in results])),
-        "mean_infer_ms": float(np.mean(latencies)) if latencies else 0.0,
-        "mean_final_lateral_error_mm": float(np.mean([r["final_lateral_error_mm"] or 0.0 for r in results])),
-        "sensor_ablated": ablate_sensor,
-        "execute_steps": execute_steps,
-        "results": results,
-    }
+    summary = summarize(results)
+    summary.update(
+        episodes=episodes,
+        mean_infer_ms=float(np.mean(latencies)) if latencies else 0.0,
+        sensor_ablated=ablate_sensor,
+        vision_ablated=ablate_vision,
+        execute_steps=execute_steps,
+        results=results,
+    )
     logger.info(
-        "rollout: success %.2f over %d episodes (sensor %s)",
+        "rollout: success %.2f, lateral ok %s over %d episodes (sensor %s, vision %s)",
         summary["success_rate"],
+        summary["lateral_ok_rate"],
         episodes,
         "ablated" if ablate_sensor else "on",
+        ablate_vision or "on",
     )
     return summary
 
 
-def expert_rollout(env, *, episodes: int = 10, seed: int = 0, blind: bool = False) -> dict:
-    """The scripted expert of the insertion env; `blind` assumes the mean layer depth (what vision alone allows)."""
-    successes, lengths = [], []
+def summarize(results: list[dict]) -> dict[str, Any]:
+    """Per-episode results -> rates and mean errors (None where the env does not report a quantity)."""
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in results if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {
+        "success_rate": float(np.mean([r["success"] for r in results])),
+        "lateral_ok_rate": mean("lateral_ok"),
+        "mean_final_lateral_error_mm": mean("final_lateral_error_mm"),
+        "mean_final_depth_error_mm": mean("final_depth_error_mm"),
+        "mean_episode_length": float(np.mean([r["length"] for r in results])),
+    }
+
+
+def expert_rollout(env, *, episodes: int = 10, seed: int = 0, blind: bool = False, vision_blind: bool = False) -> dict:
+    """The scripted expert of the insertion env. `blind` assumes the mean layer depth (no sensor);
+    `vision_blind` assumes the target at the workspace centre (no cameras)."""
+    results = []
     for ep in range(episodes):
         env.reset(seed=seed + ep)
         sim = env.unwrapped.sim
         steps, done, info = 0, False, {}
         while not done:
-            true_depth = sim.depth
+            true_depth, true_target = sim.depth, sim.target.copy()
             if blind:
                 sim.depth = 4.0
+            if vision_blind:
+                sim.target = np.zeros(2)
             action = sim.expert_action()
-            sim.depth = true_depth
+            sim.depth, sim.target = true_depth, true_target
             _, _, terminated, truncated, info = env.step(action)
             steps += 1
             done = terminated or truncated
-        successes.append(bool(info.get("success")))
-        lengths.append(steps)
-    return {"success_rate": float(np.mean(successes)), "mean_episode_length": float(np.mean(lengths))}
+        results.append(
+            {
+                "success": bool(info.get("success")),
+                "length": steps,
+                "final_lateral_error_mm": info.get("lateral_error_mm"),
+                "final_depth_error_mm": info.get("depth_error_mm"),
+                "lateral_ok": info.get("lateral_ok"),
+            }
+        )
+    return summarize(results)

@@ -126,7 +126,7 @@ def _vocab_with_special_ids(vocab: dict[str, int], first: int) -> dict[str, int]
     return out
 
 
-def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidden: int, vision_depth: int):
+def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidden: int, vision_depth: int, patch: int):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     heads = 4
@@ -162,7 +162,7 @@ def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidd
             intermediate_size=2 * vision_hidden,
             num_heads=4,
             out_hidden_size=text_hidden,
-            patch_size=14,
+            patch_size=patch,
             spatial_merge_size=2,
             temporal_patch_size=2,
             window_size=112,
@@ -176,7 +176,7 @@ def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidd
             mlp_ratio=2,
             num_heads=4,
             hidden_size=text_hidden,
-            patch_size=14,
+            patch_size=patch,
             spatial_merge_size=2,
             temporal_patch_size=2,
         )
@@ -190,7 +190,7 @@ def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidd
             intermediate_size=2 * vision_hidden,
             num_heads=4,
             out_hidden_size=text_hidden,
-            patch_size=16,
+            patch_size=patch,
             spatial_merge_size=2,
             temporal_patch_size=2,
             num_position_embeddings=256,
@@ -212,9 +212,12 @@ def build_tiny_qwen_vl(
     min_pixels: int = 56 * 56,
     max_pixels: int = 224 * 224,
     layout: Literal["v5", "hub"] = "v5",
+    patch_size: int | None = None,
 ) -> Path:
     """Build, randomly initialise (deterministic for `seed`) and save a tiny Qwen-VL + processor.
 
+    `patch_size` defaults to the family's (14, or 16 for Qwen3-VL); a smaller one gives a finer token grid
+    on small images (the demo uses 7 on 112 px views: 8 x 8 merged tokens per view).
     `layout="hub"` also writes the legacy files real checkpoints ship (`preprocessor_config.json` with
     min/max pixels, `chat_template.json`), so the loader is tested on that layout. Written atomically.
     """
@@ -228,6 +231,7 @@ def build_tiny_qwen_vl(
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     out_dir = Path(out_dir)
     tok = train_tokenizer()
+    patch = patch_size or (16 if family == "qwen3_vl" else 14)
     cfg = _config(
         family,
         tok,
@@ -235,11 +239,11 @@ def build_tiny_qwen_vl(
         text_layers=text_layers,
         vision_hidden=vision_hidden,
         vision_depth=vision_depth,
+        patch=patch,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(cfg)
-    patch = 16 if family == "qwen3_vl" else 14
     proc = IMAGE_ONLY_PROCESSORS[family](
         image_processor=make_image_processor(patch, min_pixels, max_pixels), tokenizer=tok, chat_template=CHAT_TEMPLATE
     )

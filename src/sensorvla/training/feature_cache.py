@@ -2,7 +2,9 @@
 
 Every token mode is cacheable (grid, all, view_mean, resampler): a sample's VL tokens (N_i, D_vl) are
 stored as a variable-length row, so no padding is written and a mode whose token count varies (all,
-resampler) costs only what it holds. Layout: <cache_dir>/<key>/meta.json + per-rank shards
+resampler) costs only what it holds. Samples that show the backbone the same input (the same camera frame
+of every view and the same instruction, common when cameras run slower than the action rate) share one
+row: meta.json maps their ids to the encoded one. Layout: <cache_dir>/<key>/meta.json + per-rank shards
 `shard-<r>-of-<w>.{feats,pos,mask}.bin` (raw fp16/bf16 tokens (T, D_vl), float16 positions (T, 3), bool
 masks (T,); memory-mapped on read) + `shard-<r>-of-<w>.index.json` (sample ids and row offsets, rewritten
 atomically after every batch: it is the progress record, so a killed build resumes where it stopped).
@@ -140,6 +142,9 @@ class FeatureCache:
             self._offsets.append(np.asarray(index["offsets"], dtype=np.int64))
             for row, i in enumerate(index["ids"]):
                 self._where[int(i)] = (r, row)
+        for alias, owner in meta.get("aliases", {}).items():  # samples that share a camera frame set
+            if int(owner) in self._where:
+                self._where[int(alias)] = self._where[int(owner)]
 
     def __len__(self) -> int:
         return len(self._where)
@@ -283,13 +288,17 @@ def build_cache(
     dataset_id: str,
     dist_info,
     progress: bool = True,
+    vl_keys: list | None = None,
 ) -> Path:
-    """Encode every sample (sharded rank r::world) and append it to this rank's shard.
+    """Encode every distinct VL input once (sharded rank r::world) and append it to this rank's shard.
 
     Args:
         loader_factory: callable(indices: list[int], start: int) -> iterable of model batches for
             dataset positions `indices[start:]` in order (each batch carries `sample_id`).
         sample_ids: (N,) ids of the dataset positions 0..N-1.
+        vl_keys: per dataset position, a hashable key of what the backbone sees (episode, camera frame of
+            each view, instruction). Samples with the same key share one row: with cameras slower than
+            the action rate, most action frames reuse a camera frame, and it is encoded once.
     """
     from tqdm.auto import tqdm
 
@@ -300,8 +309,9 @@ def build_cache(
     folder = cache_root(cfg) / fingerprint_key(fp)
     folder.mkdir(parents=True, exist_ok=True)
     world, rank = dist_info.world_size, dist_info.rank
-    positions = list(range(rank, len(sample_ids), world))
-    sizes = [len(range(r, len(sample_ids), world)) for r in range(world)]
+    unique, aliases = _distinct_inputs(sample_ids, vl_keys)
+    positions = unique[rank::world]
+    sizes = [len(unique[r::world]) for r in range(world)]
     backbone = policy.backbone
     dim = backbone.hidden_size
     meta_path = folder / "meta.json"
@@ -317,9 +327,10 @@ def build_cache(
         first = {k: v.to(device) if torch.is_tensor(v) else v for k, v in first.items()}
         first_vl = backbone.encode(first)
         if done == 0:
-            _check_budget(cfg, len(sample_ids), float(first_vl.mask.sum(1).float().mean()), dim, dist_info.is_main)
+            _check_budget(cfg, len(unique), float(first_vl.mask.sum(1).float().mean()), dim, dist_info.is_main)
     if dist_info.is_main:
-        atomic_write_json(meta_path, {"fingerprint": fp, "world_size": world, "shard_sizes": sizes, "hidden_size": dim})
+        meta = {"fingerprint": fp, "world_size": world, "shard_sizes": sizes, "hidden_size": dim}
+        atomic_write_json(meta_path, {**meta, "aliases": aliases, "samples": int(len(sample_ids))})
     barrier(dist_info)
     writer = _ShardWriter(_shard_stem(folder, rank, world), cfg.train.cache_dtype)
     writer.align_features(dim)
@@ -347,12 +358,26 @@ def build_cache(
     return folder
 
 
+def _distinct_inputs(sample_ids: np.ndarray, vl_keys: list | None) -> tuple[list[int], dict[str, int]]:
+    """(dataset positions to encode, {sample id: sample id whose row it shares}) for `vl_keys`."""
+    if vl_keys is None:
+        return list(range(len(sample_ids))), {}
+    first: dict = {}
+    aliases: dict[str, int] = {}
+    for pos, key in enumerate(vl_keys):
+        if key in first:
+            aliases[str(int(sample_ids[pos]))] = int(sample_ids[first[key]])
+        else:
+            first[key] = pos
+    return sorted(first.values()), aliases
+
+
 def _check_budget(cfg: SensorVLAConfig, num_samples: int, tokens: float, dim: int, log: bool) -> None:
     size = estimate_bytes(num_samples, tokens, dim, cfg.train.cache_dtype)
     budget = cfg.train.cache_max_gb * 1e9
     if log:
         print(
-            f"[vl-cache] {num_samples} samples x ~{tokens:.0f} tokens x {dim} x {cfg.train.cache_dtype} "
+            f"[vl-cache] {num_samples} distinct inputs x ~{tokens:.0f} tokens x {dim} x {cfg.train.cache_dtype} "
             f"({cfg.model.backbone.pooling}) = {size / 1e6:,.1f} MB on disk (budget {cfg.train.cache_max_gb:g} GB, "
             "--train.cache-max-gb)",
             flush=True,

@@ -612,7 +612,14 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
 
     try:
         folder = feature_cache.build_cache(
-            cfg, policy, loader_factory, ds.sample_ids, meta.dataset_id, info, progress=progress and info.is_main
+            cfg,
+            policy,
+            loader_factory,
+            ds.sample_ids,
+            meta.dataset_id,
+            info,
+            progress=progress and info.is_main,
+            vl_keys=[ds.vl_key(i) for i in range(len(ds))],
         )
     finally:
         teardown(info)
