@@ -75,7 +75,7 @@ def test_run_slow_is_a_real_flag_and_m_slow_still_works():
     default = collect()
     assert default.returncode == 0 and "test_full_demo" not in default.stdout and "test_run_slow" in default.stdout
     widened = collect("--run-slow")
-    assert widened.returncode == 0 and "test_full_demo_sensor_matters_in_closed_loop" in widened.stdout
+    assert widened.returncode == 0 and "test_full_demo" in widened.stdout
     assert "test_cuda_bf16" not in widened.stdout  # gpu tests still need -m gpu
     only = collect("-m", "slow")
     assert only.returncode == 0 and "test_full_demo" in only.stdout and "test_cuda_bf16" not in only.stdout

@@ -169,11 +169,11 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def _setup_logging(is_main: bool) -> None:
-    """INFO from sensorvla on rank 0, warnings only elsewhere; a stderr handler only if none exists (a
-    caller's logging setup, e.g. the CLI's or pytest's, is kept)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sensorvla").setLevel(logging.INFO if is_main else logging.WARNING)
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:
