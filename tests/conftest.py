@@ -27,3 +27,20 @@ def synth_dataset_dir(tmp_path_factory):
     return generate_dataset(
         tmp_path_factory.mktemp("synth") / "insertion", num_episodes=10, seed=0, image_size=64, progress=False
     )
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow (the default `-m 'not slow and not gpu'` skips them); `-m slow` runs "
+        "only those",
+    )
+
+
+def pytest_configure(config):
+    # pyproject's addopts deselects slow tests with `-m 'not slow and not gpu'`; --run-slow widens that
+    # expression (gpu stays deselected: `-m gpu` runs those). An explicit `-m ...` still wins without it.
+    if config.getoption("--run-slow") and config.option.markexpr == "not slow and not gpu":
+        config.option.markexpr = "not gpu"

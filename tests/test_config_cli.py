@@ -140,3 +140,96 @@ def test_imports_touch_nothing(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] > 20 and out["threads"] == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# --- typed loading -----------------------------------------------------------------------------------
+def _with(section: str, key: str, value):
+    d = SensorVLAConfig().to_dict()
+    node = d
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    "section,key,value,expected",
+    [
+        ("model.head", "horizon", "eight", "int"),
+        ("model.sensor", "hidden_dim", "256", "int"),
+        ("model.head", "horizon", 8.0, "int"),  # a float is not an int
+        ("train", "epochs", True, "int"),  # bool is not an int
+        ("train", "resume", 1, "bool"),  # nor an int a bool
+        ("train", "lr", "1e-4", "float"),
+        ("model.backbone", "revision", 3, "str or null"),
+        ("data", "views", ["front", 2], "a list of str"),
+        ("data", "views", "front", "a list of str"),
+        ("model.head", "type", "gan", "one of"),
+        ("model.finetune", "mode", True, "one of"),
+    ],
+)
+def test_config_json_type_errors_name_key_type_and_value(section, key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        SensorVLAConfig.from_json(json.dumps(_with(section, key, value)))
+    msg = str(err.value)
+    assert f"{section}.{key}" in msg and expected in msg and repr(value) in msg, msg
+
+
+def test_config_json_accepts_what_the_type_allows():
+    d = _with("train", "lr", 1)  # an int where a float is expected is fine, and becomes a float
+    d["model"]["backbone"]["revision"] = None
+    d["data"]["views"] = ["front", "top"]
+    cfg = SensorVLAConfig.from_dict(d)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.backbone.revision is None and cfg.data.views == ("front", "top")
+    with pytest.raises(ConfigError, match="config section 'model' must be a JSON object"):
+        SensorVLAConfig.from_dict({"model": [1, 2]})
+
+
+def test_validate_type_checks_python_set_values():
+    cfg = SensorVLAConfig()
+    cfg.model.sensor.hidden_dim = "256"
+    with pytest.raises(ConfigError, match=r"model\.sensor\.hidden_dim.*expects int.*'256'"):
+        cfg.validate()
+    cfg = SensorVLAConfig()
+    cfg.train.lr, cfg.data.views = 1, ["a"]
+    cfg.validate()
+    assert isinstance(cfg.train.lr, float) and cfg.data.views == ("a",)
+
+
+# --- stage defaults live in validation (Python, JSON and CLI agree) -----------------------------------
+def test_stage_defaults_apply_to_python_and_json_configs():
+    from sensorvla.config import stage_warnings
+
+    py = SensorVLAConfig()
+    py.train.stage, py.train.stage1_checkpoint = "stage2", "s1.pt"
+    assert py.validate().model.finetune.mode == "lora"
+    d = SensorVLAConfig().to_dict()
+    d["train"].update(stage="stage2", stage1_checkpoint="s1.pt")
+    del d["model"]["finetune"]["mode"]  # a JSON config that does not say: the stage decides
+    assert SensorVLAConfig.from_dict(d).validate().model.finetune.mode == "lora"
+    assert SensorVLAConfig().validate().model.finetune.mode == "none"
+    cli = parse_train_config(["--training-stage", "stage2", "--stage1-checkpoint", "s1.pt"])
+    assert cli.model.finetune.mode == "lora"
+    # an explicit `none` in stage 2 is respected, with a warning
+    explicit = SensorVLAConfig()
+    explicit.train.stage, explicit.train.stage1_checkpoint = "stage2", "s1.pt"
+    explicit.model.finetune.mode = "none"
+    assert explicit.validate().model.finetune.mode == "none"
+    assert any("frozen VL backbone" in w for w in stage_warnings(explicit))
+    assert parse_train_config(["--training-stage", "stage2", "--finetune-vl", "none"]).model.finetune.mode == "none"
+    s1 = SensorVLAConfig()
+    s1.model.finetune.mode = "lora"
+    assert any("Stage 1 should use finetune-vl=none" in w for w in stage_warnings(s1.validate()))
+    # a checkpoint's config.json (a resolved mode) loads unchanged
+    saved = SensorVLAConfig.from_json(explicit.to_json())
+    assert saved.model.finetune.mode == "none" and saved == explicit
+
+
+def test_new_train_flags_parse_and_validate():
+    cfg = parse_train_config(["--train.schedule-steps", "50", "--train.progress", "off"])
+    assert cfg.train.schedule_steps == 50 and cfg.train.progress == "off"
+    with pytest.raises(ConfigError, match="--train.schedule-steps"):
+        parse_train_config(["--train.schedule-steps", "-1"]).validate()
+    with pytest.raises(SystemExit):
+        parse_train_config(["--train.progress", "sometimes"])

@@ -1,4 +1,5 @@
-"""Tests outside the default suite: `-m slow` (the full demo) and `-m gpu` (CUDA + bf16 paths)."""
+"""Tests outside the default suite: `-m slow` / `--run-slow` (the full demo, heavy end-to-end runs) and
+`-m gpu` (CUDA + bf16 paths); the selection flags themselves, and that CI fails when nothing runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +61,33 @@ def test_cuda_bf16_training_and_inference(tmp_path, tiny_vl_dir, synth_dataset_d
     runner = PolicyRunner.from_pretrained(tmp_path / "checkpoints" / "pretrained_model", device="cuda")
     assert next(runner.policy.backbone.model.parameters()).dtype == torch.bfloat16
     assert torch.cuda.max_memory_allocated() > 0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def collect(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_marked.py"]
+    return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_run_slow_is_a_real_flag_and_m_slow_still_works():
+    default = collect()
+    assert default.returncode == 0 and "test_full_demo" not in default.stdout and "test_run_slow" in default.stdout
+    widened = collect("--run-slow")
+    assert widened.returncode == 0 and "test_full_demo" in widened.stdout
+    assert "test_cuda_bf16" not in widened.stdout  # gpu tests still need -m gpu
+    only = collect("-m", "slow")
+    assert only.returncode == 0 and "test_full_demo" in only.stdout and "test_cuda_bf16" not in only.stdout
+
+
+def test_ci_fails_when_pytest_selects_nothing():
+    """.ci/run runs under `set -e`, so pytest's exit 5 (no tests collected) fails CI instead of passing."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in ci.splitlines()[:5]
+    pytest_lines = [line for line in ci.splitlines() if "pytest" in line and not line.startswith("#")]
+    assert pytest_lines and not any("|| true" in line or "; true" in line for line in pytest_lines)
+    pytest = f"{sys.executable} -m pytest -q -p no:cacheprovider tests/test_marked.py -m nothing_has_this_marker"
+    script = f"set -euo pipefail; cd {ROOT}; {pytest}; echo REACHED"
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 5 and "REACHED" not in r.stdout

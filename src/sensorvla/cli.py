@@ -60,30 +60,41 @@ def rewrite_seed_flags(argv: list[str]) -> list[str]:
 
 
 def parse_train_config(argv: list[str], default_head: str = "regression"):
-    """argv (seed or dotted flags) -> validated SensorVLAConfig, with the seed's stage defaults applied."""
+    """argv (seed or dotted flags) -> SensorVLAConfig with the seed's stage defaults applied.
+
+    With `--resume`, the saved run's config (`<output_dir>/checkpoints/last/config.json`) is the default
+    that the given flags override, so a resumed run changes only what the command line names.
+    """
     import tyro
 
-    from sensorvla.config import SensorVLAConfig
+    from sensorvla.config import SensorVLAConfig, resolve_stage_defaults
 
     args = rewrite_seed_flags(argv)
-    given = {a.partition("=")[0] for a in args if a.startswith("--")}
     cfg = SensorVLAConfig()
     cfg.model.head.type = default_head
     if os.environ.get(VL_MODEL_ENV):
         cfg.model.backbone.vl_model = os.environ[VL_MODEL_ENV]
     aliases = ", ".join(sorted(SEED_ALIASES))
-    cfg = tyro.cli(
-        SensorVLAConfig,
-        args=args,
-        default=cfg,
-        prog="sensorvla train",
-        description="Train stage 1 / stage 2 with one loop. Seed-guide flags are accepted too "
-        f"(with - or _): {aliases}. Default backbone: ${VL_MODEL_ENV} or {cfg.model.backbone.vl_model}.",
-    )
-    # The seed guide: stage 1 defaults to finetune-vl none, stage 2 to lora.
-    if "--model.finetune.mode" not in given:
-        cfg.model.finetune.mode = "lora" if cfg.train.stage == "stage2" else "none"
-    return cfg
+
+    def parse(default: SensorVLAConfig) -> SensorVLAConfig:
+        return tyro.cli(
+            SensorVLAConfig,
+            args=args,
+            default=default,
+            prog="sensorvla train",
+            description="Train stage 1 / stage 2 with one loop. Seed-guide flags are accepted too "
+            f"(with - or _): {aliases}. Default backbone: ${VL_MODEL_ENV} or {cfg.model.backbone.vl_model}. "
+            "With --resume, the saved run's config is the default.",
+        )
+
+    parsed = parse(cfg)
+    if parsed.train.resume:
+        from sensorvla.training.checkpoint import load_run_config
+
+        saved = load_run_config(parsed.train.output_dir)
+        if saved is not None:
+            parsed = parse(saved)
+    return resolve_stage_defaults(parsed)
 
 
 def cmd_train(argv: list[str], default_head: str = "regression") -> int:
@@ -95,12 +106,10 @@ def cmd_train(argv: list[str], default_head: str = "regression") -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.train.stage == "stage1" and cfg.model.finetune.mode != "none":
-        print("WARNING: Stage 1 should use finetune-vl=none", file=sys.stderr)
     from sensorvla.training.loop import train
 
     try:
-        train(cfg)
+        train(cfg)  # logs the stage warnings (config.stage_warnings) itself, for Python callers too
     except KNOWN_ERRORS() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -109,6 +118,7 @@ def cmd_train(argv: list[str], default_head: str = "regression") -> int:
 
 def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:  # noqa: N802
     """Errors whose message already says what to do: print it without a traceback."""
+    from sensorvla.config import ConfigError
     from sensorvla.data.normalize import NormalizationError
     from sensorvla.data.types import DataError
     from sensorvla.models.backbone import BackboneLoadError
@@ -118,6 +128,7 @@ def KNOWN_ERRORS() -> tuple[type[BaseException], ...]:  # noqa: N802
     from sensorvla.training.loop import TrainingDivergedError
 
     return (
+        ConfigError,  # e.g. a resume that would reinterpret the saved run
         CheckpointMismatchError,
         StaleCacheError,
         NormalizationError,
@@ -141,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from sensorvla import commands
+    from sensorvla.runtime import configure_threads
 
     table = commands.COMMANDS
     if not argv or argv[0] in {"-h", "--help"}:
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  train                 train stage 1 / stage 2 (seed-guide flags or dotted overrides)")
         return 0
     verb, rest = argv[0], argv[1:]
+    configure_threads()
     if verb == "train":
         return cmd_train(rest)
     if verb in commands.RAW_ARGV_COMMANDS:  # `plan` parses the train flags itself
@@ -173,11 +186,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_entry() -> None:
     """`python -m sensorvla.train` (regression by default), usable under torchrun."""
+    from sensorvla.runtime import configure_threads
+
+    configure_threads()
     sys.exit(cmd_train(sys.argv[1:], "regression"))
 
 
 def train_diffusion_entry() -> None:
     """`python -m sensorvla.train_diffusion`: the seed's diffusion script (diffusion head by default)."""
+    from sensorvla.runtime import configure_threads
+
+    configure_threads()
     sys.exit(cmd_train(sys.argv[1:], "diffusion"))
 
 

@@ -1,8 +1,10 @@
 """Typed configuration: the single source of truth for model, data, training stage, head and runtime.
 
 Every checkpoint stores the resolved `SensorVLAConfig` as JSON; `SensorVLAConfig.from_dict(cfg.to_dict())`
-gives an equal object. Validation happens in `validate()` (called by the CLI and trainer before any
-distributed init), and every error names the flag to change. This module touches no file on import.
+gives an equal object. Loading checks every value's type against the field's annotation. `validate()`
+(called by the CLI and trainer before any distributed init) also applies the stage defaults, so
+`train(cfg)` from Python, a JSON config and the CLI behave alike; every error names the flag to change.
+This module touches no file on import.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any, Literal
 
 HeadType = Literal["regression", "diffusion", "flow"]
 FusionStrategy = Literal["concat", "cross_attention", "gated"]
-FinetuneMode = Literal["none", "lora", "full"]
+# "auto" (the default) resolves in `validate()`: stage 1 -> none, stage 2 -> lora (the seed guide).
+FinetuneMode = Literal["auto", "none", "lora", "full"]
 Stage = Literal["stage1", "stage2"]
 
 DEFAULT_VL_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -106,7 +109,7 @@ class HeadConfig:
 class FinetuneConfig:
     """What of the VL backbone trains: nothing, LoRA adapters, or everything."""
 
-    mode: FinetuneMode = "none"
+    mode: FinetuneMode = "auto"  # auto: none in stage 1, lora in stage 2 (resolved by validate())
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -189,6 +192,9 @@ class TrainConfig:
     mode: Literal["train", "cache"] = "train"
     epochs: int = 20
     max_steps: int = 0  # 0 = run all epochs; >0 stops after this many optimizer steps
+    # LR schedule length in optimizer steps; 0 = what the run will do: min(epochs * steps/epoch, max_steps).
+    # A resumed run keeps the saved run's length.
+    schedule_steps: int = 0
     batch_size: int = 4  # per process
     grad_accum_steps: int = 8
     lr: float = 1e-4  # head + fusion
@@ -212,6 +218,8 @@ class TrainConfig:
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     cache_max_gb: float = 50.0  # refuse to build a VL cache larger than this on disk
     log_every_steps: int = 10
+    # auto: a progress bar on a terminal, plain periodic log lines otherwise; off: never a bar
+    progress: Literal["auto", "on", "off"] = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"
     wandb: bool = False
     tensorboard: bool = True
@@ -253,7 +261,10 @@ class SensorVLAConfig:
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix or 'root'}' must be a JSON object, got {type(data)}")
+        raise ConfigError(
+            f"config section '{prefix.rstrip('.') or 'root'}' must be a JSON object, got {data!r} "
+            f"({type(data).__name__}); fix the config file"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -267,38 +278,144 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _from_dict(hint, value, f"{prefix}{name}.")
-        elif _is_tuple(hint) and isinstance(value, list):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = coerce(value, hint, prefix + name)
     return cls(**kwargs)
 
 
-def _is_tuple(hint: Any) -> bool:
+def _flag(key: str) -> str:
+    """Config key `model.head.num_inference_steps` -> flag `--model.head.num-inference-steps`."""
+    *parents, leaf = key.split(".")
+    return "--" + ".".join([*parents, leaf.replace("_", "-")])
+
+
+def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        return f"one of {list(typing.get_args(hint))}"
     if origin in (typing.Union, types.UnionType):
-        return any(_is_tuple(a) for a in typing.get_args(hint))
-    return origin is tuple
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of [{', '.join(map(_type_name, args))}]"
+    return getattr(hint, "__name__", str(hint))
 
 
-def _check_literal(value: Any, hint: Any, flag: str) -> None:
-    if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
-        raise ConfigError(f"{flag}={value!r} is not one of {list(typing.get_args(hint))}; set {flag} to one.")
+class _MismatchError(Exception):
+    """Internal: a value does not fit an annotation."""
 
 
-def _check_literals(obj: Any, prefix: str) -> None:
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` converted to `hint` (int -> float, list -> tuple), or `_MismatchError`. bool is never an int."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        for option in typing.get_args(hint):
+            if type(value) is type(option) and value == option:
+                return value
+        raise _MismatchError
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a)
+            except _MismatchError:
+                continue
+        raise _MismatchError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _MismatchError
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise _MismatchError
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _MismatchError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _MismatchError
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _MismatchError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _MismatchError
+    return value  # an annotation this checker does not model
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the annotation of config key `key`; raise `ConfigError` naming key, type, value."""
+    try:
+        return _coerce(value, hint)
+    except _MismatchError:
+        if typing.get_origin(hint) is Literal:
+            raise ConfigError(
+                f"{_flag(key)}={value!r} is not one of {list(typing.get_args(hint))}; set {_flag(key)} to one "
+                f"(config key {key})."
+            ) from None
+        raise ConfigError(
+            f"config key {key} ({_flag(key)}) expects {_type_name(hint)}, got {value!r} ({type(value).__name__}); "
+            f"fix the value in the config file or pass {_flag(key)}."
+        ) from None
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Type-check (and normalise: int -> float, list -> tuple) every field of a config tree in place."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_literals(value, f"{prefix}{f.name}.")
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(value, hints[f.name]):
+                raise ConfigError(
+                    f"config section {prefix}{f.name} must be a {hints[f.name].__name__}, got {type(value).__name__}"
+                )
+            _check_types(value, f"{prefix}{f.name}.")
         else:
-            _check_literal(value, hints[f.name], f"--{prefix}{f.name}")
+            setattr(obj, f.name, coerce(value, hints[f.name], prefix + f.name))
+
+
+def resolve_stage_defaults(cfg: SensorVLAConfig) -> SensorVLAConfig:
+    """Apply the seed guide's stage defaults in place: `--finetune-vl auto` -> none (stage 1) / lora (stage 2)."""
+    if cfg.model.finetune.mode == "auto":
+        cfg.model.finetune.mode = "lora" if cfg.train.stage == "stage2" else "none"
+    return cfg
+
+
+def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
+    """Legal but suspicious stage settings (the trainer logs each one)."""
+    out = []
+    mode, stage = cfg.model.finetune.mode, cfg.train.stage
+    if stage == "stage1" and mode not in ("none", "auto"):
+        out.append(f"Stage 1 should use finetune-vl=none (got {mode})")
+    if stage == "stage2" and mode == "none":
+        out.append(
+            "Stage 2 with --finetune-vl none (as set) trains with a frozen VL backbone; the seed guide's "
+            "stage 2 uses --finetune-vl lora (the default when --finetune-vl is not given)"
+        )
+    if stage == "stage1" and cfg.train.stage1_checkpoint:
+        out.append("--stage1-checkpoint is ignored in stage 1 (it initialises stage 2)")
+    return out
 
 
 def validate(cfg: SensorVLAConfig) -> None:
-    """Raise `ConfigError` for any invalid or inconsistent value."""
-    _check_literals(cfg, "")
+    """Raise `ConfigError` for any invalid or inconsistent value. Normalises types and applies the stage
+    defaults (`resolve_stage_defaults`) in place."""
+    _check_types(cfg, "")
+    resolve_stage_defaults(cfg)
     m, d, t = cfg.model, cfg.data, cfg.train
     positive = {
         "--train.batch-size": t.batch_size,
@@ -312,6 +429,15 @@ def validate(cfg: SensorVLAConfig) -> None:
     for flag, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
+    for flag, value in {
+        "--train.max-steps": t.max_steps,
+        "--train.schedule-steps": t.schedule_steps,
+        "--train.save-every-steps": t.save_every_steps,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0 (0 = off / automatic), got {value}")
+    if t.log_every_steps <= 0 or t.val_every_epochs <= 0:
+        raise ConfigError("--train.log-every-steps and --train.val-every-epochs must be > 0")
     if t.epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("--train.epochs must be > 0 (or set --train.max-steps)")
     if m.head.num_inference_steps > m.head.diffusion_timesteps and m.head.type == "diffusion":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -130,10 +129,13 @@ def test_build_is_deterministic_and_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
-def test_build_is_fast(tmp_path):
-    start = time.perf_counter()
-    build_tiny_qwen_vl(tmp_path / "t", "qwen3_vl")
-    assert time.perf_counter() - start < 5.0  # ~0.05-0.2 s measured; generous for a loaded CI box
+def test_build_is_tiny_and_offline(tmp_path):
+    """The test backbone stays tiny (what keeps the suite fast) and needs no hub: a size bound, not a timer."""
+    out = build_tiny_qwen_vl(tmp_path / "t", "qwen3_vl")
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert 0 < total < 5 * 2**20, total
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["hidden_size"] <= 128 and cfg["text_config"]["num_hidden_layers"] <= 4
 
 
 def test_unknown_family_is_rejected(tmp_path):
@@ -219,13 +221,11 @@ def test_hub_layout_loads(tiny_dirs):
 
 def test_hub_id_offline_fails_fast_with_fix():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    start = time.perf_counter()
     with pytest.raises(OSError, match="local folder") as err:
         load_processor("sensorvla-tests/not-a-downloaded-model", min_pixels=MIN_PX, max_pixels=MAX_PX)
     assert "HF_HUB_OFFLINE" in str(err.value) and "--vl-model" in str(err.value)
     with pytest.raises(OSError, match="local folder"):
         load_vl_model("sensorvla-tests/not-a-downloaded-model", dtype=torch.float32)
-    assert time.perf_counter() - start < 10.0
 
 
 def test_collate_vl_right_pads(loaded):

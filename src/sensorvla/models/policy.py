@@ -89,24 +89,37 @@ class VLAPolicy(nn.Module):
         state = batch.get("state") if self.cfg.state_dim > 0 else None
         return self.fusion(vl, vl_mask, sensor_tok, sensor_tok_mask, None if state is None else state.float())
 
-    def forward(self, batch: dict[str, torch.Tensor], sensor_loss_weight: float = 1.0):
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        sensor_loss_weight: float = 1.0,
+        weight_sum: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """Training seam.
 
         Args:
             batch: model batch (docs/interfaces.md section 3) with `actions` (B, H, D_a) and
                 `action_mask` (B, H).
             sensor_loss_weight: weight of samples that carry sensor data (the seed's `--sensor_loss_weight`).
+            weight_sum: the normaliser of the weighted loss sum. None = this batch's own weight sum (a
+                weighted mean). The trainer passes the accumulation window's total weight over all ranks,
+                so the w:1 ratio holds across micro-batches (an all-sensor micro-batch included).
+            generator: draws the head's loss noise (validation passes its own); None = the global RNG.
 
         Returns:
-            (loss, metrics): the weighted mean loss (scalar) and per-subset diagnostics: `loss_sensor`
+            (loss, metrics): the weighted loss (scalar) and per-subset diagnostics: `loss_sensor`
             and `loss_no_sensor` (means over samples with / without sensor data, NaN-free: absent subsets
             are omitted) and their sample counts.
         """
         cond, cond_mask = self.condition(batch)
-        per_sample = self.head.loss(cond, cond_mask, batch["actions"].float(), batch["action_mask"].bool())
+        per_sample = self.head.loss(
+            cond, cond_mask, batch["actions"].float(), batch["action_mask"].bool(), generator=generator
+        )
         has_sensor = batch["has_sensor"].bool()
         weights = torch.where(has_sensor, sensor_loss_weight, 1.0).to(per_sample.dtype)
-        loss = (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
+        norm = weights.sum().clamp_min(1e-8) if weight_sum is None else max(float(weight_sum), 1e-8)
+        loss = (per_sample * weights).sum() / norm
         metrics: dict[str, float] = {"loss_unweighted": float(per_sample.detach().mean())}
         with torch.no_grad():
             for name, sel in (("sensor", has_sensor), ("no_sensor", ~has_sensor)):

@@ -7,7 +7,9 @@ Folder layout (LeRobot-like):
     adapter_model.safetensors   LoRA tensors, PEFT key layout (LoRA only)
     adapter_config.json         PEFT LoraConfig (LoRA only)
     norm_stats.json             normalization statistics with their fingerprint
-Loading is strict: a missing or unexpected key raises `CheckpointMismatchError` listing the keys.
+    manifest.json               sha256 of each weight file (sensorvla.integrity), checked at load
+Loading is strict: a changed weight file (sha256), a bad config value, or a missing or unexpected key
+raises `CheckpointMismatchError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 import torch
 
-from sensorvla.config import SensorVLAConfig
+from sensorvla import integrity
+from sensorvla.config import ConfigError, SensorVLAConfig, resolve_stage_defaults
 from sensorvla.io import atomic_dir, save_safetensors
 from sensorvla.models import finetune
 
@@ -76,6 +79,8 @@ def build_policy(cfg: SensorVLAConfig, *, device: str | torch.device = "cpu", dt
     from sensorvla.models.policy import VLAPolicy
 
     device = torch.device(device)
+    if cfg.model.finetune.mode == "auto":  # a config that skipped validate(): apply the stage defaults here
+        cfg = resolve_stage_defaults(dataclasses.replace(cfg, model=_replace_finetune(cfg)))
     bcfg = cfg.model.backbone
     vl_dtype = dtype or resolve_dtype(bcfg.dtype, device)
     vl = load_vl_model(
@@ -86,6 +91,10 @@ def build_policy(cfg: SensorVLAConfig, *, device: str | torch.device = "cpu", dt
     if bcfg.activation_checkpointing:
         policy.backbone.enable_activation_checkpointing()
     return policy.to(device)
+
+
+def _replace_finetune(cfg: SensorVLAConfig):
+    return dataclasses.replace(cfg.model, finetune=dataclasses.replace(cfg.model.finetune))
 
 
 def saved_state_dict(policy: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
@@ -113,7 +122,9 @@ def save_pretrained(
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(cfg.to_json())
         save_safetensors(saved_state_dict(policy, state), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        weights = [WEIGHTS_NAME]
         if cfg.model.finetune.mode == "lora":
+            weights.append(ADAPTER_WEIGHTS_NAME)
             save_safetensors(finetune.adapter_state_dict(policy), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
             lcfg = finetune.lora_config(cfg.model.finetune).to_dict()
             lcfg["base_model_name_or_path"] = cfg.model.backbone.vl_model
@@ -122,7 +133,24 @@ def save_pretrained(
             (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(lcfg, indent=2, default=str))
         if norm_stats is not None:
             norm_stats.save(tmp / NORM_STATS_NAME)
+        integrity.write_manifest(tmp, weights)
     return out_dir
+
+
+def verify_folder(path: str | Path) -> None:
+    """Check the weight files of a pretrained_model folder against its manifest; raise naming the file."""
+    path = Path(path)
+    if not integrity.has_manifest(path):
+        logger.warning(
+            "%s has no %s (saved by an older sensorvla): its weights are not integrity-checked; "
+            "re-save the folder to add one",
+            path,
+            integrity.MANIFEST_NAME,
+        )
+        return
+    problems = integrity.verify_manifest(path)
+    if problems:
+        raise CheckpointMismatchError("; ".join(problems))
 
 
 def load_state_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
@@ -172,6 +200,11 @@ def from_pretrained(path: str | Path, *, device: str | torch.device = "cpu", vl_
         cfg = SensorVLAConfig.load(cfg_path)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{cfg_path} is not a valid sensorvla config: {e}") from e
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise CheckpointMismatchError(f"{cfg_path} is not a valid sensorvla config: {e}") from e
+    verify_folder(path)
     if vl_model is not None:
         cfg.model.backbone.vl_model = vl_model
     policy = build_policy(cfg, device="cpu")

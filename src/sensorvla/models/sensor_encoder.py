@@ -83,7 +83,7 @@ class SensorEncoder(nn.Module):
         # rows with nothing valid would make attention NaN: give them one dummy key, replaced below
         kpm = ~valid
         kpm[~present, 0] = False
-        if not bool(kpm.any()):  # every grid point measured (the common case): no mask to build and check
+        if kpm.device.type != "meta" and not bool(kpm.any()):  # all measured (the common case): no mask
             kpm = None
         h = self.encoder(h, src_key_padding_mask=kpm)
         q = self.queries.expand(b, -1, -1)

@@ -151,7 +151,7 @@ class Dynamic:
         opt_tmp: temporaries of the optimizer step (gradients are all live then).
         batch: the collated micro-batch.
         accumulate: grad-accum > 1 (gradients stay allocated between micro-batches of a step).
-        validation: the run validates (3 batches alive at once, gradients already freed).
+        validation: the run validates (2 batches alive at once, gradients already freed).
     """
 
     act: int
@@ -165,8 +165,8 @@ class Dynamic:
 def dynamic_peak(d: Dynamic, g_total: int, g: int, opt_tmp: int | None = None) -> int:
     """The largest of the step's moments with `g` gradient bytes on this GPU (`g_total` unsharded): the micro-batch
     peak; the optimizer step (all gradients + its temporaries); collating the next micro-batch while the previous
-    one is still bound (2 batches, plus the gradients when accumulating); validation (3 batches: the last training
-    batch, the previous and the new validation batch; gradients freed by zero_grad)."""
+    one is still bound (2 batches, plus the gradients when accumulating); validation (2 batches: the previous and the
+    new validation batch; the training window's batches are released with it, gradients freed by zero_grad)."""
     scale = g / g_total if g_total else 0.0
     moments = [
         d.act + int(d.act_grads * scale),
@@ -174,7 +174,7 @@ def dynamic_peak(d: Dynamic, g_total: int, g: int, opt_tmp: int | None = None) -
         2 * d.batch + (g if d.accumulate else 0),
     ]
     if d.validation:
-        moments.append(3 * d.batch)
+        moments.append(2 * d.batch)
     return max(moments)
 
 

@@ -218,6 +218,9 @@ def plan(
 
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device {device!r}: plan for cuda or cpu")
+    from sensorvla.config import resolve_stage_defaults
+
+    cfg = resolve_stage_defaults(copy.deepcopy(cfg))  # finetune mode "auto": the stage decides, as in validate()
     notes: list[str] = []
     cfg, image_hw, n_samples, n_val, instruction = resolve(
         cfg,

@@ -5,7 +5,10 @@
     diffusion_epoch<N>.pt          diffusion head: one per epoch, as in the seed guide
     pretrained_model/              best model for serving/eval (config, safetensors, adapters, norm stats)
     last/                          resume state: checkpoint.pt (seed keys) + training_state.json + rng.pt
-Every file is written atomically, so a kill during a save never leaves a broken `best` or `last`.
+                                   + config.json (the run's resolved config) + run.json (dataset
+                                   fingerprint, schedule length, world size) + manifest.json (sha256)
+Every file is written atomically, so a kill during a save never leaves a broken `best` or `last`. Each
+seed `.pt` file has a `<name>.sha256.json` sidecar; loading checks it (sensorvla.integrity).
 
 Seed keys. stage 1: epoch, sensor_encoder, action_expert, optimizer_state_dict, scheduler_state_dict,
 val_loss, training_stage="stage1". stage 2: epoch, model_state_dict, and the same others with
@@ -23,13 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from sensorvla.io import atomic_dir, atomic_write_json, torch_load, torch_save
+from sensorvla import integrity
+from sensorvla.io import atomic_dir, atomic_file, atomic_write_json, torch_load, torch_save
 from sensorvla.models import finetune
 from sensorvla.models.pretrained import CheckpointMismatchError, saved_state_dict
 
 logger = logging.getLogger(__name__)
 
 BEST_NAME = "qwen_vla_sensor_best.pt"
+LAST_NAME = "last"
+RUN_CONFIG_NAME = "config.json"
+RUN_INFO_NAME = "run.json"
 STAGE1_KEYS = ("sensor_encoder", "action_expert")
 SEED_KEYS = {
     "stage1": (
@@ -121,11 +128,15 @@ def _mismatch(path, missing, unexpected) -> CheckpointMismatchError:
 
 
 def load_seed_checkpoint(path: str | Path) -> dict:
+    """Load a seed `.pt` file (tensors only), checking its sha256 sidecar when it has one."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"checkpoint {path} not found; pass the file written by stage 1 (e.g. checkpoints/{BEST_NAME})"
         )
+    problems = integrity.verify_sidecar(path)
+    if problems:
+        raise CheckpointMismatchError("; ".join(problems))
     try:
         return torch_load(path)
     except Exception as e:  # weights_only refusal, truncated zip, ...
@@ -151,6 +162,7 @@ def load_stage1_into(policy, path: str | Path) -> dict:
     if bad:
         raise CheckpointMismatchError(f"Checkpoint loading mismatch in {path}: shapes differ for {bad[:10]}")
     policy.load_state_dict(got, strict=False)  # exact key set verified above; the rest is the frozen base
+    loaded = policy.state_dict()
     logger.info(
         "loaded stage-1 weights from %s (%d tensors, epoch %s, val_loss %s)",
         path,
@@ -162,7 +174,8 @@ def load_stage1_into(policy, path: str | Path) -> dict:
         "path": str(path),
         "epoch": ckpt.get("epoch"),
         "val_loss": ckpt.get("val_loss"),
-        "sha256": tensors_sha256(got),
+        # what the policy holds now (not what the file holds): proves the load took effect
+        "sha256": tensors_sha256({k: loaded[k] for k in got}),
     }
 
 
@@ -218,29 +231,93 @@ def restore_rng(t: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(t["cuda"])
 
 
-def save_last(ckpt_dir: Path, payload: dict, state: dict, rng_per_rank: list[dict]) -> Path:
-    """Atomically replace <ckpt_dir>/last with the seed payload, JSON state and every rank's RNG."""
-    with atomic_dir(ckpt_dir / "last") as tmp:
+def save_last(
+    ckpt_dir: Path,
+    payload: dict,
+    state: dict,
+    rng_per_rank: list[dict],
+    config_json: str | None = None,
+    run_info: dict | None = None,
+) -> Path:
+    """Atomically replace <ckpt_dir>/last with the seed payload, JSON state, every rank's RNG, the run's
+    config and run info (what resume compares against), and a sha256 manifest of the tensor files."""
+    with atomic_dir(ckpt_dir / LAST_NAME) as tmp:
         torch_save(payload, tmp / "checkpoint.pt")
         torch_save({"ranks": [_rng_to_tensors(r) for r in rng_per_rank]}, tmp / "rng.pt")
         atomic_write_json(tmp / "training_state.json", state)
-    return ckpt_dir / "last"
+        if config_json is not None:
+            (tmp / RUN_CONFIG_NAME).write_text(config_json)
+        if run_info is not None:
+            atomic_write_json(tmp / RUN_INFO_NAME, run_info)
+        integrity.write_manifest(tmp, ["checkpoint.pt", "rng.pt"])
+    return ckpt_dir / LAST_NAME
 
 
 def load_last(ckpt_dir: Path) -> tuple[dict, dict, list[dict]]:
+    """(seed payload, training state, per-rank RNG) from <ckpt_dir>/last, checked against its manifest."""
     import json
 
-    last = Path(ckpt_dir) / "last"
+    last = Path(ckpt_dir) / LAST_NAME
     if not (last / "training_state.json").exists():
         raise FileNotFoundError(f"--resume: no resumable state in {last}; start without --resume")
+    problems = integrity.verify_manifest(last)
+    if problems:
+        raise CheckpointMismatchError("--resume: " + "; ".join(problems))
     state = json.loads((last / "training_state.json").read_text())
     payload = load_seed_checkpoint(last / "checkpoint.pt")
     rng = torch_load(last / "rng.pt")["ranks"]
     return payload, state, rng
 
 
+def load_run_config(output_dir: str | Path):
+    """The saved run's config from <output_dir>/checkpoints/last/config.json, or None (no saved run)."""
+    from sensorvla.config import ConfigError, SensorVLAConfig
+
+    path = Path(output_dir) / "checkpoints" / LAST_NAME / RUN_CONFIG_NAME
+    if not path.exists():
+        return None
+    try:
+        return SensorVLAConfig.load(path)
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError; so is a JSON syntax error
+        raise ConfigError(
+            f"--resume: {path} (the saved run's config) is unreadable: {e}. Fix it, or start a new run in another "
+            "--train.output-dir"
+        ) from e
+
+
+def load_run_info(ckpt_dir: str | Path) -> dict | None:
+    import json
+
+    path = Path(ckpt_dir) / LAST_NAME / RUN_INFO_NAME
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def save_seed_file(path: Path, payload: dict) -> Path:
-    return torch_save(payload, path)
+    """torch.save a seed payload atomically with its sha256 sidecar (see `integrity.write_sidecar`)."""
+    path = Path(path)
+    previous = integrity.file_sha256(path) if path.exists() else None
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
+        digest = integrity.file_sha256(tmp)
+        integrity.write_sidecar(path, digest, previous=previous)  # both accepted until the rename
+    integrity.write_sidecar(path, digest)
+    return path
+
+
+def finite_checkpoint(path: Path) -> dict | None:
+    """{"epoch", "val_loss"} of a seed `.pt` file whose tensors and val_loss are all finite; None otherwise
+    (unreadable, failed its sha256 check, or holding a NaN/inf)."""
+    try:
+        payload = load_seed_checkpoint(path)
+    except (CheckpointMismatchError, FileNotFoundError):
+        return None
+    sections = [payload.get(k) for k in ("sensor_encoder", "action_expert", "model_state_dict")]
+    tensors = [t for sd in sections if isinstance(sd, dict) for t in sd.values() if torch.is_tensor(t)]
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    val_loss = float(payload.get("val_loss", float("nan")))
+    if not tensors or not finite or not np.isfinite(val_loss):
+        return None
+    return {"epoch": payload.get("epoch"), "val_loss": val_loss}
 
 
 def backup_if_overwritten(ckpt_dir: Path, stage1_checkpoint: str | None, names: list[str]) -> None:
@@ -256,4 +333,6 @@ def backup_if_overwritten(ckpt_dir: Path, stage1_checkpoint: str | None, names: 
                 import shutil
 
                 shutil.copy2(src, dst)
+                if integrity.sidecar(src).exists():
+                    shutil.copy2(integrity.sidecar(src), integrity.sidecar(dst))
                 logger.warning("stage 2 will overwrite %s; the stage-1 file is kept at %s", src, dst)

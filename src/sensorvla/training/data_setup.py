@@ -62,26 +62,31 @@ def raw_dataset(cfg: SensorVLAConfig, split: str, load_images: bool = True):
 class ShardedEpochSampler(torch.utils.data.Sampler[int]):
     """Deterministic per-epoch permutation, split across ranks, able to start mid-epoch (resume).
 
-    Every rank gets the same number of indices (the permutation is padded by wrapping around).
+    `pad=True` (training): every rank gets the same number of indices (the permutation is padded by
+    wrapping around), so DDP ranks step in lockstep. `pad=False` (validation): an exact partition, each
+    index on exactly one rank (counts may differ by one), so all-reduced sums count every sample once.
     """
 
-    def __init__(self, n: int, *, seed: int, rank: int, world: int, shuffle: bool = True):
-        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+    def __init__(self, n: int, *, seed: int, rank: int, world: int, shuffle: bool = True, pad: bool = True):
+        self.n, self.seed, self.rank, self.world, self.shuffle, self.pad = n, seed, rank, world, shuffle, pad
         self.epoch = 0
         self.start = 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def indices(self) -> list[int]:
+    def indices(self, rank: int | None = None) -> list[int]:
+        """This rank's (or `rank`'s) indices for the current epoch."""
+        rank = self.rank if rank is None else rank
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        per_rank = math.ceil(self.n / self.world)
-        order = (order * math.ceil(per_rank * self.world / max(self.n, 1) + 1))[: per_rank * self.world]
-        return order[self.rank :: self.world]
+        if self.pad:
+            per_rank = math.ceil(self.n / self.world)
+            order = (order * math.ceil(per_rank * self.world / max(self.n, 1) + 1))[: per_rank * self.world]
+        return order[rank :: self.world]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :])

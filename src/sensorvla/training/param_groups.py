@@ -3,17 +3,32 @@
 Groups (by parameter-name prefix): head, fusion, sensor_encoder, vl_projection (a learned VL resampler),
 vl_lora (language-model LoRA adapters, --vl-lr), vision (the vision tower's LoRA adapters or, with
 --model.finetune.full-vision / `full`, its weights: --vision-lr) and language (full fine-tuning, --vl-lr).
-Biases and norm weights (1-D tensors) go to a `<group>/no_decay` twin with weight decay 0.
+Biases, norm weights (1-D tensors) and learned embeddings that are not projections (positions `pos` /
+`time_pos` / `pos_embed`, learned `queries`, `missing_tokens`, the fusion `type_emb`, the backbone's
+`view_emb`) go to a
+`<group>/no_decay` twin with weight decay 0: decay would pull them towards zero for no regularising gain.
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 from torch import nn
 
 from sensorvla.config import TrainConfig
 from sensorvla.models.finetune import HF_BASE_PREFIX, is_lora_param, is_vision_param
+
+# a name component (between dots) that is a learned position / query / missing-token / type embedding
+# (`pos`, `time_pos`, `pos_embed`; not `pos_proj`, a projection of fixed Fourier features)
+NO_DECAY_COMPONENT = re.compile(r"^(\w+_)?pos(_embed?)?$|^queries$|^missing_tokens?$|^(type|view)_emb$")
+
+
+def is_no_decay(name: str, ndim: int) -> bool:
+    """Weight decay 0 for biases, norms, 1-D tensors and learned embeddings (see module docstring)."""
+    if ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+        return True
+    return any(NO_DECAY_COMPONENT.search(part) for part in name.split("."))
 
 
 def group_of(name: str) -> str:
@@ -56,7 +71,7 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         if not p.requires_grad:
             continue
         base = group_of(name)
-        no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        no_decay = is_no_decay(name, p.ndim)
         key = f"{base}/no_decay" if no_decay else base
         g = groups.setdefault(
             key,

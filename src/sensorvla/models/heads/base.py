@@ -24,9 +24,17 @@ class ActionHead(nn.Module):
         self.horizon, self.action_dim = cfg.horizon, cfg.action_dim
 
     def loss(
-        self, cond: torch.Tensor, cond_mask: torch.Tensor, actions: torch.Tensor, action_mask: torch.Tensor
+        self,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+        actions: torch.Tensor,
+        action_mask: torch.Tensor,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """cond (B, N_c, D), cond_mask (B, N_c), actions (B, H, D_a), action_mask (B, H) -> loss (B,)."""
+        """cond (B, N_c, D), cond_mask (B, N_c), actions (B, H, D_a), action_mask (B, H) -> loss (B,).
+
+        `generator` draws the loss's noise / timesteps (validation passes its own); None = the global RNG.
+        """
         raise NotImplementedError
 
     def sample(

@@ -28,10 +28,11 @@ class DiffusionHead(ActionHead):
         # "trailing" spacing starts sampling at t = T - 1 (the original started at t = 90 of 100)
         self.sample_scheduler = DDIMScheduler(**common, timestep_spacing="trailing", set_alpha_to_one=True)
 
-    def loss(self, cond, cond_mask, actions, action_mask):
+    def loss(self, cond, cond_mask, actions, action_mask, generator=None):
         b = actions.shape[0]
-        noise = torch.randn_like(actions)
-        t = torch.randint(0, self.cfg.diffusion_timesteps, (b,), device=actions.device)
+        dev = generator.device if generator is not None else actions.device
+        noise = torch.randn(actions.shape, generator=generator, device=dev).to(actions.device, actions.dtype)
+        t = torch.randint(0, self.cfg.diffusion_timesteps, (b,), generator=generator, device=dev).to(actions.device)
         self.train_scheduler.alphas_cumprod = self.train_scheduler.alphas_cumprod.to(actions.device)
         noisy = self.train_scheduler.add_noise(actions, noise, t)
         pred = self.denoiser(noisy, t, cond, cond_mask)

@@ -1,5 +1,13 @@
-"""Flow-matching head (rectified flow): x_tau = (1 - tau) * noise + tau * actions, the network predicts the
-velocity (actions - noise); sampling integrates from tau = 0 (noise) to 1 with Euler steps."""
+"""Flow-matching head in pi0's convention: t = 1 is pure noise, t = 0 is the action chunk.
+
+Training, as openpi's `models/pi0.py` `compute_loss` (pi0, Black et al. 2024, emphasises the noisier
+timesteps; openpi's code writes that with t = 1 as noise):
+    x_t = t * noise + (1 - t) * actions,   target velocity u = noise - actions,
+    t = 0.001 + 0.999 * s,  s ~ Beta(1.5, 1)  (density ~ sqrt(s): the emphasis is at the NOISY end, t -> 1).
+Sampling integrates dx/dt = v(x_t, t) from t = 1 (noise) to t = 0 with Euler steps of dt = -1/steps.
+Beta(1.5, 1) has the CDF s^1.5, so s = U^(2/3) with U ~ Uniform(0, 1): an explicit `torch.Generator`
+can draw it (validation uses its own generator). See docs/decisions.md ("Flow head").
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,17 @@ import torch.nn.functional as F
 from sensorvla.config import HeadConfig
 from sensorvla.models.heads.base import ActionHead, ChunkDenoiser, masked_mean
 
-TIME_SCALE = 1000.0  # tau in [0, 1] is embedded like a diffusion timestep in [0, 1000]
+TIME_SCALE = 1000.0  # t in [0, 1] is embedded like a diffusion timestep in [0, 1000]
+BETA_ALPHA = 1.5  # s ~ Beta(BETA_ALPHA, 1)
+T_MIN = 0.001  # t never reaches exactly 0 (pi0: beta * 0.999 + 0.001)
+
+
+def sample_time(b: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """(b,) flow times in (0.001, 1]; t = 1 is noise. Density rises towards the noisy end (pi0)."""
+    dev = generator.device if generator is not None else device
+    u = torch.rand((b,), generator=generator, device=dev)
+    s = u.pow(1.0 / BETA_ALPHA)  # inverse CDF of Beta(1.5, 1)
+    return (T_MIN + (1.0 - T_MIN) * s).to(device)
 
 
 class FlowHead(ActionHead):
@@ -17,14 +35,14 @@ class FlowHead(ActionHead):
         super().__init__(cfg, cond_dim)
         self.velocity = ChunkDenoiser(cfg, cond_dim)
 
-    def loss(self, cond, cond_mask, actions, action_mask):
+    def loss(self, cond, cond_mask, actions, action_mask, generator=None):
         b = actions.shape[0]
-        noise = torch.randn_like(actions)
-        # tau ~ Beta(1.5, 1) skews towards the data end, as in pi0; both ends are still covered
-        tau = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(actions.device)
-        x = (1 - tau)[:, None, None] * noise + tau[:, None, None] * actions
-        pred = self.velocity(x, tau * TIME_SCALE, cond, cond_mask)
-        return masked_mean(F.mse_loss(pred, actions - noise, reduction="none"), action_mask)
+        dev = generator.device if generator is not None else actions.device
+        noise = torch.randn(actions.shape, generator=generator, device=dev).to(actions.device, actions.dtype)
+        t = sample_time(b, generator, device=actions.device)
+        x_t = t[:, None, None] * noise + (1 - t)[:, None, None] * actions
+        pred = self.velocity(x_t, t * TIME_SCALE, cond, cond_mask)
+        return masked_mean(F.mse_loss(pred, noise - actions, reduction="none"), action_mask)
 
     @torch.no_grad()
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
@@ -35,8 +53,8 @@ class FlowHead(ActionHead):
             generator=generator,
             device=generator.device if generator else cond.device,
         ).to(cond.device, cond.dtype)
-        dt = 1.0 / steps
+        dt = -1.0 / steps
         for i in range(steps):
-            tau = torch.full((b,), i * dt, device=cond.device)
-            x = x + dt * self.velocity(x, tau * TIME_SCALE, cond, cond_mask)
+            t = torch.full((b,), 1.0 + i * dt, device=cond.device)
+            x = x + dt * self.velocity(x, t * TIME_SCALE, cond, cond_mask)
         return x

@@ -31,7 +31,7 @@ class RegressionHead(ActionHead):
         h = self.decoder(q, self.cond_proj(cond), memory_key_padding_mask=~cond_mask.bool())
         return self.out(h)
 
-    def loss(self, cond, cond_mask, actions, action_mask):
+    def loss(self, cond, cond_mask, actions, action_mask, generator=None):  # deterministic: no noise
         pred = self.predict(cond, cond_mask)
         fn = F.l1_loss if self.cfg.loss == "l1" else F.mse_loss
         return masked_mean(fn(pred, actions, reduction="none"), action_mask)

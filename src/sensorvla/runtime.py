@@ -1,0 +1,81 @@
+"""Process runtime settings: torch's intra-op thread count, chosen deliberately and printed at start.
+
+torch's default (one thread per logical CPU, in every process) oversubscribes a shared or multi-process
+machine: on a busy 2-core box the demo ran more than 5x slower than with one thread (docs/runtime.md).
+`configure_threads()` picks, in order: `OMP_NUM_THREADS` when set; 1 per process under torchrun on CPU;
+the physical cores (of this process's CPU affinity) shared by the local processes otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
+@dataclass(frozen=True)
+class ThreadSetting:
+    """The intra-op thread count applied to torch and why it was chosen."""
+
+    threads: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"torch intra-op threads: {self.threads} ({self.reason})"
+
+
+def physical_cores(cpus: set[int] | None = None, sysfs: str | Path = "/sys/devices/system/cpu") -> int:
+    """Distinct physical cores among `cpus` (default: this process's CPU affinity); SMT siblings count once."""
+    if cpus is None:
+        cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = Path(sysfs) / f"cpu{cpu}" / "topology"
+        try:
+            package = (topo / "physical_package_id").read_text().strip()
+            core = (topo / "core_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))  # no topology (non-Linux, containers without sysfs): logical CPUs
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def choose_threads(
+    env: dict[str, str] | None = None, *, cuda: bool | None = None, cores: int | None = None
+) -> ThreadSetting:
+    """The thread count `configure_threads` applies, without applying it (pure; for tests and `plan`)."""
+    env = dict(os.environ if env is None else env)
+    raw = env.get(THREADS_ENV, "").strip()
+    if raw:
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n > 0:
+            return ThreadSetting(n, f"{THREADS_ENV}={raw}")
+    local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE") or 1)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if local_world > 1 and not cuda:
+        return ThreadSetting(1, f"1 per process: {local_world} torchrun processes on CPU; set {THREADS_ENV} to change")
+    cores = physical_cores() if cores is None else cores
+    if local_world > 1:
+        n = max(1, cores // local_world)
+        return ThreadSetting(n, f"{cores} physical cores / {local_world} local processes; set {THREADS_ENV} to change")
+    return ThreadSetting(cores, f"physical cores; set {THREADS_ENV} to change")
+
+
+def configure_threads(verbose: bool = True) -> ThreadSetting:
+    """Apply `choose_threads()` to torch (`torch.set_num_threads`) and print it once on local rank 0."""
+    import torch
+
+    setting = choose_threads()
+    torch.set_num_threads(setting.threads)
+    if verbose and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"[sensorvla] {setting.describe()}", file=sys.stderr, flush=True)
+    return setting

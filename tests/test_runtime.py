@@ -1,0 +1,73 @@
+"""Thread setup: OMP_NUM_THREADS wins, 1 per process under torchrun on CPU, physical cores otherwise; the
+CLI entry points apply it and print it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sensorvla.runtime import choose_threads, configure_threads, physical_cores
+
+
+def fake_sysfs(root, topology: dict[int, tuple[int, int]]):
+    for cpu, (package, core) in topology.items():
+        d = root / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "physical_package_id").write_text(f"{package}\n")
+        (d / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_physical_cores_count_smt_siblings_once(tmp_path):
+    # 2 packages x 2 cores x 2 hyperthreads = 8 logical CPUs, 4 physical cores
+    topo = {cpu: (cpu // 4, (cpu // 2) % 2) for cpu in range(8)}
+    sysfs = fake_sysfs(tmp_path, topo)
+    assert physical_cores(set(range(8)), sysfs) == 4
+    assert physical_cores({0, 1}, sysfs) == 1  # an affinity mask of two siblings is one core
+    assert physical_cores({0, 2, 5}, sysfs) == 3
+    assert physical_cores({0, 1, 2}, tmp_path / "missing") == 3  # no topology: logical CPUs
+
+
+@pytest.mark.parametrize(
+    "env,cuda,cores,threads,why",
+    [
+        ({"OMP_NUM_THREADS": "3"}, False, 8, 3, "OMP_NUM_THREADS=3"),
+        ({"OMP_NUM_THREADS": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, False, 8, 3, "OMP_NUM_THREADS"),
+        ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, False, 8, 1, "1 per process"),
+        ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, True, 8, 4, "8 physical cores / 2 local"),
+        ({}, False, 6, 6, "physical cores"),
+        ({"OMP_NUM_THREADS": "junk"}, False, 6, 6, "physical cores"),
+        ({"OMP_NUM_THREADS": "0"}, False, 2, 2, "physical cores"),
+    ],
+)
+def test_choose_threads(env, cuda, cores, threads, why):
+    setting = choose_threads(env, cuda=cuda, cores=cores)
+    assert setting.threads == threads and why in setting.reason
+    assert str(threads) in setting.describe()
+
+
+def test_configure_threads_applies_the_choice(monkeypatch, capsys):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        monkeypatch.setenv("LOCAL_RANK", "1")  # only local rank 0 prints
+        assert configure_threads().threads == 1 and torch.get_num_threads() == 1
+        assert capsys.readouterr().err == ""
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        configure_threads()
+        assert "torch intra-op threads: 1 (OMP_NUM_THREADS=1)" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("module", ["sensorvla.train", "sensorvla.cli"])
+def test_entry_points_print_the_setting(module):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    args = ["--help"] if module == "sensorvla.train" else ["stats", "--help"]
+    r = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[sensorvla] torch intra-op threads: 2 (OMP_NUM_THREADS=2)" in r.stderr
