@@ -205,6 +205,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0
+    # AdamW implementation: auto = fused (CPU and CUDA; foreach under FSDP2), or force one
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     mixed_precision: bool = True  # bf16 autocast where supported, fp32 master weights
     sensor_loss_weight: float = 2.0
     val_every_epochs: int = 1

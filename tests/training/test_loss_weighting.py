@@ -8,9 +8,9 @@ import torch
 from test_train import tiny_cfg
 
 from sensorvla.data.format import load_meta
-from sensorvla.data.transforms import SampleTransform, collate
 from sensorvla.models.backbone import load_processor, pad_token_id
 from sensorvla.models.pretrained import build_policy, resolve_from_meta
+from sensorvla.models.processor import SampleTransform, collate
 from sensorvla.training.data_setup import build_normalizer, ensure_stats, raw_dataset
 from sensorvla.training.distributed import DistInfo
 from sensorvla.training.loop import backward_window, window_weight_sum

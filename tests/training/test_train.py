@@ -136,8 +136,8 @@ def test_cached_stage1_equals_uncached(tmp_path, tiny_vl_dir, synth_dataset_dir)
 
 def assert_cache_holds_the_backbone_output(cfg, data_dir, vl_dir) -> None:
     """Re-encode the build's own batches (distinct VL inputs, batch_size at a time) and compare with the cache rows."""
-    from sensorvla.data.transforms import SampleTransform, collate
     from sensorvla.models.backbone import load_processor, pad_token_id
+    from sensorvla.models.processor import SampleTransform, collate
     from sensorvla.training import feature_cache
     from sensorvla.training.data_setup import build_normalizer, ensure_stats, raw_dataset
     from sensorvla.training.distributed import DistInfo

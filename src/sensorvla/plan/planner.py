@@ -143,7 +143,11 @@ def resolve(
         meta = load_meta(cfg.data.dataset_dir)
         cfg = resolve_from_meta(cfg, meta)
         hw = tuple(int(x) for x in meta.image_shape[:2])
-        n = samples or len(raw_dataset(cfg, "all", load_images=False))
+        if samples:
+            n = samples
+        else:  # cache rows: samples that share a camera frame set share one (feature_cache)
+            ds = raw_dataset(cfg, "all", load_images=False)
+            n = len({ds.vl_key(i) for i in range(len(ds))})
         n_val = len(raw_dataset(cfg, "val", load_images=False)) if cfg.data.val_fraction > 0 else 0
         instruction = meta.episodes[0].get("instruction", DEFAULT_INSTRUCTION) if meta.episodes else DEFAULT_INSTRUCTION
         return cfg, image_size or hw, n, n_val, instruction
@@ -243,7 +247,10 @@ def plan(
     if m.finetune.mode == "none":
         policy.backbone.model.eval()
 
-    impl = optimizer_impl if optimizer_impl != "auto" else ("foreach" if device == "cuda" else "for-loop")
+    from sensorvla.training.param_groups import optimizer_impl as resolve_impl
+
+    requested = optimizer_impl if optimizer_impl != "auto" else cfg.train.optimizer_impl
+    impl = resolve_impl(requested, sharded=cfg.train.strategy == "fsdp")  # what the trainer will build
     opt_groups = [g["params"] for g in build_param_groups(policy, cfg.train)]
     st = memory.states(policy)
     opt_tmp = memory.optimizer_transient(policy, opt_groups, impl)
@@ -410,7 +417,7 @@ def format_plan(p: Plan) -> str:
         )
     out.append("")
     if p.cache_bytes is not None:
-        out.append(f"VL cache on disk: {p.num_samples} samples -> {human(p.cache_bytes)}")
+        out.append(f"VL cache on disk: {p.num_samples} distinct inputs -> {human(p.cache_bytes)}")
     else:
         out.append("VL cache: not used by this config")
     out += [

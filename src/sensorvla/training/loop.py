@@ -43,7 +43,7 @@ from sensorvla.training.distributed import (
     teardown,
     wrap_model,
 )
-from sensorvla.training.param_groups import build_param_groups, group_lrs, group_table
+from sensorvla.training.param_groups import build_optimizer, build_param_groups, group_lrs, group_table
 from sensorvla.training.resume import apply_optimizer_settings, check_resume
 from sensorvla.training.run_log import RunLogger
 
@@ -319,9 +319,7 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
     is_fsdp = cfg.train.strategy == "fsdp" and info.enabled
     model = wrap_model(policy, info, cfg.train.strategy)
     groups = build_param_groups(policy, cfg.train)
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], betas=(0.9, 0.95)
-    )
+    optimizer = build_optimizer(groups, cfg.train, sharded=is_fsdp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.train.schedule_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
     )
@@ -458,7 +456,7 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
                     n_micro=n_micro,
                 )
                 state["micro_in_epoch"] += n_micro
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip, foreach=True)
                 if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                     grad_norm = grad_norm.full_tensor()
                 mean_loss = all_reduce_sum([share], info)[0] / info.world_size

@@ -123,3 +123,22 @@ def group_table(model: nn.Module, groups: list[dict]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def optimizer_impl(requested: str, *, sharded: bool) -> str:
+    """`--train.optimizer-impl` auto -> fused (one kernel per step; CPU and CUDA) or, for FSDP2's sharded
+    DTensors, foreach. Explicit choices are returned as they are."""
+    if requested != "auto":
+        return requested
+    return "foreach" if sharded else "fused"
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, *, sharded: bool = False):
+    """AdamW over the named groups (betas 0.9, 0.95) with the chosen implementation."""
+    import torch
+
+    impl = optimizer_impl(cfg.optimizer_impl, sharded=sharded)
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], betas=(0.9, 0.95), **kwargs
+    )
