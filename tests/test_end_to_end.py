@@ -29,7 +29,7 @@ def test_demo_quick_end_to_end(tmp_path):
     s1 = torch.load(tmp_path / "stage1" / "checkpoints" / "qwen_vla_sensor_best.pt", weights_only=True)
     s2 = torch.load(tmp_path / "stage2" / "checkpoints" / "qwen_vla_sensor_best.pt", weights_only=True)
     assert s1["training_stage"] == "stage1" and s2["training_stage"] == "stage2"
-    assert any(p.name.endswith(".feats.npy") for p in (tmp_path / "stage1" / "vl_cache").rglob("*"))
+    assert any(p.name.endswith(".feats.bin") for p in (tmp_path / "stage1" / "vl_cache").rglob("*"))
     assert (tmp_path / "stage2" / "checkpoints" / "pretrained_model" / "adapter_model.safetensors").exists()
     # the policy uses the sensor: masking it makes held-out errors worse, and closed-loop success drops
     assert summary["eval"]["sensor_ablation_delta_l1_missing"] > 0

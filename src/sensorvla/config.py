@@ -87,6 +87,9 @@ class FusionConfig:
     strategy: FusionStrategy = "concat"
     hidden_dim: int = 128  # D, width of the conditioning sequence
     num_heads: int = 4
+    # VL tokens -> D: "linear" (LayerNorm + Linear) or "mlp" (LayerNorm + Linear-GELU-Linear, LLaVA's
+    # 2-layer projector: per-token non-linear features the head can attend on, e.g. "where is the target")
+    vl_projector: Literal["linear", "mlp"] = "linear"
 
 
 @dataclass
@@ -219,6 +222,8 @@ class TrainConfig:
     use_cache: Literal["auto", "always", "never"] = "auto"  # auto: use a valid cache when one exists
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     cache_max_gb: float = 50.0  # refuse to build a VL cache larger than this on disk
+    # stage 1 from the VL cache: hold the transformed non-image samples in memory when they fit (0 = never)
+    preload_max_gb: float = 2.0
     log_every_steps: int = 10
     # auto: a progress bar on a terminal, plain periodic log lines otherwise; off: never a bar
     progress: Literal["auto", "on", "off"] = "auto"

@@ -127,8 +127,11 @@ def test_backbone_wrapper_on_a_meta_real_size_model():
     """VLBackbone wraps the meta model exactly like a loaded one; view masks work on the real processor's ids."""
     name = "random:Qwen/Qwen2.5-VL-3B-Instruct"
     model = _meta_model(name.removeprefix("random:"))
-    bb = VLBackbone(model, BackboneConfig(vl_model=name), num_views=2)
+    bb = VLBackbone(model, BackboneConfig(vl_model=name, pooling="view_mean"), num_views=2)
     assert bb.hidden_size == 2048 and bb.num_tokens == 3
+    grid = VLBackbone(model, BackboneConfig(vl_model=name, pooling="grid", grid_size=4), num_views=2)
+    assert grid.num_tokens == 2 * 16 + 1
+    assert VLBackbone(model, BackboneConfig(vl_model=name, pooling="all"), num_views=2).num_tokens is None
     proc = load_processor(name, min_pixels=56 * 56, max_pixels=224 * 224)
     out = process_sample(proc, [np.zeros((112, 112, 3), np.uint8)] * 2, "stop at the membrane", "{instruction}")
     masks = bb.view_masks(out["input_ids"], out["attention_mask"])

@@ -215,6 +215,7 @@ def test_modality_dropout_probabilities_are_honoured(tiny_vl_dir, synth_dataset_
 
 def test_sensor_dropout_uses_the_missing_token(tiny_vl_dir, synth_dataset_dir):
     cfg = _cfg(tiny_vl_dir, synth_dataset_dir, mode="none")
+    cfg.model.backbone.pooling = "view_mean"  # fixed N_vl = V + 1 tokens, no positions needed
     cfg.model.sensor_dropout = 0.5
     policy = build_policy(cfg).train()
     b, d = 64, policy.backbone.hidden_size

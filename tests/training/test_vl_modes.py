@@ -271,3 +271,16 @@ def test_cached_stage1_says_it_cannot_augment(tmp_path, tiny_vl_dir, synth_datas
     train(cfg, progress=False)
     err = capfd.readouterr().err
     assert "NO image augmentation is applied" in err and "--train.use-cache never" in err
+
+
+def test_preloaded_cached_stage1_equals_the_lazy_loader(tmp_path, tiny_vl_dir, synth_dataset_dir):
+    lazy = mode_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "lazy", "all", max_steps=4, preload_max_gb=0.0)
+    build(lazy, "float16")
+    lazy.train.use_cache, lazy.train.cache_dtype = "always", "float16"
+    fast = dict_replace(lazy, preload_max_gb=2.0)
+    fast.train.output_dir = str(tmp_path / "fast")
+    fast.train.cache_dir = str(tmp_path / "lazy" / "vl_cache")
+    train(lazy, progress=False)
+    train(fast, progress=False)
+    a, b = losses(tmp_path / "lazy"), losses(tmp_path / "fast")
+    assert a.keys() == {1, 2, 3, 4} and a == b  # the same batches, bit for bit

@@ -46,7 +46,7 @@ class SimConfig:
     state_rate: float = 100.0
     max_steps: int = 110
     success_tol_mm: float = 0.35  # |tip - layer| while holding
-    lateral_tol_mm: float = 1.0  # |tip - target| in x-y at success
+    lateral_tol_mm: float = 1.5  # |tip - target| in x-y at success: on the inner part of the disc
     overshoot_fail_mm: float = 1.2
     target_range_mm: float = 7.0  # target and start x, y ~ U(-range, range)
     target_radius_mm: float = 2.0

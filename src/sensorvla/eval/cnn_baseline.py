@@ -10,6 +10,7 @@ is a fair rival. `CNNRunner` gives it the `infer(obs)` / `reset()` surface of `P
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -124,28 +125,42 @@ def _tensors(raws: list[dict], normalizer, state_dim: int) -> dict[str, torch.Te
 
 
 def train_cnn_baseline(
-    dataset_dir: str | Path, data_cfg, normalizer, cfg: CNNBaselineConfig | None = None, progress: bool = True
+    dataset_dir: str | Path,
+    data_cfg,
+    normalizer,
+    cfg: CNNBaselineConfig | None = None,
+    progress: bool = True,
+    stop=None,
 ) -> tuple[CNNPolicy, dict]:
-    """Train the reference CNN on the train split for `cfg.budget_s` seconds of wall clock.
+    """Train the reference CNN on the train split until `cfg.budget_s` seconds of wall clock have passed
+    (loading the data counts) or `stop()` returns True.
 
-    Returns (policy, summary with steps, samples seen, final training loss and the wall time)."""
+    Returns (policy, summary with steps, samples seen, final training loss, the wall time and the
+    constructor arguments `shape` of the policy)."""
     from tqdm.auto import tqdm
 
     from sensorvla.data.dataset import EpisodeDataset
 
     cfg = cfg or CNNBaselineConfig()
+    start = time.perf_counter()
     ds = EpisodeDataset(dataset_dir, data_cfg, split="train")
     data = _tensors([ds[i] for i in range(len(ds))], normalizer, ds.meta.state_dim)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, v = data["images"].shape[:2]
-    policy = CNNPolicy(
-        cfg, v, ds.meta.state_dim, tuple(data["sensor"].shape[1:]), data_cfg.horizon, data["actions"].shape[-1]
-    )
+    shape = {
+        "views": v,
+        "state_dim": ds.meta.state_dim,
+        "sensor_shape": list(data["sensor"].shape[1:]),
+        "horizon": data_cfg.horizon,
+        "action_dim": data["actions"].shape[-1],
+    }
+    policy = CNNPolicy(cfg, **{**shape, "sensor_shape": tuple(shape["sensor_shape"])})
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, steps, loss_val = time.perf_counter(), 0, float("nan")
+    steps, loss_val = 0, float("nan")
+    stop = stop or (lambda: False)
     bar = tqdm(total=int(cfg.budget_s), desc="cnn baseline (s)", disable=not progress, unit="s")
-    while (elapsed := time.perf_counter() - start) < cfg.budget_s:
+    while (elapsed := time.perf_counter() - start) < cfg.budget_s and not stop():
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         images = random_shift(data["images"][idx].float() / 255.0, cfg.shift_px, gen)
         pred = policy(images, data["state"][idx], data["sensor"][idx], data["sensor_mask"][idx])
@@ -154,13 +169,56 @@ def train_cnn_baseline(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        steps, loss_val = steps + 1, float(loss)
+        steps, loss_val = steps + 1, float(loss.detach())
         bar.n = int(min(elapsed, cfg.budget_s))
         bar.set_postfix(loss=f"{loss_val:.4f}", steps=steps)
     bar.close()
     policy.eval()
     return policy, {"steps": steps, "samples_seen": steps * cfg.batch_size, "final_loss": loss_val,
-                    "wall_s": time.perf_counter() - start, "train_samples": n}  # fmt: skip
+                    "wall_s": time.perf_counter() - start, "train_samples": n, "shape": shape}  # fmt: skip
+
+
+def train_in_background(dataset_dir: Path, data_cfg, out_dir: Path, *, threads: int, budget_s: float, seed: int = 0):
+    """Start training the reference in a separate process (spawned, `threads` intra-op threads). Returns
+    (process, stop event): set the event to end training; the process then writes `out_dir`
+    (model.safetensors + info.json) and exits."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    args = (str(dataset_dir), dataclasses.asdict(data_cfg), str(out_dir), threads, budget_s, seed, stop)
+    proc = ctx.Process(target=_background_worker, args=args, name="cnn-reference", daemon=True)
+    proc.start()
+    return proc, stop
+
+
+def _background_worker(dataset_dir, data_cfg, out_dir, threads, budget_s, seed, stop) -> None:
+    """The spawned process of `train_in_background`."""
+    torch.set_num_threads(threads)
+    from sensorvla.config import SensorVLAConfig
+    from sensorvla.data.normalize import Normalizer, NormStats
+    from sensorvla.io import atomic_write_json, save_safetensors
+    from sensorvla.training.data_setup import stats_path
+
+    dc = SensorVLAConfig.from_dict({"data": data_cfg}).data
+    norm = Normalizer(NormStats.load(stats_path(dataset_dir)), mode=dc.normalization)
+    cfg = CNNBaselineConfig(budget_s=budget_s, seed=seed)
+    policy, info = train_cnn_baseline(dataset_dir, dc, norm, cfg, progress=False, stop=stop.is_set)
+    save_safetensors(policy.state_dict(), Path(out_dir) / "model.safetensors")
+    atomic_write_json(Path(out_dir) / "info.json", {**info, "threads": threads, "config": dataclasses.asdict(cfg)})
+
+
+def load_trained(out_dir: Path) -> tuple[CNNPolicy, dict]:
+    """The policy and summary written by `train_in_background`."""
+    import json
+
+    from safetensors.torch import load_file
+
+    info = json.loads((Path(out_dir) / "info.json").read_text())
+    shape = {**info["shape"], "sensor_shape": tuple(info["shape"]["sensor_shape"])}
+    policy = CNNPolicy(CNNBaselineConfig(**info["config"]), **shape)
+    policy.load_state_dict(load_file(str(Path(out_dir) / "model.safetensors")))
+    return policy.eval(), info
 
 
 class CNNRunner:

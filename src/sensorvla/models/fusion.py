@@ -27,7 +27,10 @@ class Fusion(nn.Module):
         super().__init__()
         d = cfg.hidden_dim
         self.out_dim = d
-        self.vl_proj = nn.Sequential(nn.LayerNorm(vl_dim), nn.Linear(vl_dim, d))
+        if cfg.vl_projector == "mlp":
+            self.vl_proj = nn.Sequential(nn.LayerNorm(vl_dim), nn.Linear(vl_dim, d), nn.GELU(), nn.Linear(d, d))
+        else:
+            self.vl_proj = nn.Sequential(nn.LayerNorm(vl_dim), nn.Linear(vl_dim, d))
         self.sensor_proj = nn.Linear(sensor_dim, d) if sensor_dim else None
         self.state_proj = nn.Linear(state_dim, d) if state_dim else None
         self.type_emb = nn.Parameter(torch.randn(3, d) * 0.02)  # vl, sensor, state

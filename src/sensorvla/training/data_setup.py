@@ -95,9 +95,50 @@ class ShardedEpochSampler(torch.utils.data.Sampler[int]):
         return len(self.indices()) - self.start
 
 
+class PreloadedSamples(torch.utils.data.Dataset):
+    """A dataset's transformed samples, computed once and held in memory (stage 1 from the VL cache, where
+    a sample is only its sensor window, state and actions: nothing random, no image). Batches are the
+    ones the lazy path gives, bit for bit; only the per-step parquet/sidecar reads and resampling go."""
+
+    def __init__(self, raw_dataset, transform, progress: bool = False):
+        from tqdm.auto import tqdm
+
+        self.raw = raw_dataset
+        self.items = [
+            transform(raw_dataset[i]) for i in tqdm(range(len(raw_dataset)), desc="preload", disable=not progress)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing depends on the epoch (cached stage 1 refuses VL staleness and mixtures)."""
+
+    def summary(self) -> dict:
+        return {**self.raw.summary(), "preloaded": True}
+
+
+def preload(raw_dataset, transform, max_gb: float, progress: bool = False):
+    """`PreloadedSamples` when the transformed samples fit in `max_gb` (`--train.preload-max-gb`, 0 = never),
+    else the dataset itself. The size is measured on the first sample."""
+    n = len(raw_dataset)
+    if max_gb <= 0 or n == 0:
+        return raw_dataset
+    first = transform(raw_dataset[0])
+    need = n * sum(t.numel() * t.element_size() for t in first.values() if torch.is_tensor(t))
+    if need > max_gb * 1e9:
+        logger.info("not preloading %d samples (%.2f GB > --train.preload-max-gb %g)", n, need / 1e9, max_gb)
+        return raw_dataset
+    return PreloadedSamples(raw_dataset, transform, progress)
+
+
 def make_loader(dataset, transform: SampleTransform, sampler, cfg: SensorVLAConfig, pad_token_id: int):
+    """The DataLoader of one split: transform per sample (unless preloaded), then `collate`."""
     return torch.utils.data.DataLoader(
-        TransformedDataset(dataset, transform),
+        dataset if isinstance(dataset, PreloadedSamples) else TransformedDataset(dataset, transform),
         batch_size=cfg.train.batch_size,
         sampler=sampler,
         num_workers=cfg.data.num_workers,

@@ -33,6 +33,7 @@ from sensorvla.training.data_setup import (
     build_normalizer,
     ensure_stats,
     make_loader,
+    preload,
     raw_dataset,
 )
 from sensorvla.training.distributed import (
@@ -313,6 +314,9 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
     # validation never augments: the same chain without the augmenter
     val_transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
     pad_id = pad_token_id(processor) if processor is not None else 0
+    if cache is not None:  # nothing random is left per sample: transform the non-image part once, in memory
+        train_raw = preload(train_raw, transform, cfg.train.preload_max_gb, progress and info.is_main)
+        val_raw = preload(val_raw, val_transform, cfg.train.preload_max_gb, progress and info.is_main)
 
     # --- optimisation -------------------------------------------------------------------------------
     # wrap before building the optimizer: FSDP2 replaces parameters with sharded DTensors
