@@ -34,6 +34,39 @@ LORA_TARGET_PRESETS = {
     "all": rf"(?:{DEFAULT_LORA_TARGETS})|(?:visual\..*)",
 }
 
+# Seed-guide flag (hyphenated) -> dotted config flag; `--a-b` and `--a_b` are both accepted (`sensorvla.cli.train`).
+SEED_ALIASES = {
+    "--training-stage": "--train.stage",
+    "--stage1-checkpoint": "--train.stage1-checkpoint",
+    "--finetune-vl": "--model.finetune.mode",
+    "--lora-r": "--model.finetune.lora-r",
+    "--lora-alpha": "--model.finetune.lora-alpha",
+    "--lora-dropout": "--model.finetune.lora-dropout",
+    "--lora-target-modules": "--model.finetune.lora-target-modules",
+    "--lora-targets": "--model.finetune.lora-target-modules",  # language | vision | all | a regex
+    "--vl-lr": "--train.vl-lr",
+    "--lr": "--train.lr",
+    "--sensor-lr": "--train.sensor-lr",
+    "--mode": "--train.mode",
+    "--diffusion-timesteps": "--model.head.diffusion-timesteps",
+    "--sensor-loss-weight": "--train.sensor-loss-weight",
+    "--sensor-enabled": "--model.sensor.enabled",
+    "--no-sensor-enabled": "--model.sensor.no-enabled",
+    "--fusion-strategy": "--model.fusion.strategy",
+    "--epochs": "--train.epochs",
+    "--batch-size": "--train.batch-size",
+    "--grad-accum-steps": "--train.grad-accum-steps",
+    "--grad-accum": "--train.grad-accum-steps",
+    "--dataset-dir": "--data.dataset-dir",
+    "--vl-model": "--model.backbone.vl-model",
+    "--head": "--model.head.type",
+    "--output-dir": "--train.output-dir",
+    "--resume": "--train.resume",
+    "--max-steps": "--train.max-steps",
+    "--seed": "--train.seed",
+    "--num-workers": "--data.num-workers",
+}
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag to change."""

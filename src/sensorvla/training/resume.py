@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sensorvla.config import ConfigError
+from sensorvla.config import SEED_ALIASES, ConfigError
 
 REFUSED_TRAIN = ("stage", "mode", "batch_size", "grad_accum_steps", "epochs", "schedule_steps", "seed", "strategy")
 OPTIMIZER_TRAIN = ("lr", "sensor_lr", "vl_lr", "vision_lr", "weight_decay")
@@ -30,8 +30,6 @@ class ResumeMismatchError(ConfigError):
 
 def flag_name(key: str) -> str:
     """`train.batch_size` -> `--train.batch-size` (plus the seed guide's spelling when there is one)."""
-    from sensorvla.cli import SEED_ALIASES
-
     *parents, leaf = key.split(".")
     dotted = "--" + ".".join([*parents, leaf.replace("_", "-")])
     seed = [a for a, target in SEED_ALIASES.items() if target == dotted]
