@@ -122,7 +122,7 @@ def cmd_train(argv: list[str], default_head: str = "regression") -> int:
 
 
 def over_saved_run(cfg: SensorVLAConfig, reparse, run) -> int:
-    """`run(cfg)` (stage defaults applied); with `--resume` and a saved run, `reparse(saved config)` instead (2 if it is unreadable)."""
+    """`run(cfg)` with the stage defaults applied; with `--resume`, `reparse(saved config)` (2 if unreadable)."""
     try:
         saved = saved_run_config(cfg) if reparse else None
     except ConfigError as e:
