@@ -18,10 +18,10 @@ from pathlib import Path
 def run(budgets: tuple[float, ...] = (60.0, 120.0, 240.0), episodes: int = 300, rollouts: int = 20) -> list[dict]:
     from sensorvla.config import DataConfig
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.data.synth import generate_dataset
     from sensorvla.demo import DemoSettings, cnn_reference
     from sensorvla.runtime import configure_threads
     from sensorvla.training.data_setup import stats_path
+    from sensorvla.world.synth import generate_dataset
 
     threads = configure_threads()
     root = Path(tempfile.mkdtemp(prefix="bench_cnn_"))

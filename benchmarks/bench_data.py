@@ -23,9 +23,9 @@ from pathlib import Path
 def _setup(root: Path, image_size: int, episodes: int, vl=None):
     from sensorvla.config import SensorVLAConfig
     from sensorvla.data.format import load_meta
-    from sensorvla.data.synth import generate_dataset
     from sensorvla.models.pretrained import resolve_from_meta
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+    from sensorvla.world.synth import generate_dataset
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     vl = vl or build_tiny_qwen_vl(root / "tiny")
     data = generate_dataset(
@@ -150,7 +150,7 @@ def decode_vs_consumption(root: Path, image_size: int = 224, frames: int = 400, 
 def storage(root: Path, sizes=(64, 224), episodes: int = 6) -> dict:
     """Bytes per camera frame: video vs raw .npy, the same synthetic episodes written both ways."""
     from sensorvla.data.format import load_meta, write_dataset
-    from sensorvla.data.synth import SimConfig, simulate_episode
+    from sensorvla.world.synth import SimConfig, simulate_episode
 
     out = {}
     for size in sizes:

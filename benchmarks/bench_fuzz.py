@@ -58,10 +58,10 @@ def run(payloads: int = 10_000, connections: int = 4, max_queue: int = 2, timeou
     from hypothesis import HealthCheck, Phase, given, settings
     from websockets.sync.client import connect
 
-    from sensorvla.data.synth import generate_dataset
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
     from sensorvla.serving import protocol
     from sensorvla.serving.server import PolicyServer
+    from sensorvla.world.synth import generate_dataset
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     fp = _payloads_module()
     logging.getLogger("sensorvla.serving.server").setLevel(logging.ERROR)  # one warning per rejected payload

@@ -149,10 +149,10 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from sensorvla.data.synth import generate_dataset
+    from sensorvla.world.synth import generate_dataset
 
     if args.dry_run:
-        from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+        from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
         device, vl = "cpu", str(build_tiny_qwen_vl(args.out / "tiny_vl"))
         args.steps, args.iters = min(args.steps, 3), min(args.iters, 5)

@@ -31,9 +31,9 @@ CALIBRATION = [
 
 
 def calibration(root: Path) -> list[dict]:
-    from sensorvla.data.synth import generate_dataset
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
     from sensorvla.plan.measure import calibration_config, planned_and_measured
+    from sensorvla.world.synth import generate_dataset
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     data = generate_dataset(root / "d224", num_episodes=3, image_size=224, progress=False)
     models = {"tiny": build_tiny_qwen_vl(root / "tiny"), "mid": build_tiny_qwen_vl(root / "mid", **MID)}

@@ -30,8 +30,8 @@ WIDE = {
 
 
 def _setup(root: Path, episodes: int = 4):
-    from sensorvla.data.synth import generate_dataset
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+    from sensorvla.world.synth import generate_dataset
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     vl = build_tiny_qwen_vl(root / "wide_vl", **WIDE)
     data = generate_dataset(root / "data224", num_episodes=episodes, seed=0, image_size=224, progress=False)

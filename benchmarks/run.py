@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         import tempfile
 
         from sensorvla.eval.latency import bench_latency, format_table
-        from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+        from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
         rows = bench_latency(build_tiny_qwen_vl(Path(tempfile.mkdtemp()) / "tiny"), iters=30)
         print(format_table(rows))

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_vl_dir(tmp_path_factory):
     """A tiny random Qwen2.5-VL saved in the hub layout (model + tokenizer + image-only processor)."""
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny_vl") / "qwen2_5_vl", family="qwen2_5_vl")
 
@@ -22,7 +22,7 @@ def tiny_vl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_dataset_dir(tmp_path_factory):
     """A small synthetic insertion dataset (with some sensor-less episodes) in the native format."""
-    from sensorvla.data.synth import generate_dataset
+    from sensorvla.world.synth import generate_dataset
 
     return generate_dataset(
         tmp_path_factory.mktemp("synth") / "insertion", num_episodes=10, seed=0, image_size=64, progress=False

@@ -163,8 +163,8 @@ def closed_loop(runner, rollouts: int, video_dir: Path | None, seed: int = 1000)
     """The three rows of the table: all modalities, sensor ablated, vision ablated (views blanked)."""
     import gymnasium as gym
 
-    from sensorvla.eval.envs import register_envs
     from sensorvla.eval.rollout import rollout
+    from sensorvla.world.envs import register_envs
 
     register_envs()
     rows = {}
@@ -182,8 +182,8 @@ def references(rollouts: int, seed: int = 1000) -> dict:
     """The scripted expert with every sense, without the sensor and without the cameras."""
     import gymnasium as gym
 
-    from sensorvla.eval.envs import register_envs
     from sensorvla.eval.rollout import expert_rollout
+    from sensorvla.world.envs import register_envs
 
     register_envs()
     env = gym.make("sensorvla/Insertion-v0")
@@ -200,9 +200,9 @@ def cnn_rollouts(policy, data_dir: Path, data_cfg, rollouts: int, seed: int = 10
 
     from sensorvla.data.normalize import Normalizer, NormStats
     from sensorvla.eval.cnn_baseline import CNNRunner
-    from sensorvla.eval.envs import register_envs
     from sensorvla.eval.rollout import rollout
     from sensorvla.training.data_setup import stats_path
+    from sensorvla.world.envs import register_envs
 
     register_envs()
     norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization)
@@ -309,12 +309,12 @@ def format_table(head: str, table: dict) -> str:
 def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settings: DemoSettings | None = None) -> dict:
     """Run the demo for one head; returns (and writes to out/demo_summary.json) the summary."""
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.data.synth import generate_dataset
     from sensorvla.eval.offline import evaluate
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.io import atomic_write_bytes, atomic_write_json
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
     from sensorvla.training.data_setup import stats_path
+    from sensorvla.world.synth import generate_dataset
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     s = settings or (DemoSettings.quick() if quick else DemoSettings())
     t_start = time.perf_counter()

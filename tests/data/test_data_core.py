@@ -13,8 +13,8 @@ from sensorvla.config import DataConfig
 from sensorvla.data.dataset import EpisodeDataset, MixtureDataset, split_episodes
 from sensorvla.data.format import load_meta, read_frames, validate_episode, write_dataset
 from sensorvla.data.normalize import NormalizationError, Normalizer, NormStats, compute_stats, dataset_fingerprint
-from sensorvla.data.synth import SimConfig, generate_dataset, simulate_episode
 from sensorvla.data.types import DataError
+from sensorvla.world.synth import SimConfig, generate_dataset, simulate_episode
 
 
 def data_cfg(root, **kw) -> DataConfig:

@@ -13,8 +13,8 @@ from sensorvla.config import DataConfig
 from sensorvla.data.dataset import EpisodeDataset
 from sensorvla.data.format import load_meta, write_dataset
 from sensorvla.data.normalize import NormalizationError, NormStats, compute_stats, dataset_fingerprint
-from sensorvla.data.synth import SimConfig, generate_dataset, simulate_episode
 from sensorvla.data.types import DataError
+from sensorvla.world.synth import SimConfig, generate_dataset, simulate_episode
 
 
 @pytest.fixture

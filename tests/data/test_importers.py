@@ -13,9 +13,10 @@ from PIL import Image
 
 from sensorvla.data.format import load_meta, read_frames
 from sensorvla.data.importers import IMPORTERS, get_importer
-from sensorvla.data.importers.hdf5 import export_hdf5_example, import_hdf5, iter_example_episodes, write_hdf5
+from sensorvla.data.importers.hdf5 import import_hdf5, write_hdf5
 from sensorvla.data.importers.recorder import import_recorder, rebuild_sensor_stream
 from sensorvla.data.types import DataError
+from sensorvla.world.examples import export_hdf5_example, iter_example_episodes
 
 
 # --- helpers --------------------------------------------------------------------------------------------

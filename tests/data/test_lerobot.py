@@ -260,7 +260,7 @@ def test_lerobot_opens_a_sensorvla_dataset(tmp_path):
         pytest.skip(
             "no LeRobot environment (set SENSORVLA_LEROBOT_PYTHON, see tests/fixtures/lerobot/make_fixtures.py)"
         )
-    from sensorvla.data.synth import generate_dataset
+    from sensorvla.world.synth import generate_dataset
 
     root = generate_dataset(tmp_path / "synth", num_episodes=3, seed=4, progress=False)
     horizon = 4

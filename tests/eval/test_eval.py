@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from sensorvla.config import SensorVLAConfig
-from sensorvla.eval.envs import register_envs
 from sensorvla.eval.offline import evaluate
 from sensorvla.eval.rollout import expert_rollout, rollout
 from sensorvla.inference.runner import PolicyRunner
 from sensorvla.training.loop import train
+from sensorvla.world.envs import register_envs
 
 
 @pytest.fixture(scope="module")

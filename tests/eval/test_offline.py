@@ -148,7 +148,7 @@ def test_sensor_ablation_matches_a_hand_re_evaluation(runner, trained, synth_dat
 @pytest.fixture(scope="module")
 def mixed_dataset(tmp_path_factory):
     """Two episodes, the first without sensor data: sensor-less samples come before sensor ones."""
-    from sensorvla.data.synth import generate_dataset
+    from sensorvla.world.synth import generate_dataset
 
     root = generate_dataset(
         tmp_path_factory.mktemp("mixed") / "ds", num_episodes=2, seed=1, no_sensor_fraction=0.5, progress=False

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from sensorvla.config import SensorVLAConfig
-from sensorvla.data.synth import SimConfig
-from sensorvla.eval.envs import register_envs
-from sensorvla.eval.envs.insertion import InsertionEnv
 from sensorvla.eval.rollout import expert_rollout, rollout
 from sensorvla.inference.runner import PolicyRunner
 from sensorvla.training.loop import train
+from sensorvla.world.envs import register_envs
+from sensorvla.world.envs.insertion import InsertionEnv
+from sensorvla.world.synth import SimConfig
 
 ENV_ID = "sensorvla/Insertion-v0"
 
@@ -154,7 +154,7 @@ def test_contact_variant_scores_only_the_depth():
 
 
 def test_target_is_visible_only_in_the_cameras_and_the_layer_only_to_the_sensor():
-    from sensorvla.data.synth import InsertionSim
+    from sensorvla.world.synth import InsertionSim
 
     a, b = InsertionSim(0), InsertionSim(0)
     b.target = a.target + 3.0  # another target: the images differ, the sensor does not

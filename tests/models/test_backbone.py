@@ -30,7 +30,7 @@ from sensorvla.models.backbone import (  # noqa: E402
     render_prompt,
     resolve_dtype,
 )
-from sensorvla.models.tiny_qwen import FAMILIES, build_tiny_qwen_vl  # noqa: E402
+from sensorvla.world.tiny_qwen import FAMILIES, build_tiny_qwen_vl  # noqa: E402
 
 MIN_PX, MAX_PX = 56 * 56, 224 * 224
 TEMPLATE = "{instruction}"

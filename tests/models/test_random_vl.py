@@ -149,7 +149,7 @@ def test_unknown_random_id_names_the_choices():
 
 def test_real_special_ids_tokenizer_keeps_text_tokens():
     """The padded vocabulary leaves ordinary text tokenization unchanged and never emits a filler token."""
-    from sensorvla.models.tiny_qwen import train_tokenizer
+    from sensorvla.models.tokenizer import train_tokenizer
 
     plain, real = train_tokenizer(), train_tokenizer(first_special_id=random_vl.REAL_FIRST_SPECIAL_ID)
     text = "Insert the needle slowly and stop when you feel contact 42."

@@ -22,14 +22,14 @@ MID = {"text_hidden": 1024, "text_layers": 12, "vision_hidden": 512, "vision_dep
 @pytest.fixture(scope="module")
 def data224(tmp_path_factory):
     """3 episodes, 2 views of 224 x 224 (64 image tokens per view): VL activations are not negligible."""
-    from sensorvla.data.synth import generate_dataset
+    from sensorvla.world.synth import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("calib") / "d224", num_episodes=3, image_size=224, progress=False)
 
 
 @pytest.fixture(scope="module")
 def mid_vl(tmp_path_factory):
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("mid") / "mid", **MID)
 

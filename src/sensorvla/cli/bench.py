@@ -11,7 +11,7 @@ def bench_latency(vl_model: Path | None = None, iters: int = 30) -> int:
 
     from sensorvla.eval.latency import bench_latency as run
     from sensorvla.eval.latency import format_table
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     if vl_model is None:
         vl_model = build_tiny_qwen_vl(Path(tempfile.mkdtemp()) / "tiny")

@@ -20,7 +20,7 @@ def data_synth(
     image_format: Literal["video", "npy"] = "video",
 ) -> int:
     """Generate the synthetic insertion dataset (the demo's data, the tests' fixture) as LeRobot v3."""
-    from sensorvla.data.synth import generate_dataset
+    from sensorvla.world.synth import generate_dataset
 
     path = generate_dataset(
         out,

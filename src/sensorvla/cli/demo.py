@@ -30,7 +30,7 @@ def demo(
 
 def tiny_model(out: Path, family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"] = "qwen2_5_vl", seed: int = 0) -> int:
     """Build a tiny random Qwen-VL (model + tokenizer + processor) in the hub layout, offline."""
-    from sensorvla.models.tiny_qwen import build_tiny_qwen_vl
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
     print(f"wrote {build_tiny_qwen_vl(out, family=family, seed=seed)}")
     return 0

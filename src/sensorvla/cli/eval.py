@@ -38,10 +38,10 @@ def rollout(
     and prints one table: all / sensor ablated / vision ablated."""
     import gymnasium as gym
 
-    from sensorvla.eval.envs import register_envs
     from sensorvla.eval.rollout import rollout as run
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.io import atomic_write_json
+    from sensorvla.world.envs import register_envs
 
     register_envs()
     runner = PolicyRunner.from_pretrained(checkpoint)

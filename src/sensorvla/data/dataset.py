@@ -20,7 +20,7 @@ import torch
 from sensorvla.config import DataConfig, parse_mixture
 from sensorvla.data.format import DatasetMeta
 from sensorvla.data.source import open_source
-from sensorvla.data.timeline import latest_at_or_before, resample_window, value_at, window_slice
+from sensorvla.data.timeline import SensorWindow, latest_at_or_before, value_at
 from sensorvla.data.types import DataError
 from sensorvla.data.writer import check_finite
 
@@ -30,7 +30,7 @@ SPLITS = ("train", "val", "test", "all")
 
 def default_max_gap_s(cfg: DataConfig) -> float:
     """Largest gap between sensor samples still treated as continuous: two grid steps, at least 20 ms."""
-    return max(2 * cfg.sensor_window_s / cfg.sensor_samples, 0.02)
+    return SensorWindow.from_config(cfg).max_gap_s
 
 
 def split_episodes(n: int, seed: int, val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
@@ -86,7 +86,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.views = resolve_views(cfg.views, self.meta)
         self.fps = self.meta.action_fps
         self.epoch = 0
-        self.max_gap_s = default_max_gap_s(cfg)
+        self.window = SensorWindow.from_config(cfg)
+        self.max_gap_s = self.window.max_gap_s
         self._warn_low_rate()
         episodes = list(range(len(self.meta.episodes)))
         if split != "all":
@@ -213,9 +214,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return state
 
     def _sensor_window(self, ep: _Episode, t: float) -> tuple[np.ndarray, np.ndarray]:
-        c = self.cfg
         ts, values, off = ep.sensor
-        lo, hi = window_slice(ts, t - off, c.sensor_window_s, c.sensor_samples, self.max_gap_s)
+        lo, hi = self.window.slice(ts, t - off)
         check_finite(
             values[lo:hi],
             episode=ep.name,
@@ -223,7 +223,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
             start=lo,
             fix="drop or interpolate the corrupt samples and re-create the dataset (or re-attach the sensor)",
         )
-        return resample_window(ts, values, t - off, c.sensor_window_s, c.sensor_samples, self.max_gap_s)
+        return self.window.resample(ts, values, t - off)
 
     def vl_key(self, idx: int) -> tuple:
         """What the backbone sees for sample `idx` (episode, camera frame of each view, instruction), without
@@ -262,8 +262,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         if ep.sensor is not None:
             sensor, mask = self._sensor_window(ep, t)
         else:
-            sensor = np.zeros((self.cfg.sensor_samples, channels), np.float32)
-            mask = np.zeros(self.cfg.sensor_samples, bool)
+            sensor, mask = self.window.empty(channels)
         sample.update(sensor=sensor, sensor_mask=mask, has_sensor=bool(mask.any()))
         h = self.cfg.horizon
         acts = ep.actions[i : i + h]

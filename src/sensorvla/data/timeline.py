@@ -6,7 +6,13 @@ memory-mapped arrays: each slices with `searchsorted` first and copies only the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from sensorvla.config import DataConfig
 
 
 def latest_at_or_before(timestamps: np.ndarray, t: float) -> int:
@@ -79,3 +85,32 @@ def resample_window(
     mask = mask | exact
     values = np.where(mask[:, None], out, 0.0).astype(np.float32)
     return values, mask
+
+
+@dataclass(frozen=True)
+class SensorWindow:
+    """The one definition of the sensor window: (t - window_s, t] on `samples` grid points (T_s); a grid point
+    counts as measured only with a sample within `max_gap_s`. Built from the config saved with the model
+    (`data.sensor_window_s`, `data.sensor_samples`) by the dataset, the policy and the runner alike."""
+
+    window_s: float
+    samples: int
+    max_gap_s: float
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, max_gap_s: float | None = None) -> SensorWindow:
+        """The window of a data config; `max_gap_s` None = two grid steps, at least 20 ms (the training rule)."""
+        gap = max(2 * cfg.sensor_window_s / cfg.sensor_samples, 0.02) if max_gap_s is None else float(max_gap_s)
+        return cls(float(cfg.sensor_window_s), int(cfg.sensor_samples), gap)
+
+    def slice(self, ts: np.ndarray, t: float) -> tuple[int, int]:
+        """[lo, hi) rows of sorted `ts` that the window ending at t can read."""
+        return window_slice(ts, t, self.window_s, self.samples, self.max_gap_s)
+
+    def resample(self, ts: np.ndarray, values: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C) samples -> the window ending at t: values float32 (T_s, C), mask bool (T_s,)."""
+        return resample_window(ts, values, t, self.window_s, self.samples, self.max_gap_s)
+
+    def empty(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """An all-missing window: zeros float32 (T_s, channels), mask False (T_s,)."""
+        return np.zeros((self.samples, max(channels, 1)), np.float32), np.zeros(self.samples, bool)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sensorvla.data.timeline import SensorWindow
 from sensorvla.inference.checks import RequestChecker, RequestLimits
 from sensorvla.inference.sensor_history import SensorHistory
 from sensorvla.serving.protocol import NonFiniteOutputError
@@ -75,7 +76,6 @@ class PolicyRunner:
         max_gap_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        from sensorvla.data.dataset import default_max_gap_s
         from sensorvla.models.processor import SampleTransform
 
         self.policy = policy.eval()
@@ -93,7 +93,8 @@ class PolicyRunner:
         self.background_vl = background_vl
         self.generator_seed = generator_seed
         self.limits = limits or RequestLimits()
-        self.max_gap_s = float(default_max_gap_s(cfg.data) if max_gap_s is None else max_gap_s)
+        self.window = SensorWindow.from_config(cfg.data, max_gap_s)  # the checkpoint's window (its config.json)
+        self.max_gap_s = self.window.max_gap_s
         self.clock = clock
         self.checker = RequestChecker(cfg, normalizer, processor, self.limits)
         self.vl_calls = 0  # VL encodes over all sessions
@@ -146,8 +147,8 @@ class PolicyRunner:
             "action_dim": m.head.action_dim,
             "state_dim": m.state_dim,
             "sensor_channels": m.sensor.channels if m.sensor.enabled else 0,
-            "sensor_window_s": d.sensor_window_s,
-            "sensor_samples": d.sensor_samples,
+            "sensor_window_s": self.window.window_s,
+            "sensor_samples": self.window.samples,
             "sensor_max_gap_s": self.max_gap_s,
             "head": m.head.type,
             "vl_model": m.backbone.vl_model,
@@ -196,8 +197,6 @@ class PolicyRunner:
     def raw_sample(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Observation -> raw sample (docs/interfaces.md section 1), windowing only this observation's own
         sensor samples (stateless; `RunnerSession.raw_sample` uses the buffered history)."""
-        from sensorvla.data.timeline import resample_window
-
         m, d = self.cfg.model, self.cfg.data
         images = [np.asarray(im, dtype=np.uint8) for im in obs["images"]]
         if len(images) != m.num_views:
@@ -206,15 +205,14 @@ class PolicyRunner:
         ts = np.asarray(obs.get("sensor_timestamps", np.zeros(len(sensor))), dtype=np.float64)
         t = float(obs["timestamp"]) if obs.get("timestamp") is not None else (float(ts[-1]) if len(ts) else 0.0)
         if len(sensor) and m.sensor.enabled:
-            window, mask = resample_window(ts, sensor, t, d.sensor_window_s, d.sensor_samples, max_gap_s=self.max_gap_s)
+            window, mask = self.window.resample(ts, sensor, t)
         else:
             window, mask = self.empty_window()
         return self.sample_from_window(obs, images, window, mask)
 
     def empty_window(self) -> tuple[np.ndarray, np.ndarray]:
         """An all-missing sensor window: zeros float32 (T_s, C_s), mask False (T_s,)."""
-        t_s, channels = self.cfg.data.sensor_samples, max(self.cfg.model.sensor.channels, 1)
-        return np.zeros((t_s, channels), np.float32), np.zeros(t_s, bool)
+        return self.window.empty(self.cfg.model.sensor.channels)
 
     def sample_from_window(self, obs, images, window: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
         """The raw sample dict for `images` (V x (h, w, 3)), a sensor window (T_s, C_s) and its mask (T_s,)."""
@@ -296,12 +294,12 @@ class RunnerSession:
 
     def __init__(self, runner: PolicyRunner):
         self.runner = runner
-        d, m = runner.cfg.data, runner.cfg.model
+        w = runner.window
         self.history = SensorHistory(
-            max(m.sensor.channels, 1),
-            d.sensor_window_s,
-            d.sensor_samples,
-            runner.max_gap_s,
+            max(runner.cfg.model.sensor.channels, 1),
+            w.window_s,
+            w.samples,
+            w.max_gap_s,
             capacity=runner.limits.max_history_samples,
         )
         self._lock = threading.Lock()

@@ -17,54 +17,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
 from sensorvla.config import BackboneConfig
+from sensorvla.models.hf_processors import (  # noqa: F401  (re-exported: their documented home)
+    IMAGE_ONLY_PROCESSORS,
+    BackboneLoadError,
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlyQwen2VLProcessor,
+    ImageOnlyQwen3VLProcessor,
+    make_image_processor,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):  # noqa: N801 (HF naming)
-    """Qwen2.5-VL processor without a video processor (which would need torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2-VL processor without a video processor."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """Qwen3-VL processor without a video processor."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-IMAGE_ONLY_PROCESSORS = {
-    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
-    "qwen2_vl": ImageOnlyQwen2VLProcessor,
-    "qwen3_vl": ImageOnlyQwen3VLProcessor,
-}
-
-
-class BackboneLoadError(OSError):
-    """The backbone or its processor cannot be loaded; the message says how to fix it."""
-
-
-def make_image_processor(patch_size: int, min_pixels: int, max_pixels: int):
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(
-        patch_size=patch_size,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-    )
 
 
 def _hint(path_or_id: str) -> str:

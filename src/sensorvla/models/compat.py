@@ -26,7 +26,7 @@ def _build(cfg: SensorVLAConfig, head: str, finetune_vl: str, stage1_checkpoint:
     cfg.model.finetune.mode = finetune_vl
     policy = build_policy(cfg, device=device)
     if stage1_checkpoint is not None:
-        from sensorvla.training.checkpoint import load_stage1_into
+        from sensorvla.models.seed_checkpoint import load_stage1_into
 
         load_stage1_into(policy, stage1_checkpoint)
     return policy

@@ -1,15 +1,21 @@
 """`VLAPolicy`: VL backbone + sensor encoder + fusion + action head, behind two seams.
 
 `forward(batch) -> (loss, metrics)` for training and `predict_chunk(batch) -> (B, H, D_a)` for inference
-(normalized action space). Freezing / LoRA live in `models/finetune.py`; files live in `models/pretrained.py`.
+(normalized action space). Freezing / LoRA live in `models/finetune.py`; the folder format in `models/folder.py`.
+`build_policy` and `load_pretrained` assemble one from a config or a pretrained_model folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from sensorvla.config import ModelConfig
+from sensorvla.config import ModelConfig, SensorVLAConfig, resolve_stage_defaults
+from sensorvla.data.timeline import SensorWindow
+from sensorvla.models import finetune, folder
 from sensorvla.models.backbone import VLBackbone
 from sensorvla.models.fusion import build_fusion
 from sensorvla.models.heads import build_head
@@ -27,10 +33,10 @@ class VLAPolicy(nn.Module):
         cfg: the model config; `sensor.channels`, `head.horizon`, `head.action_dim`, `num_views` and
             `state_dim` must already be resolved from the dataset (see `resolve_from_dataset`).
         vl_model: a loaded Hugging Face Qwen-VL model (`models/backbone.load_vl_model`).
-        sensor_samples: T_s, grid points per sensor window.
+        sensor_window: the sensor window (T_s grid points), `SensorWindow.from_config(cfg.data)` of the run.
     """
 
-    def __init__(self, cfg: ModelConfig, vl_model: nn.Module, sensor_samples: int):
+    def __init__(self, cfg: ModelConfig, vl_model: nn.Module, sensor_window: SensorWindow):
         super().__init__()
         for name, value in {
             "model.head.horizon": cfg.head.horizon,
@@ -43,7 +49,8 @@ class VLAPolicy(nn.Module):
                     "which reads it from the dataset metadata"
                 )
         self.cfg = cfg
-        self.sensor_samples = sensor_samples
+        self.sensor_window = sensor_window
+        self.sensor_samples = sensor_samples = sensor_window.samples
         self.backbone = VLBackbone(vl_model, cfg.backbone, cfg.num_views)
         if cfg.sensor.enabled:
             if cfg.sensor.channels <= 0:
@@ -142,20 +149,50 @@ class VLAPolicy(nn.Module):
         Args:
             config: the full SensorVLAConfig (saved as JSON; `from_pretrained` rebuilds from it).
         """
-        from sensorvla.models.pretrained import save_pretrained
-
-        return save_pretrained(self, out_dir, config, norm_stats)
+        return folder.save_pretrained(self, out_dir, config, norm_stats)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu") -> VLAPolicy:
         """Load a pretrained_model folder strictly. The full config and norm stats are attached as
         `.config` and `.norm_stats`."""
-        from sensorvla.models.pretrained import from_pretrained
-
-        policy, cfg, stats = from_pretrained(path, device=device)
+        policy, cfg, stats = load_pretrained(path, device=device)
         policy.config, policy.norm_stats = cfg, stats
         return policy
 
     def sample_from_condition(self, cond, cond_mask, generator: torch.Generator | None = None) -> torch.Tensor:
         """Head only, for fast-slow inference where `cond` pieces are reused: (B, N_c, D) -> (B, H, D_a)."""
         return self.head.sample(cond, cond_mask, generator=generator)
+
+
+def build_policy(cfg: SensorVLAConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load the VL backbone named in the config and assemble a `VLAPolicy` with fine-tuning applied."""
+    from sensorvla.models.backbone import load_vl_model, resolve_dtype
+
+    device = torch.device(device)
+    if cfg.model.finetune.mode == "auto":  # a config that skipped validate(): apply the stage defaults here
+        model = dataclasses.replace(cfg.model, finetune=dataclasses.replace(cfg.model.finetune))
+        cfg = resolve_stage_defaults(dataclasses.replace(cfg, model=model))
+    bcfg = cfg.model.backbone
+    vl_dtype = dtype or resolve_dtype(bcfg.dtype, device)
+    vl = load_vl_model(
+        bcfg.vl_model, dtype=vl_dtype, attn_implementation=bcfg.attn_implementation, revision=bcfg.revision
+    )
+    policy = VLAPolicy(cfg.model, vl, SensorWindow.from_config(cfg.data))
+    finetune.apply_finetune(policy, cfg.model.finetune)
+    if bcfg.activation_checkpointing:
+        policy.backbone.enable_activation_checkpointing()
+    return policy.to(device)
+
+
+def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu", vl_model: str | None = None):
+    """Load (policy, cfg, norm_stats) from a pretrained_model folder, strictly (`models/folder.py`).
+
+    Args:
+        vl_model: override the backbone location recorded in config.json (e.g. the folder moved).
+    """
+    cfg = folder.read_config(path)
+    if vl_model is not None:
+        cfg.model.backbone.vl_model = vl_model
+    policy = build_policy(cfg, device="cpu")
+    norm_stats = folder.load_weights(policy, path, cfg)
+    return policy.to(device), cfg, norm_stats

@@ -215,6 +215,7 @@ def plan(
     optimizer_impl: str = "auto",
 ) -> Plan:
     """Plan memory for `cfg` on `device` ("cuda" or "cpu") without materializing any weight."""
+    from sensorvla.data.timeline import SensorWindow
     from sensorvla.models import finetune
     from sensorvla.models.policy import VLAPolicy
     from sensorvla.training.feature_cache import StaleCacheError, check_cacheable
@@ -240,7 +241,7 @@ def plan(
     shapes = sample_shapes(cfg, _processor(cfg), image_hw, instruction)
     vl = _meta_vl(cfg, dtype, notes)
     with torch.device("meta"):
-        policy = VLAPolicy(m, vl, cfg.data.sensor_samples)
+        policy = VLAPolicy(m, vl, SensorWindow.from_config(cfg.data))
         finetune.apply_finetune(policy, m.finetune)
     cast_meta_adapters(policy)
     policy.train()

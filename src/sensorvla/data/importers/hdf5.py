@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,47 +431,3 @@ def write_hdf5(
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-def iter_example_episodes(
-    num_episodes: int = 2,
-    *,
-    seed: int = 0,
-    image_size: int = 32,
-    sensor_channels: int = 33,
-    with_sensor: Sequence[bool] | None = None,
-) -> Iterator[EpisodeData]:
-    """Synthetic insertion episodes (sensorvla.data.synth) to build example HDF5 files from."""
-    from sensorvla.data.synth import SimConfig, simulate_episode
-
-    cfg = SimConfig(image_size=image_size, sensor_channels=sensor_channels)
-    for e in range(num_episodes):
-        has = True if with_sensor is None else bool(with_sensor[e])
-        yield simulate_episode(seed * 100_003 + e, cfg, with_sensor=has, name=f"example_{e:04d}")
-
-
-def export_hdf5_example(
-    out_dir: str | Path,
-    *,
-    num_episodes: int = 2,
-    seed: int = 0,
-    image_size: int = 32,
-    sensor_channels: int = 33,
-    with_sensor: Sequence[bool] | None = None,
-) -> list[Path]:
-    """Write `num_episodes` valid example files (one episode each) into `out_dir`; returns their paths.
-
-    `sensorvla data import-hdf5 --src out_dir --out DIR` then imports them.
-    """
-    out = []
-    for ep in iter_example_episodes(
-        num_episodes,
-        seed=seed,
-        image_size=image_size,
-        sensor_channels=sensor_channels,
-        with_sensor=with_sensor,
-    ):
-        out.append(
-            write_hdf5(Path(out_dir) / f"{ep.name}.h5", ep, action_fps=10.0, force_channels=1, sensor_rate=650.0)
-        )
-    return out

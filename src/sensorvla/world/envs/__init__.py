@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 ENV_IDS = {
-    "sensorvla/Insertion-v0": ("sensorvla.eval.envs.insertion:InsertionEnv", {"task": "align_insert"}),
-    "sensorvla/InsertionContact-v0": ("sensorvla.eval.envs.insertion:InsertionEnv", {"task": "contact"}),
+    "sensorvla/Insertion-v0": ("sensorvla.world.envs.insertion:InsertionEnv", {"task": "align_insert"}),
+    "sensorvla/InsertionContact-v0": ("sensorvla.world.envs.insertion:InsertionEnv", {"task": "contact"}),
 }
 
 

@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from sensorvla.data.synth import ACTION_DT, INSTRUCTIONS, InsertionSim, SimConfig
+from sensorvla.world.synth import ACTION_DT, INSTRUCTIONS, InsertionSim, SimConfig
 
 VIEWS = ("front", "top")
 INSTRUCTION_CHARSET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,-'"

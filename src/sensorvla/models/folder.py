@@ -1,0 +1,160 @@
+"""The `pretrained_model/` folder format: write it, verify it, read its config and load its tensors.
+
+Folder layout (LeRobot-like):
+    config.json                 the full SensorVLAConfig
+    model.safetensors           every trainable and non-backbone tensor (the frozen HF base is referenced
+                                by `model.backbone.vl_model`, not copied; `full` fine-tuning stores it too)
+    adapter_model.safetensors   LoRA tensors, PEFT key layout (LoRA only)
+    adapter_config.json         PEFT LoraConfig (LoRA only)
+    norm_stats.json             normalization statistics with their fingerprint
+    manifest.json               sha256 of each weight file (sensorvla.integrity), checked at load
+Loading is strict: a changed weight file (sha256), a bad config value, or a missing or unexpected key
+raises `CheckpointMismatchError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from sensorvla import integrity
+from sensorvla.config import ConfigError, SensorVLAConfig
+from sensorvla.io import atomic_dir, save_safetensors
+from sensorvla.models import finetune
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+NORM_STATS_NAME = "norm_stats.json"
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Saved tensors do not match the model built from the saved config."""
+
+
+def saved_state_dict(policy: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that go to model.safetensors: everything but the frozen HF base and LoRA tensors."""
+    full = policy.cfg.finetune.mode == "full"
+    out = {}
+    for k, v in (policy.state_dict() if state is None else state).items():
+        if finetune.is_lora_param(k):
+            continue
+        if k.startswith(finetune.HF_BASE_PREFIX) and not full:
+            continue
+        out[k] = v
+    return out
+
+
+def save_pretrained(
+    policy, out_dir: str | Path, cfg: SensorVLAConfig, norm_stats=None, state: dict | None = None
+) -> Path:
+    """Write the pretrained_model folder atomically (see module docstring).
+
+    Args:
+        state: a full (gathered) state dict to save instead of `policy.state_dict()` (FSDP2 training).
+    """
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / CONFIG_NAME).write_text(cfg.to_json())
+        save_safetensors(saved_state_dict(policy, state), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        weights = [WEIGHTS_NAME]
+        if cfg.model.finetune.mode == "lora":
+            weights.append(ADAPTER_WEIGHTS_NAME)
+            save_safetensors(finetune.adapter_state_dict(policy), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+            lcfg = finetune.lora_config(cfg.model.finetune).to_dict()
+            lcfg["base_model_name_or_path"] = cfg.model.backbone.vl_model
+            lcfg["target_modules"] = finetune.lora_target_regex(cfg.model.finetune.lora_target_modules)
+            lcfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lcfg.items()}
+            (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(lcfg, indent=2, default=str))
+        if norm_stats is not None:
+            norm_stats.save(tmp / NORM_STATS_NAME)
+        integrity.write_manifest(tmp, weights)
+    return out_dir
+
+
+def verify_folder(path: str | Path) -> None:
+    """Check the weight files of a pretrained_model folder against its manifest; raise naming the file."""
+    path = Path(path)
+    if not integrity.has_manifest(path):
+        logger.warning(
+            "%s has no %s (saved by an older sensorvla): its weights are not integrity-checked; "
+            "re-save the folder to add one",
+            path,
+            integrity.MANIFEST_NAME,
+        )
+        return
+    problems = integrity.verify_manifest(path)
+    if problems:
+        raise CheckpointMismatchError("; ".join(problems))
+
+
+def load_state_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+    """Load `sd` into `module`; raise CheckpointMismatchError unless its keys are exactly `expected`."""
+    got = set(sd)
+    if got != expected:
+        raise CheckpointMismatchError(
+            f"{what}: checkpoint loading mismatch. missing={sorted(expected - got)[:20]} "
+            f"unexpected={sorted(got - expected)[:20]}. The checkpoint was saved from a different config "
+            "(head, fusion, sensor, finetune mode or dataset shapes); load it with its own config.json."
+        )
+    own = module.state_dict()
+    bad = [k for k in got if own[k].shape != sd[k].shape]
+    if bad:
+        raise CheckpointMismatchError(
+            f"{what}: shape mismatch for {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in bad[:10]]}"
+        )
+    result = module.load_state_dict(sd, strict=False)  # strictness enforced above, on the saved subset
+    leftover = set(result.unexpected_keys)
+    if leftover:
+        raise CheckpointMismatchError(f"{what}: unexpected keys {sorted(leftover)[:20]}")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; CheckpointMismatchError naming the file when it is missing or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise CheckpointMismatchError(f"{path} is missing; the folder is not a complete pretrained_model")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{path} is corrupt or not a safetensors file ({e}); re-export it") from e
+
+
+def read_config(path: str | Path) -> SensorVLAConfig:
+    """The validated config.json of a pretrained_model folder, after its weights' manifest check."""
+    path = Path(path)
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: {path} is not a sensorvla pretrained_model folder")
+    try:
+        cfg = SensorVLAConfig.load(cfg_path)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointMismatchError(f"{cfg_path} is not a valid sensorvla config: {e}") from e
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise CheckpointMismatchError(f"{cfg_path} is not a valid sensorvla config: {e}") from e
+    verify_folder(path)
+    return cfg
+
+
+def load_weights(policy: torch.nn.Module, path: str | Path, cfg: SensorVLAConfig):
+    """Load a folder's tensors (and LoRA adapters) into a policy built from its config; its NormStats or None."""
+    path = Path(path)
+    sd = read_safetensors(path / WEIGHTS_NAME)
+    load_state_strict(policy, sd, set(saved_state_dict(policy)), str(path / WEIGHTS_NAME))
+    if cfg.model.finetune.mode == "lora":
+        finetune.load_adapter_state_dict(policy, read_safetensors(path / ADAPTER_WEIGHTS_NAME))
+    if not (path / NORM_STATS_NAME).exists():
+        return None
+    from sensorvla.data.normalize import NormStats
+
+    return NormStats.load(path / NORM_STATS_NAME)
