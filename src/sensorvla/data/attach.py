@@ -170,6 +170,96 @@ def read_sensor_file(src: str | Path, episode: int | None = None):
     raise DataError(f"unknown sensor file type {suffix!r}", path=str(src), fix="use .csv, .npz or .h5")
 
 
+def _check_name(meta, name: str, overwrite: bool, info_path: Path) -> None:
+    """A new stream name: not a stream already (unless `overwrite`), not a LeRobot feature of the dataset."""
+    if name in meta.streams and not overwrite:
+        raise DataError(
+            f"the dataset already has a sidecar stream {name!r}",
+            path=str(info_path),
+            fix="pass --overwrite to replace it, or --name another",
+        )
+    if (
+        name in meta.info["features"]
+        or name in ("action", "observation.state")
+        or name.startswith("observation.images")
+    ):
+        raise DataError(f"{name!r} is a LeRobot feature of the dataset", path=str(info_path), fix="pick another --name")
+
+
+def _check_episode_samples(meta, e: int, ts, values, name: str, clock_offset: float, src) -> float | None:
+    """Finite, strictly increasing samples that overlap episode `e`'s frames after the offset; their rate (Hz)."""
+    ename = meta.episodes[e]["name"]
+    check_finite(ts[:, None], episode=ename, stream=f"{name} timestamps", path=str(src))
+    check_finite(values, episode=ename, stream=name, path=str(src), fix="clean the sensor recording")
+    d = np.diff(ts)
+    if np.any(d <= 0):
+        i = int(np.argmax(d <= 0))
+        raise DataError(
+            f"{name} timestamps are not strictly increasing (sample {i} -> {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
+            episode=ename,
+            path=str(src),
+            fix="sort the samples by time and drop duplicates",
+        )
+    lo, hi = episode_span(meta.episodes, float(meta.info["fps"]), meta.streams.get("action"), e)
+    t0, t1 = ts[0] + clock_offset, ts[-1] + clock_offset
+    if t1 < lo or t0 > hi:
+        raise DataError(
+            f"with --clock-offset {clock_offset:g} the samples cover {t0:.3f}..{t1:.3f} s, the episode's frames "
+            f"{lo:.3f}..{hi:.3f} s: the clocks do not match",
+            episode=ename,
+            path=str(src),
+            fix=f"pass the offset from the sensor clock to the dataset clock, e.g. --clock-offset {lo - ts[0]:.6f} "
+            "(if the sensor started with the episode)",
+        )
+    return 1.0 / float(np.median(d)) if len(ts) > 1 else None
+
+
+def _common_rate(meta, rates: dict[int, float], rate: float | None, src) -> float | None:
+    """The median per-episode rate, after checking the episodes agree (and agree with `--rate` when given)."""
+    measured = round(float(np.median(list(rates.values()))), 6) if rates else None
+    off = {e: r for e, r in rates.items() if abs(r - measured) > RATE_TOLERANCE * measured}
+    if off:
+        e = next(iter(off))
+        raise DataError(
+            f"episode rates differ: {off[e]:.4g} Hz here, {measured:.4g} Hz in most episodes",
+            episode=meta.episodes[e]["name"],
+            path=str(src),
+            fix="attach one sensor configuration per stream (resample, or split it with --name)",
+        )
+    if rate is not None and measured is not None and abs(rate - measured) > RATE_TOLERANCE * rate:
+        raise DataError(
+            f"--rate {rate:g} Hz, but the timestamps run at {measured:.4g} Hz",
+            path=str(src),
+            fix="check the timestamp unit (seconds) or pass the measured rate",
+        )
+    return measured
+
+
+def _write_stream(root: Path, meta, name: str, per_episode: dict, rate_hz, clock_offset: float, extra: dict) -> dict:
+    """Write the stream folder atomically, declare it in meta/info.json, drop stale norm stats; its declaration."""
+    info_path = root / INFO_FILE
+    stream_dir = root / STREAMS_DIR / name
+    if stream_dir.exists() and name not in meta.streams:
+        logger.warning(
+            "replacing %s: a stream folder no dataset declaration points to (an interrupted add-sensor)", stream_dir
+        )
+    with atomic_dir(stream_dir) as tmp:
+        w = StreamWriter(root, name, "values", rate_hz=rate_hz, folder=tmp, **extra)
+        for e, (ts, values) in sorted(per_episode.items()):
+            w.add(e, ts, values.astype(np.float32), clock_offset)
+        spec = w.finish()
+    info = json.loads(info_path.read_text())
+    sv = info.setdefault("sensorvla", {})
+    sv.setdefault("format", "sensorvla-sidecar/1")
+    sv.setdefault("streams", {})[name] = spec
+    atomic_write_json(info_path, info)
+    stats = root / "meta" / "norm_stats.json"
+    if stats.exists():
+        stats.unlink()
+        logger.warning("removed %s: computed without the new stream (training recomputes it)", stats)
+    return spec
+
+
 def add_sensor(
     dataset: str | Path,
     src: str | Path,
@@ -189,19 +279,7 @@ def add_sensor(
     """
     root = Path(dataset)
     meta = load_meta(root)
-    info_path = root / INFO_FILE
-    if name in meta.streams and not overwrite:
-        raise DataError(
-            f"the dataset already has a sidecar stream {name!r}",
-            path=str(info_path),
-            fix="pass --overwrite to replace it, or --name another",
-        )
-    if (
-        name in meta.info["features"]
-        or name in ("action", "observation.state")
-        or name.startswith("observation.images")
-    ):
-        raise DataError(f"{name!r} is a LeRobot feature of the dataset", path=str(info_path), fix="pick another --name")
+    _check_name(meta, name, overwrite, root / INFO_FILE)
     per_episode, names = read_sensor_file(src, episode)
     n_eps = len(meta.episodes)
     bad = sorted(e for e in per_episode if not 0 <= e < n_eps)
@@ -212,55 +290,15 @@ def add_sensor(
             fix="number the sensor samples by the dataset's episode_index (meta/episodes), or attach it to the "
             "dataset it was recorded with",
         )
-    fps, action = float(meta.info["fps"]), meta.streams.get("action")
     channels = {v.shape[1] for _, v in per_episode.values()}
     if len(channels) > 1:
         raise DataError(f"episodes have different channel counts {sorted(channels)}", path=str(src), fix="one per file")
     rates = {}
     for e, (ts, values) in sorted(per_episode.items()):
-        ename = meta.episodes[e]["name"]
-        check_finite(ts[:, None], episode=ename, stream=f"{name} timestamps", path=str(src))
-        check_finite(values, episode=ename, stream=name, path=str(src), fix="clean the sensor recording")
-        d = np.diff(ts)
-        if np.any(d <= 0):
-            i = int(np.argmax(d <= 0))
-            raise DataError(
-                f"{name} timestamps are not strictly increasing "
-                f"(sample {i} -> {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
-                episode=ename,
-                path=str(src),
-                fix="sort the samples by time and drop duplicates",
-            )
-        lo, hi = episode_span(meta.episodes, fps, action, e)
-        t0, t1 = ts[0] + clock_offset, ts[-1] + clock_offset
-        if t1 < lo or t0 > hi:
-            raise DataError(
-                f"with --clock-offset {clock_offset:g} the samples cover {t0:.3f}..{t1:.3f} s, the episode's frames "
-                f"{lo:.3f}..{hi:.3f} s: the clocks do not match",
-                episode=ename,
-                path=str(src),
-                fix=f"pass the offset from the sensor clock to the dataset clock, e.g. --clock-offset {lo - ts[0]:.6f} "
-                "(if the sensor started with the episode)",
-            )
-        if len(ts) > 1:
-            rates[e] = 1.0 / float(np.median(d))
-    measured = round(float(np.median(list(rates.values()))), 6) if rates else None
-    if rates:
-        off = {e: r for e, r in rates.items() if abs(r - measured) > RATE_TOLERANCE * measured}
-        if off:
-            e = next(iter(off))
-            raise DataError(
-                f"episode rates differ: {off[e]:.4g} Hz here, {measured:.4g} Hz in most episodes",
-                episode=meta.episodes[e]["name"],
-                path=str(src),
-                fix="attach one sensor configuration per stream (resample, or split it with --name)",
-            )
-    if rate is not None and measured is not None and abs(rate - measured) > RATE_TOLERANCE * rate:
-        raise DataError(
-            f"--rate {rate:g} Hz, but the timestamps run at {measured:.4g} Hz",
-            path=str(src),
-            fix="check the timestamp unit (seconds) or pass the measured rate",
-        )
+        r = _check_episode_samples(meta, e, ts, values, name, clock_offset, src)
+        if r is not None:
+            rates[e] = r
+    measured = _common_rate(meta, rates, rate, src)
     c = channels.pop()
     fc = c if force_channels is None else int(force_channels)
     if not 0 <= fc <= c:
@@ -268,27 +306,7 @@ def add_sensor(
     missing = sorted(set(range(n_eps)) - set(per_episode))
     if missing:
         logger.warning("%d episode(s) have no %s samples (sensor-less, masked): %s", len(missing), name, missing[:10])
-    extra = {"force_channels": fc}
-    if names:
-        extra["names"] = names
-    stream_dir = root / STREAMS_DIR / name
-    if stream_dir.exists() and name not in meta.streams:
-        logger.warning(
-            "replacing %s: a stream folder no dataset declaration points to (an interrupted add-sensor)", stream_dir
-        )
-    with atomic_dir(stream_dir) as tmp:
-        w = StreamWriter(root, name, "values", rate_hz=rate or measured, folder=tmp, **extra)
-        for e, (ts, values) in sorted(per_episode.items()):
-            w.add(e, ts, values.astype(np.float32), clock_offset)
-        spec = w.finish()
-    info = json.loads(info_path.read_text())
-    sv = info.setdefault("sensorvla", {})
-    sv.setdefault("format", "sensorvla-sidecar/1")
-    sv.setdefault("streams", {})[name] = spec
-    atomic_write_json(info_path, info)
-    stats = root / "meta" / "norm_stats.json"
-    if stats.exists():
-        stats.unlink()
-        logger.warning("removed %s: computed without the new stream (training recomputes it)", stats)
+    extra = {"force_channels": fc, **({"names": names} if names else {})}
+    spec = _write_stream(root, meta, name, per_episode, rate or measured, clock_offset, extra)
     logger.info("attached %s: %d episodes, %d channels, %.4g Hz", name, len(per_episode), c, rate or measured or 0)
     return spec

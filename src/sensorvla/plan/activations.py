@@ -109,135 +109,103 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], int]:
-    """Probes of the HF backbone's blocks for one micro-batch; returns (blocks, shared bytes): the position
-    embeddings every block uses (and the cast pixel values when the vision tower trains)."""
+def _probed(name: str, count: int, module, make_inputs, *, backward: bool, call=None, ignore=()) -> Block:
+    """A block whose cost is probed on meta tensors: `call(*make_inputs())` (default: the module itself)."""
+    params = list(module.parameters())
+    cost = probe(call or module, make_inputs, params=params, ignore=list(ignore), backward=backward)
+    return Block(name, count, grad_bytes=_grad_bytes(params), cost=cost)
+
+
+def _vision_blocks(vision, shapes: Shapes, dtype: torch.dtype, vis_grad: bool):
+    """(patch embedding, vision blocks, mergers) probes, the rotary tables they share and the cast pixel values."""
     from transformers.vision_utils import get_vision_position_ids
 
-    base = policy.backbone.model
-    vision, lm = base.visual, base.language_model
-    dtype = next(lm.parameters()).dtype
-    b, s = shapes.batch, shapes.seq_len
+    b = shapes.batch
     p = b * shapes.patches_per_sample
-    vis_grad = _trainable(vision)
-    lm_grad = vis_grad or _trainable(lm)
-    blocks: list[Block] = []
-
     grid = torch.tensor([g for _ in range(b) for g in shapes.grid_thw], dtype=torch.long)
     sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
     cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]), dtype=torch.int32)
     dv = vision.blocks[0].norm1.weight.shape[0]
+    x = _meta(p, dv, dtype=dtype)
+    pos = get_vision_position_ids(grid, vision.spatial_merge_size).to("meta")
+    vcos, vsin = vision.rotary_pos_emb(x, pos)
+    # the pixel values in the backbone dtype (VLBackbone._base_forward casts them): counted once, in `shared`
+    px = _meta(p, shapes.pixel_dim, dtype=dtype)
+    blk = vision.blocks[0]
+    mergers = [vision.merger, *list(getattr(vision, "deepstack_merger_list", []))]
+    blocks = [
+        _probed("vision.patch_embed", 1, vision.patch_embed, lambda: (px,), ignore=[px], backward=vis_grad),
+        _probed(
+            "vision.blocks",
+            len(vision.blocks),
+            blk,
+            lambda: (_meta(p, dv, dtype=dtype, grad=vis_grad),),
+            call=lambda h: blk(h, cu_seqlens=cu_seqlens, position_embeddings=(vcos, vsin)),
+            ignore=[vcos, vsin],
+            backward=vis_grad,
+        ),
+        _probed(
+            "vision.merger",
+            len(mergers),
+            vision.merger,
+            lambda: (_meta(p, dv, dtype=dtype, grad=vis_grad),),
+            backward=vis_grad,
+        ),
+    ]
+    return blocks, (vcos, vsin), px
+
+
+def _language_blocks(policy, lm, shapes: Shapes, dtype: torch.dtype, vis_grad: bool, lm_grad: bool):
+    """(embeddings, decoder layers, final norm, view-mean pooling) probes and the rotary tables they share."""
+    b, s, h = shapes.batch, shapes.seq_len, lm.config.hidden_size
+    hb = b * s * h * _elem(dtype)
+    # inputs_embeds, the image-feature scatter result and the merged image features (no grad: frozen embedding)
+    emb = lm.get_input_embeddings()
+    blocks = [
+        Block(
+            "embeddings", 1, Probe(fwd_peak=3 * hb, retained=0, bwd_peak=0, out_bytes=hb), _grad_bytes(emb.parameters())
+        )
+    ]
+    tpos = torch.zeros(3, b, s, dtype=torch.long, device="meta")
+    cos, sin = lm.rotary_emb(_meta(b, s, h, dtype=dtype), tpos)
+    layer = lm.layers[0]
+    layers = _probed(
+        "language.layers",
+        len(lm.layers),
+        layer,
+        lambda: (_meta(b, s, h, dtype=dtype, grad=vis_grad or lm_grad),),
+        call=lambda t: layer(t, position_embeddings=(cos, sin), attention_mask=None),
+        ignore=[cos, sin],
+        backward=lm_grad,
+    )
+    if policy.cfg.backbone.feature_layer != -1:  # output_hidden_states keeps every layer's output
+        layers = replace(layers, cost=replace(layers.cost, retained=layers.cost.retained + layers.cost.out_bytes))
+    blocks += [
+        layers,
+        _probed("language.norm", 1, lm.norm, lambda: (_meta(b, s, h, dtype=dtype, grad=lm_grad),), backward=lm_grad),
+    ]
+    if policy.cfg.backbone.pooling == "view_mean":
+
+        def pooling_inputs():
+            return _meta(b, s, h, dtype=dtype, grad=lm_grad), _meta(b, shapes.num_views + 1, s, dtype=torch.bool)
+
+        blocks.append(Block("vl.pooling", 1, probe(_view_mean, pooling_inputs, backward=lm_grad)))
+    return blocks, (cos, sin)
+
+
+def vl_blocks(policy, shapes: Shapes, device_type: str) -> tuple[list[Block], int]:
+    """Probes of the HF backbone's blocks for one micro-batch; returns (blocks, shared bytes): the position
+    embeddings every block uses (and the cast pixel values when the vision tower trains)."""
+    base = policy.backbone.model
+    vision, lm = base.visual, base.language_model
+    dtype = next(lm.parameters()).dtype
+    vis_grad = _trainable(vision)
+    lm_grad = vis_grad or _trainable(lm)
     with emulate_sdpa(device_type):
-        x = _meta(p, dv, dtype=dtype)
-        pos = get_vision_position_ids(grid, vision.spatial_merge_size).to("meta")
-        vcos, vsin = vision.rotary_pos_emb(x, pos)
-        # the pixel values in the backbone dtype (VLBackbone._base_forward casts them): counted once, in `shared`
-        px = _meta(p, shapes.pixel_dim, dtype=dtype)
-        blocks.append(
-            Block(
-                "vision.patch_embed",
-                1,
-                grad_bytes=_grad_bytes(vision.patch_embed.parameters()),
-                cost=probe(
-                    vision.patch_embed,
-                    lambda: (px,),
-                    params=list(vision.patch_embed.parameters()),
-                    ignore=[px],
-                    backward=vis_grad,
-                ),
-            )
-        )
-        blk = vision.blocks[0]
-        blocks.append(
-            Block(
-                "vision.blocks",
-                len(vision.blocks),
-                grad_bytes=_grad_bytes(blk.parameters()),
-                cost=probe(
-                    lambda h: blk(h, cu_seqlens=cu_seqlens, position_embeddings=(vcos, vsin)),
-                    lambda: (_meta(p, dv, dtype=dtype, grad=vis_grad),),
-                    params=list(blk.parameters()),
-                    ignore=[vcos, vsin],
-                    backward=vis_grad,
-                ),
-            )
-        )
-        mergers = [vision.merger, *list(getattr(vision, "deepstack_merger_list", []))]
-        blocks.append(
-            Block(
-                "vision.merger",
-                len(mergers),
-                grad_bytes=_grad_bytes(vision.merger.parameters()),
-                cost=probe(
-                    vision.merger,
-                    lambda: (_meta(p, dv, dtype=dtype, grad=vis_grad),),
-                    params=list(vision.merger.parameters()),
-                    backward=vis_grad,
-                ),
-            )
-        )
-        h = lm.config.hidden_size
-        hb = b * s * h * _elem(dtype)
-        # inputs_embeds, the image-feature scatter result and the merged image features (no grad: frozen embedding)
-        emb = lm.get_input_embeddings()
-        blocks.append(
-            Block(
-                "embeddings",
-                1,
-                Probe(fwd_peak=3 * hb, retained=0, bwd_peak=0, out_bytes=hb),
-                grad_bytes=_grad_bytes(emb.parameters()),
-            )
-        )
-        xt = _meta(b, s, h, dtype=dtype)
-        tpos = torch.zeros(3, b, s, dtype=torch.long, device="meta")
-        cos, sin = lm.rotary_emb(xt, tpos)
-        layer = lm.layers[0]
-        blocks.append(
-            Block(
-                "language.layers",
-                len(lm.layers),
-                grad_bytes=_grad_bytes(layer.parameters()),
-                cost=probe(
-                    lambda t: layer(t, position_embeddings=(cos, sin), attention_mask=None),
-                    lambda: (_meta(b, s, h, dtype=dtype, grad=vis_grad or lm_grad),),
-                    params=list(layer.parameters()),
-                    ignore=[cos, sin],
-                    backward=lm_grad,
-                ),
-            )
-        )
-        if policy.cfg.backbone.feature_layer != -1:  # output_hidden_states keeps every layer's output
-            last = blocks[-1]
-            blocks[-1] = replace(last, cost=replace(last.cost, retained=last.cost.retained + last.cost.out_bytes))
-        blocks.append(
-            Block(
-                "language.norm",
-                1,
-                grad_bytes=_grad_bytes(lm.norm.parameters()),
-                cost=probe(
-                    lm.norm,
-                    lambda: (_meta(b, s, h, dtype=dtype, grad=lm_grad),),
-                    params=list(lm.norm.parameters()),
-                    backward=lm_grad,
-                ),
-            )
-        )
-        if policy.cfg.backbone.pooling == "view_mean":
-            blocks.append(
-                Block(
-                    "vl.pooling",
-                    1,
-                    probe(
-                        _view_mean,
-                        lambda: (
-                            _meta(b, s, h, dtype=dtype, grad=lm_grad),
-                            _meta(b, shapes.num_views + 1, s, dtype=torch.bool),
-                        ),
-                        backward=lm_grad,
-                    ),
-                )
-            )
-    shared = sum(t.untyped_storage().nbytes() for t in (vcos, vsin, cos, sin))
+        blocks, vision_tables, px = _vision_blocks(vision, shapes, dtype, vis_grad)
+        language, language_tables = _language_blocks(policy, lm, shapes, dtype, vis_grad, lm_grad)
+    blocks += language
+    shared = sum(t.untyped_storage().nbytes() for t in (*vision_tables, *language_tables))
     if dtype != torch.float32:  # the cast copy (fp32 pixel values are the batch tensor itself): it lives through
         cast = px.untyped_storage().nbytes()  # the HF forward, and on to the backward when the patch embedding trains
         if vis_grad:

@@ -202,6 +202,109 @@ def _batch_bytes(shapes: Shapes, cached: bool, n_feat: int, hidden: int) -> int:
     return common + pixels + 3 * b * shapes.seq_len * 8 + b * shapes.num_views * 3 * 8
 
 
+def _meta_policy(cfg: SensorVLAConfig, dtype: torch.dtype, notes: list[str]):
+    """The policy as `build_policy` builds it, on the meta device, in the trainer's train / eval modes."""
+    from sensorvla.data.timeline import SensorWindow
+    from sensorvla.models import finetune
+    from sensorvla.models.policy import VLAPolicy
+
+    vl = _meta_vl(cfg, dtype, notes)
+    with torch.device("meta"):
+        policy = VLAPolicy(cfg.model, vl, SensorWindow.from_config(cfg.data))
+        finetune.apply_finetune(policy, cfg.model.finetune)
+    cast_meta_adapters(policy)
+    policy.train()
+    if cfg.model.finetune.mode == "none":
+        policy.backbone.model.eval()
+    return policy
+
+
+def _activation_runs(policy, shapes: Shapes, device: str, dtype: torch.dtype, checkpointing: bool) -> dict:
+    """{checkpointing off / on: (activation blocks of one step, bytes shared across blocks)}."""
+    trainable_vl = any(p.requires_grad for p in policy.backbone.model.parameters())
+    runs = {}
+    for on in (False, True):
+        _set_checkpointing(policy, on)
+        blocks, shared = vl_blocks(policy, shapes, device)
+        blocks.append(tail_block(policy, shapes, device, vl_dtype=dtype, vl_grad=trainable_vl))
+        runs[on] = (blocks, shared)
+    _set_checkpointing(policy, checkpointing)
+    return runs
+
+
+@dataclass
+class _StepSettings:
+    """What every scenario of one plan shares: checkpointing, accumulation, validation, optimizer temporaries."""
+
+    checkpointing: bool
+    accumulate: bool
+    validation: bool
+    opt_tmp: int
+
+
+def _scenario(step: _StepSettings, name: str, runs: dict, extra: int, batch: int, states) -> Scenario:
+    """A scenario from its activation runs (`_activation_runs`); `extra`: bytes on top (the batch itself)."""
+    peaks = {on: step_peak(runs[on][0], grads_persist=step.accumulate) for on in runs}
+    ckpt = step.checkpointing if step.checkpointing in runs else False
+    chosen = peaks[ckpt]
+    dyn = memory.Dynamic(
+        act=chosen.peak - chosen.grads + runs[ckpt][1] + extra,
+        act_grads=chosen.grads,
+        opt_tmp=step.opt_tmp,
+        batch=batch,
+        accumulate=step.accumulate,
+        validation=step.validation,
+    )
+    acts = {on: pk.peak - pk.grads + runs[on][1] + extra for on, pk in peaks.items()}
+    return Scenario(
+        name=name,
+        states=states,
+        dynamic=dyn,
+        act_saved=chosen.saved,
+        act_peak_off=acts[False],
+        act_peak_on=acts.get(True, acts[False]),
+        blocks=runs[ckpt][0],
+    )
+
+
+def _cached_scenario(cfg, policy, shapes: Shapes, device: str, dtype, step: _StepSettings, st, n_feat: int):
+    """The stage-1 run from the VL cache, or None when this config cannot be cached (a note says why)."""
+    from sensorvla.training.feature_cache import StaleCacheError, check_cacheable
+
+    try:
+        check_cacheable(cfg)
+    except StaleCacheError as e:
+        return None, (f"no VL cache for this config: {e}" if cfg.train.stage == "stage1" else None)
+    hidden = policy.backbone.hidden_size
+    tail = tail_block(policy, shapes, device, vl_dtype=torch.float32, vl_grad=False)
+    cbatch = _batch_bytes(shapes, True, n_feat, hidden)
+    cst = st
+    if not CACHED_STAGE1_LOADS_BACKBONE:
+        cst = memory.states(policy)
+        vl_bytes = sum(memory.tensor_bytes(p) for p in policy.backbone.model.parameters())
+        cst.weights[memory.dtype_name(dtype)] -= vl_bytes
+    return _scenario(step, f"{cfg.train.stage} none cached", {False: ([tail], 0)}, cbatch, cbatch, cst), None
+
+
+def _closing_notes(cfg, policy, scenarios, gpus, units, cached: bool, impl: str, opt_tmp: int) -> list[str]:
+    """The notes printed under the plan: the backbone a cached stage 1 still loads, FSDP2 units, AdamW."""
+    notes = []
+    if cached and CACHED_STAGE1_LOADS_BACKBONE:
+        vl_bytes = sum(memory.tensor_bytes(p) for p in policy.backbone.model.parameters())
+        one = scenarios[-1].per_gpu["ddp"][gpus[0]] - vl_bytes
+        notes.append(
+            f"the cached stage 1 counts the backbone weights the trainer loads today; without that load it needs "
+            f"{human(one)} on {gpus[0]} GPU(s)"
+        )
+    if cfg.train.strategy == "fsdp" or max(gpus) > 1:
+        notes.append(
+            f"FSDP2 shards {units.count} decoder layers as units; the rest (vision tower, embeddings, sensor "
+            "encoder, fusion, head) is the root unit"
+        )
+    notes.append(f"optimizer: AdamW ({impl} step temporaries {opt_tmp / 2**20:.1f} MiB)")
+    return notes
+
+
 def plan(
     cfg: SensorVLAConfig,
     *,
@@ -215,41 +318,20 @@ def plan(
     optimizer_impl: str = "auto",
 ) -> Plan:
     """Plan memory for `cfg` on `device` ("cuda" or "cpu") without materializing any weight."""
-    from sensorvla.data.timeline import SensorWindow
-    from sensorvla.models import finetune
-    from sensorvla.models.policy import VLAPolicy
-    from sensorvla.training.feature_cache import StaleCacheError, check_cacheable
+    from sensorvla.config import resolve_stage_defaults
     from sensorvla.training.param_groups import build_param_groups
+    from sensorvla.training.param_groups import optimizer_impl as resolve_impl
 
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device {device!r}: plan for cuda or cpu")
-    from sensorvla.config import resolve_stage_defaults
-
     cfg = resolve_stage_defaults(copy.deepcopy(cfg))  # finetune mode "auto": the stage decides, as in validate()
     notes: list[str] = []
-    cfg, image_hw, n_samples, n_val, instruction = resolve(
-        cfg,
-        views=views,
-        image_size=image_size,
-        action_dim=action_dim,
-        sensor_channels=sensor_channels,
-        samples=samples,
-        notes=notes,
-    )
+    shape_flags = dict(views=views, image_size=image_size, action_dim=action_dim, sensor_channels=sensor_channels)
+    cfg, image_hw, n_samples, n_val, instruction = resolve(cfg, samples=samples, notes=notes, **shape_flags)
     m = cfg.model
     dtype = backbone_dtype(cfg, device)
     shapes = sample_shapes(cfg, _processor(cfg), image_hw, instruction)
-    vl = _meta_vl(cfg, dtype, notes)
-    with torch.device("meta"):
-        policy = VLAPolicy(m, vl, SensorWindow.from_config(cfg.data))
-        finetune.apply_finetune(policy, m.finetune)
-    cast_meta_adapters(policy)
-    policy.train()
-    if m.finetune.mode == "none":
-        policy.backbone.model.eval()
-
-    from sensorvla.training.param_groups import optimizer_impl as resolve_impl
-
+    policy = _meta_policy(cfg, dtype, notes)
     requested = optimizer_impl if optimizer_impl != "auto" else cfg.train.optimizer_impl
     impl = resolve_impl(requested, sharded=cfg.train.strategy == "fsdp")  # what the trainer will build
     opt_groups = [g["params"] for g in build_param_groups(policy, cfg.train)]
@@ -259,81 +341,21 @@ def plan(
     hidden = policy.backbone.hidden_size
     bb = m.backbone
     n_feat = vl_token_count(bb.pooling, shapes, grid_size=bb.grid_size, num_queries=bb.num_queries)
-    trainable_vl = any(p.requires_grad for p in policy.backbone.model.parameters())
-
-    runs = {}
-    for on in (False, True):
-        _set_checkpointing(policy, on)
-        blocks, shared = vl_blocks(policy, shapes, device)
-        blocks.append(tail_block(policy, shapes, device, vl_dtype=dtype, vl_grad=trainable_vl))
-        runs[on] = (blocks, shared)
-    _set_checkpointing(policy, m.backbone.activation_checkpointing)
-
-    scenarios = []
-    ckpt = m.backbone.activation_checkpointing
-    accumulate = cfg.train.grad_accum_steps > 1
-    validation = n_val > 0
-
-    def scenario(name: str, runs: dict, extra: int, batch: int, states: memory.States) -> Scenario:
-        peaks = {on: step_peak(runs[on][0], grads_persist=accumulate) for on in runs}
-        chosen = peaks[ckpt if ckpt in peaks else False]
-        dyn = memory.Dynamic(
-            act=chosen.peak - chosen.grads + runs[ckpt if ckpt in runs else False][1] + extra,
-            act_grads=chosen.grads,
-            opt_tmp=opt_tmp,
-            batch=batch,
-            accumulate=accumulate,
-            validation=validation,
-        )
-        acts = {on: pk.peak - pk.grads + runs[on][1] + extra for on, pk in peaks.items()}
-        return Scenario(
-            name=name,
-            states=states,
-            dynamic=dyn,
-            act_saved=chosen.saved,
-            act_peak_off=acts[False],
-            act_peak_on=acts.get(True, acts[False]),
-            blocks=runs[ckpt if ckpt in runs else False][0],
-        )
+    runs = _activation_runs(policy, shapes, device, dtype, bb.activation_checkpointing)
+    step = _StepSettings(bb.activation_checkpointing, cfg.train.grad_accum_steps > 1, n_val > 0, opt_tmp)
 
     batch = _batch_bytes(shapes, False, n_feat, hidden)
     name = f"{cfg.train.stage} {m.finetune.mode}" + (" uncached" if m.finetune.mode == "none" else "")
-    scenarios.append(scenario(name, runs, batch, batch, st))
-    cache_size = None
-    try:
-        check_cacheable(cfg)
-        cacheable = True
-    except StaleCacheError as e:
-        cacheable = False
-        if cfg.train.stage == "stage1":
-            notes.append(f"no VL cache for this config: {e}")
-    if cacheable:
-        cache_size = memory.cache_bytes(n_samples, n_feat, hidden, cfg.train.cache_dtype)
-        tail = tail_block(policy, shapes, device, vl_dtype=torch.float32, vl_grad=False)
-        cbatch = _batch_bytes(shapes, True, n_feat, hidden)
-        cst = st
-        if not CACHED_STAGE1_LOADS_BACKBONE:
-            cst = memory.states(policy)
-            vl_bytes = sum(memory.tensor_bytes(p) for p in policy.backbone.model.parameters())
-            cst.weights[memory.dtype_name(dtype)] -= vl_bytes
-        scenarios.append(scenario(f"{cfg.train.stage} none cached", {False: ([tail], 0)}, cbatch, cbatch, cst))
+    scenarios = [_scenario(step, name, runs, batch, batch, st)]
+    cached, why_not = _cached_scenario(cfg, policy, shapes, device, dtype, step, st, n_feat)
+    notes += [why_not] if why_not else []
+    if cached is not None:
+        scenarios.append(cached)
     for sc in scenarios:
         sc.per_gpu = {
             s: {n: memory.per_gpu_peak(sc.states, units, sc.dynamic, s, n) for n in gpus} for s in ("ddp", "fsdp")
         }
-    if cacheable and CACHED_STAGE1_LOADS_BACKBONE:
-        vl_bytes = sum(memory.tensor_bytes(p) for p in policy.backbone.model.parameters())
-        one = scenarios[-1].per_gpu["ddp"][gpus[0]] - vl_bytes
-        notes.append(
-            f"the cached stage 1 counts the backbone weights the trainer loads today; without that load it needs "
-            f"{human(one)} on {gpus[0]} GPU(s)"
-        )
-    if cfg.train.strategy == "fsdp" or max(gpus) > 1:
-        notes.append(
-            f"FSDP2 shards {units.count} decoder layers as units; the rest (vision tower, embeddings, sensor "
-            "encoder, fusion, head) is the root unit"
-        )
-    notes.append(f"optimizer: AdamW ({impl} step temporaries {opt_tmp / 2**20:.1f} MiB)")
+    notes += _closing_notes(cfg, policy, scenarios, gpus, units, cached is not None, impl, opt_tmp)
     return Plan(
         vl_model=m.backbone.vl_model,
         family=policy.backbone.model.config.model_type,
@@ -341,14 +363,14 @@ def plan(
         backbone_dtype=memory.dtype_name(dtype),
         finetune=m.finetune.mode,
         stage=cfg.train.stage,
-        checkpointing=ckpt,
+        checkpointing=bb.activation_checkpointing,
         batch=cfg.train.batch_size,
         grad_accum=cfg.train.grad_accum_steps,
         shapes=shapes,
         image_hw=tuple(image_hw),
         groups=memory.group_rows(policy),
         num_samples=n_samples,
-        cache_bytes=cache_size,
+        cache_bytes=memory.cache_bytes(n_samples, n_feat, hidden, cfg.train.cache_dtype) if cached else None,
         scenarios=scenarios,
         gpus=tuple(gpus),
         notes=notes,

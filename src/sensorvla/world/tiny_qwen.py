@@ -145,33 +145,41 @@ def build_tiny_qwen_vl(
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
         if layout == "hub":
-            processor_class = {
-                "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                "qwen2_vl": "Qwen2VLProcessor",
-                "qwen3_vl": "Qwen3VLProcessor",
-            }[family]
-            (tmp / "preprocessor_config.json").write_text(
-                json.dumps(
-                    {
-                        "image_processor_type": "Qwen2VLImageProcessor",
-                        "processor_class": processor_class,
-                        "min_pixels": min_pixels,
-                        "max_pixels": max_pixels,
-                        "patch_size": patch,
-                        "merge_size": 2,
-                        "temporal_patch_size": 2,
-                        "do_resize": True,
-                        "do_rescale": True,
-                        "do_normalize": True,
-                        "rescale_factor": 1 / 255,
-                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                        "image_std": [0.26862954, 0.26130258, 0.27577711],
-                        "do_convert_rgb": True,
-                    },
-                    indent=2,
-                )
-            )
-            (tmp / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
-            for name in ("processor_config.json", "chat_template.jinja"):
-                (tmp / name).unlink(missing_ok=True)
+            write_hub_layout(tmp, family, patch, min_pixels, max_pixels)
     return out_dir
+
+
+# Processor class and image-processor settings a real hub checkpoint declares in preprocessor_config.json.
+HUB_PROCESSOR_CLASS = {
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+}
+HUB_IMAGE_SETTINGS = {
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "rescale_factor": 1 / 255,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_convert_rgb": True,
+}
+
+
+def write_hub_layout(folder: Path, family: str, patch: int, min_pixels: int, max_pixels: int) -> None:
+    """Rewrite a saved processor in the legacy layout real checkpoints ship: `preprocessor_config.json` with
+    min/max pixels and `chat_template.json`, without the newer `processor_config.json` / `chat_template.jinja`."""
+    pre = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": HUB_PROCESSOR_CLASS[family],
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "patch_size": patch,
+        **HUB_IMAGE_SETTINGS,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+    for name in ("processor_config.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
