@@ -1,0 +1,1 @@
+"""sensorvla: train, evaluate and serve sensor-augmented vision-language-action policies (docs/architecture.md)."""

@@ -67,10 +67,12 @@ def verify_manifest(folder: str | Path) -> list[str]:
 
 
 def has_manifest(folder: str | Path) -> bool:
+    """True when `folder` has a manifest.json."""
     return (Path(folder) / MANIFEST_NAME).exists()
 
 
 def sidecar(path: str | Path) -> Path:
+    """The `<name>.sha256.json` sidecar path of a file."""
     path = Path(path)
     return path.with_name(path.name + SIDECAR_SUFFIX)
 

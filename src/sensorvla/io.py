@@ -75,6 +75,7 @@ def clean_stale_temps(path: str | Path) -> list[Path]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
@@ -92,6 +93,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented, key-sorted JSON to `path` atomically."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -112,6 +114,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors (detached, contiguous, on CPU) to a safetensors file atomically."""
     from safetensors.torch import save_file
 
     with atomic_file(path) as tmp:

@@ -24,6 +24,7 @@ class ThreadSetting:
     reason: str
 
     def describe(self) -> str:
+        """One line for the log: the thread count and why."""
         return f"torch intra-op threads: {self.threads} ({self.reason})"
 
 

@@ -1,0 +1,1 @@
+"""The data layer: LeRobot v3 datasets, causal timestamp alignment, normalization and importers."""

@@ -167,6 +167,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return valid
 
     def has_sensor(self, e: int) -> bool:
+        """True when episode `e` has sensor samples."""
         return bool(self.meta.episodes[e]["has_sensor"])
 
     def sensor_stream(self, e: int) -> tuple[np.ndarray, np.ndarray]:
@@ -274,6 +275,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return sample
 
     def summary(self) -> dict[str, Any]:
+        """The split's size, views and sensor coverage, for the run log."""
         with_sensor = sum(self.has_sensor(e) for e in self.episodes)
         return {
             "dataset": self.meta.dataset_id,
@@ -332,6 +334,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        """Reseed augmentation and redraw the weighted member order for `epoch` (deterministic per seed and epoch)."""
         for m in self.members:
             m.set_epoch(epoch)
         rng = np.random.default_rng([self.seed, epoch])
@@ -347,6 +350,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         return self.members[k][j]
 
     def summary(self) -> dict[str, Any]:
+        """Each member's summary and the normalized mixture weights."""
         return {"mixture": [m.summary() for m in self.members], "weights": self.weights.round(3).tolist()}
 
 

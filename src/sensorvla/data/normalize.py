@@ -115,6 +115,7 @@ class SensorTransform:
         return x
 
     def to_json(self) -> dict[str, Any]:
+        """The fitted transform as JSON (saved in norm_stats.json)."""
         out: dict[str, Any] = {"spec": self.spec}
         for k in ("lo", "hi", "log_mask", "log_scale"):
             v = getattr(self, k)
@@ -124,6 +125,7 @@ class SensorTransform:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SensorTransform:
+        """The transform saved by `to_json`."""
         t = cls(d["spec"])
         for k, dtype in (("lo", np.float32), ("hi", np.float32), ("log_mask", bool), ("log_scale", np.float32)):
             if k in d:
@@ -132,6 +134,7 @@ class SensorTransform:
 
     @property
     def identity(self) -> bool:
+        """True when the transform changes nothing (no clipping, no log)."""
         return self.lo is None and self.log_mask is None
 
 
@@ -157,6 +160,7 @@ class NormStats:
             self.sensor_transform = SensorTransform(transform_spec(None))
 
     def to_json(self) -> dict[str, Any]:
+        """The stats as JSON (norm_stats.json): dataset id, fingerprint, counts, sensor transform, per-key stats."""
         return {
             "dataset_id": self.dataset_id,
             "fingerprint": self.fingerprint,
@@ -166,10 +170,12 @@ class NormStats:
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write the stats to `path` atomically."""
         return atomic_write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> NormStats:
+        """Read norm_stats.json; NormalizationError naming `sensorvla stats` when it is missing."""
         path = Path(path)
         if not path.exists():
             raise NormalizationError(f"{path} not found. Compute it with `sensorvla stats --dataset DIR`")
@@ -352,6 +358,7 @@ class Normalizer:
         self.mode = mode
 
     def check_keys(self, keys: list[str]) -> None:
+        """Raise NormalizationError naming the keys the stats do not cover."""
         missing = [k for k in keys if k not in self.stats.stats]
         if missing:
             raise NormalizationError(
@@ -385,6 +392,7 @@ class Normalizer:
             )
 
     def normalize(self, key: str, x):
+        """`x` (..., width) in physical units -> normalized (sensor transform first, for the sensor)."""
         shift, scale = self._params(key, x)
         self._check_width(key, x)
         if key == "sensor" and not self.stats.sensor_transform.identity:

@@ -73,15 +73,19 @@ class SidecarStream:
 
     @property
     def episodes(self) -> list[int]:
+        """The episode indices the stream has samples for."""
         return sorted(self.index)
 
     def has(self, e: int) -> bool:
+        """True when the stream has samples for episode `e`."""
         return e in self.index
 
     def offset(self, e: int) -> float:
+        """Seconds added to episode `e`'s stream timestamps to reach the dataset clock."""
         return float(self.index[e]["clock_offset_s"])
 
     def files(self, e: int) -> tuple[Path, Path]:
+        """(timestamps .npy, values .npy) files of episode `e`."""
         stem = self.root / self.path.format(key=self.key, chunk_index=e // CHUNK_SIZE, episode_index=e)
         return stem.with_name(stem.name + ".timestamps.npy"), stem.with_name(stem.name + ".values.npy")
 
@@ -102,6 +106,7 @@ class SidecarStream:
         return arr
 
     def spec(self) -> dict[str, Any]:
+        """The stream's declaration for meta/info.json."""
         return _spec(self.key, self.kind, self.shape, self.dtype, self.rate_hz, self.extra)
 
 

@@ -31,9 +31,11 @@ class EpisodeSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def name(self, i: int) -> str: ...
+    def name(self, i: int) -> str:
+        """A readable name of episode `i`."""
 
-    def load(self, i: int) -> EpisodeData: ...
+    def load(self, i: int) -> EpisodeData:
+        """Load episode `i` as EpisodeData."""
 
 
 class ParquetImages:
@@ -199,9 +201,11 @@ class LeRobotSource:
         return len(self.rows)
 
     def name(self, i: int) -> str:
+        """The dataset's name of episode `i`."""
         return self.meta.episodes[i]["name"]
 
     def video_path(self, key: str, e: int) -> Path:
+        """The mp4 holding video feature `key` of episode `e`."""
         ep = self.meta.episodes[e]
         template = (
             self.meta.info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
@@ -221,10 +225,12 @@ class LeRobotSource:
         return self.row_time[r.start : r.stop], 0.0
 
     def frame_tasks(self, e: int) -> list[str]:
+        """The task string of each frame of episode `e`."""
         r = self.rows[e]
         return [self.meta.tasks[int(k)] for k in self.task_index[r.start : r.stop]]
 
     def load(self, i: int) -> EpisodeData:
+        """Load episode `i`: actions, state, camera frames and sensor streams on the common clock."""
         meta, e = self.meta, int(i)
         r, ep, name = self.rows[e], meta.episodes[i], self.name(e)
         a_ts, a_off = self.row_times(e)
@@ -288,6 +294,7 @@ class LeRobotSource:
         )
 
     def global_index(self, e: int) -> np.ndarray:
+        """The global frame indices of episode `e`'s rows."""
         r = self.rows[e]
         return self.index[r.start : r.stop]
 

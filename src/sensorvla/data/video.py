@@ -80,6 +80,7 @@ class VideoEncoder:
         self.frames += 1
 
     def close(self) -> None:
+        """Flush the encoder and close the file (idempotent)."""
         if self._container is None:
             return
         for packet in self._stream.encode():
@@ -88,6 +89,7 @@ class VideoEncoder:
         self._container = None
 
     def nbytes(self) -> int:
+        """Bytes written so far."""
         return self.path.stat().st_size if self.path.exists() else 0
 
 
@@ -190,6 +192,7 @@ class DecoderPool:
         self._open: OrderedDict[Path, _Decoder] = OrderedDict()
 
     def get(self, path: Path) -> _Decoder:
+        """The open decoder of `path` (opened on demand; the least recently used one is closed past `max_open`)."""
         if os.getpid() != self._pid:
             # a forked DataLoader worker: never touch (or free: closing hangs) the parent's containers
             _INHERITED.extend(self._open.values())
@@ -227,6 +230,7 @@ class VideoFrames:
         return self.n
 
     def time_of(self, j: int) -> float:
+        """The timestamp (s) of frame `j`."""
         return self.from_s + j / self.fps
 
     def __getitem__(self, j: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""The policy: Qwen-VL backbone, sensor encoder, fusion, action heads, fine-tuning and the model file formats."""

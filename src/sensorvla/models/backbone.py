@@ -138,6 +138,7 @@ def build_messages(instruction: str, num_views: int, template: str = "{instructi
 
 
 def render_prompt(processor, instruction: str, num_views: int, template: str) -> str:
+    """The chat-template prompt for an instruction and `num_views` images."""
     return processor.apply_chat_template(
         build_messages(instruction, num_views, template), tokenize=False, add_generation_prompt=False
     )
@@ -154,6 +155,7 @@ def process_sample(processor, images: list[np.ndarray], instruction: str, templa
 
 
 def pad_token_id(processor) -> int:
+    """The tokenizer's pad id (0 when it has none)."""
     tok = processor.tokenizer
     return int(tok.pad_token_id if tok.pad_token_id is not None else 0)
 

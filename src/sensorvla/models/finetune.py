@@ -27,6 +27,7 @@ class FinetuneError(ValueError):
 
 
 def is_lora_param(name: str) -> bool:
+    """True for a LoRA adapter parameter name."""
     return "lora_" in name
 
 

@@ -29,10 +29,12 @@ STEP_BYTES = 4  # AdamW's per-tensor step counter (float32 scalar)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's elements."""
     return t.numel() * t.element_size()
 
 
@@ -56,14 +58,17 @@ class States:
 
     @property
     def w(self) -> int:
+        """Weight bytes, all dtypes."""
         return sum(self.weights.values())
 
     @property
     def g(self) -> int:
+        """Gradient bytes, all dtypes."""
         return sum(self.grads.values())
 
     @property
     def o(self) -> int:
+        """Optimizer-state bytes, all dtypes."""
         return sum(self.optimizer.values())
 
 
@@ -126,6 +131,7 @@ class Units:
 
 
 def fsdp_units(model: nn.Module) -> Units:
+    """FSDP2 units of the model (decoder layers) and the root unit: their weight and gradient bytes."""
     units = [m for m in model.modules() if is_fsdp_unit(m)]
     in_unit = {id(p) for u in units for p in u.parameters()}
     params = list(model.parameters())

@@ -386,6 +386,7 @@ def human(n: float) -> str:
 
 
 def count(n: int) -> str:
+    """A count as K / M / B."""
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
             return f"{n / div:.2f} {unit}"
@@ -469,6 +470,7 @@ def plan_to_dict(p: Plan) -> dict:
 
 
 def write_json(p: Plan, path: str | Path) -> Path:
+    """Write the plan as JSON to `path` atomically."""
     from sensorvla.io import atomic_write_json
 
     return atomic_write_json(path, plan_to_dict(p))

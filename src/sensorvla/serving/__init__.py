@@ -1,0 +1,1 @@
+"""The transport: websocket + msgpack server and a torch-free robot client; knows no model."""

@@ -78,6 +78,7 @@ class PolicyClient:
 
     @property
     def uri(self) -> str:
+        """The server's websocket URI."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"ws://{host}:{self.port}"
 

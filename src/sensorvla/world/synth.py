@@ -65,6 +65,7 @@ class InsertionSim:
         self.reset()
 
     def reset(self) -> None:
+        """Draw a new target and layer depth and put the needle at its start pose."""
         r, c = self.rng, self.cfg
         self.target = r.uniform(-c.target_range_mm, c.target_range_mm, size=2)
         self.depth = r.uniform(2.0, 6.0)  # hidden from the cameras
@@ -188,10 +189,12 @@ class InsertionSim:
 
     @property
     def success(self) -> bool:
+        """True once the tip has held on the layer (and on the target) for three steps."""
         return self.held >= 3
 
     @property
     def failed(self) -> bool:
+        """True when the tip overshot the layer or the step budget ran out."""
         return self.layer_distance < -self.cfg.overshoot_fail_mm or self.steps >= self.cfg.max_steps
 
 

@@ -34,9 +34,11 @@ class ImportSource:
         return len(self.items)
 
     def name(self, i: int) -> str:
+        """A readable name of episode `i` (its source's name, else the index)."""
         return str(getattr(self.items[i], "name", i))
 
     def load(self, i: int) -> EpisodeData:
+        """Load episode `i` of the source."""
         return self.loader(self.items[i])
 
 

@@ -96,6 +96,7 @@ class InsertionEnv(gym.Env):
         }
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode (a new target and layer depth from the env's RNG); (observation, info)."""
         super().reset(seed=seed)
         episode_seed = int(self.np_random.integers(0, 2**31 - 1))
         self.sim = InsertionSim(episode_seed, self.cfg)
@@ -104,6 +105,7 @@ class InsertionEnv(gym.Env):
         return self._observe(), self._info()
 
     def step(self, action):
+        """One 10 Hz step of a 7-D action (clipped to the action space); (obs, reward, terminated, truncated, info)."""
         sim = self.sim
         action = np.clip(np.asarray(action, np.float64), self.action_space.low, self.action_space.high)
         t0 = sim.t
@@ -116,4 +118,5 @@ class InsertionEnv(gym.Env):
         return self._observe(), float(sim.success), bool(terminated), bool(truncated), self._info()
 
     def render(self):
+        """The views side by side, (h, V * w, 3) uint8."""
         return np.concatenate([self.sim.render(v) for v in VIEWS], axis=1)
