@@ -305,3 +305,20 @@ def test_train_resume_parses_the_flags_over_the_saved_run(tmp_path, monkeypatch,
     (last / "config.json").write_text("{not json")
     assert main(["train", "--resume", "--output-dir", str(tmp_path)]) == 2
     assert "the saved run's config" in capsys.readouterr().err
+
+
+def test_import_flags_reach_the_importer(tmp_path):
+    """`data import-hdf5` takes the shared importer flags unprefixed (`--views`, `--image-size`, ...)."""
+    from sensorvla.cli import main
+    from sensorvla.data.format import load_meta
+    from sensorvla.world.examples import export_hdf5_example
+
+    src = tmp_path / "ex"
+    export_hdf5_example(src, num_episodes=2, image_size=16, sensor_channels=3)
+    out = tmp_path / "ds"
+    args = ["--src", str(src), "--out", str(out), "--views", "front", "--image-size", "8", "--image-format", "npy"]
+    assert main(["data", "import-hdf5", *args, "--instruction", "touch the surface"]) == 0
+    meta = load_meta(out)
+    assert meta.views == ["front"] and meta.image_shape[:2] == [8, 8] and meta.tasks == ["touch the surface"]
+    assert main(["data", "import-hdf5", *args]) == 1  # exists: refused without --overwrite
+    assert main(["data", "import-hdf5", *args, "--overwrite"]) == 0

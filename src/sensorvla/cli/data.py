@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 from sensorvla.config import DataConfig
+
+
+def keywords(flags: dict, **renamed: str) -> dict:
+    """A command's flags (its `locals()` on entry) as the library function's keywords: `renamed` maps a flag to
+    the keyword it fills; a tuple of views becomes a list (None when empty)."""
+    out = {renamed.get(k, k): v for k, v in flags.items()}
+    if "views" in out:
+        out["views"] = list(out["views"]) if out["views"] else None
+    return out
+
+
+def wrote(path: Path) -> int:
+    """Print the written path; exit code 0."""
+    print(f"wrote {path}")
+    return 0
 
 
 def data_synth(
@@ -20,79 +39,42 @@ def data_synth(
     image_format: Literal["video", "npy"] = "video",
 ) -> int:
     """Generate the synthetic insertion dataset (the demo's data, the tests' fixture) as LeRobot v3."""
+    flags = dict(locals())
     from sensorvla.world.synth import generate_dataset
 
-    path = generate_dataset(
-        out,
-        num_episodes=episodes,
-        seed=seed,
-        sensor_channels=sensor_channels,
-        sensor_rate=sensor_rate,
-        image_size=image_size,
-        task=task,
-        image_format=image_format,
-    )
-    print(f"wrote {path}")
-    return 0
+    return wrote(generate_dataset(**keywords(flags, out="out_dir", episodes="num_episodes")))
 
 
-def data_import_recorder(
-    src: Path,
-    out: Path,
-    instruction: str | None = None,
-    image_size: int | None = None,
-    min_actions: int = 8,
-    views: tuple[str, ...] | None = None,
-    include_joints: bool = False,
-    overwrite: bool = False,
-    image_format: Literal["video", "npy"] = "video",
-) -> int:
-    """Convert the original recorder's episode folders (metadata.json, images/, robot_states.csv, sensor_data.npz).
+@dataclass
+class ImportFlags:
+    """The flags every importer takes (`--instruction`, `--image-size`, `--views`, ...)."""
 
-    --image-format video writes LeRobot video features (mp4); npy keeps lossless raw frames (not LeRobot-visible).
-    """
+    instruction: str | None = None  # one instruction for every episode
+    image_size: int | None = None  # resize frames to N x N (default: the stored size)
+    min_actions: int = 8  # episodes with fewer action frames are an error (the training horizon)
+    views: tuple[str, ...] | None = None  # import only these views (default: all)
+    overwrite: bool = False
+    # video: LeRobot video features (mp4); npy: lossless raw frames (not LeRobot-visible)
+    image_format: Literal["video", "npy"] = "video"
+
+
+# The importer flags without a prefix: `--views`, not `--flags.views`.
+Importing = Annotated[ImportFlags, tyro.conf.arg(name="")]
+
+
+def data_import_recorder(src: Path, out: Path, include_joints: bool = False, flags: Importing = ImportFlags()) -> int:  # noqa: B008
+    """Convert the original recorder's episode folders (metadata.json, images/, robot_states.csv, sensor_data.npz)."""
     from sensorvla.data.importers.recorder import import_recorder
 
-    path = import_recorder(
-        src,
-        out,
-        instruction=instruction,
-        image_size=image_size,
-        min_actions=min_actions,
-        views=list(views) if views else None,
-        include_joints=include_joints,
-        overwrite=overwrite,
-        image_format=image_format,
-    )
-    print(f"wrote {path}")
-    return 0
+    options = keywords(dataclasses.asdict(flags))
+    return wrote(import_recorder(src, out, include_joints=include_joints, **options))
 
 
-def data_import_hdf5(
-    src: Path,
-    out: Path,
-    instruction: str | None = None,
-    image_size: int | None = None,
-    min_actions: int = 8,
-    views: tuple[str, ...] | None = None,
-    overwrite: bool = False,
-    image_format: Literal["video", "npy"] = "video",
-) -> int:
-    """Convert plain HDF5 episodes (docs/hdf5-format.md); --image-format as for import-recorder."""
+def data_import_hdf5(src: Path, out: Path, flags: Importing = ImportFlags()) -> int:  # noqa: B008
+    """Convert plain HDF5 episodes (docs/hdf5-format.md)."""
     from sensorvla.data.importers.hdf5 import import_hdf5
 
-    path = import_hdf5(
-        src,
-        out,
-        instruction=instruction,
-        image_size=image_size,
-        min_actions=min_actions,
-        views=list(views) if views else None,
-        overwrite=overwrite,
-        image_format=image_format,
-    )
-    print(f"wrote {path}")
-    return 0
+    return wrote(import_hdf5(src, out, **keywords(dataclasses.asdict(flags))))
 
 
 def data_add_sensor(
@@ -110,18 +92,10 @@ def data_add_sensor(
     --clock-offset S is added to the sensor's timestamps to reach the dataset's clock (frame i of an episode is at
     frame_index / fps). See docs/data-format.md, "Add a sensor to a LeRobot dataset".
     """
+    flags = dict(locals())
     from sensorvla.data.attach import add_sensor
 
-    spec = add_sensor(
-        dataset,
-        src,
-        clock_offset=clock_offset,
-        name=name,
-        rate=rate,
-        force_channels=force_channels,
-        episode=episode,
-        overwrite=overwrite,
-    )
+    spec = add_sensor(**keywords(flags))
     print(f"attached {name!r} to {dataset}: {json.dumps(spec)}")
     return 0
 

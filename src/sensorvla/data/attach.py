@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sensorvla.data.format import INFO_FILE, load_meta
+from sensorvla.data.importers._common import check_increasing
 from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span
 from sensorvla.data.types import DataError
 from sensorvla.data.writer import check_finite
@@ -191,15 +192,7 @@ def _check_episode_samples(meta, e: int, ts, values, name: str, clock_offset: fl
     ename = meta.episodes[e]["name"]
     check_finite(ts[:, None], episode=ename, stream=f"{name} timestamps", path=str(src))
     check_finite(values, episode=ename, stream=name, path=str(src), fix="clean the sensor recording")
-    d = np.diff(ts)
-    if np.any(d <= 0):
-        i = int(np.argmax(d <= 0))
-        raise DataError(
-            f"{name} timestamps are not strictly increasing (sample {i} -> {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
-            episode=ename,
-            path=str(src),
-            fix="sort the samples by time and drop duplicates",
-        )
+    check_increasing(ts, what=name, episode=ename, path=src, fix="sort the samples by time and drop duplicates")
     lo, hi = episode_span(meta.episodes, float(meta.info["fps"]), meta.streams.get("action"), e)
     t0, t1 = ts[0] + clock_offset, ts[-1] + clock_offset
     if t1 < lo or t0 > hi:
@@ -211,7 +204,7 @@ def _check_episode_samples(meta, e: int, ts, values, name: str, clock_offset: fl
             fix=f"pass the offset from the sensor clock to the dataset clock, e.g. --clock-offset {lo - ts[0]:.6f} "
             "(if the sensor started with the episode)",
         )
-    return 1.0 / float(np.median(d)) if len(ts) > 1 else None
+    return 1.0 / float(np.median(np.diff(ts))) if len(ts) > 1 else None
 
 
 def _common_rate(meta, rates: dict[int, float], rate: float | None, src) -> float | None:

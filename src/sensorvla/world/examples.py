@@ -26,28 +26,13 @@ def iter_example_episodes(
         yield simulate_episode(seed * 100_003 + e, cfg, with_sensor=has, name=f"example_{e:04d}")
 
 
-def export_hdf5_example(
-    out_dir: str | Path,
-    *,
-    num_episodes: int = 2,
-    seed: int = 0,
-    image_size: int = 32,
-    sensor_channels: int = 33,
-    with_sensor: Sequence[bool] | None = None,
-) -> list[Path]:
-    """Write `num_episodes` valid example files (one episode each) into `out_dir`; returns their paths.
+def export_hdf5_example(out_dir: str | Path, **example) -> list[Path]:
+    """Write valid example files (one episode each) into `out_dir`; returns their paths.
 
-    `sensorvla data import-hdf5 --src out_dir --out DIR` then imports them.
+    `example`: the options of `iter_example_episodes` (num_episodes=2, seed, image_size, sensor_channels,
+    with_sensor). `sensorvla data import-hdf5 --src out_dir --out DIR` then imports them.
     """
-    out = []
-    for ep in iter_example_episodes(
-        num_episodes,
-        seed=seed,
-        image_size=image_size,
-        sensor_channels=sensor_channels,
-        with_sensor=with_sensor,
-    ):
-        out.append(
-            write_hdf5(Path(out_dir) / f"{ep.name}.h5", ep, action_fps=10.0, force_channels=1, sensor_rate=650.0)
-        )
-    return out
+    return [
+        write_hdf5(Path(out_dir) / f"{ep.name}.h5", ep, action_fps=10.0, force_channels=1, sensor_rate=650.0)
+        for ep in iter_example_episodes(**example)
+    ]

@@ -49,47 +49,20 @@ def _config(family: str, tok, *, text_hidden: int, text_layers: int, vision_hidd
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
     )
+    common = dict(depth=vision_depth, num_heads=4, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
+    # Qwen2.5-VL and Qwen3-VL name the vision width hidden_size and project to out_hidden_size; Qwen2-VL calls
+    # the width embed_dim and the projection hidden_size
+    wide = dict(common, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=text_hidden)
     if family == "qwen2_5_vl":
-        vision = dict(
-            depth=vision_depth,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_heads=4,
-            out_hidden_size=text_hidden,
-            patch_size=patch,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[vision_depth - 1],
-        )
+        vision = dict(wide, window_size=112, fullatt_block_indexes=[vision_depth - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     if family == "qwen2_vl":
-        vision = dict(
-            depth=vision_depth,
-            embed_dim=vision_hidden,
-            mlp_ratio=2,
-            num_heads=4,
-            hidden_size=text_hidden,
-            patch_size=patch,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        )
+        vision = dict(common, embed_dim=vision_hidden, mlp_ratio=2, hidden_size=text_hidden)
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     if family == "qwen3_vl":
         text["head_dim"] = head_dim
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision = dict(
-            depth=vision_depth,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_heads=4,
-            out_hidden_size=text_hidden,
-            patch_size=patch,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=256,
-            deepstack_visual_indexes=[0],
-        )
+        vision = dict(wide, num_position_embeddings=256, deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
