@@ -46,6 +46,49 @@ def blank_images(obs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class AblatedPolicy:
+    """`runner.infer` behind the rollout's ablations (no sensor, blank or another scene's views); keeps latencies."""
+
+    def __init__(self, runner, ablate_sensor: bool, ablate_vision: str | None):
+        self.runner, self.ablate_sensor, self.ablate_vision = runner, ablate_sensor, ablate_vision
+        self.images: np.ndarray | None = None  # the views shown instead ("shuffled")
+        self.latencies: list[float] = []
+
+    def __call__(self, obs: dict) -> dict:
+        """Ablate `obs` as configured and infer; the runner's output dict."""
+        if self.ablate_sensor:
+            obs = ablate(obs)
+        if self.ablate_vision == "blank":
+            obs = blank_images(obs)
+        elif self.ablate_vision == "shuffled":
+            obs = dict(obs, images=self.images)
+        out = self.runner.infer(obs)
+        self.latencies.append(out["timing"]["total_ms"])
+        return out
+
+
+def run_episode(env, obs, broker, obs_adapter, action_adapter, record: bool) -> tuple[dict, list[np.ndarray]]:
+    """Step `env` from `obs` with the broker's chunked actions until it ends; (episode result, rendered frames)."""
+    frames = [env.render()] if record else []
+    steps, info, done = 0, {}, False
+    while not done:
+        action = broker.step(obs_adapter(obs))
+        obs, _, terminated, truncated, info = env.step(action_adapter(np.asarray(action)))
+        steps += 1
+        done = terminated or truncated
+        if record:
+            frames.append(env.render())
+    result = {
+        "success": bool(info.get("success", False)),
+        "length": steps,
+        "final_layer_distance_mm": info.get("layer_distance_mm"),
+        "final_depth_error_mm": info.get("depth_error_mm"),
+        "final_lateral_error_mm": info.get("lateral_error_mm"),
+        "lateral_ok": info.get("lateral_ok"),
+    }
+    return result, frames
+
+
 def rollout(
     runner,
     env,
@@ -78,53 +121,25 @@ def rollout(
         raise ValueError(f"ablate_vision={ablate_vision!r}: choose one of {VISION_ABLATIONS} or None")
     obs_adapter = obs_adapter or (lambda o: o)
     action_adapter = action_adapter or (lambda a: a)
-    results, latencies = [], []
     others: list[np.ndarray] = []
     if ablate_vision == "shuffled":  # scenes of seeds outside the evaluated range
         others = [np.asarray(env.reset(seed=seed + episodes + 1000 + k)[0]["images"]).copy() for k in range(8)]
-    current: dict[str, Any] = {}
-
-    def policy(obs: dict) -> dict:
-        if ablate_sensor:
-            obs = ablate(obs)
-        if ablate_vision == "blank":
-            obs = blank_images(obs)
-        elif ablate_vision == "shuffled":
-            obs = dict(obs, images=current["images"])
-        out = runner.infer(obs)
-        latencies.append(out["timing"]["total_ms"])
-        return out
-
+    policy = AblatedPolicy(runner, ablate_sensor, ablate_vision)
     broker = ActionChunkBroker(policy, execute_steps=execute_steps)
+    tag = "_".join(["blind"] * ablate_sensor + [f"vision_{ablate_vision}"] * bool(ablate_vision)) or "sensor"
+    results = []
     for ep in tqdm(range(episodes), desc="rollout", disable=not progress):
         obs, _ = env.reset(seed=seed + ep)
         if others:
-            current["images"] = others[ep % len(others)]
+            policy.images = others[ep % len(others)]
         runner.reset()
         broker.reset()
-        frames = [env.render()] if video_dir is not None and ep < max_videos else None
-        steps, info, done = 0, {}, False
-        while not done:
-            action = broker.step(obs_adapter(obs))
-            obs, _, terminated, truncated, info = env.step(action_adapter(np.asarray(action)))
-            steps += 1
-            done = terminated or truncated
-            if frames is not None:
-                frames.append(env.render())
-        results.append(
-            {
-                "episode": ep,
-                "success": bool(info.get("success", False)),
-                "length": steps,
-                "final_layer_distance_mm": info.get("layer_distance_mm"),
-                "final_depth_error_mm": info.get("depth_error_mm"),
-                "final_lateral_error_mm": info.get("lateral_error_mm"),
-                "lateral_ok": info.get("lateral_ok"),
-            }
-        )
-        if frames is not None:
-            tag = "_".join(["blind"] * ablate_sensor + [f"vision_{ablate_vision}"] * bool(ablate_vision)) or "sensor"
+        record = video_dir is not None and ep < max_videos
+        result, frames = run_episode(env, obs, broker, obs_adapter, action_adapter, record)
+        results.append({"episode": ep, **result})
+        if record:
             _save_gif(frames, Path(video_dir) / f"episode_{ep:02d}_{tag}.gif")
+    latencies = policy.latencies
     summary = summarize(results)
     summary.update(
         episodes=episodes,
