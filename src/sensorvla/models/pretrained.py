@@ -125,7 +125,9 @@ def save_pretrained(
         weights = [WEIGHTS_NAME]
         if cfg.model.finetune.mode == "lora":
             weights.append(ADAPTER_WEIGHTS_NAME)
-            save_safetensors(finetune.adapter_state_dict(policy), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+            save_safetensors(
+                finetune.adapter_state_dict(policy, state), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"}
+            )
             lcfg = finetune.lora_config(cfg.model.finetune).to_dict()
             lcfg["base_model_name_or_path"] = cfg.model.backbone.vl_model
             lcfg["target_modules"] = finetune.lora_target_regex(cfg.model.finetune.lora_target_modules)
