@@ -36,7 +36,7 @@ def fsdp_cfg(tiny_vl_dir, synth_dataset_dir, out, stage1_file, mode: str, **trai
     return cfg
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", pytest.param("full", marks=pytest.mark.slow)])  # full: +50 s
 def test_fsdp2_resume_equals_uninterrupted(tmp_path, tiny_vl_dir, synth_dataset_dir, stage1_file, mode):
     """Stage 2 under FSDP2 on 2 ranks: 4 steps, vs. resuming from the `last` saved at step 2 (full states
     gathered at save, resharded at load): the same losses and identical final tensors (weights + AdamW)."""
