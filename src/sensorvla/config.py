@@ -417,6 +417,9 @@ class StageConfig:
     init_from: Literal["backbone", "stage1_checkpoint"]  # where the trainable weights start
     needs_stage1_checkpoint: bool
     may_use_vl_cache: bool  # stage-1 VL features can be read from the cache (frozen backbone)
+    # whether its seed `.pt` files (best, last/) hold trained backbone tensors (stage 1's hold only
+    # `sensor_encoder` + `action_expert`: a stage 1 that trains the backbone cannot be resumed exactly)
+    seed_file_holds_backbone: bool
 
 
 _TAIL_GROUPS = ("head", "fusion", "sensor_encoder", "vl_projection")
@@ -437,6 +440,7 @@ STAGES: dict[str, StageConfig] = {
         init_from="backbone",
         needs_stage1_checkpoint=False,
         may_use_vl_cache=True,
+        seed_file_holds_backbone=False,
     ),
     "stage2": StageConfig(
         name="stage2",
@@ -452,6 +456,7 @@ STAGES: dict[str, StageConfig] = {
         init_from="stage1_checkpoint",
         needs_stage1_checkpoint=True,
         may_use_vl_cache=False,
+        seed_file_holds_backbone=True,
     ),
 }
 
@@ -489,9 +494,22 @@ def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
     out, st, mode = [], stage_config(cfg), cfg.model.finetune.mode
     if mode != "auto" and mode not in st.recommended_modes:
         out.append(st.off_mode_warning.format(mode=mode))
+    if backbone_trains(cfg) and not st.seed_file_holds_backbone:
+        out.append(
+            f"{st.name}'s seed files ({'/'.join(SEED_SECTIONS)}) do not hold the backbone weights this run trains; "
+            "they are saved in checkpoints/pretrained_model/ only"
+        )
     if not st.needs_stage1_checkpoint and cfg.train.stage1_checkpoint:
         out.append("--stage1-checkpoint is ignored in stage 1 (it initialises stage 2)")
     return out
+
+
+SEED_SECTIONS = ("sensor_encoder", "action_expert")  # what a stage-1 seed file holds (the seed guide)
+
+
+def backbone_trains(cfg: SensorVLAConfig) -> bool:
+    """Whether any backbone weight trains (LoRA, full, or the vision tower with --model.finetune.full-vision)."""
+    return cfg.model.finetune.mode in ("lora", "full") or cfg.model.finetune.full_vision
 
 
 def check_stage_groups(cfg: SensorVLAConfig, groups: list[str]) -> None:
@@ -581,7 +599,14 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--model.sensor.force-channels must be between 0 and the sensor channel count")
     if stage_config(cfg).needs_stage1_checkpoint and not t.stage1_checkpoint and not t.resume:
         raise ConfigError("Stage 2 training requires --stage1-checkpoint")
-    if t.strategy == "fsdp" and m.finetune.mode == "none" and not m.finetune.full_vision:
+    if t.resume and backbone_trains(cfg) and not stage_config(cfg).seed_file_holds_backbone:
+        raise ConfigError(
+            f"--resume of a {t.stage} run that trains the backbone (--finetune-vl {m.finetune.mode}"
+            f"{', --model.finetune.full-vision' if m.finetune.full_vision else ''}) cannot restore it: the {t.stage} "
+            "checkpoint holds only sensor_encoder and action_expert. Train the backbone in stage 2 (--training-stage "
+            "stage2), or start this run again without --resume"
+        )
+    if t.strategy == "fsdp" and not backbone_trains(cfg):
         raise ConfigError(
             "--train.strategy fsdp shards a backbone that trains (--finetune-vl lora or full); with a frozen "
             "backbone (--finetune-vl none) use --train.strategy ddp"
