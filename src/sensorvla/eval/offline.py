@@ -26,7 +26,9 @@ ABLATIONS = ("missing", "shuffled")
 VISION_ABLATIONS = ("blank", "shuffled")
 
 
-def _predict(runner, raws: list[dict], batch_size: int, seed: int, desc: str = "", progress: bool = False) -> np.ndarray:
+def _predict(
+    runner, raws: list[dict], batch_size: int, seed: int, desc: str = "", progress: bool = False
+) -> np.ndarray:
     """Raw samples -> predicted chunks (N, H, D_a) in physical units."""
     from tqdm.auto import tqdm
 
