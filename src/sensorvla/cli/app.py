@@ -12,7 +12,7 @@ from tyro.extras import SubcommandApp
 from sensorvla.cli import bench, data, demo, plan, serve, train
 from sensorvla.cli import eval as evaluation
 from sensorvla.cli.errors import known_errors
-from sensorvla.config import SensorVLAConfig
+from sensorvla.config import ConfigError, SensorVLAConfig
 
 DESCRIPTION = "Train, evaluate and serve sensor-augmented vision-language-action policies."
 SEED_FLAG_COMMANDS = ("train", "plan")  # they take the seed-guide spellings of the train flags
@@ -47,12 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args[0] in SEED_FLAG_COMMANDS:
-        args = [args[0], *train.rewrite_seed_flags(args[1:])]
+    try:  # train and plan: seed spellings rewritten, `--preset NAME` taken out as the default's base
+        seeded = args[0] in SEED_FLAG_COMMANDS
+        preset, rest = train.split_train_args(args[1:]) if seeded else (None, args[1:])
+        default = train.base_train_config(preset=preset)
+    except ConfigError as e:  # an unknown --preset, or one without a name
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = [args[0], *rest]
     if args[0] not in {"-h", "--help"}:
         configure_threads()
     try:
-        return dispatch(args, train.base_train_config())
+        return dispatch(args, default)
     except SystemExit as e:  # tyro: --help (0) or a flag it cannot parse (2, message printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except known_errors() as e:

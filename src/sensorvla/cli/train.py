@@ -47,22 +47,37 @@ def rewrite_seed_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def base_train_config(default_head: str = "regression") -> SensorVLAConfig:
-    """The defaults the train flags override: the given head and the backbone from `$SENSORVLA_VL_MODEL`."""
+def base_train_config(default_head: str = "regression", preset: str | None = None) -> SensorVLAConfig:
+    """The defaults the train flags override: the given head, the backbone from `$SENSORVLA_VL_MODEL`, then the
+    named preset (`--preset NAME`, sensorvla/presets.py) when one is given."""
+    from sensorvla.presets import apply_preset
+
     cfg = SensorVLAConfig()
     cfg.model.head.type = default_head
     if os.environ.get(VL_MODEL_ENV):
         cfg.model.backbone.vl_model = os.environ[VL_MODEL_ENV]
+    if preset:
+        apply_preset(cfg, preset)  # the flags override it
     return cfg
+
+
+def split_train_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Train flags (seed or dotted spellings) -> (the `--preset` name or None, the dotted flags)."""
+    from sensorvla.presets import pop_preset
+
+    return pop_preset(rewrite_seed_flags(argv))
 
 
 def train_help(cfg: SensorVLAConfig) -> str:
     """The `sensorvla train --help` description: the seed spellings, the default backbone, the resume rule."""
+    from sensorvla.presets import preset_help
+
     aliases = ", ".join(sorted(SEED_ALIASES))
     return (
         "Train stage 1 / stage 2 with one loop. Seed-guide flags are accepted too "
         f"(with - or _): {aliases}. Default backbone: ${VL_MODEL_ENV} or {cfg.model.backbone.vl_model}. "
-        "With --resume, the saved run's config is the default."
+        "With --resume, the saved run's config is the default. --preset NAME starts from a named config "
+        f"({preset_help()})."
     )
 
 
@@ -81,8 +96,8 @@ def parse_train_config(argv: list[str], default_head: str = "regression") -> Sen
     With `--resume`, the saved run's config (`<output_dir>/checkpoints/last/config.json`) is the default
     that the given flags override, so a resumed run changes only what the command line names.
     """
-    args = rewrite_seed_flags(argv)
-    base = base_train_config(default_head)
+    preset, args = split_train_args(argv)
+    base = base_train_config(default_head, preset)
 
     def parse(default: SensorVLAConfig) -> SensorVLAConfig:
         return tyro.cli(
