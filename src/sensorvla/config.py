@@ -279,21 +279,26 @@ class SensorVLAConfig:
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (what config.json holds)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SensorVLAConfig:
+        """The config of a `to_dict()` dict; every value type-checked (`ConfigError` naming the key)."""
         return _from_dict(cls, data, "")
 
     def to_json(self) -> str:
+        """The config as indented, key-sorted JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> SensorVLAConfig:
+        """The config of a JSON string (see `from_dict`)."""
         return cls.from_dict(json.loads(text))
 
     @classmethod
     def load(cls, path: str | Path) -> SensorVLAConfig:
+        """The config of a JSON file, e.g. a checkpoint's config.json."""
         return cls.from_json(Path(path).read_text())
 
     def validate(self) -> SensorVLAConfig:

@@ -53,6 +53,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
+        """The < 2 min variant (`sensorvla demo --quick`): fewer episodes, epochs, steps, rollouts; no CNN."""
         return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, eval_samples=120, baseline=False)
 
 

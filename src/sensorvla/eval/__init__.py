@@ -1,0 +1,1 @@
+"""Evaluation: offline metrics and reports, closed-loop rollouts, latency, plots and the CNN reference."""

@@ -44,6 +44,7 @@ class SpatialSoftmax(nn.Module):
     """(B, C, h, w) feature maps -> (B, 2C) expected (x, y) of each channel's softmax (keypoints)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, 2C) softmax-weighted mean (x, y) per channel, in [-1, 1]."""
         b, c, h, w = x.shape
         attn = torch.softmax(x.flatten(2), dim=-1).view(b, c, h, w)
         ys = torch.linspace(-1, 1, h, device=x.device)
@@ -66,6 +67,7 @@ class CameraEncoder(nn.Module):
         self.keypoints = SpatialSoftmax()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> keypoints (B, 2K)."""
         return self.keypoints(self.conv(x))
 
 

@@ -140,6 +140,7 @@ class PolicyRunner:
     # --- metadata for the server -------------------------------------------------------------------
     @property
     def metadata(self) -> dict[str, Any]:
+        """What the server sends in its handshake: views, shapes, sensor window, head, backbone and request limits."""
         m, d = self.cfg.model, self.cfg.data
         return {
             "views": list(d.views),
@@ -157,6 +158,7 @@ class PolicyRunner:
 
     @property
     def observation_spec(self) -> dict[str, tuple[tuple[int | None, ...], str]]:
+        """The observation keys the runner accepts -> (shape with None for free sizes, dtype kind)."""
         m = self.cfg.model
         spec: dict[str, tuple[tuple[int | None, ...], str]] = {
             "images": ((m.num_views, None, None, 3), "uint8"),

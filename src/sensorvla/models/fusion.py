@@ -70,6 +70,7 @@ class CrossAttentionFusion(Fusion):
         self.norm = nn.LayerNorm(cfg.hidden_dim)
 
     def mix(self, vl, vl_mask, s, s_mask):
+        """VL tokens (B, N_vl, D) attend to the sensor tokens (B, N_s, D); returns (mixed VL tokens, sensor tokens)."""
         attended, _ = self.attn(vl, s, s, key_padding_mask=~s_mask, need_weights=False)
         return self.norm(vl + attended), s
 
@@ -82,6 +83,7 @@ class GatedFusion(Fusion):
         self.gate = nn.Linear(2 * cfg.hidden_dim, cfg.hidden_dim)
 
     def mix(self, vl, vl_mask, s, s_mask):
+        """Gate the sensor tokens (B, N_s, D) by a sigmoid of both modalities' masked means; VL tokens unchanged."""
         g = torch.sigmoid(self.gate(torch.cat([_masked_mean(vl, vl_mask), _masked_mean(s, s_mask)], dim=-1)))
         return vl, s * g.unsqueeze(1)
 
@@ -90,6 +92,7 @@ FUSIONS = {"concat": ConcatFusion, "cross_attention": CrossAttentionFusion, "gat
 
 
 def build_fusion(cfg: FusionConfig, vl_dim: int, sensor_dim: int | None, state_dim: int) -> Fusion:
+    """The fusion named by `--fusion-strategy` (concat, cross_attention, gated); ValueError naming the choices."""
     if cfg.strategy not in FUSIONS:
         raise ValueError(f"--fusion-strategy {cfg.strategy!r} is unknown; choose one of {sorted(FUSIONS)}")
     return FUSIONS[cfg.strategy](cfg, vl_dim, sensor_dim, state_dim)

@@ -32,6 +32,7 @@ class AScanEncoder(nn.Module):
         self.proj = nn.Linear(channels * 2, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A-scan profiles (N, L) -> features (N, out_dim)."""
         h = self.conv(x.unsqueeze(1))  # (N, ch, L')
         # mean keeps the overall level, max keeps where a reflection peak is
         return self.proj(torch.cat([h.mean(-1), h.amax(-1)], dim=-1))

@@ -49,6 +49,7 @@ RUN_INFO_NAME = "run.json"
 
 
 def epoch_name(epoch: int) -> str:
+    """The seed guide's per-epoch diffusion file name."""
     return f"diffusion_epoch{epoch}.pt"
 
 
@@ -107,6 +108,7 @@ def load_sharded_payload(policy, optimizer, ckpt: dict, path) -> None:
 
 # --- resume state ----------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
+    """The torch / numpy / python (and CUDA) RNG states, for resume."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -129,6 +131,7 @@ def _rng_to_tensors(state: dict) -> dict[str, Any]:
 
 
 def restore_rng(t: dict[str, Any]) -> None:
+    """Restore the RNG states saved by `rng_state` (as tensors)."""
     torch.set_rng_state(t["torch"])
     np.random.set_state(
         (
@@ -199,6 +202,7 @@ def load_run_config(output_dir: str | Path):
 
 
 def load_run_info(ckpt_dir: str | Path) -> dict | None:
+    """The saved run's run.json (fingerprint, schedule length, world size), or None."""
     import json
 
     path = Path(ckpt_dir) / LAST_NAME / RUN_INFO_NAME

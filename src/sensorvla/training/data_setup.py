@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def stats_path(dataset_dir: str | Path) -> Path:
+    """The dataset's norm_stats.json path."""
     return Path(dataset_dir) / "meta" / "norm_stats.json"
 
 
@@ -41,6 +42,7 @@ def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
 
 
 def build_normalizer(stats, cfg: SensorVLAConfig):
+    """The Normalizer over the keys the config uses (actions, plus state and sensor when present)."""
     from sensorvla.data.normalize import Normalizer
 
     keys = ["actions"]
@@ -54,6 +56,7 @@ def build_normalizer(stats, cfg: SensorVLAConfig):
 
 
 def raw_dataset(cfg: SensorVLAConfig, split: str, load_images: bool = True):
+    """The raw dataset (or mixture) of `cfg.data` for a split."""
     from sensorvla.data.dataset import build_dataset
 
     return build_dataset(cfg.data, split, load_images=load_images)
@@ -73,6 +76,7 @@ class ShardedEpochSampler(torch.utils.data.Sampler[int]):
         self.start = 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
+        """Start the next `indices()` at `epoch`, skipping the first `start` (mid-epoch resume)."""
         self.epoch, self.start = epoch, start
 
     def indices(self, rank: int | None = None) -> list[int]:
@@ -118,6 +122,7 @@ class PreloadedSamples(torch.utils.data.Dataset):
         """Nothing depends on the epoch (cached stage 1 refuses VL staleness and mixtures)."""
 
     def summary(self) -> dict:
+        """The raw dataset's summary, marked preloaded."""
         return {**self.raw.summary(), "preloaded": True}
 
 

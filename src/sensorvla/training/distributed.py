@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: rank, world size, local rank and device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -26,10 +28,12 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0 (the one that logs and writes)."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """True with more than one process."""
         return self.world_size > 1
 
 
@@ -51,6 +55,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op in a single process)."""
     if info.enabled:
         dist.barrier()
 
@@ -66,6 +71,7 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
 
 
 def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order."""
     if not info.enabled:
         return [obj]
     out = [None] * info.world_size
@@ -74,6 +80,7 @@ def all_gather_objects(obj, info: DistInfo) -> list:
 
 
 def broadcast_object(obj, info: DistInfo):
+    """Rank 0's `obj` on every rank."""
     if not info.enabled:
         return obj
     box = [obj]
@@ -100,6 +107,7 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") ->
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (the model itself otherwise)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
 
 

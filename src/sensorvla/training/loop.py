@@ -149,6 +149,7 @@ def backward_window(
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float):
+    """LR factor per optimizer step: linear warmup over `warmup_ratio`, then cosine to `min_ratio`."""
     warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
 
     def factor(step: int) -> float:

@@ -49,6 +49,7 @@ def group_of(name: str) -> str:
 
 
 def group_lrs(cfg: TrainConfig) -> dict[str, float]:
+    """Learning rate of each parameter group (head, fusion, projection, sensor, LoRA, vision, language)."""
     return {
         "head": cfg.lr,
         "fusion": cfg.lr,
@@ -90,6 +91,7 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def check_groups(model: nn.Module, groups: list[dict]) -> None:
+    """AssertionError unless the groups partition the trainable parameters (no duplicates, none missing or frozen)."""
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     seen: list[int] = [id(p) for g in groups for p in g["params"]]
     if len(seen) != len(set(seen)):

@@ -37,6 +37,7 @@ def flag_name(key: str) -> str:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted key: leaf value} (tuples as lists)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -53,6 +54,7 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[st
 
 
 def is_refused(key: str) -> bool:
+    """True when changing `key` on resume would reinterpret the saved training position."""
     section, _, name = key.partition(".")
     if key in IGNORED:
         return False

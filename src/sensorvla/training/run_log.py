@@ -37,6 +37,7 @@ class RunLogger:
             self._wandb = wb.init(project="sensorvla", config=config, dir=str(run_dir))
 
     def log(self, kind: str, step: int, values: dict[str, float]) -> None:
+        """Append one metrics record (kind, step, values) to metrics.jsonl and the enabled loggers."""
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
@@ -48,6 +49,7 @@ class RunLogger:
             self._wandb.log({f"{kind}/{k}": v for k, v in clean.items()}, step=step)
 
     def close(self) -> None:
+        """Close metrics.jsonl and the loggers."""
         if self._file is not None:
             self._file.close()
         if self._tb is not None:

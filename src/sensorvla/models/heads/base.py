@@ -81,6 +81,7 @@ class ChunkDenoiser(nn.Module):
         self.dim = d
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
+        """Noisy chunk x (B, H, D_a), time t (B,), cond (B, N_c, D) + mask -> output (B, H, D_a)."""
         temb = self.t_mlp(timestep_embedding(t, self.dim)).unsqueeze(1)
         h = self.in_proj(x) + self.pos + temb
         memory = self.cond_proj(cond) + temb

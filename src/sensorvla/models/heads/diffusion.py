@@ -13,6 +13,8 @@ from sensorvla.models.heads.base import ActionHead, ChunkDenoiser, masked_mean
 
 
 class DiffusionHead(ActionHead):
+    """DDPM-trained, DDIM-sampled action chunk denoiser (predicts the noise)."""
+
     def __init__(self, cfg: HeadConfig, cond_dim: int):
         super().__init__(cfg, cond_dim)
         from diffusers import DDIMScheduler, DDPMScheduler
@@ -29,6 +31,7 @@ class DiffusionHead(ActionHead):
         self.sample_scheduler = DDIMScheduler(**common, timestep_spacing="trailing", set_alpha_to_one=True)
 
     def loss(self, cond, cond_mask, actions, action_mask, generator=None):
+        """Per-sample noise-prediction loss (B,) at random timesteps, masked over the horizon."""
         b = actions.shape[0]
         dev = generator.device if generator is not None else actions.device
         noise = torch.randn(actions.shape, generator=generator, device=dev).to(actions.device, actions.dtype)
@@ -40,6 +43,7 @@ class DiffusionHead(ActionHead):
 
     @torch.no_grad()
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
+        """DDIM sampling from noise: cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
         b = cond.shape[0]
         shape = (b, self.horizon, self.action_dim)
         x = torch.randn(shape, generator=generator, device=generator.device if generator else cond.device)

@@ -31,11 +31,14 @@ def sample_time(b: int, generator: torch.Generator | None = None, device=None) -
 
 
 class FlowHead(ActionHead):
+    """Flow-matching action chunk head: learns the velocity from noise to actions, Euler-integrated at sampling."""
+
     def __init__(self, cfg: HeadConfig, cond_dim: int):
         super().__init__(cfg, cond_dim)
         self.velocity = ChunkDenoiser(cfg, cond_dim)
 
     def loss(self, cond, cond_mask, actions, action_mask, generator=None):
+        """Per-sample velocity-regression loss (B,) at random times, masked over the horizon."""
         b = actions.shape[0]
         dev = generator.device if generator is not None else actions.device
         noise = torch.randn(actions.shape, generator=generator, device=dev).to(actions.device, actions.dtype)
@@ -46,6 +49,7 @@ class FlowHead(ActionHead):
 
     @torch.no_grad()
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
+        """Euler integration from noise: cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
         b = cond.shape[0]
         steps = num_steps or self.cfg.num_inference_steps
         x = torch.randn(

@@ -14,6 +14,8 @@ from sensorvla.models.heads.base import ActionHead, masked_mean
 
 
 class RegressionHead(ActionHead):
+    """Learned queries attend to the conditioning and regress the chunk directly (L1 or MSE)."""
+
     def __init__(self, cfg: HeadConfig, cond_dim: int):
         super().__init__(cfg, cond_dim)
         d = cfg.hidden_dim
@@ -32,9 +34,11 @@ class RegressionHead(ActionHead):
         return self.out(h)
 
     def loss(self, cond, cond_mask, actions, action_mask, generator=None):  # deterministic: no noise
+        """Per-sample L1 / MSE loss (B,), masked over the horizon (deterministic: no noise)."""
         pred = self.predict(cond, cond_mask)
         fn = F.l1_loss if self.cfg.loss == "l1" else F.mse_loss
         return masked_mean(fn(pred, actions, reduction="none"), action_mask)
 
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
+        """The regressed chunk (B, H, D_a); `generator` and `num_steps` are unused."""
         return self.predict(cond, cond_mask)
