@@ -322,3 +322,22 @@ def test_import_flags_reach_the_importer(tmp_path):
     assert meta.views == ["front"] and meta.image_shape[:2] == [8, 8] and meta.tasks == ["touch the surface"]
     assert main(["data", "import-hdf5", *args]) == 1  # exists: refused without --overwrite
     assert main(["data", "import-hdf5", *args, "--overwrite"]) == 0
+
+
+def test_presets_through_the_dispatcher(monkeypatch, capsys):
+    """`sensorvla train|plan --preset NAME`: the preset is the default the flags override; a bad name exits 2."""
+    import sensorvla.cli.train as train_cli
+    from sensorvla.cli import main
+    from sensorvla.presets import preset_config
+
+    seen = []
+    monkeypatch.setattr(train_cli, "run_train", lambda cfg: seen.append(cfg) or 0)
+    assert main(["train", "--preset", "seed-regression-stage2", "--lr", "5e-5", "--dataset-dir", "/d"]) == 0
+    (cfg,) = seen
+    want = preset_config("seed-regression-stage2")
+    assert (cfg.train.stage, cfg.train.epochs, cfg.train.lr) == (want.train.stage, want.train.epochs, 5e-5)
+    assert cfg == parse_train_config(["--preset", "seed-regression-stage2", "--lr", "5e-5", "--dataset-dir", "/d"])
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "--preset 'nope' is not a preset" in capsys.readouterr().err
+    assert main(["plan", "--preset"]) == 2
+    assert "--preset needs a name" in capsys.readouterr().err
