@@ -44,7 +44,7 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 1e-3
     rollouts: int = 20
-    eval_samples: int = 400  # offline evaluation: the first N held-out samples (5 passes with the ablations)
+    eval_samples: int = 192  # offline evaluation: the first N held-out samples (5 passes with the ablations)
     baseline: bool = True
     view_dropout: float = 0.0
     sensor_dropout: float = 0.1
@@ -53,7 +53,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, eval_samples=120, baseline=False)
+        return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, eval_samples=64, baseline=False)
 
 
 def base_config(vl_dir: Path, data_dir: Path, out: Path, head: str, settings: DemoSettings | None = None):
