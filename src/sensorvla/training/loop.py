@@ -321,6 +321,10 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
     # --- optimisation -------------------------------------------------------------------------------
     # wrap before building the optimizer: FSDP2 replaces parameters with sharded DTensors
     is_fsdp = cfg.train.strategy == "fsdp" and info.enabled
+    if cfg.runtime.compile:  # --runtime.compile: sensor encoder + head, in place (parameter names unchanged)
+        from sensorvla.runtime import compile_policy
+
+        compile_policy(policy, training=True)
     model = wrap_model(policy, info, cfg.train.strategy)
     groups = build_param_groups(policy, cfg.train)
     optimizer = build_optimizer(groups, cfg.train, sharded=is_fsdp)
