@@ -80,9 +80,9 @@ def test_ratios_targets_and_table(rows):
     for g in goals:
         assert g["met"] == (g["value"] <= g["target"] if str(g["op"]) == "<=" else g["value"] >= g["target"])
     table = format_table(rows, with_targets=True)
-    body = [line for line in table.splitlines() if line.startswith("| tiny |")]
+    body = [line for line in table.splitlines() if " | tiny | " in line]
     assert len(body) == len(rows)
-    assert "| diffusion | 4 | 2 | fast_slow |" in table
+    assert f"| diffusion | 2 | fast_slow | 4 | {rows[0]['threads']} | tiny |" in table
     assert all(f"- {k}:" in table for k in rat)
     assert all(g["name"] in table for g in goals) and ("| met |" in table or "| MISSED |" in table)
 
@@ -130,4 +130,4 @@ def test_cli_prints_the_threads_the_table_and_the_goals(tiny_vl_dir, monkeypatch
     out = capsys.readouterr().out
     assert seen["steps"] == (6, 3) and seen["threads"] == (1,) and seen["config"] == "tiny"
     assert out.startswith("torch threads:")
-    assert "| tiny | 1 | flow | 3 | 1 | fast_slow |" in out and "| goal | measured | target | |" in out
+    assert "| flow | 1 | fast_slow | 3 | 1 | tiny |" in out and "| goal | measured | target | |" in out

@@ -279,14 +279,14 @@ def format_table(rows: list[dict[str, Any]], with_targets: bool = False) -> str:
     """Markdown table of p50 / p99 per stage and of the head alone (ms), loop Hz, the headline ratios, and
     with `with_targets` the goals (met / missed)."""
     head = (
-        "| config | threads | head | steps | views | mode | preprocess | VL | sensor | head | post | total p50 | "
+        "| head | views | mode | steps | threads | config | preprocess | VL | sensor | head | post | total p50 | "
         "total p99 | head alone p50 | Hz | Hz (CPU) |"
     )
     lines = [head, "|" + "---|" * 16]
     for r in rows:
         lines.append(
-            f"| {r.get('config', '')} | {r.get('threads', '')} | {r['head']} | {r.get('steps') or '-'} | "
-            f"{r['views']} | {r['mode']} | {r['preprocess_p50']:.2f} | {r['vl_p50']:.2f} | {r['sensor_p50']:.2f} | "
+            f"| {r['head']} | {r['views']} | {r['mode']} | {r.get('steps') or '-'} | {r.get('threads', '')} | "
+            f"{r.get('config', '')} | {r['preprocess_p50']:.2f} | {r['vl_p50']:.2f} | {r['sensor_p50']:.2f} | "
             f"{r['head_p50']:.2f} | {r['postprocess_p50']:.2f} | {r['total_p50']:.2f} | {r['total_p99']:.2f} | "
             f"{r.get('head_alone_p50', float('nan')):.2f} | {r['hz']:.0f} | {r.get('hz_cpu', float('nan')):.0f} |"
         )
