@@ -112,6 +112,8 @@ class SensorEncoder(nn.Module):
         q = self.queries.expand(b, -1, -1)
         tokens, _ = self.pool(q, h, h, key_padding_mask=kpm, need_weights=False)
         tokens = self.out_norm(tokens + q)
-        if kpm is not None or tokens.device.type == "meta":  # some sample may lack data: its learned tokens
+        # samples without data get the learned tokens; at inference with every sample measured the select is a
+        # no-op and is skipped (training keeps it, so `missing_tokens` is always in the graph: DDP needs that)
+        if kpm is not None or torch.is_grad_enabled() or tokens.device.type == "meta":
             tokens = torch.where(present[:, None, None], tokens, self.missing_tokens.expand(b, -1, -1))
         return tokens, torch.ones(b, tokens.shape[1], dtype=torch.bool, device=tokens.device)
