@@ -50,6 +50,9 @@ class AScanEncoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.proj = nn.Linear(channels * 2, out_dim)
 
+    # eager under --runtime.compile: inductor's CPU backward of this conv stack gave NaN conv gradients
+    # (torch 2.13, tests/models/test_heads_compile.py); its cost is small next to the Transformer layers
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.unsqueeze(1)
         small = not torch.is_grad_enabled() and h.shape[0] <= UNFOLD_MAX_ROWS
