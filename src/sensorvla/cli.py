@@ -68,12 +68,15 @@ def parse_train_config(argv: list[str], default_head: str = "regression"):
     import tyro
 
     from sensorvla.config import SensorVLAConfig, resolve_stage_defaults
+    from sensorvla.presets import apply_preset, pop_preset, preset_help
 
-    args = rewrite_seed_flags(argv)
+    preset, args = pop_preset(rewrite_seed_flags(argv))
     cfg = SensorVLAConfig()
     cfg.model.head.type = default_head
     if os.environ.get(VL_MODEL_ENV):
         cfg.model.backbone.vl_model = os.environ[VL_MODEL_ENV]
+    if preset:
+        apply_preset(cfg, preset)  # the flags below override it
     aliases = ", ".join(sorted(SEED_ALIASES))
 
     def parse(default: SensorVLAConfig) -> SensorVLAConfig:
@@ -84,7 +87,8 @@ def parse_train_config(argv: list[str], default_head: str = "regression"):
             prog="sensorvla train",
             description="Train stage 1 / stage 2 with one loop. Seed-guide flags are accepted too "
             f"(with - or _): {aliases}. Default backbone: ${VL_MODEL_ENV} or {cfg.model.backbone.vl_model}. "
-            "With --resume, the saved run's config is the default.",
+            "With --resume, the saved run's config is the default. --preset NAME starts from a named config "
+            f"({preset_help()}).",
         )
 
     parsed = parse(cfg)

@@ -200,6 +200,9 @@ class TrainConfig:
     schedule_steps: int = 0
     batch_size: int = 4  # per process
     grad_accum_steps: int = 8
+    # >0: the samples per optimizer step (batch x accumulation x world size), kept when the world size
+    # changes: the trainer derives --train.grad-accum-steps from it (`derive_grad_accum`)
+    global_batch_size: int = 0
     lr: float = 1e-4  # head + fusion
     sensor_lr: float = 5e-4
     vl_lr: float = 1e-5  # LoRA adapters (stage 2) or the language model (full)
@@ -404,27 +407,146 @@ def _check_types(obj: Any, prefix: str) -> None:
             setattr(obj, f.name, coerce(value, hints[f.name], prefix + f.name))
 
 
+@dataclass(frozen=True)
+class StageConfig:
+    """What one training stage means: what is frozen, which LR groups exist, where weights come from, defaults.
+
+    `validate()` applies `defaults` to every config key still set to "auto" (the same for the CLI, Python and
+    a JSON config), checks `needs_stage1_checkpoint`, and the trainer reads the rest (`STAGES[cfg.train.stage]`).
+    """
+
+    name: Stage
+    summary: str
+    frozen: str  # what does not train by default (prose for logs and docs; `finetune.apply_finetune` acts)
+    defaults: dict[str, Any]  # dotted config key -> value, applied where the config says "auto"
+    recommended_modes: tuple[str, ...]  # other `--finetune-vl` modes are legal and logged as a warning:
+    off_mode_warning: str  # ... this one (`{mode}`: the mode given)
+    # LR groups (training/param_groups.group_of) that may exist per finetune mode; a group outside -> error
+    lr_groups: dict[str, tuple[str, ...]]
+    init_from: Literal["backbone", "stage1_checkpoint"]  # where the trainable weights start
+    needs_stage1_checkpoint: bool
+    may_use_vl_cache: bool  # stage-1 VL features can be read from the cache (frozen backbone)
+    # whether its seed `.pt` files (best, last/) hold trained backbone tensors (stage 1's hold only
+    # `sensor_encoder` + `action_expert`: a stage 1 that trains the backbone cannot be resumed exactly)
+    seed_file_holds_backbone: bool
+
+
+_TAIL_GROUPS = ("head", "fusion", "sensor_encoder", "vl_projection")
+_MODE_GROUPS = {
+    "none": _TAIL_GROUPS,
+    "lora": (*_TAIL_GROUPS, "vl_lora", "vision"),
+    "full": (*_TAIL_GROUPS, "language", "vision"),
+}
+STAGES: dict[str, StageConfig] = {
+    "stage1": StageConfig(
+        name="stage1",
+        summary="sensor encoder + action expert on a frozen VL backbone (VL features cacheable)",
+        frozen="the whole VL backbone",
+        defaults={"model.finetune.mode": "none"},
+        recommended_modes=("none",),
+        off_mode_warning="Stage 1 should use finetune-vl=none (got {mode})",
+        lr_groups=_MODE_GROUPS,
+        init_from="backbone",
+        needs_stage1_checkpoint=False,
+        may_use_vl_cache=True,
+        seed_file_holds_backbone=False,
+    ),
+    "stage2": StageConfig(
+        name="stage2",
+        summary="the stage-1 weights + LoRA adapters on the VL backbone, all trained together",
+        frozen="the VL backbone's base weights (LoRA adapters train)",
+        defaults={"model.finetune.mode": "lora"},
+        recommended_modes=("lora", "full"),
+        off_mode_warning=(
+            "Stage 2 with --finetune-vl {mode} (as set) trains with a frozen VL backbone; the seed guide's "
+            "stage 2 uses --finetune-vl lora (the default when --finetune-vl is not given)"
+        ),
+        lr_groups=_MODE_GROUPS,
+        init_from="stage1_checkpoint",
+        needs_stage1_checkpoint=True,
+        may_use_vl_cache=False,
+        seed_file_holds_backbone=True,
+    ),
+}
+
+
+def stage_config(cfg: SensorVLAConfig) -> StageConfig:
+    """The `StageConfig` of `--training-stage`."""
+    return STAGES[cfg.train.stage]
+
+
+def set_key(cfg: Any, key: str, value: Any) -> None:
+    """Set dotted config key `key` (e.g. `model.finetune.mode`) on a config tree."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cfg = getattr(cfg, part)
+    setattr(cfg, leaf, value)
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """Read dotted config key `key` from a config tree."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def resolve_stage_defaults(cfg: SensorVLAConfig) -> SensorVLAConfig:
-    """Apply the seed guide's stage defaults in place: `--finetune-vl auto` -> none (stage 1) / lora (stage 2)."""
-    if cfg.model.finetune.mode == "auto":
-        cfg.model.finetune.mode = "lora" if cfg.train.stage == "stage2" else "none"
+    """Apply the stage's defaults in place to every key still "auto" (`--finetune-vl auto` -> none / lora)."""
+    for key, value in stage_config(cfg).defaults.items():
+        if get_key(cfg, key) == "auto":
+            set_key(cfg, key, value)
     return cfg
 
 
 def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
     """Legal but suspicious stage settings (the trainer logs each one)."""
-    out = []
-    mode, stage = cfg.model.finetune.mode, cfg.train.stage
-    if stage == "stage1" and mode not in ("none", "auto"):
-        out.append(f"Stage 1 should use finetune-vl=none (got {mode})")
-    if stage == "stage2" and mode == "none":
+    out, st, mode = [], stage_config(cfg), cfg.model.finetune.mode
+    if mode != "auto" and mode not in st.recommended_modes:
+        out.append(st.off_mode_warning.format(mode=mode))
+    if backbone_trains(cfg) and not st.seed_file_holds_backbone:
         out.append(
-            "Stage 2 with --finetune-vl none (as set) trains with a frozen VL backbone; the seed guide's "
-            "stage 2 uses --finetune-vl lora (the default when --finetune-vl is not given)"
+            f"{st.name}'s seed files ({'/'.join(SEED_SECTIONS)}) do not hold the backbone weights this run trains; "
+            "they are saved in checkpoints/pretrained_model/ only"
         )
-    if stage == "stage1" and cfg.train.stage1_checkpoint:
+    if not st.needs_stage1_checkpoint and cfg.train.stage1_checkpoint:
         out.append("--stage1-checkpoint is ignored in stage 1 (it initialises stage 2)")
     return out
+
+
+SEED_SECTIONS = ("sensor_encoder", "action_expert")  # what a stage-1 seed file holds (the seed guide)
+
+
+def backbone_trains(cfg: SensorVLAConfig) -> bool:
+    """Whether any backbone weight trains (LoRA, full, or the vision tower with --model.finetune.full-vision)."""
+    return cfg.model.finetune.mode in ("lora", "full") or cfg.model.finetune.full_vision
+
+
+def check_stage_groups(cfg: SensorVLAConfig, groups: list[str]) -> None:
+    """Raise `ConfigError` when an optimizer group exists that the stage + finetune mode does not declare."""
+    allowed = set(stage_config(cfg).lr_groups[cfg.model.finetune.mode])
+    if cfg.model.finetune.full_vision:
+        allowed.add("vision")
+    extra = sorted({g.split("/")[0] for g in groups} - allowed)
+    if extra:
+        raise ConfigError(
+            f"{cfg.train.stage} with --finetune-vl {cfg.model.finetune.mode} trains groups {extra} that it does not "
+            f"declare (allowed: {sorted(allowed)}); see config.STAGES"
+        )
+
+
+def derive_grad_accum(t: TrainConfig, world_size: int) -> int:
+    """`--train.global-batch-size` -> the accumulation steps at this world size (`--train.grad-accum-steps`
+    when it is 0); `ConfigError` naming the flags when the global batch does not divide."""
+    if not t.global_batch_size:
+        return t.grad_accum_steps
+    per_step = t.batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"--train.global-batch-size {t.global_batch_size} is not divisible by --train.batch-size "
+            f"{t.batch_size} x world size {world_size} = {per_step}; change --train.global-batch-size or "
+            "--train.batch-size (or the number of processes)"
+        )
+    return t.global_batch_size // per_step
 
 
 def validate(cfg: SensorVLAConfig) -> None:
@@ -449,6 +571,7 @@ def validate(cfg: SensorVLAConfig) -> None:
         "--train.max-steps": t.max_steps,
         "--train.schedule-steps": t.schedule_steps,
         "--train.save-every-steps": t.save_every_steps,
+        "--train.global-batch-size": t.global_batch_size,
     }.items():
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0 (0 = off / automatic), got {value}")
@@ -483,13 +606,21 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--model.sensor.hidden-dim must be divisible by --model.sensor.num-heads")
     if m.sensor.force_channels < 0 or (m.sensor.channels and m.sensor.force_channels > m.sensor.channels):
         raise ConfigError("--model.sensor.force-channels must be between 0 and the sensor channel count")
-    if t.stage == "stage2" and not t.stage1_checkpoint and not t.resume:
+    if stage_config(cfg).needs_stage1_checkpoint and not t.stage1_checkpoint and not t.resume:
         raise ConfigError("Stage 2 training requires --stage1-checkpoint")
-    if t.strategy == "fsdp" and (m.finetune.mode != "full" or t.resume):
+    if t.resume and backbone_trains(cfg) and not stage_config(cfg).seed_file_holds_backbone:
         raise ConfigError(
-            "--train.strategy fsdp is for full fine-tuning (--finetune-vl full) and does not resume yet; "
-            "use --train.strategy ddp otherwise"
+            f"--resume of a {t.stage} run that trains the backbone (--finetune-vl {m.finetune.mode}"
+            f"{', --model.finetune.full-vision' if m.finetune.full_vision else ''}) cannot restore it: the {t.stage} "
+            "checkpoint holds only sensor_encoder and action_expert. Train the backbone in stage 2 (--training-stage "
+            "stage2), or start this run again without --resume"
         )
+    if t.strategy == "fsdp" and not backbone_trains(cfg):
+        raise ConfigError(
+            "--train.strategy fsdp shards a backbone that trains (--finetune-vl lora or full); with a frozen "
+            "backbone (--finetune-vl none) use --train.strategy ddp"
+        )
+    derive_grad_accum(t, 1)  # a global batch must at least divide by the per-process batch
     if not t.sensor_loss_weight >= 0:
         raise ConfigError("--sensor_loss_weight must be >= 0")
     for spec in d.mixture:

@@ -44,6 +44,7 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 1e-3
     rollouts: int = 20
+    eval_samples: int = 400  # offline evaluation: the first N held-out samples (5 passes with the ablations)
     baseline: bool = True
     view_dropout: float = 0.0
     sensor_dropout: float = 0.1
@@ -52,7 +53,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, baseline=False)
+        return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, eval_samples=120, baseline=False)
 
 
 def base_config(vl_dir: Path, data_dir: Path, out: Path, head: str, settings: DemoSettings | None = None):
@@ -332,7 +333,7 @@ def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settin
     trained, reference = train_with_reference(vl_dir, data_dir, out, head, s)
     ckpt = Path(trained["checkpoint"])
     print("[demo] offline evaluation on held-out episodes (sensor and vision ablations)")
-    metrics = evaluate(ckpt, data_dir, split="test", out_dir=out / "eval")
+    metrics = evaluate(ckpt, data_dir, split="test", out_dir=out / "eval", max_samples=s.eval_samples)
     print("[demo] closed-loop rollouts: all modalities / sensor ablated / vision ablated")
     runner = PolicyRunner.from_pretrained(ckpt)
     table = closed_loop(runner, s.rollouts, out / "rollout")

@@ -26,15 +26,20 @@ ABLATIONS = ("missing", "shuffled")
 VISION_ABLATIONS = ("blank", "shuffled")
 
 
-def _predict(runner, raws: list[dict], batch_size: int, seed: int) -> np.ndarray:
+def _predict(
+    runner, raws: list[dict], batch_size: int, seed: int, desc: str = "", progress: bool = False
+) -> np.ndarray:
     """Raw samples -> predicted chunks (N, H, D_a) in physical units."""
+    from tqdm.auto import tqdm
+
     from sensorvla.models.backbone import pad_token_id
     from sensorvla.models.processor import collate
 
     out = []
     pad = pad_token_id(runner.processor)
     gen = torch.Generator(device=runner.device).manual_seed(seed)
-    for i in range(0, len(raws), batch_size):
+    starts = range(0, len(raws), batch_size)
+    for i in tqdm(starts, desc=f"eval {desc}".strip(), unit="batch", disable=not progress):
         batch = collate([runner.transform(r) for r in raws[i : i + batch_size]], pad)
         batch = {k: v.to(runner.device) for k, v in batch.items()}
         pred = runner.policy.predict_chunk(batch, generator=gen).float().cpu().numpy()
@@ -131,7 +136,9 @@ def evaluate(
     progress: bool = True,
     runner=None,
 ) -> dict[str, Any]:
-    """Evaluate a pretrained_model folder on a dataset split; write metrics.json, plots and a report."""
+    """Evaluate a pretrained_model folder on a dataset split; write metrics.json, plots and a report.
+
+    `max_samples` keeps the first N samples of the split (whole episodes first, in episode order)."""
     from tqdm.auto import tqdm
 
     from sensorvla.data.dataset import EpisodeDataset
@@ -150,7 +157,7 @@ def evaluate(
     gt = np.stack([r["actions"] for r in raws])
     mask = np.stack([r["action_mask"] for r in raws])
     has = np.array([r["has_sensor"] for r in raws])
-    pred = _predict(runner, raws, batch_size, seed)
+    pred = _predict(runner, raws, batch_size, seed, "normal", progress)
     metrics: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),
         "dataset": str(dataset_dir),
@@ -165,7 +172,7 @@ def evaluate(
     if has.any():
         base = metrics["with_sensor"]["l1"]
         for mode in ABLATIONS:
-            p = _predict(runner, _ablate(raws, mode, seed), batch_size, seed)[has]
+            p = _predict(runner, _ablate(raws, mode, seed), batch_size, seed, f"sensor {mode}", progress)[has]
             e = _errors(p, gt[has], mask[has])
             ablation[mode] = _delta(e, base)
             metrics[f"sensor_ablation_delta_l1_{mode}"] = e["l1"] - base
@@ -174,7 +181,8 @@ def evaluate(
     for mode in VISION_ABLATIONS:
         if mode == "shuffled" and len({r["episode_index"] for r in raws}) < 2:
             continue
-        e = _errors(_predict(runner, _ablate_vision(raws, mode, seed), batch_size, seed), gt, mask)
+        views = _ablate_vision(raws, mode, seed)
+        e = _errors(_predict(runner, views, batch_size, seed, f"views {mode}", progress), gt, mask)
         vision[mode] = _delta(e, metrics["l1"])
         metrics[f"vision_ablation_delta_l1_{mode}"] = e["l1"] - metrics["l1"]
     metrics["vision_ablation"] = vision

@@ -121,11 +121,16 @@ def assert_trainable_set(policy: nn.Module, mode: str, full_vision: bool = False
         raise AssertionError(f"trainable set differs from finetune mode {mode!r}: extra={extra} missing={missing}")
 
 
-def adapter_state_dict(policy: nn.Module) -> dict:
-    """LoRA tensors in PEFT's on-disk key layout."""
+def adapter_state_dict(policy: nn.Module, state: dict | None = None) -> dict:
+    """LoRA tensors in PEFT's on-disk key layout; `state`: a full (gathered, FSDP2) policy state dict to read."""
     from peft import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(policy.backbone.model, adapter_name=ADAPTER_NAME)
+    base_sd = (
+        None
+        if state is None
+        else {k[len(HF_BASE_PREFIX) :]: v for k, v in state.items() if k.startswith(HF_BASE_PREFIX)}
+    )
+    sd = get_peft_model_state_dict(policy.backbone.model, state_dict=base_sd, adapter_name=ADAPTER_NAME)
     return {PEFT_KEY_PREFIX + k: v.detach().contiguous() for k, v in sd.items()}
 
 

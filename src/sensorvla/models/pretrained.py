@@ -98,13 +98,14 @@ def _replace_finetune(cfg: SensorVLAConfig):
 
 
 def saved_state_dict(policy: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
-    """The tensors that go to model.safetensors: everything but the frozen HF base and LoRA tensors."""
-    full = policy.cfg.finetune.mode == "full"
+    """The tensors that go to model.safetensors: everything but the frozen HF base and LoRA tensors (a vision
+    tower trained with --model.finetune.full-vision is saved)."""
+    full, vision = policy.cfg.finetune.mode == "full", policy.cfg.finetune.full_vision
     out = {}
     for k, v in (policy.state_dict() if state is None else state).items():
         if finetune.is_lora_param(k):
             continue
-        if k.startswith(finetune.HF_BASE_PREFIX) and not full:
+        if k.startswith(finetune.HF_BASE_PREFIX) and not full and not (vision and finetune.is_vision_param(k)):
             continue
         out[k] = v
     return out
@@ -125,7 +126,9 @@ def save_pretrained(
         weights = [WEIGHTS_NAME]
         if cfg.model.finetune.mode == "lora":
             weights.append(ADAPTER_WEIGHTS_NAME)
-            save_safetensors(finetune.adapter_state_dict(policy), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+            save_safetensors(
+                finetune.adapter_state_dict(policy, state), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"}
+            )
             lcfg = finetune.lora_config(cfg.model.finetune).to_dict()
             lcfg["base_model_name_or_path"] = cfg.model.backbone.vl_model
             lcfg["target_modules"] = finetune.lora_target_regex(cfg.model.finetune.lora_target_modules)

@@ -181,15 +181,29 @@ def load_stage1_into(policy, path: str | Path) -> dict:
 
 def load_model_payload(policy, ckpt: dict, path) -> None:
     """Restore model tensors from a seed payload of either stage (used by resume)."""
+    # exact key set verified by payload_model_tensors; the rest is the frozen base
+    policy.load_state_dict(payload_model_tensors(policy, ckpt, path), strict=False)
+
+
+def payload_model_tensors(policy, ckpt: dict, path) -> dict:
+    """The model tensors of a seed payload of either stage, checked to be exactly the set `policy` saves."""
     if ckpt.get("training_stage") == "stage2":
-        sd = ckpt["model_state_dict"]
-        expected = set(model_state(policy))
+        sd, expected = ckpt["model_state_dict"], set(model_state(policy))
     else:
-        sd = {**ckpt["sensor_encoder"], **ckpt["action_expert"]}
-        expected = set().union(*split_stage1(policy))
+        sd, expected = {**ckpt["sensor_encoder"], **ckpt["action_expert"]}, set().union(*split_stage1(policy))
     if set(sd) != expected:
         raise _mismatch(path, expected - set(sd), set(sd) - expected)
-    policy.load_state_dict(sd, strict=False)  # exact key set verified above
+    return sd
+
+
+def load_sharded_payload(policy, optimizer, ckpt: dict, path) -> None:
+    """Resume under FSDP2: the payload's full model and optimizer states (saved gathered) -> this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    sd = payload_model_tensors(policy, ckpt, path)
+    options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen HF base is not in the payload
+    set_model_state_dict(policy, sd, options=options)
+    set_optimizer_state_dict(policy, optimizer, ckpt["optimizer_state_dict"], options=options)
 
 
 # --- resume state ----------------------------------------------------------------------------------

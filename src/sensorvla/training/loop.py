@@ -21,11 +21,13 @@ import sys
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from sensorvla.config import SensorVLAConfig, stage_warnings
+from sensorvla.config import SensorVLAConfig, check_stage_groups, derive_grad_accum, stage_config, stage_warnings
 from sensorvla.training import checkpoint as ckpt
 from sensorvla.training import feature_cache
 from sensorvla.training.data_setup import (
@@ -205,38 +207,184 @@ def _library_progress_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
-def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat by design)
+def _train(cfg: SensorVLAConfig, progress: bool) -> dict:
+    """The named steps: set-up, then epochs (each: optimizer steps, validation, checkpoints), then teardown."""
+    cfg, info, bar_on = _start(cfg, progress)
+    from sensorvla.data.format import load_meta
+    from sensorvla.models.pretrained import resolve_from_meta
+
+    meta = load_meta(cfg.data.dataset_dir)
+    cfg = resolve_from_meta(cfg, meta)
+    stats = ensure_stats(cfg, info, bar_on)
+    normalizer = build_normalizer(stats, cfg)
+    if cfg.train.mode == "cache":
+        return _build_cache(cfg, _build_policy(cfg, info), normalizer, info, meta, bar_on)
+    run = _setup(cfg, info, meta, stats, normalizer, progress, bar_on)
+    try:
+        while run.state["epoch"] < cfg.train.epochs and not run.stop:
+            _run_epoch(run)
+        _ensure_pretrained(run)
+    finally:
+        _close(run)
+    run.summary.update(
+        best_val=run.state["best_val"],
+        steps=run.state["step"],
+        checkpoint_dir=str(run.ckpt_dir),
+        config=dataclasses.asdict(cfg),
+    )
+    return run.summary
+
+
+# --- set-up ------------------------------------------------------------------------------------------
+FRESH_STATE = {"epoch": 0, "micro_in_epoch": 0, "step": 0, "best_val": math.inf, "bad_validations": 0}
+FRESH_STATE["samples_seen"] = 0
+
+
+@dataclass
+class _Data:
+    """One run's datasets, samplers, transforms and the VL cache (None: the backbone runs every step)."""
+
+    train: Any
+    val: Any
+    cache: Any
+    sampler: ShardedEpochSampler
+    val_sampler: ShardedEpochSampler
+    transform: Any = None
+    val_transform: Any = None
+    pad_id: int = 0
+
+
+@dataclass
+class _Run:
+    """Everything the loop's steps share: config, topology, model, optimizer, data, counters and logs."""
+
+    cfg: SensorVLAConfig
+    info: Any
+    data: _Data
+    policy: torch.nn.Module
+    model: torch.nn.Module | None
+    optimizer: Any
+    scheduler: Any
+    stats: Any
+    fingerprint: Any
+    bar_on: bool
+    micro_per_epoch: int
+    run_steps: int
+    val_batches: int
+    run_log: Any = None  # a RunLogger, opened once the saved state is restored
+    bar: Any = None
+    state: dict = field(default_factory=lambda: dict(FRESH_STATE))
+    summary: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": []})
+    stop: bool = False
+    last_loss: float = math.nan
+    t_start: float = 0.0
+    step_start: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir) / "checkpoints"
+
+    @property
+    def is_fsdp(self) -> bool:
+        return self.cfg.train.strategy == "fsdp" and self.info.enabled
+
+
+def _start(cfg: SensorVLAConfig, progress: bool):
+    """Validate a private copy of the config, join the process group, seed this rank, log stage warnings."""
     cfg = copy.deepcopy(cfg.validate())  # validate() applies the stage defaults to the caller's config
     info = init_distributed(cfg.train.device)
     _setup_logging(info.is_main)
     torch.manual_seed(cfg.train.seed + info.rank)
+    cfg.train.grad_accum_steps = derive_grad_accum(cfg.train, info.world_size)
     if info.is_main:
         for warning in stage_warnings(cfg):
             logger.warning(warning)
-    bar_on = use_progress_bar(cfg.train.progress, progress) and info.is_main
+        t = cfg.train
+        logger.info(
+            "global batch %d = batch %d x accumulation %d x world size %d%s",
+            t.batch_size * t.grad_accum_steps * info.world_size,
+            t.batch_size,
+            t.grad_accum_steps,
+            info.world_size,
+            " (accumulation derived from --train.global-batch-size)" if t.global_batch_size else "",
+        )
+    return cfg, info, use_progress_bar(cfg.train.progress, progress) and info.is_main
 
-    from sensorvla.data.format import load_meta
-    from sensorvla.data.normalize import dataset_fingerprint
-    from sensorvla.models.backbone import load_processor, pad_token_id
-    from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
 
-    meta = load_meta(cfg.data.dataset_dir)
-    cfg = resolve_from_meta(cfg, meta)
-    out_dir = Path(cfg.train.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    stats = ensure_stats(cfg, info, bar_on)
-    normalizer = build_normalizer(stats, cfg)
-    dtype = torch.float32 if cfg.model.finetune.mode == "full" and cfg.model.backbone.dtype == "auto" else None
+def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> _Run:
+    """Data, the saved run's check, model, transforms, optimizer (+ restored state), logs: a ready `_Run`."""
+    data = _open_data(cfg, info, meta)
+    micro_per_epoch = math.ceil(len(data.sampler) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.train.grad_accum_steps)
+    run_steps = steps_per_epoch * cfg.train.epochs
+    run_steps = min(run_steps, cfg.train.max_steps) if cfg.train.max_steps else run_steps
+    fingerprint = _fingerprint(cfg)
+    _check_saved_run(cfg, info, steps_per_epoch, fingerprint)
+    policy = _build_policy(cfg, info)
+    stage1_init = None
+    if stage_config(cfg).init_from == "stage1_checkpoint" and not cfg.train.resume:
+        stage1_init = ckpt.load_stage1_into(policy, cfg.train.stage1_checkpoint)
+    _attach_transforms(cfg, data, normalizer, progress and info.is_main, info)
+    model, groups, optimizer, scheduler = _optimization(cfg, policy, info)
+    # FSDP2 forwards are collective: every rank runs as many validation batches as the largest shard
+    shards = [len(data.val_sampler.indices(r)) for r in range(info.world_size)]
+    val_batches = max(math.ceil(n / cfg.train.batch_size) for n in shards)
+    run = _Run(
+        cfg=cfg,
+        info=info,
+        data=data,
+        policy=policy,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stats=stats,
+        fingerprint=fingerprint,
+        bar_on=bar_on,
+        micro_per_epoch=micro_per_epoch,
+        run_steps=run_steps,
+        val_batches=val_batches,
+    )
+    if cfg.train.resume:
+        _restore(run)
+    run.run_log = RunLogger(
+        Path(cfg.train.output_dir),
+        enabled=info.is_main,
+        tensorboard=cfg.train.tensorboard,
+        wandb=cfg.train.wandb,
+        config=cfg.to_dict(),
+    )
+    if stage1_init is not None:
+        run.run_log.log("stage1_init", 0, stage1_init)
+    _announce(run, groups, steps_per_epoch)
+    from tqdm.auto import tqdm
 
-    if cfg.train.mode == "cache":
-        policy = build_policy(cfg, device=info.device, dtype=dtype)
-        return _build_cache(cfg, policy, normalizer, info, meta, bar_on)
+    desc = f"{cfg.train.stage} {cfg.model.head.type}"
+    run.bar = tqdm(total=run_steps, initial=run.state["step"], disable=not bar_on, desc=desc)
+    run.t_start, run.step_start = time.perf_counter(), run.state["step"]
+    return run
 
-    # --- data -------------------------------------------------------------------------------------
-    train_raw = raw_dataset(cfg, "train")
-    val_raw = raw_dataset(cfg, "val")
-    cache = None
-    if cfg.train.stage == "stage1" and cfg.train.use_cache != "never" and feature_cache.backbone_frozen(cfg):
+
+def _optimization(cfg: SensorVLAConfig, policy: torch.nn.Module, info):
+    """(the wrapped model, the named param groups, AdamW, the warmup-cosine schedule)."""
+    if cfg.runtime.compile:  # --runtime.compile: sensor encoder + head, in place (parameter names unchanged)
+        from sensorvla.runtime import compile_policy
+
+        compile_policy(policy, training=True)
+    model = wrap_model(policy, info, cfg.train.strategy)  # before the optimizer: FSDP2 makes DTensors
+    groups = build_param_groups(policy, cfg.train)
+    check_stage_groups(cfg, [g["name"] for g in groups])
+    optimizer = build_optimizer(groups, cfg.train, sharded=cfg.train.strategy == "fsdp" and info.enabled)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.train.schedule_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
+    )
+    return model, groups, optimizer, scheduler
+
+
+def _open_data(cfg: SensorVLAConfig, info, meta) -> _Data:
+    """The train/val splits and samplers; in stage 1 with a frozen backbone, the VL cache when there is one."""
+    train_raw, val_raw, cache = raw_dataset(cfg, "train"), raw_dataset(cfg, "val"), None
+    cacheable = stage_config(cfg).may_use_vl_cache and feature_cache.backbone_frozen(cfg)
+    if cacheable and cfg.train.use_cache != "never":
         all_ids = raw_dataset(cfg, "all", load_images=False).sample_ids
         cache = feature_cache.open_cache(cfg, all_ids, meta.dataset_id)
         if cache is None and cfg.train.use_cache == "always":
@@ -258,15 +406,20 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
     val_sampler = ShardedEpochSampler(
         len(val_raw), seed=0, rank=info.rank, world=info.world_size, shuffle=False, pad=False
     )
-    micro_per_epoch = math.ceil(len(sampler) / cfg.train.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.train.grad_accum_steps)
-    run_steps = steps_per_epoch * cfg.train.epochs
-    run_steps = min(run_steps, cfg.train.max_steps) if cfg.train.max_steps else run_steps
-    fingerprint = json.loads(
-        json.dumps([dataset_fingerprint(cfg.data.dataset_dir)] + [dataset_fingerprint(p) for p in _mixture_paths(cfg)])
-    )
+    return _Data(train_raw, val_raw, cache, sampler, val_sampler)
 
-    # --- resume: the saved run's config decides what the saved position means ----------------------
+
+def _fingerprint(cfg: SensorVLAConfig) -> list:
+    """The content fingerprints of the dataset and every mixture dataset (JSON-normalised)."""
+    from sensorvla.data.normalize import dataset_fingerprint
+
+    paths = [cfg.data.dataset_dir] + _mixture_paths(cfg)
+    return json.loads(json.dumps([dataset_fingerprint(p) for p in paths]))
+
+
+def _check_saved_run(cfg: SensorVLAConfig, info, steps_per_epoch: int, fingerprint) -> None:
+    """Set the LR schedule length; on `--resume`, refuse changes that reinterpret the saved run (logs the diff)."""
+    out_dir, ckpt_dir = Path(cfg.train.output_dir), Path(cfg.train.output_dir) / "checkpoints"
     saved_cfg = saved_info = None
     if cfg.train.resume:
         saved_cfg, saved_info = ckpt.load_run_config(out_dir), ckpt.load_run_info(ckpt_dir) or {}
@@ -286,274 +439,283 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:  # noqa: PLR0915 (flat
     elif cfg.train.resume and info.is_main:
         logger.warning("resume: %s has no saved config (older sensorvla); changes cannot be checked", ckpt_dir)
 
-    # --- model --------------------------------------------------------------------------------------
-    policy = build_policy(cfg, device=info.device, dtype=dtype)
-    stage1_init = None
-    if cfg.train.stage == "stage2" and not cfg.train.resume:
-        stage1_init = ckpt.load_stage1_into(policy, cfg.train.stage1_checkpoint)
-    processor = (
-        None
-        if cache is not None
-        else load_processor(
-            cfg.model.backbone.vl_model,
-            min_pixels=cfg.model.backbone.min_pixels,
-            max_pixels=cfg.model.backbone.max_pixels,
-            revision=cfg.model.backbone.revision,
-        )
-    )
+
+def _build_policy(cfg: SensorVLAConfig, info) -> torch.nn.Module:
+    """The policy on this rank's device (fp32 for full fine-tuning with an `auto` backbone dtype)."""
+    from sensorvla.models.pretrained import build_policy
+
+    dtype = torch.float32 if cfg.model.finetune.mode == "full" and cfg.model.backbone.dtype == "auto" else None
+    return build_policy(cfg, device=info.device, dtype=dtype)
+
+
+def _attach_transforms(cfg: SensorVLAConfig, data: _Data, normalizer, progress: bool, info) -> None:
+    """Sample transforms (the processor unless cached; augmentation in training only); preload when cached."""
+    from sensorvla.models.backbone import load_processor, pad_token_id
     from sensorvla.models.processor import SampleTransform
 
+    b = cfg.model.backbone
+    processor = None
+    if data.cache is None:
+        processor = load_processor(b.vl_model, min_pixels=b.min_pixels, max_pixels=b.max_pixels, revision=b.revision)
     augment = None
     if cfg.data.augment.enabled and processor is not None:
         from sensorvla.data.augment import ImageAugment
 
         augment = ImageAugment(cfg.data.augment, seed=cfg.train.seed)
-    transform = SampleTransform(
-        normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim, augment=augment
-    )
+    data.transform = SampleTransform(normalizer, processor, b.prompt_template, cfg.model.state_dim, augment=augment)
     # validation never augments: the same chain without the augmenter
-    val_transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
-    pad_id = pad_token_id(processor) if processor is not None else 0
-    if cache is not None:  # nothing random is left per sample: transform the non-image part once, in memory
-        train_raw = preload(train_raw, transform, cfg.train.preload_max_gb, progress and info.is_main)
-        val_raw = preload(val_raw, val_transform, cfg.train.preload_max_gb, progress and info.is_main)
+    data.val_transform = SampleTransform(normalizer, processor, b.prompt_template, cfg.model.state_dim)
+    data.pad_id = pad_token_id(processor) if processor is not None else 0
+    if data.cache is not None:  # nothing random is left per sample: transform the non-image part once, in memory
+        data.train = preload(data.train, data.transform, cfg.train.preload_max_gb, progress)
+        data.val = preload(data.val, data.val_transform, cfg.train.preload_max_gb, progress)
 
-    # --- optimisation -------------------------------------------------------------------------------
-    # wrap before building the optimizer: FSDP2 replaces parameters with sharded DTensors
-    is_fsdp = cfg.train.strategy == "fsdp" and info.enabled
-    if cfg.runtime.compile:  # --runtime.compile: sensor encoder + head, in place (parameter names unchanged)
-        from sensorvla.runtime import compile_policy
 
-        compile_policy(policy, training=True)
-    model = wrap_model(policy, info, cfg.train.strategy)
-    groups = build_param_groups(policy, cfg.train)
-    optimizer = build_optimizer(groups, cfg.train, sharded=is_fsdp)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.train.schedule_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
-    )
-    state = {"epoch": 0, "micro_in_epoch": 0, "step": 0, "best_val": math.inf, "bad_validations": 0, "samples_seen": 0}
-    if cfg.train.resume:
-        payload, saved_state, rng = ckpt.load_last(ckpt_dir)
-        ckpt.load_model_payload(policy, payload, ckpt_dir / ckpt.LAST_NAME)
-        optimizer.load_state_dict(payload["optimizer_state_dict"])
-        scheduler.load_state_dict(payload["scheduler_state_dict"])
-        notes = apply_optimizer_settings(optimizer, scheduler, group_lrs(cfg.train), cfg.train.weight_decay)
-        if notes and info.is_main:
-            logger.warning("resume: the command line's optimizer settings replace the saved ones: %s", "; ".join(notes))
-        if len(rng) != info.world_size:
-            raise RuntimeError(
-                f"--resume: the run was saved with {len(rng)} processes; resume with the same "
-                f"--nproc_per_node (got {info.world_size})"
-            )
-        ckpt.restore_rng(rng[info.rank])
-        state.update(saved_state)
-        logger.info("resumed at epoch %d, step %d", state["epoch"], state["step"])
-
-    run_log = RunLogger(
-        out_dir, enabled=info.is_main, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=cfg.to_dict()
-    )
-    if stage1_init is not None:
-        run_log.log("stage1_init", 0, stage1_init)
-    if info.is_main:
-        logger.info("resolved config:\n%s", cfg.to_json())
-        logger.info("parameter groups:\n%s", group_table(policy, groups))
-        logger.info(
-            "dataset: %s | train samples %d, val samples %d | world size %d | %d steps/epoch | "
-            "LR schedule over %d steps",
-            train_raw.summary(),
-            len(train_raw),
-            len(val_raw),
-            info.world_size,
-            steps_per_epoch,
-            cfg.train.schedule_steps,
+def _restore(run: _Run) -> None:
+    """`--resume`: model, optimizer, scheduler, this rank's RNG and the loop position from `last/`."""
+    cfg, info = run.cfg, run.info
+    payload, saved_state, rng = ckpt.load_last(run.ckpt_dir)
+    if run.is_fsdp:  # the saved states are full (gathered); each rank keeps its shard of them
+        ckpt.load_sharded_payload(run.policy, run.optimizer, payload, run.ckpt_dir / ckpt.LAST_NAME)
+    else:
+        ckpt.load_model_payload(run.policy, payload, run.ckpt_dir / ckpt.LAST_NAME)
+        run.optimizer.load_state_dict(payload["optimizer_state_dict"])
+    run.scheduler.load_state_dict(payload["scheduler_state_dict"])
+    notes = apply_optimizer_settings(run.optimizer, run.scheduler, group_lrs(cfg.train), cfg.train.weight_decay)
+    if notes and info.is_main:
+        logger.warning("resume: the command line's optimizer settings replace the saved ones: %s", "; ".join(notes))
+    if len(rng) != info.world_size:
+        raise RuntimeError(
+            f"--resume: the run was saved with {len(rng)} processes; resume with the same "
+            f"--nproc_per_node (got {info.world_size})"
         )
-        if cfg.train.stage == "stage2":
-            ckpt.backup_if_overwritten(
-                ckpt_dir,
-                cfg.train.stage1_checkpoint,
-                [ckpt.BEST_NAME] + [ckpt.epoch_name(e) for e in range(1, cfg.train.epochs + 1)],
-            )
+    ckpt.restore_rng(rng[info.rank])
+    run.state.update(saved_state)
+    logger.info("resumed at epoch %d, step %d", run.state["epoch"], run.state["step"])
 
-    def gathered() -> tuple[dict | None, dict | None]:
-        """Full model/optimizer states on every rank for FSDP2 (collective); None for DDP / 1 process."""
-        if not is_fsdp:
-            return None, None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(policy, options=opts), get_optimizer_state_dict(policy, optimizer, options=opts)
-
-    def save_last() -> None:
-        rngs = all_gather_objects(ckpt.rng_state(), info)
-        full, opt_full = gathered()
-        if info.is_main:
-            payload = ckpt.seed_payload(
-                policy,
-                optimizer,
-                scheduler,
-                epoch=state["epoch"],
-                val_loss=state["best_val"],
-                stage=cfg.train.stage,
-                state=full,
-                optimizer_state=opt_full,
-            )
-            run_info = {
-                "dataset_fingerprint": fingerprint,
-                "schedule_steps": cfg.train.schedule_steps,
-                "world_size": info.world_size,
-            }
-            ckpt.save_last(ckpt_dir, payload, dict(state), rngs, config_json=cfg.to_json(), run_info=run_info)
-
-    # FSDP2 forwards are collective: every rank runs as many validation batches as the largest shard
-    val_batches = max(math.ceil(len(val_sampler.indices(r)) / cfg.train.batch_size) for r in range(info.world_size))
-
-    def validate() -> float:
-        policy.eval()
-        gen = torch.Generator(device=info.device).manual_seed(VAL_SEED)  # the global RNG is never touched
-        totals, last, done = [0.0, 0.0], None, 0
-        with torch.no_grad(), autocast_ctx(cfg, info.device):
-            for batch in make_loader(val_raw, val_transform, val_sampler, cfg, pad_id):
-                last = _prepare(batch, cache, info.device)
-                loss, _ = policy(last, sensor_loss_weight=1.0, generator=gen)
-                n = last["actions"].shape[0]
-                totals[0] += float(loss) * n
-                totals[1] += n
-                done += 1
-            while is_fsdp and done < val_batches:  # lockstep filler, not counted
-                if last is None:
-                    last = _prepare(
-                        next(iter(make_loader(val_raw, val_transform, [0], cfg, pad_id))), cache, info.device
-                    )
-                policy(last, sensor_loss_weight=1.0, generator=gen)
-                done += 1
-        s, n = all_reduce_sum(totals, info)
-        return s / max(n, 1)
-
-    # --- the loop -----------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    stop = False
-    summary: dict = {"train_loss": [], "val_loss": []}
-    desc = f"{cfg.train.stage} {cfg.model.head.type}"
-    bar = tqdm(total=run_steps, initial=state["step"], disable=not bar_on, desc=desc)
-    t_start, step_start = time.perf_counter(), state["step"]
-    try:
-        while state["epoch"] < cfg.train.epochs and not stop:
-            epoch = state["epoch"]
-            train_raw.set_epoch(epoch)  # reseeds VL-staleness draws / the mixture plan
-            sampler.set_position(epoch, state["micro_in_epoch"] * cfg.train.batch_size)
-            policy.train()
-            if cfg.model.finetune.mode == "none":
-                policy.backbone.model.eval()
-            loader = iter(make_loader(train_raw, transform, sampler, cfg, pad_id))
-            while state["micro_in_epoch"] < micro_per_epoch:
-                t0 = time.perf_counter()
-                n_micro = min(cfg.train.grad_accum_steps, micro_per_epoch - state["micro_in_epoch"])
-                share, step_metrics, n_samples = backward_window(
-                    model,
-                    (next(loader) for _ in range(n_micro)),
-                    sensor_loss_weight=cfg.train.sensor_loss_weight,
-                    info=info,
-                    prepare=functools.partial(_prepare, cache=cache, device=info.device),
-                    is_fsdp=is_fsdp,
-                    autocast=functools.partial(autocast_ctx, cfg, info.device),
-                    n_micro=n_micro,
-                )
-                state["micro_in_epoch"] += n_micro
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip, foreach=True)
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-                mean_loss = all_reduce_sum([share], info)[0] / info.world_size
-                if not math.isfinite(mean_loss) or not torch.isfinite(grad_norm):
-                    raise TrainingDivergedError(
-                        divergence_message(ckpt_dir, mean_loss, float(grad_norm), state["step"] + 1)
-                    )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                state["samples_seen"] += n_samples * info.world_size
-                dt = time.perf_counter() - t0
-                lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups if "no_decay" not in g["name"]}
-                row = {
-                    "loss": mean_loss,
-                    "grad_norm": float(grad_norm),
-                    "epoch": epoch,
-                    "samples_per_s": n_samples * info.world_size / dt,
-                    **lrs,
-                    **{k: v for k, v in step_metrics.items() if k.startswith("loss_")},
-                }
-                summary["train_loss"].append(mean_loss)
-                periodic = state["step"] % cfg.train.log_every_steps == 0 or state["step"] in (1, run_steps)
-                run_log.log("train", state["step"], row if periodic else {"loss": mean_loss})
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", sps=f"{row['samples_per_s']:.1f}"
-                )
-                if periodic and not bar_on and info.is_main:
-                    _log_progress(state["step"], run_steps, epoch, cfg.train.epochs, row, t_start, step_start)
-                if cfg.train.save_every_steps and state["step"] % cfg.train.save_every_steps == 0:
-                    save_last()
-                if cfg.train.max_steps and state["step"] >= cfg.train.max_steps:
-                    stop = True
-                    break
-            epoch_done = state["micro_in_epoch"] >= micro_per_epoch
-            if epoch_done:
-                state["epoch"] += 1
-                state["micro_in_epoch"] = 0
-            epoch_label = epoch + 1  # 1-based index of the epoch just run (complete or cut by --max-steps)
-            if stop or (
-                epoch_done and (state["epoch"] % cfg.train.val_every_epochs == 0 or state["epoch"] == cfg.train.epochs)
-            ):
-                val = validate() if len(val_raw) else mean_loss
-                summary["val_loss"].append(val)
-                run_log.log("val", state["step"], {"val_loss": val, "epoch": epoch_label})
-                logger.info("epoch %d step %d val_loss %.5f", epoch_label, state["step"], val)
-                improved = val < state["best_val"]
-                if improved:
-                    state["best_val"], state["bad_validations"] = val, 0
-                else:
-                    state["bad_validations"] += 1
-                full, opt_full = gathered()
-                if info.is_main:
-                    payload = ckpt.seed_payload(
-                        policy,
-                        optimizer,
-                        scheduler,
-                        epoch=epoch_label,
-                        val_loss=val,
-                        stage=cfg.train.stage,
-                        state=full,
-                        optimizer_state=opt_full,
-                    )
-                    if cfg.model.head.type == "diffusion":
-                        ckpt.save_seed_file(ckpt_dir / ckpt.epoch_name(epoch_label), payload)
-                    if improved:
-                        ckpt.save_seed_file(ckpt_dir / ckpt.BEST_NAME, payload)
-                        save_pretrained(policy, ckpt_dir / "pretrained_model", cfg, stats, state=full)
-                if cfg.train.patience and state["bad_validations"] >= cfg.train.patience:
-                    logger.info("early stopping: no improvement in %d validations", cfg.train.patience)
-                    stop = True
-            if epoch_done or stop:
-                save_last()
-        # decided on rank 0 and broadcast: gathered() is collective, a per-rank file check could split ranks
-        if not broadcast_object((ckpt_dir / "pretrained_model").exists(), info):
-            full, _ = gathered()
-            if info.is_main:
-                save_pretrained(policy, ckpt_dir / "pretrained_model", cfg, stats, state=full)
-    finally:
-        bar.close()
-        run_log.close()
-        model = optimizer = scheduler = None  # drop DDP + optimizer refs before teardown  # noqa: F841
-        teardown(info)
-    summary.update(
-        best_val=state["best_val"], steps=state["step"], checkpoint_dir=str(ckpt_dir), config=dataclasses.asdict(cfg)
+def _announce(run: _Run, groups: list[dict], steps_per_epoch: int) -> None:
+    """Rank 0 logs the resolved config, the parameter groups and the data; stage 2 keeps its stage-1 input."""
+    cfg, info = run.cfg, run.info
+    if not info.is_main:
+        return
+    logger.info("resolved config:\n%s", cfg.to_json())
+    logger.info("parameter groups:\n%s", group_table(run.policy, groups))
+    logger.info(
+        "dataset: %s | train samples %d, val samples %d | world size %d | %d steps/epoch | LR schedule over %d steps",
+        run.data.train.summary(),
+        len(run.data.train),
+        len(run.data.val),
+        info.world_size,
+        steps_per_epoch,
+        cfg.train.schedule_steps,
     )
-    return summary
+    if stage_config(cfg).init_from == "stage1_checkpoint":
+        names = [ckpt.BEST_NAME] + [ckpt.epoch_name(e) for e in range(1, cfg.train.epochs + 1)]
+        ckpt.backup_if_overwritten(run.ckpt_dir, cfg.train.stage1_checkpoint, names)
+
+
+# --- epoch -------------------------------------------------------------------------------------------
+def _run_epoch(run: _Run) -> None:
+    """Optimizer steps to the end of the epoch (or --max-steps), then validation and checkpoints."""
+    cfg, state, data = run.cfg, run.state, run.data
+    epoch = state["epoch"]
+    data.train.set_epoch(epoch)  # reseeds VL-staleness draws / the mixture plan
+    data.sampler.set_position(epoch, state["micro_in_epoch"] * cfg.train.batch_size)
+    run.policy.train()
+    if cfg.model.finetune.mode == "none":
+        run.policy.backbone.model.eval()
+    loader = iter(make_loader(data.train, data.transform, data.sampler, cfg, data.pad_id))
+    while state["micro_in_epoch"] < run.micro_per_epoch:
+        _step(run, loader, epoch)
+        if cfg.train.save_every_steps and state["step"] % cfg.train.save_every_steps == 0:
+            _save_last(run)
+        if cfg.train.max_steps and state["step"] >= cfg.train.max_steps:
+            run.stop = True
+            break
+    epoch_done = state["micro_in_epoch"] >= run.micro_per_epoch
+    if epoch_done:
+        state["epoch"] += 1
+        state["micro_in_epoch"] = 0
+    due = state["epoch"] % cfg.train.val_every_epochs == 0 or state["epoch"] == cfg.train.epochs
+    if run.stop or (epoch_done and due):
+        _validate_and_checkpoint(run, epoch + 1)  # 1-based index of the epoch just run (complete or cut)
+    if epoch_done or run.stop:
+        _save_last(run)
+
+
+# --- step --------------------------------------------------------------------------------------------
+def _step(run: _Run, loader, epoch: int) -> None:
+    """One optimizer step: an accumulation window of micro-batches, clipping, the divergence check, logs."""
+    cfg, info, state = run.cfg, run.info, run.state
+    t0 = time.perf_counter()
+    n_micro = min(cfg.train.grad_accum_steps, run.micro_per_epoch - state["micro_in_epoch"])
+    share, step_metrics, n_samples = backward_window(
+        run.model,
+        (next(loader) for _ in range(n_micro)),
+        sensor_loss_weight=cfg.train.sensor_loss_weight,
+        info=info,
+        prepare=functools.partial(_prepare, cache=run.data.cache, device=info.device),
+        is_fsdp=run.is_fsdp,
+        autocast=functools.partial(autocast_ctx, cfg, info.device),
+        n_micro=n_micro,
+    )
+    state["micro_in_epoch"] += n_micro
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.train.grad_clip, foreach=True)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    mean_loss = all_reduce_sum([share], info)[0] / info.world_size
+    if not math.isfinite(mean_loss) or not torch.isfinite(grad_norm):
+        raise TrainingDivergedError(divergence_message(run.ckpt_dir, mean_loss, float(grad_norm), state["step"] + 1))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    state["samples_seen"] += n_samples * info.world_size
+    lrs = {f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups if "no_decay" not in g["name"]}
+    row = {
+        "loss": mean_loss,
+        "grad_norm": float(grad_norm),
+        "epoch": epoch,
+        "samples_per_s": n_samples * info.world_size / (time.perf_counter() - t0),
+        **lrs,
+        **{k: v for k, v in step_metrics.items() if k.startswith("loss_")},
+    }
+    run.last_loss = mean_loss
+    _log_step(run, row, epoch)
+
+
+def _log_step(run: _Run, row: dict, epoch: int) -> None:
+    """The step's metrics: every step's loss, the full row periodically; the bar or a plain line."""
+    step, loss = run.state["step"], row["loss"]
+    run.summary["train_loss"].append(loss)
+    periodic = step % run.cfg.train.log_every_steps == 0 or step in (1, run.run_steps)
+    run.run_log.log("train", step, row if periodic else {"loss": loss})
+    run.bar.update(1)
+    run.bar.set_postfix(
+        loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.1e}", sps=f"{row['samples_per_s']:.1f}"
+    )
+    if periodic and not run.bar_on and run.info.is_main:
+        _log_progress(step, run.run_steps, epoch, run.cfg.train.epochs, row, run.t_start, run.step_start)
+
+
+# --- validate ----------------------------------------------------------------------------------------
+def _validate(run: _Run) -> float:
+    """Mean validation loss over every rank's exact shard (noise from a private generator)."""
+    cfg, info, data = run.cfg, run.info, run.data
+    run.policy.eval()
+    gen = torch.Generator(device=info.device).manual_seed(VAL_SEED)  # the global RNG is never touched
+    totals, last, done = [0.0, 0.0], None, 0
+    with torch.no_grad(), autocast_ctx(cfg, info.device):
+        for batch in make_loader(data.val, data.val_transform, data.val_sampler, cfg, data.pad_id):
+            last = _prepare(batch, data.cache, info.device)
+            loss, _ = run.policy(last, sensor_loss_weight=1.0, generator=gen)
+            n = last["actions"].shape[0]
+            totals[0] += float(loss) * n
+            totals[1] += n
+            done += 1
+        while run.is_fsdp and done < run.val_batches:  # lockstep filler, not counted
+            if last is None:
+                first = next(iter(make_loader(data.val, data.val_transform, [0], cfg, data.pad_id)))
+                last = _prepare(first, data.cache, info.device)
+            run.policy(last, sensor_loss_weight=1.0, generator=gen)
+            done += 1
+    s, n = all_reduce_sum(totals, info)
+    return s / max(n, 1)
+
+
+# --- checkpoint --------------------------------------------------------------------------------------
+def _validate_and_checkpoint(run: _Run, epoch_label: int) -> None:
+    """Validate, track the best and early stopping, write the epoch / best seed files and `pretrained_model`."""
+    cfg, state = run.cfg, run.state
+    val = _validate(run) if len(run.data.val) else run.last_loss
+    run.summary["val_loss"].append(val)
+    run.run_log.log("val", state["step"], {"val_loss": val, "epoch": epoch_label})
+    logger.info("epoch %d step %d val_loss %.5f", epoch_label, state["step"], val)
+    improved = val < state["best_val"]
+    if improved:
+        state["best_val"], state["bad_validations"] = val, 0
+    else:
+        state["bad_validations"] += 1
+    payload, full = _payload(run, epoch=epoch_label, val_loss=val)
+    if run.info.is_main:
+        if cfg.model.head.type == "diffusion":
+            ckpt.save_seed_file(run.ckpt_dir / ckpt.epoch_name(epoch_label), payload)
+        if improved:
+            ckpt.save_seed_file(run.ckpt_dir / ckpt.BEST_NAME, payload)
+            _save_pretrained(run, full)
+    if cfg.train.patience and state["bad_validations"] >= cfg.train.patience:
+        logger.info("early stopping: no improvement in %d validations", cfg.train.patience)
+        run.stop = True
+
+
+def _gathered(run: _Run) -> tuple[dict | None, dict | None]:
+    """Full model/optimizer states on every rank for FSDP2 (collective); None for DDP / 1 process."""
+    if not run.is_fsdp:
+        return None, None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(run.policy, options=opts), get_optimizer_state_dict(
+        run.policy, run.optimizer, options=opts
+    )
+
+
+def _payload(run: _Run, *, epoch: int, val_loss: float) -> tuple[dict | None, dict | None]:
+    """(the seed checkpoint dict on rank 0 / None elsewhere, the gathered model state). Collective."""
+    full, opt_full = _gathered(run)
+    if not run.info.is_main:
+        return None, full
+    payload = ckpt.seed_payload(
+        run.policy,
+        run.optimizer,
+        run.scheduler,
+        epoch=epoch,
+        val_loss=val_loss,
+        stage=run.cfg.train.stage,
+        state=full,
+        optimizer_state=opt_full,
+    )
+    return payload, full
+
+
+def _save_last(run: _Run) -> None:
+    """Replace `last/` (every rank's RNG, the seed payload, the loop position, the config). Collective."""
+    rngs = all_gather_objects(ckpt.rng_state(), run.info)
+    payload, _ = _payload(run, epoch=run.state["epoch"], val_loss=run.state["best_val"])
+    if run.info.is_main:
+        run_info = {
+            "dataset_fingerprint": run.fingerprint,
+            "schedule_steps": run.cfg.train.schedule_steps,
+            "world_size": run.info.world_size,
+        }
+        cfg_json = run.cfg.to_json()
+        ckpt.save_last(run.ckpt_dir, payload, dict(run.state), rngs, config_json=cfg_json, run_info=run_info)
+
+
+def _save_pretrained(run: _Run, full: dict | None) -> None:
+    from sensorvla.models.pretrained import save_pretrained
+
+    save_pretrained(run.policy, run.ckpt_dir / "pretrained_model", run.cfg, run.stats, state=full)
+
+
+def _ensure_pretrained(run: _Run) -> None:
+    """A run that never improved still leaves a `pretrained_model/` (decided on rank 0, broadcast)."""
+    # a per-rank file check could split ranks, and _gathered() is collective
+    if not broadcast_object((run.ckpt_dir / "pretrained_model").exists(), run.info):
+        full, _ = _gathered(run)
+        if run.info.is_main:
+            _save_pretrained(run, full)
+
+
+def _close(run: _Run) -> None:
+    """Close the bar and logs, drop the DDP / optimizer references, then tear the process group down."""
+    if run.bar is not None:
+        run.bar.close()
+    if run.run_log is not None:
+        run.run_log.close()
+    run.model = run.optimizer = run.scheduler = None  # drop DDP + optimizer refs before teardown
+    teardown(run.info)
 
 
 def _mixture_paths(cfg: SensorVLAConfig) -> list[str]:

@@ -1,0 +1,186 @@
+"""Named training configs (`sensorvla train --preset NAME`), in the manner of openpi's named train configs.
+
+A preset is data: dotted config keys -> values, applied on top of `SensorVLAConfig()` defaults; the command
+line's flags then override it (`--preset seed-regression-stage2 --lr 5e-5`). Stage defaults (`--finetune-vl
+auto`) are resolved afterwards by `validate()` from `config.STAGES`, so a preset that leaves the finetune mode
+alone follows whatever stage the command line picks. Python: `preset_config("demo")`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sensorvla.config import ConfigError, SensorVLAConfig, coerce, get_key, set_key
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named config: what it is for and the config keys it sets."""
+
+    name: str
+    description: str
+    values: dict[str, Any]
+
+
+# The seed guide's four runs (docs/... /2-stage-training-guide.md, "Quick Start"): 4 GPUs x batch 4 x
+# accumulation 8 = a global batch of 128. Stage 2 reads the stage-1 file the guide names.
+_SEED_COMMON = {"train.batch_size": 4, "train.grad_accum_steps": 8, "train.lr": 1e-4}
+_SEED_STAGE2 = {
+    **_SEED_COMMON,
+    "train.stage": "stage2",
+    "model.finetune.mode": "lora",
+    "model.finetune.lora_r": 16,
+    "model.finetune.lora_alpha": 32,
+    "model.finetune.lora_dropout": 0.05,
+    "train.vl_lr": 1e-5,
+    "train.epochs": 10,
+}
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "demo",
+            "stage 1 of `sensorvla demo` (demo.base_config with DemoSettings()): the tiny Qwen-VL on the synthetic "
+            "task; pass --vl-model and --dataset-dir (the demo builds both under out/)",
+            {
+                "model.backbone.pooling": "all",
+                "model.backbone.grid_size": 4,
+                "model.backbone.min_pixels": 112 * 112,
+                "model.backbone.max_pixels": 112 * 112,
+                "model.backbone.feature_layer": 0,
+                "model.head.loss": "mse",
+                "model.view_dropout": 0.0,
+                "model.sensor_dropout": 0.1,
+                "model.sensor.dropout": 0.0,
+                "data.sensor_samples": 16,
+                "train.batch_size": 16,
+                "train.grad_accum_steps": 1,
+                "train.lr": 1e-3,
+                "train.sensor_lr": 1e-3,
+                "train.vl_lr": 1e-4,
+                "train.vision_lr": 1e-4,
+                "train.warmup_ratio": 0.05,
+                "train.patience": 0,
+                "train.log_every_steps": 50,
+                "train.epochs": 7,
+            },
+        ),
+        Preset(
+            "seed-regression-stage1",
+            "the seed guide's regression stage 1: frozen VL, sensor encoder + action expert, 20 epochs",
+            {
+                **_SEED_COMMON,
+                "train.stage": "stage1",
+                "model.head.type": "regression",
+                "model.finetune.mode": "none",
+                "model.sensor.enabled": True,
+                "model.fusion.strategy": "concat",
+                "train.sensor_lr": 5e-4,
+                "train.epochs": 20,
+            },
+        ),
+        Preset(
+            "seed-regression-stage2",
+            "the seed guide's regression stage 2: LoRA r16/a32 from checkpoints/qwen_vla_sensor_best.pt, 10 epochs",
+            {
+                **_SEED_STAGE2,
+                "model.head.type": "regression",
+                "model.sensor.enabled": True,
+                "model.fusion.strategy": "concat",
+                "train.sensor_lr": 5e-4,
+                "train.stage1_checkpoint": "checkpoints/qwen_vla_sensor_best.pt",
+            },
+        ),
+        Preset(
+            "seed-diffusion-stage1",
+            "the seed guide's diffusion stage 1: 100 diffusion timesteps, 20 epochs",
+            {
+                **_SEED_COMMON,
+                "train.stage": "stage1",
+                "model.head.type": "diffusion",
+                "model.head.diffusion_timesteps": 100,
+                "train.epochs": 20,
+            },
+        ),
+        Preset(
+            "seed-diffusion-stage2",
+            "the seed guide's diffusion stage 2: LoRA r16/a32 from checkpoints/diffusion_epoch20.pt, 10 epochs",
+            {
+                **_SEED_STAGE2,
+                "model.head.type": "diffusion",
+                "model.head.diffusion_timesteps": 100,
+                "train.stage1_checkpoint": "checkpoints/diffusion_epoch20.pt",
+            },
+        ),
+        Preset(
+            "robot-3b",
+            "a real robot with Qwen2.5-VL-3B: stage 1 from the VL cache (add --training-stage stage2 "
+            "--stage1-checkpoint ... for LoRA), a global batch of 128 at any GPU count, activation "
+            "checkpointing (stage 2 at batch 4 then fits 24 GB cards, docs/scaling.md), flow head, "
+            "modality dropout against a dead camera or sensor",
+            {
+                "model.backbone.vl_model": "Qwen/Qwen2.5-VL-3B-Instruct",
+                "model.backbone.activation_checkpointing": True,
+                "model.head.type": "flow",
+                "model.view_dropout": 0.1,
+                "model.sensor_dropout": 0.1,
+                "train.batch_size": 4,
+                "train.global_batch_size": 128,
+                "train.sensor_lr": 5e-4,
+                "train.use_cache": "auto",
+            },
+        ),
+    )
+}
+
+
+def apply_preset(cfg: SensorVLAConfig, name: str) -> SensorVLAConfig:
+    """Set the preset's keys on `cfg` in place (type-checked); `ConfigError` naming the presets when unknown."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is not a preset; choose one of {sorted(PRESETS)}")
+    for key, value in PRESETS[name].values.items():
+        get_key(cfg, key)  # the key exists
+        set_key(cfg, key, coerce(value, _hint(key), key))
+    return cfg
+
+
+def preset_config(name: str) -> SensorVLAConfig:
+    """`SensorVLAConfig()` with preset `name` applied (not yet validated: add the dataset, then `validate()`)."""
+    return apply_preset(SensorVLAConfig(), name)
+
+
+def pop_preset(args: list[str]) -> tuple[str | None, list[str]]:
+    """(the `--preset NAME` / `--preset=NAME` value or None, the other arguments); the last one given wins."""
+    name, rest, i = None, [], 0
+    while i < len(args):
+        if args[i] == "--preset":
+            if i + 1 >= len(args):
+                raise ConfigError(f"--preset needs a name; choose one of {sorted(PRESETS)}")
+            name, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--preset="):
+            name = args[i].partition("=")[2]
+        else:
+            rest.append(args[i])
+        i += 1
+    return name, rest
+
+
+def preset_help() -> str:
+    """One line per preset, for `--help`."""
+    return "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+
+
+def _hint(key: str) -> Any:
+    import dataclasses
+    import typing
+
+    cls: Any = SensorVLAConfig
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cls = typing.get_type_hints(cls)[part]
+    hints = typing.get_type_hints(cls)
+    assert leaf in {f.name for f in dataclasses.fields(cls)}, key
+    return hints[leaf]
