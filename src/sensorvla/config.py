@@ -237,12 +237,21 @@ class TrainConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How the process runs the model (no effect on the results beyond float rounding)."""
+
+    # torch.compile the sensor encoder and the action head, for training and inference (runtime.compile_policy)
+    compile: bool = False
+
+
+@dataclass
 class SensorVLAConfig:
     """Top-level config saved with every checkpoint."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

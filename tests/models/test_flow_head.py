@@ -78,6 +78,7 @@ def test_sampling_runs_from_noise_at_t1_to_data_at_t0():
         return (x - a) / tt
 
     fh.velocity.forward = exact
+    fh.velocity.uses_step_path = lambda: False  # the per-step forward (the step path equals it: test_heads_cached.py)
     out = fh.sample(*cond(1), generator=torch.Generator().manual_seed(0), num_steps=5)
     assert times == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     torch.testing.assert_close(out, a, atol=1e-5, rtol=1e-5)

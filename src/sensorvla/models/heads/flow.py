@@ -54,7 +54,12 @@ class FlowHead(ActionHead):
             device=generator.device if generator else cond.device,
         ).to(cond.device, cond.dtype)
         dt = -1.0 / steps
-        for i in range(steps):
-            t = torch.full((b,), 1.0 + i * dt, device=cond.device)
-            x = x + dt * self.velocity(x, t * TIME_SCALE, cond, cond_mask)
+        times = torch.tensor([1.0 + i * dt for i in range(steps)], device=cond.device) * TIME_SCALE
+        if not self.velocity.uses_step_path():  # dropout active: the training forward at every step
+            for i in range(steps):
+                x = x + dt * self.velocity(x, times[i].expand(b), cond, cond_mask)
+            return x
+        ctx = self.velocity.condition(cond, cond_mask)  # conditioning once per call (docs in ChunkDenoiser)
+        for emb in self.velocity.step_embeddings(times):
+            x = x + dt * self.velocity.step(x, emb, ctx)
         return x
