@@ -106,6 +106,7 @@ class HeadConfig:
     loss: Literal["l1", "mse"] = "l1"  # regression only
     diffusion_timesteps: int = 100
     num_inference_steps: int = 10  # DDIM steps (diffusion) or Euler steps (flow)
+    noise_scale: float = 1.0  # flow sampling: std of the initial noise (1 = the learned distribution, 0 = its mode)
 
 
 @dataclass
@@ -583,6 +584,11 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError(
             f"--model.head.num-inference-steps ({m.head.num_inference_steps}) cannot exceed "
             f"--diffusion_timesteps ({m.head.diffusion_timesteps})"
+        )
+    if not 0 <= m.head.noise_scale <= 1 or (m.head.noise_scale != 1 and m.head.type != "flow"):
+        raise ConfigError(
+            f"--model.head.noise-scale {m.head.noise_scale}: a value in [0, 1], for the flow head only "
+            f"(this head is {m.head.type!r}); leave it at 1 otherwise"
         )
     if d.sensor_window_s <= 0:
         raise ConfigError(f"--data.sensor-window-s must be > 0, got {d.sensor_window_s}")

@@ -50,6 +50,7 @@ class DemoSettings:
     sensor_dropout: float = 0.1
     sensor_samples: int = 16  # T_s: grid points of the 0.1 s sensor window
     encoder_dropout: float = 0.0  # dropout inside the sensor encoder (a third of its CPU time at 0.1)
+    flow_noise_scale: float = 0.0  # flow head: sample from the mode (the demos are unimodal; docs/decisions.md)
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -68,6 +69,8 @@ def base_config(vl_dir: Path, data_dir: Path, out: Path, head: str, settings: De
     cfg.model.backbone.min_pixels = cfg.model.backbone.max_pixels = s.image_size * s.image_size
     cfg.model.head.type = head
     cfg.model.head.loss = "mse"
+    if head == "flow":
+        cfg.model.head.noise_scale = s.flow_noise_scale
     cfg.model.backbone.feature_layer = s.feature_layer
     cfg.model.view_dropout = s.view_dropout
     cfg.model.sensor_dropout = s.sensor_dropout

@@ -5,6 +5,10 @@ timesteps; openpi's code writes that with t = 1 as noise):
     x_t = t * noise + (1 - t) * actions,   target velocity u = noise - actions,
     t = 0.001 + 0.999 * s,  s ~ Beta(1.5, 1)  (density ~ sqrt(s): the emphasis is at the NOISY end, t -> 1).
 Sampling integrates dx/dt = v(x_t, t) from t = 1 (noise) to t = 0 with Euler steps of dt = -1/steps.
+`--model.head.noise-scale` (default 1) scales the initial noise: below 1 the samples move towards the
+mode of the learned distribution (a sampling temperature; 0 integrates the ODE from its centre). Where
+demonstrations are unimodal and precision matters more than diversity, a low value helps; see
+docs/decisions.md ("Flow head").
 Beta(1.5, 1) has the CDF s^1.5, so s = U^(2/3) with U ~ Uniform(0, 1): an explicit `torch.Generator`
 can draw it (validation uses its own generator). See docs/decisions.md ("Flow head").
 """
@@ -52,7 +56,7 @@ class FlowHead(ActionHead):
             (b, self.horizon, self.action_dim),
             generator=generator,
             device=generator.device if generator else cond.device,
-        ).to(cond.device, cond.dtype)
+        ).to(cond.device, cond.dtype) * self.cfg.noise_scale
         dt = -1.0 / steps
         times = torch.tensor([1.0 + i * dt for i in range(steps)], device=cond.device) * TIME_SCALE
         if not self.velocity.uses_step_path():  # dropout active: the training forward at every step
