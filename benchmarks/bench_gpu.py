@@ -79,9 +79,14 @@ def training_rows(vl: str, data: Path, root: Path, steps: int, device: str) -> l
     s1 = _base_cfg(vl, data, root / "stage1_uncached", steps, device)
     s1.train.use_cache = "never"
     run("stage1 uncached", s1, " uncached")
-    cache = dataclasses.replace(
-        s1, train=dataclasses.replace(s1.train, mode="cache", use_cache="auto", output_dir=str(root / "stage1_cached"))
-    )
+    cache_train = dataclasses.replace(
+        s1.train,
+        mode="cache",
+        use_cache="auto",
+        output_dir=str(root / "stage1_cached"),
+        cache_dir=str(root / "vl_cache"),
+    )  # one cache folder for every cached run below (the compile on / off runs have their own output dirs)
+    cache = dataclasses.replace(s1, train=cache_train)
     t0 = time.perf_counter()
     train(cache, progress=False)
     cache_s = time.perf_counter() - t0

@@ -34,13 +34,13 @@ def main(argv: list[str]) -> int:
     if which in ("serving", "all"):
         results["serving"] = _load("bench_serving").run()
     if which in ("latency", "all"):
-        import tempfile
+        from sensorvla.eval.latency import describe_threads, format_table
+        from sensorvla.world.latency import run_suite
 
-        from sensorvla.eval.latency import bench_latency, format_table
-        from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
-
-        rows = bench_latency(build_tiny_qwen_vl(Path(tempfile.mkdtemp()) / "tiny"), iters=30)
-        print(format_table(rows))
+        # 1 and 2 threads side by side in one run (OMP_NUM_THREADS / --threads otherwise pick one)
+        print(describe_threads(), "| measuring threads 1 and 2 side by side")
+        rows = run_suite(iters=30, threads=(1, 2))
+        print(format_table(rows, with_targets=True))
         results["latency"] = rows
     if which == "fuzz":
         mod = _load("bench_fuzz")

@@ -40,7 +40,7 @@ ALLOWED = {
     "inference": {"ground", "data", "models", "serving"},
     "eval": {"ground", "data", "models", "training", "inference"},
     "plan": {"ground", "data", "models", "training"},
-    "world": {"ground", "data", "models"},
+    "world": {"ground", "serving", "data", "models", "training", "inference", "eval", "plan"},
     "entry": set(LAYERS) - {"entry"},
 }
 MAX_FUNCTION_LINES = 80

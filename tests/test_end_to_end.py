@@ -35,6 +35,20 @@ def test_demo_quick_end_to_end(tmp_path):
     assert summary["eval"]["sensor_ablation_delta_l1_missing"] > 0
     assert summary["eval"]["sensor_ablation_delta_l1_shuffled"] > 0
     assert summary["rollout_success"] >= summary["rollout_success_sensor_ablated"]
+    # the policy uses the cameras too: blanking or swapping the views makes held-out errors worse
+    assert summary["eval"]["vision_ablation_delta_l1_blank"] > 0
+    assert summary["eval"]["vision_ablation_delta_l1_shuffled"] > 0
+    # the table's rows, with the scripted references that bound them: the task needs both senses
+    table = summary["closed_loop"]
+    assert set(table) == {"all", "sensor_ablated", "vision_ablated", "expert", "expert_sensor_blind",
+                          "expert_vision_blind"}  # fmt: skip
+    assert table["expert"]["success_rate"] == 1.0 and table["expert"]["lateral_ok_rate"] == 1.0
+    assert table["expert_sensor_blind"]["success_rate"] < 1.0 and table["expert_sensor_blind"]["lateral_ok_rate"] == 1.0
+    assert table["expert_vision_blind"]["success_rate"] < 0.5
+    assert all(row["episodes"] == 6 for name, row in table.items() if not name.startswith("expert"))
+    assert set(summary["targets"]) >= {"all.success_rate >= 0.9", "vision_ablated.success_rate <= 0.3"}
+    report = (tmp_path / "report.md").read_text()
+    assert "| ours, all modalities |" in report and "| scripted expert, no cameras |" in report
     for name in ("metrics.json", "report.md", "sensor_ablation.png", "trajectories.png"):
         assert (tmp_path / "eval" / name).exists()
     assert list((tmp_path / "rollout").glob("*.gif"))

@@ -139,6 +139,7 @@ class HeadConfig:
     loss: Literal["l1", "mse"] = "l1"  # regression only
     diffusion_timesteps: int = 100
     num_inference_steps: int = 10  # DDIM steps (diffusion) or Euler steps (flow)
+    noise_scale: float = 1.0  # flow sampling: std of the initial noise (1 = the learned distribution, 0 = its mode)
 
 
 @dataclass
@@ -270,12 +271,21 @@ class TrainConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How the process runs the model (no effect on the results beyond float rounding)."""
+
+    # torch.compile the sensor encoder and the action head, for training and inference (runtime.compile_policy)
+    compile: bool = False
+
+
+@dataclass
 class SensorVLAConfig:
     """Top-level config saved with every checkpoint."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -578,6 +588,23 @@ def derive_grad_accum(t: TrainConfig, world_size: int) -> int:
     return t.global_batch_size // per_step
 
 
+def _validate_data(d: DataConfig) -> None:
+    """The checks of the data section alone (window, split fractions, augmentation, mixture, sensor transform)."""
+    if d.sensor_window_s <= 0:
+        raise ConfigError(f"--data.sensor-window-s must be > 0, got {d.sensor_window_s}")
+    if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
+        raise ConfigError("--data.val-fraction and --data.test-fraction must be in [0, 1) and sum below 1")
+    a = d.augment
+    if not 0.0 <= a.shift_frac < 0.5 or min(a.brightness, a.contrast, a.saturation) < 0:
+        raise ConfigError("--data.augment.shift-frac must be in [0, 0.5) and the jitter strengths >= 0")
+    for spec in d.mixture:
+        _parse_mixture(spec)
+    if not 0 <= d.sensor_clip_quantile < 0.5:
+        raise ConfigError(f"--data.sensor-clip-quantile must be in [0, 0.5), got {d.sensor_clip_quantile}")
+    if d.sensor_log_scale < 0 or d.timestamp_tolerance_s <= 0:
+        raise ConfigError("--data.sensor-log-scale must be >= 0 and --data.timestamp-tolerance-s > 0")
+
+
 def validate(cfg: SensorVLAConfig) -> None:
     """Raise `ConfigError` for any invalid or inconsistent value. Normalises types and applies the stage
     defaults (`resolve_stage_defaults`) in place."""
@@ -613,10 +640,12 @@ def validate(cfg: SensorVLAConfig) -> None:
             f"--model.head.num-inference-steps ({m.head.num_inference_steps}) cannot exceed "
             f"--diffusion_timesteps ({m.head.diffusion_timesteps})"
         )
-    if d.sensor_window_s <= 0:
-        raise ConfigError(f"--data.sensor-window-s must be > 0, got {d.sensor_window_s}")
-    if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
-        raise ConfigError("--data.val-fraction and --data.test-fraction must be in [0, 1) and sum below 1")
+    if not 0 <= m.head.noise_scale <= 1 or (m.head.noise_scale != 1 and m.head.type != "flow"):
+        raise ConfigError(
+            f"--model.head.noise-scale {m.head.noise_scale}: a value in [0, 1], for the flow head only "
+            f"(this head is {m.head.type!r}); leave it at 1 otherwise"
+        )
+    _validate_data(d)
     if m.backbone.min_pixels > m.backbone.max_pixels:
         raise ConfigError("--model.backbone.min-pixels must be <= --model.backbone.max-pixels")
     if m.fusion.hidden_dim % m.fusion.num_heads or m.head.hidden_dim % m.head.num_heads:
@@ -628,9 +657,6 @@ def validate(cfg: SensorVLAConfig) -> None:
             raise ConfigError(f"{flag} must be in [0, 1), got {p}")
     if m.view_dropout and m.backbone.pooling == "resampler":
         raise ConfigError("--model.view-dropout needs per-view tokens; use --model.backbone.pooling grid/all/view_mean")
-    a = d.augment
-    if not 0.0 <= a.shift_frac < 0.5 or min(a.brightness, a.contrast, a.saturation) < 0:
-        raise ConfigError("--data.augment.shift-frac must be in [0, 0.5) and the jitter strengths >= 0")
     if m.sensor.hidden_dim % m.sensor.num_heads:
         raise ConfigError("--model.sensor.hidden-dim must be divisible by --model.sensor.num-heads")
     if m.sensor.force_channels < 0 or (m.sensor.channels and m.sensor.force_channels > m.sensor.channels):
@@ -652,12 +678,6 @@ def validate(cfg: SensorVLAConfig) -> None:
     derive_grad_accum(t, 1)  # a global batch must at least divide by the per-process batch
     if not t.sensor_loss_weight >= 0:
         raise ConfigError("--sensor_loss_weight must be >= 0")
-    for spec in d.mixture:
-        _parse_mixture(spec)
-    if not 0 <= d.sensor_clip_quantile < 0.5:
-        raise ConfigError(f"--data.sensor-clip-quantile must be in [0, 0.5), got {d.sensor_clip_quantile}")
-    if d.sensor_log_scale < 0 or d.timestamp_tolerance_s <= 0:
-        raise ConfigError("--data.sensor-log-scale must be >= 0 and --data.timestamp-tolerance-s > 0")
 
 
 def _parse_mixture(spec: str) -> tuple[str, float]:

@@ -44,17 +44,18 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 1e-3
     rollouts: int = 20
-    eval_samples: int = 400  # offline evaluation: the first N held-out samples (5 passes with the ablations)
+    eval_samples: int = 192  # offline evaluation: the first N held-out samples (5 passes with the ablations)
     baseline: bool = True
     view_dropout: float = 0.0
     sensor_dropout: float = 0.1
     sensor_samples: int = 16  # T_s: grid points of the 0.1 s sensor window
     encoder_dropout: float = 0.0  # dropout inside the sensor encoder (a third of its CPU time at 0.1)
+    flow_noise_scale: float = 0.0  # flow head: sample from the mode (the demos are unimodal; docs/decisions.md)
 
     @classmethod
     def quick(cls) -> DemoSettings:
         """The < 2 min variant (`sensorvla demo --quick`): fewer episodes, epochs, steps, rollouts; no CNN."""
-        return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, eval_samples=120, baseline=False)
+        return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, eval_samples=64, baseline=False)
 
 
 def base_config(vl_dir: Path, data_dir: Path, out: Path, head: str, settings: DemoSettings | None = None):
@@ -69,6 +70,8 @@ def base_config(vl_dir: Path, data_dir: Path, out: Path, head: str, settings: De
     cfg.model.backbone.min_pixels = cfg.model.backbone.max_pixels = s.image_size * s.image_size
     cfg.model.head.type = head
     cfg.model.head.loss = "mse"
+    if head == "flow":
+        cfg.model.head.noise_scale = s.flow_noise_scale
     cfg.model.backbone.feature_layer = s.feature_layer
     cfg.model.view_dropout = s.view_dropout
     cfg.model.sensor_dropout = s.sensor_dropout

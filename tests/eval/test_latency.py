@@ -1,5 +1,6 @@
-"""Latency benchmark structure on 3 iterations: one row per configuration, sane percentiles, ratios and the
-markdown table (no timing thresholds: the CI machine's speed is not under test)."""
+"""Latency benchmark structure on 3 iterations: one row per configuration, sane percentiles, the head alone
+timed per head, ratios, the goals table and the `sensorvla bench latency` CLI (no timing thresholds: the CI
+machine's speed is not under test)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import math
 
 import pytest
 
-from sensorvla.eval.latency import STAGES, bench_latency, format_table, ratios
+from sensorvla.eval.latency import STAGES, bench_latency, format_table, ratios, targets
 
 
 @pytest.fixture(scope="module")
 def rows(tiny_vl_dir):
     return bench_latency(
-        tiny_vl_dir, heads=("regression", "diffusion", "flow"), views=(1, 2), iters=3, warmup=1, image_size=56
+        tiny_vl_dir,
+        heads=("regression", "diffusion", "flow"),
+        views=(1, 2),
+        iters=3,
+        warmup=1,
+        image_size=56,
+        steps=(4, 2),
     )
 
 
@@ -21,7 +28,8 @@ def test_one_row_per_configuration(rows):
     combos = {(r["head"], r["views"], r["mode"]) for r in rows}
     assert len(rows) == len(combos) == 3 * 2 * 2
     assert {m for _, _, m in combos} == {"full", "fast_slow"}
-    assert all(r["iters"] == 3 and r["hz"] > 0 for r in rows)
+    assert all(r["iters"] == 3 and r["hz"] > 0 and r["hz_cpu"] > 0 for r in rows)
+    assert {r["head"]: r["steps"] for r in rows} == {"regression": None, "diffusion": 4, "flow": 2}
 
 
 def test_percentiles_are_monotone_and_stages_fit_in_the_total(rows):
@@ -33,22 +41,93 @@ def test_percentiles_are_monotone_and_stages_fit_in_the_total(rows):
             assert r[f"{name}_p50"] <= r["total_p50"] + 1e-9
 
 
-def test_ratios_and_table(rows):
+def test_the_head_alone_is_timed_once_per_head_and_views(rows):
+    timed = [r for r in rows if "head_alone_p50" in r]
+    assert {(r["head"], r["views"]) for r in timed} == {
+        (h, v) for h in ("regression", "diffusion", "flow") for v in (1, 2)
+    }
+    assert all(r["mode"] == "full" and 0 < r["head_alone_p50"] <= r["head_alone_p99"] for r in timed)
+
+
+def test_steps_reach_the_sampler(tiny_vl_dir, monkeypatch):
+    from sensorvla.models.heads.flow import FlowHead
+
+    seen = []
+    original = FlowHead.sample
+
+    def spy(self, cond, cond_mask, generator=None, num_steps=None):
+        seen.append(num_steps or self.cfg.num_inference_steps)
+        return original(self, cond, cond_mask, generator, num_steps)
+
+    monkeypatch.setattr(FlowHead, "sample", spy)
+    bench_latency(
+        tiny_vl_dir, heads=("flow",), views=(1,), modes=("full",), iters=1, warmup=0, image_size=56, steps=(9, 3)
+    )
+    assert seen and set(seen) == {3}
+
+
+def test_ratios_targets_and_table(rows):
     rat = ratios(rows)
-    assert set(rat) == {"diffusion_over_regression", "flow_over_regression", "full_over_fast_slow", "views_2_over_1"}
+    assert {"diffusion_over_regression", "flow_over_regression", "full_over_fast_slow", "views_2_over_1"} <= set(rat)
+    assert {"head_alone_diffusion_over_regression", "head_alone_flow_over_regression"} <= set(rat)
     assert all(math.isfinite(v) and v > 0 for v in rat.values())
-    table = format_table(rows)
-    body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| head ")]
+    goals = targets(rows)
+    names = [g["name"] for g in goals]
+    assert any(n.startswith("P4 head alone DDIM-4 / regression, tiny, 1 view") for n in names)
+    assert any(n.startswith("P4 head alone flow-2 / regression, tiny, 2 view") for n in names)
+    assert any(n.startswith("sensor loop Hz (wall)") for n in names)
+    assert not any(n.startswith("P3") for n in names)  # no VL-dominant rows: that goal is left out
+    for g in goals:
+        assert g["met"] == (g["value"] <= g["target"] if str(g["op"]) == "<=" else g["value"] >= g["target"])
+    table = format_table(rows, with_targets=True)
+    body = [line for line in table.splitlines() if " | tiny | " in line]
     assert len(body) == len(rows)
-    assert "| diffusion | 2 | fast_slow |" in table
+    assert f"| diffusion | 2 | fast_slow | 4 | {rows[0]['threads']} | tiny |" in table
     assert all(f"- {k}:" in table for k in rat)
+    assert all(g["name"] in table for g in goals) and ("| met |" in table or "| MISSED |" in table)
 
 
-def test_bench_latency_leaves_the_callers_random_state_alone(tiny_vl_dir):
+def test_p3_is_computed_on_the_vl_dominant_rows(rows):
+    relabelled = [{**r, "config": "vl_dominant"} for r in rows if r["views"] == 1]
+    goals = {g["name"]: g for g in targets(rows + relabelled)}
+    p3 = goals["P3 fast-slow / full, regression, VL-dominant, 1 view(s), 1 thread(s)"]
+    reg = [r for r in relabelled if r["head"] == "regression"]
+    fast = next(r["total_p50"] for r in reg if r["mode"] == "fast_slow")
+    full = next(r["total_p50"] for r in reg if r["mode"] == "full")
+    assert p3["value"] == pytest.approx(fast / full)
+
+
+def test_bench_latency_leaves_the_callers_random_state_and_threads_alone(tiny_vl_dir):
     import torch
 
+    threads = torch.get_num_threads()
     torch.manual_seed(1234)
     want = torch.rand(3)
     torch.manual_seed(1234)
-    bench_latency(tiny_vl_dir, heads=("regression",), views=(1,), modes=("full",), iters=1, warmup=0, image_size=56)
+    out = bench_latency(
+        tiny_vl_dir, heads=("regression",), views=(1,), modes=("full",), iters=1, warmup=0, image_size=56, threads=(1,)
+    )
     assert torch.equal(torch.rand(3), want)  # the seeded init is local to the benchmark
+    assert torch.get_num_threads() == threads and out[0]["threads"] == 1
+
+
+def test_cli_prints_the_threads_the_table_and_the_goals(tiny_vl_dir, monkeypatch, capsys):
+    """`sensorvla bench latency` parses --steps / --threads / --no-vl-dominant and prints the goals table."""
+    from sensorvla import cli
+    from sensorvla.eval import latency
+
+    seen = {}
+    real = latency.bench_latency
+
+    def small(vl_model, **kw):
+        seen.update(kw)
+        kw.update(iters=1, views=(1,), heads=("regression", "flow"), image_size=56)
+        return real(vl_model, **kw)
+
+    monkeypatch.setattr(latency, "bench_latency", small)
+    argv = ["bench", "latency", "--vl-model", str(tiny_vl_dir), "--steps", "6", "3", "--threads", "1"]
+    assert cli.main([*argv, "--no-vl-dominant"]) == 0
+    out = capsys.readouterr().out
+    assert seen["steps"] == (6, 3) and seen["threads"] == (1,) and seen["config"] == "tiny"
+    assert out.startswith("torch threads:")
+    assert "| flow | 1 | fast_slow | 3 | 1 | tiny |" in out and "| goal | measured | target | |" in out

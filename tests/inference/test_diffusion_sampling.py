@@ -46,9 +46,13 @@ def reference_sample(head, steps, seed=0):
 
 
 def test_results_equal_the_original_algorithm_for_a_fixed_seed():
+    """Equal to float rounding: sampling reuses the per-call conditioning (models/heads/base.py). An untrained
+    denoiser's DDIM samples reach ~1e3 (x0 = (x - sqrt(1 - a) eps) / sqrt(a) with a ~ 1e-4 at t = T - 1), so the
+    tolerance is 1e-6 of the sample's scale."""
     head = make_head()
     for steps in (10, 4):
-        assert torch.equal(sample(head, steps), reference_sample(head, steps))
+        got, want = sample(head, steps), reference_sample(head, steps)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), steps
 
 
 def test_a_sampling_call_inside_another_does_not_change_it():
@@ -66,7 +70,7 @@ def test_a_sampling_call_inside_another_does_not_change_it():
             nested.append(sample(head, 3, c=cond()))
         return output
 
-    handle = head.denoiser.register_forward_hook(hook)
+    handle = head.denoiser.out.register_forward_hook(hook)  # the output layer runs once per denoising step
     try:
         outer = sample(head, 10)
     finally:

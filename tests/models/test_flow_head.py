@@ -78,6 +78,7 @@ def test_sampling_runs_from_noise_at_t1_to_data_at_t0():
         return (x - a) / tt
 
     fh.velocity.forward = exact
+    fh.velocity.uses_step_path = lambda: False  # the per-step forward (the step path equals it: test_heads_cached.py)
     out = fh.sample(*cond(1), generator=torch.Generator().manual_seed(0), num_steps=5)
     assert times == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     torch.testing.assert_close(out, a, atol=1e-5, rtol=1e-5)
@@ -93,3 +94,34 @@ def test_loss_noise_follows_the_generator_and_leaves_the_global_rng():
     assert torch.equal(a, b)
     assert not torch.equal(a, fh.loss(*args, generator=torch.Generator().manual_seed(6)))
     assert math.isfinite(float(a.detach().mean()))
+
+
+def test_noise_scale_scales_the_initial_noise_and_zero_is_deterministic():
+    """noise_scale multiplies the starting noise: 0 starts every sample at the centre (the same chunk for any
+    seed), 1 keeps the learned distribution's spread, and samples in between lie between them."""
+    starts = []
+    fh = head()
+    fh.velocity.forward = lambda x, t, c, m: (starts.append(x.clone()) if float(t[0]) == TIME_SCALE else None) or 0 * x
+    fh.velocity.uses_step_path = lambda: False
+    outs = {}
+    for scale in (0.0, 0.5, 1.0):
+        fh.cfg.noise_scale = scale
+        outs[scale] = [fh.sample(*cond(2), generator=torch.Generator().manual_seed(s), num_steps=3) for s in (0, 1)]
+    assert torch.equal(outs[0.0][0], outs[0.0][1]) and not outs[0.0][0].any()
+    assert not torch.equal(outs[1.0][0], outs[1.0][1])
+    torch.testing.assert_close(outs[0.5][0], 0.5 * outs[1.0][0])  # the same seed, half the spread
+    assert len(starts) == 6
+
+
+def test_noise_scale_is_validated():
+    from sensorvla.config import ConfigError, SensorVLAConfig
+
+    cfg = SensorVLAConfig()
+    cfg.model.head.noise_scale = 0.5
+    with pytest.raises(ConfigError, match="flow head only"):
+        cfg.validate()  # the default regression head
+    cfg.model.head.type = "flow"
+    cfg.validate()
+    cfg.model.head.noise_scale = 1.5
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        cfg.validate()

@@ -5,17 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def bench_latency(vl_model: Path | None = None, iters: int = 30) -> int:
-    """Runner latency per stage (p50/p99): heads x full/fast-slow x 1/3 views, on the tiny model."""
-    import tempfile
+def bench_latency(
+    vl_model: Path | None = None,
+    iters: int = 30,
+    steps: tuple[int, int] = (10, 5),
+    threads: tuple[int, ...] = (),
+    vl_dominant: bool = True,
+    compile: bool = False,  # noqa: A002 (--runtime.compile)
+) -> int:
+    """Runner latency per stage (p50/p99), the head alone (--steps: DDIM steps, flow steps) and the fast-slow
+    loop rate: every head x full/fast-slow x 1/3 views on the tiny model (or --vl-model), plus the VL-dominant
+    config; --threads 1 2 measures thread counts side by side; prints the goals met / missed."""
+    from sensorvla.eval.latency import describe_threads, format_table
+    from sensorvla.world.latency import run_suite
 
-    from sensorvla.eval.latency import bench_latency as run
-    from sensorvla.eval.latency import format_table
-    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
-
-    if vl_model is None:
-        vl_model = build_tiny_qwen_vl(Path(tempfile.mkdtemp()) / "tiny")
-    print(format_table(run(vl_model, iters=iters)))
+    print(describe_threads())
+    rows = run_suite(
+        vl_model, iters=iters, steps=steps, threads=threads or None, vl_dominant=vl_dominant, compile=compile
+    )
+    print(format_table(rows, with_targets=True))
     return 0
 
 

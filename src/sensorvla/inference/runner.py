@@ -58,6 +58,8 @@ class PolicyRunner:
         limits: work bounds per request (`RequestLimits()` by default).
         max_gap_s: sensor gap tolerance; None = the dataset's rule used in training (`default_max_gap_s`).
         clock: monotonic clock in seconds for the VL feature age (injectable for tests).
+        compile_model: `torch.compile` the sensor encoder and head (`runtime.compile_policy`); None = the
+            config's `--runtime.compile`.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class PolicyRunner:
         limits: RequestLimits | None = None,
         max_gap_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        compile_model: bool | None = None,
     ):
         from sensorvla.models.processor import SampleTransform
 
@@ -99,6 +102,12 @@ class PolicyRunner:
         self.checker = RequestChecker(cfg, normalizer, processor, self.limits)
         self.vl_calls = 0  # VL encodes over all sessions
         self._count_lock = threading.Lock()
+        # (VLFeatures, VL mask, fused VL projection) of the last head step; replaced as a whole (thread-safe)
+        self._vl_projected: tuple[Any, torch.Tensor, torch.Tensor] | None = None
+        if compile_model if compile_model is not None else getattr(getattr(cfg, "runtime", None), "compile", False):
+            from sensorvla.runtime import compile_policy
+
+            compile_policy(self.policy, training=False)
         self._session = RunnerSession(self)
 
     # --- construction ------------------------------------------------------------------------------
@@ -266,7 +275,14 @@ class PolicyRunner:
         )
         t1 = time.perf_counter()
         with torch.inference_mode(), autocast:
-            vl, vl_mask = pol.backbone.project(*vl_feats)
+            # the VL tokens' projections depend on the VL features only: reused with them (fast-slow mode)
+            cached = self._vl_projected
+            if cached is not None and cached[0] is vl_feats:
+                vl_mask, v_proj = cached[1], cached[2]
+            else:
+                vl, vl_mask = pol.backbone.project(*vl_feats)
+                v_proj = pol.fusion.project_vl(vl.float())
+                self._vl_projected = (vl_feats, vl_mask, v_proj)
             self.sync()
             t2 = time.perf_counter()
             s_tok = s_mask = None
@@ -277,7 +293,9 @@ class PolicyRunner:
             self.sync()
             t3 = time.perf_counter()
             state = batch.get("state") if self.cfg.model.state_dim else None
-            cond, cond_mask = pol.fusion(vl.float(), vl_mask, s_tok, s_mask, None if state is None else state.float())
+            cond, cond_mask = pol.fusion(
+                None, vl_mask, s_tok, s_mask, None if state is None else state.float(), vl_projected=v_proj
+            )
             gen = None
             if self.generator_seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)

@@ -39,9 +39,17 @@ class Fusion(nn.Module):
         """Strategy hook: (projected VL, projected sensor) -> (vl tokens, sensor tokens)."""
         return vl, s
 
-    def forward(self, vl, vl_mask, sensor_tok=None, sensor_mask=None, state=None):
-        """vl (B, N_vl, D_vl), sensor_tok (B, N_s, D_s) | None, state (B, D_st) | None -> (B, N_c, D), (B, N_c)."""
-        v = self.vl_proj(vl) + self.type_emb[0]
+    def project_vl(self, vl: torch.Tensor) -> torch.Tensor:
+        """VL tokens (B, N_vl, D_vl) -> (B, N_vl, D): the projection + type embedding (per token, no mixing)."""
+        return self.vl_proj(vl) + self.type_emb[0]
+
+    def forward(self, vl, vl_mask, sensor_tok=None, sensor_mask=None, state=None, *, vl_projected=None):
+        """vl (B, N_vl, D_vl), sensor_tok (B, N_s, D_s) | None, state (B, D_st) | None -> (B, N_c, D), (B, N_c).
+
+        `vl_projected`: `project_vl(vl)` computed earlier (fast-slow inference reuses it while the VL features
+        are reused); `vl` is then not read.
+        """
+        v = self.project_vl(vl) if vl_projected is None else vl_projected
         parts, masks = [], []
         if self.sensor_proj is not None and sensor_tok is not None:
             s = self.sensor_proj(sensor_tok) + self.type_emb[1]

@@ -136,7 +136,7 @@ class VLAPolicy(nn.Module):
                     metrics[f"loss_{name}"] = float(per_sample[sel].mean())
         return loss, metrics
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_chunk(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference seam: batch without actions -> normalized action chunk (B, H, D_a)."""
         cond, cond_mask = self.condition(batch)

@@ -9,9 +9,28 @@ sensor data get a learned "missing" token sequence instead — never an encoding
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sensorvla.config import SensorConfig
+
+UNFOLD_MAX_ROWS = 64  # inference batches up to this many profiles (B * T_s) use `conv1d_unfold`
+
+
+def conv1d_unfold(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """`conv(x)` for (N, C_in, L) as one matmul over unfolded windows -> (N, C_out, L_out).
+
+    Same function as the Conv1d (equal to float rounding; tests/models/test_sensor_fast.py); on CPU it is
+    cheaper than the oneDNN kernel for the few short profiles of an inference call, slower for training
+    batches, so only small no-grad calls use it.
+    """
+    (k,), (stride,), (pad,) = conv.kernel_size, conv.stride, conv.padding
+    windows = F.pad(x, (pad, pad)).unfold(2, k, stride)  # (N, C_in, L_out, k)
+    n, c, length, _ = windows.shape
+    out = windows.permute(0, 2, 1, 3).reshape(n * length, c * k) @ conv.weight.view(conv.out_channels, -1).t()
+    if conv.bias is not None:
+        out = out + conv.bias
+    return out.view(n, length, -1).transpose(1, 2)
 
 
 class AScanEncoder(nn.Module):
@@ -31,9 +50,15 @@ class AScanEncoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.proj = nn.Linear(channels * 2, out_dim)
 
+    # eager under --runtime.compile: inductor's CPU backward of this conv stack gave NaN conv gradients
+    # (torch 2.13, tests/models/test_heads_compile.py); its cost is small next to the Transformer layers
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A-scan profiles (N, L) -> features (N, out_dim)."""
-        h = self.conv(x.unsqueeze(1))  # (N, ch, L')
+        h = x.unsqueeze(1)
+        small = not torch.is_grad_enabled() and h.shape[0] <= UNFOLD_MAX_ROWS
+        for layer in self.conv:  # (N, ch, L')
+            h = conv1d_unfold(h, layer) if small and isinstance(layer, nn.Conv1d) else layer(h)
         # mean keeps the overall level, max keeps where a reflection peak is
         return self.proj(torch.cat([h.mean(-1), h.amax(-1)], dim=-1))
 
@@ -73,11 +98,12 @@ class SensorEncoder(nn.Module):
     def forward(self, sensor: torch.Tensor, sensor_mask: torch.Tensor, has_sensor: torch.Tensor):
         """sensor (B, T_s, C_s), sensor_mask bool (B, T_s), has_sensor bool (B,) -> (B, N_s, D), mask (B, N_s)."""
         b, t, c = sensor.shape
-        h = sensor.new_zeros(b, t, self.out_dim)
+        h = None  # the paths' sum, in the original order (no zero tensor to start from: 0 + x == x)
         if self.force_proj is not None:
-            h = h + self.force_proj(sensor[..., : self.force_channels])
+            h = self.force_proj(sensor[..., : self.force_channels])
         if self.ascan is not None:
-            h = h + self.ascan(sensor[..., self.force_channels :].reshape(b * t, -1)).reshape(b, t, -1)
+            a = self.ascan(sensor[..., self.force_channels :].reshape(b * t, -1)).reshape(b, t, -1)
+            h = a if h is None else h + a
         h = self.in_norm(h + self.time_pos[:, :t])
         valid = sensor_mask.bool() & has_sensor.bool()[:, None]
         present = valid.any(dim=1)  # samples with at least one measured grid point
@@ -90,6 +116,8 @@ class SensorEncoder(nn.Module):
         q = self.queries.expand(b, -1, -1)
         tokens, _ = self.pool(q, h, h, key_padding_mask=kpm, need_weights=False)
         tokens = self.out_norm(tokens + q)
-        missing = self.missing_tokens.expand(b, -1, -1)
-        tokens = torch.where(present[:, None, None], tokens, missing)
+        # samples without data get the learned tokens; at inference with every sample measured the select is a
+        # no-op and is skipped (training keeps it, so `missing_tokens` is always in the graph: DDP needs that)
+        if kpm is not None or torch.is_grad_enabled() or tokens.device.type == "meta":
+            tokens = torch.where(present[:, None, None], tokens, self.missing_tokens.expand(b, -1, -1))
         return tokens, torch.ones(b, tokens.shape[1], dtype=torch.bool, device=tokens.device)

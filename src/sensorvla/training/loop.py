@@ -367,6 +367,10 @@ def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> 
 
 def _optimization(cfg: SensorVLAConfig, policy: torch.nn.Module, info):
     """(the wrapped model, the named param groups, AdamW, the warmup-cosine schedule)."""
+    if cfg.runtime.compile:  # --runtime.compile: sensor encoder + head, in place (parameter names unchanged)
+        from sensorvla.runtime import compile_policy
+
+        compile_policy(policy, training=True)
     model = wrap_model(policy, info, cfg.train.strategy)  # before the optimizer: FSDP2 makes DTensors
     groups = build_param_groups(policy, cfg.train)
     check_stage_groups(cfg, [g["name"] for g in groups])

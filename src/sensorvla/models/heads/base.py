@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sensorvla.config import HeadConfig
@@ -62,9 +64,49 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class DenoiserCondition(NamedTuple):
+    """A sampling call's conditioning, computed once and reused at every denoising step.
+
+    keys / values: per decoder layer, the cross-attention keys and values of `cond_proj(cond)`
+    (B, heads, N_c, d_head); attn_mask: (B, 1, 1, N_c) bool, True = attend, None when every token is valid.
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    attn_mask: torch.Tensor | None
+
+
+class StepEmbedding(NamedTuple):
+    """One denoising step's timestep terms: temb (1, 1, D) and, per layer, its value shift (1, heads, 1, d_head)."""
+
+    temb: torch.Tensor
+    value_shift: tuple[torch.Tensor, ...]
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, D) -> (B, heads, L, D / heads)."""
+    b, length, d = x.shape
+    return x.view(b, length, heads, d // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d_head) -> (B, L, heads * d_head)."""
+    b, heads, length, dh = x.shape
+    return x.transpose(1, 2).reshape(b, length, heads * dh)
+
+
 class ChunkDenoiser(nn.Module):
     """Noisy chunk (B, H, D_a) + timestep + cond -> (B, H, D_a): horizon position embeddings, timestep
-    MLP added to every step, and a pre-norm Transformer decoder that cross-attends to the condition."""
+    MLP added to every step, and a pre-norm Transformer decoder that cross-attends to the condition.
+
+    `forward` is the training path (one call per step, through `nn.TransformerDecoder`). Sampling uses
+    `condition` + `step_embeddings` once per call and `step` per denoising step, which computes the same
+    function with the per-call work hoisted out of the loop: the memory is `cond_proj(cond) + temb`, so its
+    cross-attention keys and values split into a per-call part (`condition`) and a per-step term. The key
+    term `W_k temb` shifts every key's logit by the same amount, which softmax ignores; the value term
+    `W_v temb` adds the same vector to every value, so it passes through the attention unchanged
+    (weights sum to 1) and is added after it. Equality with `forward`: tests/models/test_heads_cached.py.
+    """
 
     def __init__(self, cfg: HeadConfig, cond_dim: int):
         super().__init__()
@@ -87,3 +129,48 @@ class ChunkDenoiser(nn.Module):
         memory = self.cond_proj(cond) + temb
         h = self.decoder(h, memory, memory_key_padding_mask=~cond_mask.bool())
         return self.out(h)
+
+    def condition(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> DenoiserCondition:
+        """cond (B, N_c, D_c), cond_mask (B, N_c) -> the per-call cross-attention keys / values and mask."""
+        memory = self.cond_proj(cond)
+        keys, values = [], []
+        for layer in self.decoder.layers:
+            attn = layer.multihead_attn
+            d = attn.embed_dim
+            k, v = F.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).chunk(2, dim=-1)
+            keys.append(_split_heads(k, attn.num_heads))
+            values.append(_split_heads(v, attn.num_heads))
+        mask = cond_mask.bool()
+        attn_mask = None if mask.device.type != "meta" and bool(mask.all()) else mask[:, None, None, :]
+        return DenoiserCondition(tuple(keys), tuple(values), attn_mask)
+
+    def step_embeddings(self, t: torch.Tensor) -> list[StepEmbedding]:
+        """(S,) timesteps of a sampling call (shared by the batch) -> one `StepEmbedding` per step."""
+        temb = self.t_mlp(timestep_embedding(t, self.dim))  # (S, D)
+        shifts = []
+        for layer in self.decoder.layers:
+            attn = layer.multihead_attn
+            d, heads = attn.embed_dim, attn.num_heads
+            shifts.append(F.linear(temb, attn.in_proj_weight[2 * d :]).view(len(t), 1, heads, 1, d // heads))
+        return [StepEmbedding(temb[i].view(1, 1, -1), tuple(s[i] for s in shifts)) for i in range(len(t))]
+
+    def step(self, x: torch.Tensor, emb: StepEmbedding, ctx: DenoiserCondition) -> torch.Tensor:
+        """One sampling step (eval semantics: no dropout): x (B, H, D_a) -> (B, H, D_a), equal to `forward`."""
+        h = self.in_proj(x) + self.pos + emb.temb
+        for layer, k, v, shift in zip(self.decoder.layers, ctx.keys, ctx.values, emb.value_shift, strict=True):
+            sa, ca = layer.self_attn, layer.multihead_attn
+            heads, d = sa.num_heads, sa.embed_dim
+            q, k_s, v_s = F.linear(layer.norm1(h), sa.in_proj_weight, sa.in_proj_bias).chunk(3, dim=-1)
+            a = F.scaled_dot_product_attention(
+                _split_heads(q, heads), _split_heads(k_s, heads), _split_heads(v_s, heads)
+            )
+            h = h + sa.out_proj(_merge_heads(a))
+            q = F.linear(layer.norm2(h), ca.in_proj_weight[:d], ca.in_proj_bias[:d])
+            a = F.scaled_dot_product_attention(_split_heads(q, ca.num_heads), k, v, attn_mask=ctx.attn_mask)
+            h = h + ca.out_proj(_merge_heads(a + shift))
+            h = h + layer.linear2(layer.activation(layer.linear1(layer.norm3(h))))
+        return self.out(h)
+
+    def uses_step_path(self) -> bool:
+        """Whether sampling may use `step` (eval semantics): not while dropout is active."""
+        return not (self.training and any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout)))

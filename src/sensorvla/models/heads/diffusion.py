@@ -4,12 +4,21 @@ schedulers from diffusers. `--diffusion_timesteps` (default 100) and DDIM steps 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from sensorvla.config import HeadConfig
 from sensorvla.models.heads.base import ActionHead, ChunkDenoiser, masked_mean
+
+
+class DDIMSchedule(NamedTuple):
+    """DDIM sampling constants for one step count: timesteps (S,) long, alpha_prod / alpha_prod_prev (S,)."""
+
+    timesteps: torch.Tensor
+    alpha_prod: torch.Tensor
+    alpha_prod_prev: torch.Tensor
 
 
 class DiffusionHead(ActionHead):
@@ -29,6 +38,7 @@ class DiffusionHead(ActionHead):
         self.train_scheduler = DDPMScheduler(**common)
         # "trailing" spacing starts sampling at t = T - 1 (the original started at t = 90 of 100)
         self.sample_scheduler = DDIMScheduler(**common, timestep_spacing="trailing", set_alpha_to_one=True)
+        self._ddim_schedules: dict[int, DDIMSchedule] = {}
 
     def loss(self, cond, cond_mask, actions, action_mask, generator=None):
         """Per-sample noise-prediction loss (B,) at random timesteps, masked over the horizon."""
@@ -41,6 +51,27 @@ class DiffusionHead(ActionHead):
         pred = self.denoiser(noisy, t, cond, cond_mask)
         return masked_mean(F.mse_loss(pred, noise, reduction="none"), action_mask)
 
+    def ddim_schedule(self, num_steps: int) -> DDIMSchedule:
+        """The DDIM (eta = 0) timesteps and coefficients for `num_steps`, computed once per step count.
+
+        `set_timesteps` mutates a scheduler, so it runs on a private copy: concurrent sampling calls (two
+        runners, background threads) never share schedule state; the cached result is immutable.
+        """
+        cached = self._ddim_schedules.get(num_steps)
+        if cached is not None:
+            return cached
+        sched = copy.deepcopy(self.sample_scheduler)
+        sched.set_timesteps(num_steps)
+        timesteps = sched.timesteps.clone()
+        alphas, prevs = [], []
+        for t in timesteps.tolist():  # DDIMScheduler.step's prev_timestep and alpha_prod_t(_prev)
+            prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
+            alphas.append(sched.alphas_cumprod[t])
+            prevs.append(sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod)
+        schedule = DDIMSchedule(timesteps, torch.stack(alphas), torch.stack(prevs))
+        self._ddim_schedules[num_steps] = schedule
+        return schedule
+
     @torch.no_grad()
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
         """DDIM sampling from noise: cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
@@ -48,11 +79,17 @@ class DiffusionHead(ActionHead):
         shape = (b, self.horizon, self.action_dim)
         x = torch.randn(shape, generator=generator, device=generator.device if generator else cond.device)
         x = x.to(cond.device, cond.dtype)
-        # set_timesteps mutates the scheduler (timesteps, num_inference_steps that step() reads): a per-call
-        # copy keeps concurrent sampling calls (two runners, background threads) from racing on it
-        sched = copy.deepcopy(self.sample_scheduler)
-        sched.set_timesteps(num_steps or self.cfg.num_inference_steps, device=cond.device)
-        for t in sched.timesteps:
-            eps = self.denoiser(x, t.expand(b).to(cond.device), cond, cond_mask)
-            x = sched.step(eps, t, x, eta=0.0).prev_sample
+        schedule = self.ddim_schedule(num_steps or self.cfg.num_inference_steps)
+        timesteps = schedule.timesteps.to(cond.device)
+        if not self.denoiser.uses_step_path():  # dropout active: the training forward at every step
+            step = [lambda x, i: self.denoiser(x, timesteps[i].expand(b), cond, cond_mask)] * len(timesteps)
+        else:  # conditioning once per call (docs in ChunkDenoiser)
+            ctx = self.denoiser.condition(cond, cond_mask)
+            embs = self.denoiser.step_embeddings(timesteps)
+            step = [lambda x, i: self.denoiser.step(x, embs[i], ctx)] * len(timesteps)
+        for i, (a_t, a_prev) in enumerate(zip(schedule.alpha_prod.tolist(), schedule.alpha_prod_prev.tolist())):
+            eps = step[i](x, i)
+            # DDIMScheduler.step with eta = 0 and epsilon prediction, on precomputed scalars
+            x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+            x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
         return x

@@ -5,6 +5,10 @@ timesteps; openpi's code writes that with t = 1 as noise):
     x_t = t * noise + (1 - t) * actions,   target velocity u = noise - actions,
     t = 0.001 + 0.999 * s,  s ~ Beta(1.5, 1)  (density ~ sqrt(s): the emphasis is at the NOISY end, t -> 1).
 Sampling integrates dx/dt = v(x_t, t) from t = 1 (noise) to t = 0 with Euler steps of dt = -1/steps.
+`--model.head.noise-scale` (default 1) scales the initial noise: below 1 the samples move towards the
+mode of the learned distribution (a sampling temperature; 0 integrates the ODE from its centre). Where
+demonstrations are unimodal and precision matters more than diversity, a low value helps; see
+docs/decisions.md ("Flow head").
 Beta(1.5, 1) has the CDF s^1.5, so s = U^(2/3) with U ~ Uniform(0, 1): an explicit `torch.Generator`
 can draw it (validation uses its own generator). See docs/decisions.md ("Flow head").
 """
@@ -52,13 +56,21 @@ class FlowHead(ActionHead):
         """Euler integration from noise: cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
         b = cond.shape[0]
         steps = num_steps or self.cfg.num_inference_steps
-        x = torch.randn(
-            (b, self.horizon, self.action_dim),
-            generator=generator,
-            device=generator.device if generator else cond.device,
-        ).to(cond.device, cond.dtype)
+        x = (
+            torch.randn(
+                (b, self.horizon, self.action_dim),
+                generator=generator,
+                device=generator.device if generator else cond.device,
+            ).to(cond.device, cond.dtype)
+            * self.cfg.noise_scale
+        )
         dt = -1.0 / steps
-        for i in range(steps):
-            t = torch.full((b,), 1.0 + i * dt, device=cond.device)
-            x = x + dt * self.velocity(x, t * TIME_SCALE, cond, cond_mask)
+        times = torch.tensor([1.0 + i * dt for i in range(steps)], device=cond.device) * TIME_SCALE
+        if not self.velocity.uses_step_path():  # dropout active: the training forward at every step
+            for i in range(steps):
+                x = x + dt * self.velocity(x, times[i].expand(b), cond, cond_mask)
+            return x
+        ctx = self.velocity.condition(cond, cond_mask)  # conditioning once per call (docs in ChunkDenoiser)
+        for emb in self.velocity.step_embeddings(times):
+            x = x + dt * self.velocity.step(x, emb, ctx)
         return x

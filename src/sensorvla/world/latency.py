@@ -1,0 +1,38 @@
+"""The latency goals' configurations on the embedded tiny backbones (`sensorvla bench latency`, benchmarks/run.py).
+
+`eval/latency.py` measures a given backbone; this builds the tiny model and the VL-dominant one to measure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sensorvla.eval.latency import DEFAULT_STEPS, VL_DOMINANT, bench_latency
+from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
+
+
+def run_suite(
+    vl_model: str | Path | None = None,
+    *,
+    iters: int = 30,
+    steps: tuple[int, int] = DEFAULT_STEPS,
+    threads: Iterable[int] | None = None,
+    vl_dominant: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    compile: bool = False,  # noqa: A002
+) -> list[dict[str, Any]]:
+    """The goals' configurations side by side: the tiny model (or `vl_model`; every head, 1 and 3 views, full
+    and fast-slow) and the VL-dominant config (every head, 1 view). Tiny backbones are built in a temp dir."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="bench_latency_"))
+    tiny = vl_model or build_tiny_qwen_vl(root / "tiny")
+    kw = dict(iters=iters, steps=steps, threads=threads, device=device, progress=progress, compile=compile)
+    rows = bench_latency(tiny, config="tiny", **kw)
+    if vl_dominant:
+        wide = build_tiny_qwen_vl(root / "vl_dominant", min_pixels=224 * 224, max_pixels=224 * 224, **VL_DOMINANT)
+        rows += bench_latency(wide, config="vl_dominant", views=(1,), **kw)
+    return rows

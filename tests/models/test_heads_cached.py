@@ -1,0 +1,95 @@
+"""Sampling heads compute the conditioning once per call and reuse it at every denoising step: the step path
+equals the per-step training forward (same seed, atol 1e-6), with and without padded condition tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from sensorvla.config import HeadConfig
+from sensorvla.models.heads import build_head
+from sensorvla.models.heads.flow import TIME_SCALE
+
+B, N_C, COND_DIM = 3, 11, 24
+
+
+def make(kind: str, steps: int, **kw):
+    torch.manual_seed(0)
+    cfg = HeadConfig(type=kind, horizon=6, action_dim=4, hidden_dim=32, num_heads=4, num_inference_steps=steps, **kw)
+    return build_head(cfg, COND_DIM).eval()
+
+
+def cond(padded: bool):
+    g = torch.Generator().manual_seed(1)
+    c, m = torch.randn(B, N_C, COND_DIM, generator=g), torch.ones(B, N_C, dtype=torch.bool)
+    if padded:
+        m[1, 4:] = False  # a shorter sample: padded tokens must not matter
+        c[1, 4:] = 1e4  # ...even with huge values
+    return c, m
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_denoiser_step_equals_forward(padded):
+    den = make("diffusion", 10).denoiser
+    c, m = cond(padded)
+    x = torch.randn(B, 6, 4, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([99, 57, 3])
+    with torch.no_grad():
+        ctx = den.condition(c, m)
+        assert (ctx.attn_mask is None) == (not padded)
+        for ti in t:
+            (emb,) = den.step_embeddings(ti.view(1))
+            torch.testing.assert_close(den.step(x, emb, ctx), den(x, ti.expand(B), c, m), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_flow_sampling_equals_the_per_step_forward(padded):
+    head = make("flow", 5)
+    c, m = cond(padded)
+    got = head.sample(c, m, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(B, 6, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in range(5):  # the original loop: the full forward at every step
+            t = torch.full((B,), 1.0 - i / 5)
+            x = x + (-1 / 5) * head.velocity(x, t * TIME_SCALE, c, m)
+    torch.testing.assert_close(got, x, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [10, 3])
+def test_ddim_sampling_equals_diffusers_with_the_per_step_forward(steps):
+    """The original loop (a DDIM scheduler's step() over the full forward). DDIM divides by sqrt(alpha_bar) ~ 1e-2
+    at t = T - 1, so an untrained denoiser's samples reach ~1e3: the tolerance is 1e-6 of the sample's scale."""
+    head = make("diffusion", steps)
+    c, m = cond(True)
+    got = head.sample(c, m, generator=torch.Generator().manual_seed(0))
+    sched = DDIMScheduler.from_config(head.sample_scheduler.config)
+    sched.set_timesteps(steps)
+    x = torch.randn(B, 6, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(head.denoiser(x, t.expand(B), c, m), t, x, eta=0.0).prev_sample
+    assert (got - x).abs().max() <= 1e-6 * x.abs().max()
+    sch = head.ddim_schedule(steps)
+    assert torch.equal(sch.timesteps, sched.timesteps)  # the cached schedule is diffusers' own
+
+
+def test_conditioning_is_computed_once_per_call():
+    head = make("diffusion", 10)
+    calls = []
+    head.denoiser.cond_proj.register_forward_hook(lambda *a: calls.append(1))
+    head.sample(*cond(False), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1  # the per-step forward projected the condition 10 times
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "flow"])
+def test_active_dropout_samples_through_the_training_forward(kind):
+    """In train mode with dropout the step path (eval semantics) would change the result: the forward runs."""
+    head = make(kind, 4, dropout=0.5).train()
+    den = head.denoiser if kind == "diffusion" else head.velocity
+    assert not den.uses_step_path() and den.eval().uses_step_path()
+    den.train()
+    calls = []
+    den.register_forward_hook(lambda *a: calls.append(1))
+    head.sample(*cond(False), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 4
