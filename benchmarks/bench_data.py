@@ -70,15 +70,28 @@ def _train_rate(cfg, batches, steps: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def loader_vs_train(root: Path, num_workers=(0, 2), batch_size: int = 16, steps: int = 20) -> dict:
+def loader_vs_train(
+    root: Path, num_workers=(0, 2), batch_size: int = 16, steps: int = 20, image_size: int = 64, at_size: bool = False
+) -> dict:
+    """The loader (0 and 2 workers) against a training step's consumption. `at_size`: the processor's pixels
+    equal the views' (min = max = image_size^2, as the demo configures it), so the processor does not resize
+    and `process_sample` takes its direct path; otherwise the default pixel range (64^2 views are resized)."""
     from sensorvla.models.backbone import pad_token_id
     from sensorvla.training.data_setup import ShardedEpochSampler, make_loader, raw_dataset
 
-    vl, data, cfg = _setup(root, 64, 24)
+    vl, data, cfg = _setup(root, image_size, 24)
+    if at_size:
+        cfg.model.backbone.min_pixels = cfg.model.backbone.max_pixels = image_size * image_size
     cfg.train.batch_size = batch_size
     tf, proc = _transform(cfg, data)
     ds = raw_dataset(cfg, "train")
-    result: dict = {"batch_size": batch_size, "image_size": 64, "views": len(ds.views), "storage": "video (h264)"}
+    result: dict = {
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "views": len(ds.views),
+        "storage": "video (h264)",
+    }
+    result["processor_pixels"] = "the views' own (direct path)" if at_size else "default range (views resized)"
     n = min(len(ds), steps * batch_size)
     t0 = time.perf_counter()
     for i in range(n):  # the data layer alone: decode + alignment + windows, before the policy's processor
@@ -184,6 +197,7 @@ def run(root: str | None = None) -> dict:
     base = Path(root or tempfile.mkdtemp(prefix="bench_data_"))
     return {
         "loader_vs_train": loader_vs_train(base / "loader"),
+        "loader_vs_train_at_processor_size": loader_vs_train(base / "loader112", image_size=112, at_size=True),
         "decode_vs_consumption": decode_vs_consumption(base / "decode"),
         "storage": storage(base / "storage"),
     }
