@@ -9,7 +9,7 @@ import torch
 
 from sensorvla.models import backbone
 from sensorvla.models.backbone import load_processor, process_sample, render_prompt
-from sensorvla.models.tiny_qwen import FAMILIES, build_tiny_qwen_vl
+from sensorvla.world.tiny_qwen import FAMILIES, build_tiny_qwen_vl
 
 TEMPLATE = "{instruction}"
 
