@@ -205,6 +205,20 @@ def evaluate(
     return metrics
 
 
+def _ablation_table(title: str, label: str, base: float, rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: a heading and one row per ablation mode against the normal L1 `base`."""
+    lines = [
+        f"## {title}",
+        "",
+        "| input | L1 | ΔL1 vs normal | Δ% |",
+        "|---|---|---|---|",
+        f"| normal | {base:.4g} | 0 | 0 |",
+    ]
+    for mode, a in rows.items():
+        lines.append(f"| {label} {mode} | {a['l1']:.4g} | {a['delta_l1']:+.4g} | {a['delta_pct']:+.1f}% |")
+    return lines + [""]
+
+
 def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
     """report.md and report.html with the headline numbers and the figures."""
     names = metrics["action_names"]
@@ -230,27 +244,13 @@ def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
         "",
     ]
     if metrics["ablation"]:
-        lines += [
-            "## Sensor ablation (samples with sensor data)",
-            "",
-            "| input | L1 | ΔL1 vs normal | Δ% |",
-            "|---|---|---|---|",
-            f"| normal | {metrics['with_sensor']['l1']:.4g} | 0 | 0 |",
-        ]
-        for mode, a in metrics["ablation"].items():
-            lines.append(f"| sensor {mode} | {a['l1']:.4g} | {a['delta_l1']:+.4g} | {a['delta_pct']:+.1f}% |")
-        lines += ["", "A positive delta means the policy relies on the sensor.", ""]
+        lines += _ablation_table(
+            "Sensor ablation (samples with sensor data)", "sensor", metrics["with_sensor"]["l1"], metrics["ablation"]
+        )
+        lines += ["A positive delta means the policy relies on the sensor.", ""]
     if metrics.get("vision_ablation"):
-        lines += [
-            "## Vision ablation (every sample)",
-            "",
-            "| input | L1 | ΔL1 vs normal | Δ% |",
-            "|---|---|---|---|",
-            f"| normal | {metrics['l1']:.4g} | 0 | 0 |",
-        ]
-        for mode, a in metrics["vision_ablation"].items():
-            lines.append(f"| views {mode} | {a['l1']:.4g} | {a['delta_l1']:+.4g} | {a['delta_pct']:+.1f}% |")
-        lines += ["", "A positive delta means the policy relies on the cameras.", ""]
+        lines += _ablation_table("Vision ablation (every sample)", "views", metrics["l1"], metrics["vision_ablation"])
+        lines += ["A positive delta means the policy relies on the cameras.", ""]
     for title, fname in metrics["figures"].items():
         lines += [f"## {title.replace('_', ' ')}", "", f"![{title}]({fname})", ""]
     md = "\n".join(lines)
