@@ -16,9 +16,8 @@ from pathlib import Path
 
 
 def run(budgets: tuple[float, ...] = (60.0, 120.0, 240.0), episodes: int = 300, rollouts: int = 20) -> list[dict]:
-    from sensorvla.config import DataConfig
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.demo import DemoSettings, cnn_reference
+    from sensorvla.demo import DemoSettings, base_config, cnn_reference
     from sensorvla.runtime import configure_threads
     from sensorvla.training.data_setup import stats_path
     from sensorvla.world.synth import generate_dataset
@@ -28,9 +27,10 @@ def run(budgets: tuple[float, ...] = (60.0, 120.0, 240.0), episodes: int = 300, 
     s = DemoSettings(episodes=episodes)
     data = generate_dataset(root / "data", num_episodes=s.episodes, seed=0, image_size=s.image_size, progress=False)
     compute_stats(data).save(stats_path(data))
+    data_cfg = base_config(root, data, root, "regression", s).data  # the demo's data settings (window, grid)
     rows = []
     for budget in budgets:
-        r = cnn_reference(data, budget, rollouts, DataConfig(dataset_dir=str(data)))
+        r = cnn_reference(data, budget, rollouts, data_cfg)
         rows.append({"budget_s": budget, "threads": threads, **{k: v for k, v in r.items() if k != "training"},
                      "steps": r["training"]["steps"]})  # fmt: skip
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -151,7 +152,7 @@ def process_sample(processor, images: list[np.ndarray], instruction: str, templa
     resize it to (the usual case: the dataset's views at the configured pixels), the image processor's own
     rescale / normalize / patchify run directly and the tokenized prompt for that (prompt, grid) is reused,
     which skips the per-call kwargs validation and tokenization (about 10x cheaper for small views)."""
-    cache = _PROMPT_CACHE.setdefault(id(processor), {})
+    cache = _PROMPT_CACHE.setdefault(processor, {})
     prompt_key = (instruction, len(images), template)
     if prompt_key not in cache:
         cache[prompt_key] = render_prompt(processor, instruction, len(images), template)
@@ -170,8 +171,9 @@ def process_sample(processor, images: list[np.ndarray], instruction: str, templa
     return out
 
 
-# id(processor) -> {(instruction, views, template): prompt text, (prompt text, grids): token tensors}
-_PROMPT_CACHE: dict[int, dict[tuple, Any]] = {}
+# processor -> {(instruction, views, template): prompt text, (prompt text, grids): token tensors}; weak keys,
+# so a processor's entries go with it (an id() key could be reused by a later processor)
+_PROMPT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _full_process(processor, images: list[np.ndarray], text: str) -> dict[str, torch.Tensor]:
