@@ -58,7 +58,7 @@ def training_rows(vl: str, data: Path, root: Path, steps: int, device: str) -> l
 
     rows = []
 
-    def run(name: str, cfg, scenario_suffix: str) -> None:
+    def run(name: str, cfg, scenario_suffix: str, planner_models: bool = True) -> None:
         t0 = time.perf_counter()
         p = plan(cfg, device=device, gpus=(1,))
         sc = next(s for s in p.scenarios if s.name.endswith(scenario_suffix))
@@ -71,6 +71,9 @@ def training_rows(vl: str, data: Path, root: Path, steps: int, device: str) -> l
                 "peak_measured_gib": measured / 2**30,
                 "peak_planned_gib": sc.per_gpu["ddp"][1] / 2**30,
                 "planned_over_measured": sc.per_gpu["ddp"][1] / measured,
+                # the planner does not model torch.compile's own allocations (inductor workspaces, and on CPU the
+                # compiler's tensors during a recompile), so its ratio is reported but not a check of the planner
+                "planner_models": planner_models,
                 "wall_s": time.perf_counter() - t0,
             }
         )
@@ -97,7 +100,7 @@ def training_rows(vl: str, data: Path, root: Path, steps: int, device: str) -> l
         for on in (False, True):
             c = dataclasses.replace(cached, train=dataclasses.replace(cached.train, output_dir=str(root / f"c{on}")))
             c.runtime.compile = on
-            run(f"stage1 cached, compile {'on' if on else 'off'}", c, " cached")
+            run(f"stage1 cached, compile {'on' if on else 'off'}", c, " cached", planner_models=not on)
     s2 = _base_cfg(vl, data, root / "stage2_lora", steps, device)
     s2.train.stage = "stage2"
     s2.model.finetune.mode = "lora"
@@ -130,8 +133,10 @@ def markdown(meta: dict, train_rows: list[dict], lat_rows: list[dict]) -> str:
     for r in train_rows:
         out.append(
             f"| {r['run']} | {r['batch']} | {r['step_ms']:.1f} | {r['peak_measured_gib']:.2f} | "
-            f"{r['peak_planned_gib']:.2f} | {r['planned_over_measured']:.3f} |"
+            f"{r['peak_planned_gib']:.2f} | {r['planned_over_measured']:.3f}{'' if r['planner_models'] else ' *'} |"
         )
+    if any(not r["planner_models"] for r in train_rows):
+        out += ["", "\\* the planner does not model torch.compile's own allocations; this ratio is not a check."]
     out += ["", "| views | mode | compile | total p50 ms | total p99 ms | loop Hz |", "|---|---|---|---|---|---|"]
     for r in lat_rows:
         comp = "n/a" if r["compile"] is None else ("on" if r["compile"] else "off")

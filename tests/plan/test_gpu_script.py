@@ -37,7 +37,11 @@ def test_gpu_sh_dry_run_writes_json_and_table(tmp_path):
     runs = [r["run"] for r in data["training"]]
     assert runs[0] == "stage1 uncached" and "stage1 cached" in runs and runs[-1] == "stage2 LoRA"
     for r in data["training"]:
-        assert r["peak_measured_gib"] > 0 and 0.5 < r["planned_over_measured"] < 2, r
+        assert r["peak_measured_gib"] > 0, r
+        # compile-on rows carry the compiler's allocations (a recompile on CPU, e.g.), which the planner does not model
+        assert r["planner_models"] == ("compile on" not in r["run"]), r
+        if r["planner_models"]:
+            assert 0.5 < r["planned_over_measured"] < 2, r
     lat = {(r["views"], r["mode"]) for r in data["latency"]}
     assert lat == {(1, "full"), (1, "fast_slow"), (3, "full"), (3, "fast_slow")}
     table = (out / "gpu_bench.md").read_text()
