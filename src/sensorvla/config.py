@@ -250,6 +250,9 @@ class TrainConfig:
     mixed_precision: bool = True  # bf16 autocast where supported, fp32 master weights
     sensor_loss_weight: float = 2.0
     val_every_epochs: int = 1
+    # validate on at most this many samples of the val split, evenly spaced over its episodes (0 = all of it);
+    # the same subset every validation, so best-checkpoint and early-stopping decisions compare like with like
+    val_max_samples: int = 0
     patience: int = 5  # early stopping, in validations without improvement (0 = off)
     save_every_steps: int = 0  # 0 = only at validation / epoch end
     seed: int = 0
@@ -628,6 +631,7 @@ def validate(cfg: SensorVLAConfig) -> None:
         "--train.schedule-steps": t.schedule_steps,
         "--train.save-every-steps": t.save_every_steps,
         "--train.global-batch-size": t.global_batch_size,
+        "--train.val-max-samples": t.val_max_samples,
     }.items():
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0 (0 = off / automatic), got {value}")

@@ -17,6 +17,10 @@ import logging
 import time
 from pathlib import Path
 
+from sensorvla.presets import DemoSettings, apply_values
+
+__all__ = ["DemoSettings", "base_config", "run_demo"]
+
 logger = logging.getLogger("sensorvla.demo")
 
 # What `sensorvla demo` must reach (issue 9), checked and reported by the demo itself.
@@ -27,67 +31,15 @@ TARGETS = {
 }
 
 
-@dataclasses.dataclass
-class DemoSettings:
-    """The demo's recipe; `quick()` is the < 2 minute variant."""
-
-    episodes: int = 300
-    image_size: int = 112
-    patch_size: int = 7  # tiny vision tower: 112 px views -> 16 x 16 patches -> 8 x 8 merged tokens
-    pooling: str = "all"
-    grid_size: int = 4
-    feature_layer: int = 0  # the vision tower's output at the image positions (before the random LLM)
-    stage1_epochs: int = 7
-    stage2_steps: int = 40
-    stage2_lr: float = 1e-4
-    stage2_shift: float = 0.02  # stage-2 random shift; the cameras are fixed, so absolute position matters
-    batch_size: int = 16
-    lr: float = 1e-3
-    rollouts: int = 20
-    eval_samples: int = 192  # offline evaluation: the first N held-out samples (5 passes with the ablations)
-    baseline: bool = True
-    view_dropout: float = 0.0
-    sensor_dropout: float = 0.1
-    sensor_samples: int = 16  # T_s: grid points of the 0.1 s sensor window
-    encoder_dropout: float = 0.0  # dropout inside the sensor encoder (a third of its CPU time at 0.1)
-    flow_noise_scale: float = 0.0  # flow head: sample from the mode (the demos are unimodal; docs/decisions.md)
-
-    @classmethod
-    def quick(cls) -> DemoSettings:
-        """The < 2 min variant (`sensorvla demo --quick`): fewer episodes, epochs, steps, rollouts; no CNN."""
-        return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, eval_samples=64, baseline=False)
-
-
 def base_config(vl_dir: Path, data_dir: Path, out: Path, head: str, settings: DemoSettings | None = None):
-    """The demo's config for one stage (the caller sets the stage-specific fields)."""
+    """The demo's config for one stage (the caller sets the stage-specific fields): `settings.config_values`
+    (the `demo` preset's values for DemoSettings()) on the defaults, plus the paths and the head."""
     from sensorvla.config import SensorVLAConfig
 
-    s = settings or DemoSettings()
-    cfg = SensorVLAConfig()
+    cfg = apply_values(SensorVLAConfig(), (settings or DemoSettings()).config_values(head))
     cfg.model.backbone.vl_model = str(vl_dir)
-    cfg.model.backbone.pooling = s.pooling
-    cfg.model.backbone.grid_size = s.grid_size
-    cfg.model.backbone.min_pixels = cfg.model.backbone.max_pixels = s.image_size * s.image_size
-    cfg.model.head.type = head
-    cfg.model.head.loss = "mse"
-    if head == "flow":
-        cfg.model.head.noise_scale = s.flow_noise_scale
-    cfg.model.backbone.feature_layer = s.feature_layer
-    cfg.model.view_dropout = s.view_dropout
-    cfg.model.sensor_dropout = s.sensor_dropout
-    cfg.model.sensor.dropout = s.encoder_dropout
-    cfg.data.sensor_samples = s.sensor_samples
     cfg.data.dataset_dir = str(data_dir)
     cfg.train.output_dir = str(out)
-    cfg.train.batch_size = s.batch_size
-    cfg.train.grad_accum_steps = 1
-    cfg.train.lr = s.lr
-    cfg.train.sensor_lr = s.lr
-    cfg.train.vl_lr = 1e-4
-    cfg.train.vision_lr = 1e-4
-    cfg.train.warmup_ratio = 0.05
-    cfg.train.patience = 0
-    cfg.train.log_every_steps = 50
     return cfg
 
 
@@ -115,7 +67,7 @@ def smoke_heads(vl_dir: Path, data_dir: Path, settings: DemoSettings) -> None:
         loss, _ = policy(batch)
         loss.backward()
         grads = sum(int(p.grad is not None) for p in policy.parameters() if p.requires_grad)
-        print(f"[smoke] head={head:<10} loss={float(loss):.4f}  tensors with grad={grads}")
+        print(f"[smoke] head={head:<10} loss={loss.item():.4f}  tensors with grad={grads}")
         if head == "regression":
             print(group_table(policy, build_param_groups(policy, cfg.train)))
         del policy
@@ -301,6 +253,12 @@ def format_table(head: str, table: dict) -> str:
         "expert_sensor_blind": "scripted expert, no sensor",
         "expert_vision_blind": "scripted expert, no cameras",
     }
+    training = table.get("cnn_reference", {}).get("training") or {}
+    if "steps" in training and "wall_s" in training:
+        names["cnn_reference"] = (
+            f"plain CNN reference (same data and wall clock: {training['steps']} steps in "
+            f"{training['wall_s']:.0f} s on the other core), all modalities"
+        )
     for key, label in names.items():
         if key in table:
             r = table[key]
@@ -331,17 +289,31 @@ def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settin
         build_tiny_qwen_vl(vl_dir, family="qwen2_5_vl", patch_size=s.patch_size, min_pixels=px, max_pixels=px)
     data_dir = out / "data"
     if not (data_dir / "meta" / "info.json").exists():
-        generate_dataset(data_dir, num_episodes=s.episodes, seed=0, image_size=s.image_size)
+        # one process simulates while this one encodes the videos (nothing else runs yet)
+        generate_dataset(data_dir, num_episodes=s.episodes, seed=0, image_size=s.image_size, workers=1)
     compute_stats(data_dir).save(stats_path(data_dir))
+    t_data = time.perf_counter()
     smoke_heads(vl_dir, data_dir, s)
+    t_smoke = time.perf_counter()
     trained, reference = train_with_reference(vl_dir, data_dir, out, head, s)
+    t_train = time.perf_counter()
     ckpt = Path(trained["checkpoint"])
     print("[demo] offline evaluation on held-out episodes (sensor and vision ablations)")
     metrics = evaluate(ckpt, data_dir, split="test", out_dir=out / "eval", max_samples=s.eval_samples)
+    t_eval = time.perf_counter()
     print("[demo] closed-loop rollouts: all modalities / sensor ablated / vision ablated")
     runner = PolicyRunner.from_pretrained(ckpt)
     table = closed_loop(runner, s.rollouts, out / "rollout")
     table.update(references(s.rollouts))
+    trained["wall_s"].update(
+        {  # the demo's phases (the CNN reference trains during cache + stage 1 + stage 2, on the other core)
+            "data": t_data - t_start,
+            "smoke": t_smoke - t_data,
+            "cnn_rollouts": t_train - t_smoke - trained["wall_s"]["total"],
+            "eval": t_eval - t_train,
+            "closed_loop": time.perf_counter() - t_eval,
+        }
+    )
     if reference is not None:
         table["cnn_reference"] = reference
     checks = check_targets(table)
@@ -366,5 +338,6 @@ def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settin
     atomic_write_json(out / "demo_summary.json", json.loads(json.dumps(summary, default=float)))
     print(text)
     print("\n".join(f"[demo] target {'met' if ok else 'MISSED'}: {name}" for name, ok in checks.items()))
-    print(f"[demo] done in {summary['wall_s_total']:.0f}s. Report: {out / 'report.md'}")
+    phases = ", ".join(f"{k} {v:.0f}" for k, v in trained["wall_s"].items() if k != "total")
+    print(f"[demo] done in {summary['wall_s_total']:.0f}s ({phases} s). Report: {out / 'report.md'}")
     return summary

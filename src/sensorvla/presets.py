@@ -37,35 +37,83 @@ _SEED_STAGE2 = {
     "train.epochs": 10,
 }
 
+
+@dataclass
+class DemoSettings:
+    """The recipe of `sensorvla demo` (the `demo` preset is its stage 1); `quick()` is the < 2 minute variant."""
+
+    episodes: int = 300
+    image_size: int = 112
+    patch_size: int = 7  # tiny vision tower: 112 px views -> 16 x 16 patches -> 8 x 8 merged tokens
+    pooling: str = "all"
+    grid_size: int = 4
+    feature_layer: int = 0  # the vision tower's output at the image positions (before the random LLM)
+    stage1_epochs: int = 7
+    stage2_steps: int = 40
+    stage2_lr: float = 1e-4
+    stage2_shift: float = 0.02  # stage-2 random shift; the cameras are fixed, so absolute position matters
+    batch_size: int = 16
+    head_layers: int = 2  # decoder layers of the action expert (each is ~30 % of a cached stage-1 step)
+    # width of the sensor encoder's Transformer: 64 scored as well as 128 (95 %, lower val loss) at 0.7x the step
+    sensor_hidden: int = 64
+    lr: float = 1e-3
+    rollouts: int = 20
+    eval_samples: int = 128  # offline evaluation: the first N held-out samples (5 passes with the ablations)
+    val_samples: int = 384  # validation per epoch on an evenly spaced subset of the val split
+    baseline: bool = True
+    view_dropout: float = 0.0
+    sensor_dropout: float = 0.1
+    sensor_samples: int = 16  # T_s: grid points of the 0.1 s sensor window
+    encoder_dropout: float = 0.0  # dropout inside the sensor encoder (a third of its CPU time at 0.1)
+    flow_noise_scale: float = 0.0  # flow head: sample from the mode (the demos are unimodal; docs/decisions.md)
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        """The < 2 min variant (`sensorvla demo --quick`): fewer episodes, epochs, steps, rollouts; no CNN."""
+        return cls(episodes=120, stage1_epochs=4, stage2_steps=10, rollouts=6, eval_samples=64, baseline=False)
+
+    def config_values(self, head: str = "regression") -> dict[str, Any]:
+        """The stage-1 config keys of this recipe (dotted key -> value) for `head`."""
+        px = self.image_size * self.image_size
+        values: dict[str, Any] = {
+            "model.backbone.pooling": self.pooling,
+            "model.backbone.grid_size": self.grid_size,
+            "model.backbone.min_pixels": px,
+            "model.backbone.max_pixels": px,
+            "model.backbone.feature_layer": self.feature_layer,
+            "model.head.type": head,
+            "model.head.loss": "mse",
+            "model.head.num_layers": self.head_layers,
+            "model.view_dropout": self.view_dropout,
+            "model.sensor_dropout": self.sensor_dropout,
+            "model.sensor.dropout": self.encoder_dropout,
+            "model.sensor.hidden_dim": self.sensor_hidden,
+            "data.sensor_samples": self.sensor_samples,
+            "train.batch_size": self.batch_size,
+            "train.grad_accum_steps": 1,
+            "train.lr": self.lr,
+            "train.sensor_lr": self.lr,
+            "train.vl_lr": 1e-4,
+            "train.vision_lr": 1e-4,
+            "train.warmup_ratio": 0.05,
+            "train.patience": 0,
+            "train.val_max_samples": self.val_samples,
+            "train.log_every_steps": 50,
+            "train.epochs": self.stage1_epochs,
+        }
+        if head == "flow":
+            values["model.head.noise_scale"] = self.flow_noise_scale
+        return values
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
             "demo",
-            "stage 1 of `sensorvla demo` (demo.base_config with DemoSettings()): the tiny Qwen-VL on the synthetic "
-            "task; pass --vl-model and --dataset-dir (the demo builds both under out/)",
-            {
-                "model.backbone.pooling": "all",
-                "model.backbone.grid_size": 4,
-                "model.backbone.min_pixels": 112 * 112,
-                "model.backbone.max_pixels": 112 * 112,
-                "model.backbone.feature_layer": 0,
-                "model.head.loss": "mse",
-                "model.view_dropout": 0.0,
-                "model.sensor_dropout": 0.1,
-                "model.sensor.dropout": 0.0,
-                "data.sensor_samples": 16,
-                "train.batch_size": 16,
-                "train.grad_accum_steps": 1,
-                "train.lr": 1e-3,
-                "train.sensor_lr": 1e-3,
-                "train.vl_lr": 1e-4,
-                "train.vision_lr": 1e-4,
-                "train.warmup_ratio": 0.05,
-                "train.patience": 0,
-                "train.log_every_steps": 50,
-                "train.epochs": 7,
-            },
+            "stage 1 of `sensorvla demo` (DemoSettings().config_values()): the tiny Qwen-VL on the synthetic task; "
+            "pass --vl-model and --dataset-dir (the demo builds both under out/)",
+            DemoSettings().config_values(),
         ),
         Preset(
             "seed-regression-stage1",
@@ -140,7 +188,12 @@ def apply_preset(cfg: SensorVLAConfig, name: str) -> SensorVLAConfig:
     """Set the preset's keys on `cfg` in place (type-checked); `ConfigError` naming the presets when unknown."""
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r} is not a preset; choose one of {sorted(PRESETS)}")
-    for key, value in PRESETS[name].values.items():
+    return apply_values(cfg, PRESETS[name].values)
+
+
+def apply_values(cfg: SensorVLAConfig, values: dict[str, Any]) -> SensorVLAConfig:
+    """Set dotted config keys on `cfg` in place, each value type-checked against its field."""
+    for key, value in values.items():
         get_key(cfg, key)  # the key exists
         set_key(cfg, key, coerce(value, _hint(key), key))
     return cfg

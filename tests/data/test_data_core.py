@@ -223,3 +223,13 @@ def test_loader_workers_after_decoding_in_the_main_process(synth_dataset_dir):
     batches = list(loader)
     assert sum(len(b) for b in batches) == 24
     np.testing.assert_array_equal(batches[0][:3].numpy(), np.stack(first))
+
+
+def test_generating_with_worker_processes_writes_the_same_files(tmp_path):
+    """`generate_dataset(workers=1)` (the demo's) simulates in another process; every file is byte-identical."""
+    serial = generate_dataset(tmp_path / "serial", num_episodes=5, image_size=32, progress=False)
+    parallel = generate_dataset(tmp_path / "parallel", num_episodes=5, image_size=32, progress=False, workers=1)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
+    for f in files:
+        assert (serial / f).read_bytes() == (parallel / f).read_bytes(), f

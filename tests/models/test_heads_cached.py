@@ -93,3 +93,39 @@ def test_active_dropout_samples_through_the_training_forward(kind):
     den.register_forward_hook(lambda *a: calls.append(1))
     head.sample(*cond(False), generator=torch.Generator().manual_seed(0))
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_equals_the_torch_decoder_in_value_and_gradient(padded):
+    """`decode` (the heads' training path) is `nn.TransformerDecoder` with the same parameters: outputs and
+    every parameter's gradient match, with padded memory tokens, and dropout layers in eval mode."""
+    from sensorvla.models.heads.base import decode
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerDecoderLayer(32, 4, 128, 0.1, activation="gelu", batch_first=True, norm_first=True)
+    dec = torch.nn.TransformerDecoder(layer, 2).eval()
+    c, m = cond(padded)
+    mem = torch.nn.Linear(COND_DIM, 32)(c).detach().requires_grad_(True)
+    tgt = torch.randn(B, 6, 32, requires_grad=True)
+    ref = dec(tgt, mem, memory_key_padding_mask=~m)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [tgt, mem, *dec.parameters()])
+    got = decode(dec, tgt, mem, m)
+    got_grads = torch.autograd.grad(got.square().sum(), [tgt, mem, *dec.parameters()])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_applies_dropout_in_training_and_refuses_post_norm():
+    from sensorvla.models.heads.base import decode
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerDecoderLayer(32, 4, 128, 0.5, batch_first=True, norm_first=True)
+    dec = torch.nn.TransformerDecoder(layer, 1).train()
+    tgt, mem, m = torch.randn(B, 6, 32), torch.randn(B, 5, 32), torch.ones(B, 5, dtype=torch.bool)
+    assert not torch.equal(decode(dec, tgt, mem, m), decode(dec, tgt, mem, m))  # dropout is drawn in training
+    dec.eval()
+    torch.testing.assert_close(decode(dec, tgt, mem, m), dec(tgt, mem), atol=1e-5, rtol=1e-5)
+    post = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(32, 4, batch_first=True), 1)
+    with pytest.raises(ValueError, match="norm_first=True"):
+        decode(post, tgt, mem, m)

@@ -464,3 +464,39 @@ def test_resume_policy_classifies_every_change():
         mutate(bad)
         with pytest.raises(ResumeMismatchError, match=re.escape(flag)):
             check_resume(saved, bad.to_dict())
+
+
+def test_val_max_samples_validates_on_a_fixed_evenly_spaced_subset(
+    tmp_path, tiny_vl_dir, synth_dataset_dir, monkeypatch
+):
+    from sensorvla.config import ConfigError
+    from sensorvla.training import loop
+    from sensorvla.training.data_setup import ShardedEpochSampler, evenly_spaced
+
+    assert evenly_spaced(10, 4) == [0, 2, 5, 7]
+    assert evenly_spaced(3, 5) == evenly_spaced(3, 0) == [0, 1, 2]
+    ranks = [ShardedEpochSampler(10, seed=0, rank=r, world=2, shuffle=False, pad=False, limit=4) for r in range(2)]
+    assert sorted(ranks[0].indices() + ranks[1].indices()) == [0, 2, 5, 7]  # an exact partition of the subset
+    with pytest.raises(ValueError, match="shuffle=False"):
+        ShardedEpochSampler(10, seed=0, rank=0, world=1, limit=4)
+    bad = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, val_max_samples=-1)
+    with pytest.raises(ConfigError, match="--train.val-max-samples"):
+        bad.validate()
+
+    seen = []
+    real = loop.make_loader
+    monkeypatch.setattr(
+        loop, "make_loader", lambda ds, tf, sampler, *a: (seen.append(sampler), real(ds, tf, sampler, *a))[1]
+    )
+    cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, max_steps=2, epochs=2, val_max_samples=3)
+    cfg.train.grad_accum_steps = 1
+    train(cfg, progress=False)
+    val_calls = [list(s) for s in seen if isinstance(s, ShardedEpochSampler) and not s.shuffle]
+    n_val = len(build_dataset_for(cfg, "val"))
+    assert n_val > 3 and val_calls and all(idx == evenly_spaced(n_val, 3) for idx in val_calls), (n_val, val_calls)
+
+
+def build_dataset_for(cfg, split):
+    from sensorvla.training.data_setup import raw_dataset
+
+    return raw_dataset(cfg, split, load_images=False)

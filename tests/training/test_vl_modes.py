@@ -152,6 +152,19 @@ def test_feature_layer_selects_the_hidden_state(tiny_vl_dir, synth_dataset_dir):
             want = states[layer] if layer != -1 else hf(**{k: batch[k] for k in keys if k in batch}).last_hidden_state
             torch.testing.assert_close(got, want)
     assert not torch.allclose(states[0], states[-1])
+    # layers past the feature layer are skipped when nothing there needs gradients, and run when something does
+    layers, ran = hf.language_model.layers, []
+    hooks = [m.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, m in enumerate(layers)]
+    bb = VLBackbone(type("M", (), {"model": hf, "config": hf.config})(), BackboneConfig(feature_layer=0), 2)
+    with torch.no_grad():
+        torch.testing.assert_close(bb._base_forward(batch), states[0])
+    assert ran == [0] and hf.language_model.layers is layers
+    ran.clear()
+    layers[1].mlp.down_proj.weight.requires_grad_(True)
+    bb._base_forward(batch)
+    assert ran == [0, 1]
+    for h in hooks:
+        h.remove()
     with pytest.raises(ValueError, match="feature-layer 9 is outside"):
         VLBackbone(type("M", (), {"model": hf, "config": hf.config})(), BackboneConfig(feature_layer=9), 2)
 

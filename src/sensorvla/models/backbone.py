@@ -8,6 +8,7 @@ bare tokenizer, see offline-stack.md section 2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -332,8 +333,32 @@ class VLBackbone(nn.Module):
         layer = self.cfg.feature_layer
         if layer == -1:
             return self.model(**kwargs, use_cache=False, return_dict=True).last_hidden_state
-        out = self.model(**kwargs, use_cache=False, return_dict=True, output_hidden_states=True)
+        with self._only_layers_up_to_the_feature_layer():
+            out = self.model(**kwargs, use_cache=False, return_dict=True, output_hidden_states=True)
         return out.hidden_states[layer]
+
+    @contextlib.contextmanager
+    def _only_layers_up_to_the_feature_layer(self):
+        """Run the language model's decoder layers only up to `feature_layer` (+ 1: hidden_states[i] is layer i's
+        input, and the last entry is normed) when nothing past it needs gradients: the cache build, inference and
+        frozen stage 1 skip the rest (GR00T's middle layer: half the LLM; the demo's layer 0: all but one). The
+        output is unchanged (tests/models/test_backbone.py). Trainable layers past it (LoRA) run as before, so
+        DDP and FSDP see every parameter they wrap."""
+        lm = getattr(self.model, "language_model", None)
+        layers = getattr(lm, "layers", None)
+        keep = self.cfg.feature_layer % (self.num_layers + 1) + 1
+        if not isinstance(layers, nn.ModuleList) or keep >= len(layers):
+            yield
+            return
+        skipped = layers[keep:]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in skipped.parameters()):
+            yield
+            return
+        lm.layers = layers[:keep]
+        try:
+            yield
+        finally:
+            lm.layers = layers
 
     def view_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token masks (B, V + 1, L): the k-th run of image pads = view k; last row = the instruction

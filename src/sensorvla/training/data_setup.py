@@ -62,6 +62,14 @@ def raw_dataset(cfg: SensorVLAConfig, split: str, load_images: bool = True):
     return build_dataset(cfg.data, split, load_images=load_images)
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """k of the indices 0..n-1, spread evenly (every episode of a split ordered by episode is represented);
+    all n when k is 0 or at least n."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
+
+
 class ShardedEpochSampler(torch.utils.data.Sampler[int]):
     """Deterministic per-epoch permutation, split across ranks, able to start mid-epoch (resume).
 
@@ -70,7 +78,14 @@ class ShardedEpochSampler(torch.utils.data.Sampler[int]):
     index on exactly one rank (counts may differ by one), so all-reduced sums count every sample once.
     """
 
-    def __init__(self, n: int, *, seed: int, rank: int, world: int, shuffle: bool = True, pad: bool = True):
+    def __init__(
+        self, n: int, *, seed: int, rank: int, world: int, shuffle: bool = True, pad: bool = True, limit: int = 0
+    ):
+        """`limit` > 0 (validation, `shuffle=False`): only `evenly_spaced(n, limit)` of the n indices."""
+        if limit and shuffle:
+            raise ValueError("ShardedEpochSampler: limit selects a fixed subset, so it needs shuffle=False")
+        self.subset = evenly_spaced(n, limit) if limit else None
+        n = len(self.subset) if self.subset is not None else n
         self.n, self.seed, self.rank, self.world, self.shuffle, self.pad = n, seed, rank, world, shuffle, pad
         self.epoch = 0
         self.start = 0
@@ -86,7 +101,7 @@ class ShardedEpochSampler(torch.utils.data.Sampler[int]):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
-            order = list(range(self.n))
+            order = list(self.subset) if self.subset is not None else list(range(self.n))
         if self.pad:
             per_rank = math.ceil(self.n / self.world)
             order = (order * math.ceil(per_rank * self.world / max(self.n, 1) + 1))[: per_rank * self.world]

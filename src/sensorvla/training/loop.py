@@ -405,7 +405,13 @@ def _open_data(cfg: SensorVLAConfig, info, meta) -> _Data:
     sampler = ShardedEpochSampler(len(train_raw), seed=cfg.train.seed, rank=info.rank, world=info.world_size)
     # validation: an exact partition (no wrap-around padding), so every sample is counted once
     val_sampler = ShardedEpochSampler(
-        len(val_raw), seed=0, rank=info.rank, world=info.world_size, shuffle=False, pad=False
+        len(val_raw),
+        seed=0,
+        rank=info.rank,
+        world=info.world_size,
+        shuffle=False,
+        pad=False,
+        limit=cfg.train.val_max_samples,
     )
     return _Data(train_raw, val_raw, cache, sampler, val_sampler)
 
@@ -503,10 +509,11 @@ def _announce(run: _Run, groups: list[dict], steps_per_epoch: int) -> None:
     logger.info("resolved config:\n%s", cfg.to_json())
     logger.info("parameter groups:\n%s", group_table(run.policy, groups))
     logger.info(
-        "dataset: %s | train samples %d, val samples %d | world size %d | %d steps/epoch | LR schedule over %d steps",
+        "dataset: %s | train samples %d, val samples %d%s | world size %d | %d steps/epoch | LR schedule over %d steps",
         run.data.train.summary(),
         len(run.data.train),
         len(run.data.val),
+        f" (validating on {run.data.val_sampler.n}, --train.val-max-samples)" if cfg.train.val_max_samples else "",
         info.world_size,
         steps_per_epoch,
         cfg.train.schedule_steps,

@@ -263,6 +263,32 @@ def simulate_episode(
     )
 
 
+def _simulate_one(job: tuple[int, bool, str], cfg: SimConfig) -> EpisodeData:
+    seed, with_sensor, name = job
+    return simulate_episode(seed, cfg, with_sensor=with_sensor, name=name)
+
+
+def _simulate_in_processes(jobs: list[tuple[int, bool, str]], cfg: SimConfig, workers: int):
+    """simulate_episode over `jobs` in `workers` spawned processes, yielded in order, at most 2 per worker
+    ahead of the consumer (an episode's frames are a few MB)."""
+    import collections
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        todo, pending = iter(jobs), collections.deque()
+        for job in todo:
+            pending.append(pool.submit(_simulate_one, job, cfg))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            episode = pending.popleft().result()
+            job = next(todo, None)
+            if job is not None:
+                pending.append(pool.submit(_simulate_one, job, cfg))
+            yield episode
+
+
 def generate_dataset(
     out_dir: str | Path,
     *,
@@ -276,10 +302,13 @@ def generate_dataset(
     progress: bool = True,
     overwrite: bool = True,
     image_format: str = "video",
+    workers: int = 0,
 ) -> Path:
     """Write the synthetic insertion dataset (deterministic for `seed`) as a LeRobot v3 dataset (+ sidecar).
 
-    `image_format`: "video" (mp4, LeRobot's default) or "npy" (lossless raw frames)."""
+    `image_format`: "video" (mp4, LeRobot's default) or "npy" (lossless raw frames). `workers` > 0 simulates
+    episodes in that many processes while this one encodes and writes (the same files: each episode depends
+    only on its own seed)."""
     from sensorvla.data.format import write_dataset
 
     cfg = SimConfig(image_size=image_size, sensor_rate=sensor_rate, sensor_channels=sensor_channels, task=task)
@@ -287,10 +316,11 @@ def generate_dataset(
     no_sensor = set(
         rng.choice(num_episodes, size=int(round(no_sensor_fraction * num_episodes)), replace=False).tolist()
     )
-    episodes = (
-        simulate_episode(seed * 100_003 + e, cfg, with_sensor=e not in no_sensor, name=f"synth_{e:04d}")
-        for e in range(num_episodes)
-    )
+    jobs = [(seed * 100_003 + e, e not in no_sensor, f"synth_{e:04d}") for e in range(num_episodes)]
+    if workers > 0:
+        episodes = _simulate_in_processes(jobs, cfg, workers)
+    else:
+        episodes = (simulate_episode(s, cfg, with_sensor=w, name=n) for s, w, n in jobs)
     return write_dataset(
         episodes,
         out_dir,

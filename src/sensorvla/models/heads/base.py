@@ -95,12 +95,49 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, length, heads * dh)
 
 
+def _attend(attn: nn.MultiheadAttention, x: torch.Tensor, mem: torch.Tensor, mask, dropout_p: float) -> torch.Tensor:
+    """`attn(x, mem, mem)` of a batch-first `nn.MultiheadAttention`: x (B, L, D), mem (B, N, D), mask (B, 1, 1, N)
+    bool (True = attend) or None -> (B, L, D). Query, key and value are projected by slices of `in_proj_weight`
+    (slicing the weight, not the packed activation: the packed path copies and zero-fills the (2, N, B, D)
+    key/value block in every backward, a third of a demo training step on CPU)."""
+    d, heads = attn.embed_dim, attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    if x is mem:
+        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+    else:
+        q = F.linear(x, w[:d], b[:d])
+        k, v = F.linear(mem, w[d : 2 * d], b[d : 2 * d]), F.linear(mem, w[2 * d :], b[2 * d :])
+    a = F.scaled_dot_product_attention(
+        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), attn_mask=mask, dropout_p=dropout_p
+    )
+    return attn.out_proj(_merge_heads(a))
+
+
+def decode(decoder: nn.TransformerDecoder, tgt: torch.Tensor, memory: torch.Tensor, memory_mask) -> torch.Tensor:
+    """`decoder(tgt, memory, memory_key_padding_mask=~memory_mask)` for a pre-norm, batch-first decoder without a
+    final norm: tgt (B, L, D), memory (B, N, D), memory_mask (B, N) bool (True = valid)
+    -> (B, L, D). The same function and parameters as `nn.TransformerDecoder` (tests/models/test_heads_cached.py),
+    about 1.15x faster to train on CPU (see `_attend`)."""
+    if decoder.norm is not None or not all(layer.norm_first for layer in decoder.layers):
+        raise ValueError("decode() computes pre-norm decoders without a final norm (norm_first=True, norm=None)")
+    mask = memory_mask.bool()
+    attn_mask = None if mask.device.type != "meta" and bool(mask.all()) else mask[:, None, None, :]
+    h = tgt
+    for layer in decoder.layers:
+        p = layer.self_attn.dropout if layer.training else 0.0
+        hn = layer.norm1(h)
+        h = h + layer.dropout1(_attend(layer.self_attn, hn, hn, None, p))
+        h = h + layer.dropout2(_attend(layer.multihead_attn, layer.norm2(h), memory, attn_mask, p))
+        h = h + layer._ff_block(layer.norm3(h))
+    return h
+
+
 class ChunkDenoiser(nn.Module):
     """Noisy chunk (B, H, D_a) + timestep + cond -> (B, H, D_a): horizon position embeddings, timestep
     MLP added to every step, and a pre-norm Transformer decoder that cross-attends to the condition.
 
-    `forward` is the training path (one call per step, through `nn.TransformerDecoder`). Sampling uses
-    `condition` + `step_embeddings` once per call and `step` per denoising step, which computes the same
+    `forward` is the training path (one call per step, through `decode`: the function of `nn.TransformerDecoder`).
+    Sampling uses `condition` + `step_embeddings` once per call and `step` per denoising step, which computes the same
     function with the per-call work hoisted out of the loop: the memory is `cond_proj(cond) + temb`, so its
     cross-attention keys and values split into a per-call part (`condition`) and a per-step term. The key
     term `W_k temb` shifts every key's logit by the same amount, which softmax ignores; the value term
@@ -127,8 +164,7 @@ class ChunkDenoiser(nn.Module):
         temb = self.t_mlp(timestep_embedding(t, self.dim)).unsqueeze(1)
         h = self.in_proj(x) + self.pos + temb
         memory = self.cond_proj(cond) + temb
-        h = self.decoder(h, memory, memory_key_padding_mask=~cond_mask.bool())
-        return self.out(h)
+        return self.out(decode(self.decoder, h, memory, cond_mask))
 
     def condition(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> DenoiserCondition:
         """cond (B, N_c, D_c), cond_mask (B, N_c) -> the per-call cross-attention keys / values and mask."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.heads.base import ActionHead, masked_mean
+from sensorvla.models.heads.base import ActionHead, decode, masked_mean
 
 
 class RegressionHead(ActionHead):
@@ -30,8 +30,7 @@ class RegressionHead(ActionHead):
     def predict(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
         """cond (B, N_c, D) -> (B, H, D_a)."""
         q = self.queries.expand(cond.shape[0], -1, -1)
-        h = self.decoder(q, self.cond_proj(cond), memory_key_padding_mask=~cond_mask.bool())
-        return self.out(h)
+        return self.out(decode(self.decoder, q, self.cond_proj(cond), cond_mask))
 
     def loss(self, cond, cond_mask, actions, action_mask, generator=None):  # deterministic: no noise
         """Per-sample L1 / MSE loss (B,), masked over the horizon (deterministic: no noise)."""
