@@ -31,6 +31,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert s1["training_stage"] == "stage1" and s2["training_stage"] == "stage2"
     assert any(p.name.endswith(".feats.bin") for p in (tmp_path / "stage1" / "vl_cache").rglob("*"))
     assert (tmp_path / "stage2" / "checkpoints" / "pretrained_model" / "adapter_model.safetensors").exists()
+    # every phase is timed, and the phases add up to (nearly) the whole run
+    phases = {k: v for k, v in summary["wall_s"].items() if k != "total"}
+    assert set(phases) == {"data", "smoke", "cache", "stage1", "stage2", "cnn_rollouts", "eval", "closed_loop"}
+    assert all(v >= 0 for v in phases.values()) and 0.9 * summary["wall_s_total"] <= sum(phases.values())
+    assert f"[demo] done in {summary['wall_s_total']:.0f}s (data " in r.stdout
     # the policy uses the sensor: masking it makes held-out errors worse, and closed-loop success drops
     assert summary["eval"]["sensor_ablation_delta_l1_missing"] > 0
     assert summary["eval"]["sensor_ablation_delta_l1_shuffled"] > 0

@@ -338,6 +338,7 @@ def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settin
     atomic_write_json(out / "demo_summary.json", json.loads(json.dumps(summary, default=float)))
     print(text)
     print("\n".join(f"[demo] target {'met' if ok else 'MISSED'}: {name}" for name, ok in checks.items()))
-    phases = ", ".join(f"{k} {v:.0f}" for k, v in trained["wall_s"].items() if k != "total")
+    order = ("data", "smoke", "cache", "stage1", "stage2", "cnn_rollouts", "eval", "closed_loop")
+    phases = ", ".join(f"{k} {trained['wall_s'][k]:.0f}" for k in order)
     print(f"[demo] done in {summary['wall_s_total']:.0f}s ({phases} s). Report: {out / 'report.md'}")
     return summary
