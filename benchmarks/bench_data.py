@@ -93,8 +93,9 @@ def loader_vs_train(
     }
     result["processor_pixels"] = "the views' own (direct path)" if at_size else "default range (views resized)"
     n = min(len(ds), steps * batch_size)
+    order = ShardedEpochSampler(len(ds), seed=1, rank=0, world=1).indices()[:n]  # the loader's random order
     t0 = time.perf_counter()
-    for i in range(n):  # the data layer alone: decode + alignment + windows, before the policy's processor
+    for i in order:  # the data layer alone: decode (random seeks) + alignment + windows, before the processor
         ds[i]
     result["raw_samples_per_s_0workers"] = n / (time.perf_counter() - t0)
     batches = []

@@ -9,6 +9,7 @@ bare tokenizer, see offline-stack.md section 2).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -186,8 +187,12 @@ def _full_process(processor, images: list[np.ndarray], text: str) -> dict[str, t
 
 
 def _fast_pixels(ip, images: list[np.ndarray]) -> tuple[np.ndarray, list[list[int]]] | None:
-    """The image processor's output through its own rescale/normalize/patchify, or None where its resize
-    would change an image (or the processor is not a Qwen-VL patchifier): the caller then runs it fully."""
+    """The image processor's output through its own patchify, or None where its resize would change an image
+    (or the processor is not a Qwen-VL patchifier): the caller then runs it fully.
+
+    The uint8 image is patchified as is, then rescaled and normalized in one per-column affine map
+    (x * rescale / std - mean / std, the column's channel learnt once per image size): equal to the
+    processor's rescale -> normalize -> patchify within 1e-6 (float rounding), at a third of its cost."""
     import importlib
 
     smart_resize = getattr(importlib.import_module(type(ip).__module__), "smart_resize", None)
@@ -195,8 +200,7 @@ def _fast_pixels(ip, images: list[np.ndarray]) -> tuple[np.ndarray, list[list[in
     if smart_resize is None or not all(hasattr(ip, a) for a in needed) or not (ip.do_rescale and ip.do_normalize):
         return None
     factor = ip.patch_size * ip.merge_size
-    mean = np.asarray(ip.image_mean, np.float32)[:, None, None]
-    std = np.asarray(ip.image_std, np.float32)[:, None, None]
+    kw = dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
     patches, grids = [], []
     for im in images:
         im = np.asarray(im)
@@ -207,16 +211,30 @@ def _fast_pixels(ip, images: list[np.ndarray]) -> tuple[np.ndarray, list[list[in
             h, w, factor=factor, min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge
         ) != (h, w):
             return None
-        chw = im.transpose(2, 0, 1).astype(np.float32) * np.float32(ip.rescale_factor)
-        flat, gh, gw = ip.patchify(
-            (chw - mean) / std,
-            patch_size=ip.patch_size,
-            merge_size=ip.merge_size,
-            temporal_patch_size=ip.temporal_patch_size,
+        scale, shift = _column_affine(
+            ip, h, w, float(ip.rescale_factor), tuple(np.ravel(ip.image_mean)), tuple(np.ravel(ip.image_std))
         )
-        patches.append(np.ascontiguousarray(flat, dtype=np.float32))
+        flat, gh, gw = ip.patchify(im.transpose(2, 0, 1), **kw)  # (patches, C * T * p * p) float32 of 0..255
+        flat = np.require(flat, np.float32, ["C", "W", "O"])  # a private buffer to work in place
+        flat *= scale
+        flat += shift
+        patches.append(flat)
         grids.append([1, gh, gw])
     return np.concatenate(patches), grids
+
+
+@functools.lru_cache(maxsize=32)
+def _column_affine(ip, h: int, w: int, rescale: float, mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch column: (rescale / std, -mean / std) of its channel, for (h, w) images (patchify an index
+    image once to learn each column's channel); keyed by the processor and its settings."""
+    kw = dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
+    channel = np.broadcast_to(np.arange(3, dtype=np.float32)[:, None, None], (3, h, w))
+    flat, _, _ = ip.patchify(channel, **kw)
+    col = np.asarray(flat[0], dtype=np.int64)  # the channel of each column (the same in every patch row)
+    mean_a, std_a = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    scale = (rescale / std_a)[col].astype(np.float32)
+    shift = (-mean_a / std_a)[col].astype(np.float32)
+    return scale, shift
 
 
 def pad_token_id(processor) -> int:
