@@ -132,3 +132,33 @@ def test_cli_prints_the_threads_the_table_and_the_goals(tiny_vl_dir, monkeypatch
     assert seen["steps"] == (6, 3) and seen["threads"] == (1,) and seen["config"] == "tiny"
     assert out.startswith("torch threads:")
     assert "| flow | 1 | fast_slow | 3 | 1 | tiny |" in out and "| goal | measured | target | |" in out
+
+
+def test_cli_times_a_trained_checkpoint_as_served(tiny_vl_dir, synth_dataset_dir, tmp_path, capsys):
+    """`sensorvla bench latency --checkpoint DIR`: the folder's own views, sensor and head, full and fast-slow;
+    the fast-slow rows reuse the VL features (no VL time after the warm-up) and the threads are restored."""
+    import torch
+
+    from sensorvla import cli
+    from sensorvla.config import SensorVLAConfig
+    from sensorvla.data.format import load_meta
+    from sensorvla.data.normalize import compute_stats
+    from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model, cfg.data.dataset_dir = str(tiny_vl_dir), str(synth_dataset_dir)
+    cfg.model.head.type, cfg.model.head.num_inference_steps = "flow", 2
+    cfg = resolve_from_meta(cfg, load_meta(synth_dataset_dir))
+    save_pretrained(build_policy(cfg), tmp_path / "pretrained_model", cfg, compute_stats(synth_dataset_dir))
+    before = torch.get_num_threads()
+    argv = ["bench", "latency", "--checkpoint", str(tmp_path / "pretrained_model"), "--iters", "2"]
+    assert cli.main([*argv, "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert torch.get_num_threads() == before
+    assert "| flow | 2 | full | 2 | 1 | checkpoint |" in out and "| flow | 2 | fast_slow | 2 | 1 | checkpoint |" in out
+    assert "full_over_fast_slow" in out and "nan" not in out
+
+    from sensorvla.eval.latency import bench_checkpoint
+
+    fast = bench_checkpoint(tmp_path / "pretrained_model", modes=("fast_slow",), iters=3, warmup=1, threads=(1,))
+    assert fast[0]["vl_p50"] < 0.5 and fast[0]["sensor_p50"] > 0 and fast[0]["image_size"] >= 28

@@ -12,14 +12,20 @@ def bench_latency(
     threads: tuple[int, ...] = (),
     vl_dominant: bool = True,
     compile: bool = False,  # noqa: A002 (--runtime.compile)
+    checkpoint: Path | None = None,
 ) -> int:
     """Runner latency per stage (p50/p99), the head alone (--steps: DDIM steps, flow steps) and the fast-slow
     loop rate: every head x full/fast-slow x 1/3 views on the tiny model (or --vl-model), plus the VL-dominant
-    config; --threads 1 2 measures thread counts side by side; prints the goals met / missed."""
-    from sensorvla.eval.latency import describe_threads, format_table
+    config; --threads 1 2 measures thread counts side by side; prints the goals met / missed. --checkpoint
+    PATH: a trained pretrained_model/ folder instead, full and fast-slow, with its own views and sensor."""
+    from sensorvla.eval.latency import bench_checkpoint, describe_threads, format_table
     from sensorvla.world.latency import run_suite
 
     print(describe_threads())
+    if checkpoint is not None:
+        rows = bench_checkpoint(checkpoint, iters=iters, threads=threads or None, compile=compile, progress=True)
+        print(format_table(rows))
+        return 0
     rows = run_suite(
         vl_model, iters=iters, steps=steps, threads=threads or None, vl_dominant=vl_dominant, compile=compile
     )

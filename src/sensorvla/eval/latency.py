@@ -10,6 +10,7 @@ machine; the ratios (`targets`) are measured side by side in one process.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -210,6 +211,61 @@ def bench_latency(
     return rows
 
 
+def bench_checkpoint(
+    path: str | Path,
+    *,
+    modes=("full", "fast_slow"),
+    iters: int = 30,
+    warmup: int = 5,
+    device: str = "cpu",
+    threads: Iterable[int] | None = None,
+    compile: bool = False,  # noqa: A002 (--runtime.compile)
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """A trained `pretrained_model/` folder as it would be served: its own views, sensor channels, head and
+    image size (the processor's max pixels); one row per (threads, mode), the rows of `bench_latency`."""
+    from tqdm.auto import tqdm
+
+    from sensorvla.inference.runner import PolicyRunner
+
+    rng = np.random.default_rng(0)
+    before = torch.get_num_threads()
+    thread_list = list(threads) if threads is not None else [before]
+    bar = tqdm(total=len(thread_list) * len(modes) * (warmup + iters), desc="bench checkpoint", disable=not progress)
+    rows = []
+    try:
+        for n in thread_list:
+            torch.set_num_threads(n)
+            for mode in modes:
+                refresh = {"vl_refresh_every": 10_000, "max_vl_age_s": 1e9} if mode == "fast_slow" else {}
+                runner = PolicyRunner.from_pretrained(path, device=device, compile_model=compile or None, **refresh)
+                cfg = runner.cfg
+                side = max(28, int(math.isqrt(int(cfg.model.backbone.max_pixels))))
+                obs = _obs(cfg.model.num_views, cfg.model.sensor.channels, side, rng)
+                samples, wall, cpu = _time_calls(runner, obs, warmup, iters, bar)
+                row = {
+                    "config": "checkpoint",
+                    "threads": n,
+                    "head": cfg.model.head.type,
+                    "steps": cfg.model.head.num_inference_steps if cfg.model.head.type != "regression" else None,
+                    "views": cfg.model.num_views,
+                    "mode": mode,
+                    "iters": iters,
+                    "hz": iters / wall,
+                    "hz_cpu": iters / max(cpu, 1e-9),
+                    "compile": compile,
+                    "image_size": side,
+                }
+                for s in STAGES:
+                    row[f"{s[:-3]}_p50"] = float(np.percentile(samples[s], 50))
+                    row[f"{s[:-3]}_p99"] = float(np.percentile(samples[s], 99))
+                rows.append(row)
+    finally:
+        bar.close()
+        torch.set_num_threads(before)
+    return rows
+
+
 def _p50(rows, key="total_p50", **kw) -> float:
     vals = [r[key] for r in rows if key in r and all(r.get(k) == v for k, v in kw.items())]
     return float(np.mean(vals)) if vals else float("nan")
@@ -224,7 +280,9 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         "diffusion_over_regression": _p50(rows, head="diffusion", mode="full") / reg_full,
         "flow_over_regression": _p50(rows, head="flow", mode="full") / reg_full,
         "full_over_fast_slow": _p50(rows, mode="full") / _p50(rows, mode="fast_slow"),
-        f"views_{vs[-1]}_over_{vs[0]}": _p50(rows, views=vs[-1], mode="full") / _p50(rows, views=vs[0], mode="full"),
+        f"views_{vs[-1]}_over_{vs[0]}": _p50(rows, views=vs[-1], mode="full") / _p50(rows, views=vs[0], mode="full")
+        if len(vs) > 1
+        else float("nan"),
         "head_alone_diffusion_over_regression": _p50(rows, "head_alone_p50", head="diffusion")
         / _p50(rows, "head_alone_p50", head="regression"),
         "head_alone_flow_over_regression": _p50(rows, "head_alone_p50", head="flow")
@@ -293,10 +351,10 @@ def format_table(rows: list[dict[str, Any]], with_targets: bool = False) -> str:
             f"| {r['head']} | {r['views']} | {r['mode']} | {r.get('steps') or '-'} | {r.get('threads', '')} | "
             f"{r.get('config', '')} | {r['preprocess_p50']:.2f} | {r['vl_p50']:.2f} | {r['sensor_p50']:.2f} | "
             f"{r['head_p50']:.2f} | {r['postprocess_p50']:.2f} | {r['total_p50']:.2f} | {r['total_p99']:.2f} | "
-            f"{r.get('head_alone_p50', float('nan')):.2f} | {r['hz']:.0f} | {r.get('hz_cpu', float('nan')):.0f} |"
+            f"{_ms(r.get('head_alone_p50'))} | {r['hz']:.0f} | {r.get('hz_cpu', float('nan')):.0f} |"
         )
     lines.append("")
-    lines += [f"- {k}: {v:.2f}x" for k, v in ratios(rows).items()]
+    lines += [f"- {k}: {v:.2f}x" for k, v in ratios(rows).items() if math.isfinite(v)]
     if with_targets:
         lines += ["", "| goal | measured | target | |", "|---|---|---|---|"]
         for t in targets(rows):
@@ -304,6 +362,11 @@ def format_table(rows: list[dict[str, Any]], with_targets: bool = False) -> str:
                 f"| {t['name']} | {t['value']:.3g} | {t['op']} {t['target']:g} | {'met' if t['met'] else 'MISSED'} |"
             )
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    """A table cell: the milliseconds, or '-' when not measured."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
 def describe_threads() -> str:
