@@ -360,12 +360,15 @@ class VLBackbone(nn.Module):
         """Run the language model's decoder layers only up to `feature_layer` (+ 1: hidden_states[i] is layer i's
         input, and the last entry is normed) when nothing past it needs gradients: the cache build, inference and
         frozen stage 1 skip the rest (GR00T's middle layer: half the LLM; the demo's layer 0: all but one). The
-        output is unchanged (tests/models/test_backbone.py). Trainable layers past it (LoRA) run as before, so
-        DDP and FSDP see every parameter they wrap."""
+        output is unchanged (tests/training/test_vl_modes.py). Trainable layers past it (LoRA) run as before, so
+        DDP sees every parameter it wraps; under FSDP2 nothing is skipped (its units all-gather in forward order)."""
+        from torch.distributed.fsdp import FSDPModule
+
         lm = getattr(self.model, "language_model", None)
         layers = getattr(lm, "layers", None)
         keep = self.cfg.feature_layer % (self.num_layers + 1) + 1
-        if not isinstance(layers, nn.ModuleList) or keep >= len(layers):
+        sharded = isinstance(self.model, FSDPModule) or any(isinstance(m, FSDPModule) for m in layers or ())
+        if not isinstance(layers, nn.ModuleList) or keep >= len(layers) or sharded:
             yield
             return
         skipped = layers[keep:]

@@ -120,10 +120,15 @@ def decode(decoder: nn.TransformerDecoder, tgt: torch.Tensor, memory: torch.Tens
     about 1.15x faster to train on CPU (see `_attend`)."""
     if decoder.norm is not None or not all(layer.norm_first for layer in decoder.layers):
         raise ValueError("decode() computes pre-norm decoders without a final norm (norm_first=True, norm=None)")
+    from torch.distributed.fsdp import FSDPModule
+
     mask = memory_mask.bool()
     attn_mask = None if mask.device.type != "meta" and bool(mask.all()) else mask[:, None, None, :]
     h = tgt
     for layer in decoder.layers:
+        if isinstance(layer, FSDPModule):  # an FSDP2 unit: only its own forward all-gathers its parameters
+            h = layer(h, memory, memory_key_padding_mask=~mask)
+            continue
         p = layer.self_attn.dropout if layer.training else 0.0
         hn = layer.norm1(h)
         h = h + layer.dropout1(_attend(layer.self_attn, hn, hn, None, p))
