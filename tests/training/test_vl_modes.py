@@ -146,7 +146,7 @@ def test_feature_layer_selects_the_hidden_state(tiny_vl_dir, synth_dataset_dir):
     with torch.no_grad():
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
         states = hf(**{k: batch[k] for k in keys if k in batch}, output_hidden_states=True).hidden_states
-        for layer in (0, 1, -1):
+        for layer in (0, 1, -1, -2, -3):  # negative ones count from the end of the full stack
             bb = VLBackbone(type("M", (), {"model": hf, "config": hf.config})(), BackboneConfig(feature_layer=layer), 2)
             got = bb._base_forward(batch)
             want = states[layer] if layer != -1 else hf(**{k: batch[k] for k in keys if k in batch}).last_hidden_state

@@ -353,7 +353,7 @@ class VLBackbone(nn.Module):
             return self.model(**kwargs, use_cache=False, return_dict=True).last_hidden_state
         with self._only_layers_up_to_the_feature_layer():
             out = self.model(**kwargs, use_cache=False, return_dict=True, output_hidden_states=True)
-        return out.hidden_states[layer]
+        return out.hidden_states[layer % (self.num_layers + 1)]  # from the front: the tail may be skipped
 
     @contextlib.contextmanager
     def _only_layers_up_to_the_feature_layer(self):
