@@ -129,11 +129,13 @@ def decode(decoder: nn.TransformerDecoder, tgt: torch.Tensor, memory: torch.Tens
         if isinstance(layer, FSDPModule):  # an FSDP2 unit: only its own forward all-gathers its parameters
             h = layer(h, memory, memory_key_padding_mask=~mask)
             continue
-        p = layer.self_attn.dropout if layer.training else 0.0
+        p_self = layer.self_attn.dropout if layer.training else 0.0
+        p_cross = layer.multihead_attn.dropout if layer.training else 0.0
         hn = layer.norm1(h)
-        h = h + layer.dropout1(_attend(layer.self_attn, hn, hn, None, p))
-        h = h + layer.dropout2(_attend(layer.multihead_attn, layer.norm2(h), memory, attn_mask, p))
-        h = h + layer._ff_block(layer.norm3(h))
+        h = h + layer.dropout1(_attend(layer.self_attn, hn, hn, None, p_self))
+        h = h + layer.dropout2(_attend(layer.multihead_attn, layer.norm2(h), memory, attn_mask, p_cross))
+        ff = layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(h)))))
+        h = h + layer.dropout3(ff)
     return h
 
 
