@@ -112,18 +112,23 @@ RESUME = """
 """
 
 
+def run_then_resume(tmp_path: Path, full, env: dict) -> str:
+    """Run `full` on 2 ranks (RESUME keeps its step-2 `last` in tmp_path/resumed), then resume it there to
+    the end; returns the resumed run's log."""
+    (tmp_path / "full.json").write_text(full.to_json())
+    torchrun_script(tmp_path, RESUME, [str(tmp_path / "full.json"), str(tmp_path / "resumed")], env)
+    resumed = copy.deepcopy(full)
+    resumed.train.output_dir, resumed.train.resume = str(tmp_path / "resumed"), True
+    (tmp_path / "resumed.json").write_text(resumed.to_json())
+    return torchrun_script(tmp_path, RESUME, [str(tmp_path / "resumed.json")], env)
+
+
 @pytest.mark.parametrize("head", ["regression", "flow"])
 def test_two_rank_resume_is_bit_exact(tmp_path, tiny_vl_dir, synth_dataset_dir, head):
     """4 steps on 2 ranks, vs. resuming both ranks from the `last` saved at step 2: same losses, and the
     final checkpoints hold identical tensors (weights and optimizer state)."""
     full = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "full", head=head, max_steps=4, save_every_steps=2)
-    (tmp_path / "full.json").write_text(full.to_json())
-    env = env_for(tiny_vl_dir)
-    torchrun_script(tmp_path, RESUME, [str(tmp_path / "full.json"), str(tmp_path / "resumed")], env)
-    resumed = copy.deepcopy(full)
-    resumed.train.output_dir, resumed.train.resume = str(tmp_path / "resumed"), True
-    (tmp_path / "resumed.json").write_text(resumed.to_json())
-    torchrun_script(tmp_path, RESUME, [str(tmp_path / "resumed.json")], env)
+    run_then_resume(tmp_path, full, env_for(tiny_vl_dir))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert set(a) == {1, 2, 3, 4} and set(b) == {3, 4}
     assert b == {s: a[s] for s in (3, 4)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import RESUME, torchrun_script
+from test_distributed import run_then_resume, torchrun_script
 from test_seed_commands import env_for
 from test_train import assert_same_tensors, losses, tensors_of, tiny_cfg
 
@@ -42,13 +42,7 @@ def test_fsdp2_resume_equals_uninterrupted(tmp_path, tiny_vl_dir, synth_dataset_
     gathered at save, resharded at load): the same losses and identical final tensors (weights + AdamW)."""
     full = fsdp_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "full", stage1_file, mode, max_steps=4)
     full.train.save_every_steps = 2
-    (tmp_path / "full.json").write_text(full.to_json())
-    env = env_for(tiny_vl_dir)
-    torchrun_script(tmp_path, RESUME, [str(tmp_path / "full.json"), str(tmp_path / "resumed")], env)
-    resumed = copy.deepcopy(full)
-    resumed.train.output_dir, resumed.train.resume = str(tmp_path / "resumed"), True
-    (tmp_path / "resumed.json").write_text(resumed.to_json())
-    log = torchrun_script(tmp_path, RESUME, [str(tmp_path / "resumed.json")], env)
+    log = run_then_resume(tmp_path, full, env_for(tiny_vl_dir))
     assert "resumed at epoch 0, step 2" in log
     a, b = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert set(a) == {1, 2, 3, 4} and set(b) == {3, 4}

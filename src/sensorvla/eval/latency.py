@@ -136,6 +136,27 @@ def _time_calls(runner, obs, warmup: int, iters: int, bar) -> tuple[dict[str, li
     return samples, time.perf_counter() - t0, time.process_time() - c0
 
 
+def _row(timed, iters: int, config: str, threads: int, head: str, steps, views: int, mode: str, compile: bool):  # noqa: A002
+    """One benchmark row: what was measured, loop Hz (wall and CPU time) and p50 / p99 per stage (ms)."""
+    samples, wall, cpu = timed
+    row = {
+        "config": config,
+        "threads": threads,
+        "head": head,
+        "steps": steps,
+        "views": views,
+        "mode": mode,
+        "iters": iters,
+        "hz": iters / wall,
+        "hz_cpu": iters / max(cpu, 1e-9),
+        "compile": compile,
+    }
+    for s in STAGES:
+        row[f"{s[:-3]}_p50"] = float(np.percentile(samples[s], 50))
+        row[f"{s[:-3]}_p99"] = float(np.percentile(samples[s], 99))
+    return row
+
+
 def bench_latency(
     vl_model: str | Path,
     *,
@@ -179,23 +200,9 @@ def bench_latency(
             bar.set_postfix_str(f"threads={n} {head} views={v} {mode}")
             runner = _runner(str(vl_model), head, v, mode, device, sensor_channels, image_size, steps, compile)
             obs = _obs(v, sensor_channels, image_size, rng)
-            samples, wall, cpu = _time_calls(runner, obs, warmup, iters, bar)
-            row = {
-                "config": config,
-                "threads": n,
-                "head": head,
-                "steps": {"diffusion": steps[0], "flow": steps[1]}.get(head),
-                "views": v,
-                "mode": mode,
-                "iters": iters,
-                "hz": iters / wall,
-                "hz_cpu": iters / max(cpu, 1e-9),
-                "compile": compile,
-            }
-            for s in STAGES:
-                row[f"{s[:-3]}_p50"] = float(np.percentile(samples[s], 50))
-                row[f"{s[:-3]}_p99"] = float(np.percentile(samples[s], 99))
-            rows.append(row)
+            timed = _time_calls(runner, obs, warmup, iters, bar)
+            steps_of = {"diffusion": steps[0], "flow": steps[1]}.get(head)
+            rows.append(_row(timed, iters, config, n, head, steps_of, v, mode, compile))
             if mode != modes[0]:  # the head alone does not depend on the mode: measured once
                 continue
             calls.setdefault((n, v, mode), {})[head] = _head_calls(runner, obs)
@@ -242,24 +249,11 @@ def bench_checkpoint(
                 cfg = runner.cfg
                 side = max(28, int(math.isqrt(int(cfg.model.backbone.max_pixels))))
                 obs = _obs(cfg.model.num_views, cfg.model.sensor.channels, side, rng)
-                samples, wall, cpu = _time_calls(runner, obs, warmup, iters, bar)
-                row = {
-                    "config": "checkpoint",
-                    "threads": n,
-                    "head": cfg.model.head.type,
-                    "steps": cfg.model.head.num_inference_steps if cfg.model.head.type != "regression" else None,
-                    "views": cfg.model.num_views,
-                    "mode": mode,
-                    "iters": iters,
-                    "hz": iters / wall,
-                    "hz_cpu": iters / max(cpu, 1e-9),
-                    "compile": compile,
-                    "image_size": side,
-                }
-                for s in STAGES:
-                    row[f"{s[:-3]}_p50"] = float(np.percentile(samples[s], 50))
-                    row[f"{s[:-3]}_p99"] = float(np.percentile(samples[s], 99))
-                rows.append(row)
+                timed = _time_calls(runner, obs, warmup, iters, bar)
+                head = cfg.model.head.type
+                steps = cfg.model.head.num_inference_steps if head != "regression" else None
+                row = _row(timed, iters, "checkpoint", n, head, steps, cfg.model.num_views, mode, compile)
+                rows.append({**row, "image_size": side})
     finally:
         bar.close()
         torch.set_num_threads(before)

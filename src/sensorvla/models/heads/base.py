@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from sensorvla.config import HeadConfig
 
@@ -120,8 +121,6 @@ def decode(decoder: nn.TransformerDecoder, tgt: torch.Tensor, memory: torch.Tens
     about 1.15x faster to train on CPU (see `_attend`)."""
     if decoder.norm is not None or not all(layer.norm_first for layer in decoder.layers):
         raise ValueError("decode() computes pre-norm decoders without a final norm (norm_first=True, norm=None)")
-    from torch.distributed.fsdp import FSDPModule
-
     mask = memory_mask.bool()
     attn_mask = None if mask.device.type != "meta" and bool(mask.all()) else mask[:, None, None, :]
     h = tgt
