@@ -260,8 +260,8 @@ def test_finite_but_absurd_inputs_never_return_non_finite_actions(runner, sensor
 
 def test_non_finite_actions_raise_instead_of_returning(runner, sensor_obs, monkeypatch):
     head = runner.policy.head
-    real = head.sample
-    monkeypatch.setattr(head, "sample", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = head.sample_memory  # what the runner calls (over the head's Memory of the conditioning)
+    monkeypatch.setattr(head, "sample_memory", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(NonFiniteOutputError, match="56 non-finite action value"):
         runner.new_session().infer(sensor_obs)
 

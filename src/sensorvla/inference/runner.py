@@ -102,8 +102,9 @@ class PolicyRunner:
         self.checker = RequestChecker(cfg, normalizer, processor, self.limits)
         self.vl_calls = 0  # VL encodes over all sessions
         self._count_lock = threading.Lock()
-        # (VLFeatures, VL mask, fused VL projection) of the last head step; replaced as a whole (thread-safe)
-        self._vl_projected: tuple[Any, torch.Tensor, torch.Tensor] | None = None
+        # (VLFeatures, VL mask, fused VL projection, the head's Memory of it | None) of the last head step; replaced
+        # as a whole (thread-safe)
+        self._vl_projected: tuple[Any, torch.Tensor, torch.Tensor, Any] | None = None
         if compile_model if compile_model is not None else getattr(getattr(cfg, "runtime", None), "compile", False):
             from sensorvla.runtime import compile_policy
 
@@ -266,7 +267,11 @@ class PolicyRunner:
         return vl
 
     def head_step(self, batch, vl_feats) -> tuple[np.ndarray, dict[str, float]]:
-        """Projection, sensor encoder, fusion and head -> (normalized chunk float32 (H, D_a), stage times)."""
+        """Projection, sensor encoder, fusion and head -> (normalized chunk float32 (H, D_a), stage times).
+
+        What depends on the VL features alone is computed once per features and reused while they are (fast-slow
+        mode): their projection and, where the fusion keeps the VL tokens as they are (concat, gated), the head's
+        `Memory` of them, so a fast tick projects keys and values for the sensor and state tokens only."""
         pol = self.policy
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -275,14 +280,13 @@ class PolicyRunner:
         )
         t1 = time.perf_counter()
         with torch.inference_mode(), autocast:
-            # the VL tokens' projections depend on the VL features only: reused with them (fast-slow mode)
             cached = self._vl_projected
-            if cached is not None and cached[0] is vl_feats:
-                vl_mask, v_proj = cached[1], cached[2]
-            else:
+            if cached is None or cached[0] is not vl_feats:
                 vl, vl_mask = pol.backbone.project(*vl_feats)
                 v_proj = pol.fusion.project_vl(vl.float())
-                self._vl_projected = (vl_feats, vl_mask, v_proj)
+                v_mem = pol.head.memory(v_proj, vl_mask) if pol.fusion.keeps_vl_tokens else None
+                cached = self._vl_projected = (vl_feats, vl_mask, v_proj, v_mem)
+            _, vl_mask, v_proj, v_mem = cached
             self.sync()
             t2 = time.perf_counter()
             s_tok = s_mask = None
@@ -293,13 +297,19 @@ class PolicyRunner:
             self.sync()
             t3 = time.perf_counter()
             state = batch.get("state") if self.cfg.model.state_dim else None
-            cond, cond_mask = pol.fusion(
-                None, vl_mask, s_tok, s_mask, None if state is None else state.float(), vl_projected=v_proj
+            v, tail, tail_mask = pol.fusion.parts(
+                v_proj, vl_mask, s_tok, s_mask, None if state is None else state.float()
             )
+            if v_mem is None:  # the fusion changed the VL tokens: the whole conditioning's memory
+                cond = v if tail is None else torch.cat([v, tail], dim=1)
+                mask = vl_mask.bool() if tail is None else torch.cat([vl_mask.bool(), tail_mask], dim=1)
+                memory = pol.head.memory(cond, mask)
+            else:
+                memory = v_mem if tail is None else v_mem.cat(pol.head.memory(tail, tail_mask))
             gen = None
             if self.generator_seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)
-            chunk = pol.head.sample(cond, cond_mask, generator=gen)
+            chunk = pol.head.sample_memory(memory, generator=gen)
         self.sync()
         t4 = time.perf_counter()
         times = {"vl_ms": (t2 - t1) * 1e3, "sensor_ms": (t3 - t2) * 1e3, "head_ms": (t4 - t3) * 1e3}

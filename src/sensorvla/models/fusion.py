@@ -50,19 +50,30 @@ class Fusion(nn.Module):
         are reused); `vl` is then not read.
         """
         v = self.project_vl(vl) if vl_projected is None else vl_projected
+        v, tail, tail_mask = self.parts(v, vl_mask, sensor_tok, sensor_mask, state)
+        if tail is None:
+            return v, vl_mask.bool()
+        return torch.cat([v, tail], dim=1), torch.cat([vl_mask.bool(), tail_mask], dim=1)
+
+    def parts(self, v, vl_mask, sensor_tok=None, sensor_mask=None, state=None):
+        """The conditioning in two parts: projected VL tokens v (B, N_vl, D) -> (VL tokens (B, N_vl, D), tail
+        (B, N_s [+ 1], D) | None, tail mask | None): the sensor tokens and the state token follow the VL tokens.
+        Where `keeps_vl_tokens` the VL tokens come back unchanged, so a caller reusing VL features may reuse
+        whatever it derived from them (the head's `Memory` of them, in fast-slow inference)."""
         parts, masks = [], []
         if self.sensor_proj is not None and sensor_tok is not None:
             s = self.sensor_proj(sensor_tok) + self.type_emb[1]
             v, s = self.mix(v, vl_mask.bool(), s, sensor_mask.bool())
-            parts += [v, s]
-            masks += [vl_mask.bool(), sensor_mask.bool()]
-        else:
-            parts.append(v)
-            masks.append(vl_mask.bool())
+            parts.append(s)
+            masks.append(sensor_mask.bool())
         if self.state_proj is not None and state is not None:
             parts.append((self.state_proj(state) + self.type_emb[2]).unsqueeze(1))
             masks.append(torch.ones(state.shape[0], 1, dtype=torch.bool, device=state.device))
-        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        if not parts:
+            return v, None, None
+        return v, torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+
+    keeps_vl_tokens = True  # `mix` returns the VL tokens unchanged (concat, gated); cross_attention changes them
 
 
 class ConcatFusion(Fusion):
@@ -71,6 +82,8 @@ class ConcatFusion(Fusion):
 
 class CrossAttentionFusion(Fusion):
     """VL tokens query the sensor tokens (multi-token keys, so the sensor really shapes the output)."""
+
+    keeps_vl_tokens = False
 
     def __init__(self, cfg: FusionConfig, vl_dim: int, sensor_dim: int | None, state_dim: int):
         super().__init__(cfg, vl_dim, sensor_dim, state_dim)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensorvla.config import SensorConfig
+from sensorvla.models.packed import PackedAttention, PackedEncoderLayer, key_bias, linear, norm_args, packed, transposed
 
 UNFOLD_MAX_ROWS = 64  # inference batches up to this many profiles (B * T_s) use `conv1d_unfold`
 
@@ -96,7 +97,11 @@ class SensorEncoder(nn.Module):
         self.missing_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, d) * 0.02)
 
     def forward(self, sensor: torch.Tensor, sensor_mask: torch.Tensor, has_sensor: torch.Tensor):
-        """sensor (B, T_s, C_s), sensor_mask bool (B, T_s), has_sensor bool (B,) -> (B, N_s, D), mask (B, N_s)."""
+        """sensor (B, T_s, C_s), sensor_mask bool (B, T_s), has_sensor bool (B,) -> (B, N_s, D), mask (B, N_s).
+
+        Inference (eval mode, no grad) runs the packed kernels (`PackedSensorEncoder`, the same function)."""
+        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return packed(self, PackedSensorEncoder)(sensor, sensor_mask, has_sensor)
         b, t, c = sensor.shape
         h = None  # the paths' sum, in the original order (no zero tensor to start from: 0 + x == x)
         if self.force_proj is not None:
@@ -105,19 +110,96 @@ class SensorEncoder(nn.Module):
             a = self.ascan(sensor[..., self.force_channels :].reshape(b * t, -1)).reshape(b, t, -1)
             h = a if h is None else h + a
         h = self.in_norm(h + self.time_pos[:, :t])
-        valid = sensor_mask.bool() & has_sensor.bool()[:, None]
-        present = valid.any(dim=1)  # samples with at least one measured grid point
-        # rows with nothing valid would make attention NaN: give them one dummy key, replaced below
-        kpm = ~valid
-        kpm[~present, 0] = False
-        if kpm.device.type != "meta" and not bool(kpm.any()):  # all measured (the common case): no mask
-            kpm = None
+        valid, present, kpm = self.key_padding(sensor_mask, has_sensor)
         h = self.encoder(h, src_key_padding_mask=kpm)
         q = self.queries.expand(b, -1, -1)
         tokens, _ = self.pool(q, h, h, key_padding_mask=kpm, need_weights=False)
         tokens = self.out_norm(tokens + q)
-        # samples without data get the learned tokens; at inference with every sample measured the select is a
-        # no-op and is skipped (training keeps it, so `missing_tokens` is always in the graph: DDP needs that)
-        if kpm is not None or torch.is_grad_enabled() or tokens.device.type == "meta":
-            tokens = torch.where(present[:, None, None], tokens, self.missing_tokens.expand(b, -1, -1))
+        # samples without data get the learned tokens (training keeps the select, so `missing_tokens` is always in
+        # the graph: DDP needs that)
+        tokens = torch.where(present[:, None, None], tokens, self.missing_tokens.expand(b, -1, -1))
         return tokens, torch.ones(b, tokens.shape[1], dtype=torch.bool, device=tokens.device)
+
+    @staticmethod
+    def key_padding(sensor_mask: torch.Tensor, has_sensor: torch.Tensor):
+        """(valid (B, T_s), present (B,), key padding mask (B, T_s) | None): the grid points that carry data, the
+        samples with at least one, and the attention's padding mask (None when every point is valid). A sample
+        with nothing valid would make attention NaN: it keeps one dummy key, and its tokens are replaced."""
+        valid = sensor_mask.bool() & has_sensor.bool()[:, None]
+        present = valid.any(dim=1)
+        kpm = ~valid
+        kpm[~present, 0] = False
+        if kpm.device.type != "meta" and not bool(kpm.any()):  # all measured (the common case): no mask
+            kpm = None
+        return valid, present, kpm
+
+
+class PackedSensorEncoder:
+    """`SensorEncoder.forward` in eval with packed weights (`models/packed.py`): the A-scan convs as matmuls over
+    unfolded windows, bmm attention, and the pooling queries' projection computed once."""
+
+    def __init__(self, enc: SensorEncoder):
+        self.force_channels = enc.force_channels
+        self.force = (transposed(enc.force_proj.weight), enc.force_proj.bias.detach()) if enc.force_proj else None
+        self.ascan = PackedAScan(enc.ascan) if enc.ascan is not None else None
+        self.time_pos = enc.time_pos.detach()
+        self.in_norm, self.out_norm = norm_args(enc.in_norm), norm_args(enc.out_norm)
+        self.layers = [PackedEncoderLayer(layer) for layer in enc.encoder.layers]
+        self.pool = PackedAttention(enc.pool)
+        self.queries = enc.queries.detach()
+        self.pool_q = self.pool.query(self.queries)  # (h, N_s, d_head): the learned queries' projection
+        self.missing = enc.missing_tokens.detach()
+
+    def __call__(self, sensor: torch.Tensor, sensor_mask: torch.Tensor, has_sensor: torch.Tensor):
+        """The encoder's forward (see `SensorEncoder.forward`)."""
+        b, t, _ = sensor.shape
+        h = None
+        if self.force is not None:
+            h = linear(sensor[..., : self.force_channels], *self.force)
+        if self.ascan is not None:
+            a = self.ascan(sensor[..., self.force_channels :].reshape(b * t, -1)).view(b, t, -1)
+            h = a if h is None else h + a
+        h = F.layer_norm(h + self.time_pos[:, :t], *self.in_norm)
+        _, present, kpm = SensorEncoder.key_padding(sensor_mask, has_sensor)
+        bias = key_bias(None if kpm is None else ~kpm, self.pool.heads)
+        for layer in self.layers:
+            h = layer(h, bias)
+        k_t, v = self.pool.keys_values(h)
+        q = self.pool_q if b == 1 else self.pool_q.repeat(b, 1, 1)
+        tokens = F.layer_norm(self.pool.attend(q, k_t, v, bias, b) + self.queries, *self.out_norm)
+        if kpm is not None:  # every sample measured: the select is a no-op
+            tokens = torch.where(present[:, None, None], tokens, self.missing.expand(b, -1, -1))
+        return tokens, torch.ones(b, tokens.shape[1], dtype=torch.bool, device=tokens.device)
+
+
+class PackedAScan:
+    """`AScanEncoder.forward` in eval: each Conv1d as one matmul over unfolded windows, weights packed."""
+
+    def __init__(self, ascan: AScanEncoder):
+        self.layers = []
+        for layer in ascan.conv:
+            if isinstance(layer, nn.Conv1d):
+                (k,), (stride,), (pad,) = layer.kernel_size, layer.stride, layer.padding
+                w = transposed(layer.weight.reshape(layer.out_channels, -1))
+                self.layers.append(("conv", (w, layer.bias.detach(), k, stride, pad)))
+            elif isinstance(layer, nn.GroupNorm):
+                self.layers.append(("norm", (layer.num_groups, layer.weight.detach(), layer.bias.detach(), layer.eps)))
+            else:
+                self.layers.append(("act", layer))
+        self.proj = (transposed(ascan.proj.weight), ascan.proj.bias.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A-scan profiles (N, L) -> features (N, out_dim)."""
+        h = x.unsqueeze(1)  # (N, C, L)
+        for kind, p in self.layers:
+            if kind == "conv":
+                w, bias, k, stride, pad = p
+                windows = F.pad(h, (pad, pad)).unfold(2, k, stride)  # (N, C_in, L_out, k)
+                n, c, length, _ = windows.shape
+                out = torch.addmm(bias, windows.permute(0, 2, 1, 3).reshape(n * length, c * k), w)
+                h = out.view(n, length, -1).transpose(1, 2)
+            elif kind == "norm":
+                h = F.group_norm(h, *p)
+            else:
+                h = p(h)
+        return linear(torch.cat([h.mean(-1), h.amax(-1)], dim=-1), *self.proj)

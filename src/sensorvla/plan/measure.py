@@ -5,12 +5,14 @@ first optimizer step (so weights, gradients and AdamW states all exist, and one-
 excluded), through the following steps, validation and checkpointing of `train(cfg)`.
 - CUDA: `torch.cuda.max_memory_allocated`, reset by a global optimizer-step hook after the first step.
 - CPU: at the end of the first step the hook sums the storages of every live tensor (found through the garbage
-  collector: weights, gradients, AdamW states, the batch) and drops a marker into a `torch.profiler` timeline
-  recorded with `profile_memory=True`; the profiler then sees every later allocation and free of the training
-  thread at the allocator (kernel workspaces included), and the peak is that sum plus the running total's
-  highest point after the marker. The profiler alone cannot give the sum: it does not see allocations made on
-  other threads, e.g. transformers' parallel weight loading. RSS would not do either: glibc keeps freed pages,
-  so RSS shows the process's high-water mark, loading included, not the live tensors.
+  collector: weights, gradients, AdamW states, the batch), less those that were alive before `train` started
+  (what earlier runs in the same process left behind: a compiled graph's constants, caches), and drops a
+  marker into a `torch.profiler` timeline recorded with `profile_memory=True`; the profiler then sees every
+  later allocation and free of the training thread at the allocator (kernel workspaces included), and the
+  peak is that sum plus the running total's highest point after the marker. The profiler alone cannot give
+  the sum: it does not see allocations made on other threads, e.g. transformers' parallel weight loading.
+  RSS would not do either: glibc keeps freed pages, so RSS shows the process's high-water mark, loading
+  included, not the live tensors.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def measure_step_peak(cfg, device: str = "cpu") -> int:
     cfg.train.device = device
     if cfg.train.max_steps < 2:
         raise ValueError("measure the step peak with --train.max-steps >= 2 (the first step only allocates states)")
-    state = {"steps": 0}
+    gc.collect()
+    state = {"steps": 0, "before": 0 if device == "cuda" else live_tensor_bytes("cpu")}
 
     def after_step(optimizer, args, kwargs) -> None:
         state["steps"] += 1
@@ -44,7 +47,7 @@ def measure_step_peak(cfg, device: str = "cpu") -> int:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             else:
-                state["baseline"] = live_tensor_bytes("cpu")
+                state["baseline"] = live_tensor_bytes("cpu") - state["before"]
                 with torch.profiler.record_function(MARKER):
                     pass
 

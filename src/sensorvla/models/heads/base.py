@@ -11,12 +11,14 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from sensorvla.config import HeadConfig
+from sensorvla.models.packed import Memory, PackedDecoder, linear, packed, transposed
 
 
 class ActionHead(nn.Module):
     """Predicts an action chunk (B, H, D_a) in normalized units from a conditioning sequence.
 
-    Subclasses implement `loss` (per-sample, masked over padded steps) and `sample`.
+    Subclasses implement `loss` (per-sample, masked over padded steps; the training path), and `memory` +
+    `sample_memory` (inference, through the packed kernels of `models/packed.py`).
     """
 
     def __init__(self, cfg: HeadConfig, cond_dim: int):
@@ -40,6 +42,18 @@ class ActionHead(nn.Module):
         """
         raise NotImplementedError
 
+    def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
+        """cond (B, N_c, D) + mask (B, N_c) -> the `Memory` every sampling step cross-attends to (eval only).
+
+        Per token: the memory of a concatenation is the concatenation of memories (`Memory.cat`)."""
+        raise NotImplementedError
+
+    def sample_memory(
+        self, memory: Memory, generator: torch.Generator | None = None, num_steps: int | None = None
+    ) -> torch.Tensor:
+        """A `memory` -> actions (B, H, D_a), eval semantics (no dropout)."""
+        raise NotImplementedError
+
     def sample(
         self,
         cond: torch.Tensor,
@@ -47,8 +61,15 @@ class ActionHead(nn.Module):
         generator: torch.Generator | None = None,
         num_steps: int | None = None,
     ) -> torch.Tensor:
-        """cond (B, N_c, D) -> actions (B, H, D_a)."""
-        raise NotImplementedError
+        """cond (B, N_c, D) -> actions (B, H, D_a): `sample_memory(memory(cond))` in eval; with dropout active
+        (training mode) the subclass's training forward runs instead."""
+        with torch.no_grad():
+            return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
+
+    def dropout_active(self) -> bool:
+        """Whether a dropout layer would draw now (training mode and p > 0): sampling then uses the training
+        forward, since the packed inference path has eval semantics."""
+        return self.training and any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout))
 
 
 def masked_mean(per_elem: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
@@ -65,23 +86,14 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class DenoiserCondition(NamedTuple):
-    """A sampling call's conditioning, computed once and reused at every denoising step.
-
-    keys / values: per decoder layer, the cross-attention keys and values of `cond_proj(cond)`
-    (B, heads, N_c, d_head); attn_mask: (B, 1, 1, N_c) bool, True = attend, None when every token is valid.
-    """
-
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    attn_mask: torch.Tensor | None
-
-
 class StepEmbedding(NamedTuple):
-    """One denoising step's timestep terms: temb (1, 1, D) and, per layer, its value shift (1, heads, 1, d_head)."""
+    """One denoising step's timestep terms: temb (1, 1, D) and, per layer, its value shift (h, 1, d_head)."""
 
     temb: torch.Tensor
     value_shift: tuple[torch.Tensor, ...]
+
+
+DenoiserCondition = Memory  # the name sampling code and tests used for a call's precomputed conditioning
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -172,47 +184,48 @@ class ChunkDenoiser(nn.Module):
         memory = self.cond_proj(cond) + temb
         return self.out(decode(self.decoder, h, memory, cond_mask))
 
-    def condition(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> DenoiserCondition:
+    def condition(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
         """cond (B, N_c, D_c), cond_mask (B, N_c) -> the per-call cross-attention keys / values and mask."""
-        memory = self.cond_proj(cond)
-        keys, values = [], []
-        for layer in self.decoder.layers:
-            attn = layer.multihead_attn
-            d = attn.embed_dim
-            k, v = F.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).chunk(2, dim=-1)
-            keys.append(_split_heads(k, attn.num_heads))
-            values.append(_split_heads(v, attn.num_heads))
-        mask = cond_mask.bool()
-        attn_mask = None if mask.device.type != "meta" and bool(mask.all()) else mask[:, None, None, :]
-        return DenoiserCondition(tuple(keys), tuple(values), attn_mask)
+        return self.pack().memory(cond, cond_mask)
+
+    def pack(self) -> DecoderPack:
+        """The packed inference form of this denoiser (rebuilt when a parameter changed)."""
+        return packed(self, DecoderPack)
 
     def step_embeddings(self, t: torch.Tensor) -> list[StepEmbedding]:
         """(S,) timesteps of a sampling call (shared by the batch) -> one `StepEmbedding` per step."""
+        pack = self.pack()
         temb = self.t_mlp(timestep_embedding(t, self.dim))  # (S, D)
         shifts = []
-        for layer in self.decoder.layers:
-            attn = layer.multihead_attn
-            d, heads = attn.embed_dim, attn.num_heads
-            shifts.append(F.linear(temb, attn.in_proj_weight[2 * d :]).view(len(t), 1, heads, 1, d // heads))
+        for attn in pack.decoder.cross_attn:
+            shifts.append((temb @ attn.v_w).view(len(t), attn.heads, 1, attn.d_head))
         return [StepEmbedding(temb[i].view(1, 1, -1), tuple(s[i] for s in shifts)) for i in range(len(t))]
 
-    def step(self, x: torch.Tensor, emb: StepEmbedding, ctx: DenoiserCondition) -> torch.Tensor:
-        """One sampling step (eval semantics: no dropout): x (B, H, D_a) -> (B, H, D_a), equal to `forward`."""
-        h = self.in_proj(x) + self.pos + emb.temb
-        for layer, k, v, shift in zip(self.decoder.layers, ctx.keys, ctx.values, emb.value_shift, strict=True):
-            sa, ca = layer.self_attn, layer.multihead_attn
-            heads, d = sa.num_heads, sa.embed_dim
-            q, k_s, v_s = F.linear(layer.norm1(h), sa.in_proj_weight, sa.in_proj_bias).chunk(3, dim=-1)
-            a = F.scaled_dot_product_attention(
-                _split_heads(q, heads), _split_heads(k_s, heads), _split_heads(v_s, heads)
-            )
-            h = h + sa.out_proj(_merge_heads(a))
-            q = F.linear(layer.norm2(h), ca.in_proj_weight[:d], ca.in_proj_bias[:d])
-            a = F.scaled_dot_product_attention(_split_heads(q, ca.num_heads), k, v, attn_mask=ctx.attn_mask)
-            h = h + ca.out_proj(_merge_heads(a + shift))
-            h = h + layer.linear2(layer.activation(layer.linear1(layer.norm3(h))))
-        return self.out(h)
+    def step(self, x: torch.Tensor, emb: StepEmbedding, ctx: Memory, pack: DecoderPack | None = None) -> torch.Tensor:
+        """One sampling step (eval semantics: no dropout): x (B, H, D_a) -> (B, H, D_a), equal to `forward`.
+        `pack`: `self.pack()` fetched once by the sampling loop (else looked up here)."""
+        pack = pack or self.pack()
+        h = linear(x, *pack.in_proj) + (pack.pos + emb.temb)
+        return pack.output(pack.decoder(h, ctx, emb.value_shift))
 
     def uses_step_path(self) -> bool:
         """Whether sampling may use `step` (eval semantics): not while dropout is active."""
         return not (self.training and any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout)))
+
+
+class DecoderPack:
+    """A head's decoder stack packed for inference (`models/packed.py`): the decoder over a `Memory`, the
+    head's condition projection and output modules (`cond_proj`, `output`), and where the head has them, its
+    packed input projection and horizon positions (`ChunkDenoiser`)."""
+
+    def __init__(self, head: nn.Module):
+        self.decoder = PackedDecoder(head.decoder)
+        # the modules themselves (their hooks run): cond_proj once per call, out once per step (two small ops)
+        self.cond_proj, self.output = head.cond_proj, head.out
+        if hasattr(head, "in_proj"):
+            self.in_proj = (transposed(head.in_proj.weight), head.in_proj.bias.detach())
+            self.pos = head.pos.detach()
+
+    def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
+        """cond (B, N_c, D_c) -> the decoder's memory of `cond_proj(cond)`."""
+        return self.decoder.memory(self.cond_proj(cond), cond_mask)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from sensorvla.config import HeadConfig
 from sensorvla.models.heads.base import ActionHead, ChunkDenoiser, masked_mean
+from sensorvla.models.packed import Memory
 
 
 class DDIMSchedule(NamedTuple):
@@ -75,20 +76,38 @@ class DiffusionHead(ActionHead):
     @torch.no_grad()
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
         """DDIM sampling from noise: cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
-        b = cond.shape[0]
-        shape = (b, self.horizon, self.action_dim)
-        x = torch.randn(shape, generator=generator, device=generator.device if generator else cond.device)
-        x = x.to(cond.device, cond.dtype)
-        schedule = self.ddim_schedule(num_steps or self.cfg.num_inference_steps)
-        timesteps = schedule.timesteps.to(cond.device)
         if not self.denoiser.uses_step_path():  # dropout active: the training forward at every step
-            step = [lambda x, i: self.denoiser(x, timesteps[i].expand(b), cond, cond_mask)] * len(timesteps)
-        else:  # conditioning once per call (docs in ChunkDenoiser)
-            ctx = self.denoiser.condition(cond, cond_mask)
-            embs = self.denoiser.step_embeddings(timesteps)
-            step = [lambda x, i: self.denoiser.step(x, embs[i], ctx)] * len(timesteps)
+            b = cond.shape[0]
+            return self._ddim(
+                lambda x, i, t: self.denoiser(x, t.expand(b), cond, cond_mask), b, cond, generator, num_steps
+            )
+        return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
+
+    def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
+        """The denoiser's per-call conditioning (`ChunkDenoiser.condition`)."""
+        return self.denoiser.condition(cond, cond_mask)
+
+    @torch.no_grad()
+    def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
+        """DDIM sampling over a precomputed `memory` (docs in ChunkDenoiser) -> actions (B, H, D_a)."""
+        den = self.denoiser
+        pack = den.pack()
+        timesteps = self.ddim_schedule(num_steps or self.cfg.num_inference_steps).timesteps.to(memory.mask.device)
+        embs = den.step_embeddings(timesteps)
+        ref = memory.keys[0]
+        return self._ddim(
+            lambda x, i, t: den.step(x, embs[i], memory, pack), memory.mask.shape[0], ref, generator, num_steps
+        )
+
+    def _ddim(self, eps_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
+        """The DDIM (eta = 0) loop from noise drawn with `generator`; `eps_fn(x, i, t)` predicts step i's noise."""
+        shape = (b, self.horizon, self.action_dim)
+        x = torch.randn(shape, generator=generator, device=generator.device if generator else like.device)
+        x = x.to(like.device, like.dtype)
+        schedule = self.ddim_schedule(num_steps or self.cfg.num_inference_steps)
+        timesteps = schedule.timesteps.to(like.device)
         for i, (a_t, a_prev) in enumerate(zip(schedule.alpha_prod.tolist(), schedule.alpha_prod_prev.tolist())):
-            eps = step[i](x, i)
+            eps = eps_fn(x, i, timesteps[i])
             # DDIMScheduler.step with eta = 0 and epsilon prediction, on precomputed scalars
             x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
             x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from sensorvla.config import HeadConfig
 from sensorvla.models.heads.base import ActionHead, ChunkDenoiser, masked_mean
+from sensorvla.models.packed import Memory
 
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded like a diffusion timestep in [0, 1000]
 BETA_ALPHA = 1.5  # s ~ Beta(BETA_ALPHA, 1)
@@ -54,23 +55,46 @@ class FlowHead(ActionHead):
     @torch.no_grad()
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
         """Euler integration from noise: cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
-        b = cond.shape[0]
+        if not self.velocity.uses_step_path():  # dropout active: the training forward at every step
+            b = cond.shape[0]
+            return self._euler(
+                lambda x, i, t: self.velocity(x, t.expand(b), cond, cond_mask), b, cond, generator, num_steps
+            )
+        return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
+
+    def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
+        """The velocity network's per-call conditioning (`ChunkDenoiser.condition`)."""
+        return self.velocity.condition(cond, cond_mask)
+
+    @torch.no_grad()
+    def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
+        """Euler integration over a precomputed `memory` (docs in ChunkDenoiser) -> actions (B, H, D_a)."""
+        vel = self.velocity
+        pack = vel.pack()
+        embs = vel.step_embeddings(self._times(num_steps, memory.mask.device))
+        ref = memory.keys[0]
+        return self._euler(
+            lambda x, i, t: vel.step(x, embs[i], memory, pack), memory.mask.shape[0], ref, generator, num_steps
+        )
+
+    def _times(self, num_steps: int | None, device) -> torch.Tensor:
+        """The Euler steps' times t = 1, 1 - dt, ... (scaled by TIME_SCALE), (S,)."""
+        steps = num_steps or self.cfg.num_inference_steps
+        dt = -1.0 / steps
+        return torch.tensor([1.0 + i * dt for i in range(steps)], device=device) * TIME_SCALE
+
+    def _euler(self, velocity_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
+        """Euler steps of dt = -1/steps from noise (scaled by `noise_scale`); `velocity_fn(x, i, t)` is step i's v."""
         steps = num_steps or self.cfg.num_inference_steps
         x = (
             torch.randn(
                 (b, self.horizon, self.action_dim),
                 generator=generator,
-                device=generator.device if generator else cond.device,
-            ).to(cond.device, cond.dtype)
+                device=generator.device if generator else like.device,
+            ).to(like.device, like.dtype)
             * self.cfg.noise_scale
         )
         dt = -1.0 / steps
-        times = torch.tensor([1.0 + i * dt for i in range(steps)], device=cond.device) * TIME_SCALE
-        if not self.velocity.uses_step_path():  # dropout active: the training forward at every step
-            for i in range(steps):
-                x = x + dt * self.velocity(x, times[i].expand(b), cond, cond_mask)
-            return x
-        ctx = self.velocity.condition(cond, cond_mask)  # conditioning once per call (docs in ChunkDenoiser)
-        for emb in self.velocity.step_embeddings(times):
-            x = x + dt * self.velocity.step(x, emb, ctx)
+        for i, t in enumerate(self._times(steps, like.device)):
+            x = x + dt * velocity_fn(x, i, t)
         return x

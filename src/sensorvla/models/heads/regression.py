@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.heads.base import ActionHead, decode, masked_mean
+from sensorvla.models.heads.base import ActionHead, DecoderPack, decode, masked_mean
+from sensorvla.models.packed import Memory, packed
 
 
 class RegressionHead(ActionHead):
@@ -38,6 +39,18 @@ class RegressionHead(ActionHead):
         fn = F.l1_loss if self.cfg.loss == "l1" else F.mse_loss
         return masked_mean(fn(pred, actions, reduction="none"), action_mask)
 
+    def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
+        """cond (B, N_c, D) + mask -> the decoder's cross-attention keys / values (packed, eval)."""
+        return packed(self, DecoderPack).memory(cond, cond_mask)
+
+    def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
+        """The regressed chunk (B, H, D_a) from a `memory`; `generator` and `num_steps` are unused."""
+        pack = packed(self, DecoderPack)
+        q = self.queries.detach().expand(memory.mask.shape[0], -1, -1)
+        return pack.output(pack.decoder(q, memory))
+
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
         """The regressed chunk (B, H, D_a); `generator` and `num_steps` are unused."""
-        return self.predict(cond, cond_mask)
+        if self.dropout_active():
+            return self.predict(cond, cond_mask)
+        return super().sample(cond, cond_mask)
