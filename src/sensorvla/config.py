@@ -68,6 +68,11 @@ SEED_ALIASES = {
 }
 
 
+# Keys added after configs were first saved -> what a saved config without them meant (its checkpoint's
+# architecture). `from_dict` fills them where the key's section is present but the key is not.
+LEGACY_VALUES = {"model.head.denoiser": "decoder"}
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag to change."""
 
@@ -139,6 +144,10 @@ class HeadConfig:
     loss: Literal["l1", "mse"] = "l1"  # regression only
     diffusion_timesteps: int = 100
     num_inference_steps: int = 10  # DDIM steps (diffusion) or Euler steps (flow)
+    # The sampling heads' network (models/heads/denoisers.py): "mlp" reads the conditioning once per call into a
+    # plan, then each step is a small MLP-Mixer block; "decoder" cross-attends to the conditioning at every step
+    # (configs saved before this option existed mean "decoder": LEGACY_VALUES)
+    denoiser: Literal["decoder", "mlp"] = "mlp"
     noise_scale: float = 1.0  # flow sampling: std of the initial noise (1 = the learned distribution, 0 = its mode)
 
 
@@ -297,7 +306,8 @@ class SensorVLAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SensorVLAConfig:
-        """The config of a `to_dict()` dict; every value type-checked (`ConfigError` naming the key)."""
+        """The config of a `to_dict()` dict; every value type-checked (`ConfigError` naming the key). A key of
+        `LEGACY_VALUES` missing from its section (a config saved before the key existed) gets its legacy value."""
         return _from_dict(cls, data, "")
 
     def to_json(self) -> str:
@@ -335,6 +345,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
             "Remove them or fix the spelling."
         )
     kwargs = {}
+    for key, value in LEGACY_VALUES.items():
+        section, _, leaf = key.rpartition(".")
+        if f"{section}." == prefix and leaf not in data:
+            kwargs[leaf] = value
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):

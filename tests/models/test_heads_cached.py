@@ -1,5 +1,7 @@
 """Sampling heads compute the conditioning once per call and reuse it at every denoising step: the step path
-equals the per-step training forward (same seed, atol 1e-6), with and without padded condition tokens."""
+equals the per-step training forward (same seed, atol 1e-6), with and without padded condition tokens. These are
+the `decoder` denoiser's (`--model.head.denoiser decoder`, which cross-attends at every step); the `mlp`
+denoiser's are in test_denoisers.py."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ B, N_C, COND_DIM = 3, 11, 24
 
 def make(kind: str, steps: int, **kw):
     torch.manual_seed(0)
+    kw.setdefault("denoiser", "decoder")
     cfg = HeadConfig(type=kind, horizon=6, action_dim=4, hidden_dim=32, num_heads=4, num_inference_steps=steps, **kw)
     return build_head(cfg, COND_DIM).eval()
 

@@ -500,3 +500,31 @@ def build_dataset_for(cfg, split):
     from sensorvla.training.data_setup import raw_dataset
 
     return raw_dataset(cfg, split, load_images=False)
+
+
+def test_stage1_from_the_cache_never_loads_the_backbone_weights(tmp_path, tiny_vl_dir, synth_dataset_dir, monkeypatch):
+    """Every VL feature comes from the cache, so the trainer builds the policy from the backbone's config alone
+    (a 3B's 7 GiB never reach the GPU); the checkpoint it writes loads into a full policy and predicts."""
+    from sensorvla.models import backbone
+
+    cached = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "cached", max_steps=2)
+    build = copy.deepcopy(cached)
+    build.train.mode = "cache"
+    train(build)  # building the cache runs the backbone: it loads the weights
+    loads = []
+    real = backbone.load_vl_model
+    monkeypatch.setattr(backbone, "load_vl_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    cached.train.use_cache = "always"
+    train(cached)
+    assert loads == []  # the cached run never loaded them
+    monkeypatch.undo()
+    from sensorvla.models.policy import load_pretrained
+
+    policy, cfg, _ = load_pretrained(tmp_path / "cached" / "checkpoints" / "pretrained_model")
+    assert policy.backbone.has_weights and cfg.model.finetune.mode == "none"
+    weightless = build_policy(cfg, vl_weights=False)
+    assert not weightless.backbone.has_weights
+    with pytest.raises(RuntimeError, match="without the VL backbone's weights"):
+        weightless.backbone.encode({"input_ids": torch.zeros(1, 3, dtype=torch.long)})
+    trained = {k for k in policy.state_dict() if not k.startswith("backbone.model.")}
+    assert trained == set(weightless.state_dict())  # the same trained parts, nothing but the base is missing

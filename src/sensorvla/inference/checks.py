@@ -20,6 +20,7 @@ __all__ = ["RequestLimits", "RequestChecker"]
 
 # Qwen2-VL's smart_resize refuses aspect ratios of 200 and more.
 MAX_ASPECT_RATIO = 200
+TOKEN_COUNT_CACHE = 256  # instructions whose token counts a checker remembers (only ones within the char bound)
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,22 @@ class RequestChecker:
         # A private copy: the server counts tokens on its event loop while the worker thread runs the
         # processor, and a fast tokenizer must not be used from two threads when either changes settings.
         self._tokenizer = copy.deepcopy(processor.tokenizer)
+        self._token_counts: dict[str, int] = {}  # a robot repeats its instruction every call: count it once
 
     def count_tokens(self, text: str) -> int:
-        """Tokens of `text` without special tokens."""
+        """Tokens of `text` without special tokens (remembered for the last `TOKEN_COUNT_CACHE` instructions)."""
+        n = self._token_counts.get(text)
+        if n is not None:
+            return n
         backend = getattr(self._tokenizer, "backend_tokenizer", None)
         if backend is not None:
-            return len(backend.encode(text, add_special_tokens=False).ids)
-        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+            n = len(backend.encode(text, add_special_tokens=False).ids)
+        else:
+            n = len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(self._token_counts) >= TOKEN_COUNT_CACHE:
+            self._token_counts.clear()
+        self._token_counts[text] = n
+        return n
 
     def check(self, obs: Any) -> dict[str, Any]:
         """Observation -> checked copy: images list of uint8 (h, w, 3), state float32 (D_st,), sensor

@@ -133,6 +133,28 @@ def load_vl_model(
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
 
 
+class WithoutWeights(NamedTuple):
+    """A backbone's HF config standing in for the loaded model (`load_vl_model(..., weights=False)`): a policy
+    built on it has every part but the HF base model, for runs whose VL features all come from the cache."""
+
+    config: Any
+    model: None = None
+
+
+def load_vl_config(path_or_id: str, revision: str | None = None):
+    """The backbone's HF config (config.json, or a shipped one for `random:` ids), no weights."""
+    from transformers import AutoConfig
+
+    from sensorvla.models import random_vl
+
+    if random_vl.is_random(path_or_id):
+        return random_vl.hf_config(str(path_or_id))
+    try:
+        return AutoConfig.from_pretrained(path_or_id, revision=revision)
+    except (OSError, ValueError) as e:
+        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
+
+
 def build_messages(instruction: str, num_views: int, template: str = "{instruction}") -> list[dict]:
     """One user turn: V image entries, then the instruction through `template`."""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_views)]
@@ -290,7 +312,9 @@ class VLBackbone(nn.Module):
     `project` the trainable part (2-D position + view embeddings for grid/all, the resampler).
 
     Args:
-        vl_model: a loaded `...ForConditionalGeneration`; only its `.model` (the base) is kept.
+        vl_model: a loaded `...ForConditionalGeneration`; only its `.model` (the base) is kept. A
+            `WithoutWeights(config)` builds every trainable part without the base (`has_weights` False):
+            `project` works on cached features, `encode` refuses.
         cfg: backbone config (token mode, grid size, feature layer, resampler queries).
         num_views: V.
     """
@@ -344,7 +368,18 @@ class VLBackbone(nn.Module):
             return self.cfg.num_queries
         return None
 
+    @property
+    def has_weights(self) -> bool:
+        """Whether the HF base model is loaded (False: built for cached VL features only)."""
+        return self.model is not None
+
     def _base_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError(
+                "this policy was built without the VL backbone's weights (a stage-1 run whose VL features all "
+                "come from the cache), so it cannot encode images; build it with build_policy(cfg) (weights "
+                "loaded) or pass cached `vl_features`"
+            )
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
         kwargs = {k: batch[k] for k in keys if k in batch}
         kwargs["pixel_values"] = kwargs["pixel_values"].to(next(self.model.parameters()).dtype)
@@ -549,7 +584,9 @@ class VLBackbone(nn.Module):
         return self.project(*self.encode(batch), view_keep=view_keep)
 
     def enable_activation_checkpointing(self) -> None:
-        """Non-reentrant gradient checkpointing on the base model (stage-2 memory)."""
+        """Non-reentrant gradient checkpointing on the base model (stage-2 memory); nothing without the base."""
+        if self.model is None:
+            return
         enable = getattr(self.model, "activation_checkpointing_enable", None)
         if enable is not None:  # transformers >= 5 name
             enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -72,6 +72,13 @@ def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
     Raises `FinetuneError` when LoRA targets match zero modules.
     """
     base = policy.backbone.model
+    if base is None:  # built for cached VL features: nothing of the backbone to freeze or adapt
+        if cfg.mode != "none" or cfg.full_vision:
+            raise FinetuneError(
+                f"--finetune-vl {cfg.mode} (full_vision={cfg.full_vision}) trains the VL backbone, but this policy "
+                "was built without its weights (VL features from the cache); build it with the weights"
+            )
+        return
     for p in base.parameters():
         p.requires_grad_(cfg.mode == "full")
     if cfg.full_vision:

@@ -164,9 +164,19 @@ class VLAPolicy(nn.Module):
         return self.head.sample(cond, cond_mask, generator=generator)
 
 
-def build_policy(cfg: SensorVLAConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load the VL backbone named in the config and assemble a `VLAPolicy` with fine-tuning applied."""
-    from sensorvla.models.backbone import load_vl_model, resolve_dtype
+def build_policy(
+    cfg: SensorVLAConfig,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    vl_weights: bool = True,
+):
+    """Load the VL backbone named in the config and assemble a `VLAPolicy` with fine-tuning applied.
+
+    `vl_weights=False`: the backbone's HF config only, no weights (`backbone.WithoutWeights`), for a frozen
+    stage 1 whose VL features all come from the cache: its checkpoints are the same, a 3B's 7 GiB are not loaded.
+    """
+    from sensorvla.models.backbone import WithoutWeights, load_vl_config, load_vl_model, resolve_dtype
 
     device = torch.device(device)
     if cfg.model.finetune.mode == "auto":  # a config that skipped validate(): apply the stage defaults here
@@ -174,9 +184,12 @@ def build_policy(cfg: SensorVLAConfig, *, device: str | torch.device = "cpu", dt
         cfg = resolve_stage_defaults(dataclasses.replace(cfg, model=model))
     bcfg = cfg.model.backbone
     vl_dtype = dtype or resolve_dtype(bcfg.dtype, device)
-    vl = load_vl_model(
-        bcfg.vl_model, dtype=vl_dtype, attn_implementation=bcfg.attn_implementation, revision=bcfg.revision
-    )
+    if vl_weights:
+        vl = load_vl_model(
+            bcfg.vl_model, dtype=vl_dtype, attn_implementation=bcfg.attn_implementation, revision=bcfg.revision
+        )
+    else:
+        vl = WithoutWeights(load_vl_config(bcfg.vl_model, bcfg.revision))
     policy = VLAPolicy(cfg.model, vl, SensorWindow.from_config(cfg.data))
     finetune.apply_finetune(policy, cfg.model.finetune)
     if bcfg.activation_checkpointing:

@@ -34,9 +34,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_INSTRUCTION = "Insert the needle slowly and stop when you feel contact."
 # Defaults for shapes that normally come from the dataset (--data.dataset-dir); each can be set explicitly.
 NO_DATASET_DEFAULTS = {"views": 1, "image_size": (224, 224), "action_dim": 7, "sensor_channels": 33, "samples": 15000}
-# The trainer builds the whole policy (backbone included) before it knows the batches come from the cache,
-# so a cached stage 1 still holds the VL weights. tests/plan/test_calibration.py fails when that changes.
-CACHED_STAGE1_LOADS_BACKBONE = True
+# Whether a stage-1 run from the VL cache holds the backbone's weights: it does not (the trainer builds the policy
+# without them, `build_policy(vl_weights=False)`). tests/plan/test_calibration.py fails when that changes.
+CACHED_STAGE1_LOADS_BACKBONE = False
 
 
 @dataclass

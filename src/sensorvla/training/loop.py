@@ -321,7 +321,8 @@ def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> 
     run_steps = min(run_steps, cfg.train.max_steps) if cfg.train.max_steps else run_steps
     fingerprint = _fingerprint(cfg)
     _check_saved_run(cfg, info, steps_per_epoch, fingerprint)
-    policy = _build_policy(cfg, info)
+    # every VL feature from the cache: the backbone's weights are never used, so they are not loaded
+    policy = _build_policy(cfg, info, vl_weights=data.cache is None)
     stage1_init = None
     if stage_config(cfg).init_from == "stage1_checkpoint" and not cfg.train.resume:
         stage1_init = ckpt.load_stage1_into(policy, cfg.train.stage1_checkpoint)
@@ -447,12 +448,15 @@ def _check_saved_run(cfg: SensorVLAConfig, info, steps_per_epoch: int, fingerpri
         logger.warning("resume: %s has no saved config (older sensorvla); changes cannot be checked", ckpt_dir)
 
 
-def _build_policy(cfg: SensorVLAConfig, info) -> torch.nn.Module:
-    """The policy on this rank's device (fp32 for full fine-tuning with an `auto` backbone dtype)."""
+def _build_policy(cfg: SensorVLAConfig, info, vl_weights: bool = True) -> torch.nn.Module:
+    """The policy on this rank's device (fp32 for full fine-tuning with an `auto` backbone dtype); without the
+    backbone's weights when `vl_weights` is False (stage 1 from the VL cache)."""
     from sensorvla.models.pretrained import build_policy
 
     dtype = torch.float32 if cfg.model.finetune.mode == "full" and cfg.model.backbone.dtype == "auto" else None
-    return build_policy(cfg, device=info.device, dtype=dtype)
+    if not vl_weights and info.is_main:
+        logger.info("stage 1 from the VL cache: the backbone's weights are not loaded")
+    return build_policy(cfg, device=info.device, dtype=dtype, vl_weights=vl_weights)
 
 
 def _attach_transforms(cfg: SensorVLAConfig, data: _Data, normalizer, progress: bool, info) -> None:
@@ -531,7 +535,7 @@ def _run_epoch(run: _Run) -> None:
     data.train.set_epoch(epoch)  # reseeds VL-staleness draws / the mixture plan
     data.sampler.set_position(epoch, state["micro_in_epoch"] * cfg.train.batch_size)
     run.policy.train()
-    if cfg.model.finetune.mode == "none":
+    if cfg.model.finetune.mode == "none" and run.policy.backbone.has_weights:
         run.policy.backbone.model.eval()
     loader = iter(make_loader(data.train, data.transform, data.sampler, cfg, data.pad_id))
     while state["micro_in_epoch"] < run.micro_per_epoch:

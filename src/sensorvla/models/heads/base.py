@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.packed import Memory, PackedDecoder, linear, packed, transposed
+from sensorvla.models.packed import Memory, PackedDecoder, transposed
 
 
 class ActionHead(nn.Module):
@@ -86,16 +85,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class StepEmbedding(NamedTuple):
-    """One denoising step's timestep terms: temb (1, 1, D) and, per layer, its value shift (h, 1, d_head)."""
-
-    temb: torch.Tensor
-    value_shift: tuple[torch.Tensor, ...]
-
-
-DenoiserCondition = Memory  # the name sampling code and tests used for a call's precomputed conditioning
-
-
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, L, D) -> (B, heads, L, D / heads)."""
     b, length, d = x.shape
@@ -150,82 +139,24 @@ def decode(decoder: nn.TransformerDecoder, tgt: torch.Tensor, memory: torch.Tens
     return h
 
 
-class ChunkDenoiser(nn.Module):
-    """Noisy chunk (B, H, D_a) + timestep + cond -> (B, H, D_a): horizon position embeddings, timestep
-    MLP added to every step, and a pre-norm Transformer decoder that cross-attends to the condition.
-
-    `forward` is the training path (one call per step, through `decode`: the function of `nn.TransformerDecoder`).
-    Sampling uses `condition` + `step_embeddings` once per call and `step` per denoising step, which computes the same
-    function with the per-call work hoisted out of the loop: the memory is `cond_proj(cond) + temb`, so its
-    cross-attention keys and values split into a per-call part (`condition`) and a per-step term. The key
-    term `W_k temb` shifts every key's logit by the same amount, which softmax ignores; the value term
-    `W_v temb` adds the same vector to every value, so it passes through the attention unchanged
-    (weights sum to 1) and is added after it. Equality with `forward`: tests/models/test_heads_cached.py.
-    """
-
-    def __init__(self, cfg: HeadConfig, cond_dim: int):
-        super().__init__()
-        d = cfg.hidden_dim
-        self.in_proj = nn.Linear(cfg.action_dim, d)
-        self.pos = nn.Parameter(torch.randn(1, cfg.horizon, d) * 0.02)
-        self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
-        self.cond_proj = nn.Linear(cond_dim, d) if cond_dim != d else nn.Identity()
-        layer = nn.TransformerDecoderLayer(
-            d, cfg.num_heads, 4 * d, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.decoder = nn.TransformerDecoder(layer, cfg.num_layers)
-        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.action_dim))
-        self.dim = d
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
-        """Noisy chunk x (B, H, D_a), time t (B,), cond (B, N_c, D) + mask -> output (B, H, D_a)."""
-        temb = self.t_mlp(timestep_embedding(t, self.dim)).unsqueeze(1)
-        h = self.in_proj(x) + self.pos + temb
-        memory = self.cond_proj(cond) + temb
-        return self.out(decode(self.decoder, h, memory, cond_mask))
-
-    def condition(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
-        """cond (B, N_c, D_c), cond_mask (B, N_c) -> the per-call cross-attention keys / values and mask."""
-        return self.pack().memory(cond, cond_mask)
-
-    def pack(self) -> DecoderPack:
-        """The packed inference form of this denoiser (rebuilt when a parameter changed)."""
-        return packed(self, DecoderPack)
-
-    def step_embeddings(self, t: torch.Tensor) -> list[StepEmbedding]:
-        """(S,) timesteps of a sampling call (shared by the batch) -> one `StepEmbedding` per step."""
-        pack = self.pack()
-        temb = self.t_mlp(timestep_embedding(t, self.dim))  # (S, D)
-        shifts = []
-        for attn in pack.decoder.cross_attn:
-            shifts.append((temb @ attn.v_w).view(len(t), attn.heads, 1, attn.d_head))
-        return [StepEmbedding(temb[i].view(1, 1, -1), tuple(s[i] for s in shifts)) for i in range(len(t))]
-
-    def step(self, x: torch.Tensor, emb: StepEmbedding, ctx: Memory, pack: DecoderPack | None = None) -> torch.Tensor:
-        """One sampling step (eval semantics: no dropout): x (B, H, D_a) -> (B, H, D_a), equal to `forward`.
-        `pack`: `self.pack()` fetched once by the sampling loop (else looked up here)."""
-        pack = pack or self.pack()
-        h = linear(x, *pack.in_proj) + (pack.pos + emb.temb)
-        return pack.output(pack.decoder(h, ctx, emb.value_shift))
-
-    def uses_step_path(self) -> bool:
-        """Whether sampling may use `step` (eval semantics): not while dropout is active."""
-        return not (self.training and any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout)))
-
-
 class DecoderPack:
     """A head's decoder stack packed for inference (`models/packed.py`): the decoder over a `Memory`, the
     head's condition projection and output modules (`cond_proj`, `output`), and where the head has them, its
-    packed input projection and horizon positions (`ChunkDenoiser`)."""
+    learned queries, packed input projection and horizon positions."""
 
     def __init__(self, head: nn.Module):
         self.decoder = PackedDecoder(head.decoder)
         # the modules themselves (their hooks run): cond_proj once per call, out once per step (two small ops)
         self.cond_proj, self.output = head.cond_proj, head.out
-        if hasattr(head, "in_proj"):
+        if hasattr(head, "in_proj"):  # a denoiser
             self.in_proj = (transposed(head.in_proj.weight), head.in_proj.bias.detach())
-            self.pos = head.pos.detach()
+        self.pos = head.pos.detach() if hasattr(head, "pos") else None
+        self.queries = head.queries.detach() if hasattr(head, "queries") else None
 
     def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
         """cond (B, N_c, D_c) -> the decoder's memory of `cond_proj(cond)`."""
         return self.decoder.memory(self.cond_proj(cond), cond_mask)
+
+    def decode_queries(self, memory: Memory) -> torch.Tensor:
+        """The learned queries (1, H, D) decoded over `memory` -> (B, H, D)."""
+        return self.decoder(self.queries.expand(memory.mask.shape[0], -1, -1), memory)

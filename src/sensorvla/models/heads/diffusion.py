@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.heads.base import ActionHead, ChunkDenoiser, masked_mean
+from sensorvla.models.heads.base import ActionHead, masked_mean
+from sensorvla.models.heads.denoisers import build_denoiser
 from sensorvla.models.packed import Memory
 
 
@@ -29,7 +30,7 @@ class DiffusionHead(ActionHead):
         super().__init__(cfg, cond_dim)
         from diffusers import DDIMScheduler, DDPMScheduler
 
-        self.denoiser = ChunkDenoiser(cfg, cond_dim)
+        self.denoiser = build_denoiser(cfg, cond_dim)
         common = dict(
             num_train_timesteps=cfg.diffusion_timesteps,
             beta_schedule="squaredcos_cap_v2",
@@ -84,19 +85,20 @@ class DiffusionHead(ActionHead):
         return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
 
     def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
-        """The denoiser's per-call conditioning (`ChunkDenoiser.condition`)."""
-        return self.denoiser.condition(cond, cond_mask)
+        """The denoiser's keys / values of the conditioning (models/heads/denoisers.py)."""
+        return self.denoiser.memory(cond, cond_mask)
 
     @torch.no_grad()
     def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
-        """DDIM sampling over a precomputed `memory` (docs in ChunkDenoiser) -> actions (B, H, D_a)."""
+        """DDIM sampling over a precomputed `memory` (models/heads/denoisers.py) -> actions (B, H, D_a)."""
         den = self.denoiser
         pack = den.pack()
         timesteps = self.ddim_schedule(num_steps or self.cfg.num_inference_steps).timesteps.to(memory.mask.device)
         embs = den.step_embeddings(timesteps)
+        ctx = den.context(memory)  # once per call
         ref = memory.keys[0]
         return self._ddim(
-            lambda x, i, t: den.step(x, embs[i], memory, pack), memory.mask.shape[0], ref, generator, num_steps
+            lambda x, i, t: den.step(x, embs[i], ctx, pack), memory.mask.shape[0], ref, generator, num_steps
         )
 
     def _ddim(self, eps_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:

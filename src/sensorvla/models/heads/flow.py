@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.heads.base import ActionHead, ChunkDenoiser, masked_mean
+from sensorvla.models.heads.base import ActionHead, masked_mean
+from sensorvla.models.heads.denoisers import build_denoiser
 from sensorvla.models.packed import Memory
 
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded like a diffusion timestep in [0, 1000]
@@ -40,7 +41,7 @@ class FlowHead(ActionHead):
 
     def __init__(self, cfg: HeadConfig, cond_dim: int):
         super().__init__(cfg, cond_dim)
-        self.velocity = ChunkDenoiser(cfg, cond_dim)
+        self.velocity = build_denoiser(cfg, cond_dim)
 
     def loss(self, cond, cond_mask, actions, action_mask, generator=None):
         """Per-sample velocity-regression loss (B,) at random times, masked over the horizon."""
@@ -63,18 +64,19 @@ class FlowHead(ActionHead):
         return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
 
     def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
-        """The velocity network's per-call conditioning (`ChunkDenoiser.condition`)."""
-        return self.velocity.condition(cond, cond_mask)
+        """The velocity network's keys / values of the conditioning (models/heads/denoisers.py)."""
+        return self.velocity.memory(cond, cond_mask)
 
     @torch.no_grad()
     def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
-        """Euler integration over a precomputed `memory` (docs in ChunkDenoiser) -> actions (B, H, D_a)."""
+        """Euler integration over a precomputed `memory` (models/heads/denoisers.py) -> actions (B, H, D_a)."""
         vel = self.velocity
         pack = vel.pack()
         embs = vel.step_embeddings(self._times(num_steps, memory.mask.device))
+        ctx = vel.context(memory)  # once per call
         ref = memory.keys[0]
         return self._euler(
-            lambda x, i, t: vel.step(x, embs[i], memory, pack), memory.mask.shape[0], ref, generator, num_steps
+            lambda x, i, t: vel.step(x, embs[i], ctx, pack), memory.mask.shape[0], ref, generator, num_steps
         )
 
     def _times(self, num_steps: int | None, device) -> torch.Tensor:

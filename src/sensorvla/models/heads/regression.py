@@ -46,8 +46,7 @@ class RegressionHead(ActionHead):
     def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
         """The regressed chunk (B, H, D_a) from a `memory`; `generator` and `num_steps` are unused."""
         pack = packed(self, DecoderPack)
-        q = self.queries.detach().expand(memory.mask.shape[0], -1, -1)
-        return pack.output(pack.decoder(q, memory))
+        return pack.output(pack.decode_queries(memory))
 
     def sample(self, cond, cond_mask, generator=None, num_steps=None):
         """The regressed chunk (B, H, D_a); `generator` and `num_steps` are unused."""
