@@ -3,7 +3,8 @@ taken side by side in one run (these machines are noisy):
 
 1. loader: samples/s of the full chain (video decode -> window resampling -> normalization -> chat
    template + processor -> collate) with 0 and 2 workers, against samples/s of a training step (forward
-   + backward + AdamW) of the tiny model. The default is 0 workers; the goal is >= 5x.
+   + backward + AdamW) of the tiny model. The goal is >= 5x with the default workers (`--data.num-workers`
+   -1 = auto: `runtime.loader_workers`, 2 on a machine with 2 or more cores per process).
 2. decode: camera frames/s decoded by timestamp in random order on one core (one decoder thread,
    OMP_NUM_THREADS=1) for 2 x 224^2 views, against the frames/s a training step consumes at that size.
 3. storage: bytes per camera frame, H.264 video vs raw .npy, on the synthetic dataset (64^2 and 224^2).
@@ -77,6 +78,7 @@ def loader_vs_train(
     equal the views' (min = max = image_size^2, as the demo configures it), so the processor does not resize
     and `process_sample` takes its direct path; otherwise the default pixel range (64^2 views are resized)."""
     from sensorvla.models.backbone import pad_token_id
+    from sensorvla.runtime import loader_workers
     from sensorvla.training.data_setup import ShardedEpochSampler, make_loader, raw_dataset
 
     vl, data, cfg = _setup(root, image_size, 24)
@@ -120,6 +122,10 @@ def loader_vs_train(
         result[f"ratio_loader_{w}workers_over_train"] = (
             result[f"loader_samples_per_s_{w}workers"] / result["train_step_samples_per_s"]
         )
+    default = loader_workers(-1, in_memory=False)  # what a training run uses without --data.num-workers
+    result["default_workers"] = default
+    if default in num_workers:
+        result["ratio_loader_default_workers_over_train"] = result[f"ratio_loader_{default}workers_over_train"]
     result["ratio_raw_0workers_over_train"] = result["raw_samples_per_s_0workers"] / result["train_step_samples_per_s"]
     return result
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from sensorvla.runtime import choose_threads, configure_threads, physical_cores
+from sensorvla.runtime import choose_threads, configure_threads, loader_workers, physical_cores
 
 
 def fake_sysfs(root, topology: dict[int, tuple[int, int]]):
@@ -71,3 +71,30 @@ def test_entry_points_print_the_setting(module):
     r = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[sensorvla] torch intra-op threads: 2 (OMP_NUM_THREADS=2)" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("requested", "in_memory", "env", "cores", "workers"),
+    [
+        (3, False, {}, 2, 3),  # an explicit --data.num-workers is kept
+        (0, False, {}, 16, 0),
+        (-1, True, {}, 16, 0),  # auto: samples already in memory (preloaded) need no workers
+        (-1, False, {}, 16, 2),  # auto: openpi's 2
+        (-1, False, {}, 2, 2),
+        (-1, False, {}, 1, 1),  # never more than the cores
+        (-1, False, {"LOCAL_WORLD_SIZE": "4"}, 4, 1),  # a share of the cores per local process, at least 1
+        (-1, False, {"LOCAL_WORLD_SIZE": "2"}, 16, 2),
+    ],
+)
+def test_loader_workers(requested, in_memory, env, cores, workers):
+    assert loader_workers(requested, in_memory, env=env, cores=cores) == workers
+
+
+def test_num_workers_below_auto_is_refused():
+    from sensorvla.config import ConfigError, SensorVLAConfig
+
+    cfg = SensorVLAConfig()
+    cfg.data.dataset_dir = "x"
+    cfg.data.num_workers = -2
+    with pytest.raises(ConfigError, match="--data.num-workers"):
+        cfg.validate()

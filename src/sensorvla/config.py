@@ -214,7 +214,9 @@ class DataConfig:
     test_fraction: float = 0.15
     # Fast-slow training: VL inputs come from a frame up to k action steps older than t.
     vl_max_staleness_steps: int = 0
-    num_workers: int = 0
+    # DataLoader workers per process; -1 = auto: 0 for samples already in memory (e.g. preloaded from the VL
+    # cache), else min(2, this process's share of the physical cores) (runtime.loader_workers)
+    num_workers: int = -1
     normalization: Literal["mean_std", "quantile"] = "mean_std"
     # The sensor source: sidecar stream(s) or per-frame features (e.g. observation.force); empty = automatic.
     sensor_keys: tuple[str, ...] = ()
@@ -651,6 +653,8 @@ def validate(cfg: SensorVLAConfig) -> None:
             raise ConfigError(f"{flag} must be >= 0 (0 = off / automatic), got {value}")
     if t.log_every_steps <= 0 or t.val_every_epochs <= 0:
         raise ConfigError("--train.log-every-steps and --train.val-every-epochs must be > 0")
+    if d.num_workers < -1:
+        raise ConfigError(f"--data.num-workers must be >= 0, or -1 for automatic, got {d.num_workers}")
     if t.epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("--train.epochs must be > 0 (or set --train.max-steps)")
     if m.head.num_inference_steps > m.head.diffusion_timesteps and m.head.type == "diffusion":

@@ -72,6 +72,23 @@ def choose_threads(
     return ThreadSetting(cores, f"physical cores; set {THREADS_ENV} to change")
 
 
+AUTO_LOADER_WORKERS = 2  # openpi's default DataLoader workers (LeRobot's is 4)
+
+
+def loader_workers(requested: int, in_memory: bool, env: dict[str, str] | None = None, cores: int | None = None) -> int:
+    """DataLoader workers for `--data.num-workers`: the value when >= 0; -1 (auto) gives 0 when the samples are
+    already in memory (preloaded: nothing to decode), else min(AUTO_LOADER_WORKERS, this process's share of the
+    physical cores), at least 1."""
+    if requested >= 0:
+        return requested
+    if in_memory:
+        return 0
+    env = dict(os.environ if env is None else env)
+    local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE") or 1)
+    cores = physical_cores() if cores is None else cores
+    return max(1, min(AUTO_LOADER_WORKERS, cores // max(local_world, 1)))
+
+
 def configure_threads(verbose: bool = True) -> ThreadSetting:
     """Apply `choose_threads()` to torch (`torch.set_num_threads`) and print it once on local rank 0."""
     import torch
@@ -88,7 +105,7 @@ def compile_policy(policy, *, training: bool, **compile_kwargs) -> None:
 
     Modules are compiled with `nn.Module.compile`, so parameter names and checkpoint keys do not change.
     Training compiles the modules' forwards (the loss path); inference also compiles the sampling step
-    functions of the diffusion / flow denoiser (`ChunkDenoiser.condition` / `step`). Outputs equal eager
+    functions of the diffusion / flow denoiser (`context` / `step`, models/heads/denoisers.py). Outputs equal eager
     within float tolerance (tests/models/test_heads_compile.py).
     """
     import torch
@@ -97,6 +114,6 @@ def compile_policy(policy, *, training: bool, **compile_kwargs) -> None:
         policy.sensor_encoder.compile(**compile_kwargs)
     for child in policy.head.children():
         child.compile(**compile_kwargs)
-        if not training and hasattr(child, "step"):  # ChunkDenoiser: the sampling path is not forward()
-            child.condition = torch.compile(child.condition, **compile_kwargs)
+        if not training and hasattr(child, "step"):  # a denoiser: the sampling path is not forward()
+            child.context = torch.compile(child.context, **compile_kwargs)
             child.step = torch.compile(child.step, **compile_kwargs)

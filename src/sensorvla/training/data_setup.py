@@ -13,6 +13,7 @@ import torch
 from sensorvla.config import SensorVLAConfig
 from sensorvla.data.transforms import TransformedDataset
 from sensorvla.models.processor import SampleTransform, collate
+from sensorvla.runtime import loader_workers
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +157,14 @@ def preload(raw_dataset, transform, max_gb: float, progress: bool = False):
 
 
 def make_loader(dataset, transform: SampleTransform, sampler, cfg: SensorVLAConfig, pad_token_id: int):
-    """The DataLoader of one split: transform per sample (unless preloaded), then `collate`."""
+    """The DataLoader of one split: transform per sample (unless preloaded), then `collate`; workers per
+    `--data.num-workers` (`runtime.loader_workers`: auto is 0 for preloaded samples)."""
+    preloaded = isinstance(dataset, PreloadedSamples)
     return torch.utils.data.DataLoader(
-        dataset if isinstance(dataset, PreloadedSamples) else TransformedDataset(dataset, transform),
+        dataset if preloaded else TransformedDataset(dataset, transform),
         batch_size=cfg.train.batch_size,
         sampler=sampler,
-        num_workers=cfg.data.num_workers,
+        num_workers=loader_workers(cfg.data.num_workers, in_memory=preloaded),
         collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
         persistent_workers=False,
         # a private generator: creating loaders never consumes the global RNG (resume equality)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from sensorvla.config import SensorVLAConfig, check_stage_groups, derive_grad_accum, stage_config, stage_warnings
+from sensorvla.runtime import loader_workers
 from sensorvla.training import checkpoint as ckpt
 from sensorvla.training import feature_cache
 from sensorvla.training.data_setup import (
@@ -787,7 +788,7 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
         return torch.utils.data.DataLoader(
             subset,
             batch_size=cfg.train.batch_size,
-            num_workers=cfg.data.num_workers,
+            num_workers=loader_workers(cfg.data.num_workers, in_memory=False),
             collate_fn=functools.partial(collate, pad_token_id=pad),
         )
 
