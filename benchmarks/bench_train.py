@@ -1,7 +1,7 @@
 """Training benchmarks, measured side by side in one run and reported as ratios.
 
-1. stage-1 step time: VL features from the cache vs through the frozen backbone, on a backbone config
-   where the VL part dominates (a wider tiny Qwen2.5-VL, 224x224 views);
+1. stage-1 step time: VL features from the cache vs through the frozen backbone (P1), on the backbones of
+   `sensorvla.eval.latency.BACKBONES` (224x224 views): the goals' VL-dominant one and the wide one for reference;
 2. samples/s of 1 vs 2 processes (torchrun, gloo on CPU / NCCL on GPU);
 3. peak memory of stage 1 vs stage 2 (LoRA) on the same model (peak RSS on CPU, max allocated on CUDA).
 
@@ -19,22 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-WIDE = {
-    "text_hidden": 256,
-    "text_layers": 4,
-    "vision_hidden": 128,
-    "vision_depth": 4,
-    "min_pixels": 224 * 224,
-    "max_pixels": 224 * 224,
-}
+PIXELS = {"min_pixels": 224 * 224, "max_pixels": 224 * 224}
 
 
-def _setup(root: Path, episodes: int = 4):
+def _setup(root: Path, episodes: int = 4, backbone: str = "wide"):
+    from sensorvla.eval.latency import BACKBONES
     from sensorvla.world.synth import generate_dataset
     from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
-    vl = build_tiny_qwen_vl(root / "wide_vl", **WIDE)
-    data = generate_dataset(root / "data224", num_episodes=episodes, seed=0, image_size=224, progress=False)
+    vl = build_tiny_qwen_vl(root / f"{backbone}_vl", **BACKBONES[backbone], **PIXELS)
+    data = root / "data224"
+    if not data.exists():
+        data = generate_dataset(data, num_episodes=episodes, seed=0, image_size=224, progress=False)
     return vl, data
 
 
@@ -149,12 +145,13 @@ def memory(root: Path, vl, data, steps: int = 4) -> dict:
 def run(root: str | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(root or tempfile.mkdtemp(prefix="bench_train_"))
-    vl, data = _setup(root)
-    result = {
-        "cache": cache_vs_backbone(root, vl, data),
-        "processes": processes(root, vl, data),
-        "memory": memory(root, vl, data),
-    }
+    result = {}
+    for backbone in ("vl_dominant", "wide"):
+        vl, data = _setup(root, backbone=backbone)
+        result[f"cache_{backbone}"] = cache_vs_backbone(root / backbone, vl, data)
+    vl, data = _setup(root, backbone="wide")
+    result["processes"] = processes(root, vl, data)
+    result["memory"] = memory(root, vl, data)
     return result
 
 

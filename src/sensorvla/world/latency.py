@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sensorvla.eval.latency import DEFAULT_STEPS, VL_DOMINANT, bench_latency
+from sensorvla.eval.latency import BACKBONES, DEFAULT_STEPS, bench_latency
 from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
 
@@ -25,7 +25,8 @@ def run_suite(
     compile: bool = False,  # noqa: A002
 ) -> list[dict[str, Any]]:
     """The goals' configurations side by side: the tiny model (or `vl_model`; every head, 1 and 3 views, full
-    and fast-slow) and the VL-dominant config (every head, 1 view). Tiny backbones are built in a temp dir."""
+    and fast-slow) and, with `vl_dominant`, the `BACKBONES` of eval/latency.py (every head, 1 view: the goals'
+    VL-dominant config and the wide one, for reference). Tiny backbones are built in a temp dir."""
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="bench_latency_"))
@@ -33,6 +34,7 @@ def run_suite(
     kw = dict(iters=iters, steps=steps, threads=threads, device=device, progress=progress, compile=compile)
     rows = bench_latency(tiny, config="tiny", **kw)
     if vl_dominant:
-        wide = build_tiny_qwen_vl(root / "vl_dominant", min_pixels=224 * 224, max_pixels=224 * 224, **VL_DOMINANT)
-        rows += bench_latency(wide, config="vl_dominant", views=(1,), **kw)
+        for name, arch in BACKBONES.items():
+            backbone = build_tiny_qwen_vl(root / name, min_pixels=224 * 224, max_pixels=224 * 224, **arch)
+            rows += bench_latency(backbone, config=name, views=(1,), **kw)
     return rows
