@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HeadType = Literal["regression", "diffusion", "flow"]
 FusionStrategy = Literal["concat", "cross_attention", "gated"]
@@ -320,6 +324,12 @@ class SensorVLAConfig:
         return self
 
 
+def section_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """The config section `cls` (any of the dataclasses above) of its `asdict()` dict, every value type-checked;
+    `prefix` ("data.") names its keys in errors."""
+    return _from_dict(cls, data, prefix)
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(
@@ -538,6 +548,46 @@ def resolve_stage_defaults(cfg: SensorVLAConfig) -> SensorVLAConfig:
         if get_key(cfg, key) == "auto":
             set_key(cfg, key, value)
     return cfg
+
+
+def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int) -> ModelConfig:
+    """The model config with its dataset-derived fields (V, D_a, H, C_s, force channels, D_st) from dataset metadata.
+
+    `meta` has `action_dim`, `sensor_channels`, `state_dim` (and `force_channels`); `horizon` is the data's H.
+    Values the user set explicitly (non-zero) must agree with the dataset; otherwise this raises with the fix.
+    A dataset without a sensor stream turns the sensor input off (with a warning).
+    """
+    derived = {
+        ("head", "action_dim"): int(meta.action_dim),
+        ("head", "horizon"): int(horizon),
+        ("sensor", "channels"): int(meta.sensor_channels or 0),
+        ("sensor", "force_channels"): int(getattr(meta, "force_channels", model.sensor.force_channels)),
+    }
+    new = dataclasses.replace(model, num_views=num_views, state_dim=int(meta.state_dim or 0))
+    for (section, name), value in derived.items():
+        sub = getattr(new, section)
+        current = getattr(sub, name)
+        if current and current != value and name != "force_channels":
+            raise ValueError(
+                f"--model.{section}.{name}={current} disagrees with the dataset ({value}); leave it at 0 "
+                "to derive it, or use a matching dataset"
+            )
+        setattr(new, section, dataclasses.replace(sub, **{name: value}))
+    if new.sensor.enabled and not new.sensor.channels:
+        logger.warning("dataset has no sensor stream: running vision-only (sensor disabled)")
+        new = dataclasses.replace(new, sensor=dataclasses.replace(new.sensor, enabled=False))
+    return new
+
+
+def resolve_from_meta(cfg: SensorVLAConfig, meta: Any) -> SensorVLAConfig:
+    """Fill the dataset-derived fields from dataset metadata: the views (`--data.views`, default all of the
+    dataset's) and the model's shapes (`resolve_model`). Returns a new config; `cfg` is not changed."""
+    views = list(cfg.data.views) or list(meta.views)
+    missing = sorted(set(views) - set(meta.views))
+    if missing:
+        raise ValueError(f"--data.views {missing} not in the dataset (it has {list(meta.views)})")
+    model = resolve_model(cfg.model, meta, num_views=len(views), horizon=cfg.data.horizon)
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, views=tuple(views)))
 
 
 def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
