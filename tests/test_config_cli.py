@@ -352,6 +352,20 @@ def test_import_flags_reach_the_importer(tmp_path):
     assert main(["data", "import-hdf5", *args, "--overwrite"]) == 0
 
 
+def test_import_image_size_takes_a_side_or_height_and_width(tmp_path):
+    """`--image-size N` (square) as before, or `--image-size H W` like the library's `image_size=(h, w)`."""
+    from sensorvla.cli import main
+    from sensorvla.data.format import load_meta
+    from sensorvla.world.examples import export_hdf5_example
+
+    src = tmp_path / "ex"
+    export_hdf5_example(src, num_episodes=1, image_size=16, sensor_channels=3)
+    args = ["--src", str(src), "--image-format", "npy"]
+    assert main(["data", "import-hdf5", *args, "--out", str(tmp_path / "a"), "--image-size", "8"]) == 0
+    assert main(["data", "import-hdf5", *args, "--out", str(tmp_path / "b"), "--image-size", "8", "12"]) == 0
+    assert load_meta(tmp_path / "a").image_shape[:2] == [8, 8] and load_meta(tmp_path / "b").image_shape[:2] == [8, 12]
+
+
 def test_presets_through_the_dispatcher(monkeypatch, capsys):
     """`sensorvla train|plan --preset NAME`: the preset is the default the flags override; a bad name exits 2."""
     import sensorvla.cli.train as train_cli

@@ -5,7 +5,10 @@ An `EpisodeData` holds every stream of one episode with its own timestamps. Noth
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +30,32 @@ class DataError(ValueError):
         self.episode = episode
         self.path = path
         self.fix = fix
+
+
+@contextmanager
+def as_data_error(
+    catch: type[BaseException] | tuple[type[BaseException], ...],
+    message: str | Callable[[BaseException], str],
+    *,
+    episode: str | None = None,
+    path: str | Path | None = None,
+    fix: str = "",
+) -> Iterator[None]:
+    """Turn an exception of type `catch` raised in the block into a `DataError` (chained to it) naming the episode,
+    the file and the fix: how a reading step reports a corrupt input. `message` may be a function of the exception;
+    a `DataError` raised in the block passes unchanged."""
+    try:
+        yield
+    except DataError:
+        raise  # already says what is wrong
+    except catch as e:
+        text = message(e) if callable(message) else message
+        raise DataError(text, episode=episode, path=None if path is None else str(path), fix=fix) from e
+
+
+def error_text(e: BaseException) -> str:
+    """ "Type: text" of an exception, for a DataError's message."""
+    return f"{type(e).__name__}: {e}"
 
 
 @dataclass
