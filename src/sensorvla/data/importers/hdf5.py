@@ -27,7 +27,7 @@ from sensorvla.data.importers._common import (
     size_hw,
 )
 from sensorvla.data.importers.base import ImportSource, run_import
-from sensorvla.data.types import DataError, EpisodeData, ImageStream, as_data_error
+from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error
 from sensorvla.data.writer import check_finite
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,9 @@ def _read(g, part: str, name: str, file: Path) -> np.ndarray:
         return np.asarray(g[part][()])
 
 
-def _read_stream(g, name: str, file: Path, *, ndim: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _read_stream(g, name: str, file: Path, *, ndim: int, dtype=None) -> Stream:
+    """Stream group `g`: its timestamps, data (checked: one row per timestamp, `ndim` dimensions; cast to `dtype`
+    when given) and clock offset."""
     ts = _read(g, "timestamps", name, file).astype(np.float64)
     data = _read(g, "data", name, file)
     if len(ts) != len(data):
@@ -191,7 +193,7 @@ def _read_stream(g, name: str, file: Path, *, ndim: int) -> tuple[np.ndarray, np
             fix="see docs/hdf5-format.md for each stream's shape",
         )
     check_increasing(ts, what=g.name, episode=name, path=file)
-    return ts, data, float(g.attrs.get("clock_offset", 0.0))
+    return Stream(ts, data if dtype is None else data.astype(dtype), float(g.attrs.get("clock_offset", 0.0)))
 
 
 def load_hdf5_episode(
@@ -215,12 +217,12 @@ def load_hdf5_episode(
                 path=str(file),
                 fix="set the group's `instruction` attribute or pass instruction=... (--instruction)",
             )
-        offsets: dict[str, float] = {}
-        a_ts, actions, offsets["action"] = _read_stream(g["action"], name, file, ndim=2)
-        s_ts, state, offsets["state"] = _read_stream(g["state"], name, file, ndim=2)
-        images = {}
+        streams = {
+            "action": _read_stream(g["action"], name, file, ndim=2, dtype=np.float32),
+            "state": _read_stream(g["state"], name, file, ndim=2, dtype=np.float32),
+        }
         for v in ep.views:
-            ts, frames, offsets[f"image.{v}"] = _read_stream(g["images"][v], name, file, ndim=4)
+            ts, frames, offset = _read_stream(g["images"][v], name, file, ndim=4)
             if frames.dtype != np.uint8 or frames.shape[-1] != 3:
                 raise DataError(
                     f"/images/{v}/data is {frames.dtype} {frames.shape}, expected uint8 (N, h, w, 3)",
@@ -228,13 +230,11 @@ def load_hdf5_episode(
                     path=str(file),
                     fix="store RGB frames as uint8",
                 )
-            images[v] = ImageStream(ts, resize_frames(frames, hw))
-        sensor_ts = sensor = None
+            streams[f"image.{v}"] = Stream(ts, resize_frames(frames, hw), offset)
         if "sensor" in g:
-            sensor_ts, sensor, offsets["sensor"] = _read_stream(g["sensor"], name, file, ndim=2)
-            sensor = sensor.astype(np.float32)
+            streams["sensor"] = _read_stream(g["sensor"], name, file, ndim=2, dtype=np.float32)
             check_finite(
-                sensor,
+                streams["sensor"].values,
                 episode=name,
                 stream="/sensor/data",
                 path=str(file),
@@ -245,19 +245,7 @@ def load_hdf5_episode(
         except (TypeError, json.JSONDecodeError):
             extra = {}
     extra = {**(extra if isinstance(extra, dict) else {}), "source": "hdf5", "source_path": str(file)}
-    return EpisodeData(
-        name=name,
-        instruction=str(text),
-        action_timestamps=a_ts,
-        actions=actions.astype(np.float32),
-        state_timestamps=s_ts,
-        state=state.astype(np.float32),
-        images=images,
-        sensor_timestamps=sensor_ts,
-        sensor=sensor,
-        clock_offsets=offsets,
-        extra=extra,
-    )
+    return EpisodeData.from_streams(name, str(text), streams, extra)
 
 
 def _consistent(values: list[float], what: str, src: Path, fix: str) -> float | None:

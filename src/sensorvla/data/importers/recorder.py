@@ -30,7 +30,7 @@ from sensorvla.data.importers._common import (
 )
 from sensorvla.data.importers.base import ImportSource, run_import
 from sensorvla.data.importers.recorder_sensor import iter_npz_windows, rebuild_sensor_stream
-from sensorvla.data.types import DataError, EpisodeData, ImageStream, as_data_error, error_text
+from sensorvla.data.types import DataError, EpisodeData, ImageStream, Stream, as_data_error, error_text
 
 logger = logging.getLogger(__name__)
 
@@ -318,12 +318,15 @@ def load_recorder_episode(
     ts = ts - t0
     action_ts, actions = pose_delta_actions(ts, pose, fps=ACTION_FPS, tool=TOOL_FLAG)
     state = np.concatenate([pose, joints], axis=1) if include_joints else pose
+    offsets = _clock_offsets(meta, ep.views, name, ep.path / "metadata.json")
+    streams = {
+        "action": Stream(action_ts, actions, offsets["action"]),
+        "state": Stream(ts, state.astype(np.float32), offsets["state"]),
+    }
     hw = size_hw(image_size)
-    images = {}
     for v in ep.views:
-        stream = read_view(ep.path / "images" / v, name, hw)
-        images[v] = ImageStream(stream.timestamps - t0, stream.frames)
-    sensor_ts = sensor = None
+        view = read_view(ep.path / "images" / v, name, hw)
+        streams[f"image.{v}"] = Stream(view.timestamps - t0, view.frames, offsets[f"image.{v}"])
     extra: dict[str, Any] = {
         "source": "recorder",
         "source_path": str(ep.path),
@@ -335,7 +338,7 @@ def load_recorder_episode(
         w_ts, wins = iter_npz_windows(npz_path, name, window)
         s_ts, s_data, mismatches = rebuild_sensor_stream(w_ts, wins, rate=rate, episode=name, path=npz_path)
         if len(s_ts):
-            sensor_ts, sensor = s_ts - t0, s_data
+            streams["sensor"] = Stream(s_ts - t0, s_data, offsets["sensor"])
             extra["sensor_overlap_mismatch_windows"] = mismatches
             if mismatches:
                 logger.warning(
@@ -350,19 +353,7 @@ def load_recorder_episode(
             logger.warning("%s: sensor_data.npz has no windows; importing without sensor", name)
     else:
         logger.info("%s: no sensor_data.npz; importing without sensor", name)
-    return EpisodeData(
-        name=name,
-        instruction=instruction_for(ep.task, meta, instruction),
-        action_timestamps=action_ts,
-        actions=actions,
-        state_timestamps=ts,
-        state=state.astype(np.float32),
-        images=images,
-        sensor_timestamps=sensor_ts,
-        sensor=sensor,
-        clock_offsets=_clock_offsets(meta, ep.views, name, ep.path / "metadata.json"),
-        extra=extra,
-    )
+    return EpisodeData.from_streams(name, instruction_for(ep.task, meta, instruction), streams, extra)
 
 
 # --- whole import ---------------------------------------------------------------------------------------
