@@ -287,7 +287,13 @@ class RuntimeConfig:
 
 @dataclass
 class SensorVLAConfig:
-    """Top-level config saved with every checkpoint."""
+    """Top-level config saved with every checkpoint (its config.json).
+
+    Each layer receives its own section, not this whole config: `data` goes to data/ (the datasets, normalization),
+    `model` with the sensor window of `data` (`SensorWindow.from_config`) to models/ (`build_policy`), `model` and
+    `data.views` to inference/'s request checks. Only the training run, the planner, the checkpoint folder
+    (`models/folder.py`), `PolicyRunner` (its checkpoint's config) and the command line hold all of it.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
