@@ -22,6 +22,34 @@ def test_config_json_round_trip():
     assert isinstance(again.data.views, tuple)
 
 
+def test_dataset_derived_fields_resolve_per_section():
+    """`resolve_from_meta` (re-exported by models.pretrained) fills the views and the model's shapes; the model
+    part alone is `resolve_model`; a section loads from its dict alone (`section_from_dict`)."""
+    from types import SimpleNamespace
+
+    from sensorvla.config import DataConfig, resolve_from_meta, resolve_model, section_from_dict
+    from sensorvla.models import pretrained
+
+    assert pretrained.resolve_from_meta is resolve_from_meta
+    meta = SimpleNamespace(views=["a", "b"], action_dim=7, sensor_channels=0, state_dim=6, force_channels=1)
+    cfg = SensorVLAConfig()
+    out = resolve_from_meta(cfg, meta)
+    assert out.data.views == ("a", "b") and cfg.data.views == ()  # a new config
+    m = out.model
+    assert (m.num_views, m.head.action_dim, m.head.horizon, m.state_dim) == (2, 7, cfg.data.horizon, 6)
+    assert not m.sensor.enabled  # no sensor stream: vision-only
+    assert resolve_model(cfg.model, meta, num_views=2, horizon=cfg.data.horizon) == m
+    cfg.model.head.action_dim = 6
+    with pytest.raises(ValueError, match="--model.head.action_dim=6 disagrees"):
+        resolve_from_meta(cfg, meta)
+    cfg.data.views = ("c",)
+    with pytest.raises(ValueError, match=r"--data.views \['c'\] not in the dataset"):
+        resolve_from_meta(cfg, meta)
+    assert section_from_dict(DataConfig, {"views": ["a"]}, "data.").views == ("a",)
+    with pytest.raises(ConfigError, match="data.horizon"):
+        section_from_dict(DataConfig, {"horizon": "8"}, "data.")
+
+
 def test_unknown_key_is_rejected():
     d = SensorVLAConfig().to_dict()
     d["train"]["learning_rate"] = 1
@@ -322,6 +350,20 @@ def test_import_flags_reach_the_importer(tmp_path):
     assert meta.views == ["front"] and meta.image_shape[:2] == [8, 8] and meta.tasks == ["touch the surface"]
     assert main(["data", "import-hdf5", *args]) == 1  # exists: refused without --overwrite
     assert main(["data", "import-hdf5", *args, "--overwrite"]) == 0
+
+
+def test_import_image_size_takes_a_side_or_height_and_width(tmp_path):
+    """`--image-size N` (square) as before, or `--image-size H W` like the library's `image_size=(h, w)`."""
+    from sensorvla.cli import main
+    from sensorvla.data.format import load_meta
+    from sensorvla.world.examples import export_hdf5_example
+
+    src = tmp_path / "ex"
+    export_hdf5_example(src, num_episodes=1, image_size=16, sensor_channels=3)
+    args = ["--src", str(src), "--image-format", "npy"]
+    assert main(["data", "import-hdf5", *args, "--out", str(tmp_path / "a"), "--image-size", "8"]) == 0
+    assert main(["data", "import-hdf5", *args, "--out", str(tmp_path / "b"), "--image-size", "8", "12"]) == 0
+    assert load_meta(tmp_path / "a").image_shape[:2] == [8, 8] and load_meta(tmp_path / "b").image_shape[:2] == [8, 12]
 
 
 def test_presets_through_the_dispatcher(monkeypatch, capsys):

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HeadType = Literal["regression", "diffusion", "flow"]
 FusionStrategy = Literal["concat", "cross_attention", "gated"]
@@ -294,7 +298,13 @@ class RuntimeConfig:
 
 @dataclass
 class SensorVLAConfig:
-    """Top-level config saved with every checkpoint."""
+    """Top-level config saved with every checkpoint (its config.json).
+
+    Each layer receives its own section, not this whole config: `data` goes to data/ (the datasets, normalization),
+    `model` with the sensor window of `data` (`SensorWindow.from_config`) to models/ (`build_policy`), `model` and
+    `data.views` to inference/'s request checks. Only the training run, the planner, the checkpoint folder
+    (`models/folder.py`), `PolicyRunner` (its checkpoint's config) and the command line hold all of it.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -330,6 +340,12 @@ class SensorVLAConfig:
         """Check cross-field constraints; raise `ConfigError` naming the flag to change."""
         validate(self)
         return self
+
+
+def section_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """The config section `cls` (any of the dataclasses above) of its `asdict()` dict, every value type-checked;
+    `prefix` ("data.") names its keys in errors."""
+    return _from_dict(cls, data, prefix)
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -554,6 +570,46 @@ def resolve_stage_defaults(cfg: SensorVLAConfig) -> SensorVLAConfig:
         if get_key(cfg, key) == "auto":
             set_key(cfg, key, value)
     return cfg
+
+
+def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int) -> ModelConfig:
+    """The model config with its dataset-derived fields (V, D_a, H, C_s, force channels, D_st) from dataset metadata.
+
+    `meta` has `action_dim`, `sensor_channels`, `state_dim` (and `force_channels`); `horizon` is the data's H.
+    Values the user set explicitly (non-zero) must agree with the dataset; otherwise this raises with the fix.
+    A dataset without a sensor stream turns the sensor input off (with a warning).
+    """
+    derived = {
+        ("head", "action_dim"): int(meta.action_dim),
+        ("head", "horizon"): int(horizon),
+        ("sensor", "channels"): int(meta.sensor_channels or 0),
+        ("sensor", "force_channels"): int(getattr(meta, "force_channels", model.sensor.force_channels)),
+    }
+    new = dataclasses.replace(model, num_views=num_views, state_dim=int(meta.state_dim or 0))
+    for (section, name), value in derived.items():
+        sub = getattr(new, section)
+        current = getattr(sub, name)
+        if current and current != value and name != "force_channels":
+            raise ValueError(
+                f"--model.{section}.{name}={current} disagrees with the dataset ({value}); leave it at 0 "
+                "to derive it, or use a matching dataset"
+            )
+        setattr(new, section, dataclasses.replace(sub, **{name: value}))
+    if new.sensor.enabled and not new.sensor.channels:
+        logger.warning("dataset has no sensor stream: running vision-only (sensor disabled)")
+        new = dataclasses.replace(new, sensor=dataclasses.replace(new.sensor, enabled=False))
+    return new
+
+
+def resolve_from_meta(cfg: SensorVLAConfig, meta: Any) -> SensorVLAConfig:
+    """Fill the dataset-derived fields from dataset metadata: the views (`--data.views`, default all of the
+    dataset's) and the model's shapes (`resolve_model`). Returns a new config; `cfg` is not changed."""
+    views = list(cfg.data.views) or list(meta.views)
+    missing = sorted(set(views) - set(meta.views))
+    if missing:
+        raise ValueError(f"--data.views {missing} not in the dataset (it has {list(meta.views)})")
+    model = resolve_model(cfg.model, meta, num_views=len(views), horizon=cfg.data.horizon)
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, views=tuple(views)))
 
 
 def stage_warnings(cfg: SensorVLAConfig) -> list[str]:

@@ -233,3 +233,25 @@ def test_generating_with_worker_processes_writes_the_same_files(tmp_path):
     assert files and files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
     for f in files:
         assert (serial / f).read_bytes() == (parallel / f).read_bytes(), f
+
+
+def test_episode_from_named_streams():
+    """`EpisodeData.from_streams`: every reader's one constructor; offsets are the streams' own, views keep order."""
+    from sensorvla.data.types import EpisodeData, Stream
+
+    t = np.arange(4, dtype=np.float64)
+    frames = np.zeros((4, 2, 2, 3), np.uint8)
+    streams = {
+        "action": Stream(t, np.ones((4, 7), np.float32)),
+        "state": Stream(t, np.zeros((4, 6), np.float32), 0.5),
+        "image.top": Stream(t, frames, -0.01),
+        "image.front": Stream(t, frames),
+    }
+    ep = EpisodeData.from_streams("e0", "go", streams)
+    assert list(ep.images) == ["top", "front"] and ep.sensor is None and ep.sensor_timestamps is None
+    assert ep.clock_offsets == {"action": 0.0, "state": 0.5, "image.top": -0.01, "image.front": 0.0}
+    assert ep.extra == {} and ep.actions is streams["action"].values
+    sensor = Stream(t, np.zeros((4, 3)), 0.2)
+    with_sensor = EpisodeData.from_streams("e1", "go", {**streams, "sensor": sensor}, {"k": 1})
+    assert with_sensor.sensor.shape == (4, 3) and with_sensor.clock_offsets["sensor"] == 0.2
+    assert with_sensor.extra == {"k": 1}

@@ -479,3 +479,31 @@ def test_one_episode_interface_import_source_equals_the_written_dataset(h5_src, 
         for v in a.images:
             np.testing.assert_array_equal(a.images[v].frames, np.asarray(b.images[v].frames))
         assert {k: v for k, v in b.clock_offsets.items() if v} == {k: v for k, v in a.clock_offsets.items() if v}
+
+
+def test_importers_share_one_options_dataclass(h5_src, tmp_path):
+    """`ImportOptions` are both importers' keywords and the CLI's flags: an option outside it is refused before
+    anything is written, and the recorder's own `include_joints` is not an HDF5 option."""
+    import dataclasses
+
+    from sensorvla.data.options import ImportOptions
+
+    names = {f.name for f in dataclasses.fields(ImportOptions)}
+    assert names == {"instruction", "image_size", "min_actions", "views", "overwrite", "image_format"}
+    with pytest.raises(TypeError, match="include_joints"):
+        import_hdf5(h5_src, tmp_path / "ds", include_joints=True, progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_foreign_read_error_becomes_a_data_error(tmp_path):
+    """`as_data_error`: the importers' one way to report a corrupt input (chained); a DataError passes unchanged."""
+    from sensorvla.data.types import as_data_error
+
+    failing = as_data_error(KeyError, lambda e: f"cannot read x ({type(e).__name__}: {e})", episode="e", path=tmp_path)
+    with pytest.raises(DataError, match=r"cannot read x \(KeyError: 'k'\)") as ei, failing:
+        {}["k"]
+    assert ei.value.episode == "e" and ei.value.path == str(tmp_path) and isinstance(ei.value.__cause__, KeyError)
+    inner = DataError("already precise", fix="f")
+    with pytest.raises(DataError) as ei, as_data_error(ValueError, "outer"):
+        raise inner
+    assert ei.value is inner

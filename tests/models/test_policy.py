@@ -257,3 +257,27 @@ def test_activation_checkpointing_with_lora(tiny_vl_dir, batches):
     loss.backward()
     lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_A" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
+
+
+def test_build_policy_from_the_model_config_and_window(tiny_vl_dir):
+    """The models layer takes the model config and the sensor window; the whole config is the short form."""
+    from sensorvla.config import ConfigError
+    from sensorvla.data.timeline import SensorWindow
+    from sensorvla.models import compat
+    from sensorvla.models.policy import policy_inputs
+
+    cfg = make_cfg(tiny_vl_dir, head="flow")
+    window = SensorWindow.from_config(cfg.data)
+    torch.manual_seed(0)
+    whole = build_policy(cfg)
+    torch.manual_seed(0)
+    parts = build_policy(cfg.model, window)
+    assert parts.sensor_window == whole.sensor_window and parts.cfg == whole.cfg
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), parts.state_dict().values()))
+    assert compat.QwenVLAWithSensorDiffusion(cfg.model, sensor_window=window).cfg.head.type == "diffusion"
+    with pytest.raises(TypeError, match="window"):
+        build_policy(cfg.model)
+    auto = make_cfg(tiny_vl_dir, mode="auto")
+    assert policy_inputs(auto)[0].finetune.mode == "none" and auto.model.finetune.mode == "auto"  # a copy
+    with pytest.raises(ConfigError, match="auto"):
+        build_policy(auto.model, window)

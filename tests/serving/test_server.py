@@ -138,6 +138,15 @@ def test_round_trip_handshake_and_timing(server, policy, caplog):
     assert any(re.match(r"request 1 \(conn 1 #1\): infer [\d.]+ ms, queue", r.getMessage()) for r in caplog.records)
 
 
+def test_client_and_server_share_one_endpoint(policy):
+    """Both ends hold a `protocol.Endpoint` (host, port, token, size limit); an IPv6 literal is bracketed."""
+    client = PolicyClient("::1", 8000, token="t")
+    assert client.endpoint == protocol.Endpoint("::1", 8000, "t", protocol.DEFAULT_MAX_MESSAGE_BYTES)
+    assert client.uri == "ws://[::1]:8000" and protocol.ws_uri("[::1]", 1) == "ws://[::1]:1"
+    srv = PolicyServer(policy, token="t", max_message_bytes=1024)
+    assert srv.endpoint == protocol.Endpoint("127.0.0.1", 0, "t", 1024) and srv.url == "ws://127.0.0.1:0"
+
+
 def test_healthz_is_plain_http_200(server):
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as resp:
         assert resp.status == 200 and resp.read() == b"ok"

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
 from sensorvla.config import DataConfig
+from sensorvla.data.options import AttachOptions, ImportOptions
 
 
 def keywords(flags: dict, **renamed: str) -> dict:
     """A command's flags (its `locals()` on entry) as the library function's keywords: `renamed` maps a flag to
-    the keyword it fills; a tuple of views becomes a list (None when empty)."""
-    out = {renamed.get(k, k): v for k, v in flags.items()}
-    if "views" in out:
-        out["views"] = list(out["views"]) if out["views"] else None
-    return out
+    the keyword it fills."""
+    return {renamed.get(k, k): v for k, v in flags.items()}
 
 
 def wrote(path: Path) -> int:
@@ -45,58 +42,35 @@ def data_synth(
     return wrote(generate_dataset(**keywords(flags, out="out_dir", episodes="num_episodes")))
 
 
-@dataclass
-class ImportFlags:
-    """The flags every importer takes (`--instruction`, `--image-size`, `--views`, ...)."""
-
-    instruction: str | None = None  # one instruction for every episode
-    image_size: int | None = None  # resize frames to N x N (default: the stored size)
-    min_actions: int = 8  # episodes with fewer action frames are an error (the training horizon)
-    views: tuple[str, ...] | None = None  # import only these views (default: all)
-    overwrite: bool = False
-    # video: LeRobot video features (mp4); npy: lossless raw frames (not LeRobot-visible)
-    image_format: Literal["video", "npy"] = "video"
+# The options as flags without a prefix: `--views`, not `--flags.views`.
+Importing = Annotated[ImportOptions, tyro.conf.arg(name="")]
+Attaching = Annotated[AttachOptions, tyro.conf.arg(name="")]
 
 
-# The importer flags without a prefix: `--views`, not `--flags.views`.
-Importing = Annotated[ImportFlags, tyro.conf.arg(name="")]
-
-
-def data_import_recorder(src: Path, out: Path, include_joints: bool = False, flags: Importing = ImportFlags()) -> int:  # noqa: B008
+def data_import_recorder(src: Path, out: Path, include_joints: bool = False, flags: Importing = ImportOptions()) -> int:  # noqa: B008
     """Convert the original recorder's episode folders (metadata.json, images/, robot_states.csv, sensor_data.npz)."""
     from sensorvla.data.importers.recorder import import_recorder
 
-    options = keywords(dataclasses.asdict(flags))
-    return wrote(import_recorder(src, out, include_joints=include_joints, **options))
+    return wrote(import_recorder(src, out, include_joints=include_joints, **dataclasses.asdict(flags)))
 
 
-def data_import_hdf5(src: Path, out: Path, flags: Importing = ImportFlags()) -> int:  # noqa: B008
+def data_import_hdf5(src: Path, out: Path, flags: Importing = ImportOptions()) -> int:  # noqa: B008
     """Convert plain HDF5 episodes (docs/hdf5-format.md)."""
     from sensorvla.data.importers.hdf5 import import_hdf5
 
-    return wrote(import_hdf5(src, out, **keywords(dataclasses.asdict(flags))))
+    return wrote(import_hdf5(src, out, **dataclasses.asdict(flags)))
 
 
-def data_add_sensor(
-    dataset: Path,
-    src: Path,
-    clock_offset: float = 0.0,
-    name: str = "sensor",
-    rate: float | None = None,
-    force_channels: int | None = None,
-    episode: int | None = None,
-    overwrite: bool = False,
-) -> int:
+def data_add_sensor(dataset: Path, src: Path, flags: Attaching = AttachOptions()) -> int:  # noqa: B008
     """Attach a sensor stream (CSV/NPZ/HDF5: episode_index, timestamps, values) to a LeRobot v3 dataset, in place.
 
     --clock-offset S is added to the sensor's timestamps to reach the dataset's clock (frame i of an episode is at
     frame_index / fps). See docs/data-format.md, "Add a sensor to a LeRobot dataset".
     """
-    flags = dict(locals())
     from sensorvla.data.attach import add_sensor
 
-    spec = add_sensor(**keywords(flags))
-    print(f"attached {name!r} to {dataset}: {json.dumps(spec)}")
+    spec = add_sensor(dataset, src, **dataclasses.asdict(flags))
+    print(f"attached {flags.name!r} to {dataset}: {json.dumps(spec)}")
     return 0
 
 

@@ -18,11 +18,13 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sensorvla.data.format import INFO_FILE, load_meta
 from sensorvla.data.importers._common import check_increasing
+from sensorvla.data.options import AttachOptions
 from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span
 from sensorvla.data.types import DataError
 from sensorvla.data.writer import check_finite
@@ -253,27 +255,19 @@ def _write_stream(root: Path, meta, name: str, per_episode: dict, rate_hz, clock
     return spec
 
 
-def add_sensor(
-    dataset: str | Path,
-    src: str | Path,
-    *,
-    clock_offset: float = 0.0,
-    name: str = "sensor",
-    rate: float | None = None,
-    force_channels: int | None = None,
-    episode: int | None = None,
-    overwrite: bool = False,
-) -> dict:
-    """Attach `src` as sidecar stream `name` of `dataset` (see the module docstring); returns its declaration.
+def add_sensor(dataset: str | Path, src: str | Path, **options: Any) -> dict:
+    """Attach `src` as a sidecar stream of `dataset` (see the module docstring); returns its declaration.
 
-    Checks, before anything is written: episode indices exist; timestamps are finite and increase; values
-    are finite; after `clock_offset` each episode's samples overlap that episode's frames (a wrong clock
-    names the offset that would fit); the per-episode rates agree (and match `rate` when given).
+    `options` are the `AttachOptions` keywords. Checks, before anything is written: episode indices exist;
+    timestamps are finite and increase; values are finite; after `clock_offset` each episode's samples overlap
+    that episode's frames (a wrong clock names the offset that would fit); the per-episode rates agree (and match
+    `rate` when given).
     """
+    o = AttachOptions(**options)
     root = Path(dataset)
     meta = load_meta(root)
-    _check_name(meta, name, overwrite, root / INFO_FILE)
-    per_episode, names = read_sensor_file(src, episode)
+    _check_name(meta, o.name, o.overwrite, root / INFO_FILE)
+    per_episode, names = read_sensor_file(src, o.episode)
     n_eps = len(meta.episodes)
     bad = sorted(e for e in per_episode if not 0 <= e < n_eps)
     if bad:
@@ -288,18 +282,18 @@ def add_sensor(
         raise DataError(f"episodes have different channel counts {sorted(channels)}", path=str(src), fix="one per file")
     rates = {}
     for e, (ts, values) in sorted(per_episode.items()):
-        r = _check_episode_samples(meta, e, ts, values, name, clock_offset, src)
+        r = _check_episode_samples(meta, e, ts, values, o.name, o.clock_offset, src)
         if r is not None:
             rates[e] = r
-    measured = _common_rate(meta, rates, rate, src)
+    measured = _common_rate(meta, rates, o.rate, src)
     c = channels.pop()
-    fc = c if force_channels is None else int(force_channels)
+    fc = c if o.force_channels is None else int(o.force_channels)
     if not 0 <= fc <= c:
         raise DataError(f"--force-channels {fc} is not within 0..{c}", path=str(src), fix=f"pass 0..{c}")
     missing = sorted(set(range(n_eps)) - set(per_episode))
     if missing:
-        logger.warning("%d episode(s) have no %s samples (sensor-less, masked): %s", len(missing), name, missing[:10])
+        logger.warning("%d episode(s) have no %s samples (sensor-less, masked): %s", len(missing), o.name, missing[:10])
     extra = {"force_channels": fc, **({"names": names} if names else {})}
-    spec = _write_stream(root, meta, name, per_episode, rate or measured, clock_offset, extra)
-    logger.info("attached %s: %d episodes, %d channels, %.4g Hz", name, len(per_episode), c, rate or measured or 0)
+    spec = _write_stream(root, meta, o.name, per_episode, o.rate or measured, o.clock_offset, extra)
+    logger.info("attached %s: %d episodes, %d channels, %.4g Hz", o.name, len(per_episode), c, o.rate or measured or 0)
     return spec

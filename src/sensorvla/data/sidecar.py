@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sensorvla.data.types import DataError
+from sensorvla.data.types import DataError, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ class SidecarStream:
                 fix=NPY_FIX,
             )
         return arr
+
+    def stream(self, e: int, name: str | None = None) -> Stream:
+        """Episode `e` of this stream: its timestamps, values and clock offset."""
+        return Stream(self.timestamps(e, name), self.values(e, name), self.offset(e))
 
     def spec(self) -> dict[str, Any]:
         """The stream's declaration for meta/info.json."""

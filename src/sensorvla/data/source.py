@@ -17,7 +17,7 @@ import numpy as np
 
 from sensorvla.data.format import DatasetMeta, column_array, load_meta, read_frames
 from sensorvla.data.layout import ACTION_KEY, CAMERA_PREFIX, STATE_KEY
-from sensorvla.data.types import DataError, EpisodeData, ImageStream
+from sensorvla.data.types import DataError, EpisodeData, Stream
 from sensorvla.data.writer import check_finite
 
 logger = logging.getLogger(__name__)
@@ -232,66 +232,46 @@ class LeRobotSource:
     def load(self, i: int) -> EpisodeData:
         """Load episode `i`: actions, state, camera frames and sensor streams on the common clock."""
         meta, e = self.meta, int(i)
-        r, ep, name = self.rows[e], meta.episodes[i], self.name(e)
+        r, name = self.rows[e], self.name(e)
         a_ts, a_off = self.row_times(e)
-        offsets = {"action": a_off}
+        streams = {"action": Stream(a_ts, self.actions[r.start : r.stop], a_off)}
         st = meta.streams.get(STATE_KEY)
-        if st is not None and st.has(e):
-            state_ts, state, offsets["state"] = st.timestamps(e, name), st.values(e, name), st.offset(e)
-        else:
-            state_ts, state, offsets["state"] = a_ts, self.state[r.start : r.stop], a_off
-        images = {}
+        has_state = st is not None and st.has(e)
+        streams["state"] = st.stream(e, name) if has_state else Stream(a_ts, self.state[r.start : r.stop], a_off)
         for view, cam in meta.cameras.items():
             timing = meta.streams.get(cam.key)
             if cam.storage == "npy":
-                images[view] = ImageStream(timing.timestamps(e, name), timing.values(e, name))
-                offsets[f"image.{view}"] = timing.offset(e)
-                continue
-            if cam.storage == "video":
-                from sensorvla.data.video import VideoFrames
-
-                frames = VideoFrames(
-                    self.video_path(cam.key, e),
-                    float(ep.get(f"videos/{cam.key}/from_timestamp", 0.0)),
-                    float(meta.info["fps"]),
-                    r.stop - r.start,
-                    cam.shape,
-                    self.tolerance_s,
-                )
+                streams[f"image.{view}"] = timing.stream(e, name)
+            elif timing is not None and timing.has(e):
+                streams[f"image.{view}"] = Stream(timing.timestamps(e, name), self._frames(cam, e), timing.offset(e))
             else:
-                cells = self.frames.column(cam.key).slice(r.start, r.stop - r.start).to_pylist()
-                frames = ParquetImages(cells, cam.shape, meta.root, f"{cam.key} of episode {e}")
-            if timing is not None and timing.has(e):
-                images[view] = ImageStream(timing.timestamps(e, name), frames)
-                offsets[f"image.{view}"] = timing.offset(e)
-            else:
-                images[view] = ImageStream(a_ts, frames)
-                offsets[f"image.{view}"] = a_off
-        sensor_ts = sensor = None
+                streams[f"image.{view}"] = Stream(a_ts, self._frames(cam, e), a_off)
         keys = meta.sensor_keys
         if len(keys) == 1 and keys[0] in meta.streams:
-            s = meta.streams[keys[0]]
-            if s.has(e):
-                sensor_ts, sensor, offsets["sensor"] = s.timestamps(e, name), s.values(e, name), s.offset(e)
+            if meta.streams[keys[0]].has(e):
+                streams["sensor"] = meta.streams[keys[0]].stream(e, name)
         elif self.frame_sensor is not None:
-            sensor_ts, sensor, offsets["sensor"] = a_ts, self.frame_sensor[r.start : r.stop], a_off
-        extra: dict[str, Any] = {}
+            streams["sensor"] = Stream(a_ts, self.frame_sensor[r.start : r.stop], a_off)
         tasks = self.frame_tasks(e)
-        if len(set(tasks)) > 1:
-            extra["frame_tasks"] = tasks
-        return EpisodeData(
-            name=name,
-            instruction=tasks[0] if tasks else ep["instruction"],
-            action_timestamps=a_ts,
-            actions=self.actions[r.start : r.stop],
-            state_timestamps=state_ts,
-            state=state,
-            images=images,
-            sensor_timestamps=sensor_ts,
-            sensor=sensor,
-            clock_offsets=offsets,
-            extra=extra,
-        )
+        extra: dict[str, Any] = {"frame_tasks": tasks} if len(set(tasks)) > 1 else {}
+        return EpisodeData.from_streams(name, tasks[0] if tasks else meta.episodes[i]["instruction"], streams, extra)
+
+    def _frames(self, cam, e: int):
+        """The frames of camera `cam` in episode `e`, one per action row: from its video or the frame table."""
+        meta, r = self.meta, self.rows[e]
+        if cam.storage == "video":
+            from sensorvla.data.video import VideoFrames
+
+            return VideoFrames(
+                self.video_path(cam.key, e),
+                float(meta.episodes[e].get(f"videos/{cam.key}/from_timestamp", 0.0)),
+                float(meta.info["fps"]),
+                r.stop - r.start,
+                cam.shape,
+                self.tolerance_s,
+            )
+        cells = self.frames.column(cam.key).slice(r.start, r.stop - r.start).to_pylist()
+        return ParquetImages(cells, cam.shape, meta.root, f"{cam.key} of episode {e}")
 
     def global_index(self, e: int) -> np.ndarray:
         """The global frame indices of episode `e`'s rows."""

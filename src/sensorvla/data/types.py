@@ -5,7 +5,11 @@ An `EpisodeData` holds every stream of one episode with its own timestamps. Noth
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,6 +31,41 @@ class DataError(ValueError):
         self.episode = episode
         self.path = path
         self.fix = fix
+
+
+@contextmanager
+def as_data_error(
+    catch: type[BaseException] | tuple[type[BaseException], ...],
+    message: str | Callable[[BaseException], str],
+    *,
+    episode: str | None = None,
+    path: str | Path | None = None,
+    fix: str = "",
+) -> Iterator[None]:
+    """Turn an exception of type `catch` raised in the block into a `DataError` (chained to it) naming the episode,
+    the file and the fix: how a reading step reports a corrupt input. `message` may be a function of the exception;
+    a `DataError` raised in the block passes unchanged."""
+    try:
+        yield
+    except DataError:
+        raise  # already says what is wrong
+    except catch as e:
+        text = message(e) if callable(message) else message
+        raise DataError(text, episode=episode, path=None if path is None else str(path), fix=fix) from e
+
+
+def error_text(e: BaseException) -> str:
+    """ "Type: text" of an exception, for a DataError's message."""
+    return f"{type(e).__name__}: {e}"
+
+
+class Stream(NamedTuple):
+    """One stream of an episode on its own clock: timestamps (N,) float64 seconds, values (N, ...) (a camera's
+    frames (N, h, w, 3) uint8), and the offset in seconds added to its timestamps to reach the common clock."""
+
+    timestamps: np.ndarray
+    values: Any
+    offset: float = 0.0
 
 
 @dataclass
@@ -61,3 +100,25 @@ class EpisodeData:
     sensor: np.ndarray | None = None
     clock_offsets: dict[str, float] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)  # JSON-serialisable per-episode metadata
+
+    @classmethod
+    def from_streams(
+        cls, name: str, instruction: str, streams: Mapping[str, Stream], extra: dict[str, object] | None = None
+    ) -> EpisodeData:
+        """An episode from its streams by name: "action", "state", "image.<view>" (in view order) and, when it was
+        recorded, "sensor"; `clock_offsets` are the streams' offsets. How every reader builds one."""
+        action, state, sensor = streams["action"], streams["state"], streams.get("sensor")
+        views = {k.removeprefix("image."): s for k, s in streams.items() if k.startswith("image.")}
+        return cls(
+            name=name,
+            instruction=instruction,
+            action_timestamps=action.timestamps,
+            actions=action.values,
+            state_timestamps=state.timestamps,
+            state=state.values,
+            images={v: ImageStream(s.timestamps, s.values) for v, s in views.items()},
+            sensor_timestamps=None if sensor is None else sensor.timestamps,
+            sensor=None if sensor is None else sensor.values,
+            clock_offsets={k: s.offset for k, s in streams.items()},
+            extra={} if extra is None else extra,
+        )

@@ -197,12 +197,12 @@ def train_in_background(dataset_dir: Path, data_cfg, out_dir: Path, *, threads: 
 def _background_worker(dataset_dir, data_cfg, out_dir, threads, budget_s, seed, stop) -> None:
     """The spawned process of `train_in_background`."""
     torch.set_num_threads(threads)
-    from sensorvla.config import SensorVLAConfig
+    from sensorvla.config import DataConfig, section_from_dict
     from sensorvla.data.normalize import Normalizer, NormStats
     from sensorvla.io import atomic_write_json, save_safetensors
     from sensorvla.training.data_setup import stats_path
 
-    dc = SensorVLAConfig.from_dict({"data": data_cfg}).data
+    dc = section_from_dict(DataConfig, data_cfg, "data.")
     norm = Normalizer(NormStats.load(stats_path(dataset_dir)), mode=dc.normalization)
     cfg = CNNBaselineConfig(budget_s=budget_s, seed=seed)
     policy, info = train_cnn_baseline(dataset_dir, dc, norm, cfg, progress=False, stop=stop.is_set)

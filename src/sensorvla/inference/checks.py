@@ -9,11 +9,13 @@ an error at once instead of occupying the inference thread. Values are cast to t
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from sensorvla.config import ModelConfig
 from sensorvla.serving.protocol import LimitExceededError, ObservationError
 
 __all__ = ["RequestLimits", "RequestChecker"]
@@ -83,14 +85,16 @@ class RequestChecker:
     """Validates a raw observation for one checkpoint and returns it in model dtypes.
 
     Args:
-        cfg: the checkpoint's SensorVLAConfig.
+        model: the checkpoint's model config (state size, sensor channels, number of views).
+        views: the checkpoint's camera names in the model's view order (`data.views`), for the error messages.
         normalizer: its Normalizer (normalized state/sensor values must be finite too).
         processor: the Qwen-VL processor (tokenizer for the token count, patch geometry for the minimum size).
         limits: the work bounds.
     """
 
-    def __init__(self, cfg, normalizer, processor, limits: RequestLimits):
-        self.cfg = cfg
+    def __init__(self, model: ModelConfig, views: Sequence[str], normalizer, processor, limits: RequestLimits):
+        self.model = model
+        self.views = list(views)
         self.normalizer = normalizer
         self.limits = limits
         ip = processor.image_processor
@@ -125,7 +129,7 @@ class RequestChecker:
         """
         if not isinstance(obs, dict):
             raise ObservationError(f"an observation must be a dict, got {type(obs).__name__}")
-        m = self.cfg.model
+        m = self.model
         out: dict[str, Any] = {
             "instruction": self._instruction(obs.get("instruction", "")),
             "images": self._images(obs.get("images")),
@@ -169,7 +173,7 @@ class RequestChecker:
         return str(text)
 
     def _images(self, images: Any) -> list[np.ndarray]:
-        m, views = self.cfg.model, list(self.cfg.data.views)
+        m, views = self.model, self.views
         if images is None:
             raise ObservationError(f"missing 'images': uint8 ({m.num_views}, h, w, 3) in the view order {views}")
         seq = list(images) if isinstance(images, np.ndarray | list | tuple) else None
@@ -208,7 +212,7 @@ class RequestChecker:
         return out
 
     def _sensor(self, obs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        m = self.cfg.model
+        m = self.model
         channels = max(m.sensor.channels, 1)
         empty = np.zeros((0, channels), np.float32), np.zeros(0, np.float64)
         if not m.sensor.enabled:

@@ -99,7 +99,7 @@ class PolicyRunner:
         self.window = SensorWindow.from_config(cfg.data, max_gap_s)  # the checkpoint's window (its config.json)
         self.max_gap_s = self.window.max_gap_s
         self.clock = clock
-        self.checker = RequestChecker(cfg, normalizer, processor, self.limits)
+        self.checker = RequestChecker(cfg.model, cfg.data.views, normalizer, processor, self.limits)
         self.vl_calls = 0  # VL encodes over all sessions
         self._count_lock = threading.Lock()
         # (VLFeatures, VL mask, fused VL projection, the head's Memory of it | None) of the last head step; replaced

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sensorvla import integrity
-from sensorvla.config import ConfigError, SensorVLAConfig
+from sensorvla.config import ConfigError, ModelConfig, SensorVLAConfig
 from sensorvla.io import atomic_dir, save_safetensors
 from sensorvla.models import finetune
 
@@ -149,12 +149,12 @@ def read_config(path: str | Path) -> SensorVLAConfig:
     return cfg
 
 
-def load_weights(policy: torch.nn.Module, path: str | Path, cfg: SensorVLAConfig):
-    """Load a folder's tensors (and LoRA adapters) into a policy built from its config; its NormStats or None."""
+def load_weights(policy: torch.nn.Module, path: str | Path, model: ModelConfig):
+    """Load a folder's tensors (and LoRA adapters) into a policy built from its model config; its NormStats or None."""
     path = Path(path)
     sd = read_safetensors(path / WEIGHTS_NAME)
     load_state_strict(policy, sd, set(saved_state_dict(policy)), str(path / WEIGHTS_NAME))
-    if cfg.model.finetune.mode == "lora":
+    if model.finetune.mode == "lora":
         finetune.load_adapter_state_dict(policy, read_safetensors(path / ADAPTER_WEIGHTS_NAME))
     if not (path / NORM_STATS_NAME).exists():
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sensorvla.config import ModelConfig, SensorVLAConfig, resolve_stage_defaults
+from sensorvla.config import ConfigError, ModelConfig, SensorVLAConfig, resolve_stage_defaults
 from sensorvla.data.timeline import SensorWindow
 from sensorvla.models import finetune, folder
 from sensorvla.models.backbone import VLBackbone
@@ -31,9 +31,9 @@ class VLAPolicy(nn.Module):
 
     Args:
         cfg: the model config; `sensor.channels`, `head.horizon`, `head.action_dim`, `num_views` and
-            `state_dim` must already be resolved from the dataset (see `resolve_from_dataset`).
+            `state_dim` must already be resolved from the dataset (see `config.resolve_model`).
         vl_model: a loaded Hugging Face Qwen-VL model (`models/backbone.load_vl_model`).
-        sensor_window: the sensor window (T_s grid points), `SensorWindow.from_config(cfg.data)` of the run.
+        sensor_window: the sensor window (T_s grid points), `SensorWindow.from_config(data)` of the run.
     """
 
     def __init__(self, cfg: ModelConfig, vl_model: nn.Module, sensor_window: SensorWindow):
@@ -164,25 +164,53 @@ class VLAPolicy(nn.Module):
         return self.head.sample(cond, cond_mask, generator=generator)
 
 
+PolicyConfig = ModelConfig | SensorVLAConfig  # what `build_policy` takes: a model config (with a window), or all
+
+
+def policy_inputs(cfg: PolicyConfig, sensor_window: SensorWindow | None = None) -> tuple[ModelConfig, SensorWindow]:
+    """What a policy is built from: the model config and the run's sensor window.
+
+    A `ModelConfig` comes with its `sensor_window`; a whole `SensorVLAConfig` (the documented short form) gives its
+    model and `SensorWindow.from_config(cfg.data)`, with its stage's fine-tuning default applied to a copy when the
+    config skipped `validate()`.
+    """
+    if not isinstance(cfg, SensorVLAConfig):
+        if sensor_window is None:
+            raise TypeError("a ModelConfig comes with the run's window: (model, SensorWindow.from_config(data))")
+        return cfg, sensor_window
+    if cfg.model.finetune.mode == "auto":
+        model = dataclasses.replace(cfg.model, finetune=dataclasses.replace(cfg.model.finetune))
+        cfg = resolve_stage_defaults(dataclasses.replace(cfg, model=model))
+    return cfg.model, sensor_window or SensorWindow.from_config(cfg.data)
+
+
 def build_policy(
-    cfg: SensorVLAConfig,
+    cfg: PolicyConfig,
+    sensor_window: SensorWindow | None = None,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     vl_weights: bool = True,
-):
-    """Load the VL backbone named in the config and assemble a `VLAPolicy` with fine-tuning applied.
+) -> VLAPolicy:
+    """Load the VL backbone named in the model config and assemble a `VLAPolicy` with fine-tuning applied.
 
-    `vl_weights=False`: the backbone's HF config only, no weights (`backbone.WithoutWeights`), for a frozen
-    stage 1 whose VL features all come from the cache: its checkpoints are the same, a 3B's 7 GiB are not loaded.
+    Args:
+        cfg: the resolved model config (`config.resolve_model`), or a whole `SensorVLAConfig` (`policy_inputs`).
+        sensor_window: the run's sensor window (T_s grid points), `SensorWindow.from_config(data)`.
+        vl_weights: False builds on the backbone's HF config only (`backbone.WithoutWeights`), for a frozen stage 1
+            whose VL features all come from the cache: the same trained parts and checkpoints, and a 3B's 7 GiB of
+            weights are never loaded.
     """
     from sensorvla.models.backbone import WithoutWeights, load_vl_config, load_vl_model, resolve_dtype
 
+    model, window = policy_inputs(cfg, sensor_window)
+    if model.finetune.mode == "auto":
+        raise ConfigError(
+            "model.finetune.mode is 'auto': the training stage decides it; resolve it first "
+            "(SensorVLAConfig.validate()) or pass the whole config"
+        )
     device = torch.device(device)
-    if cfg.model.finetune.mode == "auto":  # a config that skipped validate(): apply the stage defaults here
-        model = dataclasses.replace(cfg.model, finetune=dataclasses.replace(cfg.model.finetune))
-        cfg = resolve_stage_defaults(dataclasses.replace(cfg, model=model))
-    bcfg = cfg.model.backbone
+    bcfg = model.backbone
     vl_dtype = dtype or resolve_dtype(bcfg.dtype, device)
     if vl_weights:
         vl = load_vl_model(
@@ -190,8 +218,8 @@ def build_policy(
         )
     else:
         vl = WithoutWeights(load_vl_config(bcfg.vl_model, bcfg.revision))
-    policy = VLAPolicy(cfg.model, vl, SensorWindow.from_config(cfg.data))
-    finetune.apply_finetune(policy, cfg.model.finetune)
+    policy = VLAPolicy(model, vl, window)
+    finetune.apply_finetune(policy, model.finetune)
     if bcfg.activation_checkpointing:
         policy.backbone.enable_activation_checkpointing()
     return policy.to(device)
@@ -207,5 +235,5 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu", vl_
     if vl_model is not None:
         cfg.model.backbone.vl_model = vl_model
     policy = build_policy(cfg, device="cpu")
-    norm_stats = folder.load_weights(policy, path, cfg)
+    norm_stats = folder.load_weights(policy, path, cfg.model)
     return policy.to(device), cfg, norm_stats

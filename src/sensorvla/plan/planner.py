@@ -136,8 +136,8 @@ def resolve(
     """Fill the dataset-derived fields: from --data.dataset-dir when given, else from the flags / defaults."""
     cfg = copy.deepcopy(cfg)
     if cfg.data.dataset_dir:
+        from sensorvla.config import resolve_from_meta
         from sensorvla.data.format import load_meta
-        from sensorvla.models.pretrained import resolve_from_meta
         from sensorvla.training.data_setup import raw_dataset
 
         meta = load_meta(cfg.data.dataset_dir)

@@ -60,14 +60,11 @@ class PolicyClient:
         token: str | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 30.0,
-        max_message_bytes: int = 64 * 2**20,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ):
-        self.host = host
-        self.port = port
+        self.endpoint = protocol.Endpoint(host, port, token, max_message_bytes)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self.max_message_bytes = max_message_bytes
-        self._token = token
         self._ws: ClientConnection | None = None
         self._metadata: dict[str, Any] | None = None
         self._lock = threading.Lock()  # one request in flight per connection, so replies never mix
@@ -79,8 +76,7 @@ class PolicyClient:
     @property
     def uri(self) -> str:
         """The server's websocket URI."""
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"ws://{host}:{self.port}"
+        return self.endpoint.uri
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -262,7 +258,8 @@ class PolicyClient:
     def _ensure_connected(self) -> None:
         if self._ws is not None:
             return
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
+        token = self.endpoint.token
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         deadline = time.monotonic() + self.connect_timeout
         delay, attempts = 0.05, 0
         while True:
@@ -273,7 +270,7 @@ class PolicyClient:
                     self.uri,
                     additional_headers=headers,
                     open_timeout=max(0.1, min(remaining, 10.0)),
-                    max_size=self.max_message_bytes,
+                    max_size=self.endpoint.max_message_bytes,
                     compression=None,
                     proxy=None,  # a robot LAN / loopback link; never route through HTTP(S)_PROXY
                     close_timeout=2,
@@ -294,7 +291,7 @@ class PolicyClient:
                 raise PolicyConnectionError(
                     f"could not connect to the policy server at {self.uri} within {self.connect_timeout}s "
                     f"({attempts} attempts, last error: {last}); start it with "
-                    f"`sensorvla serve --checkpoint DIR --port {self.port}` or fix host/port"
+                    f"`sensorvla serve --checkpoint DIR --port {self.endpoint.port}` or fix host/port"
                 ) from last
             time.sleep(delay)
             delay = min(2 * delay, 1.0)

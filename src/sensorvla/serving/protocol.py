@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -38,6 +39,7 @@ CONTROL_COMMANDS = (CONTROL_RESET,)
 
 # Websocket close code the server uses when a frame exceeds max_message_bytes (RFC 6455 "message too big").
 CLOSE_MESSAGE_TOO_BIG = 1009
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a 650 x 1026 float32 sensor window is 2.7 MB; 3 raw VGA views 2.8 MB
 
 # Keys of openpi's array encoding. Bytes keys on the wire (what openpi writes); both spellings decode.
 _ND = (b"__ndarray__", "__ndarray__")
@@ -46,6 +48,28 @@ _DECODABLE_KINDS = frozenset("biufcUS")  # never "O" (objects) or "V" (raw/struc
 
 # key -> (shape with None wildcards, or None for any shape; dtype kind "f"/"u"/... or an exact dtype name)
 ObservationSpec = dict[str, tuple[tuple[int | None, ...] | None, str]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What both ends of a connection agree on: the server's host and port, the shared token (None: no
+    authentication) and the largest websocket message in bytes."""
+
+    host: str
+    port: int
+    token: str | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    @property
+    def uri(self) -> str:
+        """`ws://host:port` (an IPv6 literal bracketed)."""
+        return ws_uri(self.host, self.port)
+
+
+def ws_uri(host: str, port: int) -> str:
+    """`ws://host:port` of a server, an IPv6 literal bracketed."""
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"ws://{host}:{port}"
 
 
 class ObservationError(ValueError):

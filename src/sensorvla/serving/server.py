@@ -31,7 +31,7 @@ from sensorvla.serving import protocol
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a 650 x 1026 float32 sensor window is 2.7 MB; 3 raw VGA views 2.8 MB
+DEFAULT_MAX_MESSAGE_BYTES = protocol.DEFAULT_MAX_MESSAGE_BYTES
 DEFAULT_MAX_QUEUE = 8  # requests waiting or running at once, over all connections
 
 
@@ -114,10 +114,7 @@ class PolicyServer:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.policy = policy
         self.max_queue = max_queue
-        self.host = host
-        self._requested_port = port
-        self._token = token
-        self.max_message_bytes = max_message_bytes
+        self.endpoint = protocol.Endpoint(host, port, token, max_message_bytes)  # port: the requested one (0: any)
         self.allow_extra_keys = allow_extra_keys
         self.send_traceback = send_traceback
         self.log_every = max(1, log_every)
@@ -156,12 +153,17 @@ class PolicyServer:
     @property
     def port(self) -> int:
         """The bound port once listening (the requested one before)."""
-        return self._bound_port if self._bound_port is not None else self._requested_port
+        return self._bound_port if self._bound_port is not None else self.endpoint.port
+
+    @property
+    def host(self) -> str:
+        """The interface the server binds."""
+        return self.endpoint.host
 
     @property
     def url(self) -> str:
         """`ws://host:port` of the listening server."""
-        return f"ws://{self.host}:{self.port}"
+        return protocol.ws_uri(self.host, self.port)
 
     def start(self, timeout: float = 10.0) -> PolicyServer:
         """Serve from a background thread with its own event loop; return once listening."""
@@ -228,9 +230,9 @@ class PolicyServer:
             async with serve(
                 lambda ws: self._handler(ws, executor),
                 self.host,
-                self._requested_port,
+                self.endpoint.port,
                 process_request=self._process_request,
-                max_size=self.max_message_bytes,
+                max_size=self.endpoint.max_message_bytes,
                 compression=None,  # arrays barely compress; deflate only costs latency
                 max_queue=4,  # backpressure: at most a few unread frames buffered per connection
                 ping_interval=self.ping_interval,
@@ -242,8 +244,8 @@ class PolicyServer:
                     "policy server listening on ws://%s:%d (token %s, max message %d bytes)",
                     self.host,
                     self._bound_port,
-                    "required" if self._token else "off",
-                    self.max_message_bytes,
+                    "required" if self.endpoint.token else "off",
+                    self.endpoint.max_message_bytes,
                 )
                 self._ready.set()
                 await self._stop_event.wait()
@@ -260,7 +262,8 @@ class PolicyServer:
         url = urlsplit(request.path)
         if url.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok")
-        if self._token is None:
+        token = self.endpoint.token
+        if token is None:
             return None
         supplied = None
         auth = request.headers.get("Authorization", "")
@@ -270,7 +273,7 @@ class PolicyServer:
                 break
         else:
             supplied = (parse_qs(url.query).get("token") or [None])[0]
-        if supplied is None or not hmac.compare_digest(supplied.encode(), self._token.encode()):
+        if supplied is None or not hmac.compare_digest(supplied.encode(), token.encode()):
             logger.warning("rejected connection from %s: missing or wrong token", connection.remote_address)
             return connection.respond(
                 http.HTTPStatus.UNAUTHORIZED,
@@ -299,7 +302,7 @@ class PolicyServer:
                 logger.warning(
                     "connection %d closed: a frame exceeded max_message_bytes=%d (code 1009)",
                     conn,
-                    self.max_message_bytes,
+                    self.endpoint.max_message_bytes,
                 )
             else:
                 logger.info("connection %d closed after %d request(s) (code %s)", conn, n, code)

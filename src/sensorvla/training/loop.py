@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from sensorvla.config import SensorVLAConfig, check_stage_groups, derive_grad_accum, stage_config, stage_warnings
+from sensorvla.config import (
+    SensorVLAConfig,
+    check_stage_groups,
+    derive_grad_accum,
+    resolve_from_meta,
+    stage_config,
+    stage_warnings,
+)
+from sensorvla.data.timeline import SensorWindow
 from sensorvla.runtime import loader_workers
 from sensorvla.training import checkpoint as ckpt
 from sensorvla.training import feature_cache
@@ -213,7 +221,6 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:
     """The named steps: set-up, then epochs (each: optimizer steps, validation, checkpoints), then teardown."""
     cfg, info, bar_on = _start(cfg, progress)
     from sensorvla.data.format import load_meta
-    from sensorvla.models.pretrained import resolve_from_meta
 
     meta = load_meta(cfg.data.dataset_dir)
     cfg = resolve_from_meta(cfg, meta)
@@ -457,7 +464,8 @@ def _build_policy(cfg: SensorVLAConfig, info, vl_weights: bool = True) -> torch.
     dtype = torch.float32 if cfg.model.finetune.mode == "full" and cfg.model.backbone.dtype == "auto" else None
     if not vl_weights and info.is_main:
         logger.info("stage 1 from the VL cache: the backbone's weights are not loaded")
-    return build_policy(cfg, device=info.device, dtype=dtype, vl_weights=vl_weights)
+    window = SensorWindow.from_config(cfg.data)
+    return build_policy(cfg.model, window, device=info.device, dtype=dtype, vl_weights=vl_weights)
 
 
 def _attach_transforms(cfg: SensorVLAConfig, data: _Data, normalizer, progress: bool, info) -> None:

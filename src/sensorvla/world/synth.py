@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from sensorvla.data.types import EpisodeData, ImageStream
+from sensorvla.data.types import EpisodeData, Stream
 
 ACTION_DT = 0.1
 INSTRUCTIONS = [
@@ -236,31 +236,15 @@ def simulate_episode(
     # fixed, recorded offset
     cam_offset = 0.013
     cam_true = np.arange(0, t_end + 1e-9, 1 / cfg.camera_rate) - 0.004
-    images = {
-        v: ImageStream(cam_true - cam_offset, np.stack([sim.render(v, p) for p in sim.pose_at(cam_true)]))
-        for v in ("front", "top")
-    }
-    sensor_ts = sensor = None
+    streams = {"action": Stream(action_ts, np.asarray(actions, np.float32)), "state": Stream(state_ts, state)}
+    for v in ("front", "top"):
+        frames = np.stack([sim.render(v, p) for p in sim.pose_at(cam_true)])
+        streams[f"image.{v}"] = Stream(cam_true - cam_offset, frames, cam_offset)
     if with_sensor:
-        sensor_ts, sensor = sim.sensor_samples(-0.2, t_end)
-    offsets = {"image.front": cam_offset, "image.top": cam_offset}
-    return EpisodeData(
-        name=name,
-        instruction=INSTRUCTIONS[seed % len(INSTRUCTIONS)],
-        action_timestamps=action_ts,
-        actions=np.asarray(actions, np.float32),
-        state_timestamps=state_ts,
-        state=state,
-        images=images,
-        sensor_timestamps=sensor_ts,
-        sensor=sensor,
-        clock_offsets=offsets,
-        extra={
-            "layer_depth_mm": float(sim.depth),
-            "target_mm": [float(v) for v in sim.target],
-            "success": bool(sim.success),
-        },
-    )
+        streams["sensor"] = Stream(*sim.sensor_samples(-0.2, t_end))
+    target = [float(v) for v in sim.target]
+    extra = {"layer_depth_mm": float(sim.depth), "target_mm": target, "success": bool(sim.success)}
+    return EpisodeData.from_streams(name, INSTRUCTIONS[seed % len(INSTRUCTIONS)], streams, extra)
 
 
 def _simulate_one(job: tuple[int, bool, str], cfg: SimConfig) -> EpisodeData:

@@ -5,14 +5,14 @@ Everything here is pure (arrays in, arrays out) except `decode_jpeg`, which read
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from sensorvla.data.types import DataError
-
-ImageSize = int | tuple[int, int] | None
+from sensorvla.data.options import ImageSize
+from sensorvla.data.types import DataError, as_data_error, error_text
 
 
 def size_hw(image_size: ImageSize) -> tuple[int, int] | None:
@@ -50,6 +50,47 @@ def check_increasing(ts: np.ndarray, *, what: str, episode: str, path: str | Pat
         )
 
 
+def select_views(
+    episodes: Sequence[Any],
+    views: Sequence[str] | None,
+    *,
+    src: str | Path,
+    images_of: Callable[[Any], Path],
+    none_found: tuple[str, str],
+) -> list[str]:
+    """The camera views to import: `views`, or every view some episode has (sorted); set as each episode's `.views`.
+
+    Each episode has `.name` and `.views` (its own); `images_of(episode)` is the file or folder named when it lacks a
+    view. Raises DataError when there is no view at all (`none_found`: message, fix) or an episode lacks one (the
+    fix names the views every episode shares).
+    """
+    wanted = sorted(views) if views else sorted(set().union(*(e.views for e in episodes)))
+    if not wanted:
+        raise DataError(none_found[0], path=str(src), fix=none_found[1])
+    for e in episodes:
+        missing = sorted(set(wanted) - set(e.views))
+        if missing:
+            common = sorted(set.intersection(*(set(x.views) for x in episodes)))
+            raise DataError(
+                f"view(s) {missing} missing (other episodes have {wanted})",
+                episode=e.name,
+                path=str(images_of(e)),
+                fix=f"import only the shared views with views={common} (--views), or move this episode out of the "
+                "source folder",
+            )
+        e.views = wanted
+    return wanted
+
+
+SENSOR_CONFIG_FIX = "import each sensor configuration into its own dataset"
+
+
+def check_one_sensor_setting(values: set, message: str, src: str | Path) -> None:
+    """DataError (`message` and the values) unless the episodes share one sensor setting (rate, force channels)."""
+    if len(values) > 1:
+        raise DataError(f"{message} {sorted(values)}", path=str(src), fix=SENSOR_CONFIG_FIX)
+
+
 def resize_frames(frames: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
     """(N, h, w, 3) uint8 -> (N, H, W, 3) uint8, bilinear (no-op when `hw` is None or already the size)."""
     if hw is None or tuple(frames.shape[1:3]) == hw:
@@ -66,22 +107,21 @@ def decode_jpeg(path: Path, hw: tuple[int, int] | None, *, episode: str) -> np.n
     """Decode one image file to (h, w, 3) uint8 RGB, resized to `hw` when given."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            if hw is not None:
-                # JPEG draft mode decodes at a reduced scale directly: much faster for big frames.
-                im.draft("RGB", (hw[1], hw[0]))
-            im = im.convert("RGB")
-            if hw is not None and im.size != (hw[1], hw[0]):
-                im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(
-            f"cannot decode image ({type(e).__name__}: {e})",
-            episode=episode,
-            path=str(path),
-            fix="delete the corrupt frame (the view keeps its other frames) or re-export it",
-        ) from e
+    failed = as_data_error(
+        (UnidentifiedImageError, OSError, SyntaxError, ValueError),
+        lambda e: f"cannot decode image ({error_text(e)})",
+        episode=episode,
+        path=path,
+        fix="delete the corrupt frame (the view keeps its other frames) or re-export it",
+    )
+    with failed, Image.open(path) as im:
+        if hw is not None:
+            # JPEG draft mode decodes at a reduced scale directly: much faster for big frames.
+            im.draft("RGB", (hw[1], hw[0]))
+        im = im.convert("RGB")
+        if hw is not None and im.size != (hw[1], hw[0]):
+            im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
 
 
 def stack_frames(frames: Sequence[np.ndarray], *, view: str, episode: str, path: str | Path) -> np.ndarray:

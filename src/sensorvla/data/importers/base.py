@@ -1,5 +1,6 @@
 """The importers' shared skeleton: an importer is a source (scan once, then `load(i) -> EpisodeData`) plus
-what it declares about the dataset; `run_import` does everything else the same way for all of them.
+what it declares about the dataset; `run_import` does everything else the same way for all of them, with the
+options every importer takes (`data.options.ImportOptions`, also the flags of `sensorvla data import-*`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sensorvla.data.options import ImportOptions
 from sensorvla.data.types import EpisodeData
 
 logger = logging.getLogger(__name__)
@@ -43,31 +45,40 @@ class ImportSource:
 
 
 def run_import(
-    scan: Callable[[], ImportSource],
+    scan: Callable[..., ImportSource],
+    src: str | Path,
     out_dir: str | Path,
     *,
-    dataset_id: str | None,
-    min_actions: int,
-    overwrite: bool,
-    progress: bool,
-    image_format: str = "video",
+    dataset_id: str | None = None,
+    progress: bool = True,
+    **options: Any,
 ) -> Path:
-    """Refuse an existing `out_dir` before scanning, scan, then write every episode (atomically)."""
+    """Convert the episodes that `scan(src, views=, instruction=, image_size=)` finds into a dataset at `out_dir`.
+
+    Refuses an existing `out_dir` before scanning, scans, then writes every episode (atomically: on any error
+    nothing is left at `out_dir`). `options` are the `ImportOptions` keywords; `dataset_id` defaults to the
+    source's own (e.g. "hdf5_<src stem>").
+
+    Returns:
+        out_dir. Raises DataError (naming episode, file and fix) on bad input, FileExistsError when out_dir
+        exists without `overwrite`, TypeError for an option that is not an `ImportOptions` field.
+    """
     from sensorvla.data.writer import write_dataset
 
+    opts = ImportOptions(**options)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and not opts.overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) or choose another --out")
-    source = scan()
+    source = scan(src, views=opts.views, instruction=opts.instruction, image_size=opts.image_size)
     logger.info("importing %d %s episodes", len(source), source.kind)
     return write_dataset(
         (source.load(i) for i in range(len(source))),
         out_dir,
         dataset_id=dataset_id or source.default_id,
         action_fps=source.action_fps,
-        min_actions=min_actions,
-        overwrite=overwrite,
+        min_actions=opts.min_actions,
+        overwrite=opts.overwrite,
         progress=progress,
         extra_info={"source": source.kind, **source.info},
-        image_format=image_format,
+        image_format=opts.image_format,
     )

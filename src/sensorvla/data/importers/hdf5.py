@@ -17,15 +17,28 @@ from typing import Any
 
 import numpy as np
 
-from sensorvla.data.importers._common import ImageSize, check_increasing, resize_frames, size_hw
+from sensorvla.data.importers._common import (
+    SENSOR_CONFIG_FIX,
+    ImageSize,
+    check_increasing,
+    check_one_sensor_setting,
+    resize_frames,
+    select_views,
+    size_hw,
+)
 from sensorvla.data.importers.base import ImportSource, run_import
-from sensorvla.data.types import DataError, EpisodeData, ImageStream
+from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error
 from sensorvla.data.writer import check_finite
 
 logger = logging.getLogger(__name__)
 
 H5_SUFFIXES = {".h5", ".hdf5", ".hdf"}
 REQUIRED_STREAMS = ("action", "state")
+# the DataError (message, fix) when no episode has a camera view
+NO_VIEWS = (
+    "no camera views (/images/<view>/) in any episode",
+    "write at least one /images/<view>/{timestamps,data} group per episode",
+)
 
 
 @dataclass
@@ -70,14 +83,9 @@ def find_hdf5_files(src: str | Path) -> list[Path]:
 
 def _open(path: Path):
     h5py = _h5py()
-    try:
+    fix = _fix_file("the file is corrupt or not HDF5; re-export it")
+    with as_data_error((OSError, ValueError), lambda e: f"cannot open the HDF5 file ({e})", path=path, fix=fix):
         return h5py.File(path, "r")
-    except (OSError, ValueError) as e:
-        raise DataError(
-            f"cannot open the HDF5 file ({e})",
-            path=str(path),
-            fix=_fix_file("the file is corrupt or not HDF5; re-export it"),
-        ) from e
 
 
 def _declared_len(g, key: str, name: str, file: Path) -> tuple[int, tuple[int, ...]]:
@@ -148,48 +156,26 @@ def scan_hdf5(src: str | Path, views: Sequence[str] | None = None) -> list[H5Epi
                 fps = g.attrs.get("action_fps", f.attrs.get("action_fps"))
                 ep.action_fps = float(fps) if fps is not None else _median_rate(g["action"])
                 episodes.append(ep)
-    wanted = sorted(views) if views else sorted(set().union(*(e.views for e in episodes)))
-    if not wanted:
-        raise DataError(
-            "no camera views (/images/<view>/) in any episode",
-            path=str(src),
-            fix="write at least one /images/<view>/{timestamps,data} group per episode",
-        )
-    common = sorted(set.intersection(*(set(e.views) for e in episodes)))
-    for e in episodes:
-        missing = sorted(set(wanted) - set(e.views))
-        if missing:
-            raise DataError(
-                f"view(s) {missing} missing (other episodes have {wanted})",
-                episode=e.name,
-                path=str(e.file),
-                fix=f"import only the shared views with views={common} (--views), "
-                "or move this episode out of the source folder",
-            )
-        e.views = wanted
+    select_views(episodes, views, src=src, images_of=lambda e: e.file, none_found=NO_VIEWS)
     fc = {e.force_channels for e in episodes if e.force_channels is not None}
-    if len(fc) > 1:
-        raise DataError(
-            f"episodes declare different sensor force_channels {sorted(fc)}",
-            path=str(src),
-            fix="import each sensor configuration into its own dataset",
-        )
+    check_one_sensor_setting(fc, "episodes declare different sensor force_channels", src)
     return episodes
 
 
 def _read(g, part: str, name: str, file: Path) -> np.ndarray:
-    try:
+    with as_data_error(
+        (OSError, ValueError, KeyError),
+        lambda e: f"cannot read {g.name}/{part} ({e})",
+        episode=name,
+        path=file,
+        fix=_fix_file("the file is corrupt; re-export it"),
+    ):
         return np.asarray(g[part][()])
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(
-            f"cannot read {g.name}/{part} ({e})",
-            episode=name,
-            path=str(file),
-            fix=_fix_file("the file is corrupt; re-export it"),
-        ) from e
 
 
-def _read_stream(g, name: str, file: Path, *, ndim: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _read_stream(g, name: str, file: Path, *, ndim: int, dtype=None) -> Stream:
+    """Stream group `g`: its timestamps, data (checked: one row per timestamp, `ndim` dimensions; cast to `dtype`
+    when given) and clock offset."""
     ts = _read(g, "timestamps", name, file).astype(np.float64)
     data = _read(g, "data", name, file)
     if len(ts) != len(data):
@@ -207,7 +193,7 @@ def _read_stream(g, name: str, file: Path, *, ndim: int) -> tuple[np.ndarray, np
             fix="see docs/hdf5-format.md for each stream's shape",
         )
     check_increasing(ts, what=g.name, episode=name, path=file)
-    return ts, data, float(g.attrs.get("clock_offset", 0.0))
+    return Stream(ts, data if dtype is None else data.astype(dtype), float(g.attrs.get("clock_offset", 0.0)))
 
 
 def load_hdf5_episode(
@@ -231,12 +217,12 @@ def load_hdf5_episode(
                 path=str(file),
                 fix="set the group's `instruction` attribute or pass instruction=... (--instruction)",
             )
-        offsets: dict[str, float] = {}
-        a_ts, actions, offsets["action"] = _read_stream(g["action"], name, file, ndim=2)
-        s_ts, state, offsets["state"] = _read_stream(g["state"], name, file, ndim=2)
-        images = {}
+        streams = {
+            "action": _read_stream(g["action"], name, file, ndim=2, dtype=np.float32),
+            "state": _read_stream(g["state"], name, file, ndim=2, dtype=np.float32),
+        }
         for v in ep.views:
-            ts, frames, offsets[f"image.{v}"] = _read_stream(g["images"][v], name, file, ndim=4)
+            ts, frames, offset = _read_stream(g["images"][v], name, file, ndim=4)
             if frames.dtype != np.uint8 or frames.shape[-1] != 3:
                 raise DataError(
                     f"/images/{v}/data is {frames.dtype} {frames.shape}, expected uint8 (N, h, w, 3)",
@@ -244,13 +230,11 @@ def load_hdf5_episode(
                     path=str(file),
                     fix="store RGB frames as uint8",
                 )
-            images[v] = ImageStream(ts, resize_frames(frames, hw))
-        sensor_ts = sensor = None
+            streams[f"image.{v}"] = Stream(ts, resize_frames(frames, hw), offset)
         if "sensor" in g:
-            sensor_ts, sensor, offsets["sensor"] = _read_stream(g["sensor"], name, file, ndim=2)
-            sensor = sensor.astype(np.float32)
+            streams["sensor"] = _read_stream(g["sensor"], name, file, ndim=2, dtype=np.float32)
             check_finite(
-                sensor,
+                streams["sensor"].values,
                 episode=name,
                 stream="/sensor/data",
                 path=str(file),
@@ -261,19 +245,7 @@ def load_hdf5_episode(
         except (TypeError, json.JSONDecodeError):
             extra = {}
     extra = {**(extra if isinstance(extra, dict) else {}), "source": "hdf5", "source_path": str(file)}
-    return EpisodeData(
-        name=name,
-        instruction=str(text),
-        action_timestamps=a_ts,
-        actions=actions.astype(np.float32),
-        state_timestamps=s_ts,
-        state=state.astype(np.float32),
-        images=images,
-        sensor_timestamps=sensor_ts,
-        sensor=sensor,
-        clock_offsets=offsets,
-        extra=extra,
-    )
+    return EpisodeData.from_streams(name, str(text), streams, extra)
 
 
 def _consistent(values: list[float], what: str, src: Path, fix: str) -> float | None:
@@ -304,12 +276,7 @@ def scan_hdf5_source(
         raise DataError(
             "cannot tell the action rate", path=str(src), fix="set the file attribute action_fps (e.g. 10.0)"
         )
-    rate = _consistent(
-        [e.sensor_rate for e in episodes if e.sensor_rate],
-        "sensor rate",
-        src,
-        "import each sensor configuration into its own dataset",
-    )
+    rate = _consistent([e.sensor_rate for e in episodes if e.sensor_rate], "sensor rate", src, SENSOR_CONFIG_FIX)
     info: dict[str, Any] = {"force_channels": next((e.force_channels for e in episodes if e.force_channels), 1)}
     if rate is not None:
         info["sensor_rate"] = rate
@@ -323,44 +290,16 @@ def scan_hdf5_source(
     )
 
 
-def import_hdf5(
-    src: str | Path,
-    out_dir: str | Path,
-    *,
-    dataset_id: str | None = None,
-    instruction: str | None = None,
-    image_size: ImageSize = None,
-    min_actions: int = 8,
-    overwrite: bool = False,
-    progress: bool = True,
-    views: Sequence[str] | None = None,
-    image_format: str = "video",
-) -> Path:
-    """Convert HDF5 episodes (docs/hdf5-format.md) into a sensorvla dataset at `out_dir`.
+def import_hdf5(src: str | Path, out_dir: str | Path, **options: Any) -> Path:
+    """Convert HDF5 episodes (docs/hdf5-format.md) into a sensorvla dataset at `out_dir` (`run_import`).
 
     Args:
         src: one .h5 file or a folder of them.
-        out_dir: the dataset to create; on any error nothing is left there.
-        dataset_id: defaults to "hdf5_<src stem>".
-        instruction: overrides every episode's `instruction` attribute.
-        image_size: resize frames to N x N (int) or (h, w); None keeps the stored size.
-        min_actions: episodes with fewer action frames are an error (the training horizon).
-        views: import only these views (default: all; every episode must have them).
-        image_format: "video" (mp4, LeRobot-visible) or "npy" (lossless raw frames).
-
-    Returns:
-        out_dir. Raises DataError (naming episode, file and fix) on bad input, FileExistsError when out_dir
-        exists without `overwrite`.
+        out_dir: the dataset to create.
+        options: `dataset_id` (default "hdf5_<src stem>"), `progress`, and the `ImportOptions` (`instruction`
+            overrides every episode's `instruction` attribute; `image_size` None keeps the stored size).
     """
-    return run_import(
-        lambda: scan_hdf5_source(src, views=views, instruction=instruction, image_size=image_size),
-        out_dir,
-        dataset_id=dataset_id,
-        min_actions=min_actions,
-        overwrite=overwrite,
-        progress=progress,
-        image_format=image_format,
-    )
+    return run_import(scan_hdf5_source, src, out_dir, **options)
 
 
 # --- writing --------------------------------------------------------------------------------------------

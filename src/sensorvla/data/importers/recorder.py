@@ -8,6 +8,7 @@ stream, unwrapped pose state, 10 Hz pose-delta actions) and then the native form
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -20,14 +21,16 @@ import numpy as np
 from sensorvla.data.importers._common import (
     ImageSize,
     check_increasing,
+    check_one_sensor_setting,
     decode_jpeg,
     pose_delta_actions,
+    select_views,
     size_hw,
     stack_frames,
 )
 from sensorvla.data.importers.base import ImportSource, run_import
 from sensorvla.data.importers.recorder_sensor import iter_npz_windows, rebuild_sensor_stream
-from sensorvla.data.types import DataError, EpisodeData, ImageStream
+from sensorvla.data.types import DataError, EpisodeData, ImageStream, Stream, as_data_error, error_text
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,11 @@ JOINT_COLUMNS = [f"joint_{i}" for i in range(1, 7)]
 POSE_NAMES = ["x_mm", "y_mm", "z_mm", "a_deg", "b_deg", "r_deg"]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 REQUIRED_FILES = ("metadata.json", "robot_states.csv")
+# the DataError (message, fix) when no episode has a camera view
+NO_VIEWS = (
+    "no camera views found (images/<View>/ folders)",
+    "every episode needs at least one images/<View>/ folder of <timestamp>.jpg frames",
+)
 ACTION_SEMANTICS = (
     "per-100ms pose deltas [dx,dy,dz mm; da,db,dr deg of the unwrapped Meca500 XYZ Euler angles; tool = constant 1.0]"
 )
@@ -93,16 +101,15 @@ def _list_views(ep_dir: Path) -> list[str]:
 def read_metadata(ep_dir: Path, episode: str) -> dict[str, Any]:
     """Parse metadata.json; DataError when missing, unreadable or not a JSON object."""
     path = ep_dir / "metadata.json"
-    try:
+    with as_data_error(
+        (OSError, UnicodeDecodeError, json.JSONDecodeError),
+        lambda e: f"cannot read metadata ({error_text(e)})",
+        episode=episode,
+        path=path,
+        fix="restore metadata.json (it needs at least sensor_hz and sensor_window_size, or {} for the defaults "
+        "650/650)",
+    ):
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(
-            f"cannot read metadata ({type(e).__name__}: {e})",
-            episode=episode,
-            path=str(path),
-            fix="restore metadata.json (it needs at least sensor_hz and sensor_window_size, or {} "
-            "for the defaults 650/650)",
-        ) from e
     if not isinstance(meta, dict):
         raise DataError(
             "metadata.json is not a JSON object",
@@ -143,32 +150,9 @@ def scan_recorder(src: str | Path, views: Sequence[str] | None = None) -> list[R
                     "with views=[...] (--views)",
                 )
         episodes.append(RecorderEpisode(ep_dir, task, name, meta, found))
-    wanted = sorted(views) if views else sorted(set().union(*(e.views for e in episodes)))
-    if not wanted:
-        raise DataError(
-            "no camera views found (images/<View>/ folders)",
-            path=str(src),
-            fix="every episode needs at least one images/<View>/ folder of <timestamp>.jpg frames",
-        )
-    for e in episodes:
-        missing = sorted(set(wanted) - set(e.views))
-        if missing:
-            common = sorted(set.intersection(*(set(x.views) for x in episodes)))
-            raise DataError(
-                f"view(s) {missing} missing (other episodes have {wanted})",
-                episode=e.name,
-                path=str(e.path / "images"),
-                fix=f"import only the shared views with views={common} (--views), or move this "
-                "episode out of the source folder",
-            )
-        e.views = wanted
+    select_views(episodes, views, src=src, images_of=lambda e: e.path / "images", none_found=NO_VIEWS)
     rates = {float(e.metadata.get("sensor_hz", 650.0)) for e in episodes}
-    if len(rates) > 1:
-        raise DataError(
-            f"episodes have different sensor_hz {sorted(rates)}",
-            path=str(src),
-            fix="import each sensor configuration into its own dataset",
-        )
+    check_one_sensor_setting(rates, "episodes have different sensor_hz", src)
     return episodes
 
 
@@ -180,12 +164,11 @@ def read_robot_states(path: Path, episode: str) -> tuple[np.ndarray, np.ndarray,
     dropped, keeping the first; a timestamp that goes backwards is an error.
     """
     fix = "re-export robot_states.csv from the recorder, or move the episode out of the source folder"
-    try:
+    unreadable = (OSError, UnicodeDecodeError, csv.Error)
+    with as_data_error(
+        unreadable, lambda e: f"cannot read the robot CSV ({error_text(e)})", episode=episode, path=path, fix=fix
+    ):
         rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(
-            f"cannot read the robot CSV ({type(e).__name__}: {e})", episode=episode, path=str(path), fix=fix
-        ) from e
     header = [h.strip() for h in rows[0]] if rows else []
     need = ["origin_timestamp", *JOINT_COLUMNS, *POSE_COLUMNS]
     missing = [c for c in need if c not in header]
@@ -260,15 +243,14 @@ def read_view(view_dir: Path, episode: str, hw: tuple[int, int] | None) -> Image
     for p in view_dir.iterdir():
         if p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        try:
+        with as_data_error(
+            ValueError,
+            f"image name {p.name!r} is not a <capture_timestamp>{p.suffix}",
+            episode=episode,
+            path=p,
+            fix="rename the frame to its capture time (e.g. 1718000000.123456.jpg) or remove it",
+        ):
             files.append((float(p.stem), p))
-        except ValueError as e:
-            raise DataError(
-                f"image name {p.name!r} is not a <capture_timestamp>{p.suffix}",
-                episode=episode,
-                path=str(p),
-                fix="rename the frame to its capture time (e.g. 1718000000.123456.jpg) or remove it",
-            ) from e
     if not files:
         raise DataError(
             f"view {view_dir.name} has no frames",
@@ -290,15 +272,14 @@ def _clock_offsets(meta: dict[str, Any], views: Sequence[str], episode: str, pat
     Keys: "robot" (or "state"/"action"), "sensor", "images" (every view) and "image.<View>" / "<View>".
     """
     raw = meta.get("clock_offsets") or {}
-    try:
+    with as_data_error(
+        (TypeError, ValueError),
+        f"clock_offsets must map stream -> seconds, got {meta.get('clock_offsets')!r}",
+        episode=episode,
+        path=path,
+        fix='e.g. "clock_offsets": {"sensor": 0.012}',
+    ):
         raw = {str(k): float(v) for k, v in dict(raw).items()}
-    except (TypeError, ValueError) as e:
-        raise DataError(
-            f"clock_offsets must map stream -> seconds, got {meta.get('clock_offsets')!r}",
-            episode=episode,
-            path=str(path),
-            fix='e.g. "clock_offsets": {"sensor": 0.012}',
-        ) from e
     robot = raw.get("robot", raw.get("state", raw.get("action", 0.0)))
     out = {"state": robot, "action": robot, "sensor": raw.get("sensor", 0.0)}
     for v in views:
@@ -337,12 +318,15 @@ def load_recorder_episode(
     ts = ts - t0
     action_ts, actions = pose_delta_actions(ts, pose, fps=ACTION_FPS, tool=TOOL_FLAG)
     state = np.concatenate([pose, joints], axis=1) if include_joints else pose
+    offsets = _clock_offsets(meta, ep.views, name, ep.path / "metadata.json")
+    streams = {
+        "action": Stream(action_ts, actions, offsets["action"]),
+        "state": Stream(ts, state.astype(np.float32), offsets["state"]),
+    }
     hw = size_hw(image_size)
-    images = {}
     for v in ep.views:
-        stream = read_view(ep.path / "images" / v, name, hw)
-        images[v] = ImageStream(stream.timestamps - t0, stream.frames)
-    sensor_ts = sensor = None
+        view = read_view(ep.path / "images" / v, name, hw)
+        streams[f"image.{v}"] = Stream(view.timestamps - t0, view.frames, offsets[f"image.{v}"])
     extra: dict[str, Any] = {
         "source": "recorder",
         "source_path": str(ep.path),
@@ -354,7 +338,7 @@ def load_recorder_episode(
         w_ts, wins = iter_npz_windows(npz_path, name, window)
         s_ts, s_data, mismatches = rebuild_sensor_stream(w_ts, wins, rate=rate, episode=name, path=npz_path)
         if len(s_ts):
-            sensor_ts, sensor = s_ts - t0, s_data
+            streams["sensor"] = Stream(s_ts - t0, s_data, offsets["sensor"])
             extra["sensor_overlap_mismatch_windows"] = mismatches
             if mismatches:
                 logger.warning(
@@ -369,19 +353,7 @@ def load_recorder_episode(
             logger.warning("%s: sensor_data.npz has no windows; importing without sensor", name)
     else:
         logger.info("%s: no sensor_data.npz; importing without sensor", name)
-    return EpisodeData(
-        name=name,
-        instruction=instruction_for(ep.task, meta, instruction),
-        action_timestamps=action_ts,
-        actions=actions,
-        state_timestamps=ts,
-        state=state.astype(np.float32),
-        images=images,
-        sensor_timestamps=sensor_ts,
-        sensor=sensor,
-        clock_offsets=_clock_offsets(meta, ep.views, name, ep.path / "metadata.json"),
-        extra=extra,
-    )
+    return EpisodeData.from_streams(name, instruction_for(ep.task, meta, instruction), streams, extra)
 
 
 # --- whole import ---------------------------------------------------------------------------------------
@@ -417,45 +389,16 @@ def scan_recorder_source(
     )
 
 
-def import_recorder(
-    src: str | Path,
-    out_dir: str | Path,
-    *,
-    dataset_id: str | None = None,
-    instruction: str | None = None,
-    image_size: ImageSize = None,
-    min_actions: int = 8,
-    overwrite: bool = False,
-    progress: bool = True,
-    views: Sequence[str] | None = None,
-    include_joints: bool = False,
-    image_format: str = "video",
-) -> Path:
-    """Convert recorder episode folders into a sensorvla dataset at `out_dir`.
+def import_recorder(src: str | Path, out_dir: str | Path, *, include_joints: bool = False, **options: Any) -> Path:
+    """Convert recorder episode folders into a sensorvla dataset at `out_dir` (`run_import`).
 
     Args:
         src: New_dataset/ (with <Task>/episode_*/), one <Task>/ folder, or one episode_*/ folder.
-        out_dir: the dataset to create; on any error nothing is left there.
-        dataset_id: defaults to "recorder_<src folder name>".
-        instruction: one instruction for every episode (default: per task, see `instruction_for`).
-        image_size: resize frames to N x N (int) or (h, w); None keeps the native size (1280x720 is large).
-        min_actions: episodes with fewer 10 Hz actions are an error (the training horizon).
-        views: import only these views (default: all; every episode must have them).
+        out_dir: the dataset to create.
         include_joints: append the 6 joint angles to the state (D_st = 12 instead of 6).
-        image_format: "video" (mp4, LeRobot-visible) or "npy" (lossless raw frames).
-
-    Returns:
-        out_dir. Raises DataError (naming episode, file and fix) on bad input, FileExistsError when out_dir
-        exists without `overwrite`.
+        options: `dataset_id` (default "recorder_<src folder name>"), `progress`, and the `ImportOptions`
+            (`instruction` default: per task, see `instruction_for`; `image_size` None keeps the native size,
+            and 1280x720 is large).
     """
-    return run_import(
-        lambda: scan_recorder_source(
-            src, views=views, instruction=instruction, image_size=image_size, include_joints=include_joints
-        ),
-        out_dir,
-        dataset_id=dataset_id,
-        min_actions=min_actions,
-        overwrite=overwrite,
-        progress=progress,
-        image_format=image_format,
-    )
+    scan = functools.partial(scan_recorder_source, include_joints=include_joints)
+    return run_import(scan, src, out_dir, **options)
