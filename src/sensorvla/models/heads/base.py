@@ -71,6 +71,53 @@ class ActionHead(nn.Module):
         return self.training and any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout))
 
 
+class DenoisingHead(ActionHead):
+    """A sampling head over a denoiser network (models/heads/denoisers.py) named by `net_attr` (its checkpoint
+    prefix): `sample` runs `integrate` from noise over the network's per-step output, through the packed step
+    path (`memory` -> `context` once per call, `step` per step), or with dropout active the training forward.
+
+    Subclasses give `step_times(num_steps, device)` (S,) and `integrate(fn, b, like, generator, num_steps)`, the
+    loop that calls `fn(x, i, t)` once per step."""
+
+    net_attr = "denoiser"
+
+    @property
+    def net(self) -> nn.Module:
+        """The denoiser network (`denoiser` of the diffusion head, `velocity` of the flow head)."""
+        return getattr(self, self.net_attr)
+
+    def step_times(self, num_steps: int | None, device) -> torch.Tensor:
+        """The (S,) times the network is evaluated at, in sampling order."""
+        raise NotImplementedError
+
+    def integrate(self, fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
+        """From noise (b, H, D_a) drawn with `generator` (dtype / device of `like`), the sampler's loop over `fn`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, cond, cond_mask, generator=None, num_steps=None):
+        """cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
+        net = self.net
+        if not net.uses_step_path():  # dropout active: the training forward at every step
+            b = cond.shape[0]
+            return self.integrate(lambda x, i, t: net(x, t.expand(b), cond, cond_mask), b, cond, generator, num_steps)
+        return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
+
+    def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
+        """The network's keys / values of the conditioning."""
+        return self.net.memory(cond, cond_mask)
+
+    @torch.no_grad()
+    def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
+        """Sampling over a precomputed `memory` -> actions (B, H, D_a)."""
+        net = self.net
+        pack = net.pack()
+        embs = net.step_embeddings(self.step_times(num_steps, memory.mask.device))
+        ctx = net.context(memory)  # once per call
+        b, like = memory.mask.shape[0], memory.keys[0]
+        return self.integrate(lambda x, i, t: net.step(x, embs[i], ctx, pack), b, like, generator, num_steps)
+
+
 def masked_mean(per_elem: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
     """(B, H, D_a) elementwise loss, (B, H) mask -> (B,) mean over valid steps and dims."""
     m = action_mask.to(per_elem.dtype).unsqueeze(-1)

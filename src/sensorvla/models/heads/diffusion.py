@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.heads.base import ActionHead, masked_mean
+from sensorvla.models.heads.base import DenoisingHead, masked_mean
 from sensorvla.models.heads.denoisers import build_denoiser
-from sensorvla.models.packed import Memory
 
 
 class DDIMSchedule(NamedTuple):
@@ -23,7 +22,7 @@ class DDIMSchedule(NamedTuple):
     alpha_prod_prev: torch.Tensor
 
 
-class DiffusionHead(ActionHead):
+class DiffusionHead(DenoisingHead):
     """DDPM-trained, DDIM-sampled action chunk denoiser (predicts the noise)."""
 
     def __init__(self, cfg: HeadConfig, cond_dim: int):
@@ -74,34 +73,11 @@ class DiffusionHead(ActionHead):
         self._ddim_schedules[num_steps] = schedule
         return schedule
 
-    @torch.no_grad()
-    def sample(self, cond, cond_mask, generator=None, num_steps=None):
-        """DDIM sampling from noise: cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
-        if not self.denoiser.uses_step_path():  # dropout active: the training forward at every step
-            b = cond.shape[0]
-            return self._ddim(
-                lambda x, i, t: self.denoiser(x, t.expand(b), cond, cond_mask), b, cond, generator, num_steps
-            )
-        return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
+    def step_times(self, num_steps: int | None, device) -> torch.Tensor:
+        """The DDIM timesteps (S,) long, from T - 1 down."""
+        return self.ddim_schedule(num_steps or self.cfg.num_inference_steps).timesteps.to(device)
 
-    def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
-        """The denoiser's keys / values of the conditioning (models/heads/denoisers.py)."""
-        return self.denoiser.memory(cond, cond_mask)
-
-    @torch.no_grad()
-    def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
-        """DDIM sampling over a precomputed `memory` (models/heads/denoisers.py) -> actions (B, H, D_a)."""
-        den = self.denoiser
-        pack = den.pack()
-        timesteps = self.ddim_schedule(num_steps or self.cfg.num_inference_steps).timesteps.to(memory.mask.device)
-        embs = den.step_embeddings(timesteps)
-        ctx = den.context(memory)  # once per call
-        ref = memory.keys[0]
-        return self._ddim(
-            lambda x, i, t: den.step(x, embs[i], ctx, pack), memory.mask.shape[0], ref, generator, num_steps
-        )
-
-    def _ddim(self, eps_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
+    def integrate(self, eps_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
         """The DDIM (eta = 0) loop from noise drawn with `generator`; `eps_fn(x, i, t)` predicts step i's noise."""
         shape = (b, self.horizon, self.action_dim)
         x = torch.randn(shape, generator=generator, device=generator.device if generator else like.device)

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.heads.base import ActionHead, masked_mean
+from sensorvla.models.heads.base import DenoisingHead, masked_mean
 from sensorvla.models.heads.denoisers import build_denoiser
-from sensorvla.models.packed import Memory
 
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded like a diffusion timestep in [0, 1000]
 BETA_ALPHA = 1.5  # s ~ Beta(BETA_ALPHA, 1)
@@ -36,8 +35,10 @@ def sample_time(b: int, generator: torch.Generator | None = None, device=None) -
     return (T_MIN + (1.0 - T_MIN) * s).to(device)
 
 
-class FlowHead(ActionHead):
+class FlowHead(DenoisingHead):
     """Flow-matching action chunk head: learns the velocity from noise to actions, Euler-integrated at sampling."""
+
+    net_attr = "velocity"
 
     def __init__(self, cfg: HeadConfig, cond_dim: int):
         super().__init__(cfg, cond_dim)
@@ -53,39 +54,13 @@ class FlowHead(ActionHead):
         pred = self.velocity(x_t, t * TIME_SCALE, cond, cond_mask)
         return masked_mean(F.mse_loss(pred, noise - actions, reduction="none"), action_mask)
 
-    @torch.no_grad()
-    def sample(self, cond, cond_mask, generator=None, num_steps=None):
-        """Euler integration from noise: cond (B, N_c, D) -> actions (B, H, D_a); `num_steps` overrides the config."""
-        if not self.velocity.uses_step_path():  # dropout active: the training forward at every step
-            b = cond.shape[0]
-            return self._euler(
-                lambda x, i, t: self.velocity(x, t.expand(b), cond, cond_mask), b, cond, generator, num_steps
-            )
-        return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
-
-    def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
-        """The velocity network's keys / values of the conditioning (models/heads/denoisers.py)."""
-        return self.velocity.memory(cond, cond_mask)
-
-    @torch.no_grad()
-    def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
-        """Euler integration over a precomputed `memory` (models/heads/denoisers.py) -> actions (B, H, D_a)."""
-        vel = self.velocity
-        pack = vel.pack()
-        embs = vel.step_embeddings(self._times(num_steps, memory.mask.device))
-        ctx = vel.context(memory)  # once per call
-        ref = memory.keys[0]
-        return self._euler(
-            lambda x, i, t: vel.step(x, embs[i], ctx, pack), memory.mask.shape[0], ref, generator, num_steps
-        )
-
-    def _times(self, num_steps: int | None, device) -> torch.Tensor:
+    def step_times(self, num_steps: int | None, device) -> torch.Tensor:
         """The Euler steps' times t = 1, 1 - dt, ... (scaled by TIME_SCALE), (S,)."""
         steps = num_steps or self.cfg.num_inference_steps
         dt = -1.0 / steps
         return torch.tensor([1.0 + i * dt for i in range(steps)], device=device) * TIME_SCALE
 
-    def _euler(self, velocity_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
+    def integrate(self, velocity_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
         """Euler steps of dt = -1/steps from noise (scaled by `noise_scale`); `velocity_fn(x, i, t)` is step i's v."""
         steps = num_steps or self.cfg.num_inference_steps
         x = (
@@ -97,6 +72,6 @@ class FlowHead(ActionHead):
             * self.cfg.noise_scale
         )
         dt = -1.0 / steps
-        for i, t in enumerate(self._times(steps, like.device)):
+        for i, t in enumerate(self.step_times(steps, like.device)):
             x = x + dt * velocity_fn(x, i, t)
         return x
