@@ -99,8 +99,10 @@ class SensorEncoder(nn.Module):
     def forward(self, sensor: torch.Tensor, sensor_mask: torch.Tensor, has_sensor: torch.Tensor):
         """sensor (B, T_s, C_s), sensor_mask bool (B, T_s), has_sensor bool (B,) -> (B, N_s, D), mask (B, N_s).
 
-        Inference (eval mode, no grad) runs the packed kernels (`PackedSensorEncoder`, the same function)."""
-        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        Inference (eval mode under `torch.inference_mode`, as `PolicyRunner` and `predict_chunk` run) uses the packed
+        kernels (`PackedSensorEncoder`, the same function); validation in a training run keeps the modules (its
+        weights change every step, a pack would be rebuilt each time)."""
+        if not self.training and torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
             return packed(self, PackedSensorEncoder)(sensor, sensor_mask, has_sensor)
         b, t, c = sensor.shape
         h = None  # the paths' sum, in the original order (no zero tensor to start from: 0 + x == x)

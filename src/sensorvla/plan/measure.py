@@ -35,6 +35,8 @@ def measure_step_peak(cfg, device: str = "cpu") -> int:
     """Run `train(cfg)` (it should stop after a few steps: --train.max-steps >= 2) and return the step peak in bytes."""
     cfg = copy.deepcopy(cfg)
     cfg.train.device = device
+    if device == "cpu" and cfg.data.num_workers < 0:  # batches in host memory: the planner models one, not the
+        cfg.data.num_workers = 0  # loader workers' prefetched ones (on CUDA the host's batches do not count)
     if cfg.train.max_steps < 2:
         raise ValueError("measure the step peak with --train.max-steps >= 2 (the first step only allocates states)")
     gc.collect()
