@@ -147,3 +147,22 @@ def test_packed_attention_refuses_what_it_does_not_pack():
         PackedAttention(nn.MultiheadAttention(D, HEADS))
     with pytest.raises(ValueError, match="pre-norm"):
         PackedEncoderLayer(nn.TransformerEncoderLayer(D, HEADS, batch_first=True))
+
+
+@pytest.mark.parametrize("depth", [32, 600])  # dense conv matrices, and the unfolded convs of a deep OCT profile
+def test_packed_sensor_encoder_equals_the_modules(depth):
+    from sensorvla.config import SensorConfig
+    from sensorvla.models.sensor_encoder import PackedSensorEncoder, SensorEncoder
+
+    torch.manual_seed(0)
+    enc = SensorEncoder(SensorConfig(dropout=0.0, hidden_dim=D, num_heads=HEADS), 16, 1 + depth).eval()
+    pack = packed(enc, PackedSensorEncoder)
+    kinds = [kind for kind, _ in pack.ascan.layers if kind in ("dense", "unfold")]
+    assert kinds == {32: ["dense"] * 3, 600: ["unfold"] * 3}[depth]  # 600 x 16 x 300 entries > DENSE_CONV_MAX
+    x = torch.randn(3, 16, 1 + depth)
+    m, has = masks(3, 16, True), torch.tensor([True, False, True])
+    with torch.no_grad():  # grad off but not inference mode: the modules
+        ref, _ = enc(x, m, has)
+    with torch.inference_mode():
+        got, _ = enc(x, m, has)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -172,13 +172,22 @@ class PackedDecoder:
         kv = [attn.keys_values(mem) for attn in self.cross_attn]
         return Memory(tuple(k for k, _ in kv), tuple(v for _, v in kv), mask.bool())
 
-    def __call__(self, h: torch.Tensor, memory: Memory, value_shifts=None) -> torch.Tensor:
+    def first_self_attention(self, h: torch.Tensor) -> torch.Tensor:
+        """tgt (B, L, D) after the first layer's self-attention block: a constant tgt (learned queries) gives a
+        constant result, which `__call__(..., after_first_self_attention=True)` then starts from."""
+        return h + self.self_attn[0].self_attend(F.layer_norm(h, *self.norms[0][0]))
+
+    def __call__(
+        self, h: torch.Tensor, memory: Memory, value_shifts=None, after_first_self_attention: bool = False
+    ) -> torch.Tensor:
         """tgt h (B, L, D) over `memory` -> (B, L, D). `value_shifts`: per layer a term (h, 1, d_head) added to
-        every cross-attention value (the denoiser's timestep term, see `ChunkDenoiser`), or None."""
+        every cross-attention value (the denoiser's timestep term, see `ChunkDenoiser`), or None.
+        `after_first_self_attention`: h is `first_self_attention(tgt)` already."""
         bias = key_bias(memory.mask, self.heads)
         b = h.shape[0]
         for i, (norm1, norm2, norm3) in enumerate(self.norms):
-            h = h + self.self_attn[i].self_attend(F.layer_norm(h, *norm1))
+            if i or not after_first_self_attention:
+                h = h + self.self_attn[i].self_attend(F.layer_norm(h, *norm1))
             q = self.cross_attn[i].query(F.layer_norm(h, *norm2))
             shift = value_shifts[i] if value_shifts is not None else None
             h = h + self.cross_attn[i].attend(q, memory.keys[i], memory.values[i], bias, b, shift)

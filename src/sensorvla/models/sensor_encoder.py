@@ -8,6 +8,8 @@ sensor data get a learned "missing" token sequence instead — never an encoding
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -143,7 +145,7 @@ class PackedSensorEncoder:
     def __init__(self, enc: SensorEncoder):
         self.force_channels = enc.force_channels
         self.force = (transposed(enc.force_proj.weight), enc.force_proj.bias.detach()) if enc.force_proj else None
-        self.ascan = PackedAScan(enc.ascan) if enc.ascan is not None else None
+        self.ascan = PackedAScan(enc.ascan, enc.ascan_channels) if enc.ascan is not None else None
         self.time_pos = enc.time_pos.detach()
         self.in_norm, self.out_norm = norm_args(enc.in_norm), norm_args(enc.out_norm)
         self.layers = [PackedEncoderLayer(layer) for layer in enc.encoder.layers]
@@ -174,34 +176,56 @@ class PackedSensorEncoder:
         return tokens, torch.ones(b, tokens.shape[1], dtype=torch.bool, device=tokens.device)
 
 
-class PackedAScan:
-    """`AScanEncoder.forward` in eval: each Conv1d as one matmul over unfolded windows, weights packed."""
+DENSE_CONV_MAX = 1 << 18  # entries of a conv's dense matrix (1 MiB in float32) up to which `PackedAScan` uses it
 
-    def __init__(self, ascan: AScanEncoder):
-        self.layers = []
+
+class PackedAScan:
+    """`AScanEncoder.forward` in eval. A Conv1d over a fixed depth is a linear map of the flattened profile: up to
+    `DENSE_CONV_MAX` entries it runs as one matmul with its dense matrix (built by convolving the identity), and
+    as a matmul over unfolded windows beyond (a 1026-deep OCT profile); activations stay (N, C * L) channel-major.
+    """
+
+    def __init__(self, ascan: AScanEncoder, depth: int):
+        self.layers: list[tuple[str, Any]] = []
+        c, length = 1, depth
         for layer in ascan.conv:
             if isinstance(layer, nn.Conv1d):
                 (k,), (stride,), (pad,) = layer.kernel_size, layer.stride, layer.padding
-                w = transposed(layer.weight.reshape(layer.out_channels, -1))
-                self.layers.append(("conv", (w, layer.bias.detach(), k, stride, pad)))
+                out_len = (length + 2 * pad - k) // stride + 1
+                if c * length * layer.out_channels * out_len <= DENSE_CONV_MAX:
+                    eye = torch.eye(c * length).view(c * length, c, length)
+                    dense = F.conv1d(eye, layer.weight.detach(), None, stride, pad).flatten(1)  # (C*L, C'*L')
+                    bias = layer.bias.detach().repeat_interleave(out_len)
+                    self.layers.append(("dense", (dense, bias, layer.out_channels)))
+                else:
+                    w = transposed(layer.weight.reshape(layer.out_channels, -1))
+                    self.layers.append(("unfold", (w, layer.bias.detach(), k, stride, pad, c)))
+                c, length = layer.out_channels, out_len
             elif isinstance(layer, nn.GroupNorm):
                 self.layers.append(("norm", (layer.num_groups, layer.weight.detach(), layer.bias.detach(), layer.eps)))
             else:
                 self.layers.append(("act", layer))
+        self.channels = c
         self.proj = (transposed(ascan.proj.weight), ascan.proj.bias.detach())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """A-scan profiles (N, L) -> features (N, out_dim)."""
-        h = x.unsqueeze(1)  # (N, C, L)
+        n = x.shape[0]
+        h, c = x, 1  # (N, C * L), channel-major
         for kind, p in self.layers:
-            if kind == "conv":
-                w, bias, k, stride, pad = p
-                windows = F.pad(h, (pad, pad)).unfold(2, k, stride)  # (N, C_in, L_out, k)
-                n, c, length, _ = windows.shape
-                out = torch.addmm(bias, windows.permute(0, 2, 1, 3).reshape(n * length, c * k), w)
-                h = out.view(n, length, -1).transpose(1, 2)
+            if kind == "dense":
+                dense, bias, c = p
+                h = torch.addmm(bias, h, dense)
+            elif kind == "unfold":
+                w, bias, k, stride, pad, c_in = p
+                windows = F.pad(h.view(n, c_in, -1), (pad, pad)).unfold(2, k, stride)  # (N, C_in, L', k)
+                length = windows.shape[2]
+                out = torch.addmm(bias, windows.permute(0, 2, 1, 3).reshape(n * length, c_in * k), w)
+                c = w.shape[1]
+                h = out.view(n, length, c).transpose(1, 2).reshape(n, -1)
             elif kind == "norm":
-                h = F.group_norm(h, *p)
+                h = F.group_norm(h.view(n, c, -1), *p).view(n, -1)
             else:
                 h = p(h)
+        h = h.view(n, self.channels, -1)
         return linear(torch.cat([h.mean(-1), h.amax(-1)], dim=-1), *self.proj)

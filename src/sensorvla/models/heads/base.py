@@ -199,6 +199,8 @@ class DecoderPack:
             self.in_proj = (transposed(head.in_proj.weight), head.in_proj.bias.detach())
         self.pos = head.pos.detach() if hasattr(head, "pos") else None
         self.queries = head.queries.detach() if hasattr(head, "queries") else None
+        # the learned queries' first self-attention block depends on the parameters alone: computed once here
+        self.queries_attended = None if self.queries is None else self.decoder.first_self_attention(self.queries)
 
     def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
         """cond (B, N_c, D_c) -> the decoder's memory of `cond_proj(cond)`."""
@@ -206,4 +208,5 @@ class DecoderPack:
 
     def decode_queries(self, memory: Memory) -> torch.Tensor:
         """The learned queries (1, H, D) decoded over `memory` -> (B, H, D)."""
-        return self.decoder(self.queries.expand(memory.mask.shape[0], -1, -1), memory)
+        h = self.queries_attended.expand(memory.mask.shape[0], -1, -1)
+        return self.decoder(h, memory, after_first_self_attention=True)
