@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,8 @@ def _torchrun(cfg_path: Path, nproc: int, extra: str = "") -> float:
     )
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
-    return max(float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("PEAK"))
+    # every rank prints one "PEAK <bytes>"; two ranks' lines can interleave on the shared stdout
+    return max(float(v) for v in re.findall(r"PEAK (\d+(?:\.\d+)?)", r.stdout))
 
 
 def processes(root: Path, vl, data, steps: int = 10) -> dict:

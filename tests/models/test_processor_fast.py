@@ -53,3 +53,23 @@ def test_sizes_the_processor_resizes_take_the_full_path(processors, family):
     got, want = process_sample(proc, views, "go", TEMPLATE), _full(proc, views, "go")
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("hw", [(61, 83), (480, 640)])  # odd sizes, and a camera's frame over max_pixels
+def test_resized_views_are_bit_equal_to_the_full_processor(processors, family, hw, monkeypatch):
+    """Views the processor resizes go through its own resize / rescale / normalize / patchify without the call
+    (`_resized_pixels`): bit-equal to the full call, which is never made for them."""
+    proc = processors[family]
+    views = _views(4, hw)
+    want = _full(proc, views, "go")
+    assert backbone._resized_pixels(proc.image_processor, views) is not None
+    calls = []
+    real = backbone._full_process
+    monkeypatch.setattr(backbone, "_full_process", lambda *a: calls.append(1) or real(*a))
+    process_sample(proc, views, "go", TEMPLATE)  # fills the prompt cache for this grid (one full call)
+    calls.clear()
+    got = process_sample(proc, _views(4, hw), "go", TEMPLATE)
+    assert calls == []  # pixels from `_resized_pixels`, tokens from the cache
+    for key in want:
+        assert torch.equal(got[key], want[key]), key

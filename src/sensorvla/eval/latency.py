@@ -273,8 +273,10 @@ def _p50(rows, key="total_p50", **kw) -> float:
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Headline ratios of p50 (means over the rows that match): total diffusion/regression, flow/regression,
-    full/fast-slow, max/min views; head alone diffusion/regression and flow/regression."""
+    """Headline ratios of p50 (means over the rows that match) on the first config measured (the tiny model in
+    `run_suite`): total diffusion/regression, flow/regression, full/fast-slow, max/min views; head alone
+    diffusion/regression and flow/regression."""
+    rows = [r for r in rows if r.get("config") == rows[0].get("config")] if rows else rows
     vs = sorted({r["views"] for r in rows})
     reg_full = _p50(rows, head="regression", mode="full")
     return {
