@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 MID = {"text_hidden": 1024, "text_layers": 12, "vision_hidden": 512, "vision_depth": 8}
+MODELS = ("tiny", "mid")
 CALIBRATION = [
     ("tiny", "float32", "none"),
     ("tiny", "float32", "cached"),
@@ -35,12 +36,14 @@ def calibration(root: Path) -> list[dict]:
     from sensorvla.world.synth import generate_dataset
     from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
-    data = generate_dataset(root / "d224", num_episodes=3, image_size=224, progress=False)
+    # the mid model trains on every episode (no validation split): its own copy of the data, whose norm stats
+    # are those of that split (stats of another split are refused as stale)
+    data = {n: generate_dataset(root / f"d224_{n}", num_episodes=3, image_size=224, progress=False) for n in MODELS}
     models = {"tiny": build_tiny_qwen_vl(root / "tiny"), "mid": build_tiny_qwen_vl(root / "mid", **MID)}
     rows = []
     for i, (name, dtype, scenario) in enumerate(CALIBRATION):
         extra = {"batch_size": 2, "max_steps": 2} if name == "mid" else {}
-        cfg = calibration_config(models[name], data, root / f"run{i}", scenario, dtype, **extra)
+        cfg = calibration_config(models[name], data[name], root / f"run{i}", scenario, dtype, **extra)
         if name == "mid":
             cfg.data.views, cfg.data.val_fraction = ("front",), 0.0
         t0 = time.perf_counter()

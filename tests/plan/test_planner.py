@@ -66,6 +66,20 @@ def test_stage1_plan_of_the_3b_without_materializing_weights():
     assert "peak memory per GPU" in text and "stage1 none cached" in text
 
 
+def test_a_cached_stage1_plan_holds_no_backbone():
+    """The trainer builds a stage 1 from the VL cache without the backbone's weights: the plan of the 3B's cached
+    run is the trainable tail, its AdamW states and the cached batches (the issue's <= 4 GB on one GPU), on every
+    strategy (FSDP2 units of the backbone are not there to shard)."""
+    from sensorvla.plan.planner import CACHED_STAGE1_LOADS_BACKBONE
+
+    assert CACHED_STAGE1_LOADS_BACKBONE is False
+    p = plan(cfg_3b(), gpus=(1, 4))
+    uncached, cached = p.scenarios
+    assert cached.states.weights["bfloat16"] == 0  # the 7 GiB of bf16 backbone weights are not loaded
+    assert cached.per_gpu["ddp"][1] < 0.5 * GIB < 6.9 * GIB < uncached.per_gpu["ddp"][1]
+    assert cached.per_gpu["fsdp"][4] <= cached.per_gpu["ddp"][1]
+
+
 def test_stage2_lora_plan_counts_adapters_and_checkpointing():
     p = plan(cfg_3b("stage2"), gpus=(1,))
     (sc,) = p.scenarios

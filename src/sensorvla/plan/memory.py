@@ -130,16 +130,21 @@ class Units:
     count: int
 
 
-def fsdp_units(model: nn.Module) -> Units:
-    """FSDP2 units of the model (decoder layers) and the root unit: their weight and gradient bytes."""
-    units = [m for m in model.modules() if is_fsdp_unit(m)]
+def fsdp_units(model: nn.Module, without: nn.Module | None = None) -> Units:
+    """FSDP2 units of the model (decoder layers) and the root unit: their weight and gradient bytes. `without`: a
+    submodule the run does not hold (the backbone of a stage 1 from the VL cache), left out of both."""
+    gone = {id(p) for p in without.parameters()} if without is not None else set()
+    gone_modules = {id(m) for m in without.modules()} if without is not None else set()
+    units = [m for m in model.modules() if is_fsdp_unit(m) and id(m) not in gone_modules]
     in_unit = {id(p) for u in units for p in u.parameters()}
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if id(p) not in gone]
     root = [p for p in params if id(p) not in in_unit]
     unit_w = max((sum(tensor_bytes(p) for p in u.parameters()) for u in units), default=0)
     unit_g = max((sum(tensor_bytes(p) for p in u.parameters() if p.requires_grad) for u in units), default=0)
+    gone_buffers = {id(b) for b in without.buffers()} if without is not None else set()
+    buffers = [b for b in model.buffers() if id(b) not in gone_buffers]
     return Units(
-        root_w=sum(tensor_bytes(p) for p in root) + sum(tensor_bytes(b) for b in model.buffers()),
+        root_w=sum(tensor_bytes(p) for p in root) + sum(tensor_bytes(b) for b in buffers),
         root_g=sum(tensor_bytes(p) for p in root if p.requires_grad),
         unit_w=unit_w,
         unit_g=unit_g,

@@ -51,6 +51,7 @@ class Scenario:
     act_peak_on: int
     blocks: list[Block] = field(default_factory=list)
     per_gpu: dict[str, dict[int, int]] = field(default_factory=dict)
+    units: memory.Units | None = None  # FSDP2 units of what this run holds (None: the whole policy's)
 
 
 @dataclass
@@ -283,7 +284,10 @@ def _cached_scenario(cfg, policy, shapes: Shapes, device: str, dtype, step: _Ste
         cst = memory.states(policy)
         vl_bytes = sum(memory.tensor_bytes(p) for p in policy.backbone.model.parameters())
         cst.weights[memory.dtype_name(dtype)] -= vl_bytes
-    return _scenario(step, f"{cfg.train.stage} none cached", {False: ([tail], 0)}, cbatch, cbatch, cst), None
+    sc = _scenario(step, f"{cfg.train.stage} none cached", {False: ([tail], 0)}, cbatch, cbatch, cst)
+    if not CACHED_STAGE1_LOADS_BACKBONE:
+        sc.units = memory.fsdp_units(policy, without=policy.backbone.model)
+    return sc, None
 
 
 def _closing_notes(cfg, policy, scenarios, gpus, units, cached: bool, impl: str, opt_tmp: int) -> list[str]:
@@ -353,7 +357,8 @@ def plan(
         scenarios.append(cached)
     for sc in scenarios:
         sc.per_gpu = {
-            s: {n: memory.per_gpu_peak(sc.states, units, sc.dynamic, s, n) for n in gpus} for s in ("ddp", "fsdp")
+            s: {n: memory.per_gpu_peak(sc.states, sc.units or units, sc.dynamic, s, n) for n in gpus}
+            for s in ("ddp", "fsdp")
         }
     notes += _closing_notes(cfg, policy, scenarios, gpus, units, cached is not None, impl, opt_tmp)
     return Plan(
