@@ -60,6 +60,8 @@ class VideoEncoder:
         options = {"g": "2", "crf": str(self.crf)}
         if self.codec == "av1":
             options["preset"] = "12"
+        else:  # one x264 thread: x264's output depends on its thread count (frame threads limit motion search), so
+            options["threads"] = "1"  # threaded files would differ between machines; one thread keeps them byte-equal
         stream = self._container.add_stream(ENCODERS[self.codec], rate=_rate(self.fps), options=options)
         stream.pix_fmt, stream.height, stream.width = "yuv420p", self.height, self.width
         self._stream = stream

@@ -208,6 +208,31 @@ def _full_process(processor, images: list[np.ndarray], text: str) -> dict[str, t
     return {k: v for k, v in out.items() if torch.is_tensor(v)}
 
 
+def _patchifier(ip, needed: tuple[str, ...]):
+    """(the processor's target size for an (h, w) image, its patchify kwargs) when `ip` is a Qwen-VL patchifier
+    with the attributes `needed`, else None."""
+    import importlib
+
+    smart_resize = getattr(importlib.import_module(type(ip).__module__), "smart_resize", None)
+    base = ("patchify", "patch_size", "merge_size", "temporal_patch_size", "size")
+    if smart_resize is None or not all(hasattr(ip, a) for a in base + needed):
+        return None
+    factor = ip.patch_size * ip.merge_size
+
+    def target(h: int, w: int) -> tuple[int, int]:
+        if not ip.do_resize:
+            return h, w
+        return smart_resize(h, w, factor=factor, min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge)
+
+    return target, dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
+
+
+def _rgb_uint8(im) -> np.ndarray | None:
+    """`im` as a uint8 (h, w, 3) array, or None when it is not one."""
+    im = np.asarray(im)
+    return im if im.dtype == np.uint8 and im.ndim == 3 and im.shape[-1] == 3 else None
+
+
 def _fast_pixels(ip, images: list[np.ndarray]) -> tuple[np.ndarray, list[list[int]]] | None:
     """The image processor's output through its own patchify, or None where its resize would change an image
     (or the processor is not a Qwen-VL patchifier): the caller then runs it fully.
@@ -215,24 +240,16 @@ def _fast_pixels(ip, images: list[np.ndarray]) -> tuple[np.ndarray, list[list[in
     The uint8 image is patchified as is, then rescaled and normalized in one per-column affine map
     (x * rescale / std - mean / std, the column's channel learnt once per image size): equal to the
     processor's rescale -> normalize -> patchify within 1e-6 (float rounding), at a third of its cost."""
-    import importlib
-
-    smart_resize = getattr(importlib.import_module(type(ip).__module__), "smart_resize", None)
-    needed = ("patchify", "patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std")
-    if smart_resize is None or not all(hasattr(ip, a) for a in needed) or not (ip.do_rescale and ip.do_normalize):
+    setup = _patchifier(ip, ("image_mean", "image_std"))
+    if setup is None or not (ip.do_rescale and ip.do_normalize):
         return None
-    factor = ip.patch_size * ip.merge_size
-    kw = dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
+    target, kw = setup
     patches, grids = [], []
     for im in images:
-        im = np.asarray(im)
-        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
+        im = _rgb_uint8(im)
+        if im is None or target(*im.shape[:2]) != im.shape[:2]:
             return None
         h, w = im.shape[:2]
-        if ip.do_resize and smart_resize(
-            h, w, factor=factor, min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge
-        ) != (h, w):
-            return None
         scale, shift = _column_affine(
             ip, h, w, float(ip.rescale_factor), tuple(np.ravel(ip.image_mean)), tuple(np.ravel(ip.image_std))
         )
@@ -251,27 +268,18 @@ def _resized_pixels(ip, images: list[np.ndarray]) -> tuple[np.ndarray, list[list
     with a uint8 image), then its own rescale, normalize and patchify. Bit-equal to the full call (a camera's
     640 x 480 frames at the default pixel bounds, say), at a quarter of its cost; None where the processor is not
     a Qwen-VL patchifier, and the caller runs it fully."""
-    import importlib
-
     from PIL import Image
 
-    smart_resize = getattr(importlib.import_module(type(ip).__module__), "smart_resize", None)
-    needed = ("patchify", "rescale", "normalize", "resample", "patch_size", "merge_size", "temporal_patch_size")
-    if smart_resize is None or not all(hasattr(ip, a) for a in needed) or not ip.do_resize:
+    setup = _patchifier(ip, ("rescale", "normalize", "resample"))
+    if setup is None:
         return None
-    kw = dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
+    target, kw = setup
     patches, grids = [], []
     for im in images:
-        im = np.asarray(im)
-        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
+        im = _rgb_uint8(im)
+        if im is None:
             return None
-        h, w = smart_resize(
-            im.shape[0],
-            im.shape[1],
-            factor=ip.patch_size * ip.merge_size,
-            min_pixels=ip.size.shortest_edge,
-            max_pixels=ip.size.longest_edge,
-        )
+        h, w = target(*im.shape[:2])
         x = np.asarray(Image.fromarray(im).resize((w, h), resample=ip.resample)).transpose(2, 0, 1)
         if ip.do_rescale:
             x = ip.rescale(x, ip.rescale_factor)

@@ -51,8 +51,8 @@ class PackedAttention:
     """`nn.MultiheadAttention` (batch_first) in eval: queries (B, L, D) attend to keys / values (B, N, D)."""
 
     def __init__(self, mha: nn.MultiheadAttention):
-        if not mha.batch_first or mha._qkv_same_embed_dim is False:
-            raise ValueError("PackedAttention packs batch-first attention with one in_proj_weight")
+        if not mha.batch_first or mha._qkv_same_embed_dim is False or mha.in_proj_bias is None:
+            raise ValueError("PackedAttention packs batch-first attention with one in_proj_weight and biases")
         d, self.heads = mha.embed_dim, mha.num_heads
         self.d_head = d // self.heads
         scale = self.d_head**-0.5

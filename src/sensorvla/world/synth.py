@@ -256,6 +256,7 @@ def _simulate_in_processes(jobs: list[tuple[int, bool, str]], cfg: SimConfig, wo
     """simulate_episode over `jobs` in `workers` spawned processes, yielded in order, at most 2 per worker
     ahead of the consumer (an episode's frames are a few MB)."""
     import collections
+    import copy
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -266,7 +267,9 @@ def _simulate_in_processes(jobs: list[tuple[int, bool, str]], cfg: SimConfig, wo
             if len(pending) >= 2 * workers:
                 break
         while pending:
-            episode = pending.popleft().result()
+            # a copy in this process's own memory: unpickled arrays sit in the pickle's bytes (unaligned), and the
+            # files must not depend on where a frame's pixels are (they are compared byte for byte with serial)
+            episode = copy.deepcopy(pending.popleft().result())
             job = next(todo, None)
             if job is not None:
                 pending.append(pool.submit(_simulate_one, job, cfg))
