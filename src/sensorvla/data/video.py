@@ -77,6 +77,9 @@ class VideoEncoder:
                 fix="use one image size per camera (--image-size)",
             )
         vf = _av().VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        # RGB -> yuv420p here, on one thread: PyAV's default for the encoder's own conversion is swscale's threaded
+        # mode, and files written with it occasionally differed from a second write of the same frames
+        vf = vf.reformat(format="yuv420p", threads=1)
         for packet in self._stream.encode(vf):
             self._container.mux(packet)
         self.frames += 1
