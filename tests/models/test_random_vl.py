@@ -169,7 +169,7 @@ def test_materialized_random_model_is_deterministic_and_runs():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # tie_word_embeddings
     first = model.model.language_model.embed_tokens.weight[:4, :64].clone()
-    bb = VLBackbone(model, BackboneConfig(vl_model=name), num_views=1)
+    bb = VLBackbone(model, BackboneConfig(vl_model=name, pooling="view_mean"), num_views=1)  # 1 view + instruction
     proc = load_processor(name, min_pixels=56 * 56, max_pixels=112 * 112)
     batch = process_sample(proc, [np.full((112, 112, 3), 128, np.uint8)], "touch the surface", "{instruction}")
     with torch.inference_mode():
