@@ -22,15 +22,17 @@ MID = {"text_hidden": 1024, "text_layers": 12, "vision_hidden": 512, "vision_dep
 @pytest.fixture(scope="module")
 def data224(tmp_path_factory):
     """3 episodes, 2 views of 224 x 224 (64 image tokens per view): VL activations are not negligible."""
-    from sensorvla.world.synth import generate_dataset
-
-    return generate_dataset(tmp_path_factory.mktemp("calib") / "d224", num_episodes=3, image_size=224, progress=False)
+    return _synth224(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def data224_no_val(tmp_path_factory):
     """The same data for runs without a validation split: their train split (and so their norm stats, which the
     dataset folder keeps) differs from the other runs', and stats of another split are refused."""
+    return _synth224(tmp_path_factory)
+
+
+def _synth224(tmp_path_factory):
     from sensorvla.world.synth import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("calib") / "d224", num_episodes=3, image_size=224, progress=False)
