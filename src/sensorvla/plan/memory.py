@@ -133,15 +133,16 @@ class Units:
 def fsdp_units(model: nn.Module, without: nn.Module | None = None) -> Units:
     """FSDP2 units of the model (decoder layers) and the root unit: their weight and gradient bytes. `without`: a
     submodule the run does not hold (the backbone of a stage 1 from the VL cache), left out of both."""
-    gone = {id(p) for p in without.parameters()} if without is not None else set()
-    gone_modules = {id(m) for m in without.modules()} if without is not None else set()
+    skip = without if without is not None else nn.Module()  # an empty module leaves nothing out
+    gone = {id(p) for p in skip.parameters()}
+    gone_modules = {id(m) for m in skip.modules()}
     units = [m for m in model.modules() if is_fsdp_unit(m) and id(m) not in gone_modules]
     in_unit = {id(p) for u in units for p in u.parameters()}
     params = [p for p in model.parameters() if id(p) not in gone]
     root = [p for p in params if id(p) not in in_unit]
     unit_w = max((sum(tensor_bytes(p) for p in u.parameters()) for u in units), default=0)
     unit_g = max((sum(tensor_bytes(p) for p in u.parameters() if p.requires_grad) for u in units), default=0)
-    gone_buffers = {id(b) for b in without.buffers()} if without is not None else set()
+    gone_buffers = {id(b) for b in skip.buffers()}
     buffers = [b for b in model.buffers() if id(b) not in gone_buffers]
     return Units(
         root_w=sum(tensor_bytes(p) for p in root) + sum(tensor_bytes(b) for b in buffers),
