@@ -100,20 +100,22 @@ class BlindBottomConfig(PegConfig):
 
 @dataclass
 class NeedleConfig(ContactConfig):
-    """Layered tissue constants (mm, N). Membrane 0 is the surface; the task stops between `target_layer` and the
-    next membrane."""
+    """Layered tissue constants (mm, N). Membrane 0 is the surface; the task stops between membrane `target_layer`
+    and the next one. A membrane deflects with the tip (stiffness) until its force reaches the puncture force."""
 
     ascan_bins: int = 32
-    ascan_range_mm: float = 8.0
-    first_depth_mm: tuple[float, float] = (2.5, 5.0)  # membrane 1 under the surface
-    gap_mm: tuple[float, float] = (2.0, 4.0)  # between membranes
-    stiffness_n_per_mm: tuple[float, ...] = (0.8, 1.2, 1.6, 1.6)
-    puncture_n: tuple[float, ...] = (0.9, 1.3, 1.8, 1.8)
-    friction_n_per_mm: float = 0.03  # sliding friction per mm of shaft in tissue
-    lateral_n_per_mm: float = 0.5  # tissue's lateral stiffness around the track
+    ascan_range_mm: float = 8.0  # depth covered ahead of the tip, as the kinematic task's A-scan
+    ascan_noise: float = 0.03
+    first_depth_mm: tuple[float, float] = (2.0, 10.0)  # membrane 1 under the surface
+    gap_mm: tuple[float, float] = (1.8, 3.0)  # between the next membranes
+    stiffness_n_per_mm: tuple[float, ...] = (1.5, 2.5, 3.0, 3.0)
+    puncture_n: tuple[float, ...] = (0.8, 1.2, 1.6, 1.6)
+    friction_n_per_mm: float = 0.03  # sliding friction per mm of shaft in the tissue
+    lateral_n_per_mm: float = 0.5  # the tissue's lateral stiffness around the track
     target_layer: int = 2
     lateral_tol_mm: float = 1.0
-    start_height_mm: tuple[float, float] = (10.0, 18.0)
+    start_height_mm: tuple[float, float] = (8.0, 16.0)
+    kp_z: float = 4000.0  # a stiffer axial servo: a puncture's lunge is force / kp
 
 
 class ContactSim:
@@ -124,6 +126,7 @@ class ContactSim:
     """
 
     instructions: tuple[str, ...] = ("",)
+    expert_modes: tuple[str, ...] = ("expert",)
     sensor_channels = FT_CHANNELS  # [fx, fy, fz (N), tx, ty, tz (N m)]
     force_channels = FT_CHANNELS
 
@@ -132,6 +135,8 @@ class ContactSim:
         self.model = self.data = self._renderer = None
         self.target = np.zeros(2)
         self.depth = 0.0
+        self.expert_mode = self.expert_modes[0]
+        self.expert_vision = True  # False: the expert assumes the target at the workspace centre (no cameras)
 
     def sensor_names(self) -> list[str]:
         """One name per sensor channel."""
@@ -270,7 +275,15 @@ class ContactSim:
         """The current scene from camera `view`, (S, S, 3) uint8 (offscreen)."""
         if self._renderer is None:
             s = self.cfg.image_size
-            self._renderer = self.mj.Renderer(self.model, s, s)
+            try:
+                self._renderer = self.mj.Renderer(self.model, s, s)
+            except Exception as e:
+                raise RuntimeError(
+                    f"MuJoCo could not open an offscreen GL context (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): {e}. "
+                    "Install Mesa's EGL (apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri), or OSMesa "
+                    "(apt-get install libosmesa6) and set MUJOCO_GL=osmesa; import sensorvla.world.contact before "
+                    "anything else imports mujoco (the backend is chosen at its first import)"
+                ) from e
         if self._rendered_at != self.k:
             self.mj.mj_forward(self.model, self.data)  # kinematics of the current state (sensor rows already kept)
             self._rendered_at = self.k
@@ -294,8 +307,13 @@ class ContactSim:
         a[6] = 1.0
         return a
 
+    @property
+    def seen_target(self) -> np.ndarray:
+        """The target x, y as the expert sees it: the true one, or the workspace centre without cameras."""
+        return self.target if self.expert_vision else np.zeros(2)
+
     def expert_action(self) -> np.ndarray:
-        """The scripted expert's action at the current state."""
+        """The scripted expert's action at the current state (`expert_mode`, `expert_vision`)."""
         raise NotImplementedError
 
 
@@ -369,12 +387,12 @@ class PegInHoleSim(ContactSim):
     def _approach(self, above_mm: float = 4.0) -> np.ndarray | None:
         """Align over the hole at `above_mm` (lifting first if the tip is stuck beside it); None once aligned."""
         p = self.pose[:3]
-        lateral = self.lateral_error
+        lateral = float(np.linalg.norm(p[:2] - self.seen_target))
         if lateral <= 0.3 or (p[2] < 0 and lateral < self.cfg.hole_half_width_mm):
             return None
         if p[2] < above_mm - 1.0 and lateral > 1.5:  # beside the hole, low: lift before moving sideways
             return self._move(p[:2], above_mm, 0.0, 3.0)
-        return self._move(self.target, max(above_mm, min(p[2], 12.0)), 3.0, 3.0)
+        return self._move(self.seen_target, max(above_mm, min(p[2], 12.0)), 3.0, 3.0)
 
     def expert_action(self) -> np.ndarray:
         """Align over the hole (cameras), then push down to 2 mm past the goal and stop."""
@@ -382,7 +400,7 @@ class PegInHoleSim(ContactSim):
         if a is not None:
             return a
         goal = -(self.cfg.insert_goal_mm + 2.0)
-        a = self._move(self.target, goal, 0.5, 2.5)
+        a = self._move(self.seen_target, goal, 0.5, 2.5)
         if self.pose[2] <= goal + 1.0:
             a[2], a[6] = 0.0, 0.0
         return a
@@ -403,7 +421,7 @@ class BlindBottomSim(PegInHoleSim):
         "put the peg in the hole and rest it on the bottom gently",
     )
     bottom_visible = False
-    expert_mode = "guarded"
+    expert_modes = ("guarded", "position")
 
     def __init__(self, cfg: BlindBottomConfig | None = None):
         super().__init__(cfg or BlindBottomConfig())
@@ -466,7 +484,7 @@ class BlindBottomSim(PegInHoleSim):
         c, z = self.cfg, self.pose[2]
         if self.expert_mode == "position":  # plans the setpoint, never reads the sensor
             goal, sp = -(c.depth_range_mm[1] + 2.0), self.setpoint[2] * 1000.0
-            a = self._move(self.target, z + np.clip(goal - sp, -2.5, 2.5), 0.5, 2.5)
+            a = self._move(self.seen_target, z + np.clip(goal - sp, -2.5, 2.5), 0.5, 2.5)
             if sp <= goal + 1e-6:
                 a[2], a[6] = 0.0, 0.0
             return a
@@ -478,10 +496,180 @@ class BlindBottomSim(PegInHoleSim):
             a[2] = min(2.0, (force - 0.5) / (c.kp_z / 1000.0))  # back the setpoint off to a 0.5 N preload
             return a
         speed = 0.8 if z < -(c.depth_range_mm[0] - 2.0) else 2.5
-        return self._move(self.target, -(c.depth_range_mm[1] + 3.0), 0.5, speed)
+        return self._move(self.seen_target, -(c.depth_range_mm[1] + 3.0), 0.5, speed)
+
+
+# --- layered needle ----------------------------------------------------------------------------------------------
+class NeedleSim(ContactSim):
+    """Layered needle insertion: enter at the green mark (cameras), puncture the membranes down to `target_layer`
+    (the sensor: each membrane's rising force and its drop at puncture; the A-scan's reflections ahead of the tip)
+    and stop before the next one.
+
+    The tissue never collides: its forces come from a 1-D layered model applied to the needle at the tip each physics
+    step (axial: the first intact membrane's deflection force, friction along the inserted shaft; lateral: a spring
+    around the entry point), so the wrist sensor feels them as it would a real tissue's.
+    """
+
+    instructions = (
+        "insert the needle at the green mark and stop in the layer under the second membrane",
+        "pierce the tissue at the mark, pass two membranes and stop",
+        "needle into the mark, stop after the second membrane pops",
+    )
+    expert_modes = ("expert", "sensor_blind")
+
+    def __init__(self, cfg: NeedleConfig | None = None):
+        super().__init__(cfg or NeedleConfig())
+        self.membranes = np.zeros(4)
+
+    @property
+    def sensor_channels(self) -> int:
+        """Force/torque, then the A-scan bins."""
+        return FT_CHANNELS + self.cfg.ascan_bins
+
+    def sensor_names(self) -> list[str]:
+        """Force/torque names, then `ascan_<i>` (bin i covers i * range / (bins - 1) mm ahead of the tip)."""
+        return [*super().sensor_names(), *(f"ascan_{i}" for i in range(self.cfg.ascan_bins))]
+
+    def xml(self) -> str:
+        """The needle scene (`mjscenes.needle_scene_xml`)."""
+        c = self.cfg
+        return mjscenes.needle_scene_xml(image_size=c.image_size, timestep=c.timestep, kp_xy=c.kp_xy, kp_z=c.kp_z)
+
+    def _draw(self, rng: np.random.Generator) -> None:
+        c, m, mj = self.cfg, self.model, self.mj
+        self.target = rng.uniform(-c.target_range_mm, c.target_range_mm, 2)
+        first = rng.uniform(*c.first_depth_mm)
+        gaps = rng.uniform(*c.gap_mm, size=len(c.stiffness_n_per_mm) - 2)
+        self.membranes = np.concatenate([[0.0, first], first + np.cumsum(gaps)])
+        self.depth = float(self.membranes[c.target_layer])
+        m.body_pos[mj.mj_name2id(m, mj.mjtObj.mjOBJ_BODY, "entry")] = [*(self.target / 1000.0), 0.0]
+        self.tool_body = mj.mj_name2id(m, mj.mjtObj.mjOBJ_BODY, "tool")
+        self.punctured = 0  # membranes 0 .. punctured - 1 are punctured (in order)
+        self.entry_xy: np.ndarray | None = None
+        self.tissue_force = np.zeros(3)
+        self.peak_force = 0.0
+        self._punct_log: list[int] = []
+
+    def _substep(self) -> None:
+        c, d = self.cfg, self.data
+        tip, vz = d.qpos[:3] * 1000.0, d.qvel[2] * 1000.0
+        depth = -tip[2]
+        force = np.zeros(3)
+        j = self.punctured
+        if j < len(self.membranes) and depth > self.membranes[j]:
+            axial = c.stiffness_n_per_mm[j] * (depth - self.membranes[j])
+            force[2] += axial
+            if axial >= c.puncture_n[j]:
+                self.punctured += 1
+                if j == 0:
+                    self.entry_xy = tip[:2].copy()
+        if self.punctured and depth > 0:
+            force[2] -= c.friction_n_per_mm * depth * np.tanh(vz / 2.0)
+            force[:2] -= c.lateral_n_per_mm * (tip[:2] - self.entry_xy) * min(1.0, depth / 3.0)
+        self.tissue_force = force
+        lever = d.qpos[:3] - d.xipos[self.tool_body]  # the tip relative to the needle's centre of mass (m)
+        d.xfrc_applied[self.tool_body] = [*force, *np.cross(lever, force)]
+
+    def _after_substep(self) -> None:
+        self._punct_log.append(self.punctured)
+        self.peak_force = max(self.peak_force, float(np.linalg.norm(self.tissue_force)))
+
+    def _extend_readings(self, ft: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """Force/torque + the A-scan: a reflection at each intact membrane ahead of the tip (at the tip while it
+        is deflected), the surface while above it, and the tissue's decaying backscatter."""
+        c = self.cfg
+        depth = -state[:, 2] * 1000.0  # (N,) tip depth (mm)
+        punct = np.asarray(self._punct_log[-len(depth) :])
+        bins = np.linspace(0.0, c.ascan_range_mm, c.ascan_bins)[None, :]
+        amp = np.array([0.6, 1.0, 1.2, 1.4])
+        ascan = np.where(bins > -depth[:, None], 0.2 * np.exp(-(bins + np.minimum(depth, 0)[:, None]) / 6.0), 0.0)
+        for i, d_i in enumerate(self.membranes):
+            ahead = np.maximum(d_i - depth, 0.0)[:, None]
+            intact = (punct <= i)[:, None]
+            ascan = ascan + intact * amp[i] * np.exp(-((bins - ahead) ** 2) / 0.05)
+        ascan = ascan + self.noise_rng.normal(0, c.ascan_noise, ascan.shape)
+        return np.concatenate([ft, ascan], axis=1)
+
+    @property
+    def lateral_error(self) -> float:
+        """The entry point's (before entry: the tip's) x-y distance to the mark (mm)."""
+        xy = self.pose[:2] if self.entry_xy is None else self.entry_xy
+        return float(np.linalg.norm(xy - self.target))
+
+    @property
+    def layer_distance(self) -> float:
+        """The tip's distance above the next membrane under the target layer (mm; negative: pressing into it)."""
+        return float(self.membranes[self.cfg.target_layer + 1] + self.pose[2])
+
+    @property
+    def layer_middle(self) -> float:
+        """The target layer's middle depth (mm)."""
+        t = self.cfg.target_layer
+        return float(self.membranes[t] + self.membranes[t + 1]) / 2
+
+    def _blind_descent(self, depth: float, a: np.ndarray) -> np.ndarray:
+        c = self.cfg
+        first, gap = np.mean(c.first_depth_mm), np.mean(c.gap_mm)
+        goal = first + (c.target_layer - 1) * gap + gap / 3  # where the expert stops on average
+        a[2] = -np.clip(goal - depth, 0.0, 1.0 if goal - depth > 1.5 else 0.4)
+        a[6] = 0.0 if goal - depth < 0.3 else 1.0
+        if a[6] == 0.0:
+            a[2] = 0.0
+        return a
+
+    def _holding(self, action: np.ndarray) -> bool:
+        still = abs(action[2]) < 0.05 and np.linalg.norm(action[:2]) < 0.3
+        in_layer = self.punctured == self.cfg.target_layer + 1 and self.layer_distance >= -0.2
+        return still and in_layer and self.lateral_error <= self.cfg.lateral_tol_mm
+
+    @property
+    def failed(self) -> bool:
+        """The membrane under the target layer is punctured."""
+        return self.punctured > self.cfg.target_layer + 1
+
+    def info(self) -> dict[str, Any]:
+        """Success, punctured membranes, the distance to the next membrane, lateral error (mm), peak force (N)."""
+        return {
+            "success": bool(self.success),
+            "punctured": int(self.punctured),
+            "layer_distance_mm": self.layer_distance,
+            "depth_error_mm": abs(-self.pose[2] - self.layer_middle),
+            "lateral_error_mm": self.lateral_error,
+            "lateral_ok": self.lateral_error <= self.cfg.lateral_tol_mm,
+            "peak_force_n": self.peak_force,
+            "layer_depth_mm": self.depth,
+        }
+
+    def expert_action(self) -> np.ndarray:
+        """Align over the mark at 3 mm (cameras); enter; approach each membrane slowly once it is within 1.5 mm
+        (the A-scan shows it) until it pops (the force drops); after the target membrane, move to a third of the
+        layer and stop."""
+        c, p = self.cfg, self.pose[:3]
+        depth, n = -p[2], self.punctured
+        lateral = float(np.linalg.norm(p[:2] - self.seen_target))
+        if lateral > 0.25 and depth < -0.5:
+            return self._move(self.seen_target, max(3.0, min(p[2], 10.0)), 3.0, 3.0)
+        a = np.zeros(7)
+        a[6] = 1.0
+        if self.expert_mode == "sensor_blind":  # the layer at its mean depth, never reading the sensor
+            return self._blind_descent(depth, a)
+        if n == 0:
+            return self._move(self.seen_target, p[2] - (1.5 if depth < -1.0 else 0.4), 0.3, 1.5)
+        if n <= c.target_layer:
+            ahead = self.membranes[n] - depth
+            a[2] = -(1.0 if ahead > 1.5 else 0.4)
+            return a
+        top, bottom = self.membranes[c.target_layer], self.membranes[c.target_layer + 1]
+        goal = top + max(0.33 * (bottom - top), 1.0)
+        a[2] = np.clip(depth - goal, -0.4, 0.4)
+        if abs(depth - goal) < 0.3 or depth > goal:
+            a[2] = 0.0 if depth <= goal + 0.3 else a[2]
+            a[6] = 0.0 if a[2] == 0.0 else 1.0
+        return a
 
 
 TASKS: dict[str, tuple[type[ContactSim], type[ContactConfig]]] = {
     "peg_in_hole": (PegInHoleSim, PegConfig),
     "blind_bottom": (BlindBottomSim, BlindBottomConfig),
+    "needle": (NeedleSim, NeedleConfig),
 }

@@ -126,3 +126,42 @@ def generate_contact_dataset(
         )
     finally:
         sim.close()
+
+
+def expert_rollout(env, *, episodes: int = 10, seed: int = 0, mode: str | None = None, vision: bool = True) -> dict:
+    """The scripted expert of a contact env in closed loop through the env (seeds seed .. seed + episodes - 1).
+
+    `mode`: one of the task's `expert_modes` (the first by default: the expert with every sense; blind bottom also
+    has "position", the needle "sensor_blind"); `vision=False`: the expert assumes the target at the workspace
+    centre. Returns `eval.rollout.summarize`'s rates and the per-episode results.
+    """
+    from sensorvla.eval.rollout import summarize
+
+    sim = env.unwrapped.sim
+    mode = mode or sim.expert_modes[0]
+    if mode not in sim.expert_modes:
+        raise ValueError(f"expert mode {mode!r}: this task has {sim.expert_modes}")
+    results = []
+    try:
+        sim.expert_mode, sim.expert_vision = mode, vision
+        for ep in range(episodes):
+            env.reset(seed=seed + ep)
+            steps, done, info = 0, False, {}
+            while not done:
+                _, _, terminated, truncated, info = env.step(sim.expert_action())
+                steps += 1
+                done = terminated or truncated
+            results.append(
+                {
+                    "success": bool(info["success"]),
+                    "length": steps,
+                    "final_lateral_error_mm": info.get("lateral_error_mm"),
+                    "final_depth_error_mm": info.get("depth_error_mm"),
+                    "lateral_ok": info.get("lateral_ok"),
+                    "peak_force_n": info.get("peak_force_n"),
+                    "final_contact_force_n": info.get("contact_force_n"),
+                }
+            )
+    finally:
+        sim.expert_mode, sim.expert_vision = sim.expert_modes[0], True
+    return {**summarize(results), "episodes": episodes, "mode": mode, "vision": vision, "results": results}

@@ -15,6 +15,7 @@ ENV_IDS = {
     "sensorvla/InsertionContact-v0": ("sensorvla.world.envs.insertion:InsertionEnv", {"task": "contact"}),
     "sensorvla/PegInHole-v0": ("sensorvla.world.envs.contact:ContactEnv", {"task": "peg_in_hole"}),
     "sensorvla/BlindBottom-v0": ("sensorvla.world.envs.contact:ContactEnv", {"task": "blind_bottom"}),
+    "sensorvla/Needle-v0": ("sensorvla.world.envs.contact:ContactEnv", {"task": "needle"}),
 }
 
 
