@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 
+import gymnasium as gym
 import numpy as np
 import pytest
-
-import gymnasium as gym
 
 from sensorvla.world.contact import TASKS, BlindBottomSim, NeedleSim, PegInHoleSim, import_mujoco
 from sensorvla.world.contact_record import ENV_TASKS, expert_rollout, record_episode, task_of
@@ -108,8 +107,15 @@ def test_recorded_streams_are_what_the_env_saw_at_each_tick(tmp_path):
 
     sim = PegInHoleSim()
     ep = record_episode(sim, 5, name="e0", lateral_noise_mm=0.0, depth_noise_mm=0.0, hold_steps=2)
-    write_dataset([ep], tmp_path / "d", dataset_id="t", action_fps=10.0, progress=False, image_format="npy",
-                  extra_info={"sensor_rate": 500.0, "force_channels": 6})
+    write_dataset(
+        [ep],
+        tmp_path / "d",
+        dataset_id="t",
+        action_fps=10.0,
+        progress=False,
+        image_format="npy",
+        extra_info={"sensor_rate": 500.0, "force_channels": 6},
+    )
     meta = load_meta(tmp_path / "d")
     s_ts, s_val = meta.streams["sensor"].timestamps(0), meta.streams["sensor"].values(0)
     frames = meta.streams["observation.images.top"].values(0)
