@@ -8,6 +8,8 @@ the task's metrics; `env.unwrapped.sim` holds the simulator and its scripted exp
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from gymnasium import spaces
 
@@ -45,7 +47,7 @@ class ContactEnv(InsertionEnv):
         sim_cls, cfg_cls = TASKS[task]
         cfg = config or cfg_cls()
         if image_size is not None:
-            cfg.image_size = int(image_size)
+            cfg = dataclasses.replace(cfg, image_size=int(image_size))
         self.task, self.cfg = task, cfg
         self.sim = sim_cls(cfg)
         self.sensor_history_s = sensor_history_s
