@@ -192,3 +192,18 @@ def test_needle_membranes_are_felt(envs):
     assert abs(bins[peak_bin] - ahead) < 0.6
     sim.close()
     assert isinstance(BlindBottomSim().cfg.peak_force_n, float)
+
+
+def test_blind_bottom_is_invisible_and_the_peg_hole_is_tight():
+    sim = BlindBottomSim()
+    sim.reset(1)
+    views = [sim.render(v) for v in ("front", "top")]
+    sim._set_fixture(sim.target, sim.depth + 5.0)  # the same hole, another bottom depth
+    sim._rendered_at = None
+    np.testing.assert_array_equal(views, [sim.render(v) for v in ("front", "top")])
+    m, mj = sim.model, sim.mj
+    radius = m.geom_size[mj.mj_name2id(m, mj.mjtObj.mjOBJ_GEOM, "peg"), 0]
+    wall = mj.mj_name2id(m, mj.mjtObj.mjOBJ_GEOM, "wall_px")
+    inner_face = m.geom_pos[wall, 0] - m.geom_size[wall, 0]
+    assert 0 < 2 * (inner_face - radius) <= 0.001  # diametral clearance <= 1 mm
+    sim.close()
