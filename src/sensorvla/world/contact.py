@@ -657,11 +657,13 @@ class NeedleSim(ContactSim):
             return self._move(self.seen_target, p[2] - (1.5 if depth < -1.0 else 0.4), 0.3, 1.5)
         if n <= c.target_layer:
             ahead = self.membranes[n] - depth
-            a[2] = -(1.0 if ahead > 1.5 else 0.4)
+            a[2] = -(1.0 if ahead > 1.5 else 0.25)
             return a
+        if self.last_action[6] == 0.0:  # holding in the layer
+            return np.zeros(7)
         top, bottom = self.membranes[c.target_layer], self.membranes[c.target_layer + 1]
         goal = top + max(0.33 * (bottom - top), 1.0)
-        a[2] = np.clip(depth - goal, -0.4, 0.4)
+        a[2] = np.clip(depth - goal, -0.25, 0.25)
         if abs(depth - goal) < 0.3 or depth > goal:
             a[2] = 0.0 if depth <= goal + 0.3 else a[2]
             a[6] = 0.0 if a[2] == 0.0 else 1.0

@@ -73,7 +73,7 @@ def record_episode(
     if with_sensor:
         streams["sensor"] = Stream(*sim.sensor_samples(-np.inf, sim.t))
     info = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in sim.info().items()}
-    extra = {**info, "success": bool(sim.success), "target_mm": [float(v) for v in sim.target]}
+    extra = {**info, "success": extra_steps is not None, "target_mm": [float(v) for v in sim.target]}
     return EpisodeData.from_streams(name, sim.instruction, streams, extra)
 
 
