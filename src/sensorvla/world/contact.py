@@ -85,6 +85,8 @@ class PegConfig(ContactConfig):
     hole_half_width_mm: float = 5.0  # diametral clearance 2 * (5.0 - 4.6) = 0.8 mm
     hole_depth_mm: float = 20.0
     insert_goal_mm: float = 15.0
+    target_range_mm: float = 15.0  # the rounded tip finds a hole within about its radius: a wide range keeps
+    # the peg that aims at the centre (no cameras) out of most holes
 
 
 @dataclass
