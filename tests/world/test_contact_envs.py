@@ -211,3 +211,14 @@ def test_blind_bottom_is_invisible_and_the_peg_hole_is_tight():
     inner_face = m.geom_pos[wall, 0] - m.geom_size[wall, 0]
     assert 0 < 2 * (inner_face - radius) <= 0.001  # diametral clearance <= 1 mm
     sim.close()
+
+
+def test_a_disconnected_sensor_reaches_the_policy_as_missing():
+    from sensorvla.world.envs.contact import ContactEnv
+
+    env = ContactEnv(task="blind_bottom", sensor_available=False)
+    obs, _ = env.reset(seed=0)
+    obs, *_ = env.step(np.zeros(7))
+    env.close()
+    assert not obs["sensor"].any()  # no readings, stamped long before the observation (masked as missing)
+    assert obs["sensor_timestamps"].max() < float(obs["timestamp"]) - 100

@@ -23,6 +23,7 @@ needle's A-scan bins. Cameras render offscreen at the control rate.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,10 +36,14 @@ FT_CHANNELS = 6
 
 
 def import_mujoco():
-    """`mujoco`, with an offscreen GL backend chosen when MUJOCO_GL is unset (EGL: Mesa's software renderer on a
-    machine without a GPU); a missing package raises ImportError naming the install extra."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+    """`mujoco`, with an offscreen GL backend chosen on Linux when MUJOCO_GL is unset (EGL: Mesa's software renderer
+    on a machine without a GPU, one render thread unless LP_NUM_THREADS says otherwise: a 64 px frame is too small
+    for llvmpipe's threads to pay off, and on a loaded 2-core machine one thread renders it about 5x faster); a
+    missing package raises ImportError naming the install extra."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+        os.environ.setdefault("LP_NUM_THREADS", "1")
     try:
         import mujoco
     except ImportError as e:
