@@ -73,8 +73,8 @@ def test_observation_matches_the_spaces_and_the_sensor_rate(envs, env_id):
 def test_expert_succeeds_on_a_few_seeds(envs, env_id):
     r = expert_rollout(envs[env_id], episodes=3, seed=0)
     assert r["success_rate"] == 1.0, r["results"]
-    blind = expert_rollout(envs[env_id], episodes=3, seed=0, vision=False)  # the target assumed at the centre
-    assert blind["success_rate"] < 1.0
+    blind = expert_rollout(envs[env_id], episodes=1, seed=0, vision=False)  # the target assumed at the centre
+    assert blind["success_rate"] == 0.0
 
 
 def test_blind_bottom_position_only_expert_fails(envs):
@@ -141,7 +141,8 @@ def test_cli_writes_the_needle_dataset_with_its_ascan(tmp_path):
     from sensorvla.cli.app import main
 
     out = tmp_path / "needle"
-    assert main(["data", "synth", "--env", "sensorvla/Needle-v0", "--episodes", "1", "--out", str(out)]) == 0
+    args = ["data", "synth", "--env", "sensorvla/Needle-v0", "--episodes", "1", "--image-format", "npy"]
+    assert main([*args, "--out", str(out)]) == 0
     info = json.loads((out / "meta" / "info.json").read_text())["sensorvla"]
     assert info["sensor_rate"] == 500.0 and info["force_channels"] == 6 and info["sensor_channels"] == 38
     assert info["sensor_names"][:3] == ["fx_n", "fy_n", "fz_n"] and info["sensor_names"][6] == "ascan_0"
