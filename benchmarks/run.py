@@ -1,8 +1,9 @@
-"""Benchmark CLI: `python benchmarks/run.py {data,train,vl_modes,serving,latency,plan,fuzz,cnn,all}` prints
+"""Benchmark CLI: `python benchmarks/run.py {data,train,vl_modes,serving,latency,plan,fuzz,cnn,contact,all}` prints
 JSON/markdown results.
 
-`fuzz` (10,000 hostile payloads against a real server, a few minutes) and `cnn` (the CNN reference policy,
-trained for several wall-clock budgets and rolled out) run only when named.
+`fuzz` (10,000 hostile payloads against a real server, a few minutes), `cnn` (the CNN reference policy,
+trained for several wall-clock budgets and rolled out) and `contact` (the MuJoCo contact tasks' expert rates and
+costs; needs sensorvla[sim]) run only when named.
 
 Each benchmark measures the quantities it compares side by side in one run and reports ratios, because
 these machines are noisy. The README's figures are copied from this command's output.
@@ -57,11 +58,16 @@ def main(argv: list[str]) -> int:
         budgets = tuple(float(b) for b in argv[1:]) or (60.0, 120.0, 240.0)
         results["cnn"] = mod.run(budgets)
         print(mod.format_table(results["cnn"]))
+    if which == "contact":
+        mod = _load("bench_contact")
+        results["contact"] = mod.run(int(argv[1]) if len(argv) > 1 else 40)
+        print(mod.format_table(results["contact"]))
     if which in ("plan", "all"):
         results["plan"] = _load("bench_plan").run()
     if not results:
         print(
-            f"unknown benchmark {which!r}; choose data, train, vl_modes, serving, latency, plan, fuzz, cnn or all",
+            f"unknown benchmark {which!r}; choose data, train, vl_modes, serving, latency, plan, fuzz, cnn, contact "
+            "or all",
             file=sys.stderr,
         )
         return 2

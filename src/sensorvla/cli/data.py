@@ -31,14 +31,35 @@ def data_synth(
     seed: int = 0,
     sensor_channels: int = 33,
     sensor_rate: float = 650.0,
-    image_size: int = 112,
+    image_size: int | None = None,
     task: Literal["align_insert", "contact"] = "align_insert",
     image_format: Literal["video", "npy"] = "video",
+    env: Literal["sensorvla/PegInHole-v0", "sensorvla/BlindBottom-v0", "sensorvla/Needle-v0"] | None = None,
+    no_sensor_fraction: float | None = None,
 ) -> int:
-    """Generate the synthetic insertion dataset (the demo's data, the tests' fixture) as LeRobot v3."""
+    """Generate scripted demonstrations as LeRobot v3: the synthetic insertion dataset (the demo's data, the tests'
+    fixture; 112 px, 20 % of the episodes without the sensor by default) or, with --env, a MuJoCo contact task's
+    (needs sensorvla[sim]; 64 px, every episode with the sensor by default; --task and --sensor-* do not apply: the
+    task's sensor is its 500 Hz force/torque stream)."""
     flags = dict(locals())
+    if env is not None:
+        from sensorvla.world.contact_record import generate_contact_dataset
+
+        path = generate_contact_dataset(
+            out,
+            task=env,
+            num_episodes=episodes,
+            seed=seed,
+            image_size=image_size or 64,
+            no_sensor_fraction=no_sensor_fraction or 0.0,
+            image_format=image_format,
+        )
+        return wrote(path)
     from sensorvla.world.synth import generate_dataset
 
+    flags.pop("env")
+    flags["image_size"] = image_size or 112
+    flags["no_sensor_fraction"] = 0.2 if no_sensor_fraction is None else no_sensor_fraction
     return wrote(generate_dataset(**keywords(flags, out="out_dir", episodes="num_episodes")))
 
 

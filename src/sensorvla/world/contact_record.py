@@ -1,0 +1,167 @@
+"""Scripted demonstrations of the contact tasks (`world/contact.py`), written as LeRobot v3 datasets + sidecar.
+
+Each episode records every stream on the common clock: the expert's actions at 10 Hz, the measured pose at
+`state_rate`, both camera views at the control rate (the frames the env observes, exposed at each control tick) and
+the 500 Hz force/torque stream (plus the needle's A-scan), each reading stamped at the end of its physics step.
+Demonstrations are DART-style as in `world/synth.py`: the executed motion carries a small perturbation, the recorded
+action is the expert's clean command at the visited state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sensorvla.data.types import EpisodeData, Stream
+from sensorvla.world.contact import CONTROL_RATE, TASKS, ContactSim
+from sensorvla.world.mjscenes import VIEWS
+
+ENV_TASKS = {
+    "sensorvla/PegInHole-v0": "peg_in_hole",
+    "sensorvla/BlindBottom-v0": "blind_bottom",
+    "sensorvla/Needle-v0": "needle",
+}
+
+
+def task_of(env_or_task: str) -> str:
+    """A contact task's name from an env id or the name itself (ValueError naming the choices)."""
+    task = ENV_TASKS.get(env_or_task, env_or_task)
+    if task not in TASKS:
+        raise ValueError(f"{env_or_task!r} is not a contact task: choose one of {sorted(ENV_TASKS)} or {sorted(TASKS)}")
+    return task
+
+
+def record_episode(
+    sim: ContactSim,
+    seed: int,
+    *,
+    name: str,
+    with_sensor: bool = True,
+    hold_steps: int = 5,
+    lateral_noise_mm: float = 0.15,
+    depth_noise_mm: float = 0.05,
+) -> EpisodeData:
+    """Run the expert on `sim` for episode `seed` and record every stream (see the module docstring).
+
+    Execution is perturbed per step (Gaussian: `lateral_noise_mm` in x-y, `depth_noise_mm` in z) until success;
+    then `hold_steps` more expert steps are recorded unperturbed (the demonstration of holding still).
+    """
+    sim.reset(seed)
+    noise_rng = np.random.default_rng([seed, 7919])
+    scale = np.array([lateral_noise_mm, lateral_noise_mm, depth_noise_mm])
+    actions, frames = [], {v: [sim.render(v)] for v in VIEWS}
+    extra_steps = None
+    while len(actions) < sim.cfg.max_steps and (extra_steps is None or extra_steps > 0):
+        a = sim.expert_action()
+        actions.append(a)
+        sim.step(a, perturbation=None if extra_steps is not None else noise_rng.normal(0, 1, 3) * scale)
+        for v in VIEWS:
+            frames[v].append(sim.render(v))
+        if extra_steps is not None:
+            extra_steps -= 1
+        elif sim.success:
+            extra_steps = hold_steps
+        elif sim.failed:
+            break
+    n = len(actions)
+    streams = {"action": Stream(np.arange(n) / CONTROL_RATE, np.asarray(actions, np.float32))}
+    state_ts, state = sim.state_samples()
+    streams["state"] = Stream(state_ts, state.astype(np.float32))
+    for v in VIEWS:  # frame k shows the scene at tick k (the observation action k answered)
+        streams[f"image.{v}"] = Stream(np.arange(n + 1) / CONTROL_RATE, np.stack(frames[v]))
+    if with_sensor:
+        streams["sensor"] = Stream(*sim.sensor_samples(-np.inf, sim.t))
+    info = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in sim.info().items()}
+    extra = {**info, "success": extra_steps is not None, "target_mm": [float(v) for v in sim.target]}
+    return EpisodeData.from_streams(name, sim.instruction, streams, extra)
+
+
+def generate_contact_dataset(
+    out_dir: str | Path,
+    *,
+    task: str = "peg_in_hole",
+    num_episodes: int = 50,
+    seed: int = 0,
+    image_size: int = 64,
+    no_sensor_fraction: float = 0.0,
+    progress: bool = True,
+    overwrite: bool = True,
+    image_format: str = "video",
+) -> Path:
+    """Write `num_episodes` expert demonstrations of a contact task (an env id or a task name) as a LeRobot v3
+    dataset + sidecar, deterministic for `seed`. `no_sensor_fraction` of the episodes are recorded without the
+    sensor stream (a disconnected sensor)."""
+    from sensorvla.data.format import write_dataset
+
+    task = task_of(task)
+    sim_cls, cfg_cls = TASKS[task]
+    cfg = cfg_cls(image_size=image_size)
+    sim = sim_cls(cfg)
+    rng = np.random.default_rng(seed)
+    no_sensor = set(
+        rng.choice(num_episodes, size=int(round(no_sensor_fraction * num_episodes)), replace=False).tolist()
+    )
+    jobs = [(seed * 100_003 + e, e not in no_sensor, f"{task}_{e:04d}") for e in range(num_episodes)]
+    episodes = (record_episode(sim, s, name=n, with_sensor=w) for s, w, n in jobs)
+    try:
+        return write_dataset(
+            episodes,
+            out_dir,
+            dataset_id=f"contact_{task}_s{seed}_n{num_episodes}_px{image_size}",
+            action_fps=CONTROL_RATE,
+            min_actions=4,
+            overwrite=overwrite,
+            progress=progress,
+            image_format=image_format,
+            extra_info={
+                "sensor_rate": cfg.sensor_rate,
+                "force_channels": sim.force_channels,
+                "state_rate": cfg.state_rate,
+                "camera_rate": CONTROL_RATE,
+                "task": task,
+                "sensor_names": sim.sensor_names(),
+                "action_semantics": "per-100ms hand setpoint deltas [dx,dy,dz mm; droll,dpitch,dyaw deg: unused; tool]",
+            },
+        )
+    finally:
+        sim.close()
+
+
+def expert_rollout(env, *, episodes: int = 10, seed: int = 0, mode: str | None = None, vision: bool = True) -> dict:
+    """The scripted expert of a contact env in closed loop through the env (seeds seed .. seed + episodes - 1).
+
+    `mode`: one of the task's `expert_modes` (the first by default: the expert with every sense; blind bottom also
+    has "position", the needle "sensor_blind"); `vision=False`: the expert assumes the target at the workspace
+    centre. Returns `eval.rollout.summarize`'s rates and the per-episode results.
+    """
+    from sensorvla.eval.rollout import summarize
+
+    sim = env.unwrapped.sim
+    mode = mode or sim.expert_modes[0]
+    if mode not in sim.expert_modes:
+        raise ValueError(f"expert mode {mode!r}: this task has {sim.expert_modes}")
+    results = []
+    try:
+        sim.expert_mode, sim.expert_vision = mode, vision
+        for ep in range(episodes):
+            env.reset(seed=seed + ep)
+            steps, done, info = 0, False, {}
+            while not done:
+                _, _, terminated, truncated, info = env.step(sim.expert_action())
+                steps += 1
+                done = terminated or truncated
+            results.append(
+                {
+                    "success": bool(info["success"]),
+                    "length": steps,
+                    "final_lateral_error_mm": info.get("lateral_error_mm"),
+                    "final_depth_error_mm": info.get("depth_error_mm"),
+                    "lateral_ok": info.get("lateral_ok"),
+                    "peak_force_n": info.get("peak_force_n"),
+                    "final_contact_force_n": info.get("contact_force_n"),
+                }
+            )
+    finally:
+        sim.expert_mode, sim.expert_vision = sim.expert_modes[0], True
+    return {**summarize(results), "episodes": episodes, "mode": mode, "vision": vision, "results": results}
