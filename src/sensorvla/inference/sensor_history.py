@@ -16,7 +16,6 @@ import numpy as np
 from sensorvla.data.timeline import resample_window
 from sensorvla.serving.protocol import LimitExceededError, ObservationError
 
-
 __all__ = ["SensorHistory", "SensorHistoryError", "SensorHistoryFullError", "ExtendResult"]
 
 

@@ -288,7 +288,8 @@ class PolicyClient:
                 if status in (429, 503):  # failed-token lockout / connection cap: named, not retried
                     body = (exc.response.body or b"").decode("utf-8", "replace").strip()
                     kind = protocol.RATE_LIMITED if status == 429 else protocol.TOO_MANY_CONNECTIONS
-                    raise PolicyServerError(kind, f"{self.uri} refused the connection (HTTP {status}): {body}") from None
+                    message = f"{self.uri} refused the connection (HTTP {status}): {body}"
+                    raise PolicyServerError(kind, message) from None
                 last: Exception = exc
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 last = exc

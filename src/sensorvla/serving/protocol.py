@@ -482,9 +482,8 @@ def validate_observation(obs: Any, spec: ObservationSpec, allow_extra_keys: bool
     if problems:
         required = sorted(k for k, entry in spec.items() if not is_optional(entry))
         optional = sorted(k for k, entry in spec.items() if is_optional(entry))
-        raise ObservationError(
-            "; ".join(problems) + f"; the policy expects {required}" + (f" and optionally {optional}" if optional else "")
-        )
+        also = f" and optionally {optional}" if optional else ""
+        raise ObservationError("; ".join(problems) + f"; the policy expects {required}{also}")
     out = dict(obs)
     for key, (shape, want, *_) in spec.items():
         if key not in obs:
