@@ -393,12 +393,12 @@ class RunnerSession:
         if m.sensor.enabled and missing:
             self.windows_with_gaps += 1
         self.warnings = []
-        if m.sensor.enabled and not mask.any() and len(self.history):
-            newest = self.history.newest
+        newest = self.history.newest if self.history.newest is not None else (float(ts[-1]) if len(ts) else None)
+        if m.sensor.enabled and not mask.any() and newest is not None:  # samples arrived, none reaches this window
             self.warnings.append(
                 {
                     "type": SENSOR_WINDOW_EMPTY,
-                    "message": f"the sensor window ending at t={t:.6f} has no measured point: the newest buffered "
+                    "message": f"the sensor window ending at t={t:.6f} has no measured point: the newest "
                     f"sample is at t={newest:.6f} ({t - newest:+.6g} s before the query), beyond the gap tolerance "
                     f"of {self.history.max_gap_s:.6g} s; the policy used its 'missing' sensor token. Check that the "
                     "sensor still streams and that 'timestamp' and 'sensor_timestamps' share one clock in seconds",

@@ -253,7 +253,7 @@ class PolicyServer:
         self.log_every = max(1, log_every)
         self.ping_interval = ping_interval
         self.budget = InflightBudget(inflight)
-        self.auth_limiter = auth_limiter or AuthLimiter()
+        self.auth_limiter = AuthLimiter() if auth_limiter is None else auth_limiter
         self._spec = protocol.check_spec(policy.observation_spec)
         handshake = dict(policy.metadata)
         if "protocol" in handshake:
@@ -400,9 +400,13 @@ class PolicyServer:
                 self._ready.set()
                 await self._stop_event.wait()
                 logger.info("policy server stopping: closing %d connection(s)", len(self._handler_tasks))
-                # A handler waiting for an inference would hold the shutdown until the model returns: stop
-                # waiting (the connections are closed with 1001 "going away" by the server's close).
-                server.close()
+                # Close every connection with 1001 "going away" (each waits at most close_timeout for its peer),
+                # then cancel the handlers: one waiting for an inference would otherwise hold the shutdown until
+                # the model returns.
+                server.close(close_connections=False)
+                await asyncio.gather(
+                    *(c.close(1001, "server shutting down") for c in list(self._connections)), return_exceptions=True
+                )
                 for task in list(self._handler_tasks):
                     task.cancel()
         finally:
