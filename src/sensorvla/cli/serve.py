@@ -48,17 +48,8 @@ def serve(
         debug: include server tracebacks in error replies (off by default: they reveal code and paths).
     """
     from sensorvla.config import ConfigError
-    from sensorvla.serving.server import exposure_warning
 
-    if token is not None and not token.strip():
-        raise ConfigError(
-            "--token must not be empty: pass a secret (e.g. `--token $(openssl rand -hex 16)`), or leave the flag "
-            "out to serve without authentication on 127.0.0.1"
-        )
-    warning = exposure_warning(host, token)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-
+    _check_access(host, token)
     from sensorvla.inference.checks import RequestLimits
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.serving.server import PolicyServer
@@ -94,6 +85,21 @@ def serve(
     server.run_forever()
     exit_now(0)
     return 0
+
+
+def _check_access(host: str, token: str | None) -> None:
+    """Refuse an empty token (`ConfigError`); warn on stderr when a network bind has no token."""
+    from sensorvla.config import ConfigError
+    from sensorvla.serving.server import exposure_warning
+
+    if token is not None and not token.strip():
+        raise ConfigError(
+            "--token must not be empty: pass a secret (e.g. `--token $(openssl rand -hex 16)`), or leave the flag "
+            "out to serve without authentication on 127.0.0.1"
+        )
+    warning = exposure_warning(host, token)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def exit_now(code: int) -> None:

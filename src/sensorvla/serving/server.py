@@ -226,22 +226,9 @@ class PolicyServer:
         ping_interval: float | None = 20.0,
         auth_limiter: AuthLimiter | None = None,
     ):
-        if max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
-        if token is not None and not token:
-            raise ValueError("token must be a non-empty string or None (no authentication)")
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        inflight = _checked_bounds(max_message_bytes, token, max_queue, max_connections, max_inflight_bytes)
         if decode_workers < 1:
             raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
-        inflight = DEFAULT_INFLIGHT_MESSAGES * max_message_bytes if max_inflight_bytes is None else max_inflight_bytes
-        if inflight < max_message_bytes:
-            raise ValueError(
-                f"max_inflight_bytes={inflight} must be >= max_message_bytes={max_message_bytes} (else a maximum-size "
-                "frame could never be served)"
-            )
         self.policy = policy
         self.max_queue = max_queue
         self.max_connections = max_connections
@@ -255,25 +242,7 @@ class PolicyServer:
         self.budget = InflightBudget(inflight)
         self.auth_limiter = AuthLimiter() if auth_limiter is None else auth_limiter
         self._spec = protocol.check_spec(policy.observation_spec)
-        handshake = dict(policy.metadata)
-        if "protocol" in handshake:
-            raise ValueError("policy.metadata must not use the key 'protocol' (the server adds it)")
-        handshake["protocol"] = {
-            "name": protocol.PROTOCOL_NAME,
-            "version": protocol.PROTOCOL_VERSION,
-            "max_message_bytes": max_message_bytes,
-            "max_queue": max_queue,
-            "max_connections": max_connections,
-            "max_inflight_bytes": inflight,
-            "decode_limits": self.decode_limits.to_json(),
-            "errors": "text",  # error replies are text frames of JSON (protocol.error_text)
-            "observation_spec": protocol.spec_to_json(self._spec),
-            "control": list(protocol.CONTROL_COMMANDS),
-        }
-        try:
-            self._handshake = protocol.packb(handshake)
-        except TypeError as exc:
-            raise TypeError(f"policy.metadata must be msgpack-serializable (JSON-like): {exc}") from None
+        self._handshake = self._build_handshake()
         self._bound_port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -290,6 +259,28 @@ class PolicyServer:
         self._connections: set[ServerConnection] = set()  # admitted by _process_request, until their handler ends
         self._handler_tasks: set[asyncio.Task] = set()
         self._decode_pool: ThreadPoolExecutor | None = None
+
+    def _build_handshake(self) -> bytes:
+        """The packed handshake: the policy's metadata plus the `"protocol"` entry (spec and bounds)."""
+        handshake = dict(self.policy.metadata)
+        if "protocol" in handshake:
+            raise ValueError("policy.metadata must not use the key 'protocol' (the server adds it)")
+        handshake["protocol"] = {
+            "name": protocol.PROTOCOL_NAME,
+            "version": protocol.PROTOCOL_VERSION,
+            "max_message_bytes": self.endpoint.max_message_bytes,
+            "max_queue": self.max_queue,
+            "max_connections": self.max_connections,
+            "max_inflight_bytes": self.budget.limit,
+            "decode_limits": self.decode_limits.to_json(),
+            "errors": "text",  # error replies are text frames of JSON (protocol.error_text)
+            "observation_spec": protocol.spec_to_json(self._spec),
+            "control": list(protocol.CONTROL_COMMANDS),
+        }
+        try:
+            return protocol.packb(handshake)
+        except TypeError as exc:
+            raise TypeError(f"policy.metadata must be msgpack-serializable (JSON-like): {exc}") from None
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -671,6 +662,27 @@ class PolicyServer:
                 f"the policy's result has NaN/inf at {bad}; no actions are sent (check the inputs' magnitudes)",
             )
         return dict(result)
+
+
+def _checked_bounds(
+    max_message_bytes: int, token: str | None, max_queue: int, max_connections: int, max_inflight_bytes: int | None
+) -> int:
+    """Validate the server's bounds; return the in-flight byte budget (its default filled in)."""
+    if max_message_bytes <= 0:
+        raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
+    if token is not None and not token:
+        raise ValueError("token must be a non-empty string or None (no authentication)")
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+    inflight = DEFAULT_INFLIGHT_MESSAGES * max_message_bytes if max_inflight_bytes is None else max_inflight_bytes
+    if inflight < max_message_bytes:
+        raise ValueError(
+            f"max_inflight_bytes={inflight} must be >= max_message_bytes={max_message_bytes} (else a maximum-size "
+            "frame could never be served)"
+        )
+    return inflight
 
 
 def _supplied_token(auth: str, query: str) -> str | None:
