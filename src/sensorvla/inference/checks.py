@@ -1,8 +1,8 @@
 """Request checks before the model: bounded work (`RequestLimits`) and well-formed, finite inputs.
 
-`RequestChecker.check(obs)` is cheap (no model, no image processor) and stateless, so the server runs it
-on its event loop before a request is queued: a 2 M-character instruction or a 1x1 image is answered with
-an error at once instead of occupying the inference thread. Values are cast to the dtypes the model uses
+`RequestChecker.check(obs)` is cheap (no model, no image processor) and stateless, so the server runs it on a
+decode thread (never its event loop) before a request is queued: a 2 M-character instruction or a 1x1 image is
+answered with an error at once instead of occupying the inference thread. Values are cast to the dtypes the model uses
 *before* the finiteness check (1e300 is finite in float64 but inf in float32). An instruction holding one of the
 tokenizer's special tokens (`<|im_end|>`, `<|image_pad|>`, ...) is refused: inside the chat template it would act
 as a control token (end a turn, claim image slots). Sensor timestamps that cannot be on the query's clock in
@@ -125,8 +125,9 @@ class RequestChecker:
         self.limits = limits
         ip = processor.image_processor
         self.min_side = int(ip.patch_size) * int(getattr(ip, "merge_size", 1))
-        # A private copy: the server counts tokens on its event loop while the worker thread runs the
-        # processor, and a fast tokenizer must not be used from two threads when either changes settings.
+        # A private copy: the server counts tokens on its decode threads while the worker thread runs the
+        # processor, and a fast tokenizer must not be used from two threads when either changes settings (the
+        # decode threads share this copy: they only call `encode`, which changes none).
         self._tokenizer = copy.deepcopy(processor.tokenizer)
         self._token_counts: dict[str, int] = {}  # a robot repeats its instruction every call: count it once
         self.window = window

@@ -140,7 +140,7 @@ class Policy(Protocol):
     """What the server wraps (the real one is `sensorvla.inference.PolicyRunner`).
 
     Optional hooks, used when present:
-        check_request(obs) -> obs: cheap checks run on the event loop before queueing (raise an
+        check_request(obs) -> obs: cheap checks run on a decode thread before queueing (raise an
             `ObservationError`/`LimitExceededError` to reject without touching the model).
         new_session() -> object with `infer(obs)` and optionally `reset()`/`close()`: per-connection
             state (created on connect, reset by the `reset` control message, closed on disconnect).
