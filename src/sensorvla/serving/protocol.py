@@ -78,8 +78,8 @@ class DecodeLimits:
 
     max_map_len: int = 64
     max_str_len: int = 256 * 1024
-    max_array_len: int = 1 << 16
-    max_items: int = 1 << 16
+    max_array_len: int = 1 << 14
+    max_items: int = 1 << 14
     max_bin_len: int | None = None
 
     def __post_init__(self):
