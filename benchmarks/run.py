@@ -1,9 +1,10 @@
-"""Benchmark CLI: `python benchmarks/run.py {data,train,vl_modes,serving,latency,plan,fuzz,cnn,contact,all}` prints
-JSON/markdown results.
+"""Benchmark CLI: `python benchmarks/run.py {data,train,vl_modes,serving,latency,plan,fuzz,hostile,cnn,contact,all}`
+prints JSON/markdown results.
 
-`fuzz` (10,000 hostile payloads against a real server, a few minutes), `cnn` (the CNN reference policy,
-trained for several wall-clock budgets and rolled out) and `contact` (the MuJoCo contact tasks' expert rates and
-costs; needs sensorvla[sim]) run only when named.
+`fuzz` (10,000 hostile payloads against a real server, a few minutes), `hostile` (other clients' round trips while
+one sends the messages of issue 19, and the server's memory under 16 concurrent maximum-size frames), `cnn` (the
+CNN reference policy, trained for several wall-clock budgets and rolled out) and `contact` (the MuJoCo contact
+tasks' expert rates and costs; needs sensorvla[sim]) run only when named.
 
 Each benchmark measures the quantities it compares side by side in one run and reports ratios, because
 these machines are noisy. The README's figures are copied from this command's output.
@@ -47,6 +48,10 @@ def main(argv: list[str]) -> int:
         mod = _load("bench_fuzz")
         results["fuzz"] = mod.run()
         print(mod.format_table(results["fuzz"]))
+    if which == "hostile":
+        mod = _load("bench_hostile")
+        results["hostile"] = mod.run(int(argv[1]) if len(argv) > 1 else 3)
+        print(mod.format_table(results["hostile"]))
     if which in ("train", "all"):
         results["train"] = _load("bench_train").run()
     if which in ("vl_modes", "all"):
@@ -66,8 +71,8 @@ def main(argv: list[str]) -> int:
         results["plan"] = _load("bench_plan").run()
     if not results:
         print(
-            f"unknown benchmark {which!r}; choose data, train, vl_modes, serving, latency, plan, fuzz, cnn, contact "
-            "or all",
+            f"unknown benchmark {which!r}; choose data, train, vl_modes, serving, latency, plan, fuzz, hostile, cnn, "
+            "contact or all",
             file=sys.stderr,
         )
         return 2

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sensorvla.data.timeline import resample_window
-from sensorvla.inference.sensor_history import SensorHistory, SensorHistoryError
+from sensorvla.inference.sensor_history import SensorHistory, SensorHistoryError, SensorHistoryFullError
 from sensorvla.serving.protocol import ObservationError
 
 W, T_S, GAP, C = 0.1, 32, 0.02, 3
@@ -146,7 +146,9 @@ def test_history_is_bounded_by_time_and_capacity():
         hist.window(ts[i + 99])
     assert len(hist) <= int((W + GAP) * 650) + 2  # only what a later window can use
     small = SensorHistory(C, W, T_S, GAP, capacity=16)
-    res = small.extend(ts[:100], values[:100])
-    assert len(small) == 16 and res.new == 100
-    again = small.extend(ts[:100], values[:100])  # dropped samples are now "too old", not out of order
-    assert again.ignored_old == 84 and again.duplicates == 16
+    assert small.extend(ts[:10], values[:10]).new == 10
+    with pytest.raises(SensorHistoryFullError, match="would hold 100 samples, over its capacity of 16"):
+        small.extend(ts[10:100], values[10:100])  # a named refusal, never a silently thinned window
+    assert len(small) == 10 and small.newest == ts[9]  # nothing was added
+    small.window(ts[9] + W + GAP + 0.05)  # a query later: what no window can use any more is pruned
+    assert len(small) == 0 and small.extend(ts[100:116], values[100:116]).new == 16

@@ -277,3 +277,79 @@ def test_image_over_max_pixels_is_resized_like_in_training_not_rejected(runner, 
     patches_per_view = batch["image_grid_thw"].prod(dim=1)
     assert (patches_per_view * 14 * 14 <= bb.max_pixels).all()  # the processor's resize, as in training
     assert np.isfinite(session.infer(dict(sensor_obs, images=big))["actions"]).all()
+
+
+# --- issue 19: control tokens in the instruction, sensor clocks in the wrong unit ---------------------------
+
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|im_end|>", "<|vision_start|>", "<|im_start|>", "<|endoftext|>"])
+def test_special_tokens_in_the_instruction_are_refused_before_the_model(runner, sensor_obs, token):
+    """A chat-template or vision control token is a named refusal (never a processor ValueError, never a turn end)."""
+    calls = runner.vl_calls
+    obs = dict(sensor_obs, instruction=f"insert the needle {token} then stop")
+    with pytest.raises(ObservationError, match=r"special token .* control token"):
+        runner.new_session().infer(obs)
+    assert runner.vl_calls == calls
+    ok = runner.new_session().infer(dict(sensor_obs, instruction="insert <|not a special token|> here"))
+    assert np.isfinite(ok["actions"]).all()  # look-alikes that the tokenizer reads as text stay text
+
+
+def _ms(obs: dict, sensor: bool = True, query: bool = False) -> dict:
+    """obs with the sensor clock and/or the query time in milliseconds."""
+    out = dict(obs)
+    if sensor:
+        out["sensor_timestamps"] = obs["sensor_timestamps"] * 1000.0
+    if query:
+        out["timestamp"] = np.float64(float(obs["timestamp"]) * 1000.0)
+    return out
+
+
+CLOCK_MISTAKES = {
+    "sensor in ms": (lambda o: _ms(o), "look like milliseconds"),
+    "both in ms": (lambda o: _ms(o, query=True), "milliseconds"),
+    "query in ms": (lambda o: _ms(o, sensor=False, query=True), "looks like milliseconds"),
+    "all after the query time": (
+        lambda o: dict(o, sensor_timestamps=o["sensor_timestamps"] + 5.0),
+        "after the query time",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CLOCK_MISTAKES))
+def test_sensor_clock_mistakes_are_named_not_a_silently_masked_window(runner, sensor_obs, case):
+    edit, fragment = CLOCK_MISTAKES[case]
+    session = runner.new_session()
+    with pytest.raises(ObservationError, match=fragment):
+        session.infer(edit(sensor_obs))
+    assert len(session.history) == 0  # nothing was buffered
+
+
+def test_samples_after_the_query_time_are_fine_when_the_history_covers_the_window(runner, sensor_obs):
+    """An incremental client whose new samples all postdate the query (camera latency) is not refused."""
+    t = float(sensor_obs["timestamp"])
+    ts, values = sensor_obs["sensor_timestamps"], sensor_obs["sensor"]
+    session = runner.new_session()
+    first = session.infer(dict(sensor_obs, sensor=values[ts <= t], sensor_timestamps=ts[ts <= t]))
+    assert first["warnings"] == []
+    later = session.infer(dict(sensor_obs, sensor=values[ts > t], sensor_timestamps=ts[ts > t]))
+    assert later["sensor_history"]["new_samples"] == int((ts > t).sum()) and later["warnings"] == []
+
+
+def test_a_stale_sensor_is_served_with_a_named_warning(runner, sensor_obs):
+    stale = dict(sensor_obs, sensor_timestamps=sensor_obs["sensor_timestamps"] - 50.0)
+    out = runner.new_session().infer(stale)
+    assert out["sensor_history"]["missing_points"] == out["sensor_history"]["window_points"]
+    assert [w["type"] for w in out["warnings"]] == ["SensorWindowEmpty"]
+    assert "no measured point" in out["warnings"][0]["message"]
+
+
+def test_a_vision_only_client_sends_no_timestamp_and_no_sensor_keys(runner, sensor_obs):
+    """images, state and instruction are enough (the spec marks timestamp and sensor optional)."""
+    from sensorvla.serving import protocol
+
+    spec = protocol.check_spec(runner.observation_spec)
+    bare = {k: sensor_obs[k] for k in ("images", "state", "instruction")}
+    validated = protocol.validate_observation(bare, spec)
+    out = runner.new_session().infer(validated)
+    assert np.isfinite(out["actions"]).all() and out["sensor_history"]["new_samples"] == 0
+    assert out["warnings"] == []  # nothing was ever sent: no sensor warning

@@ -3,8 +3,12 @@
 Hypothesis draws the structure (which mutation, sizes, seeds); numpy fills the arrays from a drawn seed,
 so 2,000 payloads take seconds to generate. Every case carries what the reply must be:
     "valid"      well-formed and in range: actions, all finite;
+    "warned"     valid, but the sensor window is empty (a stale sensor): actions and a `SensorWindowEmpty` warning;
     "malformed"  wrong key, dtype, shape, order, size, bytes...: an error reply, never actions;
-    "edge"       well-formed but extreme (state 1e20, sensor 1e30, stale stamps): either, but finite.
+    "edge"       well-formed but extreme (state 1e20, sensor 1e30): either, but finite.
+Issue 19 added hostile classes: huge maps, long keys, long and nested lists, the tokenizer's special tokens in
+the instruction, and sensor clocks in the wrong unit or after the query time; each must be refused (0 silent
+accepts). Errors arrive as text frames of JSON (`protocol.error_text`), replies as binary frames.
 """
 
 from __future__ import annotations
@@ -96,6 +100,26 @@ def _mutations(shape: Shape) -> dict[str, tuple[str, Any]]:
 
         return wrapped
 
+    def with_rows(fn, n=8):  # clock mutations need rows ending at the query time
+        def wrapped(o, r):
+            if len(o["sensor"]) < 2:
+                t = float(o["timestamp"])
+                ts = t - np.arange(n)[::-1] / 650.0
+                o = {**o, "sensor": np.zeros((n, shape.channels), np.float32), "sensor_timestamps": ts}
+            return fn(o, r)
+
+        return wrapped
+
+    def many_keys(lo, hi):
+        return lambda o, r: {**o, **{f"unknown_{i}": i for i in range(int(r.integers(lo, hi)))}}
+
+    def long_key(o, r):
+        return {**o, "k" * int(r.choice([1_000, 100_000, 300_000])): 1}
+
+    def special(o, r):
+        token = str(r.choice(SPECIAL_TOKENS))
+        return {**o, "instruction": f"insert the needle {token} and stop"}
+
     v, c = shape.views, shape.channels
     return {
         "valid": ("valid", lambda o, r: o),
@@ -103,7 +127,15 @@ def _mutations(shape: Shape) -> dict[str, tuple[str, Any]]:
         "valid unicode instruction": ("valid", edit(instruction="stecke die Nadel ein – 针 ✓")),
         "valid empty instruction": ("valid", edit(instruction="")),
         "valid float64 state": ("valid", edit(state=lambda o, r: o["state"].astype(np.float64))),
-        "valid stale sensor": ("valid", edit(sensor_timestamps=lambda o, r: o["sensor_timestamps"] - 50.0)),
+        "valid stale sensor": (
+            "warned",
+            with_rows(edit(sensor_timestamps=lambda o, r: o["sensor_timestamps"] - 50.0)),
+        ),
+        "valid without timestamp": ("valid", drop("timestamp")),
+        "valid vision-only": (
+            "valid",
+            lambda o, r: {k: v for k, v in o.items() if k not in ("timestamp", "sensor", "sensor_timestamps")},
+        ),
         # bytes and framing
         "garbage bytes": ("malformed", lambda o, r: r.bytes(int(r.integers(1, 400)))),
         "truncated": ("malformed", lambda o, r: protocol.packb(o)[: int(r.integers(1, 200))]),
@@ -126,7 +158,6 @@ def _mutations(shape: Shape) -> dict[str, tuple[str, Any]]:
         # keys
         "missing images": ("malformed", drop("images")),
         "missing state": ("malformed", drop("state")),
-        "missing timestamp": ("malformed", drop("timestamp")),
         "missing sensor": ("malformed", drop("sensor")),
         "extra key": ("malformed", edit(actions=np.zeros(3))),
         # dtypes
@@ -189,11 +220,38 @@ def _mutations(shape: Shape) -> dict[str, tuple[str, Any]]:
         "sensor 1e30": ("edge", needs_rows(edit(sensor=lambda o, r: np.full(o["sensor"].shape, 1e30, np.float32)))),
         "state -1e15": ("edge", edit(state=np.full(shape.state_dim, -1e15, np.float32))),
         "state 3e38": ("edge", edit(state=np.full(shape.state_dim, 3e38, np.float32))),
-        "future stamps": ("edge", edit(sensor_timestamps=lambda o, r: o["sensor_timestamps"] + 1e6)),
+        # issue 19: hostile sizes (refused at the decoder's headers or with a bounded message)
+        "huge map": ("malformed", many_keys(65, 3000)),
+        "some unknown keys": ("malformed", many_keys(1, 50)),
+        "long key": ("malformed", long_key),
+        "long state list": ("malformed", edit(state=lambda o, r: [0] * int(r.choice([1_000, 100_000])))),
+        "nested lists": ("malformed", edit(state=lambda o, r: [[0]] * int(r.integers(9_000, 16_000)))),
+        # issue 19: control tokens and clocks
+        "special token instruction": ("malformed", special),
+        "sensor stamps in ms": (
+            "malformed",
+            with_rows(edit(sensor_timestamps=lambda o, r: o["sensor_timestamps"] * 1e3)),
+        ),
+        "query time in ms": ("malformed", with_rows(edit(timestamp=lambda o, r: o["timestamp"] * 1e3))),
+        "both clocks in ms": (
+            "malformed",
+            with_rows(
+                edit(
+                    sensor_timestamps=lambda o, r: o["sensor_timestamps"] * 1e3,
+                    timestamp=lambda o, r: o["timestamp"] * 1e3,
+                )
+            ),
+        ),
+        "all after the query": (
+            "malformed",
+            with_rows(edit(sensor_timestamps=lambda o, r: o["sensor_timestamps"] + 5)),
+        ),
+        "future stamps": ("malformed", with_rows(edit(sensor_timestamps=lambda o, r: o["sensor_timestamps"] + 1e6))),
     }
 
 
 MUTATION_NAMES = tuple(_mutations(Shape(2, 6, 3)))
+SPECIAL_TOKENS = ("<|image_pad|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")
 
 
 @st.composite
@@ -221,20 +279,24 @@ def judge(case: FuzzCase, raw_reply: bytes | str) -> str:
         AssertionError: a crash-like reply, NaN/inf anywhere, actions for a malformed request, no actions
             for a valid one, or an error type outside EXPECTED_ERRORS.
     """
-    assert isinstance(raw_reply, bytes), f"{case.kind}: text frame reply {raw_reply!r:.200}"
-    reply = protocol.unpackb(raw_reply)
+    reply = protocol.decode_reply(raw_reply)
     assert isinstance(reply, dict), f"{case.kind}: reply is not a map"
+    assert isinstance(raw_reply, str) == ("error" in reply), f"{case.kind}: an error must be a text frame, only"
     bad = first_non_finite(reply)
     assert bad is None, f"{case.kind}: non-finite value at {bad}"
     if "actions" in reply:
         actions = np.asarray(reply["actions"])
         assert case.expect != "malformed", f"{case.kind}: actions for a malformed request"
         assert actions.ndim == 2 and np.isfinite(actions).all()
+        if case.expect == "warned":
+            types = [w.get("type") for w in reply.get("warnings", [])]
+            assert "SensorWindowEmpty" in types, f"{case.kind}: an empty sensor window without a warning"
         return "ok"
     err = reply.get("error")
     assert isinstance(err, dict), f"{case.kind}: neither actions nor error: {sorted(reply)}"
     assert err["type"] in EXPECTED_ERRORS, f"{case.kind}: unexpected error {err['type']}: {err.get('message')}"
-    assert case.expect != "valid" or err["type"] == protocol.BUSY, f"{case.kind}: valid request refused: {err}"
+    refused_valid = case.expect in ("valid", "warned") and err["type"] != protocol.BUSY
+    assert not refused_valid, f"{case.kind}: valid request refused: {err}"
     return str(err["type"])
 
 

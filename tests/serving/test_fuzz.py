@@ -57,6 +57,7 @@ def test_fuzz_2000_payloads_against_a_real_runner(served):
         assert judge(FuzzCase("final", "valid", protocol.packb(good)), send(ws, protocol.packb(good))) == "ok"
     assert sum(counts.values()) >= NUM_PAYLOADS
     assert counts["ok"] >= 0.1 * NUM_PAYLOADS and kinds["malformed"] >= 0.5 * NUM_PAYLOADS
+    assert kinds["warned"] > 0  # the stale-sensor class ran and every one carried its warning
     assert set(counts) - {"ok"} <= EXPECTED_ERRORS
     assert counts[protocol.BUSY] == 0  # one connection never fills a queue of 2
     assert server.num_errors == sum(n for outcome, n in counts.items() if outcome != "ok")

@@ -230,3 +230,80 @@ def test_spec_json_round_trip_and_error_messages():
     assert (info.value.type, info.value.message, info.value.traceback) == ("ObservationError", "bad", "tb")
     ok = {"actions": np.zeros((2, 2))}
     assert protocol.raise_if_error(ok) is ok
+
+
+# --- issue 19: bounded decoding, bounded hints, optional keys, errors as text frames --------------------------
+
+
+def _announce(kind: str, n: int, body: bytes = b"") -> bytes:
+    """A msgpack header announcing n elements (map32/array32/str32) followed by `body`."""
+    return {"map": b"\xdf", "array": b"\xdd", "str": b"\xdb"}[kind] + n.to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("name", "frame", "match"),
+    [
+        (
+            "1,000,000-key map",
+            _announce("map", 1_000_000, b"\x00" * 8),
+            "a map of 1000000 keys, over .* max_map_len=64",
+        ),
+        ("30M-int list", _announce("array", 30_000_000, b"\x01" * 8), "a list of 30000000 elements"),
+        ("300k-byte key", b"\x81" + _announce("str", 300_000, b"k" * 300_000) + b"\x00", "a string of 300000 bytes"),
+        ("2 x 10,000 nested lists", packb({"s": [[0]] * 10_000, "t": [[0]] * 10_000}), "max_items=16384"),
+        ("2 x 10,000 maps", packb({"s": [{"a": 1}] * 10_000, "t": [{"a": 1}] * 10_000}), "max_items=16384"),
+    ],
+)
+def test_decode_limits_refuse_at_the_header(name, frame, match):
+    with pytest.raises(protocol.LimitExceededError, match=match):
+        unpackb(frame, protocol.DecodeLimits())
+    with pytest.raises(ValueError, match="must be >= 4"):
+        protocol.DecodeLimits(max_map_len=3)
+
+
+def test_decode_limits_pass_a_real_observation_and_arrays_count_once():
+    obs = good_obs() | {"big": np.zeros((1000, 1000), np.float32)}  # 1 item, however many elements
+    out = unpackb(packb(obs), protocol.DecodeLimits())
+    assert_same_array(obs["big"], out["big"]) and out["instruction"] == "go"
+
+
+def test_unknown_key_hints_are_bounded_in_work_and_size():
+    obs = good_obs() | {f"unknown_{i}": i for i in range(10_000)} | {"k" * 100_000: 1, "sensr": 0}
+    with pytest.raises(ObservationError) as info:
+        validate_observation(obs, SPEC)
+    message = str(info.value)
+    assert len(message) < 2_000 and "and 9994 more" in message
+    obs = good_obs() | {"k" * 100_000: 1, "sensr": 0}
+    message = str(pytest.raises(ObservationError, validate_observation, obs, SPEC).value)
+    assert "(100000 characters)" in message and "'sensr' (did you mean 'sensor'?)" in message and len(message) < 2_000
+
+
+def test_optional_spec_keys_may_be_left_out_but_are_checked_when_sent():
+    spec = protocol.check_spec(SPEC | {"timestamp": ((), "f", True)})
+    obs = good_obs()
+    del obs["timestamp"]
+    assert "timestamp" not in validate_observation(obs, spec)
+    with pytest.raises(ObservationError, match="'timestamp': 1 non-finite"):
+        validate_observation(good_obs() | {"timestamp": math.inf}, spec)
+    assert protocol.spec_from_json(unpackb(packb(protocol.spec_to_json(spec)))) == spec
+    assert (
+        protocol.spec_to_json(spec)["timestamp"]["optional"] is True
+        and "optional" not in protocol.spec_to_json(spec)["state"]
+    )
+    with pytest.raises(ValueError, match="third element must be a bool"):
+        protocol.check_spec({"t": ((), "f", "yes")})
+
+
+def test_errors_travel_as_text_frames_and_come_back_as_named_errors():
+    text = protocol.error_text("ObservationError", "bad" * 10_000, traceback="tb")
+    assert isinstance(text, str) and len(text) < protocol.ERROR_TEXT_MAX_CHARS + 200
+    with pytest.raises(PolicyServerError) as info:
+        protocol.raise_if_error(protocol.decode_reply(text))
+    assert info.value.type == "ObservationError" and info.value.traceback == "tb"
+    assert info.value.message.endswith("more characters]")
+    openpi_traceback = "Traceback (most recent call last):\n  ...\nValueError: boom"  # what openpi's server sends
+    with pytest.raises(PolicyServerError) as info:
+        protocol.raise_if_error(protocol.decode_reply(openpi_traceback))
+    assert info.value.type == "InternalError" and "boom" in info.value.message
+    ok = {"actions": np.zeros((2, 2), np.float32)}
+    assert_same_array(ok["actions"], protocol.raise_if_error(protocol.decode_reply(packb(ok)))["actions"])

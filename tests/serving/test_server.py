@@ -209,7 +209,15 @@ obs = {
     "client_id": 5, "request_id": 4,
 }
 reply = policy.infer(obs)
-print(json.dumps({"name": policy.get_server_metadata()["name"], "actions": reply["actions"].tolist()}))
+errors = []
+from openpi_client.action_chunk_broker import ActionChunkBroker
+for client in (policy, ActionChunkBroker(policy, action_horizon=4)):  # an error is never an action chunk
+    try:
+        client.infer({**obs, "state": np.zeros(3, np.float32)})
+    except RuntimeError as exc:
+        errors.append(str(exc))
+name = policy.get_server_metadata()["name"]
+print(json.dumps({"name": name, "actions": reply["actions"].tolist(), "errors": errors}))
 """
 
 
@@ -228,6 +236,7 @@ def test_real_openpi_client_with_api_key(policy):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["name"] == "fake"
     check_reply({"actions": np.asarray(out["actions"])}, 5, 4)
+    assert len(out["errors"]) == 2 and all("ObservationError" in e for e in out["errors"])
 
 
 GOOD = protocol.packb(make_obs(0, 1))
@@ -315,18 +324,23 @@ def test_bad_request_gets_error_reply_and_connection_keeps_serving(server, name)
     with raw_connect(server) as ws:
         ws.recv(timeout=5)  # handshake
         ws.send(payload)
-        reply = protocol.unpackb(ws.recv(timeout=5))
+        frame = ws.recv(timeout=5)
+        assert isinstance(frame, str)  # errors are text frames: openpi's client raises on them
+        reply = protocol.decode_reply(frame)
         assert set(reply) == {"error"}
         assert reply["error"]["type"] == err_type
         assert fragment in reply["error"]["message"]
-        assert ("traceback" in reply["error"]) == (name == "policy raises")
+        assert "traceback" not in reply["error"]  # only with send_traceback=True (`serve --debug`)
         ws.send(GOOD)  # same connection, next good request
         check_reply(protocol.unpackb(ws.recv(timeout=5)), 0, 1)
     assert server.num_errors == 1 and server.num_requests == 2
 
 
-def test_client_raises_server_errors_and_keeps_working(server):
-    with PolicyClient(port=server.port, timeout=5, connect_timeout=5) as client:
+def test_client_raises_server_errors_and_keeps_working(policy):
+    with (
+        PolicyServer(policy, send_traceback=True).start() as server,
+        PolicyClient(port=server.port, timeout=5, connect_timeout=5) as client,
+    ):
         with pytest.raises(PolicyServerError) as info:
             client.infer(make_obs(state=np.zeros(3, np.float32)))
         assert info.value.type == "ObservationError" and "expected shape (4,)" in info.value.message
@@ -732,3 +746,282 @@ class SessionWrapped:
         out = self.inner.infer(obs)
         out["rows"] = len(obs["sensor_timestamps"])
         return out
+
+
+# --- issue 19: bounded decoding off the event loop, memory bounds, auth, openpi errors, shutdown -------------
+
+
+class CheckingPolicy(FakePolicy):
+    """FakePolicy with a pre-queue `check_request` that holds requests saying "hold in check" until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_check = threading.Semaphore(0)  # released once per request that reached the hold
+        self.let_check_go = threading.Event()
+
+    def check_request(self, obs):
+        if obs["instruction"] == "hold in check":
+            self.in_check.release()
+            assert self.let_check_go.wait(timeout=60), "the test never released the held check"
+        return obs
+
+
+def test_validation_runs_off_the_event_loop_so_other_clients_are_served():
+    """While one request sits in decoding/validation, a second client connects, is served and /healthz answers.
+    Ordering, not timing: the held request is released only after the others completed."""
+    policy = CheckingPolicy()
+    with PolicyServer(policy).start() as srv:
+        held = PolicyClient(port=srv.port, timeout=60, connect_timeout=5).connect()
+        replies: list = []
+        thread = threading.Thread(
+            target=lambda: replies.append(held.infer(make_obs(1, 1, instruction="hold in check")))
+        )
+        thread.start()
+        assert policy.in_check.acquire(timeout=30)  # the first request is inside check_request now
+        with PolicyClient(port=srv.port, timeout=30, connect_timeout=5) as other:
+            check_reply(other.infer(make_obs(2, 2)), 2, 2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=30) as resp:
+            assert resp.status == 200
+        assert not replies and policy.calls == 1  # ...and the held one is still held
+        policy.let_check_go.set()
+        thread.join(timeout=30)
+        check_reply(replies[0], 1, 1)
+        held.close()
+
+
+def test_msgpack_decoding_runs_off_the_event_loop(monkeypatch):
+    """The decoder itself (not only the checks) runs on a decode thread: a frame held inside `unpackb` does not
+    stop another client's request."""
+    policy = FakePolicy()
+    marker = protocol.packb(make_obs(9, 9, instruction="held in the decoder"))
+    entered, go = threading.Event(), threading.Event()
+    real_unpackb = protocol.unpackb
+
+    def slow_unpackb(data, limits=None):
+        if data == marker:
+            entered.set()
+            assert go.wait(timeout=60)
+        return real_unpackb(data, limits)
+
+    monkeypatch.setattr(protocol, "unpackb", slow_unpackb)
+    with PolicyServer(policy).start() as srv, raw_connect(srv) as ws:
+        ws.recv(timeout=5)
+        ws.send(marker)
+        assert entered.wait(timeout=30)
+        with PolicyClient(port=srv.port, timeout=30, connect_timeout=5) as other:
+            check_reply(other.infer(make_obs(3, 3)), 3, 3)
+        go.set()
+        check_reply(protocol.decode_reply(ws.recv(timeout=30)), 9, 9)
+
+
+def _header_only(kind: str, n: int) -> bytes:
+    """A msgpack frame that announces n elements (or bytes) and holds almost none: the decoder must refuse it
+    at the header."""
+    head = {"map": b"\xdf", "array": b"\xdd", "str": b"\xdb"}[kind]
+    return head + n.to_bytes(4, "big") + b"\x00" * 16
+
+
+HOSTILE_FRAMES = {
+    # the measured cases of issue 19, built small where the header alone is the attack
+    "1,000,000 unknown keys": (lambda: _header_only("map", 1_000_000), "max_map_len=64"),
+    "200,000 real unknown keys": (
+        lambda: protocol.packb({**make_obs(), **{f"k{i}": 0 for i in range(200_000)}}),
+        "max_map_len=64",
+    ),
+    "1M-character key (sent)": (lambda: protocol.packb({**make_obs(), "k" * 1_000_000: 1}), "max_str_len="),
+    "30M-int state list": (lambda: protocol.packb({**make_obs(), "state": _Header(30_000_000)}), "max_array_len="),
+    "nested small lists": (
+        lambda: protocol.packb({**make_obs(), "state": [[0]] * 12_000}),
+        "max_items=",
+    ),
+}
+
+
+class _Header:
+    """Packs as the header of an n-element int list followed by a few elements (protocol.packb's default hook
+    cannot express this, so the frame is patched after packing)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+def _pack_hostile(name: str) -> bytes:
+    build, _ = HOSTILE_FRAMES[name]
+    if name == "30M-int state list":
+        base = protocol.packb({**make_obs(), "state": "PLACEHOLDER"})
+        return base.replace(b"\xabPLACEHOLDER", b"\xdd" + (30_000_000).to_bytes(4, "big") + b"\x01" * 64)
+    return build()
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_FRAMES))
+def test_hostile_frames_are_refused_at_the_header_with_a_bounded_reply(name):
+    policy = FakePolicy()
+    with PolicyServer(policy, max_message_bytes=32 * 2**20).start() as srv, raw_connect(srv, max_size=None) as ws:
+        ws.recv(timeout=5)
+        ws.send(_pack_hostile(name))
+        frame = ws.recv(timeout=60)
+        reply = protocol.decode_reply(frame)
+        assert reply["error"]["type"] == "LimitExceeded", reply
+        assert HOSTILE_FRAMES[name][1] in reply["error"]["message"]
+        assert len(frame) < 2000  # the reply never echoes what was sent
+        ws.send(GOOD)
+        check_reply(protocol.decode_reply(ws.recv(timeout=30)), 0, 1)
+    assert policy.calls == 1
+
+
+def test_inflight_budget_unit():
+    from sensorvla.serving.server import InflightBudget
+
+    budget = InflightBudget(100)
+    assert budget.try_acquire(60) and not budget.try_acquire(41) and budget.try_acquire(40)
+    assert budget.in_use == 100 and budget.peak == 100
+    budget.release(60)
+    assert budget.try_acquire(60) and budget.in_use == 100
+    budget.release(100)
+    with pytest.raises(RuntimeError, match="released more bytes"):
+        budget.release(1)
+    with pytest.raises(ValueError, match="max_inflight_bytes=10 must be >= max_message_bytes=20"):
+        PolicyServer(FakePolicy(), max_message_bytes=20, max_inflight_bytes=10)
+
+
+def test_frames_beyond_the_inflight_budget_are_refused_busy_and_the_budget_returns_to_zero():
+    """Two frames held in validation fill the budget; a third is answered Busy naming the budget at once (without
+    being decoded); after the release every byte is returned and a retry succeeds."""
+    policy = CheckingPolicy()
+    frame = len(protocol.packb(make_obs(1, 1, instruction="hold in check")))
+    budget = 2 * frame + frame // 2
+    with PolicyServer(policy, max_message_bytes=budget, max_inflight_bytes=budget, decode_workers=2).start() as srv:
+        clients = [PolicyClient(port=srv.port, timeout=60, connect_timeout=5).connect() for _ in range(2)]
+        replies: dict[int, Any] = {}
+        threads = [
+            threading.Thread(
+                target=lambda i=i, c=c: replies.update({i: c.infer(make_obs(i, 1, instruction="hold in check"))})
+            )
+            for i, c in enumerate(clients)
+        ]
+        for t in threads:
+            t.start()
+        assert policy.in_check.acquire(timeout=30) and policy.in_check.acquire(timeout=30)  # both held
+        assert srv.budget.in_use == 2 * frame
+        with PolicyClient(port=srv.port, timeout=30, connect_timeout=5) as third:
+            with pytest.raises(PolicyServerError) as info:
+                third.infer(make_obs(3, 3, instruction="hold in check"))
+            assert info.value.type == "Busy" and f"max_inflight_bytes={2 * frame + frame // 2}" in info.value.message
+            policy.let_check_go.set()
+            for t in threads:
+                t.join(timeout=30)
+            check_reply(third.infer(make_obs(3, 4)), 3, 4)
+        assert sorted(replies) == [0, 1] and srv.budget.in_use == 0 and srv.budget.peak == 2 * frame
+        for c in clients:
+            c.close()
+
+
+def test_connection_cap_refuses_with_a_named_503_and_frees_on_close():
+    with PolicyServer(FakePolicy(), max_connections=2).start() as srv:
+        a = PolicyClient(port=srv.port, timeout=5, connect_timeout=5).connect()
+        b = PolicyClient(port=srv.port, timeout=5, connect_timeout=5).connect()
+        with pytest.raises(PolicyServerError) as info:
+            PolicyClient(port=srv.port, timeout=5, connect_timeout=60).connect()  # refused at once, no retry loop
+        assert info.value.type == "TooManyConnections" and "max_connections=2" in info.value.message
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=5) as resp:
+            assert resp.status == 200  # health checks are never capped
+        a.close()
+        wait_for(lambda: len(srv._connections) == 1)  # noqa: SLF001 - the handler has ended
+        with PolicyClient(port=srv.port, timeout=5, connect_timeout=5) as c:
+            check_reply(c.infer(make_obs(1, 1)), 1, 1)
+        check_reply(b.infer(make_obs(2, 2)), 2, 2)
+        b.close()
+        assert srv.num_refused_connections == 1
+
+
+def test_auth_scheme_is_case_insensitive():
+    with PolicyServer(FakePolicy(), token="s3cret").start() as srv:
+        for header in ("bearer s3cret", "BEARER s3cret", "api-key s3cret", "API-KEY s3cret", "Bearer   s3cret "):
+            with connect(
+                f"ws://127.0.0.1:{srv.port}", proxy=None, open_timeout=5, additional_headers={"Authorization": header}
+            ) as ws:
+                assert protocol.unpackb(ws.recv(timeout=5))["name"] == "fake", header
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failed_tokens_are_rate_limited_per_peer_with_bounded_memory():
+    from sensorvla.serving.server import AuthLimiter
+
+    clock = FakeClock()
+    limiter = AuthLimiter(max_failures=3, lockout_s=30.0, clock=clock)
+    with PolicyServer(FakePolicy(), token="s3cret", auth_limiter=limiter).start() as srv:
+        for _ in range(3):
+            with pytest.raises(PolicyServerError, match="Unauthorized"):
+                PolicyClient(port=srv.port, token="guess", connect_timeout=5).connect()
+        with pytest.raises(PolicyServerError) as info:  # locked out: even the right token waits
+            PolicyClient(port=srv.port, token="s3cret", connect_timeout=60).connect()
+        assert info.value.type == "RateLimited" and "retry in 30 s" in info.value.message
+        clock.now += 31.0
+        with PolicyClient(port=srv.port, token="s3cret", timeout=5, connect_timeout=5) as ok:
+            check_reply(ok.infer(make_obs(1, 1)), 1, 1)
+        assert len(limiter) == 0  # a success forgets the failures
+    small = AuthLimiter(max_failures=3, max_peers=4, clock=clock)
+    for i in range(100):
+        small.failed(f"10.0.0.{i}")
+    assert len(small) == 4 and small.retry_after("10.0.0.0") == 0  # bounded: the oldest peers are forgotten
+
+
+def test_exposure_warning_for_a_network_bind_without_a_token(caplog):
+    from sensorvla.serving.server import exposure_warning
+
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
+    assert exposure_warning("localhost", None) is None and exposure_warning("0.0.0.0", "t") is None
+    assert "--token" in exposure_warning("0.0.0.0", None) and "--token" in exposure_warning("192.168.1.5", None)
+    caplog.set_level(logging.WARNING, logger="sensorvla.serving.server")
+    with PolicyServer(FakePolicy(), host="0.0.0.0").start():
+        pass
+    assert any("without a token" in r.getMessage() for r in caplog.records)
+
+
+def test_errors_reach_an_openpi_style_client_as_errors_and_ours_as_named_errors():
+    """openpi's `WebsocketClientPolicy.infer` raises on a str reply: errors are text frames, so an error can never
+    be taken for an action chunk (by `infer` or `ActionChunkBroker`); `PolicyClient` still gets type and message."""
+    with PolicyServer(FakePolicy()).start() as srv:
+        with openpi_style_connect(srv.port, None) as ws:
+            protocol.unpackb(ws.recv(timeout=5))
+            ws.send(protocol.packb(make_obs(state=np.zeros(3, np.float32))))
+            response = ws.recv(timeout=5)
+            assert isinstance(response, str)  # what openpi's client raises RuntimeError on
+            assert '"ObservationError"' in response and "expected shape (4,)" in response
+            ws.send(protocol.packb(make_obs(2, 3)))
+            response = ws.recv(timeout=5)
+            assert isinstance(response, bytes)
+            check_reply(protocol.unpackb(response), 2, 3)
+        with PolicyClient(port=srv.port, timeout=5, connect_timeout=5) as client:
+            with pytest.raises(PolicyServerError) as info:
+                client.infer(make_obs(state=np.zeros(3, np.float32)))
+            assert info.value.type == "ObservationError" and info.value.traceback is None
+
+
+def test_stop_does_not_wait_for_a_running_inference():
+    """A handler waiting for the model is cancelled at shutdown: the server stops (connections closed with 1001)
+    while the policy is still blocked."""
+    policy = FakePolicy()
+    srv = PolicyServer(policy).start()
+    ws = raw_connect(srv)
+    ws.recv(timeout=5)
+    ws.send(protocol.packb(make_obs(instruction="block")))
+    assert policy.started.wait(timeout=30)
+    thread = srv._thread  # noqa: SLF001
+    srv.stop(timeout=30)
+    try:
+        assert not thread.is_alive()  # the server thread has ended...
+        assert policy.active == 1  # ...while the inference is still running
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    finally:
+        policy.release.set()
+        ws.close()

@@ -1,14 +1,19 @@
 """Request checks before the model: bounded work (`RequestLimits`) and well-formed, finite inputs.
 
-`RequestChecker.check(obs)` is cheap (no model, no image processor) and stateless, so the server runs it
-on its event loop before a request is queued: a 2 M-character instruction or a 1x1 image is answered with
-an error at once instead of occupying the inference thread. Values are cast to the dtypes the model uses
-*before* the finiteness check (1e300 is finite in float64 but inf in float32).
+`RequestChecker.check(obs)` is cheap (no model, no image processor) and stateless, so the server runs it on a
+decode thread (never its event loop) before a request is queued: a 2 M-character instruction or a 1x1 image is
+answered with an error at once instead of occupying the inference thread. Values are cast to the dtypes the model uses
+*before* the finiteness check (1e300 is finite in float64 but inf in float32). An instruction holding one of the
+tokenizer's special tokens (`<|im_end|>`, `<|image_pad|>`, ...) is refused: inside the chat template it would act
+as a control token (end a turn, claim image slots). Sensor timestamps that cannot be on the query's clock in
+seconds (all after the query time, ~1000x off, or spaced wider than the whole trained window) are refused with
+the likely unit mistake named, instead of becoming a silently all-missing window.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +28,22 @@ __all__ = ["RequestLimits", "RequestChecker"]
 # Qwen2-VL's smart_resize refuses aspect ratios of 200 and more.
 MAX_ASPECT_RATIO = 200
 TOKEN_COUNT_CACHE = 256  # instructions whose token counts a checker remembers (only ones within the char bound)
+MS_RATIO = (100.0, 10_000.0)  # a ratio of clocks in this range is read as "one of them is in milliseconds"
+
+
+def control_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens (chat-template and vision control tokens such as `<|im_end|>`,
+    `<|image_pad|>`), longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(str(added.content))
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def _looks_like_ms(a: float, b: float) -> bool:
+    """a is about 1000x b (both positive): one clock in milliseconds, the other in seconds."""
+    return a > 0 and b > 0 and MS_RATIO[0] <= a / b <= MS_RATIO[1]
 
 
 @dataclass(frozen=True)
@@ -88,21 +109,30 @@ class RequestChecker:
         model: the checkpoint's model config (state size, sensor channels, number of views).
         views: the checkpoint's camera names in the model's view order (`data.views`), for the error messages.
         normalizer: its Normalizer (normalized state/sensor values must be finite too).
-        processor: the Qwen-VL processor (tokenizer for the token count, patch geometry for the minimum size).
+        processor: the Qwen-VL processor (tokenizer for the token count and its control tokens, patch geometry for
+            the minimum size).
         limits: the work bounds.
+        window: the checkpoint's `SensorWindow` (window length and gap tolerance) for the timestamp checks; None
+            skips the spacing check.
     """
 
-    def __init__(self, model: ModelConfig, views: Sequence[str], normalizer, processor, limits: RequestLimits):
+    def __init__(
+        self, model: ModelConfig, views: Sequence[str], normalizer, processor, limits: RequestLimits, window=None
+    ):
         self.model = model
         self.views = list(views)
         self.normalizer = normalizer
         self.limits = limits
         ip = processor.image_processor
         self.min_side = int(ip.patch_size) * int(getattr(ip, "merge_size", 1))
-        # A private copy: the server counts tokens on its event loop while the worker thread runs the
-        # processor, and a fast tokenizer must not be used from two threads when either changes settings.
+        # A private copy: the server counts tokens on its decode threads while the worker thread runs the
+        # processor, and a fast tokenizer must not be used from two threads when either changes settings (the
+        # decode threads share this copy: they only call `encode`, which changes none).
         self._tokenizer = copy.deepcopy(processor.tokenizer)
         self._token_counts: dict[str, int] = {}  # a robot repeats its instruction every call: count it once
+        self.window = window
+        specials = control_tokens(self._tokenizer)
+        self._control = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` without special tokens (remembered for the last `TOKEN_COUNT_CACHE` instructions)."""
@@ -144,15 +174,40 @@ class RequestChecker:
             out["state"] = state
         else:
             out["state"] = np.zeros(0, np.float32)
-        out["sensor"], out["sensor_timestamps"] = self._sensor(obs)
         t = obs.get("timestamp")
         if t is not None:
             t_arr = np.asarray(t)
             if t_arr.shape != () or t_arr.dtype.kind not in "iuf" or not np.isfinite(t_arr.astype(np.float64)):
                 raise ObservationError(f"'timestamp' must be one finite number (seconds), got {t!r}")
             t = float(t_arr)
+        out["sensor"], out["sensor_timestamps"] = self._sensor(obs)
+        self._check_clock(out["sensor_timestamps"], t)
         out["timestamp"] = t
         return out
+
+    def _check_clock(self, ts: np.ndarray, t: float | None) -> None:
+        """Refuse sensor timestamps that cannot be seconds on the query's clock (the window would be all missing)."""
+        if not len(ts):
+            return
+        reach = self.window.window_s + self.window.max_gap_s if self.window is not None else 0.0
+        if t is not None and ts[0] > t + reach and _looks_like_ms(float(ts[0]), t):
+            raise ObservationError(
+                f"all {len(ts)} sensor sample(s) are after the query time timestamp={t:.6f} (the first at "
+                f"{float(ts[0]):.6f}, about 1000x it): 'sensor_timestamps' look like milliseconds; send seconds"
+            )
+        if t is not None and t >= 1.0 and t - float(ts[-1]) > reach and _looks_like_ms(t, float(ts[-1])):
+            raise ObservationError(
+                f"'timestamp'={t:.3f} is about 1000x the newest sensor timestamp {float(ts[-1]):.6f}: the query time "
+                "looks like milliseconds and the sensor like seconds; send both in seconds on one clock"
+            )
+        if self.window is not None and len(ts) >= 2:
+            spacing = float(np.median(np.diff(ts)))
+            if spacing > self.window.window_s:
+                raise ObservationError(
+                    f"sensor samples are {spacing:.6g} apart (median), more than the whole trained window of "
+                    f"{self.window.window_s:.6g} s: no window can hold two of them. Are 'sensor_timestamps' in "
+                    "milliseconds? Send seconds"
+                )
 
     def _instruction(self, text: Any) -> str:
         if not isinstance(text, str):
@@ -164,6 +219,14 @@ class RequestChecker:
                 f"(max_instruction_tokens={lim.max_instruction_tokens}); send a shorter instruction or raise "
                 "`sensorvla serve --max-instruction-tokens`"
             )
+        if self._control is not None:
+            found = self._control.search(text)
+            if found:
+                raise ObservationError(
+                    f"'instruction' holds the tokenizer's special token {found.group()!r} (at character "
+                    f"{found.start()}): inside the chat template it would act as a control token, not as text. "
+                    "Remove it (special tokens such as <|im_end|>, <|image_pad|>, <|vision_start|> are refused)"
+                )
         n = self.count_tokens(text)
         if n > lim.max_instruction_tokens:
             raise LimitExceededError(

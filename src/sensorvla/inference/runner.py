@@ -24,14 +24,20 @@ import torch
 from sensorvla.data.timeline import SensorWindow
 from sensorvla.inference.checks import RequestChecker, RequestLimits
 from sensorvla.inference.sensor_history import SensorHistory
-from sensorvla.serving.protocol import NonFiniteOutputError
+from sensorvla.serving.protocol import NonFiniteOutputError, ObservationError
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("preprocess_ms", "vl_ms", "sensor_ms", "head_ms", "postprocess_ms")
 
+SENSOR_WINDOW_EMPTY = "SensorWindowEmpty"  # a reply warning: samples were received, none reaches this window
+
 # Fast-slow decisions, taken once per call from one clock read.
 COMPUTE, REUSE, REUSE_AND_REFRESH = "compute", "reuse", "reuse_and_refresh"
+
+
+class SensorClockError(ObservationError):
+    """Sensor timestamps that cannot be on the query's clock in seconds (the window would be all missing)."""
 
 
 class StaleFeaturesError(RuntimeError):
@@ -99,7 +105,7 @@ class PolicyRunner:
         self.window = SensorWindow.from_config(cfg.data, max_gap_s)  # the checkpoint's window (its config.json)
         self.max_gap_s = self.window.max_gap_s
         self.clock = clock
-        self.checker = RequestChecker(cfg.model, cfg.data.views, normalizer, processor, self.limits)
+        self.checker = RequestChecker(cfg.model, cfg.data.views, normalizer, processor, self.limits, self.window)
         self.vl_calls = 0  # VL encodes over all sessions
         self._count_lock = threading.Lock()
         # (VLFeatures, VL mask, fused VL projection, the head's Memory of it | None) of the last head step; replaced
@@ -168,18 +174,22 @@ class PolicyRunner:
 
     @property
     def observation_spec(self) -> dict[str, tuple[tuple[int | None, ...], str]]:
-        """The observation keys the runner accepts -> (shape with None for free sizes, dtype kind)."""
+        """The observation keys the runner accepts -> (shape with None for free sizes, dtype kind[, optional]).
+
+        `timestamp` may be left out (the newest sensor sample's time is used), and so may `sensor` with
+        `sensor_timestamps` (no new samples: the history, or the "missing" token, is used), so a vision-only
+        client sends images, state and instruction only."""
         m = self.cfg.model
-        spec: dict[str, tuple[tuple[int | None, ...], str]] = {
+        spec: dict[str, tuple] = {
             "images": ((m.num_views, None, None, 3), "uint8"),
             "instruction": ((), "U"),
-            "timestamp": ((), "f"),
+            "timestamp": ((), "f", True),
         }
         if m.state_dim:
             spec["state"] = ((m.state_dim,), "f")
-        if m.sensor.enabled:  # zero rows = no new sensor data (the history, or the "missing" token, is used)
-            spec["sensor"] = ((None, m.sensor.channels), "f")
-            spec["sensor_timestamps"] = ((None,), "f")
+        if m.sensor.enabled:
+            spec["sensor"] = ((None, m.sensor.channels), "f", True)
+            spec["sensor_timestamps"] = ((None,), "f", True)
         return spec
 
     def check_request(self, obs: dict[str, Any]) -> dict[str, Any]:
@@ -343,6 +353,7 @@ class RunnerSession:
             self._vl: tuple[Any, float] | None = None  # (VLFeatures, clock time of their images)
         self._calls = 0
         self.windows_with_gaps = 0
+        self.warnings: list[dict[str, str]] = []  # of the last call (`SENSOR_WINDOW_EMPTY`)
         self.history.reset()
 
     def close(self) -> None:
@@ -373,6 +384,7 @@ class RunnerSession:
         added = None
         if m.sensor.enabled:
             self.history.check_time(t)  # before extend: a rejected request leaves the history unchanged
+            self._check_all_after(ts, t)
             added = self.history.extend(ts, sensor)
             window, mask = self.history.window(t)
         else:
@@ -380,6 +392,18 @@ class RunnerSession:
         missing = int((~mask).sum())
         if m.sensor.enabled and missing:
             self.windows_with_gaps += 1
+        self.warnings = []
+        newest = self.history.newest if self.history.newest is not None else (float(ts[-1]) if len(ts) else None)
+        if m.sensor.enabled and not mask.any() and newest is not None:  # samples arrived, none reaches this window
+            self.warnings.append(
+                {
+                    "type": SENSOR_WINDOW_EMPTY,
+                    "message": f"the sensor window ending at t={t:.6f} has no measured point: the newest "
+                    f"sample is at t={newest:.6f} ({t - newest:+.6g} s before the query), beyond the gap tolerance "
+                    f"of {self.history.max_gap_s:.6g} s; the policy used its 'missing' sensor token. Check that the "
+                    "sensor still streams and that 'timestamp' and 'sensor_timestamps' share one clock in seconds",
+                }
+            )
         info = {
             "new_samples": added.new if added else 0,
             "duplicate_samples": added.duplicates if added else 0,
@@ -390,6 +414,19 @@ class RunnerSession:
             "windows_with_gaps": self.windows_with_gaps,
         }
         return runner.sample_from_window(obs, obs["images"], window, mask), info
+
+    def _check_all_after(self, ts: np.ndarray, t: float) -> None:
+        """Refuse a request whose samples all come after its query time when nothing buffered reaches the window
+        either: the window would be all missing, and the usual cause is a clock or unit mistake."""
+        h = self.history
+        if not len(ts) or ts[0] <= t or h.count_between(t - h.keep_s, t):
+            return
+        raise SensorClockError(
+            f"all {len(ts)} sensor sample(s) of this request are after the query time timestamp={t:.6f} (the first "
+            f"at {float(ts[0]):.6f}, {float(ts[0]) - t:+.6g} s) and none buffered reaches the window ending at it: "
+            "the window would be all missing. Are 'sensor_timestamps' in milliseconds, or on another clock than "
+            "'timestamp'? Send both in seconds on one clock"
+        )
 
     # --- fast-slow ---------------------------------------------------------------------------------
     def _plan(self) -> tuple[str, tuple | None, float]:
@@ -421,7 +458,8 @@ class RunnerSession:
     # --- inference ---------------------------------------------------------------------------------
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Observation -> {"actions": float32 (H, D_a) in physical units, "actions_normalized", "timing",
-        "vl_age_s", "vl_fresh", "sensor_history": {...counters}}.
+        "vl_age_s", "vl_fresh", "sensor_history": {...counters}, "warnings": [{"type", "message"}]} (a warning
+        `SensorWindowEmpty` when samples were received but none reaches this window).
 
         Raises:
             LimitExceededError / ObservationError: a bad request (nothing is run, the history is unchanged).
@@ -474,4 +512,5 @@ class RunnerSession:
             "vl_age_s": float(age),
             "vl_fresh": decision == COMPUTE,
             "sensor_history": sensor_info,
+            "warnings": list(self.warnings),
         }

@@ -9,21 +9,22 @@ within `max_gap_s` is masked, never zero-filled as if measured).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from sensorvla.data.timeline import resample_window
-from sensorvla.serving.protocol import ObservationError
+from sensorvla.serving.protocol import LimitExceededError, ObservationError
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["SensorHistory", "SensorHistoryError", "ExtendResult"]
+__all__ = ["SensorHistory", "SensorHistoryError", "SensorHistoryFullError", "ExtendResult"]
 
 
 class SensorHistoryError(ObservationError):
     """Samples that contradict the buffered history (out of order, or a timestamp resent with other values)."""
+
+
+class SensorHistoryFullError(LimitExceededError):
+    """Samples that would take a connection's history past its capacity (nothing is added)."""
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,16 @@ class SensorHistory:
           timestamp, same values): it is a resent duplicate and is dropped; anything else is out of order
           and raises `SensorHistoryError`;
         - samples older than what the history still keeps (`window_s + max_gap_s` before the last query
-          time) are ignored: no later window can use them.
+          time) are ignored: no later window can use them;
+        - samples that would take the buffer past `capacity` are refused (`SensorHistoryFullError`, nothing is
+          added): the memory of a connection is bounded, and a window is never silently thinned.
 
     Args:
         channels: C_s.
         window_s: the trained window length W (`--data.sensor-window-s`).
         num_samples: the trained grid size T_s (`--data.sensor-samples`).
         max_gap_s: gap tolerance; the same value the dataset used in training.
-        capacity: most samples kept; the oldest are dropped first (memory bound per connection).
+        capacity: most samples kept (memory bound per connection: capacity x (4 C_s + 8) bytes).
     """
 
     def __init__(self, channels: int, window_s: float, num_samples: int, max_gap_s: float, capacity: int = 65536):
@@ -119,20 +122,21 @@ class SensorHistory:
                 )
             dup = int(overlap.sum())
         fresh_ts, fresh_vals = ts[~overlap], values[~overlap]
+        if self._ts.size + fresh_ts.size > self.capacity:
+            raise SensorHistoryFullError(
+                f"this connection's sensor history would hold {self._ts.size + fresh_ts.size} samples, over its "
+                f"capacity of {self.capacity} (`sensorvla serve --max-history-samples`); it keeps the samples a "
+                f"later window can use ({self.keep_s:.3g} s before the last query, and every sample after it): "
+                "query more often, send only samples up to the query time, or call reset()"
+            )
         if fresh_ts.size:
             self._ts = np.concatenate([self._ts, fresh_ts])
             self._values = np.concatenate([self._values, fresh_vals])
-            if self._ts.size > self.capacity:
-                drop = self._ts.size - self.capacity
-                logger.warning(
-                    "sensor history over capacity=%d: dropping the %d oldest sample(s); query more often or "
-                    "send fewer samples",
-                    self.capacity,
-                    drop,
-                )
-                self._horizon = max(self._horizon, float(self._ts[drop]))
-                self._ts, self._values = self._ts[drop:], self._values[drop:]
         return ExtendResult(new=int(fresh_ts.size), duplicates=dup, ignored_old=ignored)
+
+    def count_between(self, lo: float, hi: float) -> int:
+        """Buffered samples with lo <= timestamp <= hi."""
+        return int(np.searchsorted(self._ts, hi, side="right") - np.searchsorted(self._ts, lo, side="left"))
 
     def check_time(self, t: float) -> None:
         """Raise `SensorHistoryError` when query time t is earlier than the previous query."""

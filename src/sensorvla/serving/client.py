@@ -175,8 +175,10 @@ class PolicyClient:
             ...}`.
 
         Raises:
-            PolicyServerError: the server answered with an error (`.type`, `.message`), or the request
-                is over the server's `max_message_bytes` (`.type == "MessageTooLarge"`, nothing sent).
+            PolicyServerError: the server answered with an error (`.type`, `.message`; the server sends errors
+                as text frames of JSON, which openpi's client raises on too), or the request is over the
+                server's `max_message_bytes` (`.type == "MessageTooLarge"`, nothing sent), or the server refused
+                the connection (`TooManyConnections`, `RateLimited`, `Unauthorized`).
             PolicyConnectionError: no server, or the connection dropped.
             TimeoutError: no reply within `timeout` (the connection is closed so no late reply can be
                 mistaken for the next one).
@@ -230,9 +232,8 @@ class PolicyClient:
                         protocol.MESSAGE_TOO_LARGE, f"the server closed the connection: {exc.rcvd}"
                     ) from None
                 raise PolicyConnectionError(f"connection to {self.uri} closed during a request: {exc}") from exc
-        if isinstance(response, str):  # openpi servers send a traceback as a text frame on failure
-            raise PolicyServerError(protocol.INTERNAL_ERROR, response)
-        return protocol.raise_if_error(protocol.unpackb(response))
+        # errors come as text frames: ours hold JSON (type, message), an openpi server's a traceback
+        return protocol.raise_if_error(protocol.decode_reply(response))
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -284,6 +285,11 @@ class PolicyClient:
                         f"{self.uri} rejected the connection (HTTP {status}); pass the token the server was "
                         "started with (`sensorvla serve --token`) as PolicyClient(token=...)",
                     ) from None
+                if status in (429, 503):  # failed-token lockout / connection cap: named, not retried
+                    body = (exc.response.body or b"").decode("utf-8", "replace").strip()
+                    kind = protocol.RATE_LIMITED if status == 429 else protocol.TOO_MANY_CONNECTIONS
+                    message = f"{self.uri} refused the connection (HTTP {status}): {body}"
+                    raise PolicyServerError(kind, message) from None
                 last: Exception = exc
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 last = exc

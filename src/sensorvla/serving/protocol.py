@@ -8,7 +8,9 @@ Imports only numpy and msgpack: the robot-side client depends on this module.
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,8 @@ UNAUTHORIZED = "Unauthorized"
 LIMIT_EXCEEDED = "LimitExceeded"  # a request over a work bound (instruction tokens, pixels, sensor samples)
 BUSY = "Busy"  # the server's request queue is full; answered at once, retry later
 NON_FINITE_OUTPUT = "NonFiniteOutput"  # the model produced NaN/inf actions; none are sent
+TOO_MANY_CONNECTIONS = "TooManyConnections"  # HTTP 503 before the upgrade: the server is at --max-connections
+RATE_LIMITED = "RateLimited"  # HTTP 429: too many failed tokens from this address; wait and retry
 
 # Control messages: a request map whose only key is CONTROL_KEY. `{"__control__": "reset"}` clears the
 # connection's episode state (VL features, sensor history) and is answered `{"control": "reset", "ok": True}`.
@@ -46,8 +50,52 @@ _ND = (b"__ndarray__", "__ndarray__")
 _NG = (b"__npgeneric__", "__npgeneric__")
 _DECODABLE_KINDS = frozenset("biufcUS")  # never "O" (objects) or "V" (raw/structured)
 
-# key -> (shape with None wildcards, or None for any shape; dtype kind "f"/"u"/... or an exact dtype name)
-ObservationSpec = dict[str, tuple[tuple[int | None, ...] | None, str]]
+# key -> (shape with None wildcards, or None for any shape; dtype kind "f"/"u"/... or an exact dtype name), plus
+# a third element True for a key the client may leave out (e.g. `timestamp`, or `sensor` for a client without one)
+ObservationSpec = dict[str, tuple[Any, ...]]
+
+# Error replies travel as text frames holding this JSON: openpi's `WebsocketClientPolicy.infer` raises on a str
+# reply (its own server sends a traceback as text), so an error can never be taken for an action chunk; our
+# `PolicyClient` parses the JSON back into a `PolicyServerError`. Binary frames carry only real replies.
+ERROR_TEXT_MAX_CHARS = 16_384  # an error message is cut to this many characters (a hostile key cannot bloat it)
+_HINT_KEYS = 8  # unknown keys named (with a "did you mean" hint) in an error; the rest are counted
+_HINT_KEY_CHARS = 64  # longer unknown keys are shortened in the message and get no hint
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what one request frame may hold, checked by the msgpack decoder as it reads each header, before
+    any element is built (a 1,000,000-key map or a 30 M-character key is refused in microseconds).
+
+    Args:
+        max_map_len: keys in any one map (an observation, or an encoded array's 4 fields).
+        max_str_len: bytes in any one string (keys and the instruction).
+        max_array_len: elements of any one list.
+        max_items: list elements plus map entries in the whole frame (bounds the decoded size of nested lists,
+            whose Python objects are ~30x the bytes on the wire); numpy arrays count as one item.
+        max_bin_len: bytes of any one binary field (array data); None = no bound beyond the frame size.
+    """
+
+    max_map_len: int = 64
+    max_str_len: int = 256 * 1024
+    max_array_len: int = 1 << 14
+    max_items: int = 1 << 14
+    max_bin_len: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_map_len", "max_str_len", "max_array_len", "max_items"):
+            if int(getattr(self, name)) < 4:  # an encoded array is a map of 4 fields
+                raise ValueError(f"DecodeLimits.{name} must be >= 4, got {getattr(self, name)}")
+
+    def to_json(self) -> dict[str, int | None]:
+        """The bounds as a plain dict (sent in the server handshake)."""
+        return {
+            "max_map_len": self.max_map_len,
+            "max_str_len": self.max_str_len,
+            "max_array_len": self.max_array_len,
+            "max_items": self.max_items,
+            "max_bin_len": self.max_bin_len,
+        }
 
 
 @dataclass(frozen=True)
@@ -189,13 +237,65 @@ def _object_hook(obj: dict) -> Any:
     return obj
 
 
-def unpackb(data: bytes) -> Any:
+_MSGPACK_LIMIT = re.compile(r"^(\d+) exceeds max_(str|bin|array|map)_len\((\d+)\)$")
+_LIMIT_WHAT = {"str": "a string of {n} bytes", "bin": "a binary field of {n} bytes", "array": "a list of {n} elements",
+               "map": "a map of {n} keys"}  # fmt: skip
+
+
+def unpackb(data: bytes, limits: DecodeLimits | None = None) -> Any:
     """Inverse of `packb`; also decodes openpi messages. Arrays come back writable, C-contiguous.
 
+    Args:
+        limits: bounds checked while decoding (the server passes its `DecodeLimits`); None = only the size of
+            `data` bounds what it may hold (replies from a server the client chose to trust).
+
     Raises:
+        LimitExceededError: the frame holds more than `limits` allow (nothing past the offending header is built).
         ValueError: (or a msgpack exception) on a payload that is not valid msgpack-numpy.
     """
-    return msgpack.unpackb(data, object_hook=_object_hook, raw=False, strict_map_key=True)
+    if limits is None:
+        return msgpack.unpackb(data, object_hook=_object_hook, raw=False, strict_map_key=True)
+    items = 0
+
+    def count(n: int) -> None:
+        nonlocal items
+        items += n
+        if items > limits.max_items:
+            raise LimitExceededError(
+                f"the frame holds more than max_items={limits.max_items} list elements and map entries; send "
+                "numbers as numpy arrays (one item each), not as Python lists"
+            )
+
+    def object_hook(obj: dict) -> Any:
+        count(len(obj))
+        return _object_hook(obj)
+
+    def list_hook(obj: list) -> list:
+        count(len(obj))
+        return obj
+
+    try:
+        return msgpack.unpackb(
+            data,
+            object_hook=object_hook,
+            list_hook=list_hook,
+            raw=False,
+            strict_map_key=True,
+            max_map_len=limits.max_map_len,
+            max_str_len=limits.max_str_len,
+            max_array_len=limits.max_array_len,
+            max_bin_len=len(data) if limits.max_bin_len is None else limits.max_bin_len,
+            max_ext_len=0,
+        )
+    except ValueError as exc:
+        match = _MSGPACK_LIMIT.match(str(exc))
+        if match is None:
+            raise
+        n, kind, bound = match.groups()
+        raise LimitExceededError(
+            f"the frame holds {_LIMIT_WHAT[kind].format(n=n)}, over the server's decode bound max_{kind}_len={bound} "
+            "(refused before decoding it); an observation is a small map of arrays, a str instruction and numbers"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -207,6 +307,29 @@ def make_error(type: str, message: str, traceback: str | None = None) -> dict[st
     if traceback:
         err["traceback"] = traceback
     return {"error": err}
+
+
+def error_text(type: str, message: str, traceback: str | None = None) -> str:  # noqa: A002
+    """An error reply as the text frame the server sends: the JSON of `make_error` (message cut to
+    `ERROR_TEXT_MAX_CHARS`). openpi's client raises `RuntimeError` on any text frame; `decode_reply` parses it."""
+    if len(message) > ERROR_TEXT_MAX_CHARS:
+        message = message[:ERROR_TEXT_MAX_CHARS] + f"... [{len(message) - ERROR_TEXT_MAX_CHARS} more characters]"
+    return json.dumps(make_error(type, message, traceback), ensure_ascii=False)
+
+
+def decode_reply(frame: bytes | str) -> Any:
+    """A server frame -> the reply map: binary frames are msgpack-numpy, text frames are errors (ours, JSON from
+    `error_text`, come back as `{"error": {...}}`; anything else, e.g. an openpi server's traceback, as an
+    `InternalError` holding the text)."""
+    if isinstance(frame, bytes | bytearray | memoryview):
+        return unpackb(bytes(frame))
+    try:
+        reply = json.loads(frame)
+    except ValueError:
+        reply = None
+    if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
+        return reply
+    return make_error(INTERNAL_ERROR, frame)
 
 
 def control_command(msg: Any) -> str | None:
@@ -248,15 +371,27 @@ def raise_if_error(reply: Any) -> dict[str, Any]:
 
 
 def spec_to_json(spec: ObservationSpec) -> dict[str, dict[str, Any]]:
-    """Observation spec -> `{key: {"shape": [..., None], "dtype": kind}}` for the handshake."""
-    return {
-        key: {"shape": None if shape is None else list(shape), "dtype": dtype} for key, (shape, dtype) in spec.items()
-    }
+    """Observation spec -> `{key: {"shape": [..., None], "dtype": kind[, "optional": True]}}` for the handshake."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, (shape, dtype, *optional) in spec.items():
+        out[key] = {"shape": None if shape is None else list(shape), "dtype": dtype}
+        if optional and optional[0]:
+            out[key]["optional"] = True
+    return out
 
 
 def spec_from_json(data: Mapping[str, Mapping[str, Any]]) -> ObservationSpec:
     """Inverse of `spec_to_json`."""
-    return {key: (None if v["shape"] is None else tuple(v["shape"]), str(v["dtype"])) for key, v in data.items()}
+    out: ObservationSpec = {}
+    for key, v in data.items():
+        shape = None if v["shape"] is None else tuple(v["shape"])
+        out[key] = (shape, str(v["dtype"]), True) if v.get("optional") else (shape, str(v["dtype"]))
+    return out
+
+
+def is_optional(entry: tuple[Any, ...]) -> bool:
+    """Whether a spec entry `(shape, dtype[, optional])` may be left out of an observation."""
+    return len(entry) > 2 and bool(entry[2])
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -271,9 +406,11 @@ def check_spec(spec: Mapping[str, Any]) -> ObservationSpec:
     out: ObservationSpec = {}
     for key, entry in spec.items():
         try:
-            shape, dtype = entry
+            shape, dtype, *rest = entry
         except (TypeError, ValueError):
-            raise ValueError(f"observation_spec[{key!r}] must be (shape, dtype), got {entry!r}") from None
+            raise ValueError(f"observation_spec[{key!r}] must be (shape, dtype[, optional]), got {entry!r}") from None
+        if len(rest) > 1 or (rest and not isinstance(rest[0], bool)):
+            raise ValueError(f"observation_spec[{key!r}]: the third element must be a bool (optional), got {rest}")
         if shape is not None and (
             not isinstance(shape, tuple | list) or not all(s is None or (isinstance(s, int) and s >= 0) for s in shape)
         ):
@@ -288,8 +425,25 @@ def check_spec(spec: Mapping[str, Any]) -> ObservationSpec:
                 np.dtype(dtype)
             except TypeError:
                 raise ValueError(f"observation_spec[{key!r}]: {dtype!r} is not a numpy dtype") from None
-        out[str(key)] = (None if shape is None else tuple(shape), dtype)
+        shape = None if shape is None else tuple(shape)
+        out[str(key)] = (shape, dtype, True) if rest and rest[0] else (shape, dtype)
     return out
+
+
+def _unknown_keys_hint(extra: list[Any], spec: ObservationSpec) -> str:
+    """The unknown keys for an error message: at most `_HINT_KEYS` named (shortened), a "did you mean" only for
+    short ones, the rest counted, so the work and the message stay bounded whatever the request holds."""
+    hints = []
+    for k in extra[:_HINT_KEYS]:
+        text = str(k)
+        if len(text) > _HINT_KEY_CHARS:
+            hints.append(f"{text[:_HINT_KEY_CHARS]!r}... ({len(text)} characters)")
+            continue
+        close = difflib.get_close_matches(text, list(spec), n=1)
+        hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+    if len(extra) > _HINT_KEYS:
+        hints.append(f"and {len(extra) - _HINT_KEYS} more")
+    return ", ".join(hints)
 
 
 def _fmt_shape(shape: tuple[int | None, ...]) -> str:
@@ -318,21 +472,22 @@ def validate_observation(obs: Any, spec: ObservationSpec, allow_extra_keys: bool
     """
     if not isinstance(obs, dict):
         raise ObservationError(f"an observation must be a map of key -> value, got {type(obs).__name__}")
-    missing = [k for k in spec if k not in obs]
+    missing = [k for k, entry in spec.items() if k not in obs and not is_optional(entry)]
     extra = [k for k in obs if k not in spec]
     problems = []
     if missing:
         problems.append(f"missing observation key(s) {missing}")
     if extra and not allow_extra_keys:
-        hints = []
-        for k in extra:
-            close = difflib.get_close_matches(str(k), list(spec), n=1)
-            hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
-        problems.append(f"unexpected observation key(s) {', '.join(hints)}")
+        problems.append(f"unexpected observation key(s) {_unknown_keys_hint(extra, spec)}")
     if problems:
-        raise ObservationError("; ".join(problems) + f"; the policy expects exactly {sorted(spec)}")
+        required = sorted(k for k, entry in spec.items() if not is_optional(entry))
+        optional = sorted(k for k, entry in spec.items() if is_optional(entry))
+        also = f" and optionally {optional}" if optional else ""
+        raise ObservationError("; ".join(problems) + f"; the policy expects {required}{also}")
     out = dict(obs)
-    for key, (shape, want) in spec.items():
+    for key, (shape, want, *_) in spec.items():
+        if key not in obs:
+            continue
         value = obs[key]
         try:
             arr = value if isinstance(value, np.ndarray) else np.asarray(value)

@@ -1,9 +1,12 @@
 """Websocket policy server: a thin msgpack-numpy transport around any object with `infer(obs) -> dict`.
 
-It knows nothing about models. One worker thread runs `infer` (one model, one request at a time) while
-the asyncio loop keeps accepting, validating and answering; a bounded queue answers `Busy` when full.
-Per-connection state comes from the policy's optional `new_session()`. Same message shapes as openpi's
-server: a metadata handshake on connect, `{"actions", ..., "server_timing"}` replies, `/healthz` over HTTP.
+It knows nothing about models. One worker thread runs `infer` (one model, one request at a time); frames are
+decoded and validated on a small pool of decode threads, within bounds checked before any per-element work
+(`protocol.DecodeLimits`), so the asyncio loop only moves bytes and keeps every other client served. Memory is
+bounded by a global in-flight byte budget, a connection cap and the websocket message size; a bounded queue
+answers `Busy` when full. Per-connection state comes from the policy's optional `new_session()`. Same message
+shapes as openpi's server: a metadata handshake on connect, `{"actions", ..., "server_timing"}` replies, errors
+as text frames (openpi's client raises on them), `/healthz` over HTTP.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import asyncio
 import contextlib
 import hmac
 import http
+import ipaddress
 import itertools
 import logging
 import signal
 import threading
 import time
 import traceback
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -26,6 +32,7 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from sensorvla.serving import protocol
 
@@ -33,13 +40,107 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = protocol.DEFAULT_MAX_MESSAGE_BYTES
 DEFAULT_MAX_QUEUE = 8  # requests waiting or running at once, over all connections
+DEFAULT_MAX_CONNECTIONS = 16  # open websocket connections; more get HTTP 503 before the upgrade
+DEFAULT_INFLIGHT_MESSAGES = 4  # the default in-flight byte budget, in maximum-size messages
+DEFAULT_DECODE_WORKERS = 2  # threads that decode and validate frames (never the event loop)
+AUTH_MAX_FAILURES = 5  # failed tokens from one address before it is refused for AUTH_LOCKOUT_S
+AUTH_LOCKOUT_S = 30.0
+AUTH_TRACKED_PEERS = 4096  # addresses remembered by the failed-token limiter (the oldest are forgotten)
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """The warning for a server reachable beyond this machine without a token, else None."""
+    if token is not None:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host in LOOPBACK_NAMES
+    if loopback:
+        return None
+    return (
+        f"the policy server binds {host!r} without a token: anyone who can reach this port can send observations "
+        "and receive actions for the robot. Pass --token SECRET (clients: PolicyClient(token=...) / openpi "
+        "api_key=...) or bind 127.0.0.1"
+    )
+
+
+class InflightBudget:
+    """Bytes of request frames being decoded, validated or run, over all connections (touched on the event loop
+    only). A frame that does not fit is refused at once (`Busy`) and its bytes are released, so the decoded
+    copies and model inputs held at any moment stay within about twice the budget."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"the in-flight byte budget must be >= 1, got {limit}")
+        self.limit = int(limit)
+        self.in_use = 0
+        self.peak = 0
+
+    def try_acquire(self, n: int) -> bool:
+        """Reserve n bytes; False (nothing reserved) when they would exceed the budget."""
+        if self.in_use + n > self.limit:
+            return False
+        self.in_use += n
+        self.peak = max(self.peak, self.in_use)
+        return True
+
+    def release(self, n: int) -> None:
+        """Return n reserved bytes."""
+        self.in_use -= n
+        if self.in_use < 0:
+            raise RuntimeError("InflightBudget released more bytes than were reserved")
+
+
+class AuthLimiter:
+    """Failed tokens per peer address: after `max_failures` within `lockout_s`, the address is refused (HTTP 429)
+    until `lockout_s` after its last failure. Remembers at most `max_peers` addresses (least recent forgotten)."""
+
+    def __init__(
+        self,
+        max_failures: int = AUTH_MAX_FAILURES,
+        lockout_s: float = AUTH_LOCKOUT_S,
+        max_peers: int = AUTH_TRACKED_PEERS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_failures < 1 or lockout_s <= 0 or max_peers < 1:
+            raise ValueError("AuthLimiter needs max_failures >= 1, lockout_s > 0 and max_peers >= 1")
+        self.max_failures, self.lockout_s, self.max_peers, self.clock = max_failures, lockout_s, max_peers, clock
+        self._peers: OrderedDict[str, tuple[int, float]] = OrderedDict()  # peer -> (failures, last failure time)
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def retry_after(self, peer: str) -> float:
+        """Seconds until `peer` may try again (0: it may now)."""
+        entry = self._peers.get(peer)
+        if entry is None:
+            return 0.0
+        failures, last = entry
+        left = last + self.lockout_s - self.clock()
+        if left <= 0:
+            del self._peers[peer]  # the lockout or the counting window has passed
+            return 0.0
+        return left if failures >= self.max_failures else 0.0
+
+    def failed(self, peer: str) -> None:
+        """Count one failed token from `peer`."""
+        failures, _ = self._peers.pop(peer, (0, 0.0))
+        self._peers[peer] = (failures + 1, self.clock())
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
+
+    def succeeded(self, peer: str) -> None:
+        """Forget `peer`'s failures."""
+        self._peers.pop(peer, None)
 
 
 class Policy(Protocol):
     """What the server wraps (the real one is `sensorvla.inference.PolicyRunner`).
 
     Optional hooks, used when present:
-        check_request(obs) -> obs: cheap checks run on the event loop before queueing (raise an
+        check_request(obs) -> obs: cheap checks run on a decode thread before queueing (raise an
             `ObservationError`/`LimitExceededError` to reject without touching the model).
         new_session() -> object with `infer(obs)` and optionally `reset()`/`close()`: per-connection
             state (created on connect, reset by the `reset` control message, closed on disconnect).
@@ -65,31 +166,45 @@ class _RequestError(Exception):
 class PolicyServer:
     """Serve `policy` over a websocket with the openpi message shapes.
 
-    Protocol: on connect the server sends the handshake (the policy's `metadata` plus a `"protocol"`
-    entry with the observation spec and `max_message_bytes`). Each binary msgpack frame is one
-    observation; the reply is the policy's result plus `"server_timing": {"infer_ms", "queue_ms",
-    "total_ms"}`, or `{"error": {"type", "message"[, "traceback"]}}` for a bad request or a failing
-    policy, after which the connection keeps serving. Frames over `max_message_bytes` are rejected by
-    websockets itself (it closes that connection with code 1009 before buffering the whole frame, which
-    bounds memory); other connections and new ones are unaffected. `PolicyClient` checks the size before
-    sending and raises `PolicyServerError("MessageTooLarge")` instead. When `max_queue` requests are
-    already waiting or running, a new one is answered `{"error": {"type": "Busy"}}` at once. Replies never
-    carry NaN/inf actions: such a result becomes a `NonFiniteOutput` error. `{"__control__": "reset"}`
-    resets the connection's session.
+    Protocol: on connect the server sends the handshake (the policy's `metadata` plus a `"protocol"` entry with
+    the observation spec and the bounds below). Each binary msgpack frame is one observation; the reply is the
+    policy's result plus `"server_timing": {"infer_ms", "queue_ms", "total_ms"}` as a binary frame, or an error
+    as a text frame holding `{"error": {"type", "message"[, "traceback"]}}` JSON (`protocol.error_text`; openpi's
+    client raises on text frames, `PolicyClient` raises `PolicyServerError`), after which the connection keeps
+    serving. `{"__control__": "reset"}` resets the connection's session.
+
+    Bounds (each refusal is named; none grows memory without bound):
+        - a frame over `max_message_bytes`: websockets closes that connection with 1009 before buffering it;
+        - inside a frame, `decode_limits` (keys per map, string and list lengths, items in all): `LimitExceeded`,
+          checked by the decoder at each header, on a decode thread, never on the event loop;
+        - frames being decoded, validated or run hold at most `max_inflight_bytes`; one more is answered `Busy`;
+        - `max_queue` requests waiting or running: one more is answered `Busy`;
+        - `max_connections` open connections: one more gets HTTP 503 (`TooManyConnections`) before the upgrade;
+        - each connection buffers at most one unread frame (websockets' read queue high-water mark 0).
+    Replies never carry NaN/inf: such a result becomes a `NonFiniteOutput` error.
 
     Args:
         policy: object with `metadata`, `observation_spec` and `infer(obs) -> {"actions": (H, D_a), ...}`.
-        host: interface to bind; loopback by default (use "0.0.0.0" to reach it from the robot's network).
+        host: interface to bind; loopback by default ("0.0.0.0" reaches the robot's network; without a token the
+            server logs a warning).
         port: TCP port, 0 = any free port (read `.port` after `start()`).
-        token: shared secret; clients must send `Authorization: Bearer <token>`, `Authorization: Api-Key
-            <token>` (openpi-client's `api_key=`) or `?token=<token>`, else HTTP 401 and no handshake.
+        token: shared secret; clients must send `Authorization: Bearer <token>`, `Authorization: Api-Key <token>`
+            (openpi-client's `api_key=`; the scheme is case-insensitive) or `?token=<token>`, else HTTP 401 and
+            no handshake; `AUTH_MAX_FAILURES` failures from one address get HTTP 429 for `AUTH_LOCKOUT_S`.
             `/healthz` never needs it.
         max_message_bytes: largest accepted request frame.
         max_queue: requests waiting or running at once (all connections); more are answered `Busy`.
+        max_connections: open connections at once; more get HTTP 503.
+        max_inflight_bytes: bytes of frames being decoded or served at once (>= max_message_bytes); None =
+            `DEFAULT_INFLIGHT_MESSAGES` x max_message_bytes.
+        decode_limits: bounds inside one frame (`protocol.DecodeLimits`).
+        decode_workers: threads that decode and validate frames.
         allow_extra_keys: accept observation keys that the spec does not list (passed through).
-        send_traceback: include the server traceback in error replies for exceptions raised by the policy.
+        send_traceback: include the server traceback in error replies for exceptions raised by the policy (off by
+            default: a traceback tells a client about the server's code and paths; `sensorvla serve --debug`).
         log_every: log every n-th request at INFO (the others at DEBUG).
         ping_interval: websocket keepalive interval in seconds (None disables).
+        auth_limiter: the failed-token limiter (injectable for tests).
     """
 
     def __init__(
@@ -101,40 +216,33 @@ class PolicyServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         *,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_inflight_bytes: int | None = None,
+        decode_limits: protocol.DecodeLimits | None = None,
+        decode_workers: int = DEFAULT_DECODE_WORKERS,
         allow_extra_keys: bool = False,
-        send_traceback: bool = True,
+        send_traceback: bool = False,
         log_every: int = 1,
         ping_interval: float | None = 20.0,
+        auth_limiter: AuthLimiter | None = None,
     ):
-        if max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
-        if token is not None and not token:
-            raise ValueError("token must be a non-empty string or None (no authentication)")
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        inflight = _checked_bounds(max_message_bytes, token, max_queue, max_connections, max_inflight_bytes)
+        if decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
         self.policy = policy
         self.max_queue = max_queue
+        self.max_connections = max_connections
+        self.decode_limits = decode_limits or protocol.DecodeLimits()
+        self.decode_workers = decode_workers
         self.endpoint = protocol.Endpoint(host, port, token, max_message_bytes)  # port: the requested one (0: any)
         self.allow_extra_keys = allow_extra_keys
         self.send_traceback = send_traceback
         self.log_every = max(1, log_every)
         self.ping_interval = ping_interval
+        self.budget = InflightBudget(inflight)
+        self.auth_limiter = AuthLimiter() if auth_limiter is None else auth_limiter
         self._spec = protocol.check_spec(policy.observation_spec)
-        handshake = dict(policy.metadata)
-        if "protocol" in handshake:
-            raise ValueError("policy.metadata must not use the key 'protocol' (the server adds it)")
-        handshake["protocol"] = {
-            "name": protocol.PROTOCOL_NAME,
-            "version": protocol.PROTOCOL_VERSION,
-            "max_message_bytes": max_message_bytes,
-            "max_queue": max_queue,
-            "observation_spec": protocol.spec_to_json(self._spec),
-            "control": list(protocol.CONTROL_COMMANDS),
-        }
-        try:
-            self._handshake = protocol.packb(handshake)
-        except TypeError as exc:
-            raise TypeError(f"policy.metadata must be msgpack-serializable (JSON-like): {exc}") from None
+        self._handshake = self._build_handshake()
         self._bound_port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,7 +254,33 @@ class PolicyServer:
         self.num_requests = 0  # answered requests, errors included
         self.num_errors = 0
         self.num_busy = 0  # requests answered Busy (counted in num_errors too)
+        self.num_refused_connections = 0  # HTTP 503 (connection cap) and 429 (failed tokens)
         self._pending = 0  # requests waiting for or running in the worker (touched on the event loop only)
+        self._connections: set[ServerConnection] = set()  # admitted by _process_request, until their handler ends
+        self._handler_tasks: set[asyncio.Task] = set()
+        self._decode_pool: ThreadPoolExecutor | None = None
+
+    def _build_handshake(self) -> bytes:
+        """The packed handshake: the policy's metadata plus the `"protocol"` entry (spec and bounds)."""
+        handshake = dict(self.policy.metadata)
+        if "protocol" in handshake:
+            raise ValueError("policy.metadata must not use the key 'protocol' (the server adds it)")
+        handshake["protocol"] = {
+            "name": protocol.PROTOCOL_NAME,
+            "version": protocol.PROTOCOL_VERSION,
+            "max_message_bytes": self.endpoint.max_message_bytes,
+            "max_queue": self.max_queue,
+            "max_connections": self.max_connections,
+            "max_inflight_bytes": self.budget.limit,
+            "decode_limits": self.decode_limits.to_json(),
+            "errors": "text",  # error replies are text frames of JSON (protocol.error_text)
+            "observation_spec": protocol.spec_to_json(self._spec),
+            "control": list(protocol.CONTROL_COMMANDS),
+        }
+        try:
+            return protocol.packb(handshake)
+        except TypeError as exc:
+            raise TypeError(f"policy.metadata must be msgpack-serializable (JSON-like): {exc}") from None
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -226,6 +360,7 @@ class PolicyServer:
                     self._loop.add_signal_handler(sig, self._stop_event.set)
         # One worker = one model: requests from all connections are served one at a time, FIFO.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-infer")
+        self._decode_pool = ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="policy-decode")
         try:
             async with serve(
                 lambda ws: self._handler(ws, executor),
@@ -234,67 +369,103 @@ class PolicyServer:
                 process_request=self._process_request,
                 max_size=self.endpoint.max_message_bytes,
                 compression=None,  # arrays barely compress; deflate only costs latency
-                max_queue=4,  # backpressure: at most a few unread frames buffered per connection
+                max_queue=0,  # backpressure: stop reading a connection once one unread frame is buffered
                 ping_interval=self.ping_interval,
                 ping_timeout=self.ping_interval,
-                close_timeout=2,
+                close_timeout=1,
             ) as server:
                 self._bound_port = server.sockets[0].getsockname()[1]
                 logger.info(
-                    "policy server listening on ws://%s:%d (token %s, max message %d bytes)",
+                    "policy server listening on ws://%s:%d (token %s, max message %d bytes, in-flight budget %d "
+                    "bytes, max %d connections)",
                     self.host,
                     self._bound_port,
                     "required" if self.endpoint.token else "off",
                     self.endpoint.max_message_bytes,
+                    self.budget.limit,
+                    self.max_connections,
                 )
+                warning = exposure_warning(self.host, self.endpoint.token)
+                if warning:
+                    logger.warning(warning)
                 self._ready.set()
                 await self._stop_event.wait()
-                logger.info("policy server stopping")
+                logger.info("policy server stopping: closing %d connection(s)", len(self._handler_tasks))
+                # Close every connection with 1001 "going away" (each waits at most close_timeout for its peer),
+                # then cancel the handlers: one waiting for an inference would otherwise hold the shutdown until
+                # the model returns.
+                server.close(close_connections=False)
+                await asyncio.gather(
+                    *(c.close(1001, "server shutting down") for c in list(self._connections)), return_exceptions=True
+                )
+                for task in list(self._handler_tasks):
+                    task.cancel()
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
             self._loop = None
             self._stop_event = None
 
     # ------------------------------------------------------------------------------------- requests
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """HTTP hook before the websocket upgrade: `/healthz`, then the token check."""
+        """HTTP hook before the websocket upgrade: `/healthz`, the failed-token limit, the token, the connection cap."""
         url = urlsplit(request.path)
         if url.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok")
+        peer = str(connection.remote_address[0]) if connection.remote_address else "?"
         token = self.endpoint.token
-        if token is None:
-            return None
-        supplied = None
-        auth = request.headers.get("Authorization", "")
-        for scheme in ("Bearer ", "Api-Key "):  # Api-Key: openpi_client.WebsocketClientPolicy(api_key=...)
-            if auth.startswith(scheme):
-                supplied = auth[len(scheme) :].strip()
-                break
-        else:
-            supplied = (parse_qs(url.query).get("token") or [None])[0]
-        if supplied is None or not hmac.compare_digest(supplied.encode(), token.encode()):
-            logger.warning("rejected connection from %s: missing or wrong token", connection.remote_address)
+        if token is not None:
+            wait_s = self.auth_limiter.retry_after(peer)
+            if wait_s > 0:
+                self.num_refused_connections += 1
+                response = connection.respond(
+                    http.HTTPStatus.TOO_MANY_REQUESTS,
+                    f"{protocol.RATE_LIMITED}: too many failed tokens from {peer}; retry in {wait_s:.0f} s with the "
+                    "right token\n",
+                )
+                response.headers["Retry-After"] = str(max(1, round(wait_s)))
+                return response
+            supplied = _supplied_token(request.headers.get("Authorization", ""), url.query)
+            if supplied is None or not hmac.compare_digest(supplied.encode(), token.encode()):
+                self.auth_limiter.failed(peer)
+                logger.warning("rejected connection from %s: missing or wrong token", connection.remote_address)
+                return connection.respond(
+                    http.HTTPStatus.UNAUTHORIZED,
+                    "missing or wrong token: send 'Authorization: Bearer <token>' (PolicyClient(token=...)) or "
+                    "'Authorization: Api-Key <token>' (openpi_client api_key=...)\n",
+                )
+            self.auth_limiter.succeeded(peer)
+        self._connections = {c for c in self._connections if c.state is not State.CLOSED}  # failed handshakes
+        if len(self._connections) >= self.max_connections:
+            self.num_refused_connections += 1
+            logger.warning("refused connection from %s: max_connections=%d reached", peer, self.max_connections)
             return connection.respond(
-                http.HTTPStatus.UNAUTHORIZED,
-                "missing or wrong token: send 'Authorization: Bearer <token>' (PolicyClient(token=...)) or "
-                "'Authorization: Api-Key <token>' (openpi_client api_key=...)\n",
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"{protocol.TOO_MANY_CONNECTIONS}: the server has {len(self._connections)} open connections "
+                f"(max_connections={self.max_connections}); close one, or start the server with a larger "
+                "--max-connections\n",
             )
+        self._connections.add(connection)
         return None
 
     async def _handler(self, ws: ServerConnection, executor: ThreadPoolExecutor) -> None:
         conn = next(self._connection_ids)
         logger.info("connection %d from %s opened", conn, ws.remote_address)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handler_tasks.add(task)
         n = 0
         new_session = getattr(self.policy, "new_session", None)
         session = new_session() if callable(new_session) else self.policy
         try:
             await ws.send(self._handshake)
             while True:
-                message = await ws.recv()
+                message: bytes | str | None = await ws.recv()
                 t0 = time.perf_counter()
                 n += 1
                 reply = await self._answer(message, executor, session, conn, n, t0)
+                message = None  # the frame's bytes are released (the budget no longer counts them)
                 await ws.send(reply)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else (exc.sent.code if exc.sent is not None else None)
@@ -306,24 +477,43 @@ class PolicyServer:
                 )
             else:
                 logger.info("connection %d closed after %d request(s) (code %s)", conn, n, code)
+        except asyncio.CancelledError:
+            logger.info("connection %d closed by the server's shutdown after %d request(s)", conn, n)
         finally:
+            self._connections.discard(ws)
+            if task is not None:
+                self._handler_tasks.discard(task)
             close = getattr(session, "close", None) if session is not self.policy else None
             if callable(close):
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(close)
+                if self._stop_event is not None and self._stop_event.is_set():
+                    threading.Thread(target=close, name="session-close", daemon=True).start()  # never wait at exit
+                else:
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(close)
 
     async def _answer(
         self, message: str | bytes, executor: ThreadPoolExecutor, session: Any, conn: int, n: int, t0: float
-    ) -> bytes:
-        """One request -> the packed reply. Never raises for a bad request or a failing policy."""
+    ) -> bytes | str:
+        """One request -> the reply frame (bytes, or an error as text). Never raises for a bad request or a failing
+        policy."""
         rid = next(self._request_ids)
         self.num_requests += 1
+        size = len(message)
+        admitted = False
         try:
-            obs = self._decode_message(message)
-            command = protocol.control_command(obs)
+            if not self.budget.try_acquire(size):
+                self.num_busy += 1
+                raise _RequestError(
+                    protocol.BUSY,
+                    f"the server is decoding or serving {self.budget.in_use} bytes of requests; this {size}-byte "
+                    f"frame would exceed max_inflight_bytes={self.budget.limit}; retry shortly, or start the server "
+                    "with a larger --max-inflight-mb",
+                )
+            admitted = True
+            loop = asyncio.get_running_loop()
+            command, obs = await loop.run_in_executor(self._decode_pool, self._decode_and_check, message)
             if command is not None:
                 return await self._control(command, session, conn)
-            obs = self._validate(obs)
             if self._pending >= self.max_queue:
                 self.num_busy += 1
                 raise _RequestError(
@@ -331,7 +521,6 @@ class PolicyServer:
                     f"the server is busy: {self._pending} request(s) queued or running (max_queue="
                     f"{self.max_queue}); retry shortly, or start the server with a larger --max-queue",
                 )
-            loop = asyncio.get_running_loop()
             t_submit = time.perf_counter()
             self._pending += 1
             try:
@@ -354,14 +543,17 @@ class PolicyServer:
             self.num_errors += 1
             total_ms = (time.perf_counter() - t0) * 1e3
             logger.warning(
-                "request %d (conn %d #%d) -> %s: %s [%.1f ms]", rid, conn, n, err.type, err.message, total_ms
+                "request %d (conn %d #%d) -> %s: %.300s [%.1f ms]", rid, conn, n, err.type, err.message, total_ms
             )
-            tb = err.tb if self.send_traceback else None
-            return protocol.packb(protocol.make_error(err.type, err.message, tb))
+            return protocol.error_text(err.type, err.message, err.tb if self.send_traceback else None)
         except Exception as exc:  # a server bug must cost one request, not the connection
             self.num_errors += 1
             logger.exception("request %d (conn %d #%d): internal server error", rid, conn, n)
-            return protocol.packb(protocol.make_error(protocol.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+            tb = traceback.format_exc() if self.send_traceback else None
+            return protocol.error_text(protocol.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", tb)
+        finally:
+            if admitted:
+                self.budget.release(size)
         timing = reply["server_timing"]
         logger.log(
             logging.INFO if rid % self.log_every == 0 else logging.DEBUG,
@@ -380,7 +572,7 @@ class PolicyServer:
         if command != protocol.CONTROL_RESET:
             raise _RequestError(
                 protocol.INVALID_MESSAGE,
-                f"unknown control command {command!r}; the server knows {list(protocol.CONTROL_COMMANDS)}",
+                f"unknown control command {command[:64]!r}; the server knows {list(protocol.CONTROL_COMMANDS)}",
             )
         reset = getattr(session, "reset", None)
         if callable(reset):
@@ -391,6 +583,14 @@ class PolicyServer:
                 raise _RequestError(type(exc).__name__, str(exc) or repr(exc), traceback.format_exc()) from None
         logger.info("connection %d: session reset", conn)
         return protocol.packb({"control": command, "ok": True})
+
+    def _decode_and_check(self, message: str | bytes) -> tuple[str | None, dict[str, Any] | None]:
+        """On a decode thread: frame -> (control command, None) or (None, validated observation)."""
+        obs = self._decode_message(message)
+        command = protocol.control_command(obs)
+        if command is not None:
+            return command, None
+        return None, self._validate(obs)
 
     def _decode(self, message: str | bytes) -> dict[str, Any]:
         """Decode and validate one observation frame (no control messages)."""
@@ -403,7 +603,9 @@ class PolicyServer:
                 "got a text frame; send the observation as a binary frame of protocol.packb(obs)",
             )
         try:
-            obs = protocol.unpackb(message)
+            obs = protocol.unpackb(message, self.decode_limits)
+        except protocol.LimitExceededError as exc:
+            raise _RequestError(exc.error_type, str(exc)) from None
         except Exception as exc:  # msgpack raises several unrelated types on garbage input
             raise _RequestError(
                 protocol.INVALID_MESSAGE,
@@ -413,7 +615,7 @@ class PolicyServer:
         return obs
 
     def _validate(self, obs: Any) -> dict[str, Any]:
-        """Spec check, then the policy's own `check_request` (bounds, dtypes, finiteness) on the event loop."""
+        """Spec check, then the policy's own `check_request` (bounds, dtypes, finiteness), on a decode thread."""
         try:
             obs = protocol.validate_observation(obs, self._spec, allow_extra_keys=self.allow_extra_keys)
             check = getattr(self.policy, "check_request", None)
@@ -460,6 +662,36 @@ class PolicyServer:
                 f"the policy's result has NaN/inf at {bad}; no actions are sent (check the inputs' magnitudes)",
             )
         return dict(result)
+
+
+def _checked_bounds(
+    max_message_bytes: int, token: str | None, max_queue: int, max_connections: int, max_inflight_bytes: int | None
+) -> int:
+    """Validate the server's bounds; return the in-flight byte budget (its default filled in)."""
+    if max_message_bytes <= 0:
+        raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
+    if token is not None and not token:
+        raise ValueError("token must be a non-empty string or None (no authentication)")
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+    inflight = DEFAULT_INFLIGHT_MESSAGES * max_message_bytes if max_inflight_bytes is None else max_inflight_bytes
+    if inflight < max_message_bytes:
+        raise ValueError(
+            f"max_inflight_bytes={inflight} must be >= max_message_bytes={max_message_bytes} (else a maximum-size "
+            "frame could never be served)"
+        )
+    return inflight
+
+
+def _supplied_token(auth: str, query: str) -> str | None:
+    """The token a client sent: `Authorization: Bearer|Api-Key <token>` (scheme case-insensitive, RFC 7235) or
+    `?token=`; None when neither."""
+    scheme, _, value = auth.strip().partition(" ")
+    if scheme.lower() in ("bearer", "api-key") and value.strip():  # Api-Key: openpi_client(api_key=...)
+        return value.strip()
+    return (parse_qs(query).get("token") or [None])[0]
 
 
 def serve_forever(
