@@ -11,6 +11,9 @@ the dataset's clock), t_first, t_last. Episodes without a row have no data for t
 
 Kinds: "values" (a sensor, the full-rate state), "timing" (the capture time of each video frame, or the
 true time of each action row), "frames" (raw uint8 camera frames, the lossless option).
+
+Stream keys are identifiers (`sensorvla.io.check_name`); every `path` / `index` an info.json declares is
+resolved inside the dataset folder (`inside_dataset`), so a declaration can never read or write elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from sensorvla.data.types import DataError, Stream
+from sensorvla.io import UnsafePathError, check_name, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,27 @@ INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t
 NPY_FIX = (
     "the file is truncated or damaged: re-create the dataset or re-attach the stream (`sensorvla data add-sensor`)"
 )
+
+
+def inside_dataset(root: Path, rel: str, what: str, path: str | Path | None = None) -> Path:
+    """`root / rel`, refused with a DataError unless it resolves inside the dataset folder `root`."""
+    try:
+        return resolve_inside(root, rel, what)
+    except UnsafePathError as e:
+        raise DataError(
+            f"{e}: a dataset reads and writes only inside its folder",
+            path=str(path or Path(root) / "meta" / "info.json"),
+            fix="declare paths relative to the dataset folder, without '..' (re-attach the stream with "
+            "`sensorvla data add-sensor --overwrite`)",
+        ) from e
+
+
+def stream_key(key: str, path: str | Path) -> str:
+    """`key` when it is a valid stream name (an identifier); DataError naming what is allowed otherwise."""
+    try:
+        return check_name(key, "stream name")
+    except UnsafePathError as e:
+        raise DataError(str(e), path=str(path), fix="name streams with letters, digits, '_', '.', '-'") from e
 
 
 def open_npy(path: Path, *, episode: str | None = None, rows: int | None = None, mmap: bool = True) -> np.ndarray:
@@ -86,8 +111,19 @@ class SidecarStream:
 
     def files(self, e: int) -> tuple[Path, Path]:
         """(timestamps .npy, values .npy) files of episode `e`."""
-        stem = self.root / self.path.format(key=self.key, chunk_index=e // CHUNK_SIZE, episode_index=e)
-        return stem.with_name(stem.name + ".timestamps.npy"), stem.with_name(stem.name + ".values.npy")
+        try:
+            rel = self.path.format(key=self.key, chunk_index=e // CHUNK_SIZE, episode_index=e)
+        except (KeyError, IndexError, ValueError, AttributeError) as err:
+            raise DataError(
+                f"stream {self.key!r} declares the path template {self.path!r}, which cannot be filled ({err!r})",
+                path=str(self.root / "meta" / "info.json"),
+                fix=f"declare it as {PATH_TEMPLATE.replace('{key}', self.key)!r}",
+            ) from err
+        what = f"stream {self.key!r} path"
+        return (
+            inside_dataset(self.root, rel + ".timestamps.npy", what),
+            inside_dataset(self.root, rel + ".values.npy", what),
+        )
 
     def timestamps(self, e: int, name: str | None = None) -> np.ndarray:
         """(N,) float64 on the stream's own clock (memory-mapped)."""
@@ -142,13 +178,15 @@ def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -
     out: dict[str, SidecarStream] = {}
     info_path = str(root / "meta" / "info.json")
     for key, spec in declared.items():
-        if spec.get("kind") not in KINDS:
+        stream_key(key, info_path)
+        if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
             raise DataError(
-                f"sidecar stream {key!r} has kind {spec.get('kind')!r}; expected one of {KINDS}",
+                f"sidecar stream {key!r} is declared as {spec!r}; expected a kind of {KINDS}",
                 path=info_path,
                 fix="fix the declaration in meta/info.json or re-attach the stream",
             )
-        index_path = root / spec.get("index", INDEX_TEMPLATE.format(key=key))
+        index_rel = str(spec.get("index", INDEX_TEMPLATE.format(key=key)))
+        index_path = inside_dataset(root, index_rel, f"stream {key!r} index")
         if not index_path.is_file():
             raise DataError(
                 f"sidecar stream {key!r} is declared but its index is missing",
@@ -164,7 +202,7 @@ def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -
             shape=tuple(spec.get("shape", ())),
             dtype=spec.get("dtype", "float32"),
             rate_hz=spec.get("rate_hz"),
-            path=spec.get("path", PATH_TEMPLATE.replace("{key}", key)),
+            path=str(spec.get("path", PATH_TEMPLATE.replace("{key}", key))),
             extra=extra,
             index={int(r["episode_index"]): r for r in table},
         )
@@ -206,7 +244,8 @@ class StreamWriter:
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: choose one of {KINDS}")
         self.root, self.key, self.kind, self.rate_hz, self.extra = Path(root), key, kind, rate_hz, extra
-        self.folder = Path(folder) if folder is not None else self.root / STREAMS_DIR / key
+        stream_key(key, self.root)
+        self.folder = Path(folder) if folder is not None else inside_dataset(self.root, f"{STREAMS_DIR}/{key}", key)
         self.shape: tuple[int, ...] | None = () if kind == "timing" else None
         self.dtype = "float64" if kind == "timing" else None
         self.rows: list[dict[str, Any]] = []

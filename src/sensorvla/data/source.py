@@ -17,6 +17,7 @@ import numpy as np
 
 from sensorvla.data.format import DatasetMeta, column_array, load_meta, read_frames
 from sensorvla.data.layout import ACTION_KEY, CAMERA_PREFIX, STATE_KEY
+from sensorvla.data.sidecar import inside_dataset
 from sensorvla.data.types import DataError, EpisodeData, Stream
 from sensorvla.data.writer import check_finite
 
@@ -61,8 +62,7 @@ class ParquetImages:
             if data is None:
                 if not cell.get("path"):
                     raise OSError("neither bytes nor a path")
-                path = Path(cell["path"])
-                im = Image.open(path if path.is_absolute() else self.root / path)
+                im = Image.open(inside_dataset(self.root, str(cell["path"]), f"image path of {self.where}"))
             else:
                 im = Image.open(io.BytesIO(data))
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -210,11 +210,12 @@ class LeRobotSource:
         template = (
             self.meta.info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
         )
-        return self.meta.root / template.format(
+        rel = template.format(
             video_key=key,
             chunk_index=int(ep.get(f"videos/{key}/chunk_index", 0)),
             file_index=int(ep.get(f"videos/{key}/file_index", 0)),
         )
+        return inside_dataset(self.meta.root, rel, f"video of {key!r}")
 
     def row_times(self, e: int) -> tuple[np.ndarray, float]:
         """(own-clock action-row times (N,), clock offset): the sidecar's true times, else the parquet's."""
