@@ -162,3 +162,84 @@ def test_vl_cache_key_follows_dataset_content(tmp_path, monkeypatch):
     assert ka != kb
     cfg.data.dataset_dir = str(a)
     assert fingerprint_key(fingerprint(cfg, ids, "same_id")) == ka
+
+
+# --- issue 19: the sidecar is checked on read; stats check every episode and decode every video ---------------
+def _all_samples(root, **kw):
+    cfg = DataConfig(dataset_dir=str(root), val_fraction=0.0, test_fraction=0.0, **kw)
+    ds = EpisodeDataset(root, cfg, split="all")
+    for k in range(0, len(ds), 7):
+        ds[k]
+
+
+def _rewrite_index(root, key, scale):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / "streams" / key / "episodes.parquet"
+    t = pq.read_table(path)
+    for col in ("t_first", "t_last"):
+        k = t.schema.get_field_index(col)
+        t = t.set_column(k, col, pa.array(t.column(col).to_numpy() * scale))
+    pq.write_table(t, path)
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("nan timestamp", "timestamps hold NaN/inf (1 values; first at sample 40)"),
+        ("swapped timestamps", "not strictly increasing (sample 40"),
+        ("declared 650 Hz, data at 6500 Hz", "run at 65"),
+        ("timestamps in ms", "timestamps in milliseconds? they must be in seconds"),
+    ],
+)
+def test_sidecar_timestamps_are_checked_on_read(small_ds, case, needle):
+    path = sensor_file(small_ds, 2, 0)
+    ts = np.load(path)
+    if case == "nan timestamp":
+        ts[40] = np.nan
+    elif case == "swapped timestamps":
+        ts[40], ts[41] = ts[41], ts[40]
+    elif case == "timestamps in ms":
+        ts = ts * 1000.0
+        _rewrite_index(small_ds, "sensor", 1000.0)
+    else:  # 650 Hz declared, this episode's samples 10x as dense
+        ts = ts[0] + (ts - ts[0]) / 10.0
+    np.save(path, ts)
+    with pytest.raises(DataError) as ei:
+        _all_samples(small_ds)
+    msg = str(ei.value)
+    assert needle in msg and str(path) in msg and "Fix:" in msg, msg
+
+
+def test_a_video_with_damaged_bytes_inside_fails_the_stats(small_ds):
+    """2,000 random bytes inside an mp4 pass the header probe (and most samples); the stats decode every frame."""
+    video = sorted((small_ds / "videos").rglob("*.mp4"))[0]
+    raw = bytearray(video.read_bytes())
+    at = len(raw) * 2 // 3
+    raw[at : at + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    video.write_bytes(bytes(raw))
+    cfg = DataConfig(dataset_dir=str(small_ds), val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataError, match="does not decode completely") as ei:
+        compute_stats(small_ds, progress=False, data_cfg=cfg)
+    assert str(video) in str(ei.value) and "Fix:" in str(ei.value)
+
+
+def test_an_absurd_sensor_value_is_refused_not_averaged(small_ds):
+    _poke(sensor_file(small_ds, 1), 11, 3, 3e38)  # finite in float32; it would be the whole std
+    cfg = DataConfig(dataset_dir=str(small_ds), val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataError) as ei:
+        compute_stats(small_ds, progress=False, data_cfg=cfg)
+    msg = str(ei.value)
+    assert "absurd" in msg and "sample 11, column 3: 3e+38" in msg and load_meta(small_ds).episodes[1]["name"] in msg
+
+
+def test_nan_in_an_episode_outside_the_training_split_fails_the_stats(small_ds):
+    cfg = DataConfig(dataset_dir=str(small_ds), val_fraction=0.2, test_fraction=0.2, split_seed=1)
+    from sensorvla.data.dataset import split_episodes
+
+    held_out = split_episodes(5, 1, 0.2, 0.2)["val"][0]
+    _poke(sensor_file(small_ds, held_out), 5, 0, np.nan)
+    with pytest.raises(DataError) as ei:
+        compute_stats(small_ds, progress=False, data_cfg=cfg)
+    assert load_meta(small_ds).episodes[held_out]["name"] in str(ei.value) and "NaN/inf" in str(ei.value)

@@ -380,8 +380,10 @@ def compute_stats(
     actions (all frames), state (its stream), sensor (measured samples, after the sensor transform).
 
     Streams are read through memory maps, one episode at a time; moments and quantiles come from a
-    per-episode subsample of at most `max_rows_per_episode` rows (exact for small datasets). Every value
-    read is checked: a NaN/inf raises DataError naming the episode, stream, column and sample.
+    per-episode subsample of at most `max_rows_per_episode` rows (exact for small datasets). First every
+    episode of the dataset (any split) is checked and every video decoded (`LeRobotSource.check_all`): a
+    NaN/inf, a value beyond MAX_ABS, a bad clock or a damaged video raises DataError naming the episode,
+    stream, column and sample (or the file).
     """
     from tqdm.auto import tqdm
 
@@ -390,6 +392,7 @@ def compute_stats(
 
     data_cfg = _default_cfg(data_cfg)
     src = open_source(root, sensor_keys=data_cfg.sensor_keys, tolerance_s=data_cfg.timestamp_tolerance_s)
+    src.check_all(progress)  # every episode (not only the split's) and every video frame, before any stats
     meta = src.meta
     eps, _ = _split_info(len(meta.episodes), data_cfg, split)
     if not eps:

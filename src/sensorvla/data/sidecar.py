@@ -36,6 +36,7 @@ INDEX_TEMPLATE = STREAMS_DIR + "/{key}/episodes.parquet"
 CHUNK_SIZE = 1000  # episodes per chunk folder, as LeRobot's chunks_size
 KINDS = ("values", "timing", "frames")
 INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t_last")
+RATE_TOLERANCE = 0.25  # relative: an episode's median sample interval vs the declared rate_hz (x10 or ms are far off)
 NPY_FIX = (
     "the file is truncated or damaged: re-create the dataset or re-attach the stream (`sensorvla data add-sensor`)"
 )
@@ -95,6 +96,7 @@ class SidecarStream:
     path: str
     extra: dict[str, Any] = field(default_factory=dict)
     index: dict[int, dict[str, Any]] = field(default_factory=dict)  # episode_index -> index row
+    checked: set[int] = field(default_factory=set, repr=False)  # episodes whose timestamps passed their check
 
     @property
     def episodes(self) -> list[int]:
@@ -126,8 +128,55 @@ class SidecarStream:
         )
 
     def timestamps(self, e: int, name: str | None = None) -> np.ndarray:
-        """(N,) float64 on the stream's own clock (memory-mapped)."""
-        return open_npy(self.files(e)[0], episode=name, rows=int(self.index[e]["num_samples"]))
+        """(N,) float64 on the stream's own clock (memory-mapped), checked on the first read of each episode:
+        finite, strictly increasing (non-decreasing for a video's capture times, where a held frame repeats) and
+        at the declared `rate_hz` within RATE_TOLERANCE."""
+        ts = open_npy(self.files(e)[0], episode=name, rows=int(self.index[e]["num_samples"]))
+        if e not in self.checked:
+            self.check_timestamps(ts, e, name)
+            self.checked.add(e)
+        return ts
+
+    def check_timestamps(self, ts: np.ndarray, e: int, name: str | None = None) -> None:
+        """DataError naming the file, the episode, the sample and the fix unless `ts` is a valid clock."""
+        path = str(self.files(e)[0])
+        fix = f"re-attach it with timestamps in seconds (`sensorvla data add-sensor --name {self.key} --overwrite`)"
+        t = np.asarray(ts, np.float64)
+        bad = ~np.isfinite(t)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise DataError(
+                f"stream {self.key!r} timestamps hold NaN/inf ({int(bad.sum())} values; first at sample {k})",
+                episode=name,
+                path=path,
+                fix=fix,
+            )
+        held = self.kind == "timing" and self.key != "action"  # a video's capture time repeats for a held frame
+        d = np.diff(t)
+        wrong = d < 0 if held else d <= 0
+        if wrong.any():
+            k = int(np.argmax(wrong))
+            raise DataError(
+                f"stream {self.key!r} timestamps are not {'increasing' if held else 'strictly increasing'} (sample "
+                f"{k} at {t[k]:.6f} s, sample {k + 1} at {t[k + 1]:.6f} s)",
+                episode=name,
+                path=path,
+                fix="sort the samples by time and drop duplicates; " + fix,
+            )
+        if held or not self.rate_hz or len(t) < 3:
+            return
+        measured = 1.0 / float(np.median(d))
+        rate = float(self.rate_hz)
+        if abs(measured - rate) > RATE_TOLERANCE * rate:
+            ratio = rate / measured
+            unit = " (timestamps in milliseconds? they must be in seconds)" if 500 < ratio < 2000 else ""
+            raise DataError(
+                f"stream {self.key!r} timestamps run at {measured:.6g} Hz, meta/info.json declares rate_hz "
+                f"{rate:g}{unit}",
+                episode=name,
+                path=path,
+                fix=f"fix rate_hz in meta/info.json, or {fix}",
+            )
 
     def values(self, e: int, name: str | None = None) -> np.ndarray:
         """(N, *shape) memory-mapped values ("values" and "frames" kinds)."""
