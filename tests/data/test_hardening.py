@@ -243,3 +243,97 @@ def test_nan_in_an_episode_outside_the_training_split_fails_the_stats(small_ds):
     with pytest.raises(DataError) as ei:
         compute_stats(small_ds, progress=False, data_cfg=cfg)
     assert load_meta(small_ds).episodes[held_out]["name"] in str(ei.value) and "NaN/inf" in str(ei.value)
+
+
+# --- issue 19: file modes, stats outside the dataset, episodes that lost their sensor --------------------------
+def _mode(p):
+    return os.stat(p).st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_datasets_and_streams_we_write_get_the_umasks_mode(tmp_path, umask):
+    from sensorvla.data.attach import add_sensor
+
+    old = os.umask(umask)
+    try:
+        ep = simulate_episode(0, SimConfig(image_size=16, sensor_channels=5), with_sensor=True, name="e0")
+        root = write_dataset([ep], tmp_path / "ds", dataset_id="x", action_fps=10, progress=False)
+        ts = np.arange(0.0, 3.0, 0.01)
+        src = tmp_path / "ft.npz"
+        np.savez(src, episode_index=np.zeros(len(ts), int), timestamps=ts, values=np.sin(ts)[:, None])
+        add_sensor(root, src, name="ft")
+    finally:
+        os.umask(old)
+    folders = [root, root / "meta", root / "streams", root / "streams" / "sensor", root / "streams" / "ft"]
+    assert {str(p): _mode(p) for p in folders} == {str(p): 0o777 & ~umask for p in folders}
+    files = [root / "meta" / "info.json", root / "streams" / "ft" / "episodes.parquet"]
+    files += sorted((root / "streams" / "ft").rglob("*.npy"))
+    assert {str(p): _mode(p) for p in files} == {str(p): 0o666 & ~umask for p in files}
+
+
+def test_training_computes_stats_into_the_run_not_the_dataset(small_ds, tmp_path):
+    import hashlib
+
+    import torch
+
+    from sensorvla.config import SensorVLAConfig
+    from sensorvla.training.data_setup import ensure_stats, run_stats_path
+    from sensorvla.training.distributed import DistInfo
+
+    def snap():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(small_ds.rglob("*")) if p.is_file()}
+
+    before = snap()
+    cfg = SensorVLAConfig()
+    cfg.data.dataset_dir, cfg.train.output_dir = str(small_ds), str(tmp_path / "run")
+    stats = ensure_stats(cfg, DistInfo(0, 1, 0, torch.device("cpu")), progress=False)
+    assert snap() == before  # nothing written into the user's dataset
+    assert NormStats.load(run_stats_path(cfg)).fingerprint == stats.fingerprint
+
+
+def _two_datasets(tmp_path):
+    """A (3 episodes) and B = A without its episode 0, renumbered, as LeRobot's delete_episodes writes it."""
+    cfg = SimConfig(image_size=16, sensor_channels=5)
+    eps = [simulate_episode(s, cfg, with_sensor=s != 13, name=f"e{s}") for s in (11, 12, 13)]
+    assert len({len(e.actions) for e in eps}) == 3  # the lengths tell the episodes apart
+    a = write_dataset(eps, tmp_path / "a", dataset_id="a", action_fps=10, progress=False)
+    b = write_dataset(eps[1:], tmp_path / "b", dataset_id="b", action_fps=10, progress=False)
+    return a, b
+
+
+def test_a_sidecar_copied_onto_renumbered_episodes_is_refused(tmp_path):
+    import json
+    import shutil
+
+    a, b = _two_datasets(tmp_path)  # A's sensor covers its episodes 0 and 1, which B calls -, 0
+    shutil.rmtree(b / "streams" / "sensor")
+    shutil.copytree(a / "streams" / "sensor", b / "streams" / "sensor")  # the sensor copied back after the edit
+    info = json.loads((b / "meta" / "info.json").read_text())
+    info["sensorvla"]["streams"]["sensor"] = json.loads((a / "meta" / "info.json").read_text())["sensorvla"]["streams"][
+        "sensor"
+    ]
+    (b / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="episodes were deleted, reordered or re-recorded") as ei:
+        load_meta(b)
+    assert "add-sensor" in str(ei.value) and "episodes.parquet" in str(ei.value)
+
+
+def test_a_dataset_that_lost_its_sidecar_declaration_says_so(tmp_path, caplog):
+    import json
+
+    _, b = _two_datasets(tmp_path)
+    info = json.loads((b / "meta" / "info.json").read_text())
+    del info["sensorvla"]  # what LeRobot's tools write; the streams/ folder stays where it was edited in place
+    (b / "meta" / "info.json").write_text(json.dumps(info))
+    with caplog.at_level("WARNING"):
+        meta = load_meta(b)
+    assert meta.sensor_channels == 0
+    assert "does not declare" in caplog.text and "'sensor'" in caplog.text and "add-sensor" in caplog.text
+
+
+def test_episodes_without_the_sensor_are_named_in_a_warning(tmp_path, caplog):
+    root = generate_dataset(tmp_path / "ds", num_episodes=6, seed=2, no_sensor_fraction=0.5, progress=False)
+    with caplog.at_level("WARNING"):
+        meta = load_meta(root)
+    missing = [e for e in range(6) if not meta.streams["sensor"].has(e)]
+    assert missing and f"have no 'sensor' samples (episodes {missing}" in caplog.text

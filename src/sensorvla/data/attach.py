@@ -243,7 +243,7 @@ def _write_stream(root: Path, meta, name: str, per_episode: dict, rate_hz, clock
         w = StreamWriter(root, name, "values", rate_hz=rate_hz, folder=tmp, **extra)
         for e, (ts, values) in sorted(per_episode.items()):
             w.add(e, ts, values.astype(np.float32), clock_offset)
-        spec = w.finish()
+        spec = w.finish({e: int(r["length"]) for e, r in enumerate(meta.episodes)})
     info = json.loads(info_path.read_text())
     sv = info.setdefault("sensorvla", {})
     sv.setdefault("format", "sensorvla-sidecar/1")

@@ -7,7 +7,9 @@ Declared in meta/info.json under "sensorvla" -> "streams" -> <key> (LeRobot igno
 Per episode: `<path>.timestamps.npy` (N,) float64 seconds on the stream's own clock and, for "values" and
 "frames", `<path>.values.npy` (N, *shape); both memory-mappable, never pickled. The index holds one row per
 episode that has the stream: episode_index, num_samples, clock_offset_s (added to the timestamps to reach
-the dataset's clock), t_first, t_last. Episodes without a row have no data for that stream.
+the dataset's clock), t_first, t_last, episode_length (the episode's frame count when the stream was written:
+a dataset whose episodes were deleted or renumbered since is refused). Episodes without a row have no data for
+that stream (sensor-less; a warning names them).
 
 Kinds: "values" (a sensor, the full-rate state), "timing" (the capture time of each video frame, or the
 true time of each action row), "frames" (raw uint8 camera frames, the lossless option).
@@ -35,7 +37,7 @@ PATH_TEMPLATE = STREAMS_DIR + "/{key}/chunk-{chunk_index:03d}/episode_{episode_i
 INDEX_TEMPLATE = STREAMS_DIR + "/{key}/episodes.parquet"
 CHUNK_SIZE = 1000  # episodes per chunk folder, as LeRobot's chunks_size
 KINDS = ("values", "timing", "frames")
-INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t_last")
+INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t_last", "episode_length")
 RATE_TOLERANCE = 0.25  # relative: an episode's median sample interval vs the declared rate_hz (x10 or ms are far off)
 NPY_FIX = (
     "the file is truncated or damaged: re-create the dataset or re-attach the stream (`sensorvla data add-sensor`)"
@@ -219,11 +221,71 @@ def episode_span(rows: list[dict[str, Any]], fps: float, action: SidecarStream |
     return 0.0, (int(rows[e]["length"]) - 1) / fps
 
 
+def _check_episode_lengths(root: Path, key: str, s: SidecarStream, rows: list[dict[str, Any]]) -> None:
+    """DataError when an episode's frame count differs from the one recorded when the stream was written."""
+    for e, r in sorted(s.index.items()):
+        recorded = r.get("episode_length")
+        if recorded is not None and int(recorded) != int(rows[e]["length"]):
+            raise DataError(
+                f"sidecar stream {key!r} was written for an episode {e} of {int(recorded)} frames, the dataset's "
+                f"episode {e} has {int(rows[e]['length'])}: episodes were deleted, reordered or re-recorded since "
+                "(LeRobot's delete_episodes renumbers episodes and drops the sidecar)",
+                episode=rows[e].get("name", f"episode_{e:06d}"),
+                path=str(root / INDEX_TEMPLATE.format(key=key)),
+                fix=f"re-attach the stream to the dataset as it is now (`sensorvla data add-sensor --name {key} "
+                "--overwrite`), or re-create the dataset",
+            )
+
+
+_WARNED: set[tuple[str, str, int]] = set()
+
+
+def _warn_uncovered(root: Path, key: str, s: SidecarStream, rows: list[dict[str, Any]]) -> None:
+    """A warning (once per dataset and process) naming the episodes that have no samples of stream `key`."""
+    missing = [e for e in range(len(rows)) if not s.has(e)]
+    tag = (str(Path(root).resolve()), key, len(missing))
+    if not missing or tag in _WARNED:
+        return
+    _WARNED.add(tag)
+    logger.warning(
+        "%s: %d of %d episodes have no %r samples (episodes %s%s): they train with the %s masked. If the "
+        "episodes were edited with LeRobot's tools (which drop the sidecar), re-attach it: `sensorvla data "
+        "add-sensor --dataset %s --name %s --overwrite`",
+        root,
+        len(missing),
+        len(rows),
+        key,
+        missing[:20],
+        " ..." if len(missing) > 20 else "",
+        key,
+        root,
+        key,
+    )
+
+
+def undeclared_streams(root: Path, info: dict[str, Any]) -> list[str]:
+    """Folders under streams/ holding an index that meta/info.json does not declare (its sensorvla key was lost)."""
+    declared = set((info.get("sensorvla", {}) or {}).get("streams", {}) or {})
+    folder = Path(root) / STREAMS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "episodes.parquet").is_file() and p.name not in declared)
+
+
 def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, SidecarStream]:
     """Every declared stream with its index, checked against the episodes (ids, clocks); no array is read."""
     import pyarrow.parquet as pq
 
     declared = info.get("sensorvla", {}).get("streams", {}) or {}
+    lost = undeclared_streams(root, info)
+    if lost and not declared:
+        logger.warning(
+            "%s holds sidecar streams %s that meta/info.json does not declare (its 'sensorvla' key is gone: LeRobot's "
+            "tools rewrite info.json without it), so they are NOT used. Re-attach them (`sensorvla data add-sensor "
+            "--overwrite`) if the episodes are unchanged",
+            root / STREAMS_DIR,
+            lost,
+        )
     out: dict[str, SidecarStream] = {}
     info_path = str(root / "meta" / "info.json")
     for key, spec in declared.items():
@@ -266,8 +328,10 @@ def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -
                 path=str(root / INDEX_TEMPLATE.format(key=key)),
                 fix="attach the stream to the dataset it was recorded with (`sensorvla data add-sensor --overwrite`)",
             )
+        _check_episode_lengths(root, key, s, rows)
         if key == "action" or s.kind != "values":
             continue
+        _warn_uncovered(root, key, s, rows)
         for e, r in s.index.items():
             lo, hi = episode_span(rows, fps, action, e)
             t0, t1 = float(r["t_first"]) + s.offset(e), float(r["t_last"]) + s.offset(e)
@@ -329,13 +393,20 @@ class StreamWriter:
             }
         )
 
-    def finish(self) -> dict[str, Any] | None:
-        """Write the index; returns the info.json declaration (None when no episode had the stream)."""
+    def finish(self, lengths: dict[int, int] | None = None) -> dict[str, Any] | None:
+        """Write the index; returns the info.json declaration (None when no episode had the stream).
+
+        `lengths`: each episode's frame count in the dataset, kept in the index (`episode_length`) so that a
+        reader notices episodes deleted or renumbered since (LeRobot's `delete_episodes` drops the sidecar).
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not self.rows:
             return None
+        if lengths is not None:
+            for r in self.rows:
+                r["episode_length"] = int(lengths[r["episode_index"]])
         path = self.folder / "episodes.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self.rows), path)

@@ -477,7 +477,8 @@ class _DatasetWriter:
         (self.tmp / EPISODES_FILE).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self.ep_rows), self.tmp / EPISODES_FILE)
         pq.write_table(_tasks_table(self.tasks), self.tmp / TASKS_FILE)
-        streams = {k: spec for k, w in self.streams.items() if (spec := w.finish()) is not None}
+        lengths = {int(r["episode_index"]): int(r["length"]) for r in self.ep_rows}
+        streams = {k: spec for k, w in self.streams.items() if (spec := w.finish(lengths)) is not None}
         stats = {}
         for k, parts in self.columns.items():
             x = np.concatenate(parts)

@@ -19,27 +19,43 @@ logger = logging.getLogger(__name__)
 
 
 def stats_path(dataset_dir: str | Path) -> Path:
-    """The dataset's norm_stats.json path."""
+    """The dataset's norm_stats.json path (written by `sensorvla stats`, or by the training of an older sensorvla)."""
     return Path(dataset_dir) / "meta" / "norm_stats.json"
 
 
-def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
-    """Load the dataset's norm stats (training split, sensor transform of the config); compute and save them
-    on rank 0 first if they do not exist."""
-    from sensorvla.data.normalize import NormStats, compute_stats, dataset_fingerprint, transform_spec
-    from sensorvla.training.distributed import barrier
+def run_stats_path(cfg: SensorVLAConfig) -> Path:
+    """Where training keeps the stats it computed: `<output_dir>/norm_stats.json` (never the user's dataset)."""
+    return Path(cfg.train.output_dir) / "norm_stats.json"
 
-    path = stats_path(cfg.data.dataset_dir)
-    if not path.exists():
-        if info.is_main:
-            logger.info("no %s yet: computing normalization stats (same as `sensorvla stats`)", path)
-            compute_stats(cfg.data.dataset_dir, progress=progress, data_cfg=cfg.data).save(path)
-        barrier(info)
-    stats = NormStats.load(path)
-    # stale stats (the dataset, its split or the sensor transform changed) raise
-    stats.check(dataset_fingerprint(cfg.data.dataset_dir, cfg.data))
+
+def _checked(stats, cfg: SensorVLAConfig, fingerprint):
+    from sensorvla.data.normalize import transform_spec
+
+    stats.check(fingerprint)  # stale stats (the dataset, its split or the sensor transform changed) raise
     stats.check_transform(transform_spec(cfg.data))
     return stats
+
+
+def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
+    """The norm stats of the training split with the config's sensor transform. The dataset's own
+    meta/norm_stats.json (from `sensorvla stats`) is used when there is one, and must match; otherwise rank 0
+    computes them into the run folder (`run_stats_path`; recomputed there when stale), never into the dataset."""
+    from sensorvla.data.normalize import NormalizationError, NormStats, compute_stats, dataset_fingerprint
+    from sensorvla.training.distributed import barrier
+
+    fingerprint = dataset_fingerprint(cfg.data.dataset_dir, cfg.data)
+    own = stats_path(cfg.data.dataset_dir)
+    if own.exists():
+        return _checked(NormStats.load(own), cfg, fingerprint)
+    path = run_stats_path(cfg)
+    if info.is_main:
+        try:
+            _checked(NormStats.load(path), cfg, fingerprint)
+        except NormalizationError:  # none yet, or computed on other data / another transform: ours to redo
+            logger.info("computing normalization stats into %s (same as `sensorvla stats`)", path)
+            compute_stats(cfg.data.dataset_dir, progress=progress, data_cfg=cfg.data).save(path)
+    barrier(info)
+    return _checked(NormStats.load(path), cfg, fingerprint)
 
 
 def build_normalizer(stats, cfg: SensorVLAConfig):
