@@ -271,14 +271,17 @@ def test_datasets_and_streams_we_write_get_the_umasks_mode(tmp_path, umask):
     assert {str(p): _mode(p) for p in files} == {str(p): 0o666 & ~umask for p in files}
 
 
-def test_training_computes_stats_into_the_run_not_the_dataset(small_ds, tmp_path):
+def test_training_computes_stats_into_the_cache_not_the_dataset(small_ds, tmp_path, monkeypatch):
     import hashlib
 
     import torch
 
     from sensorvla.config import SensorVLAConfig
-    from sensorvla.training.data_setup import ensure_stats, run_stats_path
+    from sensorvla.data.normalize import dataset_fingerprint
+    from sensorvla.training.data_setup import cached_stats_path, ensure_stats
     from sensorvla.training.distributed import DistInfo
+
+    monkeypatch.setenv("SENSORVLA_CACHE_DIR", str(tmp_path / "cache"))
 
     def snap():
         return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(small_ds.rglob("*")) if p.is_file()}
@@ -288,7 +291,11 @@ def test_training_computes_stats_into_the_run_not_the_dataset(small_ds, tmp_path
     cfg.data.dataset_dir, cfg.train.output_dir = str(small_ds), str(tmp_path / "run")
     stats = ensure_stats(cfg, DistInfo(0, 1, 0, torch.device("cpu")), progress=False)
     assert snap() == before  # nothing written into the user's dataset
-    assert NormStats.load(run_stats_path(cfg)).fingerprint == stats.fingerprint
+    path = cached_stats_path(cfg, dataset_fingerprint(small_ds, cfg.data))
+    assert path.parent == tmp_path / "cache" / "norm_stats" and NormStats.load(path).fingerprint == stats.fingerprint
+    mtime = path.stat().st_mtime_ns
+    ensure_stats(cfg, DistInfo(0, 1, 0, torch.device("cpu")), progress=False)  # a second run reuses them
+    assert path.stat().st_mtime_ns == mtime
 
 
 def _two_datasets(tmp_path):

@@ -122,18 +122,17 @@ def test_transform_is_saved_with_the_stats_and_reapplied(heavy_ds, tmp_path):
 def test_config_and_saved_stats_must_agree(heavy_ds, tmp_path):
     from sensorvla.config import SensorVLAConfig
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.training.data_setup import ensure_stats, run_stats_path, stats_path
+    from sensorvla.training.data_setup import ensure_stats, stats_path
     from sensorvla.training.distributed import DistInfo
 
     root = shutil.copytree(heavy_ds, tmp_path / "ds")
     cfg = SensorVLAConfig()
     cfg.data = cfg_for(root)
-    cfg.train.output_dir = str(tmp_path / "run")
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     assert ensure_stats(cfg, info, progress=False).sensor_transform.identity  # computed with the config
-    assert run_stats_path(cfg).exists() and not stats_path(root).exists()  # into the run, never the dataset
+    assert not stats_path(root).exists()  # into the user cache, never the dataset
     cfg.data = dataclasses.replace(cfg.data, sensor_transform="signed_log1p", sensor_log_scale=10.0)
-    # the run's own stats are derived: recomputed with the new transform
+    # the cached stats are keyed by the transform too: another transform gets its own
     assert ensure_stats(cfg, info, progress=False).sensor_transform.spec["transform"] == "signed_log1p"
     compute_stats(root, progress=False, data_cfg=cfg_for(root)).save(stats_path(root))  # `sensorvla stats`
     with pytest.raises(NormalizationError) as ei:  # the dataset's stats (the user's) are used, and must agree

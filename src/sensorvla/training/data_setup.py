@@ -23,9 +23,17 @@ def stats_path(dataset_dir: str | Path) -> Path:
     return Path(dataset_dir) / "meta" / "norm_stats.json"
 
 
-def run_stats_path(cfg: SensorVLAConfig) -> Path:
-    """Where training keeps the stats it computed: `<output_dir>/norm_stats.json` (never the user's dataset)."""
-    return Path(cfg.train.output_dir) / "norm_stats.json"
+def cached_stats_path(cfg: SensorVLAConfig, fingerprint: dict) -> Path:
+    """Where training keeps the stats it computed: the user cache (`fingerprint.cache_dir()/norm_stats/`), keyed by
+    the dataset fingerprint (content hash, split, sensor keys, counts) and the sensor transform; never the dataset."""
+    import hashlib
+    import json
+
+    from sensorvla.data.fingerprint import cache_dir
+    from sensorvla.data.normalize import transform_spec
+
+    key = json.dumps([fingerprint, transform_spec(cfg.data)], sort_keys=True, default=str)
+    return cache_dir() / "norm_stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
 def _checked(stats, cfg: SensorVLAConfig, fingerprint):
@@ -38,8 +46,9 @@ def _checked(stats, cfg: SensorVLAConfig, fingerprint):
 
 def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
     """The norm stats of the training split with the config's sensor transform. The dataset's own
-    meta/norm_stats.json (from `sensorvla stats`) is used when there is one, and must match; otherwise rank 0
-    computes them into the run folder (`run_stats_path`; recomputed there when stale), never into the dataset."""
+    meta/norm_stats.json (from `sensorvla stats`) is used when there is one, and must match; otherwise they are
+    computed once into the user cache (`cached_stats_path`), never into the dataset: by rank 0, then by any
+    process that does not see rank 0's file (another node's cache) — the result is the same."""
     from sensorvla.data.normalize import NormalizationError, NormStats, compute_stats, dataset_fingerprint
     from sensorvla.training.distributed import barrier
 
@@ -47,14 +56,20 @@ def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
     own = stats_path(cfg.data.dataset_dir)
     if own.exists():
         return _checked(NormStats.load(own), cfg, fingerprint)
-    path = run_stats_path(cfg)
-    if info.is_main:
+    path = cached_stats_path(cfg, fingerprint)
+
+    def compute_unless_cached() -> None:
         try:
             _checked(NormStats.load(path), cfg, fingerprint)
-        except NormalizationError:  # none yet, or computed on other data / another transform: ours to redo
+        except NormalizationError:  # none yet (or an unreadable copy): ours to (re)compute
             logger.info("computing normalization stats into %s (same as `sensorvla stats`)", path)
             compute_stats(cfg.data.dataset_dir, progress=progress, data_cfg=cfg.data).save(path)
+
+    if info.is_main:
+        compute_unless_cached()
     barrier(info)
+    if not info.is_main:
+        compute_unless_cached()
     return _checked(NormStats.load(path), cfg, fingerprint)
 
 
