@@ -596,7 +596,11 @@ def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int
             )
         setattr(new, section, dataclasses.replace(sub, **{name: value}))
     if new.sensor.enabled and not new.sensor.channels:
-        logger.warning("dataset has no sensor stream: running vision-only (sensor disabled)")
+        logger.warning(
+            "the dataset has no sensor stream: running VISION-ONLY (sensor disabled). If it had one attached, tools "
+            "that rewrite a LeRobot dataset (e.g. LeRobot's delete_episodes) drop the sidecar: re-attach it with "
+            "`sensorvla data add-sensor`"
+        )
         new = dataclasses.replace(new, sensor=dataclasses.replace(new.sensor, enabled=False))
     return new
 

@@ -1,6 +1,9 @@
 """Atomic, pickle-free file I/O: JSON, safetensors, torch tensors-only files and whole directories.
 
-A crash at any point leaves either the old file/folder or the new one, never a torn one.
+A crash at any point leaves either the old file/folder or the new one, never a torn one. What is written
+gets the mode the umask gives (0644 / 0755 under umask 022), although its temporary copy is private (0600 /
+0700) while it is built. Names of things we write are identifiers (`check_name`) and every path read or
+written below a root is resolved inside it (`resolve_inside`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,53 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}"  # one path component: never "", ".", ".." or a separator
+NAME_RULE = "1-128 characters of letters, digits, '_', '.', '-', not starting with '.' or '-'"
 LEGACY_TMP_AGE_S = 24 * 3600  # temp folders named before the owner pid was recorded count as stale after this
+
+
+class UnsafePathError(ValueError):
+    """A name that is not an identifier, or a path that would leave its root (`..`, absolute, a symlink out)."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """`name` when it is an identifier (`NAME_PATTERN`: one path component); UnsafePathError saying what is allowed."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise UnsafePathError(f"{what} {name!r} is not allowed: use {NAME_RULE} (it names a file or folder)")
+    return name
+
+
+def resolve_inside(root: str | Path, rel: str | Path, what: str = "path") -> Path:
+    """`root / rel`, after checking that it resolves (symlinks followed) inside `root`; UnsafePathError if not.
+
+    `rel` must be relative: an absolute path, a `..` that climbs out or a symlink pointing out is refused.
+    """
+    rel_s = str(rel)
+    if "\x00" in rel_s or Path(rel_s).is_absolute() or Path(rel_s).drive:
+        raise UnsafePathError(f"{what} {rel_s!r} must be a path relative to {root}")
+    base = Path(root).resolve()
+    full = (base / rel_s).resolve()
+    if full != base and base not in full.parents:
+        raise UnsafePathError(f"{what} {rel_s!r} leads to {full}, outside {base}")
+    return Path(root) / rel_s
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def public_mode(path: str | Path, directory: bool) -> None:
+    """Give a private temp file (0600) or folder (0700) the mode a plain open()/mkdir() would (umask applied)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def _owner_tag() -> str:
@@ -84,6 +133,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        public_mode(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -107,6 +157,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        public_mode(tmp, directory=False)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -150,6 +201,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp"))
     try:
         yield tmp
+        public_mode(tmp, directory=True)  # mkdtemp made it 0700; the finished folder gets the umask's mode
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -248,3 +248,70 @@ def test_cli_add_sensor(ds, tmp_path):
     ok = subprocess.run([*run, "--clock-offset", str(-SENSOR_CLOCK)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads((ds / "meta" / "info.json").read_text())["sensorvla"]["streams"]["sensor"]["rate_hz"] == RATE
+
+
+# --- issue 19: names are identifiers, paths stay inside the dataset ------------------------------------------
+@pytest.mark.parametrize("name", ["../../victim_dir", "ABSOLUTE", "a/b", "..", ".hidden", ""])
+def test_stream_names_that_would_leave_the_dataset_are_refused(ds, tmp_path, name):
+    victim = tmp_path / "victim_dir"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    name = str(victim) if name == "ABSOLUTE" else name
+    if name == "../../victim_dir":  # from ds/streams/<name>: streams/../../victim_dir is tmp_path/victim_dir
+        assert (ds / "streams" / name).resolve() == victim.resolve()
+    before = snapshot(ds)
+    src = write_npz(tmp_path / "ok.npz", recording(ds))
+    with pytest.raises(DataError, match="stream name .* is not allowed: use 1-128 characters of letters") as ei:
+        add_sensor(ds, src, clock_offset=-SENSOR_CLOCK, name=name, overwrite=True)
+    assert "Fix:" in str(ei.value)
+    assert (victim / "precious.txt").read_text() == "keep me" and sorted(p.name for p in victim.iterdir()) == [
+        "precious.txt"
+    ]
+    assert snapshot(ds) == before
+
+
+def test_cli_add_sensor_with_a_climbing_name_exits_1_and_leaves_the_victim(ds, tmp_path):
+    victim = tmp_path / "victim_dir"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    src = write_csv(tmp_path / "ft.csv", recording(ds))
+    run = [sys.executable, "-m", "sensorvla.cli", "data", "add-sensor", "--dataset", str(ds), "--src", str(src)]
+    run += ["--clock-offset", str(-SENSOR_CLOCK), "--name", "../../victim_dir", "--overwrite"]
+    r = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "is not allowed" in r.stderr and "Traceback" not in r.stderr
+    assert (victim / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("path", "../outside/chunk-{chunk_index:03d}/episode_{episode_index:06d}"),
+        ("path", "ABSOLUTE/episode_{episode_index:06d}"),
+        ("index", "../outside/episodes.parquet"),
+        ("index", "ABSOLUTE/episodes.parquet"),
+    ],
+)
+def test_sidecar_paths_outside_the_dataset_are_refused(ds, tmp_path, field, value):
+    """A copy of the stream outside the dataset would be read if the declaration were followed."""
+    _attached(ds, tmp_path)
+    outside = ds.parent / "outside"
+    shutil.copytree(ds / "streams" / "sensor", outside)
+    value = value.replace("ABSOLUTE", str(outside))
+    info_path = ds / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["sensorvla"]["streams"]["sensor"][field] = value
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(DataError, match="a dataset reads and writes only inside its folder") as ei:
+        ds_ = EpisodeDataset(ds, cfg(ds), split="all")
+        ds_[0]
+    assert value.split("{")[0].removesuffix("episode_") in str(ei.value) and "Fix:" in str(ei.value)
+
+
+def test_a_symlinked_stream_file_pointing_outside_is_refused(ds, tmp_path):
+    _attached(ds, tmp_path)
+    values = load_meta(ds).streams["sensor"].files(0)[1]
+    outside = tmp_path / "elsewhere.npy"
+    shutil.move(values, outside)
+    values.symlink_to(outside)
+    with pytest.raises(DataError, match="outside"):
+        EpisodeDataset(ds, cfg(ds), split="all")

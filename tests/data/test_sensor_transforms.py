@@ -121,6 +121,7 @@ def test_transform_is_saved_with_the_stats_and_reapplied(heavy_ds, tmp_path):
 
 def test_config_and_saved_stats_must_agree(heavy_ds, tmp_path):
     from sensorvla.config import SensorVLAConfig
+    from sensorvla.data.normalize import compute_stats
     from sensorvla.training.data_setup import ensure_stats, stats_path
     from sensorvla.training.distributed import DistInfo
 
@@ -129,8 +130,12 @@ def test_config_and_saved_stats_must_agree(heavy_ds, tmp_path):
     cfg.data = cfg_for(root)
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     assert ensure_stats(cfg, info, progress=False).sensor_transform.identity  # computed with the config
+    assert not stats_path(root).exists()  # into the user cache, never the dataset
     cfg.data = dataclasses.replace(cfg.data, sensor_transform="signed_log1p", sensor_log_scale=10.0)
-    with pytest.raises(NormalizationError) as ei:
+    # the cached stats are keyed by the transform too: another transform gets its own
+    assert ensure_stats(cfg, info, progress=False).sensor_transform.spec["transform"] == "signed_log1p"
+    compute_stats(root, progress=False, data_cfg=cfg_for(root)).save(stats_path(root))  # `sensorvla stats`
+    with pytest.raises(NormalizationError) as ei:  # the dataset's stats (the user's) are used, and must agree
         ensure_stats(cfg, info, progress=False)
     msg = str(ei.value)
     assert "sensorvla stats --dataset DIR --data.sensor-transform signed_log1p" in msg and "10.0" in msg

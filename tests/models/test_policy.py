@@ -213,6 +213,11 @@ def test_load_errors(tiny_vl_dir, tmp_path):
     cfg_other = copy.deepcopy(cfg)
     cfg_other.model.fusion.strategy = "gated"
     (other / "config.json").write_text(cfg_other.to_json())
+    with pytest.raises(CheckpointMismatchError, match=r"config\.json: sha256"):  # an edited file: refused
+        from_pretrained(other)
+    from sensorvla.integrity import rewrite_manifest
+
+    rewrite_manifest(other)  # edited on purpose and recorded: now the key check speaks
     with pytest.raises(CheckpointMismatchError, match="missing=.*unexpected="):
         from_pretrained(other)
     with pytest.raises(FileNotFoundError, match="not a sensorvla pretrained_model"):

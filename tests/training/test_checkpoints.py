@@ -83,7 +83,8 @@ def copy_folder(src: Path, dst: Path) -> Path:
 def test_flipped_weight_bytes_fail_loading_naming_the_file(runs, tmp_path, name):
     pm = copy_folder(runs["s2"] / "pretrained_model", tmp_path / "pm")
     manifest = json.loads((pm / integrity.MANIFEST_NAME).read_text())["sha256"]
-    assert manifest == {n: integrity.file_sha256(pm / n) for n in ("model.safetensors", "adapter_model.safetensors")}
+    every = ["adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors", "norm_stats.json"]
+    assert sorted(manifest) == every and manifest == {n: integrity.file_sha256(pm / n) for n in every}
     policy, _, _ = from_pretrained(pm)  # intact: loads
     flip_data_bytes(pm / name)
     with pytest.raises(CheckpointMismatchError) as err:
@@ -150,3 +151,109 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"epoch": 1, "sensor_encoder": NotATensor(), "training_stage": "stage1"}, path)
     with pytest.raises(CheckpointMismatchError, match="never unpickles"):
         ckpt.load_seed_checkpoint(path)
+
+
+# --- issue 19: the manifest covers every file; norm stats are validated at load ------------------------------
+def _edit_stats(pm: Path, edit) -> None:
+    d = json.loads((pm / "norm_stats.json").read_text())
+    edit(d["stats"]["actions"])
+    (pm / "norm_stats.json").write_text(json.dumps(d))
+
+
+def test_edited_norm_stats_fail_the_manifest_check(runs, tmp_path):
+    """Action std x10 would load silently and shift every action: the manifest covers norm_stats.json."""
+    pm = copy_folder(runs["s2"] / "pretrained_model", tmp_path / "pm")
+    _edit_stats(pm, lambda a: a.update(std=[v * 10 for v in a["std"]]))
+    with pytest.raises(CheckpointMismatchError) as err:
+        from_pretrained(pm)
+    assert str(pm / "norm_stats.json") in str(err.value) and "sha256" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "what,edit,needle",
+    [
+        ("negated std", lambda a: a.update(std=[-v for v in a["std"]]), "'std'] is negative"),
+        ("std as strings", lambda a: a.update(std=[str(v) for v in a["std"]]), "must be a list of numbers"),
+        ("std of the wrong length", lambda a: a.update(std=a["std"][:-1]), "different lengths"),
+        ("every stat one short", lambda a: a.update({k: v[:-1] for k, v in a.items()}), "channels, the model"),
+        ("NaN mean", lambda a: a.update(mean=[float("nan")] * len(a["mean"])), "holds NaN/inf"),
+        ("q01 above q99", lambda a: a.update(q01=[v + 1e6 for v in a["q99"]]), "q01 > q99"),
+    ],
+)
+def test_invalid_norm_stats_are_refused_at_load(runs, tmp_path, caplog, what, edit, needle):
+    """Even without a manifest (the documented escape hatch), stats that would normalize wrongly never load."""
+    pm = copy_folder(runs["s2"] / "pretrained_model", tmp_path / "pm")
+    (pm / integrity.MANIFEST_NAME).unlink()
+    _edit_stats(pm, edit)
+    with pytest.raises(CheckpointMismatchError) as err:
+        from_pretrained(pm)
+    msg = str(err.value)
+    assert str(pm / "norm_stats.json") in msg and needle in msg and "sensorvla stats" in msg, (what, msg)
+
+
+def test_truncated_norm_stats_error_names_the_file(runs, tmp_path):
+    pm = copy_folder(runs["s2"] / "pretrained_model", tmp_path / "pm")
+    (pm / integrity.MANIFEST_NAME).unlink()
+    raw = (pm / "norm_stats.json").read_bytes()
+    (pm / "norm_stats.json").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointMismatchError) as err:
+        from_pretrained(pm)
+    assert str(pm / "norm_stats.json") in str(err.value) and "not readable JSON" in str(err.value)
+
+
+def test_empty_or_partial_manifests_are_refused_naming_the_fix(runs, tmp_path):
+    pm = copy_folder(runs["s2"] / "pretrained_model", tmp_path / "pm")
+    record = pm / integrity.MANIFEST_NAME
+    full = json.loads(record.read_text())
+    flip_data_bytes(pm / "model.safetensors")
+    record.write_text(json.dumps({**full, "sha256": {}}))  # lists nothing: the flipped bytes must not load
+    with pytest.raises(CheckpointMismatchError, match="lists no files") as err:
+        from_pretrained(pm)
+    assert f"python -m sensorvla.integrity {pm}" in str(err.value)
+    partial = {k: v for k, v in full["sha256"].items() if k != "norm_stats.json"}
+    record.write_text(json.dumps({**full, "sha256": partial}))
+    with pytest.raises(CheckpointMismatchError, match="partial manifest") as err:
+        from_pretrained(pm)
+    assert "norm_stats.json" in str(err.value)
+    record.write_text(json.dumps({**full, "sha256": {**full["sha256"], "../outside.json": "0" * 64}}))
+    with pytest.raises(CheckpointMismatchError, match="outside"):
+        from_pretrained(pm)
+
+
+def test_an_older_weights_only_manifest_loads_with_a_warning_and_the_fix_upgrades_it(runs, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    pm = copy_folder(runs["s2"] / "pretrained_model", tmp_path / "pm")
+    weights = ("model.safetensors", "adapter_model.safetensors")
+    legacy = {"format": "sensorvla-sha256-1", "sha256": {n: integrity.file_sha256(pm / n) for n in weights}}
+    (pm / integrity.MANIFEST_NAME).write_text(json.dumps(legacy))
+    with caplog.at_level("WARNING"):
+        from_pretrained(pm)
+    assert "older sensorvla" in caplog.text and "NOT integrity-checked" in caplog.text
+    assert f"python -m sensorvla.integrity {pm}" in caplog.text
+    del legacy["sha256"]["adapter_model.safetensors"]  # an old manifest must still cover every weight file
+    (pm / integrity.MANIFEST_NAME).write_text(json.dumps(legacy))
+    with pytest.raises(CheckpointMismatchError, match="does not cover the weight files"):
+        from_pretrained(pm)
+    r = subprocess.run([sys.executable, "-m", "sensorvla.integrity", str(pm)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        from_pretrained(pm)
+    assert "integrity" not in caplog.text
+    _edit_stats(pm, lambda a: a.update(std=[v * 10 for v in a["std"]]))
+    with pytest.raises(CheckpointMismatchError, match="norm_stats.json"):
+        from_pretrained(pm)
+
+
+def test_last_manifest_covers_every_file(runs, tmp_path):
+    s1 = copy_folder(runs["s1"], tmp_path / "ck")
+    last = s1 / "last"
+    listed = json.loads((last / integrity.MANIFEST_NAME).read_text())["sha256"]
+    assert sorted(listed) == sorted(p.name for p in last.iterdir() if p.name != integrity.MANIFEST_NAME)
+    state = json.loads((last / "training_state.json").read_text())
+    state["global_step"] = state.get("global_step", 0) + 1000
+    (last / "training_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointMismatchError, match=r"--resume: .*training_state\.json"):
+        ckpt.load_last(s1)

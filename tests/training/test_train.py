@@ -415,12 +415,13 @@ def test_resume_refuses_reinterpretation_and_applies_optimizer_flags(tmp_path, t
     with pytest.raises(ResumeMismatchError, match=re.escape("--model.head.hidden-dim")):
         train(bad, progress=False)
     run_json = tmp_path / "checkpoints" / "last" / "run.json"
-    info = json.loads(run_json.read_text())
+    original = run_json.read_bytes()  # restored byte for byte: last/manifest.json covers every file
+    info = json.loads(original)
     tampered = {**info, "dataset_fingerprint": [{"dataset_id": "another"}]}
     run_json.write_text(json.dumps(tampered))
     with pytest.raises(ResumeMismatchError, match="dataset's content changed"):
         train(copy.deepcopy(again), progress=False)
-    run_json.write_text(json.dumps(info))
+    run_json.write_bytes(original)
     assert max(losses(tmp_path)) == 2  # nothing above trained a step
 
     # the CLI starts from the saved config: only the flags given change

@@ -25,7 +25,7 @@ import numpy as np
 from sensorvla.data.format import INFO_FILE, load_meta
 from sensorvla.data.importers._common import check_increasing
 from sensorvla.data.options import AttachOptions
-from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span
+from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span, inside_dataset, stream_key
 from sensorvla.data.types import DataError
 from sensorvla.data.writer import check_finite
 from sensorvla.io import atomic_dir, atomic_write_json
@@ -175,6 +175,7 @@ def read_sensor_file(src: str | Path, episode: int | None = None):
 
 def _check_name(meta, name: str, overwrite: bool, info_path: Path) -> None:
     """A new stream name: not a stream already (unless `overwrite`), not a LeRobot feature of the dataset."""
+    stream_key(name, info_path)  # an identifier: `--name ../x` or an absolute path never leaves the dataset
     if name in meta.streams and not overwrite:
         raise DataError(
             f"the dataset already has a sidecar stream {name!r}",
@@ -192,7 +193,7 @@ def _check_name(meta, name: str, overwrite: bool, info_path: Path) -> None:
 def _check_episode_samples(meta, e: int, ts, values, name: str, clock_offset: float, src) -> float | None:
     """Finite, strictly increasing samples that overlap episode `e`'s frames after the offset; their rate (Hz)."""
     ename = meta.episodes[e]["name"]
-    check_finite(ts[:, None], episode=ename, stream=f"{name} timestamps", path=str(src))
+    check_finite(ts[:, None], episode=ename, stream=f"{name} timestamps", path=str(src), max_abs=None)
     check_finite(values, episode=ename, stream=name, path=str(src), fix="clean the sensor recording")
     check_increasing(ts, what=name, episode=ename, path=src, fix="sort the samples by time and drop duplicates")
     lo, hi = episode_span(meta.episodes, float(meta.info["fps"]), meta.streams.get("action"), e)
@@ -233,7 +234,7 @@ def _common_rate(meta, rates: dict[int, float], rate: float | None, src) -> floa
 def _write_stream(root: Path, meta, name: str, per_episode: dict, rate_hz, clock_offset: float, extra: dict) -> dict:
     """Write the stream folder atomically, declare it in meta/info.json, drop stale norm stats; its declaration."""
     info_path = root / INFO_FILE
-    stream_dir = root / STREAMS_DIR / name
+    stream_dir = inside_dataset(root, f"{STREAMS_DIR}/{name}", "--name")
     if stream_dir.exists() and name not in meta.streams:
         logger.warning(
             "replacing %s: a stream folder no dataset declaration points to (an interrupted add-sensor)", stream_dir
@@ -242,7 +243,7 @@ def _write_stream(root: Path, meta, name: str, per_episode: dict, rate_hz, clock
         w = StreamWriter(root, name, "values", rate_hz=rate_hz, folder=tmp, **extra)
         for e, (ts, values) in sorted(per_episode.items()):
             w.add(e, ts, values.astype(np.float32), clock_offset)
-        spec = w.finish()
+        spec = w.finish({e: int(r["length"]) for e, r in enumerate(meta.episodes)})
     info = json.loads(info_path.read_text())
     sv = info.setdefault("sensorvla", {})
     sv.setdefault("format", "sensorvla-sidecar/1")
@@ -265,6 +266,7 @@ def add_sensor(dataset: str | Path, src: str | Path, **options: Any) -> dict:
     """
     o = AttachOptions(**options)
     root = Path(dataset)
+    stream_key(o.name, "--name")  # before anything is read or written
     meta = load_meta(root)
     _check_name(meta, o.name, o.overwrite, root / INFO_FILE)
     per_episode, names = read_sensor_file(src, o.episode)

@@ -139,6 +139,59 @@ class SensorTransform:
 
 
 # --- stats ------------------------------------------------------------------------------------------------
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def validate_stats_json(d: Any, path: str | Path) -> None:
+    """Refuse (NormalizationError naming the file, the key and the fix) statistics that would normalize wrongly:
+    a missing section, a value that is not a number (a string, a bool, a nested list), non-finite values,
+    a negative std, per-key stats of different lengths, q01 > q99 or min > max. A std of 0 is a constant
+    channel (the Normalizer floors it at EPS)."""
+
+    def bad(msg: str) -> NormalizationError:
+        return NormalizationError(f"{path}: {msg}; {STATS_FIX}, or copy the checkpoint folder again")
+
+    if not isinstance(d, dict) or not all(k in d for k in ("stats", "counts", "dataset_id", "fingerprint")):
+        raise bad("not a norm_stats.json (needs stats, counts, dataset_id, fingerprint)")
+    if not isinstance(d["stats"], dict) or not isinstance(d["counts"], dict):
+        raise bad("'stats' and 'counts' must be objects")
+    for key, sd in d["stats"].items():
+        if not isinstance(sd, dict) or not {"mean", "std"} <= set(sd):
+            raise bad(f"stats[{key!r}] must hold at least mean and std")
+        lengths = {}
+        for name, v in sd.items():
+            values = v if isinstance(v, list) else [v]
+            if not values or not all(_is_number(x) for x in values):
+                raise bad(f"stats[{key!r}][{name!r}] must be a list of numbers, got {str(v)[:80]}")
+            arr = np.asarray(values, np.float64)
+            if not np.all(np.isfinite(arr)):
+                raise bad(f"stats[{key!r}][{name!r}] holds NaN/inf")
+            lengths[name] = len(values)
+        if len(set(lengths.values())) > 1:
+            raise bad(f"stats[{key!r}] has statistics of different lengths {lengths}")
+        std = np.asarray(sd["std"], np.float64)
+        if np.any(std < 0):
+            raise bad(f"stats[{key!r}]['std'] is negative at channel {int(np.argmax(std < 0))}")
+        for lo, hi in (("q01", "q99"), ("min", "max")):
+            if lo in sd and hi in sd and np.any(np.asarray(sd[lo], np.float64) > np.asarray(sd[hi], np.float64)):
+                raise bad(f"stats[{key!r}] has {lo} > {hi}")
+    for key, v in d["counts"].items():
+        if not _is_number(v) or v < 0:
+            raise bad(f"counts[{key!r}] must be a non-negative number, got {v!r}")
+    tf = d.get("sensor_transform")
+    if tf is not None:
+        if not isinstance(tf, dict) or not isinstance(tf.get("spec"), dict):
+            raise bad("'sensor_transform' must be an object with a 'spec'")
+        for name in ("lo", "hi", "log_scale"):
+            if name in tf:
+                v = tf[name]
+                if not isinstance(v, list) or not all(_is_number(x) for x in v) or not np.all(np.isfinite(v)):
+                    raise bad(f"sensor_transform[{name!r}] must be a list of finite numbers")
+        if "log_scale" in tf and np.any(np.asarray(tf["log_scale"], np.float64) <= 0):
+            raise bad("sensor_transform['log_scale'] must be > 0")
+
+
 @dataclass
 class NormStats:
     """Per feature key ("state", "actions", "sensor"): per-channel mean, std, q01, q99, min, max, count."""
@@ -175,17 +228,46 @@ class NormStats:
 
     @classmethod
     def load(cls, path: str | Path) -> NormStats:
-        """Read norm_stats.json; NormalizationError naming `sensorvla stats` when it is missing."""
+        """Read and validate norm_stats.json; NormalizationError naming the file (and `sensorvla stats`) when it
+        is missing, not JSON, or holds invalid statistics (`validate_stats_json`)."""
         path = Path(path)
         if not path.exists():
             raise NormalizationError(f"{path} not found. Compute it with `sensorvla stats --dataset DIR`")
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise NormalizationError(
+                f"{path} is not readable JSON ({type(e).__name__}: {e}; truncated?); {STATS_FIX}, or copy the "
+                "checkpoint folder again"
+            ) from e
+        validate_stats_json(d, path)
         stats = {k: {s: np.asarray(v, dtype=np.float32) for s, v in sd.items()} for k, sd in d["stats"].items()}
         bad = [k for k, sd in stats.items() if not all(np.all(np.isfinite(v)) for v in sd.values())]
         if bad:
-            raise NormalizationError(f"{path} holds NaN/inf statistics for {bad}; {STATS_FIX}")
+            raise NormalizationError(f"{path} holds NaN/inf statistics for {bad} (as float32); {STATS_FIX}")
         tf = SensorTransform.from_json(d["sensor_transform"]) if "sensor_transform" in d else None
         return cls(stats, {k: int(v) for k, v in d["counts"].items()}, d["dataset_id"], d["fingerprint"], tf)
+
+    def check_dims(self, dims: dict[str, int], where: str | Path) -> None:
+        """Raise unless each key's statistics (and the sensor transform) have `dims[key]` channels."""
+        for key, width in dims.items():
+            if key not in self.stats or not width:
+                continue
+            got = {s: len(np.atleast_1d(v)) for s, v in self.stats[key].items()}
+            if set(got.values()) != {int(width)}:
+                raise NormalizationError(
+                    f"{where}: the {key!r} statistics have {got} channels, the model {width}; the stats belong to "
+                    f"another dataset or were edited. {STATS_FIX}, or copy the checkpoint folder again"
+                )
+        width = dims.get("sensor")
+        tf = self.sensor_transform
+        for name in ("lo", "hi", "log_mask", "log_scale"):
+            v = getattr(tf, name)
+            if width and v is not None and len(np.atleast_1d(v)) != int(width):
+                raise NormalizationError(
+                    f"{where}: the sensor transform's {name} has {len(np.atleast_1d(v))} channels, the model "
+                    f"{width}; {STATS_FIX}"
+                )
 
     def check(self, expected: dict[str, Any]) -> None:
         """Raise unless `expected` (another fingerprint) matches."""
@@ -298,8 +380,10 @@ def compute_stats(
     actions (all frames), state (its stream), sensor (measured samples, after the sensor transform).
 
     Streams are read through memory maps, one episode at a time; moments and quantiles come from a
-    per-episode subsample of at most `max_rows_per_episode` rows (exact for small datasets). Every value
-    read is checked: a NaN/inf raises DataError naming the episode, stream, column and sample.
+    per-episode subsample of at most `max_rows_per_episode` rows (exact for small datasets). First every
+    episode of the dataset (any split) is checked and every video decoded (`LeRobotSource.check_all`): a
+    NaN/inf, a value beyond MAX_ABS, a bad clock or a damaged video raises DataError naming the episode,
+    stream, column and sample (or the file).
     """
     from tqdm.auto import tqdm
 
@@ -308,6 +392,7 @@ def compute_stats(
 
     data_cfg = _default_cfg(data_cfg)
     src = open_source(root, sensor_keys=data_cfg.sensor_keys, tolerance_s=data_cfg.timestamp_tolerance_s)
+    src.check_all(progress)  # every episode (not only the split's) and every video frame, before any stats
     meta = src.meta
     eps, _ = _split_info(len(meta.episodes), data_cfg, split)
     if not eps:

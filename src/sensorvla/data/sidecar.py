@@ -7,10 +7,15 @@ Declared in meta/info.json under "sensorvla" -> "streams" -> <key> (LeRobot igno
 Per episode: `<path>.timestamps.npy` (N,) float64 seconds on the stream's own clock and, for "values" and
 "frames", `<path>.values.npy` (N, *shape); both memory-mappable, never pickled. The index holds one row per
 episode that has the stream: episode_index, num_samples, clock_offset_s (added to the timestamps to reach
-the dataset's clock), t_first, t_last. Episodes without a row have no data for that stream.
+the dataset's clock), t_first, t_last, episode_length (the episode's frame count when the stream was written:
+a dataset whose episodes were deleted or renumbered since is refused). Episodes without a row have no data for
+that stream (sensor-less; a warning names them).
 
 Kinds: "values" (a sensor, the full-rate state), "timing" (the capture time of each video frame, or the
 true time of each action row), "frames" (raw uint8 camera frames, the lossless option).
+
+Stream keys are identifiers (`sensorvla.io.check_name`); every `path` / `index` an info.json declares is
+resolved inside the dataset folder (`inside_dataset`), so a declaration can never read or write elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sensorvla.data.types import DataError, Stream
+from sensorvla.io import UnsafePathError, check_name, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +37,32 @@ PATH_TEMPLATE = STREAMS_DIR + "/{key}/chunk-{chunk_index:03d}/episode_{episode_i
 INDEX_TEMPLATE = STREAMS_DIR + "/{key}/episodes.parquet"
 CHUNK_SIZE = 1000  # episodes per chunk folder, as LeRobot's chunks_size
 KINDS = ("values", "timing", "frames")
-INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t_last")
+INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t_last", "episode_length")
+RATE_TOLERANCE = 0.25  # relative: an episode's median sample interval vs the declared rate_hz (x10 or ms are far off)
 NPY_FIX = (
     "the file is truncated or damaged: re-create the dataset or re-attach the stream (`sensorvla data add-sensor`)"
 )
+
+
+def inside_dataset(root: Path, rel: str, what: str, path: str | Path | None = None) -> Path:
+    """`root / rel`, refused with a DataError unless it resolves inside the dataset folder `root`."""
+    try:
+        return resolve_inside(root, rel, what)
+    except UnsafePathError as e:
+        raise DataError(
+            f"{e}: a dataset reads and writes only inside its folder",
+            path=str(path or Path(root) / "meta" / "info.json"),
+            fix="declare paths relative to the dataset folder, without '..' (re-attach the stream with "
+            "`sensorvla data add-sensor --overwrite`)",
+        ) from e
+
+
+def stream_key(key: str, path: str | Path) -> str:
+    """`key` when it is a valid stream name (an identifier); DataError naming what is allowed otherwise."""
+    try:
+        return check_name(key, "stream name")
+    except UnsafePathError as e:
+        raise DataError(str(e), path=str(path), fix="name streams with letters, digits, '_', '.', '-'") from e
 
 
 def open_npy(path: Path, *, episode: str | None = None, rows: int | None = None, mmap: bool = True) -> np.ndarray:
@@ -70,6 +98,7 @@ class SidecarStream:
     path: str
     extra: dict[str, Any] = field(default_factory=dict)
     index: dict[int, dict[str, Any]] = field(default_factory=dict)  # episode_index -> index row
+    checked: set[int] = field(default_factory=set, repr=False)  # episodes whose timestamps passed their check
 
     @property
     def episodes(self) -> list[int]:
@@ -86,12 +115,70 @@ class SidecarStream:
 
     def files(self, e: int) -> tuple[Path, Path]:
         """(timestamps .npy, values .npy) files of episode `e`."""
-        stem = self.root / self.path.format(key=self.key, chunk_index=e // CHUNK_SIZE, episode_index=e)
-        return stem.with_name(stem.name + ".timestamps.npy"), stem.with_name(stem.name + ".values.npy")
+        try:
+            rel = self.path.format(key=self.key, chunk_index=e // CHUNK_SIZE, episode_index=e)
+        except (KeyError, IndexError, ValueError, AttributeError) as err:
+            raise DataError(
+                f"stream {self.key!r} declares the path template {self.path!r}, which cannot be filled ({err!r})",
+                path=str(self.root / "meta" / "info.json"),
+                fix=f"declare it as {PATH_TEMPLATE.replace('{key}', self.key)!r}",
+            ) from err
+        what = f"stream {self.key!r} path"
+        return (
+            inside_dataset(self.root, rel + ".timestamps.npy", what),
+            inside_dataset(self.root, rel + ".values.npy", what),
+        )
 
     def timestamps(self, e: int, name: str | None = None) -> np.ndarray:
-        """(N,) float64 on the stream's own clock (memory-mapped)."""
-        return open_npy(self.files(e)[0], episode=name, rows=int(self.index[e]["num_samples"]))
+        """(N,) float64 on the stream's own clock (memory-mapped), checked on the first read of each episode:
+        finite, strictly increasing (non-decreasing for a video's capture times, where a held frame repeats) and
+        at the declared `rate_hz` within RATE_TOLERANCE."""
+        ts = open_npy(self.files(e)[0], episode=name, rows=int(self.index[e]["num_samples"]))
+        if e not in self.checked:
+            self.check_timestamps(ts, e, name)
+            self.checked.add(e)
+        return ts
+
+    def check_timestamps(self, ts: np.ndarray, e: int, name: str | None = None) -> None:
+        """DataError naming the file, the episode, the sample and the fix unless `ts` is a valid clock."""
+        path = str(self.files(e)[0])
+        fix = f"re-attach it with timestamps in seconds (`sensorvla data add-sensor --name {self.key} --overwrite`)"
+        t = np.asarray(ts, np.float64)
+        bad = ~np.isfinite(t)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise DataError(
+                f"stream {self.key!r} timestamps hold NaN/inf ({int(bad.sum())} values; first at sample {k})",
+                episode=name,
+                path=path,
+                fix=fix,
+            )
+        held = self.kind == "timing" and self.key != "action"  # a video's capture time repeats for a held frame
+        d = np.diff(t)
+        wrong = d < 0 if held else d <= 0
+        if wrong.any():
+            k = int(np.argmax(wrong))
+            raise DataError(
+                f"stream {self.key!r} timestamps are not {'increasing' if held else 'strictly increasing'} (sample "
+                f"{k} at {t[k]:.6f} s, sample {k + 1} at {t[k + 1]:.6f} s)",
+                episode=name,
+                path=path,
+                fix="sort the samples by time and drop duplicates; " + fix,
+            )
+        if held or not self.rate_hz or len(t) < 3:
+            return
+        measured = 1.0 / float(np.median(d))
+        rate = float(self.rate_hz)
+        if abs(measured - rate) > RATE_TOLERANCE * rate:
+            ratio = rate / measured
+            unit = " (timestamps in milliseconds? they must be in seconds)" if 500 < ratio < 2000 else ""
+            raise DataError(
+                f"stream {self.key!r} timestamps run at {measured:.6g} Hz, meta/info.json declares rate_hz "
+                f"{rate:g}{unit}",
+                episode=name,
+                path=path,
+                fix=f"fix rate_hz in meta/info.json, or {fix}",
+            )
 
     def values(self, e: int, name: str | None = None) -> np.ndarray:
         """(N, *shape) memory-mapped values ("values" and "frames" kinds)."""
@@ -134,21 +221,83 @@ def episode_span(rows: list[dict[str, Any]], fps: float, action: SidecarStream |
     return 0.0, (int(rows[e]["length"]) - 1) / fps
 
 
+def _check_episode_lengths(root: Path, key: str, s: SidecarStream, rows: list[dict[str, Any]]) -> None:
+    """DataError when an episode's frame count differs from the one recorded when the stream was written."""
+    for e, r in sorted(s.index.items()):
+        recorded = r.get("episode_length")
+        if recorded is not None and int(recorded) != int(rows[e]["length"]):
+            raise DataError(
+                f"sidecar stream {key!r} was written for an episode {e} of {int(recorded)} frames, the dataset's "
+                f"episode {e} has {int(rows[e]['length'])}: episodes were deleted, reordered or re-recorded since "
+                "(LeRobot's delete_episodes renumbers episodes and drops the sidecar)",
+                episode=rows[e].get("name", f"episode_{e:06d}"),
+                path=str(root / INDEX_TEMPLATE.format(key=key)),
+                fix=f"re-attach the stream to the dataset as it is now (`sensorvla data add-sensor --name {key} "
+                "--overwrite`), or re-create the dataset",
+            )
+
+
+_WARNED: set[tuple[str, str, int]] = set()
+
+
+def _warn_uncovered(root: Path, key: str, s: SidecarStream, rows: list[dict[str, Any]]) -> None:
+    """A warning (once per dataset and process) naming the episodes that have no samples of stream `key`."""
+    missing = [e for e in range(len(rows)) if not s.has(e)]
+    tag = (str(Path(root).resolve()), key, len(missing))
+    if not missing or tag in _WARNED:
+        return
+    _WARNED.add(tag)
+    logger.warning(
+        "%s: %d of %d episodes have no %r samples (episodes %s%s): they train with the %s masked. If the "
+        "episodes were edited with LeRobot's tools (which drop the sidecar), re-attach it: `sensorvla data "
+        "add-sensor --dataset %s --name %s --overwrite`",
+        root,
+        len(missing),
+        len(rows),
+        key,
+        missing[:20],
+        " ..." if len(missing) > 20 else "",
+        key,
+        root,
+        key,
+    )
+
+
+def undeclared_streams(root: Path, info: dict[str, Any]) -> list[str]:
+    """Folders under streams/ holding an index that meta/info.json does not declare (its sensorvla key was lost)."""
+    declared = set((info.get("sensorvla", {}) or {}).get("streams", {}) or {})
+    folder = Path(root) / STREAMS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "episodes.parquet").is_file() and p.name not in declared)
+
+
 def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, SidecarStream]:
     """Every declared stream with its index, checked against the episodes (ids, clocks); no array is read."""
     import pyarrow.parquet as pq
 
     declared = info.get("sensorvla", {}).get("streams", {}) or {}
+    lost = undeclared_streams(root, info)
+    if lost and not declared:
+        logger.warning(
+            "%s holds sidecar streams %s that meta/info.json does not declare (its 'sensorvla' key is gone: LeRobot's "
+            "tools rewrite info.json without it), so they are NOT used. Re-attach them (`sensorvla data add-sensor "
+            "--overwrite`) if the episodes are unchanged",
+            root / STREAMS_DIR,
+            lost,
+        )
     out: dict[str, SidecarStream] = {}
     info_path = str(root / "meta" / "info.json")
     for key, spec in declared.items():
-        if spec.get("kind") not in KINDS:
+        stream_key(key, info_path)
+        if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
             raise DataError(
-                f"sidecar stream {key!r} has kind {spec.get('kind')!r}; expected one of {KINDS}",
+                f"sidecar stream {key!r} is declared as {spec!r}; expected a kind of {KINDS}",
                 path=info_path,
                 fix="fix the declaration in meta/info.json or re-attach the stream",
             )
-        index_path = root / spec.get("index", INDEX_TEMPLATE.format(key=key))
+        index_rel = str(spec.get("index", INDEX_TEMPLATE.format(key=key)))
+        index_path = inside_dataset(root, index_rel, f"stream {key!r} index")
         if not index_path.is_file():
             raise DataError(
                 f"sidecar stream {key!r} is declared but its index is missing",
@@ -164,7 +313,7 @@ def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -
             shape=tuple(spec.get("shape", ())),
             dtype=spec.get("dtype", "float32"),
             rate_hz=spec.get("rate_hz"),
-            path=spec.get("path", PATH_TEMPLATE.replace("{key}", key)),
+            path=str(spec.get("path", PATH_TEMPLATE.replace("{key}", key))),
             extra=extra,
             index={int(r["episode_index"]): r for r in table},
         )
@@ -179,8 +328,10 @@ def load_streams(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -
                 path=str(root / INDEX_TEMPLATE.format(key=key)),
                 fix="attach the stream to the dataset it was recorded with (`sensorvla data add-sensor --overwrite`)",
             )
+        _check_episode_lengths(root, key, s, rows)
         if key == "action" or s.kind != "values":
             continue
+        _warn_uncovered(root, key, s, rows)
         for e, r in s.index.items():
             lo, hi = episode_span(rows, fps, action, e)
             t0, t1 = float(r["t_first"]) + s.offset(e), float(r["t_last"]) + s.offset(e)
@@ -206,7 +357,8 @@ class StreamWriter:
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: choose one of {KINDS}")
         self.root, self.key, self.kind, self.rate_hz, self.extra = Path(root), key, kind, rate_hz, extra
-        self.folder = Path(folder) if folder is not None else self.root / STREAMS_DIR / key
+        stream_key(key, self.root)
+        self.folder = Path(folder) if folder is not None else inside_dataset(self.root, f"{STREAMS_DIR}/{key}", key)
         self.shape: tuple[int, ...] | None = () if kind == "timing" else None
         self.dtype = "float64" if kind == "timing" else None
         self.rows: list[dict[str, Any]] = []
@@ -241,13 +393,20 @@ class StreamWriter:
             }
         )
 
-    def finish(self) -> dict[str, Any] | None:
-        """Write the index; returns the info.json declaration (None when no episode had the stream)."""
+    def finish(self, lengths: dict[int, int] | None = None) -> dict[str, Any] | None:
+        """Write the index; returns the info.json declaration (None when no episode had the stream).
+
+        `lengths`: each episode's frame count in the dataset, kept in the index (`episode_length`) so that a
+        reader notices episodes deleted or renumbered since (LeRobot's `delete_episodes` drops the sidecar).
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not self.rows:
             return None
+        if lengths is not None:
+            for r in self.rows:
+                r["episode_length"] = int(lengths[r["episode_index"]])
         path = self.folder / "episodes.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self.rows), path)

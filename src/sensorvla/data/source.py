@@ -17,6 +17,7 @@ import numpy as np
 
 from sensorvla.data.format import DatasetMeta, column_array, load_meta, read_frames
 from sensorvla.data.layout import ACTION_KEY, CAMERA_PREFIX, STATE_KEY
+from sensorvla.data.sidecar import inside_dataset
 from sensorvla.data.types import DataError, EpisodeData, Stream
 from sensorvla.data.writer import check_finite
 
@@ -61,8 +62,7 @@ class ParquetImages:
             if data is None:
                 if not cell.get("path"):
                     raise OSError("neither bytes nor a path")
-                path = Path(cell["path"])
-                im = Image.open(path if path.is_absolute() else self.root / path)
+                im = Image.open(inside_dataset(self.root, str(cell["path"]), f"image path of {self.where}"))
             else:
                 im = Image.open(io.BytesIO(data))
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -196,6 +196,41 @@ class LeRobotSource:
                         fix="re-encode the episode's video from its frames, or re-create the dataset",
                     )
 
+    def check_all(self, progress: bool = False) -> None:
+        """Check every episode, not only one split's: each sidecar stream's timestamps (finite, increasing, at the
+        declared rate) and values (finite, within MAX_ABS), and every video decoded completely (damaged bytes
+        inside an mp4 pass the header probe). `compute_stats` (`sensorvla stats`, the first `train`) runs it."""
+        from tqdm.auto import tqdm
+
+        from sensorvla.data.video import decode_all
+
+        meta, fps = self.meta, float(self.meta.info["fps"])
+        for e in tqdm(range(len(self)), desc="check episodes", disable=not progress):
+            name = self.name(e)
+            for key, s in meta.streams.items():
+                if not s.has(e):
+                    continue
+                s.timestamps(e, name)
+                if s.kind == "values":
+                    v = s.values(e, name)
+                    for lo in range(0, len(v), 65536):
+                        block = np.asarray(v[lo : lo + 65536])
+                        check_finite(block.reshape(len(block), -1), episode=name, stream=key, start=lo)
+        need: dict[Path, int] = {}
+        for cam in (c for c in meta.cameras.values() if c.storage == "video"):
+            for e, ep in enumerate(meta.episodes):
+                path = self.video_path(cam.key, e)
+                start = float(ep.get(f"videos/{cam.key}/from_timestamp", 0.0))
+                need[path] = max(need.get(path, 0), int(round(start * fps)) + int(ep["length"]))
+        for path, frames in tqdm(sorted(need.items()), desc="decode videos", disable=not progress):
+            n = decode_all(path)
+            if n < frames:
+                raise DataError(
+                    f"the video decodes to {n} frames, its episodes need {frames}",
+                    path=str(path),
+                    fix="re-create the dataset (its video is damaged), or restore the file from the original dataset",
+                )
+
     # --- the episode interface ------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.rows)
@@ -210,11 +245,12 @@ class LeRobotSource:
         template = (
             self.meta.info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
         )
-        return self.meta.root / template.format(
+        rel = template.format(
             video_key=key,
             chunk_index=int(ep.get(f"videos/{key}/chunk_index", 0)),
             file_index=int(ep.get(f"videos/{key}/file_index", 0)),
         )
+        return inside_dataset(self.meta.root, rel, f"video of {key!r}")
 
     def row_times(self, e: int) -> tuple[np.ndarray, float]:
         """(own-clock action-row times (N,), clock offset): the sidecar's true times, else the parquet's."""

@@ -136,6 +136,27 @@ def probe(path: str | Path) -> VideoInfo:
         raise DataError(f"cannot open the video ({type(e).__name__}: {e})", path=str(path), fix=VIDEO_FIX) from e
 
 
+def decode_all(path: str | Path) -> int:
+    """Decode every frame of `path` (no colour conversion) and return how many; DataError naming the file when
+    any packet fails to decode (damaged bytes inside the file, which a header probe does not see)."""
+    av = _av()
+    path = Path(path)
+    n = 0
+    try:
+        with av.open(str(path)) as c:
+            stream = c.streams.video[0]
+            stream.thread_type = "AUTO"
+            for _ in c.decode(stream):
+                n += 1
+    except (av.error.FFmpegError, OSError, IndexError, ValueError) as e:
+        raise DataError(
+            f"the video does not decode completely: {type(e).__name__}: {e} after {n} frames (damaged bytes inside)",
+            path=str(path),
+            fix=VIDEO_FIX,
+        ) from e
+    return n
+
+
 class _Decoder:
     """One open container; serves frames by time, moving forward without seeking when it can."""
 

@@ -41,6 +41,7 @@ DATA_FILE_MB = 100  # LeRobot's defaults for when a data / video file is rotated
 VIDEO_FILE_MB = 200
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 SIDECAR_FORMAT = "sensorvla-sidecar/1"
+MAX_ABS = 1e9  # a sensor, state or action value beyond this is refused as corrupt (it would dominate the stats)
 
 
 # --- validation -----------------------------------------------------------------------------------------
@@ -67,18 +68,36 @@ def _check_stream(ep: EpisodeData, name: str, ts: np.ndarray, data, fix: str) ->
         )
 
 
-def check_finite(arr, *, episode: str, stream: str, path: str | None = None, fix: str = "", start: int = 0) -> None:
-    """DataError naming the episode, stream, column and sample index of the first NaN/inf in `arr` (N, C)."""
+def check_finite(
+    arr,
+    *,
+    episode: str,
+    stream: str,
+    path: str | None = None,
+    fix: str = "",
+    start: int = 0,
+    max_abs: float | None = MAX_ABS,
+) -> None:
+    """DataError naming the episode, stream, column and sample index of the first NaN/inf in `arr` (N, C), or of
+    the first value beyond `max_abs` (MAX_ABS: a corrupt sample such as 3e38 would dominate the statistics)."""
     a = np.asarray(arr)
     bad = ~np.isfinite(a)
+    what = "NaN/inf"
+    if not bad.any() and max_abs is not None and a.dtype.kind == "f":
+        bad = np.abs(a) > max_abs
+        what = f"values beyond +-{max_abs:g} (absurd for a measurement: corrupt samples)"
     if bad.any():
         where = np.argwhere(bad)[0]
         row, col = int(where[0]) + start, int(where[1]) if a.ndim > 1 else 0
+        default_fix = "drop or interpolate the corrupt samples and re-create the dataset"
+        if what != "NaN/inf":
+            default_fix += " (if the unit really reaches that, store it in a larger unit, e.g. kN instead of N)"
         raise DataError(
-            f"{stream} contains NaN/inf ({int(bad.sum())} values; first at sample {row}, column {col})",
+            f"{stream} contains {what} ({int(bad.sum())} values; first at sample {row}, column {col}"
+            f"{'' if what == 'NaN/inf' else f': {float(a[tuple(where)]):g}'})",
             episode=episode,
             path=path or getattr(arr, "filename", None) or stream,  # a memory map knows its file
-            fix=fix or "drop or interpolate the corrupt samples and re-create the dataset",
+            fix=fix or default_fix,
         )
 
 
@@ -458,7 +477,8 @@ class _DatasetWriter:
         (self.tmp / EPISODES_FILE).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self.ep_rows), self.tmp / EPISODES_FILE)
         pq.write_table(_tasks_table(self.tasks), self.tmp / TASKS_FILE)
-        streams = {k: spec for k, w in self.streams.items() if (spec := w.finish()) is not None}
+        lengths = {int(r["episode_index"]): int(r["length"]) for r in self.ep_rows}
+        streams = {k: spec for k, w in self.streams.items() if (spec := w.finish(lengths)) is not None}
         stats = {}
         for k, parts in self.columns.items():
             x = np.concatenate(parts)

@@ -7,9 +7,10 @@ Folder layout (LeRobot-like):
     adapter_model.safetensors   LoRA tensors, PEFT key layout (LoRA only)
     adapter_config.json         PEFT LoraConfig (LoRA only)
     norm_stats.json             normalization statistics with their fingerprint
-    manifest.json               sha256 of each weight file (sensorvla.integrity), checked at load
-Loading is strict: a changed weight file (sha256), a bad config value, or a missing or unexpected key
-raises `CheckpointMismatchError` naming the file and the fix.
+    manifest.json               sha256 of EVERY file above (sensorvla.integrity), checked at load
+Loading is strict: a changed file (sha256), an empty or partial manifest, a bad config value, invalid norm
+stats (non-finite, std <= 0, not numbers, lengths other than the model's dims), or a missing or unexpected
+key raises `CheckpointMismatchError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -64,9 +65,7 @@ def save_pretrained(
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(cfg.to_json())
         save_safetensors(saved_state_dict(policy, state), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        weights = [WEIGHTS_NAME]
         if cfg.model.finetune.mode == "lora":
-            weights.append(ADAPTER_WEIGHTS_NAME)
             save_safetensors(
                 finetune.adapter_state_dict(policy, state), tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"}
             )
@@ -77,19 +76,20 @@ def save_pretrained(
             (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(lcfg, indent=2, default=str))
         if norm_stats is not None:
             norm_stats.save(tmp / NORM_STATS_NAME)
-        integrity.write_manifest(tmp, weights)
+        integrity.write_manifest(tmp)  # every file: weights, config, adapter config, norm stats
     return out_dir
 
 
 def verify_folder(path: str | Path) -> None:
-    """Check the weight files of a pretrained_model folder against its manifest; raise naming the file."""
+    """Check every file of a pretrained_model folder against its manifest; raise naming the file and the fix."""
     path = Path(path)
     if not integrity.has_manifest(path):
         logger.warning(
-            "%s has no %s (saved by an older sensorvla): its weights are not integrity-checked; "
-            "re-save the folder to add one",
+            "%s has no %s (deleted, or saved by an older sensorvla): NONE of its files (weights, config, norm "
+            "stats) is integrity-checked. After checking they are the files you saved, add one: `%s`",
             path,
             integrity.MANIFEST_NAME,
+            integrity.rewrite_command(path),
         )
         return
     problems = integrity.verify_manifest(path)
@@ -158,6 +158,25 @@ def load_weights(policy: torch.nn.Module, path: str | Path, model: ModelConfig):
         finetune.load_adapter_state_dict(policy, read_safetensors(path / ADAPTER_WEIGHTS_NAME))
     if not (path / NORM_STATS_NAME).exists():
         return None
-    from sensorvla.data.normalize import NormStats
+    return read_norm_stats(path / NORM_STATS_NAME, model)
 
-    return NormStats.load(path / NORM_STATS_NAME)
+
+def stats_dims(model: ModelConfig) -> dict[str, int]:
+    """The channel count the model expects of each normalized key."""
+    dims = {"actions": model.head.action_dim, "state": model.state_dim}
+    if model.sensor.enabled:
+        dims["sensor"] = model.sensor.channels
+    return dims
+
+
+def read_norm_stats(path: Path, model: ModelConfig):
+    """A folder's NormStats, validated (numbers, finite, std >= 0, lengths equal to the model's dims);
+    CheckpointMismatchError naming the file and the fix otherwise."""
+    from sensorvla.data.normalize import NormalizationError, NormStats
+
+    try:
+        stats = NormStats.load(path)
+        stats.check_dims(stats_dims(model), path)
+    except NormalizationError as e:
+        raise CheckpointMismatchError(str(e)) from e
+    return stats

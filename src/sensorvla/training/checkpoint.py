@@ -6,7 +6,8 @@
     pretrained_model/              best model for serving/eval (config, safetensors, adapters, norm stats)
     last/                          resume state: checkpoint.pt (seed keys) + training_state.json + rng.pt
                                    + config.json (the run's resolved config) + run.json (dataset
-                                   fingerprint, schedule length, world size) + manifest.json (sha256)
+                                   fingerprint, schedule length, world size) + manifest.json (sha256 of
+                                   every file)
 Every file is written atomically, so a kill during a save never leaves a broken `best` or `last`. Each
 seed `.pt` file has a `<name>.sha256.json` sidecar; loading checks it (sensorvla.integrity).
 
@@ -156,7 +157,7 @@ def save_last(
     run_info: dict | None = None,
 ) -> Path:
     """Atomically replace <ckpt_dir>/last with the seed payload, JSON state, every rank's RNG, the run's
-    config and run info (what resume compares against), and a sha256 manifest of the tensor files."""
+    config and run info (what resume compares against), and a sha256 manifest of every file."""
     with atomic_dir(ckpt_dir / LAST_NAME) as tmp:
         torch_save(payload, tmp / "checkpoint.pt")
         torch_save({"ranks": [_rng_to_tensors(r) for r in rng_per_rank]}, tmp / "rng.pt")
@@ -165,7 +166,7 @@ def save_last(
             (tmp / RUN_CONFIG_NAME).write_text(config_json)
         if run_info is not None:
             atomic_write_json(tmp / RUN_INFO_NAME, run_info)
-        integrity.write_manifest(tmp, ["checkpoint.pt", "rng.pt"])
+        integrity.write_manifest(tmp)  # every file: the seed payload, RNG, state, config, run info
     return ckpt_dir / LAST_NAME
 
 

@@ -19,27 +19,58 @@ logger = logging.getLogger(__name__)
 
 
 def stats_path(dataset_dir: str | Path) -> Path:
-    """The dataset's norm_stats.json path."""
+    """The dataset's norm_stats.json path (written by `sensorvla stats`, or by the training of an older sensorvla)."""
     return Path(dataset_dir) / "meta" / "norm_stats.json"
 
 
-def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
-    """Load the dataset's norm stats (training split, sensor transform of the config); compute and save them
-    on rank 0 first if they do not exist."""
-    from sensorvla.data.normalize import NormStats, compute_stats, dataset_fingerprint, transform_spec
-    from sensorvla.training.distributed import barrier
+def cached_stats_path(cfg: SensorVLAConfig, fingerprint: dict) -> Path:
+    """Where training keeps the stats it computed: the user cache (`fingerprint.cache_dir()/norm_stats/`), keyed by
+    the dataset fingerprint (content hash, split, sensor keys, counts) and the sensor transform; never the dataset."""
+    import hashlib
+    import json
 
-    path = stats_path(cfg.data.dataset_dir)
-    if not path.exists():
-        if info.is_main:
-            logger.info("no %s yet: computing normalization stats (same as `sensorvla stats`)", path)
-            compute_stats(cfg.data.dataset_dir, progress=progress, data_cfg=cfg.data).save(path)
-        barrier(info)
-    stats = NormStats.load(path)
-    # stale stats (the dataset, its split or the sensor transform changed) raise
-    stats.check(dataset_fingerprint(cfg.data.dataset_dir, cfg.data))
+    from sensorvla.data.fingerprint import cache_dir
+    from sensorvla.data.normalize import transform_spec
+
+    key = json.dumps([fingerprint, transform_spec(cfg.data)], sort_keys=True, default=str)
+    return cache_dir() / "norm_stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _checked(stats, cfg: SensorVLAConfig, fingerprint):
+    from sensorvla.data.normalize import transform_spec
+
+    stats.check(fingerprint)  # stale stats (the dataset, its split or the sensor transform changed) raise
     stats.check_transform(transform_spec(cfg.data))
     return stats
+
+
+def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
+    """The norm stats of the training split with the config's sensor transform. The dataset's own
+    meta/norm_stats.json (from `sensorvla stats`) is used when there is one, and must match; otherwise they are
+    computed once into the user cache (`cached_stats_path`), never into the dataset: by rank 0, then by any
+    process that does not see rank 0's file (another node's cache) — the result is the same."""
+    from sensorvla.data.normalize import NormalizationError, NormStats, compute_stats, dataset_fingerprint
+    from sensorvla.training.distributed import barrier
+
+    fingerprint = dataset_fingerprint(cfg.data.dataset_dir, cfg.data)
+    own = stats_path(cfg.data.dataset_dir)
+    if own.exists():
+        return _checked(NormStats.load(own), cfg, fingerprint)
+    path = cached_stats_path(cfg, fingerprint)
+
+    def compute_unless_cached() -> None:
+        try:
+            _checked(NormStats.load(path), cfg, fingerprint)
+        except NormalizationError:  # none yet (or an unreadable copy): ours to (re)compute
+            logger.info("computing normalization stats into %s (same as `sensorvla stats`)", path)
+            compute_stats(cfg.data.dataset_dir, progress=progress, data_cfg=cfg.data).save(path)
+
+    if info.is_main:
+        compute_unless_cached()
+    barrier(info)
+    if not info.is_main:
+        compute_unless_cached()
+    return _checked(NormStats.load(path), cfg, fingerprint)
 
 
 def build_normalizer(stats, cfg: SensorVLAConfig):
