@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Caches (norm stats, file hashes) live in one fresh folder per test session, never the user's ~/.cache: a
+# stats file cached by an older checkout of the code must not answer for this one.
+os.environ.setdefault("SENSORVLA_CACHE_DIR", tempfile.mkdtemp(prefix="sensorvla-test-cache-"))
 
 import pytest  # noqa: E402
 
