@@ -36,7 +36,8 @@ def lerobot_env(home: Path) -> dict:
 
 
 def lerobot(exe: str, *args: str, home: Path, timeout: int = 600) -> dict:
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=lerobot_env(home))
+    env = lerobot_env(home)  # cwd: the async server writes logs/ there
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=home.parent)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(line[len("RESULT ") :])
@@ -108,7 +109,7 @@ def test_lerobot_eval_runs_it_on_pusht(exported):
         "HF_LEROBOT_HOME": str(work / "lerobot_home"),
         "SDL_VIDEODRIVER": "dummy",
     }
-    proc = subprocess.run([eval_bin, *args], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([eval_bin, *args], capture_output=True, text=True, timeout=600, env=env, cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     info = json.loads((work / "eval" / "eval_info.json").read_text())
     assert info["overall"]["n_episodes"] == 2
