@@ -205,7 +205,10 @@ class AugmentConfig:
 class DataConfig:
     """Where samples come from and how each one is assembled on the common clock."""
 
-    dataset_dir: str = ""
+    dataset_dir: str = ""  # a folder, or a hub id `org/name[@revision]` resolved in the local hub cache
+    # Set by the run when dataset_dir named a hub dataset: `org/name@<commit>` it resolved to (dataset_dir then
+    # holds the cached snapshot folder); empty for a local folder.
+    dataset_hub: str = ""
     # Extra datasets mixed in by weight, "path:weight" each; files are never duplicated.
     mixture: tuple[str, ...] = ()
     views: tuple[str, ...] = ()  # empty = every view in the dataset, in sorted order

@@ -221,6 +221,7 @@ print(json.dumps({"name": name, "actions": reply["actions"].tolist(), "errors": 
 """
 
 
+@pytest.mark.interop
 @pytest.mark.skipif(
     not os.environ.get("SENSORVLA_OPENPI_PYTHON"),
     reason="set SENSORVLA_OPENPI_PYTHON to a python with `pip install openpi-client` (it pins numpy<2, so it "

@@ -1,5 +1,5 @@
-"""The `sensorvla` dispatcher: one tyro `SubcommandApp` over the command groups (train, data, eval, serve, bench,
-plan, demo); each leaf parses typed arguments and calls one library function."""
+"""The `sensorvla` dispatcher: one tyro `SubcommandApp` over the command groups (train, data, eval, serve, export,
+bench, plan, demo); each leaf parses typed arguments and calls one library function."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 from tyro.extras import SubcommandApp
 
-from sensorvla.cli import bench, data, demo, plan, serve, train
+from sensorvla.cli import bench, data, demo, export, plan, serve, train
 from sensorvla.cli import eval as evaluation
 from sensorvla.cli.errors import known_errors
 from sensorvla.config import ConfigError, SensorVLAConfig
@@ -29,7 +29,7 @@ def build_app(args: list[str], train_default: SensorVLAConfig, resumed: bool = F
     app = SubcommandApp()
     app.command(train.train_command(train_default, again), name="train")
     app.command(plan.plan_command(train_default, again), name="plan")
-    for group in (demo, data, serve, evaluation, bench):
+    for group in (demo, data, serve, export, evaluation, bench):
         group.register(app)
     return app
 

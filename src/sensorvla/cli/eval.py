@@ -15,9 +15,17 @@ def evaluate(
     batch_size: int = 16,
     max_samples: int | None = None,
 ) -> int:
-    """Offline metrics on held-out episodes, sensor ablation, plots and a report page."""
+    """Offline metrics on held-out episodes, sensor ablation, plots and a report page.
+
+    Args:
+        checkpoint: a pretrained_model folder, or a hub id `org/name[@revision]` in the local hub cache.
+        dataset: a dataset folder, or a hub id `org/name[@revision]` in the local hub cache.
+    """
+    from sensorvla import hub
     from sensorvla.eval.offline import evaluate as run
 
+    checkpoint = hub.resolve(checkpoint, repo_type="model").path
+    dataset = hub.resolve(dataset, repo_type="dataset").path
     metrics = run(checkpoint, dataset, split=split, out_dir=out, batch_size=batch_size, max_samples=max_samples)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=2))
     print(f"report: {out / 'report.md'}")

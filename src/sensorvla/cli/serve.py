@@ -31,10 +31,11 @@ def serve(
     """Serve a pretrained_model folder over websocket + msgpack (openpi-style); /healthz over HTTP.
 
     Args:
+        checkpoint: a pretrained_model folder (or `sensorvla export` output), or a hub id `org/name[@revision]`.
         host: interface to bind (0.0.0.0: the robot's network; without --token a warning is printed).
         token: shared secret clients must send (`Authorization: Bearer <token>`); must not be empty.
-        vl_model: backbone folder or hub id overriding the path recorded in the checkpoint (a checkpoint
-            copied to another machine).
+        vl_model: backbone folder or hub id (`org/name[@revision]`, resolved in the local hub cache) overriding the
+            path recorded in the checkpoint (a checkpoint copied to another machine).
         max_message_mb: largest request frame (MiB); larger ones close the connection with code 1009.
         max_queue: requests waiting or running at once; more are answered Busy at once.
         max_instruction_tokens: longest instruction accepted (tokens; characters are bounded first).
@@ -47,6 +48,7 @@ def serve(
         sensor_max_gap_s: sensor gap tolerance (default: the rule used in training).
         debug: include server tracebacks in error replies (off by default: they reveal code and paths).
     """
+    from sensorvla import hub
     from sensorvla.config import ConfigError
 
     _check_access(host, token)
@@ -61,7 +63,7 @@ def serve(
         max_history_samples=max_history_samples,
     )
     runner = PolicyRunner.from_pretrained(
-        checkpoint,
+        hub.resolve(checkpoint, repo_type="model").path,  # a folder, or a hub id in the local hub cache
         device=device,
         vl_refresh_every=vl_refresh_every,
         vl_model=vl_model,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sensorvla import hub
 from sensorvla.config import BackboneConfig
 from sensorvla.models.hf_processors import (  # noqa: F401  (re-exported: their documented home)
     IMAGE_ONLY_PROCESSORS,
@@ -43,12 +44,21 @@ def _hint(path_or_id: str) -> str:
     )
 
 
+def _local(path_or_id: str, revision: str | None = None) -> str:
+    """A hub id's snapshot folder in the local hub cache (sensorvla/hub.py), anything else unchanged; a hub id
+    missing offline is a `BackboneLoadError` that says what to download and how."""
+    try:
+        return hub.local_path(path_or_id, revision)
+    except (hub.HubCacheMissError, ValueError) as e:
+        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
+
+
 def detect_family(path_or_id: str, revision: str | None = None) -> str:
     """Model family key from config.json's model_type (qwen2_5_vl, qwen2_vl or qwen3_vl)."""
     from transformers import AutoConfig
 
     try:
-        model_type = AutoConfig.from_pretrained(path_or_id, revision=revision).model_type
+        model_type = AutoConfig.from_pretrained(_local(path_or_id, revision), revision=revision).model_type
     except (OSError, ValueError) as e:
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
     if model_type not in IMAGE_ONLY_PROCESSORS:
@@ -64,6 +74,7 @@ def load_processor(path_or_id: str, *, min_pixels: int, max_pixels: int, revisio
 
     if random_vl.is_random(path_or_id):  # shipped config, local tokenizer (models/random_vl.py)
         return random_vl.random_processor(str(path_or_id), min_pixels=min_pixels, max_pixels=max_pixels)
+    path_or_id = _local(path_or_id, revision)  # a hub id -> its cached snapshot folder (sensorvla/hub.py)
     family = detect_family(path_or_id, revision)
     size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
     try:
@@ -127,7 +138,10 @@ def load_vl_model(
         return random_vl.build_random_vl(str(path_or_id), dtype=dtype, attn_implementation=attn_implementation)
     try:
         return AutoModelForImageTextToText.from_pretrained(
-            path_or_id, dtype=dtype, revision=revision, attn_implementation=attn_implementation
+            _local(path_or_id, revision),
+            dtype=dtype,
+            revision=revision,
+            attn_implementation=attn_implementation,
         )
     except (OSError, ValueError) as e:
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
@@ -150,7 +164,7 @@ def load_vl_config(path_or_id: str, revision: str | None = None):
     if random_vl.is_random(path_or_id):
         return random_vl.hf_config(str(path_or_id))
     try:
-        return AutoConfig.from_pretrained(path_or_id, revision=revision)
+        return AutoConfig.from_pretrained(_local(path_or_id, revision), revision=revision)
     except (OSError, ValueError) as e:
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
 

@@ -11,6 +11,11 @@ Folder layout (LeRobot-like):
 Loading is strict: a changed file (sha256), an empty or partial manifest, a bad config value, invalid norm
 stats (non-finite, std <= 0, not numbers, lengths other than the model's dims), or a missing or unexpected
 key raises `CheckpointMismatchError` naming the file and the fix.
+`sensorvla export` (`export_folder`) writes the same folder for LeRobot too: config.json gains LeRobot's policy keys
+(`"type": "sensorvla"`, `input_features`, `output_features`, and the plugin's `fps`, `sensor_keys`), which
+`read_config` sets aside, and policy_preprocessor.json / policy_postprocessor.json hold LeRobot's (identity)
+processor pipelines; the manifest lists them too. Both `sensorvla serve` and LeRobot's `--policy.path` load it
+(plugins/lerobot_policy_sensorvla).
 """
 
 from __future__ import annotations
@@ -33,6 +38,16 @@ WEIGHTS_NAME = "model.safetensors"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 NORM_STATS_NAME = "norm_stats.json"
+LEROBOT_TYPE = "sensorvla"  # the policy type the LeRobot plugin registers (plugins/lerobot_policy_sensorvla)
+# LeRobot's own PreTrainedConfig keys, and the plugin's (lerobot_policy_sensorvla's SensorVLAConfig: the dataset's
+# fps and sensor keys, run-time options), that an exported config.json may carry beside ours
+LEROBOT_KEYS = frozenset(
+    {"type", "n_obs_steps", "input_features", "output_features", "device", "use_amp", "use_peft", "push_to_hub"}
+    | {"repo_id", "private", "tags", "license", "pretrained_path"}
+    | {"fps", "sensor_keys", "n_action_steps", "vl_model_override"}
+)
+PREPROCESSOR_NAME = "policy_preprocessor.json"
+POSTPROCESSOR_NAME = "policy_postprocessor.json"
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -138,7 +153,7 @@ def read_config(path: str | Path) -> SensorVLAConfig:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: {path} is not a sensorvla pretrained_model folder")
     try:
-        cfg = SensorVLAConfig.load(cfg_path)
+        cfg = SensorVLAConfig.from_dict(sensorvla_part(json.loads(cfg_path.read_text())))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{cfg_path} is not a valid sensorvla config: {e}") from e
     try:
@@ -180,3 +195,104 @@ def read_norm_stats(path: Path, model: ModelConfig):
     except NormalizationError as e:
         raise CheckpointMismatchError(str(e)) from e
     return stats
+
+
+def sensorvla_part(data: dict) -> dict:
+    """A config.json dict without the LeRobot policy keys of an exported folder (`"type": "sensorvla"` marks one)."""
+    if isinstance(data, dict) and data.get("type") == LEROBOT_TYPE:
+        return {k: v for k, v in data.items() if k not in LEROBOT_KEYS}
+    return data
+
+
+def lerobot_image_key(view: str) -> str:
+    """A view's LeRobot observation key: `observation.images.<view>` (a view read from a key outside that prefix,
+    e.g. `observation.image`, is its key)."""
+    return view if view.startswith("observation.") else f"observation.images.{view}"
+
+
+def lerobot_features(cfg: SensorVLAConfig, image_shapes: dict[str, tuple[int, int, int]]) -> dict[str, dict]:
+    """LeRobot's `input_features` / `output_features` of a checkpoint: one VISUAL feature per view
+    (`observation.images.<view>`, (3, h, w) from `image_shapes` by view), STATE, and the ACTION vector."""
+    m = cfg.model
+    inputs = {lerobot_image_key(v): {"type": "VISUAL", "shape": list(image_shapes[v])} for v in cfg.data.views}
+    if m.state_dim:
+        inputs["observation.state"] = {"type": "STATE", "shape": [m.state_dim]}
+    return {"input_features": inputs, "output_features": {"action": {"type": "ACTION", "shape": [m.head.action_dim]}}}
+
+
+def _pipeline(name: str, steps: list[dict]) -> dict:
+    """A LeRobot `PolicyProcessorPipeline` config (processor/pipeline.py `_save_pretrained` layout)."""
+    return {"name": name, "steps": steps}
+
+
+def lerobot_processors(device: str = "cpu") -> dict[str, dict]:
+    """LeRobot's pre/post processor files of an exported folder: identity pipelines (renaming and device moves only).
+    Normalization, image resizing and tokenization stay in sensorvla's own transform chain (PolicyRunner), so that
+    LeRobot and `sensorvla serve` run one implementation."""
+    rename = {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}}
+    to_device = {"registry_name": "device_processor", "config": {"device": device, "float_dtype": None}}
+    return {
+        PREPROCESSOR_NAME: _pipeline("policy_preprocessor", [rename, to_device]),
+        POSTPROCESSOR_NAME: _pipeline("policy_postprocessor", [to_device]),
+    }
+
+
+def export_folder(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    image_shapes: dict[str, tuple[int, int, int]] | None = None,
+    vl_model: str | None = None,
+    vl_revision: str | None = None,
+) -> Path:
+    """Copy a verified pretrained_model folder to `dst` in the layout both `sensorvla serve` and LeRobot load.
+
+    Args:
+        image_shapes: (3, h, w) of each view as the robot's cameras give them (LeRobot's VISUAL features; the async
+            server resizes camera frames to them). None: the dataset's, read from `data.dataset_dir` when it exists.
+        vl_model / vl_revision: the backbone reference to record instead of the trained one (e.g. a hub id and its
+            commit for another machine, `org/name` + 40-hex commit).
+
+    Raises:
+        CheckpointMismatchError / FileNotFoundError: `src` is not an intact pretrained_model folder.
+        ValueError: the image shapes are unknown (give `image_shapes`).
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    cfg = read_config(src)  # config checks + the weights' manifest
+    if vl_model is not None:
+        cfg.model.backbone.vl_model, cfg.model.backbone.revision = vl_model, vl_revision
+    meta = _dataset_meta(cfg)
+    shapes = image_shapes or ({v: (3, c.shape[0], c.shape[1]) for v, c in meta.cameras.items()} if meta else {})
+    missing = [v for v in cfg.data.views if v not in shapes]
+    if missing:
+        raise ValueError(
+            f"the image shape of view(s) {missing} is unknown: the training dataset {cfg.data.dataset_dir!r} is not "
+            "here; pass each camera's shape (`sensorvla export --image-shape VIEW=HxW`)"
+        )
+    data = {**cfg.to_dict(), "type": LEROBOT_TYPE, **lerobot_features(cfg, shapes)}
+    if meta is not None:  # the plugin's sensor clock: per-frame sensor features are sampled at the dataset's fps
+        data.update(fps=meta.action_fps, sensor_keys=list(meta.sensor_keys))
+    else:
+        data.update(sensor_keys=list(cfg.data.sensor_keys))
+    with atomic_dir(dst) as tmp:
+        names = [WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, NORM_STATS_NAME]
+        names = [n for n in names if (src / n).exists()]
+        for n in names:
+            shutil.copyfile(src / n, tmp / n)
+        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True))
+        for n, pipeline in lerobot_processors().items():
+            (tmp / n).write_text(json.dumps(pipeline, indent=2))
+        integrity.write_manifest(tmp)  # every file
+    return dst
+
+
+def _dataset_meta(cfg: SensorVLAConfig):
+    """The training dataset's `DatasetMeta` when its folder is here (None otherwise)."""
+    root = Path(cfg.data.dataset_dir) if cfg.data.dataset_dir else None
+    if root is None or not (root / "meta" / "info.json").exists():
+        return None
+    from sensorvla.data.format import load_meta
+
+    return load_meta(root, sensor_keys=cfg.data.sensor_keys or None)

@@ -233,7 +233,10 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu", vl_
     """
     cfg = folder.read_config(path)
     if vl_model is not None:
-        cfg.model.backbone.vl_model = vl_model
+        bb = cfg.model.backbone
+        if vl_model != bb.vl_model:  # another backbone location; `org/name@rev` carries its own revision
+            bb.revision = None
+        bb.vl_model = vl_model
     policy = build_policy(cfg, device="cpu")
     norm_stats = folder.load_weights(policy, path, cfg.model)
     return policy.to(device), cfg, norm_stats

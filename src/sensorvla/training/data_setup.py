@@ -18,6 +18,30 @@ from sensorvla.runtime import loader_workers
 logger = logging.getLogger(__name__)
 
 
+def pin_hub_ids(cfg: SensorVLAConfig) -> SensorVLAConfig:
+    """Resolve hub ids of the run (`--dataset_dir org/name[@rev]`, `--vl-model org/name[@rev]`) in the local hub
+    cache (sensorvla/hub.py) and pin them: the dataset becomes its snapshot folder with `data.dataset_hub =
+    org/name@<commit>`, the backbone stays `org/name` with `model.backbone.revision = <commit>`. Local folders
+    are left as they are. Returns a new config.
+
+    Raises:
+        HubCacheMissError: a hub id that is not in the cache offline (the message says how to download it).
+    """
+    import dataclasses
+
+    from sensorvla import hub
+
+    data, bb = cfg.data, cfg.model.backbone
+    if data.dataset_dir and hub.parse(data.dataset_dir) is not None:
+        got = hub.resolve(data.dataset_dir, repo_type="dataset")
+        data = dataclasses.replace(data, dataset_dir=str(got.path), dataset_hub=got.pinned)
+    if hub.parse(bb.vl_model, bb.revision) is not None:
+        got = hub.resolve(bb.vl_model, repo_type="model", revision=bb.revision)
+        bb = dataclasses.replace(bb, vl_model=got.repo_id, revision=got.commit)
+    model = dataclasses.replace(cfg.model, backbone=bb)
+    return dataclasses.replace(cfg, data=data, model=model)
+
+
 def stats_path(dataset_dir: str | Path) -> Path:
     """The dataset's norm_stats.json path (written by `sensorvla stats`, or by the training of an older sensorvla)."""
     return Path(dataset_dir) / "meta" / "norm_stats.json"

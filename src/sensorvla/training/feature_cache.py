@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sensorvla import hub
 from sensorvla.config import SensorVLAConfig
 from sensorvla.data.fingerprint import content_hash
 from sensorvla.io import atomic_write_json
@@ -73,6 +74,9 @@ def fingerprint(cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str) -
         "format": FORMAT_VERSION,
         "vl_model": bb.vl_model,
         "revision": bb.revision,
+        # the commit a hub id (and its revision) resolves to in the hub cache (sensorvla/hub.py), None for a folder:
+        # a moved branch or tag never reuses another commit's features
+        "vl_commit": hub.commit_of(bb.vl_model, bb.revision),
         "model_files": _model_files_signature(bb.vl_model),
         "backbone_dtype": bb.dtype,
         "cache_dtype": cfg.train.cache_dtype,

@@ -44,6 +44,7 @@ from sensorvla.training.data_setup import (
     build_normalizer,
     ensure_stats,
     make_loader,
+    pin_hub_ids,
     preload,
     raw_dataset,
 )
@@ -222,6 +223,7 @@ def _train(cfg: SensorVLAConfig, progress: bool) -> dict:
     cfg, info, bar_on = _start(cfg, progress)
     from sensorvla.data.format import load_meta
 
+    cfg = pin_hub_ids(cfg)  # hub ids -> cached snapshot folders, their commits recorded in the run's config
     meta = load_meta(cfg.data.dataset_dir)
     cfg = resolve_from_meta(cfg, meta)
     stats = ensure_stats(cfg, info, bar_on)
