@@ -4,6 +4,7 @@ rollouts and the latency benchmark's structure."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -96,16 +97,16 @@ def test_env_expert_needs_the_sensor():
     assert blind["success_rate"] <= expert["success_rate"] - 0.4
 
 
-def test_rollout_reports_success_and_writes_gif(trained, tmp_path):
+def test_rollout_reports_success_and_writes_a_video(trained, tmp_path):
     register_envs()
     runner = PolicyRunner.from_pretrained(trained)
     env = gym.make("sensorvla/Insertion-v0", max_episode_steps=None)
     env.unwrapped.cfg.max_steps = 15
-    r = rollout(runner, env, episodes=2, execute_steps=4, video_dir=tmp_path, max_videos=1)
+    r = rollout(runner, env, episodes=2, execute_steps=4, video_dir=tmp_path, videos="first")
     assert r["episodes"] == 2 and r["success_rate"] == np.mean([e["success"] for e in r["results"]])
     assert all(e["final_lateral_error_mm"] is not None and e["final_depth_error_mm"] is not None for e in r["results"])
     assert all(1 <= e["length"] <= 15 for e in r["results"])
-    assert (tmp_path / "episode_00_sensor.gif").stat().st_size > 0
+    assert [Path(v["path"]).stat().st_size > 0 for v in r["videos"]] == [True]
     blind = rollout(runner, env, episodes=1, execute_steps=8, ablate_sensor=True)
     assert blind["sensor_ablated"] and blind["results"][0]["length"] <= 15
 

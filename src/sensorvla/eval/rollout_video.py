@@ -24,6 +24,7 @@ PANEL_WIDTH = 480  # px of the plot panel
 VIEW_HEIGHT = 300  # views are scaled up by an integer factor towards this height (nearest neighbour)
 BAR = 30  # px of the title bar and of the action bar
 COLORS = {"success": (30, 150, 60), "failure": (200, 40, 40), None: (90, 90, 90)}
+CURSOR = (220, 30, 30)
 FADE = 0.65  # how far the trace after the cursor is blended towards white
 
 
@@ -215,10 +216,11 @@ def write_rollout_video(
                 canvas[BAR : BAR + lay.view_h, i * lay.view_w : (i + 1) * lay.view_w] = img
             panel = plot.copy()
             x = int(round(x_first + (times_a[k] - times_a[0]) * px_per_s))
-            for x0, y0, x1, y1 in boxes:  # the future faded, the cursor in red
-                if x + 1 < x1:
-                    panel[y0:y1, max(x + 1, x0) : x1] = faded[y0:y1, max(x + 1, x0) : x1]
-                panel[y0:y1, max(x - 1, x0) : min(x + 2, x1)] = (220, 30, 30)
+            for x0, y0, x1, y1 in boxes:  # the future faded, the cursor in red (3 px, kept inside the axes)
+                if x + 2 < x1:
+                    panel[y0:y1, max(x + 2, x0) : x1] = faded[y0:y1, max(x + 2, x0) : x1]
+                c0 = min(max(x - 1, x0), x1 - 3)
+                panel[y0:y1, c0 : c0 + 3] = CURSOR
             left = len(views_d) * lay.view_w
             canvas[BAR : BAR + body_h, left : left + PANEL_WIDTH] = panel
             canvas[:BAR] = COLORS[outcome] if k == n - 1 else (40, 40, 40)
