@@ -585,12 +585,14 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(cfg: SensorVLAConfig, base: SensorVLAConfig | None = None) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (base value, value) for every key where `cfg` differs from `base` (default: the defaults),
-    in key order. `base`'s "auto" keys are first resolved for `cfg`'s stage (`resolve_stage_defaults`), so a
-    stage default is not reported as a change; the stage itself is when it differs."""
+    in key order. The "auto" keys of both are first resolved for `cfg`'s stage (`resolve_stage_defaults`), so
+    a stage default is not reported as a change; the stage itself is when it differs."""
     ref = copy.deepcopy(base) if base is not None else SensorVLAConfig()
+    cfg = copy.deepcopy(cfg)
     for key, value in stage_config(cfg).defaults.items():
-        if get_key(ref, key) == "auto":
-            set_key(ref, key, value)
+        for tree in (ref, cfg):
+            if get_key(tree, key) == "auto":
+                set_key(tree, key, value)
     new, old = _leaves(cfg.to_dict()), _leaves(ref.to_dict())
     return {k: (old.get(k), v) for k, v in sorted(new.items()) if old.get(k) != v}
 

@@ -116,10 +116,7 @@ def rollout(
     """
     from sensorvla.progress import progress as track
 
-    if videos not in VIDEO_CHOICES:
-        raise ValueError(f"videos={videos!r}: choose one of {VIDEO_CHOICES}")
-    if ablate_vision not in (None, *VISION_ABLATIONS):
-        raise ValueError(f"ablate_vision={ablate_vision!r}: choose one of {VISION_ABLATIONS} or None")
+    _check_choices(videos, ablate_vision)
     obs_adapter = obs_adapter or (lambda o: o)
     action_adapter = action_adapter or (lambda a: a)
     others: list[np.ndarray] = []
@@ -157,14 +154,23 @@ def rollout(
         videos=written,
     )
     logger.info(
-        "rollout: success %.2f, lateral ok %s over %d episodes (sensor %s, vision %s)",
+        "rollout: success %.2f, lateral ok %s over %d episodes (sensor %s, vision %s)%s",
         summary["success_rate"],
         summary["lateral_ok_rate"],
         episodes,
         "ablated" if ablate_sensor else "on",
         ablate_vision or "on",
+        "".join(f"; video {v['path']}" for v in written),
     )
     return summary
+
+
+def _check_choices(videos: str, ablate_vision: str | None) -> None:
+    """ValueError naming the choices for an unknown `videos` or `ablate_vision`."""
+    if videos not in VIDEO_CHOICES:
+        raise ValueError(f"videos={videos!r}: choose one of {VIDEO_CHOICES}")
+    if ablate_vision not in (None, *VISION_ABLATIONS):
+        raise ValueError(f"ablate_vision={ablate_vision!r}: choose one of {VISION_ABLATIONS} or None")
 
 
 VIDEO_CHOICES = ("none", "first", "success", "failure", "outcomes", "all")

@@ -155,6 +155,66 @@ def _layout(views: dict[str, list]) -> _Layout:
     return _Layout(views, scale, w * scale, h * scale, width + width % 2, height + height % 2)
 
 
+@dataclass
+class _Scene:
+    """One episode's video content; `frame(k)` composes frame k (views, plots with the cursor, text)."""
+
+    views: dict[str, list]
+    times: np.ndarray
+    actions: np.ndarray | None
+    names: list[str]
+    lay: _Layout
+    plot: np.ndarray
+    boxes: list[tuple[int, int, int, int]]
+    x_first: float
+    px_per_s: float
+    outcome: str | None
+    title: str
+
+    def __post_init__(self):
+        self.faded = (self.plot * (1 - FADE) + 255 * FADE).astype(np.uint8)
+
+    def _panel(self, t: float) -> np.ndarray:
+        """The plots with the part after `t` faded and a red cursor at `t` (3 px, kept inside each axes)."""
+        panel = self.plot.copy()
+        x = int(round(self.x_first + (t - self.times[0]) * self.px_per_s))
+        for x0, y0, x1, y1 in self.boxes:
+            if x + 2 < x1:
+                panel[y0:y1, max(x + 2, x0) : x1] = self.faded[y0:y1, max(x + 2, x0) : x1]
+            c0 = min(max(x - 1, x0), x1 - 3)
+            panel[y0:y1, c0 : c0 + 3] = CURSOR
+        return panel
+
+    def frame(self, k: int) -> np.ndarray:
+        """Frame `k` as (height, width, 3) uint8."""
+        from PIL import Image, ImageDraw
+
+        lay, n, last = self.lay, len(self.times), k == len(self.times) - 1
+        canvas = np.full((lay.height, lay.width, 3), 255, np.uint8)
+        for i, frames in enumerate(self.views.values()):
+            img = np.asarray(frames[k], np.uint8)
+            img = img.repeat(lay.scale, 0).repeat(lay.scale, 1) if lay.scale > 1 else img
+            canvas[BAR : BAR + lay.view_h, i * lay.view_w : (i + 1) * lay.view_w] = img
+        left = len(self.views) * lay.view_w
+        canvas[BAR : lay.height - BAR, left : left + PANEL_WIDTH] = self._panel(self.times[k])
+        canvas[:BAR] = COLORS[self.outcome] if last else (40, 40, 40)
+        canvas[-BAR:] = (245, 245, 245)
+        im = Image.fromarray(canvas)
+        draw, font = ImageDraw.Draw(im), _font(15)
+        head = f"{self.title}   t = {self.times[k] - self.times[0]:.1f} s   step {k}/{n - 1}".strip()
+        draw.text((8, 6), head, fill=(255, 255, 255), font=font)
+        tag = "outcome: " + (self.outcome or "unknown").upper()
+        colour = (255, 255, 255) if last else COLORS[self.outcome]
+        draw.text((lay.width - 8, 6), tag, fill=colour, font=font, anchor="ra")
+        action = self.actions[k] if self.actions is not None and k < len(self.actions) else None
+        draw.text((8, lay.height - BAR + 6), _fmt_action(action, self.names), fill=(20, 20, 20), font=font)
+        if last and self.outcome:  # the outcome over the views on the last frame
+            centre = (left // 2, BAR + lay.view_h // 2)
+            draw.text(centre, self.outcome.upper(), fill=COLORS[self.outcome], font=_font(40), anchor="mm",
+                      stroke_width=3, stroke_fill=(255, 255, 255))  # fmt: skip
+        return np.asarray(im)
+
+
 def write_rollout_video(
     path: str | Path,
     views: Mapping[str, Sequence[np.ndarray]] | Sequence[Sequence[np.ndarray]],
@@ -183,8 +243,6 @@ def write_rollout_video(
 
     Returns `path`; the video has T frames of `rollout_video_size(...)` pixels.
     """
-    from PIL import Image, ImageDraw
-
     views_d = _as_views(views)
     times_a = np.asarray(times, np.float64)
     n = len(times_a)
@@ -202,43 +260,13 @@ def write_rollout_video(
     plot, boxes, (x_first, px_per_s) = _static_panel(
         times_a, s_t, s_v, acts, sensor_panel or SensorPanel(), names, (PANEL_WIDTH, body_h)
     )
-    faded = (plot * (1 - FADE) + 255 * FADE).astype(np.uint8)
     outcome = None if success is None else ("success" if success else "failure")
+    scene = _Scene(views_d, times_a, acts, names, lay, plot, boxes, x_first, px_per_s, outcome, title)
     fps = fps or (float((n - 1) / (times_a[-1] - times_a[0])) if n > 1 and times_a[-1] > times_a[0] else 10.0)
     enc = VideoEncoder(path, fps=fps, height=lay.height, width=lay.width)
-    font, big = _font(15), _font(40)
     try:
         for k in range(n):
-            canvas = np.full((lay.height, lay.width, 3), 255, np.uint8)
-            for i, frames in enumerate(views_d.values()):
-                img = np.asarray(frames[k], np.uint8)
-                img = img.repeat(lay.scale, 0).repeat(lay.scale, 1) if lay.scale > 1 else img
-                canvas[BAR : BAR + lay.view_h, i * lay.view_w : (i + 1) * lay.view_w] = img
-            panel = plot.copy()
-            x = int(round(x_first + (times_a[k] - times_a[0]) * px_per_s))
-            for x0, y0, x1, y1 in boxes:  # the future faded, the cursor in red (3 px, kept inside the axes)
-                if x + 2 < x1:
-                    panel[y0:y1, max(x + 2, x0) : x1] = faded[y0:y1, max(x + 2, x0) : x1]
-                c0 = min(max(x - 1, x0), x1 - 3)
-                panel[y0:y1, c0 : c0 + 3] = CURSOR
-            left = len(views_d) * lay.view_w
-            canvas[BAR : BAR + body_h, left : left + PANEL_WIDTH] = panel
-            canvas[:BAR] = COLORS[outcome] if k == n - 1 else (40, 40, 40)
-            canvas[-BAR:] = (245, 245, 245)
-            im = Image.fromarray(canvas)
-            draw = ImageDraw.Draw(im)
-            head = f"{title}   t = {times_a[k] - times_a[0]:.1f} s   step {k}/{n - 1}".strip()
-            draw.text((8, 6), head, fill=(255, 255, 255), font=font)
-            tag = "outcome: " + (outcome or "unknown").upper()
-            draw.text((lay.width - 8, 6), tag, fill=COLORS[outcome] if k < n - 1 else (255, 255, 255),
-                      font=font, anchor="ra")  # fmt: skip
-            action = acts[k] if acts is not None and k < len(acts) else None
-            draw.text((8, lay.height - BAR + 6), _fmt_action(action, names), fill=(20, 20, 20), font=font)
-            if k == n - 1 and outcome:  # the outcome over the views on the last frame
-                cx, cy = len(views_d) * lay.view_w // 2, BAR + lay.view_h // 2
-                draw.text((cx, cy), outcome.upper(), fill=COLORS[outcome], font=big, anchor="mm",
-                          stroke_width=3, stroke_fill=(255, 255, 255))  # fmt: skip
-            enc.add(np.asarray(im))
+            enc.add(scene.frame(k))
     finally:
         enc.close()
     return Path(path)
