@@ -73,7 +73,7 @@ def trajectories(raws: list[dict], pred: np.ndarray, names: list[str], path: Pat
         axes[0][c].set_title(f"episode {e} ({sensor})", fontsize=9)
         axes[-1][c].set_xlabel("time (s)", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.06 if dropped else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.3 / (1.5 * rows + 0.6) if dropped else 0, 1, 1))
     if dropped:
         peak = float(np.abs(pred[..., dropped]).max()) if pred.size else 0.0
         value = float(raws[0]["actions"][0, dropped[0]])
@@ -109,18 +109,18 @@ def ablation_bars(metrics: dict[str, Any], path: Path) -> Path:
     note says so when the two differ."""
     plt = _plt()
     n_sensor, n_all = metrics["with_sensor"]["num_samples"], metrics["num_samples"]
-    groups = [("sensor", metrics["with_sensor"]["l1"], metrics.get("ablation", {}), f"{n_sensor} with sensor data")]
+    groups = [("sensor", metrics["with_sensor"]["l1"], metrics.get("ablation", {}), f"the {n_sensor} with sensor data")]
     groups.append(("cameras", metrics["l1"], metrics.get("vision_ablation", {}), f"all {n_all}"))
     groups = [g for g in groups if g[2]]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.4 * len(groups), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.4 * len(groups), 3.6), squeeze=False, sharey=True)
     for ax, (name, normal, modes, samples) in zip(axes[0], groups):
         labels = ["normal"] + list(modes)
         values = [normal] + [a["l1"] for a in modes.values()]
         bars = ax.bar(labels, values, color=["C2", "C3", "C1"][: len(values)])
         for b, v in zip(bars, values):
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel("L1 error")
-        ax.set_xlabel(f"{name} input ({samples} samples)", fontsize=8)
+        ax.set_ylabel("L1 error (physical units)")
+        ax.set_xlabel(f"{name} input; {samples} samples", fontsize=8)
         ax.set_title(f"does the policy use the {name}?", fontsize=10)
         ax.margins(y=0.12)
     both = len(groups) == 2 and n_sensor != n_all

@@ -230,7 +230,7 @@ def _write_video(recorder, video_dir: Path, episode: int, success: bool, tag: st
 
     what = "all modalities"
     if ablate_sensor:
-        what = "sensor ablated (the policy gets no sensor data; the trace is what the env measured)"
+        what = "sensor ablated (the policy sees no sensor; the trace is what it missed)"
     if ablate_vision:
         what = f"views ablated ({ablate_vision})" + (" + " + what if ablate_sensor else "")
     force = getattr(getattr(getattr(getattr(runner, "cfg", None), "model", None), "sensor", None), "force_channels", 0)

@@ -100,7 +100,7 @@ def _static_panel(
             for c in lines:
                 ax.plot(sensor_times, sensor_values[:, c], lw=1.0, label=names[c] if c < len(names) else f"ch {c}")
             ax.set_ylabel("sensor", fontsize=8)
-            ax.legend(fontsize=6, loc="upper left", ncol=3, frameon=False)
+            ax.legend(fontsize=6, loc="upper left", ncol=3, framealpha=0.8)
         elif kind == "heat":
             vals = sensor_values[:, heat].T
             ax.imshow(vals, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
@@ -114,7 +114,7 @@ def _static_panel(
                 name = action_names[d] if d < len(action_names) else f"a{d}"
                 ax.step(times[: len(actions)], actions[:, d], where="post", lw=1.0, label=name)
             ax.set_ylabel("action", fontsize=8)
-            ax.legend(fontsize=6, loc="upper left", ncol=4, frameon=False)
+            ax.legend(fontsize=6, loc="upper left", ncol=4, framealpha=0.8)
     axes[-1].set_xlim(t0, t1)
     axes[-1].set_xlabel("time (s)", fontsize=8, labelpad=1)
     fig.subplots_adjust(left=0.12, right=0.98, top=0.97, bottom=0.1, hspace=0.12)
