@@ -111,6 +111,27 @@ def test_rollout_reports_success_and_writes_a_video(trained, tmp_path):
     assert blind["sensor_ablated"] and blind["results"][0]["length"] <= 15
 
 
+def test_rollout_command_writes_videos_and_a_report_linking_them(trained, tmp_path, capsys):
+    """`sensorvla rollout --videos some`: the first success and the first failure with all inputs (here the
+    untrained policy fails, so one), a report with the table and a link per video that exists."""
+    import re
+
+    from sensorvla.cli import main
+    from sensorvla.data.video import probe
+
+    args = ["rollout", "--checkpoint", str(trained), "--episodes", "2", "--no-ablate", "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| all |" in report and f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out
+    links = re.findall(r"\]\(([^)]+\.mp4)\)", report)
+    saved = json.loads((tmp_path / "rollout.json").read_text())["all"]
+    assert len(links) == len({r["success"] for r in saved["results"]}) == len(saved["videos"])
+    for name in links:
+        assert probe(tmp_path / name).frames >= 2
+    assert main([*args[:-2], "--out", str(tmp_path / "none"), "--videos", "none"]) == 0
+    assert not list((tmp_path / "none").glob("*.mp4"))
+
+
 def test_latency_benchmark_structure(tiny_vl_dir):
     from sensorvla.eval.latency import bench_latency, format_table, ratios
 
