@@ -78,9 +78,11 @@ def smoke_heads(vl_dir: Path, data_dir: Path, settings: DemoSettings) -> None:
 def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSettings) -> dict:
     """Stage-1 cache, stage 1 (frozen VL, cached), stage 2 (LoRA + vision tower, augmented). Returns the
     stage summaries and their wall-clock times."""
+    from sensorvla.config import SensorVLAConfig
     from sensorvla.training.checkpoint import BEST_NAME
     from sensorvla.training.loop import train
 
+    ref = apply_values(SensorVLAConfig(), s.config_values(head))  # each run logs what differs from the recipe
     t0 = time.perf_counter()
     s1_dir, s2_dir = out / "stage1", out / "stage2"
     cfg1 = base_config(vl_dir, data_dir, s1_dir, head, s)
@@ -89,10 +91,10 @@ def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSett
     cache_cfg = copy.deepcopy(cfg1)
     cache_cfg.train.mode = "cache"
     print(f"[demo] stage 1: building the VL feature cache ({s.pooling} tokens)")
-    train(cache_cfg)
+    train(cache_cfg, reference=ref)
     t_cache = time.perf_counter()
     print("[demo] stage 1: sensor encoder + action expert, frozen VL, from the cache")
-    r1 = train(cfg1)
+    r1 = train(cfg1, reference=ref)
     t1 = time.perf_counter()
     cfg2 = base_config(vl_dir, data_dir, s2_dir, head, s)
     cfg2.train.stage = "stage2"
@@ -106,7 +108,7 @@ def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSett
     cfg2.train.lr = cfg2.train.sensor_lr = cfg2.train.vl_lr = cfg2.train.vision_lr = s.stage2_lr
     cfg2.train.warmup_ratio = 0.1
     print("[demo] stage 2: LoRA on the language model + the vision tower trained, augmented, from stage 1")
-    r2 = train(cfg2)
+    r2 = train(cfg2, reference=ref)
     t2 = time.perf_counter()
     return {
         "stage1": {"best_val": r1["best_val"], "steps": r1["steps"]},

@@ -311,7 +311,7 @@ def _start(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
     _setup_logging(info.is_main)
     torch.manual_seed(cfg.train.seed + info.rank)
     if info.is_main:  # before the derived values (accumulation, dataset shapes): what the caller chose
-        against = "the defaults" if reference is None else "the command's defaults (its preset, if any)"
+        against = "the defaults" if reference is None else "the given reference (the command's preset or defaults)"
         logger.info(describe_changes(config_changes(cfg, reference), against))
     cfg.train.grad_accum_steps = derive_grad_accum(cfg.train, info.world_size)
     if info.is_main:
