@@ -3,8 +3,9 @@
 `--train.progress` (and the `progress` argument of the library functions) picks: "on" = a tqdm bar, "off" =
 plain lines, "auto" (the default, also `True`) = a bar only when stdout and stderr are both terminals, so a
 redirected log (`sensorvla demo > log.txt 2>&1`) never gets the `\\r` frames of a bar; `False` = silent (the
-caller reports by itself, e.g. a rank other than 0). Plain lines go to the `sensorvla.progress` logger: one
-every `interval_s` seconds while the loop runs, and one when it ends. `quiet_library_bars()` turns the bars of
+caller reports by itself, e.g. a rank other than 0). Plain lines go to the `sensorvla.progress` logger while
+the loop runs, `interval_s` (15 s) apart and at least a fifth of the time elapsed (a long loop gets about 20
+lines, not hundreds), and one when it ends. `quiet_library_bars()` turns the bars of
 transformers and huggingface_hub ("Loading weights", downloads) off under the same rule.
 """
 
@@ -88,12 +89,15 @@ class Progress:
         self.close()
 
     def update(self, n: int = 1) -> None:
-        """Count `n` more units done; a plain line when `interval_s` has passed since the last one."""
+        """Count `n` more units done; a plain line when `interval_s` (and a fifth of the time elapsed) has passed
+        since the last one."""
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.lines and time.perf_counter() - self._last >= self.interval_s:
-            self._line()
+        elif self.lines:
+            now = time.perf_counter()
+            if now - self._last >= max(self.interval_s, (now - self._t0) / 5):
+                self._line()
 
     def set_postfix(self, **values: Any) -> None:
         """Values shown after the count (the bar's postfix; appended to the plain lines)."""
