@@ -109,8 +109,15 @@ def ablation_bars(metrics: dict[str, Any], path: Path) -> Path:
     note says so when the two differ."""
     plt = _plt()
     n_sensor, n_all = metrics["with_sensor"]["num_samples"], metrics["num_samples"]
-    groups = [("sensor", metrics["with_sensor"]["l1"], metrics.get("ablation", {}), f"the {n_sensor} with sensor data")]
-    groups.append(("cameras", metrics["l1"], metrics.get("vision_ablation", {}), f"all {n_all}"))
+    groups = [
+        (
+            "sensor",
+            metrics["with_sensor"]["l1"],
+            metrics.get("ablation", {}),
+            f"the {n_sensor} samples with sensor data",
+        )
+    ]
+    groups.append(("cameras", metrics["l1"], metrics.get("vision_ablation", {}), f"all {n_all} samples"))
     groups = [g for g in groups if g[2]]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.4 * len(groups), 3.6), squeeze=False, sharey=True)
     for ax, (name, normal, modes, samples) in zip(axes[0], groups):
@@ -120,7 +127,7 @@ def ablation_bars(metrics: dict[str, Any], path: Path) -> Path:
         for b, v in zip(bars, values):
             ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("L1 error (physical units)")
-        ax.set_xlabel(f"{name} input; {samples} samples", fontsize=8)
+        ax.set_xlabel(f"{name} input: {samples}", fontsize=8)
         ax.set_title(f"does the policy use the {name}?", fontsize=10)
         ax.margins(y=0.12)
     both = len(groups) == 2 and n_sensor != n_all

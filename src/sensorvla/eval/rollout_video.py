@@ -206,6 +206,8 @@ class _Scene:
         tag = "outcome: " + (self.outcome or "unknown").upper()
         colour = (255, 255, 255) if last else COLORS[self.outcome]
         draw.text((lay.width - 8, 6), tag, fill=colour, font=font, anchor="ra")
+        for i, name in enumerate(self.views):  # each view's name in its corner
+            draw.text((i * lay.view_w + 6, BAR + 4), name, fill=(60, 60, 60), font=_font(13))
         action = self.actions[k] if self.actions is not None and k < len(self.actions) else None
         draw.text((8, lay.height - BAR + 6), _fmt_action(action, self.names), fill=(20, 20, 20), font=font)
         if last and self.outcome:  # the outcome over the views on the last frame

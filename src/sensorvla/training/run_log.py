@@ -116,6 +116,10 @@ def plot_training_curves(metrics_path: Path, path: Path) -> Path | None:
         marker = "o" if len(s) <= 30 else None  # logged every --train.log-every-steps steps
         ax_lr.plot(s, v, lw=1.5, ls=("-", "--", ":", "-.")[k % 4], marker=marker, ms=3, label=name.removeprefix("lr/"))
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate per parameter group")
+    points = max((len(curves[g]) for g in groups), default=0)
+    if 0 < points < 10:  # logged with the full rows only: say so rather than imply a straight schedule
+        ax_lr.text(0.02, 0.02, f"{points} logged points (--train.log-every-steps)", transform=ax_lr.transAxes,
+                   fontsize=8, color="0.4")  # fmt: skip
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if groups:
         ax_lr.legend(fontsize=8)
