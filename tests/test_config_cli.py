@@ -325,7 +325,7 @@ def test_train_resume_parses_the_flags_over_the_saved_run(tmp_path, monkeypatch,
     last.mkdir(parents=True)
     (last / "config.json").write_text(saved.to_json())
     seen = []
-    monkeypatch.setattr(train_cli, "run_train", lambda cfg: seen.append(cfg) or 0)
+    monkeypatch.setattr(train_cli, "run_train", lambda cfg, reference=None: seen.append(cfg) or 0)
     assert main(["train", "--resume", "--output-dir", str(tmp_path), "--lr", "0.25"]) == 0
     (cfg,) = seen
     assert (cfg.model.head.type, cfg.train.batch_size, cfg.train.lr, cfg.train.resume) == ("flow", 3, 0.25, True)
@@ -373,7 +373,7 @@ def test_presets_through_the_dispatcher(monkeypatch, capsys):
     from sensorvla.presets import preset_config
 
     seen = []
-    monkeypatch.setattr(train_cli, "run_train", lambda cfg: seen.append(cfg) or 0)
+    monkeypatch.setattr(train_cli, "run_train", lambda cfg, reference=None: seen.append(cfg) or 0)
     assert main(["train", "--preset", "seed-regression-stage2", "--lr", "5e-5", "--dataset-dir", "/d"]) == 0
     (cfg,) = seen
     want = preset_config("seed-regression-stage2")
@@ -383,3 +383,38 @@ def test_presets_through_the_dispatcher(monkeypatch, capsys):
     assert "--preset 'nope' is not a preset" in capsys.readouterr().err
     assert main(["plan", "--preset"]) == 2
     assert "--preset needs a name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "changed"),
+    [
+        (
+            ["--preset", "seed-regression-stage2", "--lr", "5e-5", "--dataset-dir", "/d"],
+            {"train.lr", "data.dataset_dir"},
+        ),
+        (["--batch_size", "3", "--model.head.type", "flow"], {"train.batch_size", "model.head.type"}),
+        # stage 2's default finetune mode (auto -> lora) is no change; the stage and its checkpoint are
+        (
+            ["--train.stage", "stage2", "--train.stage1-checkpoint", "/s1.pt"],
+            {"train.stage", "train.stage1_checkpoint"},
+        ),
+        (["--preset", "demo"], set()),
+    ],
+)
+def test_config_diff_names_exactly_the_flags_given(monkeypatch, argv, changed):
+    """The start of a run logs what differs from the command's preset or defaults: exactly the flags given."""
+    import sensorvla.cli.train as train_cli
+    from sensorvla.cli import main
+    from sensorvla.config import config_changes, describe_changes
+
+    seen = []
+    monkeypatch.setattr(train_cli, "run_train", lambda cfg, reference=None: seen.append((cfg, reference)) or 0)
+    assert main(["train", *argv]) == 0
+    ((cfg, reference),) = seen
+    changes = config_changes(cfg, reference)
+    assert set(changes) == changed
+    text = describe_changes(changes)
+    assert len(text.splitlines()) == 1 + len(changed)
+    if "train.lr" in changed:
+        assert changes["train.lr"] == (1e-4, 5e-5) and "  --train.lr 5e-05 (was 0.0001)" in text
+    assert config_changes(SensorVLAConfig()) == {}

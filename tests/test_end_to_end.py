@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import torch
+
+from sensorvla.data.video import probe
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -56,4 +59,16 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "| ours, all modalities |" in report and "| scripted expert, no cameras |" in report
     for name in ("metrics.json", "report.md", "sensor_ablation.png", "trajectories.png"):
         assert (tmp_path / "eval" / name).exists()
-    assert list((tmp_path / "rollout").glob("*.gif"))
+    # what a user opens: rollout videos (a success if any, a failure, the sensor ablated), curves, eval figures
+    links = re.findall(r"\]\((rollout/[^)]+\.mp4)\)", report)
+    assert len(links) >= 2 and any("_blind_" in name for name in links), report
+    if table["all"]["success_rate"] > 0:
+        assert any("_sensor_success" in name for name in links)
+    for name in links:
+        assert probe(tmp_path / name).frames > 1
+    for stage in ("stage1", "stage2"):
+        assert f"]({stage}/training_curves.png)" in report and (tmp_path / stage / "training_curves.png").exists()
+        assert (tmp_path / stage / "train_config.json").exists()
+    assert "](eval/trajectories.png)" in report
+    # a redirected run (the pipes here are not terminals) has no progress-bar frames
+    assert "\r" not in r.stdout + r.stderr

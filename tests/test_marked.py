@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,15 @@ def test_full_demo_meets_the_closed_loop_table(tmp_path, head):
     assert t["all"]["success_rate"] >= t["cnn_reference"]["success_rate"]
     assert s["meets_targets"], s["targets"]
     assert s["eval"]["sensor_ablation_delta_l1_missing"] > 0 and s["eval"]["vision_ablation_delta_l1_blank"] > 0
-    assert "| ours, all modalities |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| ours, all modalities |" in report
+    # issue 23: three rollout videos (a success, a failure, the sensor ablated), curves, a log without `\r`
+    videos = re.findall(r"\]\((rollout/[^)]+\.mp4)\)", report)
+    assert len(videos) == 3 and all((tmp_path / v).stat().st_size > 0 for v in videos), videos
+    assert any("_success" in v for v in videos) and any("_blind_" in v for v in videos)
+    assert sum("_failure" in v for v in videos) >= 1
+    assert "](stage1/training_curves.png)" in report and "](stage2/training_curves.png)" in report
+    assert "\r" not in r.stdout + r.stderr
 
 
 @pytest.mark.gpu

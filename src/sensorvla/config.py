@@ -9,6 +9,7 @@ This module touches no file on import.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -573,6 +574,39 @@ def resolve_stage_defaults(cfg: SensorVLAConfig) -> SensorVLAConfig:
         if get_key(cfg, key) == "auto":
             set_key(cfg, key, value)
     return cfg
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(cfg: SensorVLAConfig, base: SensorVLAConfig | None = None) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (base value, value) for every key where `cfg` differs from `base` (default: the defaults),
+    in key order. The "auto" keys of both are first resolved for `cfg`'s stage (`resolve_stage_defaults`), so
+    a stage default is not reported as a change; the stage itself is when it differs."""
+    ref = copy.deepcopy(base) if base is not None else SensorVLAConfig()
+    cfg = copy.deepcopy(cfg)
+    for key, value in stage_config(cfg).defaults.items():
+        for tree in (ref, cfg):
+            if get_key(tree, key) == "auto":
+                set_key(tree, key, value)
+    new, old = _leaves(cfg.to_dict()), _leaves(ref.to_dict())
+    return {k: (old.get(k), v) for k, v in sorted(new.items()) if old.get(k) != v}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], against: str = "the defaults") -> str:
+    """`config_changes` as log lines: `--train.lr 0.001 (default 0.0001)`, one per key."""
+    if not changes:
+        return f"config: no value differs from {against}"
+    lines = [f"config: {len(changes)} value(s) differ from {against}:"]
+    lines += [f"  {_flag(k)} {json.dumps(v)} (was {json.dumps(old)})" for k, (old, v) in changes.items()]
+    return "\n".join(lines)
 
 
 def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int) -> ModelConfig:

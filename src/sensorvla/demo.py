@@ -78,9 +78,11 @@ def smoke_heads(vl_dir: Path, data_dir: Path, settings: DemoSettings) -> None:
 def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSettings) -> dict:
     """Stage-1 cache, stage 1 (frozen VL, cached), stage 2 (LoRA + vision tower, augmented). Returns the
     stage summaries and their wall-clock times."""
+    from sensorvla.config import SensorVLAConfig
     from sensorvla.training.checkpoint import BEST_NAME
     from sensorvla.training.loop import train
 
+    ref = apply_values(SensorVLAConfig(), s.config_values(head))  # each run logs what differs from the recipe
     t0 = time.perf_counter()
     s1_dir, s2_dir = out / "stage1", out / "stage2"
     cfg1 = base_config(vl_dir, data_dir, s1_dir, head, s)
@@ -89,10 +91,10 @@ def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSett
     cache_cfg = copy.deepcopy(cfg1)
     cache_cfg.train.mode = "cache"
     print(f"[demo] stage 1: building the VL feature cache ({s.pooling} tokens)")
-    train(cache_cfg)
+    train(cache_cfg, reference=ref)
     t_cache = time.perf_counter()
     print("[demo] stage 1: sensor encoder + action expert, frozen VL, from the cache")
-    r1 = train(cfg1)
+    r1 = train(cfg1, reference=ref)
     t1 = time.perf_counter()
     cfg2 = base_config(vl_dir, data_dir, s2_dir, head, s)
     cfg2.train.stage = "stage2"
@@ -106,7 +108,7 @@ def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSett
     cfg2.train.lr = cfg2.train.sensor_lr = cfg2.train.vl_lr = cfg2.train.vision_lr = s.stage2_lr
     cfg2.train.warmup_ratio = 0.1
     print("[demo] stage 2: LoRA on the language model + the vision tower trained, augmented, from stage 1")
-    r2 = train(cfg2)
+    r2 = train(cfg2, reference=ref)
     t2 = time.perf_counter()
     return {
         "stage1": {"best_val": r1["best_val"], "steps": r1["steps"]},
@@ -116,21 +118,33 @@ def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSett
     }
 
 
-def closed_loop(runner, rollouts: int, video_dir: Path | None, seed: int = 1000) -> dict:
-    """The three rows of the table: all modalities, sensor ablated, vision ablated (views blanked)."""
+VIDEO_MODES = ("some", "all", "none")
+
+
+def closed_loop(runner, rollouts: int, video_dir: Path | None, seed: int = 1000, videos: str = "some") -> dict:
+    """The three rows of the table: all modalities, sensor ablated, vision ablated (views blanked).
+
+    `videos` "some" writes three rollout videos to `video_dir`: a success and a failure with all modalities
+    (the failure from the vision-ablated row when every episode with all modalities succeeds) and the first
+    failure with the sensor ablated; "all" one per episode of every row; "none" none."""
     import gymnasium as gym
 
     from sensorvla.eval.rollout import rollout
     from sensorvla.world.envs import register_envs
 
+    if videos not in VIDEO_MODES:
+        raise ValueError(f"videos={videos!r}: choose one of {VIDEO_MODES}")
     register_envs()
     rows = {}
-    for name, kw in (
-        ("all", {"video_dir": video_dir}),
-        ("sensor_ablated", {"ablate_sensor": True}),
-        ("vision_ablated", {"ablate_vision": "blank"}),
+    choice = {"some": ("outcomes", "failure", "failure"), "all": ("all",) * 3, "none": ("none",) * 3}[videos]
+    for (name, kw), wanted in zip(
+        (("all", {}), ("sensor_ablated", {"ablate_sensor": True}), ("vision_ablated", {"ablate_vision": "blank"})),
+        choice,
     ):
-        r = rollout(runner, gym.make("sensorvla/Insertion-v0"), episodes=rollouts, seed=seed, **kw)
+        if name == "vision_ablated" and videos == "some" and any(not v["success"] for v in rows["all"]["videos"]):
+            wanted = "none"  # the failure video is already there
+        env = gym.make("sensorvla/Insertion-v0")
+        r = rollout(runner, env, episodes=rollouts, seed=seed, video_dir=video_dir, videos=wanted, **kw)
         rows[name] = {k: v for k, v in r.items() if k != "results"}
     return rows
 
@@ -269,16 +283,64 @@ def format_table(head: str, table: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settings: DemoSettings | None = None) -> dict:
-    """Run the demo for one head; returns (and writes to out/demo_summary.json) the summary."""
+def video_links(table: dict, out: Path) -> list[str]:
+    """Markdown list items linking the rollout videos of the table's rows (paths relative to `out`)."""
+    labels = {"all": "all modalities", "sensor_ablated": "sensor ablated", "vision_ablated": "views blanked"}
+    items = []
+    for row, label in labels.items():
+        for v in table.get(row, {}).get("videos", []):
+            rel = Path(v["path"]).resolve().relative_to(out.resolve()).as_posix()
+            outcome = "success" if v["success"] else "failure"
+            items.append(f"- [{label}, episode {v['episode']}: {outcome}]({rel})")
+    return items
+
+
+def write_report(out: Path, head: str, quick: bool, text: str, checks: dict, table: dict, wall_s: float) -> Path:
+    """out/report.md: the table, the targets, the rollout videos, the training curves and the eval figures."""
+    from sensorvla.io import atomic_write_bytes
+    from sensorvla.training.run_log import CURVES_NAME
+
+    report = [f"# sensorvla demo ({'quick' if quick else 'full'}), head {head}", "", text, "", "## Targets", ""]
+    report += [f"- {'met' if ok else 'MISSED'}: {name}" for name, ok in checks.items()]
+    videos = video_links(table, out)
+    report += ["", "## Rollout videos", ""]
+    report += ["The camera views, the sensor trace (force; the A-scan bins as a heatmap) with a cursor at the current "
+               "time, the action and the outcome (mp4, H.264).", ""] if videos else []  # fmt: skip
+    report += videos or ["(none written: `sensorvla demo --videos some` or `all`)"]
+    report += ["", "## Training curves", ""]
+    for stage in ("stage1", "stage2"):
+        if (out / stage / CURVES_NAME).exists():
+            report += [f"![{stage} training curves]({stage}/{CURVES_NAME})", ""]
+    report += ["## Offline evaluation", "", "Details: [eval/report.md](eval/report.md).", ""]
+    for name in ("trajectories", "sensor_ablation"):
+        if (out / "eval" / f"{name}.png").exists():
+            report += [f"![{name.replace('_', ' ')}](eval/{name}.png)", ""]
+    report += [f"Wall clock {wall_s:.0f} s."]
+    path = out / "report.md"
+    atomic_write_bytes(path, ("\n".join(report) + "\n").encode())
+    return path
+
+
+def run_demo(
+    out: Path,
+    *,
+    head: str = "regression",
+    quick: bool = False,
+    settings: DemoSettings | None = None,
+    videos: str = "some",
+) -> dict:
+    """Run the demo for one head; returns (and writes to out/demo_summary.json) the summary. `videos`: which
+    rollout videos to write (`closed_loop`)."""
     from sensorvla.data.normalize import compute_stats
     from sensorvla.eval.offline import evaluate
     from sensorvla.inference.runner import PolicyRunner
-    from sensorvla.io import atomic_write_bytes, atomic_write_json
+    from sensorvla.io import atomic_write_json
+    from sensorvla.progress import quiet_library_bars
     from sensorvla.training.data_setup import stats_path
     from sensorvla.world.synth import generate_dataset
     from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
+    quiet_library_bars()  # a redirected log gets no `\r` bars from transformers / huggingface_hub
     s = settings or (DemoSettings.quick() if quick else DemoSettings())
     t_start = time.perf_counter()
     out = Path(out)
@@ -303,7 +365,7 @@ def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settin
     t_eval = time.perf_counter()
     print("[demo] closed-loop rollouts: all modalities / sensor ablated / vision ablated")
     runner = PolicyRunner.from_pretrained(ckpt)
-    table = closed_loop(runner, s.rollouts, out / "rollout")
+    table = closed_loop(runner, s.rollouts, out / "rollout", videos=videos)
     table.update(references(s.rollouts))
     trained["wall_s"].update(
         {  # the demo's phases (the CNN reference trains during cache + stage 1 + stage 2, on the other core)
@@ -331,10 +393,7 @@ def run_demo(out: Path, *, head: str = "regression", quick: bool = False, settin
         "rollout_success_vision_ablated": table["vision_ablated"]["success_rate"],
         "wall_s_total": time.perf_counter() - t_start,
     }
-    report = [f"# sensorvla demo ({'quick' if quick else 'full'}), head {head}", "", text, "", "## Targets", ""]
-    report += [f"- {'met' if ok else 'MISSED'}: {name}" for name, ok in checks.items()]
-    report += ["", f"Offline evaluation: [eval/report.md](eval/report.md). Wall clock {summary['wall_s_total']:.0f} s."]
-    atomic_write_bytes(out / "report.md", ("\n".join(report) + "\n").encode())
+    write_report(out, head, quick, text, checks, table, summary["wall_s_total"])
     atomic_write_json(out / "demo_summary.json", json.loads(json.dumps(summary, default=float)))
     print(text)
     print("\n".join(f"[demo] target {'met' if ok else 'MISSED'}: {name}" for name, ok in checks.items()))

@@ -4,6 +4,7 @@ rollouts and the latency benchmark's structure."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -96,18 +97,39 @@ def test_env_expert_needs_the_sensor():
     assert blind["success_rate"] <= expert["success_rate"] - 0.4
 
 
-def test_rollout_reports_success_and_writes_gif(trained, tmp_path):
+def test_rollout_reports_success_and_writes_a_video(trained, tmp_path):
     register_envs()
     runner = PolicyRunner.from_pretrained(trained)
     env = gym.make("sensorvla/Insertion-v0", max_episode_steps=None)
     env.unwrapped.cfg.max_steps = 15
-    r = rollout(runner, env, episodes=2, execute_steps=4, video_dir=tmp_path, max_videos=1)
+    r = rollout(runner, env, episodes=2, execute_steps=4, video_dir=tmp_path, videos="first")
     assert r["episodes"] == 2 and r["success_rate"] == np.mean([e["success"] for e in r["results"]])
     assert all(e["final_lateral_error_mm"] is not None and e["final_depth_error_mm"] is not None for e in r["results"])
     assert all(1 <= e["length"] <= 15 for e in r["results"])
-    assert (tmp_path / "episode_00_sensor.gif").stat().st_size > 0
+    assert [Path(v["path"]).stat().st_size > 0 for v in r["videos"]] == [True]
     blind = rollout(runner, env, episodes=1, execute_steps=8, ablate_sensor=True)
     assert blind["sensor_ablated"] and blind["results"][0]["length"] <= 15
+
+
+def test_rollout_command_writes_videos_and_a_report_linking_them(trained, tmp_path, capsys):
+    """`sensorvla rollout --videos some`: the first success and the first failure with all inputs (here the
+    untrained policy fails, so one), a report with the table and a link per video that exists."""
+    import re
+
+    from sensorvla.cli import main
+    from sensorvla.data.video import probe
+
+    args = ["rollout", "--checkpoint", str(trained), "--episodes", "2", "--no-ablate", "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| all |" in report and f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out
+    links = re.findall(r"\]\(([^)]+\.mp4)\)", report)
+    saved = json.loads((tmp_path / "rollout.json").read_text())["all"]
+    assert len(links) == len({r["success"] for r in saved["results"]}) == len(saved["videos"])
+    for name in links:
+        assert probe(tmp_path / name).frames >= 2
+    assert main([*args[:-2], "--out", str(tmp_path / "none"), "--videos", "none"]) == 0
+    assert not list((tmp_path / "none").glob("*.mp4"))
 
 
 def test_latency_benchmark_structure(tiny_vl_dir):

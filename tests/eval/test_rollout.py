@@ -8,9 +8,9 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
-from PIL import Image
 
 from sensorvla.config import SensorVLAConfig
+from sensorvla.data.video import probe
 from sensorvla.eval.rollout import expert_rollout, rollout
 from sensorvla.inference.runner import PolicyRunner
 from sensorvla.training.loop import train
@@ -109,20 +109,22 @@ def test_sensor_unavailable_env_reaches_the_runner_as_missing(runner):
     assert runner.raw_sample(obs)["has_sensor"]
 
 
-def test_rollout_reports_success_length_and_writes_a_gif(runner, tmp_path):
+def test_rollout_reports_success_length_and_writes_a_video(runner, tmp_path):
     env = InsertionEnv()
     env.cfg.max_steps = 10
     spy = SpyRunner(runner)
-    r = rollout(spy, env, episodes=2, execute_steps=3, video_dir=tmp_path, max_videos=1, seed=0)
+    r = rollout(spy, env, episodes=2, execute_steps=3, video_dir=tmp_path, videos="first", seed=0)
     lengths = [e["length"] for e in r["results"]]
     assert r["episodes"] == 2 and spy.resets == 2 and all(1 <= n <= 10 for n in lengths)
     assert r["success_rate"] == np.mean([e["success"] for e in r["results"]])
     assert r["mean_episode_length"] == pytest.approx(np.mean(lengths))
     assert len(spy.has_sensor) == sum(math.ceil(n / 3) for n in lengths)  # re-query every 3 steps
     assert all(spy.has_sensor)
-    gif = Image.open(tmp_path / "episode_00_sensor.gif")
-    assert gif.n_frames == lengths[0] + 1  # the reset frame plus one per step
-    assert not (tmp_path / "episode_01_sensor.gif").exists()  # max_videos=1
+    outcome = "success" if r["results"][0]["success"] else "failure"
+    video = tmp_path / f"episode_00_sensor_{outcome}.mp4"
+    assert r["videos"] == [{"episode": 0, "success": r["results"][0]["success"], "path": str(video)}]
+    assert probe(video).frames == lengths[0] + 1  # the reset frame plus one per step
+    assert [p.name for p in tmp_path.iterdir()] == [video.name]  # videos="first"
 
     spy.has_sensor.clear()
     blind = rollout(spy, env, episodes=2, execute_steps=8, ablate_sensor=True, seed=0)

@@ -358,17 +358,25 @@ def test_schedule_spans_the_run_not_the_epochs(tmp_path, tiny_vl_dir, synth_data
 
 
 def test_progress_is_plain_lines_when_not_a_terminal(tmp_path, tiny_vl_dir, synth_dataset_dir, capfd):
-    from sensorvla.training.loop import use_progress_bar
+    """Plain lines in a redirected log; the start names only the changed values, the run folder holds the whole
+    config and the training curves."""
+    from sensorvla.config import SensorVLAConfig, config_changes
+    from sensorvla.training.loop import RUN_CONFIG_FILE
+    from sensorvla.training.run_log import CURVES_NAME
 
     cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, max_steps=3)
     cfg.train.log_every_steps = 2
-    train(cfg)  # progress allowed; pytest's captured stdout/stderr are not terminals
-    out, err = capfd.readouterr()
-    assert "\r" not in out + err  # no bar redraws (ours or transformers') in a redirected log
+    out = train(cfg)  # progress allowed; pytest's captured stdout/stderr are not terminals
+    stdout, err = capfd.readouterr()
+    assert "\r" not in stdout + err  # no bar redraws (ours or transformers') in a redirected log
     for step in ("step 1/3", "step 2/3", "step 3/3"):
         assert step in err
-    assert use_progress_bar("on") and not use_progress_bar("off") and not use_progress_bar("on", allowed=False)
-    assert not use_progress_bar("auto")  # not a terminal here
+    changed = config_changes(cfg)
+    assert f"config: {len(changed)} value(s) differ from the defaults:" in err and 0 < len(changed) < 20
+    assert "  --train.max-steps 3 (was 0)" in err and '"model": {' not in err  # not the whole JSON
+    saved = SensorVLAConfig.load(tmp_path / RUN_CONFIG_FILE)
+    assert saved.to_dict() == out["config"]
+    assert (tmp_path / CURVES_NAME).stat().st_size > 0
 
 
 def test_validation_never_reseeds_global_generators(tmp_path, tiny_vl_dir, synth_dataset_dir, monkeypatch):

@@ -42,6 +42,7 @@ def dispatch(args: list[str], train_default: SensorVLAConfig, resumed: bool = Fa
 
 def main(argv: list[str] | None = None) -> int:
     """`sensorvla <command> [flags]`: the exit code (2 for a bad flag, 1 for a known error, its message printed)."""
+    from sensorvla.progress import quiet_library_bars
     from sensorvla.runtime import configure_threads
 
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = [args[0], *rest]
     if args[0] not in {"-h", "--help"}:
         configure_threads()
+        quiet_library_bars()  # no `\r` bars of transformers / huggingface_hub in a redirected log
     try:
         return dispatch(args, default)
     except SystemExit as e:  # tyro: --help (0) or a flag it cannot parse (2, message printed)

@@ -13,10 +13,12 @@ def demo(
     episodes: int | None = None,
     rollouts: int | None = None,
     baseline: bool | None = None,
+    videos: Literal["some", "all", "none"] = "some",
 ) -> int:
     """The full two-stage demo: tiny model + synthetic data -> cache -> stage 1 -> stage 2 -> eval -> closed-loop
     table (all / sensor ablated / vision ablated) beside a plain CNN reference. `--quick` is the < 2 min variant.
-    The table and whether each target was met are printed and written to OUT/report.md."""
+    The table and whether each target was met are printed and written to OUT/report.md, with links to the
+    rollout videos (`--videos some`: a success, a failure, one with the sensor ablated; `all`: every episode)."""
     import dataclasses
 
     from sensorvla.demo import DemoSettings, run_demo
@@ -24,7 +26,7 @@ def demo(
     s = DemoSettings.quick() if quick else DemoSettings()
     overrides = {"episodes": episodes, "rollouts": rollouts, "baseline": baseline}
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
-    run_demo(out, head=head, quick=quick, settings=s)
+    run_demo(out, head=head, quick=quick, settings=s, videos=videos)
     return 0
 
 

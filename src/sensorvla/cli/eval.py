@@ -40,32 +40,47 @@ def rollout(
     ablate: bool = True,
     out: Path = Path("rollout_out"),
     seed: int = 0,
+    videos: Literal["some", "all", "none"] = "some",
 ) -> int:
     """Closed-loop rollouts of a checkpoint in a Gymnasium environment (chunked execution). With `--ablate`
     (the default) it also runs the sensor-ablated and the vision-ablated (blanked and shuffled views) rows
-    and prints one table: all / sensor ablated / vision ablated."""
+    and prints one table: all / sensor ablated / vision ablated. Writes OUT/rollout.json, OUT/report.md and
+    mp4 videos (views, sensor trace, action, outcome): `--videos some` the first success and the first failure
+    with all inputs and the first failure with the sensor ablated; `all` every episode of every row."""
     import gymnasium as gym
 
     from sensorvla.eval.rollout import rollout as run
     from sensorvla.inference.runner import PolicyRunner
-    from sensorvla.io import atomic_write_json
+    from sensorvla.io import atomic_write_bytes, atomic_write_json
     from sensorvla.world.envs import register_envs
 
     register_envs()
     runner = PolicyRunner.from_pretrained(checkpoint)
-    rows = {"all": {"video_dir": out}}
+    some = videos == "some"
+    rows = {"all": {"videos": "outcomes" if some else videos}}
     if ablate:
         rows.update(
-            sensor_ablated={"ablate_sensor": True},
-            vision_ablated={"ablate_vision": "blank"},
-            vision_shuffled={"ablate_vision": "shuffled"},
+            sensor_ablated={"ablate_sensor": True, "videos": "failure" if some else videos},
+            vision_ablated={"ablate_vision": "blank", "videos": "none" if some else videos},
+            vision_shuffled={"ablate_vision": "shuffled", "videos": "none" if some else videos},
         )
     result = {
-        name: run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, seed=seed, **kw)
+        name: run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, seed=seed, video_dir=out, **kw)
         for name, kw in rows.items()
     }
     atomic_write_json(out / "rollout.json", json.loads(json.dumps(result, default=float)))
-    print(rollout_table(result))
+    table = rollout_table(result)
+    links = [
+        f"- [{name.replace('_', ' ')}, episode {v['episode']}: {'success' if v['success'] else 'failure'}]"
+        f"({Path(v['path']).name})"
+        for name, r in result.items()
+        for v in r["videos"]
+    ]
+    report = [f"# Rollouts of `{checkpoint}` in {env}, {episodes} episodes per row", "", table, ""]
+    report += ["## Videos", "", *(links or ["(none: --videos none)"]), ""]
+    atomic_write_bytes(out / "report.md", "\n".join(report).encode())
+    print(table)
+    print(f"report: {out / 'report.md'}")
     return 0
 
 

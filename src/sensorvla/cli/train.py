@@ -109,8 +109,9 @@ def parse_train_config(argv: list[str], default_head: str = "regression") -> Sen
     return resolve_stage_defaults(parse(saved) if saved is not None else parsed)
 
 
-def run_train(cfg: SensorVLAConfig) -> int:
-    """Validate `cfg` and train it: 0 on success, 2 for a bad config, 1 for a known error (message, no traceback)."""
+def run_train(cfg: SensorVLAConfig, reference: SensorVLAConfig | None = None) -> int:
+    """Validate `cfg` and train it: 0 on success, 2 for a bad config, 1 for a known error (message, no traceback).
+    The run's log names the values that differ from `reference` (the command's preset or defaults)."""
     try:
         cfg.validate()
     except ConfigError as e:
@@ -119,7 +120,7 @@ def run_train(cfg: SensorVLAConfig) -> int:
     from sensorvla.training.loop import train
 
     try:
-        train(cfg)  # logs the stage warnings (config.stage_warnings) itself, for Python callers too
+        train(cfg, reference=reference)  # logs the stage warnings (config.stage_warnings) itself, for Python too
     except known_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -130,10 +131,11 @@ def cmd_train(argv: list[str], default_head: str = "regression") -> int:
     """Parse train flags (seed or dotted) and train; the exit code of `run_train` (2 for a bad flag value)."""
     try:
         cfg = parse_train_config(argv, default_head)
+        reference = base_train_config(default_head, split_train_args(argv)[0])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_train(cfg)
+    return run_train(cfg, reference)
 
 
 def over_saved_run(cfg: SensorVLAConfig, reparse, run) -> int:
@@ -150,7 +152,7 @@ def train_command(default: SensorVLAConfig, reparse):
     """The `sensorvla train` subcommand over `default`; `reparse(saved)` re-reads the flags over a saved run."""
 
     def train(cfg: TrainFlags = default) -> int:
-        return over_saved_run(cfg, reparse, run_train)
+        return over_saved_run(cfg, reparse, lambda c: run_train(c, reference=default))
 
     train.__doc__ = train_help(default)
     return train

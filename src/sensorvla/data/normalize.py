@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from sensorvla.io import atomic_write_json
+from sensorvla.progress import progress as track
 
 STAT_NAMES = ("mean", "std", "q01", "q99", "min", "max")
 EPS = 1e-6  # std / quantile range floor: constant channels map to 0 instead of dividing by ~0
@@ -370,7 +371,7 @@ def _moments(x: np.ndarray) -> dict[str, np.ndarray]:
 
 def compute_stats(
     root: str | Path,
-    progress: bool = True,
+    progress: bool | str = True,
     max_rows_per_episode: int = 20_000,
     *,
     data_cfg=None,
@@ -385,8 +386,6 @@ def compute_stats(
     NaN/inf, a value beyond MAX_ABS, a bad clock or a damaged video raises DataError naming the episode,
     stream, column and sample (or the file).
     """
-    from tqdm.auto import tqdm
-
     from sensorvla.data.source import open_source
     from sensorvla.data.writer import check_finite
 
@@ -400,7 +399,7 @@ def compute_stats(
             f"the {split} split of {root} has no episodes; lower --data.val-fraction/test-fraction"
         )
     chunks: dict[str, list[np.ndarray]] = {"actions": [], "state": [], "sensor": []}
-    for e in tqdm(eps, desc="stats", disable=not progress):
+    for e in track(eps, desc="stats", unit="episodes", mode=progress):
         ep = src.load(e)
         chunks["actions"].append(np.asarray(ep.actions, np.float32))
         parts = [("state", ep.state)]

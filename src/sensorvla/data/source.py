@@ -196,16 +196,15 @@ class LeRobotSource:
                         fix="re-encode the episode's video from its frames, or re-create the dataset",
                     )
 
-    def check_all(self, progress: bool = False) -> None:
+    def check_all(self, progress: bool | str = False) -> None:
         """Check every episode, not only one split's: each sidecar stream's timestamps (finite, increasing, at the
         declared rate) and values (finite, within MAX_ABS), and every video decoded completely (damaged bytes
         inside an mp4 pass the header probe). `compute_stats` (`sensorvla stats`, the first `train`) runs it."""
-        from tqdm.auto import tqdm
-
         from sensorvla.data.video import decode_all
+        from sensorvla.progress import progress as track
 
         meta, fps = self.meta, float(self.meta.info["fps"])
-        for e in tqdm(range(len(self)), desc="check episodes", disable=not progress):
+        for e in track(range(len(self)), desc="check episodes", unit="episodes", mode=progress):
             name = self.name(e)
             for key, s in meta.streams.items():
                 if not s.has(e):
@@ -222,7 +221,7 @@ class LeRobotSource:
                 path = self.video_path(cam.key, e)
                 start = float(ep.get(f"videos/{cam.key}/from_timestamp", 0.0))
                 need[path] = max(need.get(path, 0), int(round(start * fps)) + int(ep["length"]))
-        for path, frames in tqdm(sorted(need.items()), desc="decode videos", disable=not progress):
+        for path, frames in track(sorted(need.items()), desc="decode videos", unit="files", mode=progress):
             n = decode_all(path)
             if n < frames:
                 raise DataError(

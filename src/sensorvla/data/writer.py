@@ -524,7 +524,7 @@ def write_dataset(
     action_fps: float,
     min_actions: int = 1,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | str = True,
     extra_info: dict[str, Any] | None = None,
     image_format: str = "video",
     video_codec: str = "h264",
@@ -544,7 +544,7 @@ def write_dataset(
         video_codec: "h264" (fast to decode; default) or "av1" (LeRobot's default, smaller).
         video_crf: encoder quality (lower is better and larger).
     """
-    from tqdm.auto import tqdm
+    from sensorvla.progress import progress as track
 
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format {image_format!r}: choose one of {IMAGE_FORMATS}")
@@ -571,7 +571,7 @@ def write_dataset(
         )
         views = None
         try:
-            for e, ep in enumerate(tqdm(episodes, desc="writing episodes", disable=not progress)):
+            for e, ep in enumerate(track(episodes, desc="writing episodes", unit="episodes", mode=progress)):
                 validate_episode(ep, views=views, min_actions=min_actions)
                 w.add(e, ep)
                 views = w.views

@@ -139,9 +139,8 @@ def train_cnn_baseline(
 
     Returns (policy, summary with steps, samples seen, final training loss, the wall time and the
     constructor arguments `shape` of the policy)."""
-    from tqdm.auto import tqdm
-
     from sensorvla.data.dataset import EpisodeDataset
+    from sensorvla.progress import Progress
 
     cfg = cfg or CNNBaselineConfig()
     start = time.perf_counter()
@@ -161,7 +160,7 @@ def train_cnn_baseline(
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps, loss_val = 0, float("nan")
     stop = stop or (lambda: False)
-    bar = tqdm(total=int(cfg.budget_s), desc="cnn baseline (s)", disable=not progress, unit="s")
+    bar = Progress(total=int(cfg.budget_s), desc="cnn baseline", mode=progress, unit="s")
     while (elapsed := time.perf_counter() - start) < cfg.budget_s and not stop():
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         images = random_shift(data["images"][idx].float() / 255.0, cfg.shift_px, gen)
@@ -172,7 +171,7 @@ def train_cnn_baseline(
         loss.backward()
         opt.step()
         steps, loss_val = steps + 1, float(loss.detach())
-        bar.n = int(min(elapsed, cfg.budget_s))
+        bar.update(int(min(elapsed, cfg.budget_s)) - bar.n)
         bar.set_postfix(loss=f"{loss_val:.4f}", steps=steps)
     bar.close()
     policy.eval()

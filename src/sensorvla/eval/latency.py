@@ -192,19 +192,19 @@ def bench_latency(
         compile: `torch.compile` the sensor encoder and head (`--runtime.compile`).
         progress: a tqdm bar over all calls.
     """
-    from tqdm.auto import tqdm
+    from sensorvla.progress import Progress
 
     rng = np.random.default_rng(0)
     before = torch.get_num_threads()
     thread_list = list(threads) if threads is not None else [before]
     combos = [(n, h, v, m) for n in thread_list for v in views for m in modes for h in heads]
     calls: dict[tuple, dict[str, Any]] = {}
-    bar = tqdm(total=len(combos) * (warmup + iters), desc=f"bench latency ({config})", disable=not progress)
+    bar = Progress(total=len(combos) * (warmup + iters), desc=f"bench latency ({config})", unit="calls", mode=progress)
     rows = []
     try:
         for n, head, v, mode in combos:
             torch.set_num_threads(n)
-            bar.set_postfix_str(f"threads={n} {head} views={v} {mode}")
+            bar.set_postfix(threads=n, head=head, views=v, mode=mode)
             runner = _runner(str(vl_model), head, v, mode, device, sensor_channels, image_size, steps, compile)
             obs = _obs(v, sensor_channels, image_size, rng)
             timed = _time_calls(runner, obs, warmup, iters, bar)
@@ -238,14 +238,15 @@ def bench_checkpoint(
 ) -> list[dict[str, Any]]:
     """A trained `pretrained_model/` folder as it would be served: its own views, sensor channels, head and
     image size (the processor's max pixels); one row per (threads, mode), the rows of `bench_latency`."""
-    from tqdm.auto import tqdm
-
     from sensorvla.inference.runner import PolicyRunner
+    from sensorvla.progress import Progress
 
     rng = np.random.default_rng(0)
     before = torch.get_num_threads()
     thread_list = list(threads) if threads is not None else [before]
-    bar = tqdm(total=len(thread_list) * len(modes) * (warmup + iters), desc="bench checkpoint", disable=not progress)
+    bar = Progress(
+        total=len(thread_list) * len(modes) * (warmup + iters), desc="bench checkpoint", unit="calls", mode=progress
+    )
     rows = []
     try:
         for n in thread_list:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sensorvla.io import atomic_write_bytes, atomic_write_json
+from sensorvla.progress import progress as track
 
 logger = logging.getLogger(__name__)
 ABLATIONS = ("missing", "shuffled")
@@ -27,11 +28,9 @@ VISION_ABLATIONS = ("blank", "shuffled")
 
 
 def _predict(
-    runner, raws: list[dict], batch_size: int, seed: int, desc: str = "", progress: bool = False
+    runner, raws: list[dict], batch_size: int, seed: int, desc: str = "", progress: bool | str = False
 ) -> np.ndarray:
     """Raw samples -> predicted chunks (N, H, D_a) in physical units."""
-    from tqdm.auto import tqdm
-
     from sensorvla.models.backbone import pad_token_id
     from sensorvla.models.processor import collate
 
@@ -39,7 +38,7 @@ def _predict(
     pad = pad_token_id(runner.processor)
     gen = torch.Generator(device=runner.device).manual_seed(seed)
     starts = range(0, len(raws), batch_size)
-    for i in tqdm(starts, desc=f"eval {desc}".strip(), unit="batch", disable=not progress):
+    for i in track(starts, desc=f"eval {desc}".strip(), unit="batches", mode=progress):
         batch = collate([runner.transform(r) for r in raws[i : i + batch_size]], pad)
         batch = {k: v.to(runner.device) for k, v in batch.items()}
         pred = runner.policy.predict_chunk(batch, generator=gen).float().cpu().numpy()
@@ -133,14 +132,12 @@ def evaluate(
     batch_size: int = 16,
     max_samples: int | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | str = True,
     runner=None,
 ) -> dict[str, Any]:
     """Evaluate a pretrained_model folder on a dataset split; write metrics.json, plots and a report.
 
     `max_samples` keeps the first N samples of the split (whole episodes first, in episode order)."""
-    from tqdm.auto import tqdm
-
     from sensorvla.data.dataset import EpisodeDataset
     from sensorvla.eval import plots
     from sensorvla.inference.runner import PolicyRunner
@@ -153,7 +150,7 @@ def evaluate(
     n = len(ds) if max_samples is None else min(len(ds), max_samples)
     if n == 0:
         raise ValueError(f"split {split!r} of {dataset_dir} has no samples; use --split all or another dataset")
-    raws = [ds[i] for i in tqdm(range(n), desc=f"load {split}", disable=not progress)]
+    raws = [ds[i] for i in track(range(n), desc=f"load {split}", unit="samples", mode=progress)]
     gt = np.stack([r["actions"] for r in raws])
     mask = np.stack([r["action_mask"] for r in raws])
     has = np.array([r["has_sensor"] for r in raws])

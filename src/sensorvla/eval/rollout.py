@@ -1,4 +1,4 @@
-"""Closed-loop rollouts of a PolicyRunner in a Gymnasium env, with chunked execution and GIFs.
+"""Closed-loop rollouts of a PolicyRunner in a Gymnasium env, with chunked execution and videos.
 
 An adapter pair maps env observations to runner observations and runner actions to env actions; the
 defaults are identities (the built-in insertion env already speaks the runner's observation dict).
@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sensorvla.eval.rollout_video import EpisodeRecorder, SensorPanel
 from sensorvla.inference.action_queue import ActionChunkBroker
 
 logger = logging.getLogger(__name__)
@@ -25,15 +26,6 @@ def ablate(obs: dict[str, Any]) -> dict[str, Any]:
         out["sensor"] = np.zeros((0, np.asarray(obs["sensor"]).shape[-1]), np.float32)
         out["sensor_timestamps"] = np.zeros(0, np.float64)
     return out
-
-
-def _save_gif(frames: list[np.ndarray], path: Path, fps: int = 10) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    return path
 
 
 VISION_ABLATIONS = ("blank", "shuffled")
@@ -67,17 +59,20 @@ class AblatedPolicy:
         return out
 
 
-def run_episode(env, obs, broker, obs_adapter, action_adapter, record: bool) -> tuple[dict, list[np.ndarray]]:
-    """Step `env` from `obs` with the broker's chunked actions until it ends; (episode result, rendered frames)."""
-    frames = [env.render()] if record else []
+def run_episode(env, obs, broker, obs_adapter, action_adapter, recorder=None) -> dict:
+    """Step `env` from `obs` with the broker's chunked actions until it ends; the episode's result. An
+    `EpisodeRecorder` gets every observation and action (for the episode's video)."""
+    if recorder is not None:
+        recorder.observe(obs, env.render)
     steps, info, done = 0, {}, False
     while not done:
         action = broker.step(obs_adapter(obs))
         obs, _, terminated, truncated, info = env.step(action_adapter(np.asarray(action)))
         steps += 1
         done = terminated or truncated
-        if record:
-            frames.append(env.render())
+        if recorder is not None:
+            recorder.act(np.asarray(action))
+            recorder.observe(obs, env.render)
     result = {
         "success": bool(info.get("success", False)),
         "length": steps,
@@ -86,7 +81,7 @@ def run_episode(env, obs, broker, obs_adapter, action_adapter, record: bool) -> 
         "final_lateral_error_mm": info.get("lateral_error_mm"),
         "lateral_ok": info.get("lateral_ok"),
     }
-    return result, frames
+    return result
 
 
 def rollout(
@@ -100,9 +95,9 @@ def rollout(
     obs_adapter: Callable[[dict], dict] | None = None,
     action_adapter: Callable[[np.ndarray], Any] | None = None,
     video_dir: str | Path | None = None,
-    max_videos: int = 2,
+    videos: str = "outcomes",
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> dict:
     """Run `episodes` episodes; execute `execute_steps` of each predicted chunk before re-querying.
 
@@ -110,15 +105,18 @@ def rollout(
         ablate_sensor: the policy gets no sensor samples.
         ablate_vision: "blank" (black views) or "shuffled" (every view of each episode replaced by the views
             of another scene: the reset frames of other seeds, never evaluated), or None.
+        video_dir: where the episodes' mp4 videos go (`eval/rollout_video.py`: the views, the sensor trace with
+            a cursor, the action, the outcome); None writes none.
+        videos: which episodes get a video (`VIDEO_CHOICES`): "first", "success" / "failure" (the first
+            such episode, else the first episode), "outcomes" (the first success and the first failure) or "all".
 
     Returns success_rate, lateral_ok_rate (final lateral error within the env's tolerance, when it reports
-    `lateral_ok`), mean final lateral / depth errors, mean episode length and inference latency, and the
-    per-episode results.
+    `lateral_ok`), mean final lateral / depth errors, mean episode length and inference latency, the
+    per-episode results and the videos written ({"episode", "success", "path"} each).
     """
-    from tqdm.auto import tqdm
+    from sensorvla.progress import progress as track
 
-    if ablate_vision not in (None, *VISION_ABLATIONS):
-        raise ValueError(f"ablate_vision={ablate_vision!r}: choose one of {VISION_ABLATIONS} or None")
+    _check_choices(videos, ablate_vision)
     obs_adapter = obs_adapter or (lambda o: o)
     action_adapter = action_adapter or (lambda a: a)
     others: list[np.ndarray] = []
@@ -128,17 +126,22 @@ def rollout(
     broker = ActionChunkBroker(policy, execute_steps=execute_steps)
     tag = "_".join(["blind"] * ablate_sensor + [f"vision_{ablate_vision}"] * bool(ablate_vision)) or "sensor"
     results = []
-    for ep in tqdm(range(episodes), desc="rollout", disable=not progress):
+    chooser = VideoChooser(videos if video_dir is not None else "none")
+    for ep in track(range(episodes), desc=f"rollout {tag}", unit="episodes", mode=progress):
         obs, _ = env.reset(seed=seed + ep)
         if others:
             policy.images = others[ep % len(others)]
         runner.reset()
         broker.reset()
-        record = video_dir is not None and ep < max_videos
-        result, frames = run_episode(env, obs, broker, obs_adapter, action_adapter, record)
+        recorder = EpisodeRecorder(**_recorder_kwargs(env)) if chooser.recording else None
+        result = run_episode(env, obs, broker, obs_adapter, action_adapter, recorder)
         results.append({"episode": ep, **result})
-        if record:
-            _save_gif(frames, Path(video_dir) / f"episode_{ep:02d}_{tag}.gif")
+        if recorder is not None:
+            chooser.offer(ep, result["success"], recorder)
+    written = [
+        _write_video(rec, Path(video_dir), ep, ok, tag, runner, ablate_sensor, ablate_vision)
+        for ep, ok, rec in chooser.chosen()
+    ]
     latencies = policy.latencies
     summary = summarize(results)
     summary.update(
@@ -148,16 +151,101 @@ def rollout(
         vision_ablated=ablate_vision,
         execute_steps=execute_steps,
         results=results,
+        videos=written,
     )
     logger.info(
-        "rollout: success %.2f, lateral ok %s over %d episodes (sensor %s, vision %s)",
+        "rollout: success %.2f, lateral ok %s over %d episodes (sensor %s, vision %s)%s",
         summary["success_rate"],
         summary["lateral_ok_rate"],
         episodes,
         "ablated" if ablate_sensor else "on",
         ablate_vision or "on",
+        "".join(f"; video {v['path']}" for v in written),
     )
     return summary
+
+
+def _check_choices(videos: str, ablate_vision: str | None) -> None:
+    """ValueError naming the choices for an unknown `videos` or `ablate_vision`."""
+    if videos not in VIDEO_CHOICES:
+        raise ValueError(f"videos={videos!r}: choose one of {VIDEO_CHOICES}")
+    if ablate_vision not in (None, *VISION_ABLATIONS):
+        raise ValueError(f"ablate_vision={ablate_vision!r}: choose one of {VISION_ABLATIONS} or None")
+
+
+VIDEO_CHOICES = ("none", "first", "success", "failure", "outcomes", "all")
+
+
+class VideoChooser:
+    """Which episodes of a rollout get a video (`rollout`'s `videos`), holding at most a few recordings."""
+
+    def __init__(self, choice: str):
+        self.choice = choice
+        self.kept: list[tuple[int, bool, Any]] = []  # (episode, success, recorder), in episode order
+        self.fallback: tuple[int, bool, Any] | None = None  # "success"/"failure": the first episode
+
+    @property
+    def recording(self) -> bool:
+        """Whether the next episode may still be chosen (else it is not recorded at all)."""
+        if self.choice == "none":
+            return False
+        if self.choice == "outcomes":
+            return len({ok for _, ok, _ in self.kept}) < 2
+        return self.choice == "all" or not self.kept
+
+    def offer(self, episode: int, success: bool, recorder) -> None:
+        """Keep the finished episode when the choice wants it."""
+        item = (episode, success, recorder)
+        wanted = {
+            "all": True,
+            "first": not self.kept,
+            "outcomes": success not in {ok for _, ok, _ in self.kept},
+        }
+        if wanted.get(self.choice, False):
+            self.kept.append(item)
+        elif self.choice in ("success", "failure") and not self.kept:
+            if success == (self.choice == "success"):
+                self.kept.append(item)
+            elif self.fallback is None:
+                self.fallback = item
+
+    def chosen(self) -> list[tuple[int, bool, Any]]:
+        """The episodes to write (the fallback when no episode had the outcome asked for)."""
+        if not self.kept and self.fallback is not None:
+            return [self.fallback]
+        return self.kept
+
+
+def _recorder_kwargs(env) -> dict:
+    """The env's view names (its `view_names`, when it has them) and frame rate for an `EpisodeRecorder`."""
+    unwrapped = getattr(env, "unwrapped", env)
+    fps = float(getattr(unwrapped, "metadata", {}).get("render_fps", 10))
+    return {"view_names": getattr(unwrapped, "view_names", None), "fps": fps}
+
+
+def _write_video(recorder, video_dir: Path, episode: int, success: bool, tag: str, runner, ablate_sensor: bool,
+                 ablate_vision: str | None) -> dict:  # fmt: skip
+    """Write one chosen episode's mp4; its {"episode", "success", "path"}."""
+    from sensorvla.data.layout import ACTION_NAMES_7
+
+    what = "all modalities"
+    if ablate_sensor:
+        what = "sensor ablated (the policy sees no sensor; the trace is what it missed)"
+    if ablate_vision:
+        what = f"views ablated ({ablate_vision})" + (" + " + what if ablate_sensor else "")
+    force = getattr(getattr(getattr(getattr(runner, "cfg", None), "model", None), "sensor", None), "force_channels", 0)
+    names = ["force"] if force == 1 else [f"force {i}" for i in range(force)]
+    panel = SensorPanel(lines=range(force), names=names) if force else SensorPanel()
+    dims = len(recorder.actions[0]) if recorder.actions else 0
+    path = video_dir / f"episode_{episode:02d}_{tag}_{'success' if success else 'failure'}.mp4"
+    recorder.write(
+        path,
+        success=success,
+        title=f"episode {episode}: {what}",
+        action_names=ACTION_NAMES_7 if dims == 7 else None,
+        sensor_panel=panel,
+    )
+    return {"episode": episode, "success": success, "path": str(path)}
 
 
 def summarize(results: list[dict]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def _checked(stats, cfg: SensorVLAConfig, fingerprint):
     return stats
 
 
-def ensure_stats(cfg: SensorVLAConfig, info, progress: bool = True):
+def ensure_stats(cfg: SensorVLAConfig, info, progress: bool | str = True):
     """The norm stats of the training split with the config's sensor transform. The dataset's own
     meta/norm_stats.json (from `sensorvla stats`) is used when there is one, and must match; otherwise they are
     computed once into the user cache (`cached_stats_path`), never into the dataset: by rank 0, then by any
@@ -175,13 +175,11 @@ class PreloadedSamples(torch.utils.data.Dataset):
     a sample is only its sensor window, state and actions: nothing random, no image). Batches are the
     ones the lazy path gives, bit for bit; only the per-step parquet/sidecar reads and resampling go."""
 
-    def __init__(self, raw_dataset, transform, progress: bool = False):
-        from tqdm.auto import tqdm
+    def __init__(self, raw_dataset, transform, progress: bool | str = False):
+        from sensorvla.progress import progress as track
 
         self.raw = raw_dataset
-        self.items = [
-            transform(raw_dataset[i]) for i in tqdm(range(len(raw_dataset)), desc="preload", disable=not progress)
-        ]
+        self.items = [transform(raw_dataset[i]) for i in track(range(len(raw_dataset)), desc="preload", mode=progress)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -197,7 +195,7 @@ class PreloadedSamples(torch.utils.data.Dataset):
         return {**self.raw.summary(), "preloaded": True}
 
 
-def preload(raw_dataset, transform, max_gb: float, progress: bool = False):
+def preload(raw_dataset, transform, max_gb: float, progress: bool | str = False):
     """`PreloadedSamples` when the transformed samples fit in `max_gb` (`--train.preload-max-gb`, 0 = never),
     else the dataset itself. The size is measured on the first sample."""
     n = len(raw_dataset)

@@ -293,7 +293,7 @@ def build_cache(
     sample_ids: np.ndarray,
     dataset_id: str,
     dist_info,
-    progress: bool = True,
+    progress: bool | str = True,
     vl_keys: list | None = None,
 ) -> Path:
     """Encode every distinct VL input once (sharded rank r::world) and append it to this rank's shard.
@@ -306,8 +306,7 @@ def build_cache(
             each view, instruction). Samples with the same key share one row: with cameras slower than
             the action rate, most action frames reuse a camera frame, and it is encoded once.
     """
-    from tqdm.auto import tqdm
-
+    from sensorvla.progress import Progress
     from sensorvla.training.distributed import barrier
 
     check_cacheable(cfg)
@@ -342,7 +341,9 @@ def build_cache(
     writer.align_features(dim)
     if writer.done:
         logger.info("resuming VL cache shard %d at %d/%d", rank, writer.done, len(positions))
-    bar = tqdm(total=len(positions), initial=writer.done, desc=f"VL cache [rank {rank}]", disable=not progress)
+    bar = Progress(
+        total=len(positions), initial=writer.done, desc=f"VL cache [rank {rank}]", unit="rows", mode=progress
+    )
     try:
         while first is not None:
             batch, vl = first, first_vl

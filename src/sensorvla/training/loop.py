@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
@@ -30,12 +29,16 @@ import torch
 from sensorvla.config import (
     SensorVLAConfig,
     check_stage_groups,
+    config_changes,
     derive_grad_accum,
+    describe_changes,
     resolve_from_meta,
     stage_config,
     stage_warnings,
 )
 from sensorvla.data.timeline import SensorWindow
+from sensorvla.io import atomic_write_bytes
+from sensorvla.progress import Progress, use_progress_bar
 from sensorvla.runtime import loader_workers
 from sensorvla.training import checkpoint as ckpt
 from sensorvla.training import feature_cache
@@ -63,6 +66,7 @@ from sensorvla.training.run_log import RunLogger
 logger = logging.getLogger("sensorvla.train")
 
 
+RUN_CONFIG_FILE = "train_config.json"  # the run's whole resolved config, written at its start
 VAL_SEED = 12345  # validation noise: the same draws at every validation, from a private generator
 
 
@@ -76,14 +80,6 @@ def schedule_length(cfg: SensorVLAConfig, steps_per_epoch: int) -> int:
         return cfg.train.schedule_steps
     total = steps_per_epoch * cfg.train.epochs
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-
-
-def use_progress_bar(setting: str, allowed: bool = True) -> bool:
-    """`--train.progress`: on = a bar, off = plain log lines, auto = a bar only when stdout and stderr are
-    terminals (a redirected log gets plain lines, never `\r` bars)."""
-    if not allowed or setting == "off":
-        return False
-    return setting == "on" or (sys.stdout.isatty() and sys.stderr.isatty())
 
 
 def divergence_message(ckpt_dir: Path, loss: float, grad_norm: float, step: int) -> str:
@@ -190,8 +186,11 @@ def _setup_logging(is_main: bool) -> None:
     )
 
 
-def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:
+def train(cfg: SensorVLAConfig, progress: bool = True, reference: SensorVLAConfig | None = None) -> dict:
     """Run `sensorvla train` with a resolved config. Returns a summary dict (rank 0 values).
+
+    The start of the run logs only the values that differ from `reference` (the command's preset or
+    defaults; None: `SensorVLAConfig()`), and `<output_dir>/train_config.json` holds the whole resolved config.
 
     Args:
         progress: False never shows a progress bar (plain log lines only); True leaves it to
@@ -200,7 +199,7 @@ def train(cfg: SensorVLAConfig, progress: bool = True) -> dict:
     """
     bars = use_progress_bar(cfg.train.progress, progress) and os.environ.get("RANK", "0") == "0"
     with _library_progress_bars(bars):
-        return _train(cfg, progress)
+        return _train(cfg, progress, reference)
 
 
 @contextmanager
@@ -218,18 +217,24 @@ def _library_progress_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
-def _train(cfg: SensorVLAConfig, progress: bool) -> dict:
+def _mode(bar_on: bool, info) -> bool | str:
+    """The `sensorvla.progress` mode of the run's other loops (stats, cache, preload): the training bar's
+    choice on rank 0, silent elsewhere."""
+    return "on" if bar_on else ("off" if info.is_main else False)
+
+
+def _train(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | None) -> dict:
     """The named steps: set-up, then epochs (each: optimizer steps, validation, checkpoints), then teardown."""
-    cfg, info, bar_on = _start(cfg, progress)
+    cfg, info, bar_on = _start(cfg, progress, reference)
     from sensorvla.data.format import load_meta
 
     cfg = pin_hub_ids(cfg)  # hub ids -> cached snapshot folders, their commits recorded in the run's config
     meta = load_meta(cfg.data.dataset_dir)
     cfg = resolve_from_meta(cfg, meta)
-    stats = ensure_stats(cfg, info, bar_on)
+    stats = ensure_stats(cfg, info, _mode(bar_on, info))
     normalizer = build_normalizer(stats, cfg)
     if cfg.train.mode == "cache":
-        return _build_cache(cfg, _build_policy(cfg, info), normalizer, info, meta, bar_on)
+        return _build_cache(cfg, _build_policy(cfg, info), normalizer, info, meta, _mode(bar_on, info))
     run = _setup(cfg, info, meta, stats, normalizer, progress, bar_on)
     try:
         while run.state["epoch"] < cfg.train.epochs and not run.stop:
@@ -300,12 +305,16 @@ class _Run:
         return self.cfg.train.strategy == "fsdp" and self.info.enabled
 
 
-def _start(cfg: SensorVLAConfig, progress: bool):
-    """Validate a private copy of the config, join the process group, seed this rank, log stage warnings."""
+def _start(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | None = None):
+    """Validate a private copy of the config, join the process group, seed this rank, log what the config
+    changes (against `reference`) and the stage warnings."""
     cfg = copy.deepcopy(cfg.validate())  # validate() applies the stage defaults to the caller's config
     info = init_distributed(cfg.train.device)
     _setup_logging(info.is_main)
     torch.manual_seed(cfg.train.seed + info.rank)
+    if info.is_main:  # before the derived values (accumulation, dataset shapes): what the caller chose
+        against = "the defaults" if reference is None else "the given reference (the command's preset or defaults)"
+        logger.info(describe_changes(config_changes(cfg, reference), against))
     cfg.train.grad_accum_steps = derive_grad_accum(cfg.train, info.world_size)
     if info.is_main:
         for warning in stage_warnings(cfg):
@@ -336,7 +345,7 @@ def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> 
     stage1_init = None
     if stage_config(cfg).init_from == "stage1_checkpoint" and not cfg.train.resume:
         stage1_init = ckpt.load_stage1_into(policy, cfg.train.stage1_checkpoint)
-    _attach_transforms(cfg, data, normalizer, progress and info.is_main, info)
+    _attach_transforms(cfg, data, normalizer, _mode(bar_on, info), info)
     model, groups, optimizer, scheduler = _optimization(cfg, policy, info)
     # FSDP2 forwards are collective: every rank runs as many validation batches as the largest shard
     shards = [len(data.val_sampler.indices(r)) for r in range(info.world_size)]
@@ -368,10 +377,8 @@ def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> 
     if stage1_init is not None:
         run.run_log.log("stage1_init", 0, stage1_init)
     _announce(run, groups, steps_per_epoch)
-    from tqdm.auto import tqdm
-
-    desc = f"{cfg.train.stage} {cfg.model.head.type}"
-    run.bar = tqdm(total=run_steps, initial=run.state["step"], disable=not bar_on, desc=desc)
+    desc = f"{cfg.train.stage} {cfg.model.head.type}"  # its plain lines are the loop's own (`_log_progress`)
+    run.bar = Progress(total=run_steps, initial=run.state["step"], mode="on" if bar_on else False, desc=desc)
     run.t_start, run.step_start = time.perf_counter(), run.state["step"]
     return run
 
@@ -470,7 +477,7 @@ def _build_policy(cfg: SensorVLAConfig, info, vl_weights: bool = True) -> torch.
     return build_policy(cfg.model, window, device=info.device, dtype=dtype, vl_weights=vl_weights)
 
 
-def _attach_transforms(cfg: SensorVLAConfig, data: _Data, normalizer, progress: bool, info) -> None:
+def _attach_transforms(cfg: SensorVLAConfig, data: _Data, normalizer, progress: bool | str, info) -> None:
     """Sample transforms (the processor unless cached; augmentation in training only); preload when cached."""
     from sensorvla.models.backbone import load_processor, pad_token_id
     from sensorvla.models.processor import SampleTransform
@@ -521,7 +528,9 @@ def _announce(run: _Run, groups: list[dict], steps_per_epoch: int) -> None:
     cfg, info = run.cfg, run.info
     if not info.is_main:
         return
-    logger.info("resolved config:\n%s", cfg.to_json())
+    path = Path(cfg.train.output_dir) / RUN_CONFIG_FILE
+    atomic_write_bytes(path, (cfg.to_json() + "\n").encode())
+    logger.info("the whole resolved config: %s", path)
     logger.info("parameter groups:\n%s", group_table(run.policy, groups))
     logger.info(
         "dataset: %s | train samples %d, val samples %d%s | world size %d | %d steps/epoch | LR schedule over %d steps",
@@ -810,7 +819,7 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
             ds.sample_ids,
             meta.dataset_id,
             info,
-            progress=progress and info.is_main,
+            progress=progress,
             vl_keys=[ds.vl_key(i) for i in range(len(ds))],
         )
     finally:

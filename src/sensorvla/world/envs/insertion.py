@@ -35,6 +35,7 @@ class InsertionEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    view_names = VIEWS  # the order of observation["images"] (rollout videos label the views with it)
 
     def __init__(
         self,
