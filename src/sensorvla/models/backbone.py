@@ -241,6 +241,18 @@ def _patchifier(ip, needed: tuple[str, ...]):
     return target, dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
 
 
+def token_grid(processor, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int], int] | None:
+    """What the backbone sees of one (height, width) view: ((rows, cols) of merged VL tokens, the (h, w) the
+    processor resizes it to, pixels per token side), or None when the processor is not a Qwen-VL patchifier."""
+    setup = _patchifier(getattr(processor, "image_processor", processor), ())
+    if setup is None:
+        return None
+    target, kw = setup
+    h, w = target(height, width)
+    side = kw["patch_size"] * kw["merge_size"]
+    return (h // side, w // side), (h, w), side
+
+
 def _rgb_uint8(im) -> np.ndarray | None:
     """`im` as a uint8 (h, w, 3) array, or None when it is not one."""
     im = np.asarray(im)
