@@ -127,6 +127,15 @@ def configure_threads(verbose: bool = True) -> ThreadSetting:
     return setting
 
 
+def cpu_seconds() -> float:
+    """CPU-seconds (user + system) used so far by this process (every thread) and its reaped children (DataLoader
+    workers once joined, finished subprocesses): what a training budget in CPU-seconds counts."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def compile_policy(policy, *, training: bool, **compile_kwargs) -> None:
     """`torch.compile` the sensor encoder and the action head of a `VLAPolicy` in place (`--runtime.compile`).
 
