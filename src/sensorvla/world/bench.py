@@ -75,15 +75,38 @@ class BenchSettings:
         return env_id
 
 
+CONTACT_ENVS = ("sensorvla/PegInHole-v0", "sensorvla/BlindBottom-v0", "sensorvla/Needle-v0")  # world/contact.py
+
+
 def make_env(env_id: str, image_size: int):
-    """The env at `image_size` px where it takes one (the built-in insertion env through its SimConfig)."""
+    """The env at `image_size` px where it takes one (the insertion env through its SimConfig, the contact envs
+    through `image_size`)."""
     import gymnasium as gym
 
     if env_id.startswith("sensorvla/Insertion"):
         from sensorvla.world.synth import SimConfig
 
         return gym.make(env_id, sim_config=SimConfig(image_size=image_size))
+    if env_id in CONTACT_ENVS:
+        return gym.make(env_id, image_size=image_size)
     return gym.make(env_id)
+
+
+def record_task_demos(env_id: str, out: Path, demos: int, image_size: int, seed: int = 0) -> dict:
+    """The task's own recorder where it has one (the same expert, DART-perturbed, holding still after success:
+    `world/contact_record.py`, `world/synth.py`), else `record_demos` through the env. Returns what it wrote."""
+    if env_id in CONTACT_ENVS:
+        from sensorvla.world.contact_record import generate_contact_dataset
+
+        generate_contact_dataset(out, task=env_id, num_episodes=demos, seed=seed, image_size=image_size,
+                                 progress=False)  # fmt: skip
+        return {"dataset": str(out), "kept": demos, "recorder": "world.contact_record.generate_contact_dataset"}
+    if env_id == "sensorvla/Insertion-v0":
+        from sensorvla.world.synth import generate_dataset
+
+        generate_dataset(out, num_episodes=demos, seed=seed, image_size=image_size, progress=False)
+        return {"dataset": str(out), "kept": demos, "recorder": "world.synth.generate_dataset"}
+    return {**record_demos(env_id, out, demos, image_size, seed), "recorder": "world.bench.record_demos"}
 
 
 # --- measuring -----------------------------------------------------------------------------------------------
@@ -306,7 +329,7 @@ def run_bench(out: Path, s: BenchSettings, video_writer: Callable[[str, Path], N
     env_id, phases = s.env_id(), Phases()
     vl_dir = Path(s.vl_model) if s.vl_model else phases.run("tiny_model", lambda: tiny_model(out, s))
     data_dir = out / "data"
-    demos = phases.run("demos", lambda: record_demos(env_id, data_dir, s.demos, s.image_size))
+    demos = phases.run("demos", lambda: record_task_demos(env_id, data_dir, s.demos, s.image_size))
     trained = train_recipe(vl_dir, data_dir, out, s, phases)
     ours_cpu = sum(phases.cpu[k] for k in ("cache", "stage1", "stage2"))
     ours_wall = sum(phases.wall[k] for k in ("cache", "stage1", "stage2"))
