@@ -121,6 +121,7 @@ class Phases:
         """`fn()`, its wall and CPU-seconds added under `name`."""
         from sensorvla.runtime import cpu_seconds
 
+        print(f"[bench] {name}", flush=True)
         t, c = time.perf_counter(), cpu_seconds()
         try:
             return fn()
