@@ -40,7 +40,10 @@ def test_training_runs_exactly_max_steps_past_the_epochs(tmp_path, tiny_vl_dir, 
     out = train(cfg, progress=False)
     log = capfd.readouterr().err
     assert out["steps"] == 7
-    assert "run: exactly 7 optimizer steps (--train.max-steps)" in log
+    assert (
+        "run: exactly 7 optimizer steps (--train.max-steps) over 3 epoch(s) of 3 steps (--train.epochs 1 overridden)"
+        in log
+    )
     assert "split of 10 episodes: 1 train / 5 val / 4 test; 9 held out of training" in log
 
 

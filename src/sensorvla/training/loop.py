@@ -561,12 +561,11 @@ def _announce(run: _Run, groups: list[dict], steps_per_epoch: int) -> None:
         logger.info("%s", line)
     if cfg.train.max_steps:
         logger.info(
-            "run: exactly %d optimizer steps (--train.max-steps) = %d epoch(s) of %d steps, the last one cut; "
-            "--train.epochs %d is not used",
+            "run: exactly %d optimizer steps (--train.max-steps) over %d epoch(s) of %d steps%s",
             run.run_steps,
             run.epochs,
             steps_per_epoch,
-            cfg.train.epochs,
+            f" (--train.epochs {cfg.train.epochs} overridden)" if run.epochs != cfg.train.epochs else "",
         )
     if stage_config(cfg).init_from == "stage1_checkpoint":
         names = [ckpt.BEST_NAME] + [ckpt.epoch_name(e) for e in range(1, run.epochs + 1)]
