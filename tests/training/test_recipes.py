@@ -124,3 +124,23 @@ def test_tiny_model_refuses_bad_sizes(tmp_path, bad, capsys):
 
     assert main(["tiny-model", "--out", str(tmp_path / "x"), *bad]) == 2
     assert "error: --" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_random_backbone_is_detected_and_said(tmp_path, tiny_vl_dir):
+    """`sensorvla tiny-model` marks its weights random; a run that freezes that vision tower is told so (with the
+    flags that train it), one that trains it is not; a pretrained folder (no mark) is never flagged."""
+    from sensorvla.models.backbone import random_backbone_note, randomly_initialised
+
+    assert randomly_initialised(tiny_vl_dir) and randomly_initialised("random:Qwen/Qwen2.5-VL-3B-Instruct")
+    plain = tmp_path / "pretrained"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    assert not randomly_initialised(plain) and not randomly_initialised(tmp_path / "missing")
+    stage1 = preset_config("small-data-stage1")
+    stage1.model.backbone.vl_model, stage1.model.finetune.mode = str(tiny_vl_dir), "none"
+    note = random_backbone_note(stage1)
+    assert note and "randomly initialised" in note and "--model.finetune.full-vision true" in note
+    stage1.model.finetune.full_vision = True
+    assert random_backbone_note(stage1) is None  # the tower trains: nothing to say
+    stage1.model.backbone.vl_model, stage1.model.finetune.full_vision = str(plain), False
+    assert random_backbone_note(stage1) is None

@@ -330,6 +330,10 @@ def _start(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
     if info.is_main:
         for warning in stage_warnings(cfg):
             logger.warning(warning)
+        from sensorvla.models.backbone import random_backbone_note
+
+        if cfg.train.mode == "train" and (note := random_backbone_note(cfg)):
+            logger.warning(note)
         t = cfg.train
         logger.info(
             "global batch %d = batch %d x accumulation %d x world size %d%s",
