@@ -40,7 +40,7 @@ def bench_sim(
     episodes: int = 40,
     image_size: int = 64,
     stage1_epochs: int = 20,
-    stage2_steps: int = 40,
+    stage2_steps: int = 160,
     cnn: bool = True,
     cnn_cpu_s: float = 0.0,
     vl_model: str = "",

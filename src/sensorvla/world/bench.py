@@ -51,7 +51,7 @@ class BenchSettings:
     patch_size: int = 7  # the tiny model's patches: 14 px tokens
     pixels: int = 112 * 112  # views are resized to this many pixels (64 px -> 112 px: 8 x 8 tokens per view)
     stage1_epochs: int = 20
-    stage2_steps: int = 40
+    stage2_steps: int = 160
     cnn: bool = True
     cnn_cpu_s: float = 0.0  # the CNN's CPU-seconds; 0 = exactly what our training took
     cnn_max_steps: int = 0  # a step cap for smoke tests only (0 = none); recorded beside the budget
