@@ -55,6 +55,16 @@ def bench_sim(
 
     Args:
         task: an env id or a short name: insertion (sensorvla/Insertion-v0), peg-in-hole, blind-bottom, needle.
+        out: the output folder (dataset, tiny model, runs, bench.json, report.md).
+        demos: expert episodes recorded as the training data.
+        episodes: seeded closed-loop episodes per row.
+        image_size: camera side in px.
+        stage1_epochs: our stage-1 budget (epochs over the VL cache).
+        stage2_steps: our stage-2 budget (optimizer steps, exactly).
+        cnn: train and roll out the CNN reference (with and without the sensor).
+        cnn_cpu_s: the CNN's CPU-seconds; 0 = exactly what our cache + stage 1 + stage 2 used.
+        vl_model: a backbone folder instead of the tiny patch-7 model built under OUT.
+        videos: GIFs of the first N episodes of each row under OUT/rollout/<row>/.
     """
     flags = dict(locals())
     from sensorvla.world.bench import BenchSettings, run_bench
