@@ -80,9 +80,12 @@ CONTACT_ENVS = ("sensorvla/PegInHole-v0", "sensorvla/BlindBottom-v0", "sensorvla
 
 def make_env(env_id: str, image_size: int):
     """The env at `image_size` px where it takes one (the insertion env through its SimConfig, the contact envs
-    through `image_size`)."""
+    through `image_size`); the built-in envs are registered first."""
     import gymnasium as gym
 
+    from sensorvla.world.envs import register_envs
+
+    register_envs()
     if env_id.startswith("sensorvla/Insertion"):
         from sensorvla.world.synth import SimConfig
 
