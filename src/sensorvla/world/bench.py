@@ -334,6 +334,7 @@ def run_bench(out: Path, s: BenchSettings, video_writer: Callable[[str, Path], N
     vl_dir = Path(s.vl_model) if s.vl_model else phases.run("tiny_model", lambda: tiny_model(out, s))
     data_dir = out / "data"
     demos = phases.run("demos", lambda: record_task_demos(env_id, data_dir, s.demos, s.image_size))
+    phases.run("stats", lambda: write_stats(data_dir, recipe_config("stage1", vl_dir, data_dir, out, s).data))
     trained = train_recipe(vl_dir, data_dir, out, s, phases)
     ours_cpu = sum(phases.cpu[k] for k in ("cache", "stage1", "stage2"))
     ours_wall = sum(phases.wall[k] for k in ("cache", "stage1", "stage2"))
@@ -370,6 +371,18 @@ def tiny_model(out: Path, s: BenchSettings) -> Path:
     if not (vl_dir / "config.json").exists():
         build_tiny_qwen_vl(vl_dir, patch_size=s.patch_size, min_pixels=s.pixels, max_pixels=s.pixels)
     return vl_dir
+
+
+def write_stats(data_dir: Path, data_cfg) -> None:
+    """The recipe split's norm stats into the dataset (as `sensorvla stats`): both stages and the CNNs read them."""
+    import dataclasses
+
+    from sensorvla.data.normalize import compute_stats
+    from sensorvla.training.data_setup import stats_path
+
+    compute_stats(data_dir, progress=False, data_cfg=dataclasses.replace(data_cfg, dataset_dir=str(data_dir))).save(
+        stats_path(data_dir)
+    )
 
 
 def cnn_normalizer(data_dir: Path, data_cfg):
