@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 
 def bench_latency(
@@ -44,7 +45,7 @@ def bench_sim(
     cnn: bool = True,
     cnn_cpu_s: float = 0.0,
     vl_model: str = "",
-    videos: int = 0,
+    videos: Literal["none", "first", "success", "failure", "outcomes", "all"] = "none",
 ) -> int:
     """A simulated task end to end: the env's scripted expert records DEMOS -> a LeRobot v3 dataset -> the
     small-data two-stage recipe on the tiny Qwen-VL (budget: STAGE1_EPOCHS epochs, STAGE2_STEPS steps) -> closed
@@ -64,7 +65,8 @@ def bench_sim(
         cnn: train and roll out the CNN reference (with and without the sensor).
         cnn_cpu_s: the CNN's CPU-seconds; 0 = exactly what our cache + stage 1 + stage 2 used.
         vl_model: a backbone folder instead of the tiny patch-7 model built under OUT.
-        videos: GIFs of the first N episodes of each row under OUT/rollout/<row>/.
+        videos: which episodes of each row get a rollout video (views, sensor trace, actions) under
+            OUT/rollout/<row>/: none, first, success, failure, outcomes (first success and failure), all.
     """
     flags = dict(locals())
     from sensorvla.world.bench import BenchSettings, run_bench

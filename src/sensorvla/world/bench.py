@@ -56,7 +56,7 @@ class BenchSettings:
     cnn_cpu_s: float = 0.0  # the CNN's CPU-seconds; 0 = exactly what our training took
     cnn_max_steps: int = 0  # a step cap for smoke tests only (0 = none); recorded beside the budget
     vl_model: str = ""  # a backbone folder instead of building the tiny one
-    videos: int = 0  # closed-loop episodes recorded per row (GIFs under out/rollout/<row>/)
+    videos: str = "none"  # rollout videos per row under out/rollout/<row>/ (eval.rollout.VIDEO_CHOICES)
     train_overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys on top of the presets
 
     def env_id(self) -> str:
@@ -283,25 +283,22 @@ def train_cnns(data_dir: Path, data_cfg, norm, s: BenchSettings, cpu_budget_s: f
 
 
 # --- closed loop ---------------------------------------------------------------------------------------------
-def closed_loop_rows(runner, env_id: str, s: BenchSettings, out: Path, video_writer=None) -> dict:
+def closed_loop_rows(runner, env_id: str, s: BenchSettings, out: Path) -> dict:
     """Our three rows: all modalities, sensor ablated, vision ablated (views blanked)."""
     kwargs = {"all": {}, "sensor_ablated": {"ablate_sensor": True}, "vision_ablated": {"ablate_vision": "blank"}}
     rows = {}
     for name in ROWS:
-        rows[name] = one_row(runner, env_id, s, out, name, video_writer, **kwargs[name])
+        rows[name] = one_row(runner, env_id, s, out, name, **kwargs[name])
     return rows
 
 
-def one_row(runner, env_id: str, s: BenchSettings, out: Path, name: str, video_writer=None, **kw) -> dict:
-    """One closed-loop row over the seeded episodes (videos of the first `s.videos`; `video_writer(name, dir)`
-    is the hook a video writer plugs into)."""
+def one_row(runner, env_id: str, s: BenchSettings, out: Path, name: str, **kw) -> dict:
+    """One closed-loop row over the seeded episodes; rollout videos (`s.videos` of them) under out/rollout/<row>/."""
     from sensorvla.eval.rollout import rollout
 
-    video_dir = out / "rollout" / name if s.videos else None
+    video_dir = out / "rollout" / name if s.videos != "none" else None
     r = rollout(runner, make_env(env_id, s.image_size), episodes=s.episodes, execute_steps=s.execute_steps,
-                seed=s.eval_seed, video_dir=video_dir, max_videos=s.videos, **kw)  # fmt: skip
-    if video_writer is not None and video_dir is not None:
-        video_writer(name, video_dir)
+                seed=s.eval_seed, video_dir=video_dir, videos=s.videos, **kw)  # fmt: skip
     return {k: v for k, v in r.items() if k != "results"}
 
 
@@ -322,7 +319,7 @@ def expert_row(env_id: str, s: BenchSettings) -> dict:
 
 
 # --- the run -------------------------------------------------------------------------------------------------
-def run_bench(out: Path, s: BenchSettings, video_writer: Callable[[str, Path], None] | None = None) -> dict:
+def run_bench(out: Path, s: BenchSettings) -> dict:
     """Demos -> dataset -> our two stages -> the CNNs on the same CPU-seconds -> the closed-loop table. Writes
     out/bench.json and out/report.md, prints the table; returns the summary."""
     from sensorvla.eval.cnn_baseline import CNNRunner
@@ -343,10 +340,10 @@ def run_bench(out: Path, s: BenchSettings, video_writer: Callable[[str, Path], N
     norm = cnn_normalizer(data_dir, data_cfg)
     cnns = train_cnns(data_dir, data_cfg, norm, s, cnn_budget, phases) if s.cnn else {}
     runner = PolicyRunner.from_pretrained(trained["checkpoint"])
-    table = phases.run("closed_loop", lambda: closed_loop_rows(runner, env_id, s, out, video_writer))
+    table = phases.run("closed_loop", lambda: closed_loop_rows(runner, env_id, s, out))
     for row, (policy, _) in cnns.items():
         cnn_runner = CNNRunner(policy, norm, data_cfg)
-        table[row] = phases.run("closed_loop", lambda r=cnn_runner, n=row: one_row(r, env_id, s, out, n, video_writer))
+        table[row] = phases.run("closed_loop", lambda r=cnn_runner, n=row: one_row(r, env_id, s, out, n))
     table["expert"] = phases.run("closed_loop", lambda: expert_row(env_id, s))
     budget = {
         "ours": {"cpu_s": ours_cpu, "wall_s": ours_wall, "stage1_epochs": s.stage1_epochs,
