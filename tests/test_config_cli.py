@@ -278,6 +278,7 @@ EVERY_COMMAND = [
     ["eval"],
     ["rollout"],
     ["bench", "latency"],
+    ["bench", "sim"],
 ]
 
 

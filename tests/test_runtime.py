@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from sensorvla.runtime import choose_threads, configure_threads, loader_workers, physical_cores
+from sensorvla.runtime import choose_threads, configure_threads, loader_workers, passive_wait_policy, physical_cores
 
 
 def fake_sysfs(root, topology: dict[int, tuple[int, int]]):
@@ -98,3 +98,35 @@ def test_num_workers_below_auto_is_refused():
     cfg.data.num_workers = -2
     with pytest.raises(ConfigError, match="--data.num-workers"):
         cfg.validate()
+
+
+def test_passive_wait_policy_is_set_unless_the_environment_names_one():
+    env: dict[str, str] = {}
+    line = passive_wait_policy(env, torch_loaded=False)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "passive" in line
+    late: dict[str, str] = {}
+    assert "child processes only" in passive_wait_policy(late, torch_loaded=True)  # too late for this process
+    assert late["OMP_WAIT_POLICY"] == "PASSIVE"
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert "ACTIVE (from the environment)" in passive_wait_policy(mine, torch_loaded=False)
+    assert mine == {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice is kept
+
+
+def test_entry_point_makes_openmp_passive_before_torch_loads():
+    """A fresh process without OMP_WAIT_POLICY: the CLI sets it before torch (and libgomp) load, prints it, and a
+    child process inherits it."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_NUM_THREADS"] = "1"
+    code = (
+        "import os, subprocess, sys\n"
+        "from sensorvla.runtime import configure_threads\n"
+        "configure_threads()\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "print(subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"OMP_WAIT_POLICY\"))'],"
+        " capture_output=True, text=True).stdout.strip())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["PASSIVE", "PASSIVE"]
+    assert "idle OpenMP threads: passive (OMP_WAIT_POLICY=PASSIVE" in r.stderr
+    assert "child processes only" not in r.stderr  # torch was not loaded before the policy was set

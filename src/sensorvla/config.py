@@ -247,8 +247,8 @@ class TrainConfig:
     stage1_checkpoint: str | None = None
     mode: Literal["train", "cache"] = "train"
     epochs: int = 20
-    max_steps: int = 0  # 0 = run all epochs; >0 stops after this many optimizer steps
-    # LR schedule length in optimizer steps; 0 = what the run will do: min(epochs * steps/epoch, max_steps).
+    max_steps: int = 0  # 0 = run all epochs; >0 = exactly this many optimizer steps, over as many epochs as needed
+    # LR schedule length in optimizer steps; 0 = what the run will do: max_steps when set, else epochs * steps/epoch.
     # A resumed run keeps the saved run's length.
     schedule_steps: int = 0
     batch_size: int = 4  # per process

@@ -96,17 +96,8 @@ def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSett
     print("[demo] stage 1: sensor encoder + action expert, frozen VL, from the cache")
     r1 = train(cfg1, reference=ref)
     t1 = time.perf_counter()
-    cfg2 = base_config(vl_dir, data_dir, s2_dir, head, s)
-    cfg2.train.stage = "stage2"
+    cfg2 = apply_values(base_config(vl_dir, data_dir, s2_dir, head, s), s.stage2_values(head))
     cfg2.train.stage1_checkpoint = str(s1_dir / "checkpoints" / BEST_NAME)
-    cfg2.model.finetune.mode = "lora"
-    cfg2.model.finetune.full_vision = True
-    cfg2.data.augment.enabled = True
-    cfg2.data.augment.shift_frac = s.stage2_shift
-    cfg2.train.epochs = 1
-    cfg2.train.max_steps = s.stage2_steps
-    cfg2.train.lr = cfg2.train.sensor_lr = cfg2.train.vl_lr = cfg2.train.vision_lr = s.stage2_lr
-    cfg2.train.warmup_ratio = 0.1
     print("[demo] stage 2: LoRA on the language model + the vision tower trained, augmented, from stage 1")
     r2 = train(cfg2, reference=ref)
     t2 = time.perf_counter()

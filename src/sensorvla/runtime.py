@@ -5,16 +5,20 @@ torch's default (one thread per logical CPU, in every process) oversubscribes a 
 machine: on a busy 2-core box the demo ran more than 5x slower than with one thread (docs/runtime.md).
 `configure_threads()` picks, in order: `OMP_NUM_THREADS` when set; 1 per process under torchrun on CPU;
 the physical cores (of this process's CPU affinity) shared by the local processes otherwise.
+It also makes idle OpenMP threads sleep instead of spin (`OMP_WAIT_POLICY=PASSIVE`, unless the environment sets
+a policy): on a loaded 2-core machine the spin-wait burned ~30x the CPU per training step (docs/runtime.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 THREADS_ENV = "OMP_NUM_THREADS"
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 
 
 @dataclass(frozen=True)
@@ -23,10 +27,31 @@ class ThreadSetting:
 
     threads: int
     reason: str
+    wait_policy: str = ""  # what `passive_wait_policy` reported ("" = not applied)
 
     def describe(self) -> str:
-        """One line for the log: the thread count and why."""
-        return f"torch intra-op threads: {self.threads} ({self.reason})"
+        """One line for the log: the thread count and why, and the OpenMP wait policy when it was applied."""
+        line = f"torch intra-op threads: {self.threads} ({self.reason})"
+        return f"{line}; {self.wait_policy}" if self.wait_policy else line
+
+
+def passive_wait_policy(env=None, torch_loaded: bool | None = None) -> str:
+    """Make idle OpenMP threads sleep: set `OMP_WAIT_POLICY=PASSIVE` in `env` (default `os.environ`, so spawned
+    workers inherit it) unless a policy is already set. OpenMP reads it once, when torch loads it, so call this
+    before importing torch. Returns one line for the log (it says when it came too late for this process)."""
+    env = os.environ if env is None else env
+    raw = env.get(WAIT_POLICY_ENV, "").strip()
+    if raw:
+        return f"idle OpenMP threads: {WAIT_POLICY_ENV}={raw} (from the environment)"
+    env[WAIT_POLICY_ENV] = "PASSIVE"
+    if torch_loaded is None:
+        torch_loaded = "torch" in sys.modules
+    if torch_loaded:  # libgomp has read the environment already: only child processes get it
+        return (
+            f"idle OpenMP threads: {WAIT_POLICY_ENV}=PASSIVE for child processes only (torch was imported first; "
+            f"export {WAIT_POLICY_ENV}=PASSIVE before starting Python)"
+        )
+    return f"idle OpenMP threads: passive ({WAIT_POLICY_ENV}=PASSIVE; export {WAIT_POLICY_ENV}=ACTIVE to spin)"
 
 
 def physical_cores(cpus: set[int] | None = None, sysfs: str | Path = "/sys/devices/system/cpu") -> int:
@@ -90,14 +115,25 @@ def loader_workers(requested: int, in_memory: bool, env: dict[str, str] | None =
 
 
 def configure_threads(verbose: bool = True) -> ThreadSetting:
-    """Apply `choose_threads()` to torch (`torch.set_num_threads`) and print it once on local rank 0."""
+    """Make idle OpenMP threads passive (`passive_wait_policy`, before torch is imported), apply `choose_threads()`
+    to torch (`torch.set_num_threads`) and print both once on local rank 0."""
+    wait = passive_wait_policy()
     import torch
 
-    setting = choose_threads()
+    setting = dataclasses.replace(choose_threads(), wait_policy=wait)
     torch.set_num_threads(setting.threads)
     if verbose and os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"[sensorvla] {setting.describe()}", file=sys.stderr, flush=True)
     return setting
+
+
+def cpu_seconds() -> float:
+    """CPU-seconds (user + system) used so far by this process (every thread) and its reaped children (DataLoader
+    workers once joined, finished subprocesses): what a training budget in CPU-seconds counts."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def compile_policy(policy, *, training: bool, **compile_kwargs) -> None:

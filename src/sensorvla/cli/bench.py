@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 
 def bench_latency(
@@ -33,10 +34,52 @@ def bench_latency(
     return 0
 
 
+def bench_sim(
+    task: str = "peg-in-hole",
+    out: Path = Path("bench_out"),
+    demos: int = 50,
+    episodes: int = 40,
+    image_size: int = 64,
+    stage1_epochs: int = 20,
+    stage2_steps: int = 160,
+    cnn: bool = True,
+    cnn_cpu_s: float = 0.0,
+    vl_model: str = "",
+    videos: Literal["none", "first", "success", "failure", "outcomes", "all"] = "none",
+) -> int:
+    """A simulated task end to end: the env's scripted expert records DEMOS -> a LeRobot v3 dataset -> the
+    small-data two-stage recipe on the tiny Qwen-VL (budget: STAGE1_EPOCHS epochs, STAGE2_STEPS steps) -> closed
+    loop over EPISODES seeded episodes: all modalities / sensor ablated / vision ablated, beside a plain CNN with
+    and without the sensor trained on the same demos for the same CPU-seconds (--cnn-cpu-s: a fixed budget
+    instead). Prints the table with CPU-seconds and wall time per policy and phase; writes OUT/bench.json and
+    OUT/report.md.
+
+    Args:
+        task: an env id or a short name: insertion (sensorvla/Insertion-v0), peg-in-hole, blind-bottom, needle.
+        out: the output folder (dataset, tiny model, runs, bench.json, report.md).
+        demos: expert episodes recorded as the training data.
+        episodes: seeded closed-loop episodes per row.
+        image_size: camera side in px.
+        stage1_epochs: our stage-1 budget (epochs over the VL cache).
+        stage2_steps: our stage-2 budget (optimizer steps, exactly).
+        cnn: train and roll out the CNN reference (with and without the sensor).
+        cnn_cpu_s: the CNN's CPU-seconds; 0 = exactly what our cache + stage 1 + stage 2 used.
+        vl_model: a backbone folder instead of the tiny patch-7 model built under OUT.
+        videos: which episodes of each row get a rollout video (views, sensor trace, actions) under
+            OUT/rollout/<row>/: none, first, success, failure, outcomes (first success and failure), all.
+    """
+    flags = dict(locals())
+    from sensorvla.world.bench import BenchSettings, run_bench
+
+    run_bench(out, BenchSettings(**{k: v for k, v in flags.items() if k != "out"}))
+    return 0
+
+
 def register(app) -> None:
-    """Add `bench latency` to the `sensorvla` app."""
+    """Add `bench latency` and `bench sim` to the `sensorvla` app."""
     from tyro.extras import SubcommandApp
 
     bench = SubcommandApp()
     bench.command(bench_latency, name="latency")
+    bench.command(bench_sim, name="sim")
     app.command(bench, name="bench")

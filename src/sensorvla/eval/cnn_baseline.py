@@ -3,9 +3,10 @@
 Per camera: 4 conv layers (stride 2 first, GroupNorm, ReLU) and a spatial-softmax keypoint readout; the
 robot state and the sensor window (normalized exactly as for the VLA, flattened through an MLP) join
 the keypoints in an MLP that predicts the same action chunk (H, D_a), trained with an L1 loss, random
-shift augmentation and AdamW for a fixed wall-clock budget. It sees every modality the VLA sees, so it
-is a fair rival. `CNNRunner` gives it the `infer(obs)` / `reset()` surface of `PolicyRunner`, so the same
-`rollout` scores both.
+shift augmentation and AdamW for a fixed budget: wall-clock seconds (`budget_s`) and/or CPU-seconds
+(`cpu_budget_s`, what `sensorvla bench sim` gives it: exactly our training's). It sees every modality the
+VLA sees (`use_sensor=False`: all but the sensor), so it is a fair rival. `CNNRunner` gives it the
+`infer(obs)` / `reset()` surface of `PolicyRunner`, so the same `rollout` scores both.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ class CNNBaselineConfig:
     weight_decay: float = 1e-4
     batch_size: int = 32
     shift_px: int = 4
-    budget_s: float = 120.0
+    budget_s: float = 120.0  # wall-clock seconds, loading the data included (0 = no wall-clock limit)
+    cpu_budget_s: float = 0.0  # CPU-seconds of this process (runtime.cpu_seconds; 0 = no CPU limit)
+    max_steps: int = 0  # a step cap (0 = none): smoke tests only
+    use_sensor: bool = True  # False: the sensor window is not an input (the "without force" reference)
     seed: int = 0
 
 
@@ -134,21 +138,27 @@ def train_cnn_baseline(
     progress: bool = True,
     stop=None,
 ) -> tuple[CNNPolicy, dict]:
-    """Train the reference CNN on the train split until `cfg.budget_s` seconds of wall clock have passed
-    (loading the data counts) or `stop()` returns True.
+    """Train the reference CNN on the train split until its budget is spent (`cfg.budget_s` seconds of wall
+    clock, `cfg.cpu_budget_s` CPU-seconds, `cfg.max_steps` steps: whichever comes first; loading the data
+    counts) or `stop()` returns True.
 
-    Returns (policy, summary with steps, samples seen, final training loss, the wall time and the
-    constructor arguments `shape` of the policy)."""
+    Returns (policy, summary with steps, samples seen, final training loss, the wall time and CPU-seconds
+    spent, and the constructor arguments `shape` of the policy)."""
     from sensorvla.data.dataset import EpisodeDataset
     from sensorvla.progress import Progress
+    from sensorvla.runtime import cpu_seconds
 
     cfg = cfg or CNNBaselineConfig()
-    start = time.perf_counter()
+    if cfg.budget_s <= 0 and cfg.cpu_budget_s <= 0 and cfg.max_steps <= 0:
+        raise ValueError("CNNBaselineConfig: set budget_s, cpu_budget_s or max_steps (all are 0: no end)")
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     ds = EpisodeDataset(dataset_dir, data_cfg, split="train")
     data = _tensors([ds[i] for i in range(len(ds))], normalizer, ds.meta.state_dim)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, v = data["images"].shape[:2]
+    if not cfg.use_sensor:  # a (T_s, 0) window: the policy has no sensor branch
+        data["sensor"] = data["sensor"][..., :0]
     shape = {
         "views": v,
         "state_dim": ds.meta.state_dim,
@@ -160,8 +170,17 @@ def train_cnn_baseline(
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps, loss_val = 0, float("nan")
     stop = stop or (lambda: False)
+
+    def spent() -> bool:
+        return (
+            (cfg.budget_s > 0 and time.perf_counter() - start >= cfg.budget_s)
+            or (cfg.cpu_budget_s > 0 and cpu_seconds() - cpu_start >= cfg.cpu_budget_s)
+            or (cfg.max_steps > 0 and steps >= cfg.max_steps)
+        )
+
     bar = Progress(total=int(cfg.budget_s), desc="cnn baseline", mode=progress, unit="s")
-    while (elapsed := time.perf_counter() - start) < cfg.budget_s and not stop():
+    while not spent() and not stop():
+        elapsed = time.perf_counter() - start
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         images = random_shift(data["images"][idx].float() / 255.0, cfg.shift_px, gen)
         pred = policy(images, data["state"][idx], data["sensor"][idx], data["sensor_mask"][idx])
@@ -176,7 +195,8 @@ def train_cnn_baseline(
     bar.close()
     policy.eval()
     return policy, {"steps": steps, "samples_seen": steps * cfg.batch_size, "final_loss": loss_val,
-                    "wall_s": time.perf_counter() - start, "train_samples": n, "shape": shape}  # fmt: skip
+                    "wall_s": time.perf_counter() - start, "cpu_s": cpu_seconds() - cpu_start, "train_samples": n,
+                    "shape": shape}  # fmt: skip
 
 
 def train_in_background(dataset_dir: Path, data_cfg, out_dir: Path, *, threads: int, budget_s: float, seed: int = 0):

@@ -241,6 +241,49 @@ def _patchifier(ip, needed: tuple[str, ...]):
     return target, dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
 
 
+RANDOM_INIT_KEY = "sensorvla_random_init"  # set in config.json by `sensorvla tiny-model` (world/tiny_qwen.py)
+
+
+def randomly_initialised(vl_model: str | Path) -> bool:
+    """True when the backbone's weights are random, not pretrained: `random:<hub id>`, or a folder whose
+    config.json carries `sensorvla_random_init` (every `sensorvla tiny-model`)."""
+    from sensorvla.models import random_vl
+
+    if random_vl.is_random(vl_model):
+        return True
+    try:
+        return bool(json.loads((Path(vl_model) / "config.json").read_text()).get(RANDOM_INIT_KEY))
+    except (OSError, ValueError):
+        return False
+
+
+def random_backbone_note(cfg) -> str | None:
+    """A warning for a run that freezes a randomly initialised vision tower (stage 1 without `full_vision`), else
+    None: its features are a fixed random projection of the pixels, learnt from nowhere."""
+    m = cfg.model
+    frozen_vision = m.finetune.mode in ("none", "lora") and not m.finetune.full_vision
+    if not frozen_vision or not randomly_initialised(m.backbone.vl_model):
+        return None
+    return (
+        f"the backbone {m.backbone.vl_model} is randomly initialised, not pretrained: with the vision tower frozen "
+        "its tokens are a fixed random projection of the pixels. The vision tower learns in stage 2 "
+        "(--model.finetune.full-vision, the small-data-stage2 preset); to train it from stage 1 as well, pass "
+        "--model.finetune.full-vision true --train.use-cache never"
+    )
+
+
+def token_grid(processor, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int], int] | None:
+    """What the backbone sees of one (height, width) view: ((rows, cols) of merged VL tokens, the (h, w) the
+    processor resizes it to, pixels per token side), or None when the processor is not a Qwen-VL patchifier."""
+    setup = _patchifier(getattr(processor, "image_processor", processor), ())
+    if setup is None:
+        return None
+    target, kw = setup
+    h, w = target(height, width)
+    side = kw["patch_size"] * kw["merge_size"]
+    return (h // side, w // side), (h, w), side
+
+
 def _rgb_uint8(im) -> np.ndarray | None:
     """`im` as a uint8 (h, w, 3) array, or None when it is not one."""
     im = np.asarray(im)

@@ -111,6 +111,70 @@ def build_normalizer(stats, cfg: SensorVLAConfig):
     return norm
 
 
+SMALL_DATASET_EPISODES = 100  # below this, a held-out test split is data the policy could have learnt from
+COARSE_TOKENS_PER_SIDE = 4  # warn at <= 4 x 4 VL tokens per view: the hand misses objects (issue 18)
+
+
+def split_summary(cfg: SensorVLAConfig, n_episodes: int) -> list[str]:
+    """Log lines: how many of the dataset's `n_episodes` each split holds (what training never sees), and for a
+    small dataset that holds out a test split, how to train on all but the validation fraction."""
+    from sensorvla.data.dataset import split_episodes
+
+    d = cfg.data
+    parts = {k: len(v) for k, v in split_episodes(n_episodes, d.split_seed, d.val_fraction, d.test_fraction).items()}
+    held = parts["val"] + parts["test"]
+    lines = [
+        f"split of {n_episodes} episodes: {parts['train']} train / {parts['val']} val / {parts['test']} test; "
+        f"{held} held out of training ({100 * held / max(n_episodes, 1):.0f} %: --data.val-fraction "
+        f"{d.val_fraction:g}, --data.test-fraction {d.test_fraction:g})"
+    ]
+    if parts["test"] and n_episodes < SMALL_DATASET_EPISODES:
+        lines.append(
+            f"a small dataset holds out {parts['test']} of its {n_episodes} episodes as a test split training never "
+            "sees: --data.test-fraction 0 trains on all but the validation fraction (judge the policy in closed loop "
+            "or on --split val; the small-data-stage1/2 presets do this)"
+        )
+    return lines
+
+
+def token_grid_lines(processor, cfg: SensorVLAConfig, meta) -> tuple[list[str], list[str]]:
+    """(info lines, warnings): the VL token grid of each view the run reads, and a warning with the fix for a view
+    of <= 4 x 4 tokens (a 64 px view under the default pixel bounds is resized to 56 px: 2 x 2 tokens)."""
+    from sensorvla.models.backbone import token_grid
+
+    info, warnings = [], []
+    bb = cfg.model.backbone
+    for view, cam in sorted(meta.cameras.items()):
+        if cfg.data.views and view not in cfg.data.views:
+            continue
+        seen = token_grid(processor, int(cam.shape[0]), int(cam.shape[1]))
+        if seen is None:
+            continue
+        (rows, cols), (h, w), side = seen
+        info.append(f"view {view!r}: {cam.shape[0]}x{cam.shape[1]} px -> resized to {h}x{w} -> {rows}x{cols} VL tokens")
+        if min(rows, cols) <= COARSE_TOKENS_PER_SIDE:
+            px = (8 * side) ** 2
+            warnings.append(
+                f"view {view!r} ({cam.shape[0]}x{cam.shape[1]} px) gives only {rows}x{cols} VL tokens: the processor "
+                f"resizes it to {h}x{w} (--model.backbone.min-pixels {bb.min_pixels}, --model.backbone.max-pixels "
+                f"{bb.max_pixels}) and each token covers {side}x{side} px, so small objects blur into one token. For "
+                f"8x8 tokens upsample the views (--model.backbone.min-pixels {px} --model.backbone.max-pixels {px}) "
+                "or use a backbone with smaller patches (e.g. `sensorvla tiny-model --patch-size 7`)"
+            )
+    return info, warnings
+
+
+def log_token_grid(processor, cfg: SensorVLAConfig) -> None:
+    """Log each view's VL token grid; warn (with the fix) where it is <= 4 x 4 tokens (`token_grid_lines`)."""
+    from sensorvla.data.format import load_meta
+
+    info, warnings = token_grid_lines(processor, cfg, load_meta(cfg.data.dataset_dir))
+    for line in info:
+        logger.info("%s", line)
+    for line in warnings:
+        logger.warning("%s", line)
+
+
 def raw_dataset(cfg: SensorVLAConfig, split: str, load_images: bool = True):
     """The raw dataset (or mixture) of `cfg.data` for a split."""
     from sensorvla.data.dataset import build_dataset

@@ -46,10 +46,12 @@ from sensorvla.training.data_setup import (
     ShardedEpochSampler,
     build_normalizer,
     ensure_stats,
+    log_token_grid,
     make_loader,
     pin_hub_ids,
     preload,
     raw_dataset,
+    split_summary,
 )
 from sensorvla.training.distributed import (
     all_gather_objects,
@@ -74,12 +76,20 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN/inf; the message names the checkpoint with finite weights from before it."""
 
 
+def run_length(cfg: SensorVLAConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs the run passes through, optimizer steps it takes). `--train.max-steps N` is a budget the run meets
+    exactly: N steps, over as many epochs as they need (the last one cut), whatever `--train.epochs` says;
+    without it, `--train.epochs` whole epochs."""
+    if cfg.train.max_steps:
+        return math.ceil(cfg.train.max_steps / max(steps_per_epoch, 1)), cfg.train.max_steps
+    return cfg.train.epochs, steps_per_epoch * cfg.train.epochs
+
+
 def schedule_length(cfg: SensorVLAConfig, steps_per_epoch: int) -> int:
-    """`--train.schedule-steps`, or what the run will do: min(epochs * steps/epoch, max_steps)."""
+    """`--train.schedule-steps`, or what the run will do (`run_length`: max-steps when set, else the epochs)."""
     if cfg.train.schedule_steps:
         return cfg.train.schedule_steps
-    total = steps_per_epoch * cfg.train.epochs
-    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    return run_length(cfg, steps_per_epoch)[1]
 
 
 def divergence_message(ckpt_dir: Path, loss: float, grad_norm: float, step: int) -> str:
@@ -237,7 +247,7 @@ def _train(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
         return _build_cache(cfg, _build_policy(cfg, info), normalizer, info, meta, _mode(bar_on, info))
     run = _setup(cfg, info, meta, stats, normalizer, progress, bar_on)
     try:
-        while run.state["epoch"] < cfg.train.epochs and not run.stop:
+        while run.state["epoch"] < run.epochs and not run.stop:
             _run_epoch(run)
         _ensure_pretrained(run)
     finally:
@@ -287,6 +297,7 @@ class _Run:
     micro_per_epoch: int
     run_steps: int
     val_batches: int
+    epochs: int  # epochs the run passes through (`run_length`: --train.max-steps decides when set)
     run_log: Any = None  # a RunLogger, opened once the saved state is restored
     bar: Any = None
     state: dict = field(default_factory=lambda: dict(FRESH_STATE))
@@ -319,6 +330,10 @@ def _start(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
     if info.is_main:
         for warning in stage_warnings(cfg):
             logger.warning(warning)
+        from sensorvla.models.backbone import random_backbone_note
+
+        if cfg.train.mode == "train" and (note := random_backbone_note(cfg)):
+            logger.warning(note)
         t = cfg.train
         logger.info(
             "global batch %d = batch %d x accumulation %d x world size %d%s",
@@ -336,8 +351,7 @@ def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> 
     data = _open_data(cfg, info, meta)
     micro_per_epoch = math.ceil(len(data.sampler) / cfg.train.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.train.grad_accum_steps)
-    run_steps = steps_per_epoch * cfg.train.epochs
-    run_steps = min(run_steps, cfg.train.max_steps) if cfg.train.max_steps else run_steps
+    run_epochs, run_steps = run_length(cfg, steps_per_epoch)
     fingerprint = _fingerprint(cfg)
     _check_saved_run(cfg, info, steps_per_epoch, fingerprint)
     # every VL feature from the cache: the backbone's weights are never used, so they are not loaded
@@ -364,6 +378,7 @@ def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> 
         micro_per_epoch=micro_per_epoch,
         run_steps=run_steps,
         val_batches=val_batches,
+        epochs=run_epochs,
     )
     if cfg.train.resume:
         _restore(run)
@@ -486,6 +501,8 @@ def _attach_transforms(cfg: SensorVLAConfig, data: _Data, normalizer, progress: 
     processor = None
     if data.cache is None:
         processor = load_processor(b.vl_model, min_pixels=b.min_pixels, max_pixels=b.max_pixels, revision=b.revision)
+        if info.is_main:
+            log_token_grid(processor, cfg)
     augment = None
     if cfg.data.augment.enabled and processor is not None:
         from sensorvla.data.augment import ImageAugment
@@ -542,8 +559,20 @@ def _announce(run: _Run, groups: list[dict], steps_per_epoch: int) -> None:
         steps_per_epoch,
         cfg.train.schedule_steps,
     )
+    from sensorvla.data.format import load_meta
+
+    for line in split_summary(cfg, len(load_meta(cfg.data.dataset_dir).episodes)):
+        logger.info("%s", line)
+    if cfg.train.max_steps:
+        logger.info(
+            "run: exactly %d optimizer steps (--train.max-steps) over %d epoch(s) of %d steps%s",
+            run.run_steps,
+            run.epochs,
+            steps_per_epoch,
+            f" (--train.epochs {cfg.train.epochs} overridden)" if run.epochs != cfg.train.epochs else "",
+        )
     if stage_config(cfg).init_from == "stage1_checkpoint":
-        names = [ckpt.BEST_NAME] + [ckpt.epoch_name(e) for e in range(1, cfg.train.epochs + 1)]
+        names = [ckpt.BEST_NAME] + [ckpt.epoch_name(e) for e in range(1, run.epochs + 1)]
         ckpt.backup_if_overwritten(run.ckpt_dir, cfg.train.stage1_checkpoint, names)
 
 
@@ -569,7 +598,7 @@ def _run_epoch(run: _Run) -> None:
     if epoch_done:
         state["epoch"] += 1
         state["micro_in_epoch"] = 0
-    due = state["epoch"] % cfg.train.val_every_epochs == 0 or state["epoch"] == cfg.train.epochs
+    due = state["epoch"] % cfg.train.val_every_epochs == 0 or state["epoch"] == run.epochs
     if run.stop or (epoch_done and due):
         _validate_and_checkpoint(run, epoch + 1)  # 1-based index of the epoch just run (complete or cut)
     if epoch_done or run.stop:
@@ -628,7 +657,7 @@ def _log_step(run: _Run, row: dict, epoch: int) -> None:
         loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.1e}", sps=f"{row['samples_per_s']:.1f}"
     )
     if periodic and not run.bar_on and run.info.is_main:
-        _log_progress(step, run.run_steps, epoch, run.cfg.train.epochs, row, run.t_start, run.step_start)
+        _log_progress(step, run.run_steps, epoch, run.epochs, row, run.t_start, run.step_start)
 
 
 # --- validate ----------------------------------------------------------------------------------------
@@ -797,6 +826,8 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
         max_pixels=cfg.model.backbone.max_pixels,
         revision=cfg.model.backbone.revision,
     )
+    if info.is_main:
+        log_token_grid(processor, cfg)
     tds = TransformedDataset(
         ds, SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
     )

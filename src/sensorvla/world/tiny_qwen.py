@@ -92,6 +92,7 @@ def build_tiny_qwen_vl(
     from transformers import AutoModelForImageTextToText
 
     from sensorvla.io import atomic_dir
+    from sensorvla.models.backbone import RANDOM_INIT_KEY
     from sensorvla.models.hf_processors import IMAGE_ONLY_PROCESSORS, make_image_processor
 
     if family not in FAMILIES:
@@ -108,6 +109,7 @@ def build_tiny_qwen_vl(
         vision_depth=vision_depth,
         patch=patch,
     )
+    setattr(cfg, RANDOM_INIT_KEY, True)  # the weights are random: training says so (backbone.randomly_initialised)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(cfg)

@@ -48,6 +48,7 @@ class InsertionEnv(gym.Env):
         cfg = sim_config or SimConfig()
         self.cfg = dataclasses.replace(cfg, task=task) if task else cfg
         self.sensor_history_s = sensor_history_s
+        self.views = VIEWS  # the order of obs["images"]
         self.sensor_available = sensor_available
         self.render_mode = render_mode
         s, c = self.cfg.image_size, self.cfg.sensor_channels
