@@ -763,7 +763,9 @@ def resolve_from_meta(cfg: SensorVLAConfig, meta: Any) -> SensorVLAConfig:
 def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
     """Legal but suspicious stage settings (the trainer logs each one)."""
     out, st, mode = [], stage_config(cfg), cfg.model.finetune.mode
-    if mode != "auto" and mode not in st.recommended_modes:
+    trains_backbone = any(m != "none" for m in st.recommended_modes)  # what the stage's recommended modes do
+    # e.g. stage 2 with --finetune-vl none --model.finetune.full-vision trains the vision tower: no warning
+    if mode != "auto" and mode not in st.recommended_modes and backbone_trains(cfg) != trains_backbone:
         out.append(st.off_mode_warning.format(mode=mode))
     if backbone_trains(cfg) and not st.seed_file_holds_backbone:
         out.append(

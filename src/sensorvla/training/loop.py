@@ -555,7 +555,7 @@ def _run_epoch(run: _Run) -> None:
     data.train.set_epoch(epoch)  # reseeds VL-staleness draws / the mixture plan
     data.sampler.set_position(epoch, state["micro_in_epoch"] * cfg.train.batch_size)
     run.policy.train()
-    if cfg.model.finetune.mode == "none" and run.policy.backbone.has_weights:
+    if feature_cache.backbone_frozen(cfg) and run.policy.backbone.has_weights:
         run.policy.backbone.model.eval()
     loader = iter(make_loader(data.train, data.transform, data.sampler, cfg, data.pad_id))
     while state["micro_in_epoch"] < run.micro_per_epoch:
