@@ -537,3 +537,33 @@ def test_stage1_from_the_cache_never_loads_the_backbone_weights(tmp_path, tiny_v
         weightless.backbone.encode({"input_ids": torch.zeros(1, 3, dtype=torch.long)})
     trained = {k for k in policy.state_dict() if not k.startswith("backbone.model.")}
     assert trained == set(weightless.state_dict())  # the same trained parts, nothing but the base is missing
+
+
+def test_early_divergence_names_only_what_exists(tmp_path, tiny_vl_dir, synth_dataset_dir, monkeypatch):
+    """Issue 19: a loss that goes NaN at step 1, before anything was saved, was told that `checkpoints/last` holds
+    the latest state; no such folder existed. The message says that nothing was saved."""
+    from sensorvla.models.policy import VLAPolicy
+
+    cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, max_steps=2)
+    orig = VLAPolicy.forward
+
+    def poisoned(self, batch, *args, **kwargs):
+        loss, m = orig(self, batch, *args, **kwargs)
+        return loss * float("nan"), m
+
+    monkeypatch.setattr(VLAPolicy, "forward", poisoned)
+    with pytest.raises(TrainingDivergedError, match="at step 1") as err:
+        train(cfg, progress=False)
+    msg = str(err.value)
+    assert not (tmp_path / "checkpoints" / "last").exists()
+    assert "last" not in msg and "Nothing was saved in" in msg and str(tmp_path / "checkpoints") in msg, msg
+
+
+def test_resume_with_nothing_saved_says_so(tmp_path, capsys):
+    """Issue 19: `train --resume` in a folder without a saved run said the folder "is not a dataset"."""
+    from sensorvla.cli import main
+
+    assert main(["train", "--resume", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume" in err and str(tmp_path / "checkpoints" / "last") in err, err
+    assert "without --resume" in err and "dataset" in err and "not a sensorvla or LeRobot" not in err
