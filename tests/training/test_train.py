@@ -205,12 +205,13 @@ def test_sigkill_then_resume(tmp_path, tiny_vl_dir, synth_dataset_dir):
         stderr=subprocess.DEVNULL,
     )
     best = tmp_path / "checkpoints" / ckpt.BEST_NAME
-    deadline = time.time() + 240
-    while time.time() < deadline and not (best.exists() and len(losses(tmp_path)) >= 30):
+    # no deadline: however slow the machine, the kill comes after 30 steps and a best checkpoint (the 50-epoch
+    # run cannot end before); a run that dies early fails here instead of timing out
+    while not (best.exists() and len(losses(tmp_path)) >= 30):
+        assert proc.poll() is None, f"training exited with {proc.returncode} before the kill"
         time.sleep(0.2)
-    assert best.exists(), "no best checkpoint was written before the kill"
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait()
     steps_done = max(losses(tmp_path))
     state = json.loads((tmp_path / "checkpoints" / "last" / "training_state.json").read_text())
     assert steps_done - state["step"] <= 2  # at most the work since the last checkpoint is lost
