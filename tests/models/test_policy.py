@@ -330,3 +330,22 @@ def test_lora_on_layers_past_the_features_only_is_an_error(tiny_vl_dir):
     cfg.model.backbone.feature_layer = 0
     with pytest.raises(finetune.FinetuneError, match="past --model.backbone.feature-layer 0.*--lora-targets vision"):
         build_policy(cfg)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_dropout_reaches_peft(tiny_vl_dir, p):
+    """Issue 19: a planted bug that dropped --lora-dropout on its way to PEFT passed every test. The flag sets the
+    dropout of every adapter (an Identity at 0)."""
+    from sensorvla.cli import parse_train_config
+
+    flags = parse_train_config(["--finetune-vl", "lora", "--lora-dropout", str(p)]).model.finetune
+    assert flags.lora_dropout == p
+    cfg = make_cfg(tiny_vl_dir, mode="lora")
+    cfg.model.finetune = flags
+    policy = build_policy(cfg)
+    dropouts = [m.lora_dropout["default"] for m in policy.modules() if hasattr(m, "lora_dropout")]
+    assert dropouts
+    if p:
+        assert all(isinstance(d, torch.nn.Dropout) and d.p == p for d in dropouts)
+    else:
+        assert all(isinstance(d, torch.nn.Identity) for d in dropouts)

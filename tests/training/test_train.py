@@ -568,3 +568,26 @@ def test_resume_with_nothing_saved_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no checkpoint to resume" in err and str(tmp_path / "checkpoints" / "last") in err, err
     assert "without --resume" in err and "dataset" in err and "not a sensorvla or LeRobot" not in err
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6])
+def test_gradients_are_clipped_to_grad_clip_before_the_step(
+    tmp_path, tiny_vl_dir, synth_dataset_dir, monkeypatch, clip
+):
+    """Issue 19: a planted bug in gradient clipping passed every test. The optimizer must see a global gradient
+    norm of at most --train.grad-clip, and the logged grad_norm is the norm before clipping."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, max_steps=2, grad_clip=clip)
+    train(cfg, progress=False)
+    logged = [train_rows(tmp_path)[s]["grad_norm"] for s in (1, 2)]
+    assert len(seen) == 2 and all(n > 1e-2 for n in logged), (seen, logged)  # the raw norms exceed the small clip
+    for before, at_step in zip(logged, seen, strict=True):
+        assert at_step == pytest.approx(min(before, clip), rel=1e-4)
