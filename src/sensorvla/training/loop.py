@@ -423,7 +423,7 @@ def _open_data(cfg: SensorVLAConfig, info, meta) -> _Data:
     cacheable = stage_config(cfg).may_use_vl_cache and feature_cache.backbone_frozen(cfg)
     if cacheable and cfg.train.use_cache != "never":
         all_ids = raw_dataset(cfg, "all", load_images=False).sample_ids
-        cache = feature_cache.open_cache(cfg, all_ids, meta.dataset_id)
+        cache = feature_cache.open_cache(cfg, all_ids, meta.dataset_id, info.device)
         if cache is None and cfg.train.use_cache == "always":
             raise feature_cache.StaleCacheError(
                 f"--train.use-cache always but no VL cache exists; build it: {feature_cache.rebuild_command(cfg)}"
