@@ -591,3 +591,57 @@ def test_gradients_are_clipped_to_grad_clip_before_the_step(
     assert len(seen) == 2 and all(n > 1e-2 for n in logged), (seen, logged)  # the raw norms exceed the small clip
     for before, at_step in zip(logged, seen, strict=True):
         assert at_step == pytest.approx(min(before, clip), rel=1e-4)
+
+
+def _scaled_copy(src: Path, dst: Path, factor: float) -> Path:
+    """A copy of a dataset whose actions are `factor` times the original's (another robot's units)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(src, dst)
+    for f in (dst / "data").rglob("*.parquet"):
+        t = pq.read_table(f)
+        actions = np.stack(t.column("action").to_pylist()).astype(np.float32) * factor
+        col = pa.FixedSizeListArray.from_arrays(pa.array(actions.ravel()), actions.shape[1])
+        t = t.set_column(t.schema.get_field_index("action"), t.schema.field("action"), col)
+        pq.write_table(t, f)
+    return dst
+
+
+def test_mixture_stats_cover_every_member(tmp_path, tiny_vl_dir, synth_dataset_dir, monkeypatch):
+    """Issue 19: `--data.mixture` normalized every member with the primary's stats (a member with actions x100
+    trained at |z| ~ 52). The stats are pooled over every member's training split, kept in the user cache under
+    the mixture's fingerprint, and are what the checkpoint carries."""
+    from types import SimpleNamespace
+
+    from sensorvla.data import normalize
+    from sensorvla.data.normalize import Normalizer, compute_stats
+    from sensorvla.training import data_setup
+
+    big = _scaled_copy(synth_dataset_dir, tmp_path / "x100", 100.0)
+    cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "run", max_steps=1)
+    cfg.data.mixture = (f"{big}:1.0",)
+    one = SimpleNamespace(is_main=True, enabled=False)
+    stats = data_setup.ensure_stats(cfg, one, progress=False)
+    pooled_key = normalize.mixture_fingerprint(data_setup.mixture_roots(cfg), cfg.data)
+    assert data_setup.cached_stats_path(cfg, json.loads(json.dumps(pooled_key))).exists()  # the user cache
+    a, b = (compute_stats(root, progress=False, data_cfg=cfg.data) for root in (synth_dataset_dir, big))
+    na, nb = a.counts["actions"], b.counts["actions"]
+    assert stats.counts["actions"] == na + nb
+    pooled_mean = (na * a.stats["actions"]["mean"] + nb * b.stats["actions"]["mean"]) / (na + nb)
+    np.testing.assert_allclose(stats.stats["actions"]["mean"], pooled_mean, rtol=1e-4, atol=1e-6)
+    mixture = data_setup.raw_dataset(cfg, "train", load_images=False)
+    norm = Normalizer(stats)
+    for member in mixture.members:  # every member's actions are O(1) after normalization
+        z = np.stack([norm.normalize("actions", member[i]["actions"]) for i in range(0, len(member), 7)])
+        assert np.abs(z).max() < 10, np.abs(z).max()
+    # loaded, not recomputed, while the members are unchanged
+    monkeypatch.setattr(normalize, "compute_stats", lambda *a, **k: pytest.fail("recomputed"))
+    again = data_setup.ensure_stats(cfg, one, progress=False)
+    np.testing.assert_array_equal(again.stats["actions"]["std"], stats.stats["actions"]["std"])
+    monkeypatch.undo()
+    train(cfg, progress=False)
+    saved = normalize.NormStats.load(tmp_path / "run" / "checkpoints" / "pretrained_model" / "norm_stats.json")
+    np.testing.assert_array_equal(saved.stats["actions"]["std"], stats.stats["actions"]["std"])
