@@ -126,6 +126,14 @@ def _delta(e: dict[str, Any], base: float) -> dict[str, Any]:
     }
 
 
+def _records(light, n: int, desc: str, progress: bool | str) -> list[dict]:
+    """What the metrics, the plots and the ablation plans need of the first `n` samples, read from a dataset that
+    decodes no image: episode, time, actions, action mask, sensor availability."""
+    keep = ("episode_index", "timestamp", "actions", "action_mask", "has_sensor")
+    samples = (light[i] for i in track(range(n), desc=desc, unit="samples", mode=progress))
+    return [{k: r[k] for k in keep} for r in samples]
+
+
 def _passes(has: np.ndarray, episodes: np.ndarray, seed: int, ds, light) -> dict[str, Any]:
     """The input variants every batch is predicted under: name -> (sample index, decoded sample) -> its input.
     The shuffled variants read their donor's window (no image decoded) or views (decoded) on demand."""
@@ -191,12 +199,7 @@ def evaluate(
     n = len(ds) if max_samples is None else min(len(ds), max_samples)
     if n == 0:
         raise ValueError(f"split {split!r} of {dataset_dir} has no samples; use --split all or another dataset")
-    # what the metrics, plots and ablation plans need, without decoding an image
-    keep = ("episode_index", "timestamp", "actions", "action_mask", "has_sensor")
-    records = [
-        {k: r[k] for k in keep}
-        for r in (light[i] for i in track(range(n), desc=f"read {split}", unit="samples", mode=progress))
-    ]
+    records = _records(light, n, f"read {split}", progress)
     gt = np.stack([r["actions"] for r in records])
     mask = np.stack([r["action_mask"] for r in records])
     has = np.array([r["has_sensor"] for r in records], dtype=bool)
