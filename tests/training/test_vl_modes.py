@@ -318,7 +318,7 @@ def _grow_weights(cfg, args):
 KEY_CHANGES = {
     "vl_model (another folder, the same files)": lambda cfg, a: setattr(cfg.model.backbone, "vl_model", a["twin"]),
     "revision": lambda cfg, a: setattr(cfg.model.backbone, "revision", "v2"),
-    "resolved revision (config.json content)": _edit_config_json,
+    "local config.json content": _edit_config_json,
     "model files (weights of another size)": _grow_weights,
     "dtype": lambda cfg, a: setattr(cfg.model.backbone, "dtype", "bfloat16"),
     "dtype auto on CUDA (bf16)": lambda cfg, a: a.update(device="cuda"),

@@ -9,10 +9,11 @@ row: meta.json maps their ids to the encoded one. Layout: <cache_dir>/<key>/meta
 masks (T,); memory-mapped on read) + `shard-<r>-of-<w>.index.json` (sample ids and row offsets, rewritten
 atomically after every batch: it is the progress record, so a killed build resumes where it stopped).
 
-`key` hashes the fingerprint: backbone id, requested revision and resolved revision (the hub snapshot's commit,
-or a local folder's config hash) and files, the dtype the backbone runs in (`auto` resolved on the run's device),
-the attention implementation, processor resolution, prompt template, token mode, grid size, feature layer,
-views, the dataset content and the sample ids (tests/training/test_vl_modes.py changes each one). A stale
+`key` hashes the fingerprint: backbone id, requested revision and what it resolves to (the hub snapshot's
+commit, or a local folder's config hash) and files, the dtype the backbone runs in (`auto` resolved on the
+run's device), the attention implementation, processor resolution, prompt template, token mode, grid size,
+feature layer, views, the dataset content and the sample ids (tests/training/test_vl_modes.py changes each
+one). A stale
 (other fingerprint) or partial cache raises `StaleCacheError` with the rebuild command; it is never silently
 reused. Before building, the size on disk is printed and checked against `--train.cache-max-gb`.
 """
