@@ -419,3 +419,67 @@ def test_config_diff_names_exactly_the_flags_given(monkeypatch, argv, changed):
     if "train.lr" in changed:
         assert changes["train.lr"] == (1e-4, 5e-5) and "  --train.lr 5e-05 (was 0.0001)" in text
     assert config_changes(SensorVLAConfig()) == {}
+
+
+def _field_docs(cls, prefix: str = "") -> dict[str, tuple[str, str]]:
+    """Every leaf field of a config dataclass tree -> (its flag, its own `#:` comment), read from the source."""
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(cls)).split("\n")
+    node = ast.parse("\n".join(source)).body[0]
+    line_of = {s.target.id: s.lineno for s in node.body if isinstance(s, ast.AnnAssign)}
+    hints = typing_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_field_docs(hints[f.name], name + "."))
+            continue
+        doc, i = [], line_of[f.name] - 2
+        while i >= 0 and source[i].strip().startswith("#:"):
+            doc.insert(0, source[i].strip()[2:].strip())
+            i -= 1
+        out[name] = ("--" + name.replace("_", "-"), " ".join(doc))
+    return out
+
+
+def typing_hints(cls) -> dict:
+    """The resolved annotations of a dataclass (config.py uses postponed annotations)."""
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def test_every_train_flag_help_is_its_own_fields_doc():
+    """Issue 19: `sensorvla train --help` showed another field's comment for eight flags (tyro carries a comment
+    block over to the next field that has none). Every flag's help must be its own field's `#:` comment, and
+    every field must have one."""
+    import re
+    import warnings
+
+    import tyro
+
+    from sensorvla.cli.train import base_train_config
+
+    docs = _field_docs(SensorVLAConfig)
+    undocumented = sorted(k for k, (_, doc) in docs.items() if not doc)
+    assert not undocumented, f"add a `#:` comment above each of these config fields: {undocumented}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        parser = tyro.extras.get_parser(SensorVLAConfig, default=base_train_config())
+    helps = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            helps[opt] = " ".join(re.sub(r"\s*\(default: .*\)\s*$", "", action.help or "", flags=re.S).split())
+
+    def negation(flag: str) -> str:
+        return "--{}no-{}".format(*re.match(r"--((?:[\w-]+\.)*)([\w-]+)$", flag).groups())
+
+    flags = {flag: " ".join(doc.split()) for flag, doc in docs.values()}
+    flags.update({negation(f): doc for f, doc in flags.items() if negation(f) in helps})  # --x.no-y: x.y's doc
+    assert set(helps) - {"-h", "--help"} - set(flags) == set()  # every flag is a field's
+    wrong = {flag: (helps.get(flag), doc) for flag, doc in flags.items() if helps.get(flag) != doc}
+    assert not wrong, f"flags whose help is not their own field's doc (help, doc): {wrong}"

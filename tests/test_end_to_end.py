@@ -12,6 +12,9 @@ import torch
 
 from sensorvla.data.video import probe
 
+# a hang guard only, never a performance limit: a loaded machine may take many times the usual time
+HANG_GUARD_S = 3600
+
 
 def test_demo_quick_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -20,7 +23,7 @@ def test_demo_quick_end_to_end(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=HANG_GUARD_S,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
@@ -28,12 +31,15 @@ def test_demo_quick_end_to_end(tmp_path):
     for head in ("regression", "diffusion", "flow"):
         assert f"[smoke] head={head}" in r.stdout
     assert "trainable" in r.stdout and "sensor_encoder" in r.stdout
-    # stage 1 from the cache, then stage 2 with LoRA from the stage-1 checkpoint
+    # stage 1 from the cache, then stage 2 (the vision tower trained) from the stage-1 checkpoint
     s1 = torch.load(tmp_path / "stage1" / "checkpoints" / "qwen_vla_sensor_best.pt", weights_only=True)
     s2 = torch.load(tmp_path / "stage2" / "checkpoints" / "qwen_vla_sensor_best.pt", weights_only=True)
     assert s1["training_stage"] == "stage1" and s2["training_stage"] == "stage2"
     assert any(p.name.endswith(".feats.bin") for p in (tmp_path / "stage1" / "vl_cache").rglob("*"))
-    assert (tmp_path / "stage2" / "checkpoints" / "pretrained_model" / "adapter_model.safetensors").exists()
+    # the demo's features are the embeddings (feature layer 0): no language-model layer reaches them, so no LoRA;
+    # the trained vision tower is in the stage-2 file
+    assert not (tmp_path / "stage2" / "checkpoints" / "pretrained_model" / "adapter_model.safetensors").exists()
+    assert any(k.startswith("backbone.model.visual.") for k in s2["model_state_dict"])
     # every phase is timed, and the phases add up to (nearly) the whole run
     phases = {k: v for k, v in summary["wall_s"].items() if k != "total"}
     assert set(phases) == {"data", "smoke", "cache", "stage1", "stage2", "cnn_rollouts", "eval", "closed_loop"}

@@ -4,7 +4,8 @@ Every checkpoint stores the resolved `SensorVLAConfig` as JSON; `SensorVLAConfig
 gives an equal object. Loading checks every value's type against the field's annotation. `validate()`
 (called by the CLI and trainer before any distributed init) also applies the stage defaults, so
 `train(cfg)` from Python, a JSON config and the CLI behave alike; every error names the flag to change.
-This module touches no file on import.
+This module touches no file on import. Each field's `#:` comment (directly above it) is its documentation and
+the help text of its flag (`sensorvla train --help`; tests/test_config_cli.py checks every flag).
 """
 
 from __future__ import annotations
@@ -86,25 +87,36 @@ class ConfigError(ValueError):
 class BackboneConfig:
     """The Qwen-VL backbone and its processor."""
 
-    vl_model: str = DEFAULT_VL_MODEL  # hub id or local folder (same code path)
+    #: The VL backbone: a Hugging Face hub id or a local folder (the same code path).
+    vl_model: str = DEFAULT_VL_MODEL
+    #: The hub revision (branch, tag or commit) of --model.backbone.vl-model; None = the default branch.
     revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    #: The backbone's weight dtype; auto: bf16 on CUDA, fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: The attention implementation transformers uses in the backbone.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    #: The processor's lower bound on an image's pixel count (images are resized up to it).
     min_pixels: int = 56 * 56
+    #: The processor's upper bound on an image's pixel count (images are resized down to it).
     max_pixels: int = 224 * 224
-    # Which VL tokens the head sees (every mode can be cached for stage 1):
-    # "grid": each view's merged patch grid adaptive-pooled to grid_size x grid_size tokens with 2-D
-    #         positions, + one instruction token (N_vl = V * k^2 + 1).
-    # "all": every image token of every view with 2-D positions, + the instruction token (masked).
-    # "view_mean": one masked-mean token per view + one for the instruction (N_vl = V + 1).
-    # "resampler": a learned resampler with `num_queries` queries over all valid tokens.
+    #: Which VL tokens the head sees (every mode can be cached for stage 1). grid: each view's merged patch grid
+    #: adaptive-pooled to grid_size x grid_size tokens with 2-D positions, + one instruction token (N_vl = V * k^2 + 1).
+    #: all: every image token of every view with 2-D positions, + the instruction token (masked). view_mean: one
+    #: masked-mean token per view + one for the instruction (N_vl = V + 1). resampler: a learned resampler with
+    #: num_queries queries over all valid tokens.
     pooling: Literal["grid", "all", "view_mean", "resampler"] = "all"
-    grid_size: int = 4  # k of "grid"
+    #: k of the grid pooling (k x k tokens per view).
+    grid_size: int = 4
+    #: The resampler pooling's number of learned queries (= VL tokens).
     num_queries: int = 8
-    # Hidden layer the VL tokens come from: -1 = the last (after the final norm); 0 = the embeddings (the
-    # vision tower's output at image positions); i = after decoder layer i (GR00T takes a middle one).
+    #: Hidden layer the VL tokens come from: -1 = the last (after the final norm); 0 = the embeddings (the vision
+    #: tower's output at image positions); i = after decoder layer i (GR00T takes a middle one). LoRA adapts only
+    #: the layers before it (the ones that reach the features).
     feature_layer: int = -1
+    #: The text prompt around the task instruction; `{instruction}` is replaced by it.
     prompt_template: str = "{instruction}"
+    #: Recompute the backbone's decoder layers in backward instead of keeping their activations (less memory,
+    #: more compute).
     activation_checkpointing: bool = False
 
 
@@ -112,14 +124,23 @@ class BackboneConfig:
 class SensorConfig:
     """The high-rate sensor encoder: (B, T_s, C_s) window -> (B, N_s, D) tokens."""
 
+    #: Use the sensor window as an input (off: a vision-only policy).
     enabled: bool = True
-    channels: int = 0  # C_s, derived from the dataset (0 = not yet known)
-    force_channels: int = 1  # leading scalar channels; the rest are a spatial A-scan profile
-    num_tokens: int = 4  # N_s
+    #: C_s, the sensor's channels; derived from the dataset (0 = not yet known).
+    channels: int = 0
+    #: The leading scalar (force) channels; the rest are a spatial A-scan profile.
+    force_channels: int = 1
+    #: N_s, the sensor tokens the encoder emits.
+    num_tokens: int = 4
+    #: The sensor encoder's width.
     hidden_dim: int = 128
+    #: The sensor encoder's transformer layers.
     num_layers: int = 2
+    #: The sensor encoder's attention heads.
     num_heads: int = 4
+    #: Dropout inside the sensor encoder.
     dropout: float = 0.1
+    #: Channels of the 1-D convolution over the A-scan profile.
     ascan_conv_channels: int = 16
 
 
@@ -127,11 +148,14 @@ class SensorConfig:
 class FusionConfig:
     """How VL tokens, sensor tokens and robot state become the head's conditioning sequence."""
 
+    #: How the modalities are fused: concat, cross_attention or gated.
     strategy: FusionStrategy = "concat"
-    hidden_dim: int = 128  # D, width of the conditioning sequence
+    #: D, the width of the conditioning sequence.
+    hidden_dim: int = 128
+    #: Attention heads of the fusion (cross_attention, gated).
     num_heads: int = 4
-    # VL tokens -> D: "linear" (LayerNorm + Linear) or "mlp" (LayerNorm + Linear-GELU-Linear, LLaVA's
-    # 2-layer projector: per-token non-linear features the head can attend on, e.g. "where is the target")
+    #: VL tokens -> D: linear (LayerNorm + Linear) or mlp (LayerNorm + Linear-GELU-Linear, LLaVA's 2-layer
+    #: projector: per-token non-linear features the head can attend on, e.g. "where is the target").
     vl_projector: Literal["linear", "mlp"] = "linear"
 
 
@@ -139,36 +163,53 @@ class FusionConfig:
 class HeadConfig:
     """The action expert. Predicts a chunk (B, H, D_a)."""
 
+    #: The action head: regression, diffusion or flow.
     type: HeadType = "regression"
-    horizon: int = 0  # H, derived from the dataset (0 = not yet known)
-    action_dim: int = 0  # D_a, derived from the dataset
+    #: H, the actions per chunk; derived from the dataset (0 = not yet known).
+    horizon: int = 0
+    #: D_a, the action size; derived from the dataset (0 = not yet known).
+    action_dim: int = 0
+    #: The head's width.
     hidden_dim: int = 128
+    #: The head's layers.
     num_layers: int = 2
+    #: The head's attention heads.
     num_heads: int = 4
+    #: Dropout inside the head.
     dropout: float = 0.0
-    loss: Literal["l1", "mse"] = "l1"  # regression only
+    #: The regression head's loss (regression only).
+    loss: Literal["l1", "mse"] = "l1"
+    #: The diffusion head's training noise steps.
     diffusion_timesteps: int = 100
-    num_inference_steps: int = 10  # DDIM steps (diffusion) or Euler steps (flow)
-    # The sampling heads' network (models/heads/denoisers.py): "mlp" reads the conditioning once per call into a
-    # plan, then each step is a small MLP-Mixer block; "decoder" cross-attends to the conditioning at every step
-    # (configs saved before this option existed mean "decoder": LEGACY_VALUES)
+    #: Sampling steps at inference: DDIM steps (diffusion) or Euler steps (flow).
+    num_inference_steps: int = 10
+    #: The sampling heads' network (models/heads/denoisers.py): mlp reads the conditioning once per call into a
+    #: plan, then each step is a small MLP-Mixer block; decoder cross-attends to the conditioning at every step.
+    #: Configs saved before this option existed mean decoder (LEGACY_VALUES).
     denoiser: Literal["decoder", "mlp"] = "mlp"
-    noise_scale: float = 1.0  # flow sampling: std of the initial noise (1 = the learned distribution, 0 = its mode)
+    #: Flow sampling: the std of the initial noise (1 = the learned distribution, 0 = its mode).
+    noise_scale: float = 1.0
 
 
 @dataclass
 class FinetuneConfig:
     """What of the VL backbone trains: nothing, LoRA adapters, or everything."""
 
-    mode: FinetuneMode = "auto"  # auto: none in stage 1, lora in stage 2 (resolved by validate())
+    #: What of the VL backbone trains: none, lora or full; auto: none in stage 1, lora in stage 2 (resolved by
+    #: validate()).
+    mode: FinetuneMode = "auto"
+    #: The LoRA rank.
     lora_r: int = 16
+    #: The LoRA scale numerator (the update is scaled by alpha / r).
     lora_alpha: int = 32
+    #: Dropout on the LoRA branch's input (PEFT's lora_dropout).
     lora_dropout: float = 0.05
-    # A preset ("language": attention projections of the language model; "vision": every Linear of the
-    # vision tower incl. the merger; "all": both) or a regex over module names (full match).
+    #: A preset (language: attention projections of the language model; vision: every Linear of the vision tower
+    #: incl. the merger; all: both) or a regex over module names (full match). Only modules that reach the features
+    #: are adapted (language-model layers before --model.backbone.feature-layer).
     lora_target_modules: str = "language"
-    # Also train every weight of the vision tower (full fine-tuning of vision, with --train.vision-lr),
-    # on top of `mode` (e.g. frozen or LoRA language model + fully trained vision).
+    #: Also train every weight of the vision tower (full fine-tuning of vision, with --train.vision-lr), on top
+    #: of mode (e.g. frozen or LoRA language model + fully trained vision).
     full_vision: bool = False
 
 
@@ -176,18 +217,27 @@ class FinetuneConfig:
 class ModelConfig:
     """The whole `VLAPolicy`."""
 
+    #: The Qwen-VL backbone and its processor.
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    #: The high-rate sensor encoder.
     sensor: SensorConfig = field(default_factory=SensorConfig)
+    #: How VL tokens, sensor tokens and robot state become the head's conditioning sequence.
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    #: The action expert.
     head: HeadConfig = field(default_factory=HeadConfig)
+    #: What of the VL backbone trains.
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    state_dim: int = 0  # robot state size, derived from the dataset (0 = no state input)
-    # Modality dropout in training only (fights modality neglect; trains a policy that survives a dead
-    # camera or sensor): each view's VL tokens are masked with p = view_dropout, the whole sensor window
-    # with p = sensor_dropout (the learned "missing" tokens are used). Off by default.
+    #: The robot state size; derived from the dataset (0 = no state input).
+    state_dim: int = 0
+    #: Modality dropout in training only: each view's VL tokens are masked with this probability (the
+    #: learned "missing" tokens are used; fights modality neglect, trains a policy that survives a dead camera).
+    #: Off at 0.
     view_dropout: float = 0.0
+    #: Modality dropout in training only: the whole sensor window is masked with this probability (the
+    #: learned "missing" tokens are used); 0 = off.
     sensor_dropout: float = 0.0
-    num_views: int = 0  # V, derived from the dataset
+    #: V, the camera views; derived from the dataset (0 = not yet known).
+    num_views: int = 0
 
 
 @dataclass
@@ -195,10 +245,15 @@ class AugmentConfig:
     """Image augmentation, training only (never in PolicyRunner): random shift (pad + random crop back to
     size, DrQ-style) and mild colour jitter, per view and per sample."""
 
+    #: Augment the training images.
     enabled: bool = False
-    shift_frac: float = 0.06  # max shift as a fraction of the image side
-    brightness: float = 0.1  # factor drawn from [1 - b, 1 + b]
+    #: The largest shift, as a fraction of the image side.
+    shift_frac: float = 0.06
+    #: The brightness factor is drawn from [1 - b, 1 + b].
+    brightness: float = 0.1
+    #: The contrast factor is drawn from [1 - c, 1 + c].
     contrast: float = 0.1
+    #: The saturation factor is drawn from [1 - s, 1 + s].
     saturation: float = 0.1
 
 
@@ -206,36 +261,52 @@ class AugmentConfig:
 class DataConfig:
     """Where samples come from and how each one is assembled on the common clock."""
 
-    dataset_dir: str = ""  # a folder, or a hub id `org/name[@revision]` resolved in the local hub cache
-    # Set by the run when dataset_dir named a hub dataset: `org/name@<commit>` it resolved to (dataset_dir then
-    # holds the cached snapshot folder); empty for a local folder.
+    #: The LeRobot v3 dataset: a folder, or a hub id `org/name[@revision]` resolved in the local hub cache.
+    dataset_dir: str = ""
+    #: Set by the run when dataset_dir named a hub dataset: the `org/name@<commit>` it resolved to (dataset_dir
+    #: then holds the cached snapshot folder); empty for a local folder.
     dataset_hub: str = ""
-    # Extra datasets mixed in by weight, "path:weight" each; files are never duplicated.
+    #: Extra datasets mixed in by weight, "path:weight" each; files are never duplicated. The normalization
+    #: stats pool every member's training split.
     mixture: tuple[str, ...] = ()
-    views: tuple[str, ...] = ()  # empty = every view in the dataset, in sorted order
-    image_staleness_s: float = 0.5  # newest frame of a view must be at most this old
-    sensor_window_s: float = 0.1  # W: the sensor window covers (t - W, t]
-    sensor_samples: int = 32  # T_s: uniform grid points in the window
-    horizon: int = 8  # H future actions per sample
+    #: The camera views the policy sees; empty = every view in the dataset, in sorted order.
+    views: tuple[str, ...] = ()
+    #: The newest frame of a view must be at most this old (seconds).
+    image_staleness_s: float = 0.5
+    #: W: the sensor window covers (t - W, t] (seconds).
+    sensor_window_s: float = 0.1
+    #: T_s: uniform grid points in the sensor window.
+    sensor_samples: int = 32
+    #: H: future actions per sample.
+    horizon: int = 8
+    #: The seed of the episode split into train / val / test.
     split_seed: int = 0
+    #: The fraction of episodes in the validation split.
     val_fraction: float = 0.15
+    #: The fraction of episodes in the test split.
     test_fraction: float = 0.15
-    # Fast-slow training: VL inputs come from a frame up to k action steps older than t.
+    #: Fast-slow training: VL inputs come from a frame up to k action steps older than t.
     vl_max_staleness_steps: int = 0
-    # DataLoader workers per process; -1 = auto: 0 for samples already in memory (e.g. preloaded from the VL
-    # cache), else min(2, this process's share of the physical cores) (runtime.loader_workers)
+    #: DataLoader workers per process; -1 = auto: 0 for samples already in memory (e.g. preloaded from the VL
+    #: cache), else min(2, this process's share of the physical cores) (runtime.loader_workers).
     num_workers: int = -1
+    #: How state, actions and sensor are normalized: mean_std ((x - mean) / std) or quantile (maps
+    #: q01..q99 to -1..1).
     normalization: Literal["mean_std", "quantile"] = "mean_std"
-    # The sensor source: sidecar stream(s) or per-frame features (e.g. observation.force); empty = automatic.
+    #: The sensor source: sidecar stream(s) or per-frame features (e.g. observation.force); empty = automatic.
     sensor_keys: tuple[str, ...] = ()
-    # Row timestamps must sit within this of their video frame (LeRobot's tolerance_s).
+    #: Row timestamps must sit within this of their video frame (LeRobot's tolerance_s).
     timestamp_tolerance_s: float = 1e-4
-    # Sensor transforms before normalization (saved in norm_stats.json, applied by the Normalizer):
-    # clip each channel to its [q, 1 - q] training quantiles, then signed_log1p(x) = sign(x) log1p(|x| / s).
+    #: A sensor transform before normalization (saved in norm_stats.json, applied by the Normalizer): after the
+    #: clipping, signed_log1p(x) = sign(x) log1p(|x| / s).
     sensor_transform: Literal["none", "signed_log1p"] = "none"
-    sensor_transform_channels: Literal["force", "all"] = "force"  # force: the leading force channels
-    sensor_log_scale: float = 0.0  # s; 0 = per channel, the median |x| of the training split
-    sensor_clip_quantile: float = 0.0  # q; 0 = no clipping
+    #: The channels the sensor transform applies to; force: the leading force channels.
+    sensor_transform_channels: Literal["force", "all"] = "force"
+    #: s of signed_log1p; 0 = per channel, the median |x| of the training split.
+    sensor_log_scale: float = 0.0
+    #: q: clip each sensor channel to its [q, 1 - q] training quantiles before the transform; 0 = no clipping.
+    sensor_clip_quantile: float = 0.0
+    #: Image augmentation (training only).
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
 
 
@@ -243,52 +314,89 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, stage and checkpoint policy for `sensorvla train`."""
 
+    #: stage1 (frozen VL backbone) or stage2 (from a stage-1 checkpoint, the backbone adapted).
     stage: Stage = "stage1"
+    #: The stage-1 checkpoint stage 2 starts from.
     stage1_checkpoint: str | None = None
+    #: train, or cache: build the stage-1 VL feature cache.
     mode: Literal["train", "cache"] = "train"
+    #: Epochs to train.
     epochs: int = 20
-    max_steps: int = 0  # 0 = run all epochs; >0 = exactly this many optimizer steps, over as many epochs as needed
-    # LR schedule length in optimizer steps; 0 = what the run will do: max_steps when set, else epochs * steps/epoch.
-    # A resumed run keeps the saved run's length.
+    #: 0 = run all epochs; >0 = exactly this many optimizer steps, over as many epochs as needed.
+    max_steps: int = 0
+    #: The LR schedule length in optimizer steps; 0 = what the run will do: max_steps when set, else
+    #: epochs * steps/epoch.
+    #: A resumed run keeps the saved run's length.
     schedule_steps: int = 0
-    batch_size: int = 4  # per process
+    #: Samples per micro-batch, per process.
+    batch_size: int = 4
+    #: Micro-batches per optimizer step (gradient accumulation).
     grad_accum_steps: int = 8
-    # >0: the samples per optimizer step (batch x accumulation x world size), kept when the world size
-    # changes: the trainer derives --train.grad-accum-steps from it (`derive_grad_accum`)
+    #: >0: the samples per optimizer step (batch x accumulation x world size), kept when the world size changes:
+    #: the trainer derives --train.grad-accum-steps from it (derive_grad_accum).
     global_batch_size: int = 0
-    lr: float = 1e-4  # head + fusion
+    #: The learning rate of the head + fusion.
+    lr: float = 1e-4
+    #: The learning rate of the sensor encoder.
     sensor_lr: float = 5e-4
-    vl_lr: float = 1e-5  # LoRA adapters (stage 2) or the language model (full)
-    vision_lr: float = 5e-6  # vision tower, full fine-tuning only
+    #: The learning rate of the LoRA adapters (stage 2) or the language model (full).
+    vl_lr: float = 1e-5
+    #: The learning rate of the vision tower (full fine-tuning or --model.finetune.full-vision).
+    vision_lr: float = 5e-6
+    #: AdamW weight decay (not on norms and biases).
     weight_decay: float = 0.01
+    #: The fraction of the LR schedule spent in linear warmup.
     warmup_ratio: float = 0.03
+    #: The cosine schedule's final LR, as a fraction of the peak.
     min_lr_ratio: float = 0.01
+    #: Clip the global gradient norm to this before each optimizer step.
     grad_clip: float = 1.0
-    # AdamW implementation: auto = fused (CPU and CUDA; foreach under FSDP2), or force one
+    #: The AdamW implementation: auto = fused (CPU and CUDA; foreach under FSDP2), or force one.
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
-    mixed_precision: bool = True  # bf16 autocast where supported, fp32 master weights
+    #: bf16 autocast where supported, fp32 master weights.
+    mixed_precision: bool = True
+    #: The loss weight of a sample with sensor data (a sample without weighs 1).
     sensor_loss_weight: float = 2.0
+    #: Validate (and checkpoint the best) every this many epochs.
     val_every_epochs: int = 1
-    # validate on at most this many samples of the val split, evenly spaced over its episodes (0 = all of it);
-    # the same subset every validation, so best-checkpoint and early-stopping decisions compare like with like
+    #: Validate on at most this many samples of the val split, evenly spaced over its episodes (0 = all of it);
+    #: the same subset every validation, so best-checkpoint and early-stopping decisions compare like with like.
     val_max_samples: int = 0
-    patience: int = 5  # early stopping, in validations without improvement (0 = off)
-    save_every_steps: int = 0  # 0 = only at validation / epoch end
+    #: Early stopping, in validations without improvement (0 = off).
+    patience: int = 5
+    #: Save checkpoints/last every this many optimizer steps; 0 = only at validation / epoch end.
+    save_every_steps: int = 0
+    #: The training seed (each rank seeds seed + rank).
     seed: int = 0
-    output_dir: str = "."  # checkpoints go to <output_dir>/checkpoints
+    #: The run's folder; checkpoints go to <output_dir>/checkpoints.
+    output_dir: str = "."
+    #: Resume from <output_dir>/checkpoints/last (its saved config is the default of every flag).
     resume: bool = False
-    cache_dir: str = ""  # default <output_dir>/vl_cache
-    use_cache: Literal["auto", "always", "never"] = "auto"  # auto: use a valid cache when one exists
+    #: Where the VL feature caches live; empty = <output_dir>/vl_cache.
+    cache_dir: str = ""
+    #: Stage 1's VL cache: auto = use a valid cache when one exists, always = require one, never = run the
+    #: backbone every step.
+    use_cache: Literal["auto", "always", "never"] = "auto"
+    #: The dtype of the cached VL features.
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    cache_max_gb: float = 50.0  # refuse to build a VL cache larger than this on disk
-    # stage 1 from the VL cache: hold the transformed non-image samples in memory when they fit (0 = never)
+    #: Refuse to build a VL cache larger than this on disk (GB).
+    cache_max_gb: float = 50.0
+    #: Stage 1 from the VL cache: hold the transformed non-image samples in memory when they fit in this
+    #: many GB; 0 = never.
     preload_max_gb: float = 2.0
+    #: Log the full metrics row (and a plain progress line without a bar) every this many optimizer steps.
     log_every_steps: int = 10
-    # auto: a progress bar on a terminal, plain periodic log lines otherwise; off: never a bar
+    #: auto: a progress bar on a terminal, plain periodic log lines otherwise; on: always a bar; off: never a
+    #: bar.
     progress: Literal["auto", "on", "off"] = "auto"
+    #: Multi-process training: ddp (replicated weights) or fsdp (FSDP2, sharded weights and optimizer state).
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    #: Also log to Weights & Biases.
     wandb: bool = False
+    #: Also log to TensorBoard (<output_dir>/tensorboard).
     tensorboard: bool = True
+    #: The device to train on: auto (CUDA when available, else CPU), cpu or cuda (each process takes
+    #: cuda:LOCAL_RANK).
     device: str = "auto"
 
 
@@ -296,7 +404,7 @@ class TrainConfig:
 class RuntimeConfig:
     """How the process runs the model (no effect on the results beyond float rounding)."""
 
-    # torch.compile the sensor encoder and the action head, for training and inference (runtime.compile_policy)
+    #: torch.compile the sensor encoder and the action head, for training and inference (runtime.compile_policy).
     compile: bool = False
 
 
@@ -656,7 +764,9 @@ def resolve_from_meta(cfg: SensorVLAConfig, meta: Any) -> SensorVLAConfig:
 def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
     """Legal but suspicious stage settings (the trainer logs each one)."""
     out, st, mode = [], stage_config(cfg), cfg.model.finetune.mode
-    if mode != "auto" and mode not in st.recommended_modes:
+    trains_backbone = any(m != "none" for m in st.recommended_modes)  # what the stage's recommended modes do
+    # e.g. stage 2 with --finetune-vl none --model.finetune.full-vision trains the vision tower: no warning
+    if mode != "auto" and mode not in st.recommended_modes and backbone_trains(cfg) != trains_backbone:
         out.append(st.off_mode_warning.format(mode=mode))
     if backbone_trains(cfg) and not st.seed_file_holds_backbone:
         out.append(

@@ -1,8 +1,9 @@
 """`sensorvla demo`: the whole two-stage recipe, offline, on the tiny Qwen-VL and the synthetic task.
 
 tiny model -> synthetic data -> stats -> one forward/backward per head -> stage-1 VL cache -> stage 1
-(frozen VL, from the cache) -> stage 2 (LoRA + a trainable vision tower, image augmentation, from the
-stage-1 checkpoint) -> offline eval with sensor and vision ablations -> closed-loop rollouts in
+(frozen VL, from the cache) -> stage 2 (the vision tower trained in full, image augmentation, from the
+stage-1 checkpoint; the features are the embeddings, so no language-model layer reaches them and none is
+adapted) -> offline eval with sensor and vision ablations -> closed-loop rollouts in
 `sensorvla/Insertion-v0` (all modalities / sensor ablated / vision ablated) beside a plain CNN
 behaviour-cloning reference trained on the same data for the same wall-clock budget. The table is
 printed and written to `out/report.md`; everything lands under `out/`.
@@ -76,7 +77,7 @@ def smoke_heads(vl_dir: Path, data_dir: Path, settings: DemoSettings) -> None:
 
 
 def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSettings) -> dict:
-    """Stage-1 cache, stage 1 (frozen VL, cached), stage 2 (LoRA + vision tower, augmented). Returns the
+    """Stage-1 cache, stage 1 (frozen VL, cached), stage 2 (vision tower trained, augmented). Returns the
     stage summaries and their wall-clock times."""
     from sensorvla.config import SensorVLAConfig
     from sensorvla.training.checkpoint import BEST_NAME
@@ -98,7 +99,7 @@ def train_stages(vl_dir: Path, data_dir: Path, out: Path, head: str, s: DemoSett
     t1 = time.perf_counter()
     cfg2 = apply_values(base_config(vl_dir, data_dir, s2_dir, head, s), s.stage2_values(head))
     cfg2.train.stage1_checkpoint = str(s1_dir / "checkpoints" / BEST_NAME)
-    print("[demo] stage 2: LoRA on the language model + the vision tower trained, augmented, from stage 1")
+    print("[demo] stage 2: the vision tower + sensor encoder + fusion + head trained, augmented, from stage 1")
     r2 = train(cfg2, reference=ref)
     t2 = time.perf_counter()
     return {

@@ -107,14 +107,15 @@ class DemoSettings:
 
     def stage2_values(self, head: str = "regression") -> dict[str, Any]:
         """The stage-2 config keys (dotted key -> value): what makes the demo *see*. Stage 1's architecture, then
-        LoRA on the language model + the whole vision tower trained, random shift `stage2_shift` (the cameras
-        are fixed, so absolute position matters), one LR for every group, 10 % warmup, `stage2_steps` steps.
-        Add --train.stage1-checkpoint."""
+        the whole vision tower trained (the features are taken at feature layer 0, before the language model,
+        so no language-model layer reaches them and none is adapted: no LoRA), random shift `stage2_shift` (the
+        cameras are fixed, so absolute position matters), one LR for every group, 10 % warmup, `stage2_steps`
+        steps. Add --train.stage1-checkpoint."""
         lr = self.stage2_lr
         return {
             **self.config_values(head),
             "train.stage": "stage2",
-            "model.finetune.mode": "lora",
+            "model.finetune.mode": "none",
             "model.finetune.full_vision": True,
             "data.augment.enabled": True,
             "data.augment.shift_frac": self.stage2_shift,
@@ -169,8 +170,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "small-data-stage2",
-            "stage 2 after small-data-stage1 (add --train.stage1-checkpoint): LoRA + the whole vision tower "
-            "trained, random shift 0.02, LR 1e-4 for every group, warmup over a tenth, 160 steps",
+            "stage 2 after small-data-stage1 (add --train.stage1-checkpoint): the whole vision tower trained "
+            "(no LoRA: no language-model layer reaches the features), random shift 0.02, LR 1e-4 for every group, "
+            "warmup over a tenth, 160 steps",
             small_data_values("stage2"),
         ),
         Preset(

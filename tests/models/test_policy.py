@@ -286,3 +286,66 @@ def test_build_policy_from_the_model_config_and_window(tiny_vl_dir):
     assert policy_inputs(auto)[0].finetune.mode == "none" and auto.model.finetune.mode == "auto"  # a copy
     with pytest.raises(ConfigError, match="auto"):
         build_policy(auto.model, window)
+
+
+@pytest.mark.parametrize(
+    "mode,targets,layer",
+    [
+        ("lora", "language", -1),
+        ("lora", "language", 1),  # the tiny LM has 2 layers: only layer 0 reaches the features
+        ("lora", "all", 0),  # the embeddings: only the vision tower reaches them
+        ("lora", "vision", 2),
+        ("full", "language", 1),
+        ("full", "language", 0),
+    ],
+)
+def test_every_trainable_backbone_tensor_gets_a_gradient(tiny_vl_dir, batches, mode, targets, layer):
+    """Issue 19: LoRA layers past --model.backbone.feature-layer never reached the loss (DDP crashed with
+    "parameters that did not receive grad"; the demo's language LoRA got 0 of 16 gradients). Only modules that
+    reach the features are adapted or trained, and every one of them gets a gradient."""
+    cfg = make_cfg(tiny_vl_dir, mode=mode)
+    cfg.model.finetune.lora_target_modules = targets
+    cfg.model.backbone.feature_layer = layer
+    torch.manual_seed(0)
+    policy = build_policy(cfg)
+    finetune.assert_trainable_set(policy, mode)
+    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("backbone.model.")}
+    assert trainable
+    if mode == "lora" and layer == 1:
+        assert {n.split(".layers.")[1].split(".")[0] for n in trainable} == {"0"}
+    with torch.no_grad():  # LoRA B starts at zero, which zeroes A's gradient: make every adapter matter
+        for n, p in trainable.items():
+            if "lora_B" in n:
+                p.add_(0.01 * torch.randn_like(p))
+    policy.train()
+    loss, _ = policy(batches[0])
+    loss.backward()
+    no_grad = sorted(n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0)
+    assert not no_grad, f"{len(no_grad)} of {len(trainable)} trainable backbone tensors got no gradient: {no_grad[:6]}"
+
+
+def test_lora_on_layers_past_the_features_only_is_an_error(tiny_vl_dir):
+    """`--lora-targets language` with the embeddings as features (layer 0) adapts nothing that reaches the loss."""
+    cfg = make_cfg(tiny_vl_dir, mode="lora")
+    cfg.model.backbone.feature_layer = 0
+    with pytest.raises(finetune.FinetuneError, match="past --model.backbone.feature-layer 0.*--lora-targets vision"):
+        build_policy(cfg)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_dropout_reaches_peft(tiny_vl_dir, p):
+    """Issue 19: a planted bug that dropped --lora-dropout on its way to PEFT passed every test. The flag sets the
+    dropout of every adapter (an Identity at 0)."""
+    from sensorvla.cli import parse_train_config
+
+    flags = parse_train_config(["--finetune-vl", "lora", "--lora-dropout", str(p)]).model.finetune
+    assert flags.lora_dropout == p
+    cfg = make_cfg(tiny_vl_dir, mode="lora")
+    cfg.model.finetune = flags
+    policy = build_policy(cfg)
+    dropouts = [m.lora_dropout["default"] for m in policy.modules() if hasattr(m, "lora_dropout")]
+    assert dropouts
+    if p:
+        assert all(isinstance(d, torch.nn.Dropout) and d.p == p for d in dropouts)
+    else:
+        assert all(isinstance(d, torch.nn.Identity) for d in dropouts)

@@ -257,3 +257,51 @@ def test_last_manifest_covers_every_file(runs, tmp_path):
     (last / "training_state.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointMismatchError, match=r"--resume: .*training_state\.json"):
         ckpt.load_last(s1)
+
+
+DISK_FULL = """
+    import json, resource, signal, sys
+    from pathlib import Path
+    import torch
+    from sensorvla.training import checkpoint as ckpt
+
+    out = Path(sys.argv[1])
+    rng = [ckpt.rng_state()]
+    ckpt.save_last(out, {"epoch": 1, "w": torch.zeros(10)}, {"step": 1}, rng)
+    ckpt.save_seed_file(out / ckpt.BEST_NAME, {"epoch": 1, "w": torch.zeros(10)})
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    big = {"epoch": 2, "w": torch.zeros(1_000_000)}
+    errors = {}
+    for name, save in (
+        ("last", lambda: ckpt.save_last(out, big, {"step": 2}, rng)),
+        ("best", lambda: ckpt.save_seed_file(out / ckpt.BEST_NAME, big)),
+    ):
+        try:
+            save()
+        except ckpt.CheckpointWriteError as e:
+            errors[name] = str(e)
+    payload, state, _ = ckpt.load_last(out)
+    best = ckpt.load_seed_checkpoint(out / ckpt.BEST_NAME)
+    print(json.dumps({"errors": errors, "last_step": state["step"], "best_epoch": best["epoch"]}))
+"""
+
+
+def test_a_full_disk_names_the_disk_and_the_path_and_keeps_the_previous_checkpoint(tmp_path):
+    """Issue 19: a failed checkpoint write gave torch's raw RuntimeError ("PytorchStreamWriter failed writing
+    file"), naming neither the disk nor the path. A write limit (RLIMIT_FSIZE) fails real writes the same way."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "disk_full.py"
+    script.write_text(textwrap.dedent(DISK_FULL))
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpts")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["errors"]) == {"last", "best"}, out
+    for name, path in (("last", tmp_path / "ckpts" / "last"), ("best", tmp_path / "ckpts" / ckpt.BEST_NAME)):
+        msg = out["errors"][name]
+        assert "disk may be full" in msg and "GB free on the disk holding" in msg and str(path) in msg, msg
+        assert "--train.output-dir" in msg
+    assert (out["last_step"], out["best_epoch"]) == (1, 1)  # the previous checkpoints are intact

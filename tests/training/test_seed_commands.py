@@ -13,6 +13,9 @@ import torch
 
 from sensorvla.training.checkpoint import tensors_sha256
 
+# a hang guard only, never a performance limit: a loaded machine may take many times the usual time
+HANG_GUARD_S = 3600
+
 # The seed guide's "Checkpoint Structure" section, copied by hand (not read from the code under test).
 GUIDE_STAGE1_KEYS = {
     "epoch",
@@ -156,7 +159,7 @@ def torchrun(module: str, args: list[str], cwd: Path, env: dict, nproc: int = 2)
         module,
         *args,
     ]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def stage1_init_events(run_dir: Path) -> list[dict]:
@@ -202,7 +205,7 @@ def test_seed_guide_commands_torchrun(tmp_path, tiny_vl_dir, synth_dataset_dir, 
 
 def run_cli(args: list[str], cwd: Path, env: dict, module: str = "sensorvla.train") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
 
 

@@ -297,3 +297,82 @@ def test_preloaded_cached_stage1_equals_the_lazy_loader(tmp_path, tiny_vl_dir, s
     train(fast, progress=False)
     a, b = losses(tmp_path / "lazy"), losses(tmp_path / "fast")
     assert a.keys() == {1, 2, 3, 4} and a == b  # the same batches, bit for bit
+
+
+def _edit_config_json(cfg, args):
+    """The same local folder with another config.json of the same size and mtime: only its content differs."""
+    import os
+
+    path = Path(cfg.model.backbone.vl_model) / "config.json"
+    st, text = path.stat(), path.read_text()
+    i = next(i for i, ch in enumerate(text) if ch.isdigit())
+    path.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _grow_weights(cfg, args):
+    with (Path(cfg.model.backbone.vl_model) / "model.safetensors").open("ab") as f:
+        f.write(b"\0" * 8)
+
+
+KEY_CHANGES = {
+    "vl_model (another folder, the same files)": lambda cfg, a: setattr(cfg.model.backbone, "vl_model", a["twin"]),
+    "revision": lambda cfg, a: setattr(cfg.model.backbone, "revision", "v2"),
+    "local config.json content": _edit_config_json,
+    "model files (weights of another size)": _grow_weights,
+    "dtype": lambda cfg, a: setattr(cfg.model.backbone, "dtype", "bfloat16"),
+    "dtype auto on CUDA (bf16)": lambda cfg, a: a.update(device="cuda"),
+    "attn_implementation": lambda cfg, a: setattr(cfg.model.backbone, "attn_implementation", "eager"),
+    "min_pixels": lambda cfg, a: setattr(cfg.model.backbone, "min_pixels", 28 * 28),
+    "max_pixels": lambda cfg, a: setattr(cfg.model.backbone, "max_pixels", 112 * 112),
+    "prompt_template": lambda cfg, a: setattr(cfg.model.backbone, "prompt_template", "do: {instruction}"),
+    "pooling": lambda cfg, a: setattr(cfg.model.backbone, "pooling", "view_mean"),
+    "grid_size": lambda cfg, a: setattr(cfg.model.backbone, "grid_size", 3),
+    "feature_layer": lambda cfg, a: setattr(cfg.model.backbone, "feature_layer", 1),
+    "cache_dtype": lambda cfg, a: setattr(cfg.train, "cache_dtype", "bfloat16"),
+    "views": lambda cfg, a: setattr(cfg.data, "views", ("cam_a",)),
+    "image_staleness_s": lambda cfg, a: setattr(cfg.data, "image_staleness_s", 0.25),
+    "dataset_id": lambda cfg, a: a.update(dataset_id="another"),
+    "sample ids": lambda cfg, a: a.update(ids=np.arange(11)),
+}
+
+
+@pytest.mark.parametrize("change", sorted(KEY_CHANGES))
+def test_each_cache_key_ingredient_changes_the_key(tmp_path, tiny_vl_dir, monkeypatch, change):
+    """Issue 19: the key stored the unresolved dtype `auto`, omitted the attention implementation and the
+    resolved revision, and no test noticed dropping the pixel bounds or the pooling. Each ingredient matters."""
+    import shutil
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what `auto` means on a CUDA device
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    vl = shutil.copytree(tiny_vl_dir, tmp_path / "vl")
+    twin = shutil.copytree(tiny_vl_dir, tmp_path / "twin")
+    cfg = SensorVLAConfig()
+    # grid_size matters for the grid pooling only; the pooling change starts from "all" (its grid_size is None)
+    cfg.model.backbone.vl_model = str(vl)
+    cfg.model.backbone.pooling = "grid" if change == "grid_size" else "all"
+    cfg.data.views = ("cam_a", "cam_b")
+    args = {"ids": np.arange(10), "dataset_id": "ds", "device": "cpu", "twin": str(twin)}
+
+    def key(cfg, args):
+        return feature_cache.fingerprint_key(
+            feature_cache.fingerprint(cfg, args["ids"], args["dataset_id"], args["device"])
+        )
+
+    before = key(cfg, args)
+    assert key(copy.deepcopy(cfg), dict(args)) == before  # deterministic
+    KEY_CHANGES[change](cfg, args)
+    assert key(cfg, args) != before, f"changing {change} leaves the VL cache key unchanged"
+
+
+def test_cache_key_resolves_auto(tmp_path):
+    """`auto` on CPU is float32: the same key as asking for float32 (a hub id's commit: tests/test_hub.py)."""
+    cfg = SensorVLAConfig()
+    ids = np.arange(4)
+
+    def key(c):
+        return feature_cache.fingerprint_key(feature_cache.fingerprint(c, ids, "ds", "cpu"))
+
+    fp32 = copy.deepcopy(cfg)
+    fp32.model.backbone.dtype = "float32"
+    assert cfg.model.backbone.dtype == "auto" and key(cfg) == key(fp32)

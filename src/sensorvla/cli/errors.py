@@ -11,6 +11,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from sensorvla.models.backbone import BackboneLoadError
     from sensorvla.models.finetune import FinetuneError
     from sensorvla.models.pretrained import CheckpointMismatchError
+    from sensorvla.training.checkpoint import CheckpointWriteError
     from sensorvla.training.feature_cache import StaleCacheError
     from sensorvla.training.loop import TrainingDivergedError
 
@@ -22,6 +23,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
         DataError,
         FinetuneError,
         TrainingDivergedError,
+        CheckpointWriteError,  # e.g. a full disk
         BackboneLoadError,
         FileNotFoundError,
         FileExistsError,

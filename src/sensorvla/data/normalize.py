@@ -356,6 +356,22 @@ def dataset_fingerprint(root: str | Path, data_cfg=None, split: str = "train") -
     }
 
 
+def mixture_fingerprint(roots: list[str | Path], data_cfg=None, split: str = "train") -> dict[str, Any]:
+    """The fingerprint of stats pooled over the `split` episodes of every dataset of a mixture (`roots`, the
+    primary first): each member's `dataset_fingerprint`, and the summed row counts."""
+    members = [dataset_fingerprint(r, data_cfg, split) for r in roots]
+    counts: dict[str, int] = {}
+    for fp in members:
+        for k, v in fp["count"].items():
+            counts[k] = counts.get(k, 0) + int(v)
+    return {
+        "dataset_id": "mixture(" + ", ".join(fp["dataset_id"] for fp in members) + ")",
+        "members": members,
+        "keys": sorted(counts),
+        "count": dict(sorted(counts.items())),
+    }
+
+
 def _moments(x: np.ndarray) -> dict[str, np.ndarray]:
     x = x.astype(np.float64)
     out = {
@@ -376,9 +392,12 @@ def compute_stats(
     *,
     data_cfg=None,
     split: str = "train",
+    members: tuple[str | Path, ...] = (),
 ) -> NormStats:
     """Stats over the `split` episodes of `data_cfg` (default: the training split of the default config):
     actions (all frames), state (its stream), sensor (measured samples, after the sensor transform).
+    `members`: the other datasets of a `--data.mixture`, whose `split` episodes are pooled with root's (one set of
+    stats, `mixture_fingerprint`, that covers every member: the runner applies one at inference).
 
     Streams are read through memory maps, one episode at a time; moments and quantiles come from a
     per-episode subsample of at most `max_rows_per_episode` rows (exact for small datasets). First every
@@ -398,9 +417,15 @@ def compute_stats(
         raise NormalizationError(
             f"the {split} split of {root} has no episodes; lower --data.val-fraction/test-fraction"
         )
+    sources = [src] + [
+        open_source(m, sensor_keys=data_cfg.sensor_keys, tolerance_s=data_cfg.timestamp_tolerance_s) for m in members
+    ]
+    todo = [
+        (s, e) for s in sources for e in (eps if s is src else _split_info(len(s.meta.episodes), data_cfg, split)[0])
+    ]
     chunks: dict[str, list[np.ndarray]] = {"actions": [], "state": [], "sensor": []}
-    for e in track(eps, desc="stats", unit="episodes", mode=progress):
-        ep = src.load(e)
+    for source, e in track(todo, desc="stats", unit="episodes", mode=progress):
+        ep = source.load(e)
         chunks["actions"].append(np.asarray(ep.actions, np.float32))
         parts = [("state", ep.state)]
         if ep.sensor is not None:
@@ -424,6 +449,9 @@ def compute_stats(
             transform = SensorTransform.fit(spec, x, meta.force_channels)
             x = transform(x)
         stats[key] = _moments(x)
+    if members:
+        fp = mixture_fingerprint([root, *members], data_cfg, split)
+        return NormStats(stats, dict(fp["count"]), fp["dataset_id"], fp, transform)
     fp = dataset_fingerprint(root, data_cfg, split)
     return NormStats(stats, dict(fp["count"]), meta.dataset_id, fp, transform)
 

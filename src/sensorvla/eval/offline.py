@@ -6,6 +6,11 @@ integrated chunk (final pose), split by sensor availability. The sensor ablation
 that have sensor data with the sensor masked as missing and with windows shuffled across samples; the
 vision ablation re-evaluates every sample with its views blanked and with the views of a sample of
 another episode. A positive delta means the policy uses that modality.
+
+Memory: the split is streamed batch by batch. A first pass without images reads what the metrics, the plots
+and the ablation plans need (actions, masks, sensor availability, episode, time); then each batch is decoded
+once and predicted under every input variant, and only the predictions are kept. Decoded images never
+accumulate (a 20k-sample split of two 640x480 views would be ~37 GB).
 """
 
 from __future__ import annotations
@@ -27,23 +32,15 @@ ABLATIONS = ("missing", "shuffled")
 VISION_ABLATIONS = ("blank", "shuffled")
 
 
-def _predict(
-    runner, raws: list[dict], batch_size: int, seed: int, desc: str = "", progress: bool | str = False
-) -> np.ndarray:
-    """Raw samples -> predicted chunks (N, H, D_a) in physical units."""
+def _predict_batch(runner, raws: list[dict], gen: torch.Generator) -> np.ndarray:
+    """One batch of raw samples -> predicted chunks (B, H, D_a) in physical units."""
     from sensorvla.models.backbone import pad_token_id
     from sensorvla.models.processor import collate
 
-    out = []
-    pad = pad_token_id(runner.processor)
-    gen = torch.Generator(device=runner.device).manual_seed(seed)
-    starts = range(0, len(raws), batch_size)
-    for i in track(starts, desc=f"eval {desc}".strip(), unit="batches", mode=progress):
-        batch = collate([runner.transform(r) for r in raws[i : i + batch_size]], pad)
-        batch = {k: v.to(runner.device) for k, v in batch.items()}
-        pred = runner.policy.predict_chunk(batch, generator=gen).float().cpu().numpy()
-        out.append(np.asarray(runner.normalizer.unnormalize("actions", pred), np.float32))
-    return np.concatenate(out) if out else np.zeros((0, 0, 0), np.float32)
+    batch = collate([runner.transform(r) for r in raws], pad_token_id(runner.processor))
+    batch = {k: v.to(runner.device) for k, v in batch.items()}
+    pred = runner.policy.predict_chunk(batch, generator=gen).float().cpu().numpy()
+    return np.asarray(runner.normalizer.unnormalize("actions", pred), np.float32)
 
 
 def _errors(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
@@ -71,45 +68,51 @@ def _errors(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[str, Any
     }
 
 
-def _ablate(raws: list[dict], mode: str, seed: int) -> list[dict]:
-    """The same samples with the sensor of every sample that has one masked ("missing") or swapped with
-    another such sample's window ("shuffled", a deterministic derangement for `seed`). Samples without
-    sensor data stay as they are, so batches, and so sampling noise, match the normal pass exactly."""
-    out = [dict(r) for r in raws]
-    idx = [i for i, r in enumerate(raws) if r["has_sensor"]]
-    if mode == "missing":
-        for i in idx:
-            out[i]["sensor"] = np.zeros_like(raws[i]["sensor"])
-            out[i]["sensor_mask"] = np.zeros_like(raws[i]["sensor_mask"])
-            out[i]["has_sensor"] = False
-    elif mode == "shuffled" and len(idx) > 1:
-        perm = np.random.default_rng(seed).permutation(len(idx))
-        src = np.empty(len(idx), dtype=int)
-        src[perm] = np.roll(perm, 1)  # one cycle through a random order: no sample keeps its own window
-        for i, j in zip(idx, src):
-            out[i]["sensor"], out[i]["sensor_mask"] = raws[idx[j]]["sensor"], raws[idx[j]]["sensor_mask"]
-    return out
+def sensor_donors(has_sensor: np.ndarray, seed: int) -> dict[int, int]:
+    """The "shuffled" sensor ablation's plan: sample i (with sensor data) -> the sample whose window it gets; one
+    cycle through a random order for `seed`, so no sample keeps its own window. Samples without sensor data
+    stay as they are, so batches, and so sampling noise, match the normal pass exactly."""
+    idx = np.flatnonzero(has_sensor)
+    if len(idx) < 2:
+        return {}
+    perm = np.random.default_rng(seed).permutation(len(idx))
+    src = np.empty(len(idx), dtype=int)
+    src[perm] = np.roll(perm, 1)
+    return {int(i): int(idx[j]) for i, j in zip(idx, src)}
 
 
-def _ablate_vision(raws: list[dict], mode: str, seed: int) -> list[dict]:
-    """The same samples with black views ("blank") or with the views of the sample at the same relative
-    position of another episode ("shuffled": a deterministic derangement of the episodes for `seed`)."""
-    out = [dict(r) for r in raws]
-    if mode == "blank":
-        for r in out:
-            r["images"] = [np.zeros_like(im) for im in r["images"]]
-        return out
-    episodes = sorted({r["episode_index"] for r in raws})
-    members = {e: [i for i, r in enumerate(raws) if r["episode_index"] == e] for e in episodes}
+def view_donors(episode_index: np.ndarray, seed: int) -> dict[int, int]:
+    """The "shuffled" vision ablation's plan: sample i -> the sample at the same relative position of another
+    episode (a deterministic derangement of the episodes for `seed`), whose views it gets."""
+    episodes = sorted(set(episode_index.tolist()))
     if len(episodes) < 2:
         raise ValueError("the shuffled vision ablation needs samples of at least 2 episodes")
+    members = {e: np.flatnonzero(episode_index == e).tolist() for e in episodes}
     order = np.random.default_rng(seed).permutation(len(episodes))
     donor = {episodes[order[k]]: episodes[order[(k + 1) % len(order)]] for k in range(len(order))}
+    out = {}
     for e, idx in members.items():
         src = members[donor[e]]
         for k, i in enumerate(idx):
-            out[i]["images"] = raws[src[min(len(src) - 1, k * len(src) // len(idx))]]["images"]
+            out[i] = src[min(len(src) - 1, k * len(src) // len(idx))]
     return out
+
+
+def _sensor_missing(raw: dict) -> dict:
+    """The sample with its sensor window masked as missing (samples without one unchanged)."""
+    if not raw["has_sensor"]:
+        return raw
+    return {
+        **raw,
+        "sensor": np.zeros_like(raw["sensor"]),
+        "sensor_mask": np.zeros_like(raw["sensor_mask"]),
+        "has_sensor": False,
+    }
+
+
+def _blank_views(raw: dict) -> dict:
+    """The sample with black views."""
+    return {**raw, "images": [np.zeros_like(im) for im in raw["images"]]}
 
 
 def _delta(e: dict[str, Any], base: float) -> dict[str, Any]:
@@ -121,6 +124,51 @@ def _delta(e: dict[str, Any], base: float) -> dict[str, Any]:
         "delta_pct": 100.0 * (e["l1"] - base) / max(base, 1e-12),
         "l1_per_dim": e["l1_per_dim"],
     }
+
+
+def _records(light, n: int, desc: str, progress: bool | str) -> list[dict]:
+    """What the metrics, the plots and the ablation plans need of the first `n` samples, read from a dataset that
+    decodes no image: episode, time, actions, action mask, sensor availability."""
+    keep = ("episode_index", "timestamp", "actions", "action_mask", "has_sensor")
+    samples = (light[i] for i in track(range(n), desc=desc, unit="samples", mode=progress))
+    return [{k: r[k] for k in keep} for r in samples]
+
+
+def _passes(has: np.ndarray, episodes: np.ndarray, seed: int, ds, light) -> dict[str, Any]:
+    """The input variants every batch is predicted under: name -> (sample index, decoded sample) -> its input.
+    The shuffled variants read their donor's window (no image decoded) or views (decoded) on demand."""
+    passes: dict[str, Any] = {"normal": lambda i, raw: raw}
+    if has.any():
+        passes["sensor missing"] = lambda i, raw: _sensor_missing(raw)
+        donors = sensor_donors(has, seed)
+
+        def shuffled_sensor(i: int, raw: dict) -> dict:
+            if i not in donors:
+                return raw
+            src = light[donors[i]]
+            return {**raw, "sensor": src["sensor"], "sensor_mask": src["sensor_mask"]}
+
+        passes["sensor shuffled"] = shuffled_sensor
+    passes["views blank"] = lambda i, raw: _blank_views(raw)
+    if len(set(episodes.tolist())) >= 2:
+        view_src = view_donors(episodes, seed)
+        passes["views shuffled"] = lambda i, raw: {**raw, "images": ds[view_src[i]]["images"]}
+    return passes
+
+
+def _stream_predictions(runner, ds, n: int, passes: dict[str, Any], batch_size: int, seed: int, progress: bool | str):
+    """Every pass's predictions (N, H, D_a), physical units. Each batch is decoded once and dropped after its
+    passes; each pass draws its sampling noise from its own generator, batch after batch, as a pass of its own
+    would."""
+    gens = {name: torch.Generator(device=runner.device).manual_seed(seed) for name in passes}
+    out: dict[str, list[np.ndarray]] = {name: [] for name in passes}
+    for start in track(range(0, n, batch_size), desc="eval", unit="batches", mode=progress):
+        idx = range(start, min(n, start + batch_size))
+        raws = [ds[i] for i in idx]
+        for name, variant in passes.items():
+            out[name].append(_predict_batch(runner, [variant(i, r) for i, r in zip(idx, raws)], gens[name]))
+        del raws
+    return {name: np.concatenate(chunks) for name, chunks in out.items()}
 
 
 def evaluate(
@@ -147,14 +195,18 @@ def evaluate(
     runner = runner or PolicyRunner.from_pretrained(checkpoint_dir)
     data_cfg = dataclasses.replace(runner.cfg.data, dataset_dir=str(dataset_dir), mixture=())
     ds = EpisodeDataset(dataset_dir, data_cfg, split=split)
+    light = EpisodeDataset(dataset_dir, data_cfg, split=split, load_images=False)  # the same samples, no images
     n = len(ds) if max_samples is None else min(len(ds), max_samples)
     if n == 0:
         raise ValueError(f"split {split!r} of {dataset_dir} has no samples; use --split all or another dataset")
-    raws = [ds[i] for i in track(range(n), desc=f"load {split}", unit="samples", mode=progress)]
-    gt = np.stack([r["actions"] for r in raws])
-    mask = np.stack([r["action_mask"] for r in raws])
-    has = np.array([r["has_sensor"] for r in raws])
-    pred = _predict(runner, raws, batch_size, seed, "normal", progress)
+    records = _records(light, n, f"read {split}", progress)
+    gt = np.stack([r["actions"] for r in records])
+    mask = np.stack([r["action_mask"] for r in records])
+    has = np.array([r["has_sensor"] for r in records], dtype=bool)
+    episodes = np.array([r["episode_index"] for r in records])
+    passes = _passes(has, episodes, seed, ds, light)
+    preds = _stream_predictions(runner, ds, n, passes, batch_size, seed, progress)
+    pred = preds["normal"]
     metrics: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),
         "dataset": str(dataset_dir),
@@ -169,22 +221,20 @@ def evaluate(
     if has.any():
         base = metrics["with_sensor"]["l1"]
         for mode in ABLATIONS:
-            p = _predict(runner, _ablate(raws, mode, seed), batch_size, seed, f"sensor {mode}", progress)[has]
-            e = _errors(p, gt[has], mask[has])
+            e = _errors(preds[f"sensor {mode}"][has], gt[has], mask[has])
             ablation[mode] = _delta(e, base)
             metrics[f"sensor_ablation_delta_l1_{mode}"] = e["l1"] - base
     metrics["ablation"] = ablation
     vision: dict[str, Any] = {}
     for mode in VISION_ABLATIONS:
-        if mode == "shuffled" and len({r["episode_index"] for r in raws}) < 2:
+        if f"views {mode}" not in preds:
             continue
-        views = _ablate_vision(raws, mode, seed)
-        e = _errors(_predict(runner, views, batch_size, seed, f"views {mode}", progress), gt, mask)
+        e = _errors(preds[f"views {mode}"], gt, mask)
         vision[mode] = _delta(e, metrics["l1"])
         metrics[f"vision_ablation_delta_l1_{mode}"] = e["l1"] - metrics["l1"]
     metrics["vision_ablation"] = vision
     figs = {
-        "trajectories": plots.trajectories(raws, pred, names, out_dir / "trajectories.png"),
+        "trajectories": plots.trajectories(records, pred, names, out_dir / "trajectories.png"),
         "error_per_step": plots.error_per_step(metrics, names, out_dir / "error_per_step.png"),
     }
     if ablation or vision:

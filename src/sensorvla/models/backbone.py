@@ -498,8 +498,8 @@ class VLBackbone(nn.Module):
         """Run the language model's decoder layers only up to `feature_layer` (+ 1: hidden_states[i] is layer i's
         input, and the last entry is normed) when nothing past it needs gradients: the cache build, inference and
         frozen stage 1 skip the rest (GR00T's middle layer: half the LLM; the demo's layer 0: all but one). The
-        output is unchanged (tests/training/test_vl_modes.py). Trainable layers past it (LoRA) run as before, so
-        DDP sees every parameter it wraps; under FSDP2 nothing is skipped (its units all-gather in forward order)."""
+        output is unchanged (tests/training/test_vl_modes.py). No layer past it trains (`finetune.past_the_features`);
+        should one, it runs as before. Under FSDP2 nothing is skipped (its units all-gather in forward order)."""
         from torch.distributed.fsdp import FSDPModule
 
         lm = getattr(self.model, "language_model", None)

@@ -3,6 +3,11 @@
 Freezing is set by parameter name, never by class identity. LoRA adapters are injected in place into the
 HF base model (`policy.backbone.model`), so module names stay those of transformers; adapter files use
 PEFT's own key layout so `PeftModel.from_pretrained(AutoModelForImageTextToText..., dir)` also reads them.
+
+Only what reaches the features trains: with `--model.backbone.feature-layer i` (not the last), the language
+model's decoder layers from i on and its final norm never reach the loss, so LoRA adapts no module there and
+`full` leaves them frozen (`past_the_features`). A weight that cannot get a gradient would crash DDP ("did not
+receive grad") and, on one process, would silently stay at its initial value.
 """
 
 from __future__ import annotations
@@ -60,6 +65,29 @@ def matched_lora_targets(base: nn.Module, pattern: str) -> list[str]:
     return [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(n)]
 
 
+_LM_LAYER = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
+_LM_NORM = re.compile(r"(?:^|\.)language_model\.norm(?:\.|$)")
+
+
+def past_the_features(name: str, feature_layer: int, num_layers: int) -> bool:
+    """Whether HF base-model parameter/module `name` lies past the features taken at `feature_layer` (of
+    `num_layers` decoder layers): a decoder layer at or after it, or the final norm, which only the last
+    (normed) hidden state goes through. Nothing is past the features at -1 (the last hidden state)."""
+    if feature_layer == -1:
+        return False
+    reached = feature_layer % (num_layers + 1)  # hidden_states[i] = the output of decoder layers 0..i-1
+    layer = _LM_LAYER.search(name)
+    if layer is not None:
+        return int(layer.group(1)) >= reached
+    return reached < num_layers and _LM_NORM.search(name) is not None
+
+
+def _unreached(policy: nn.Module):
+    """`past_the_features` for this policy's backbone (its feature layer and decoder depth), by name."""
+    bb = policy.backbone
+    return lambda name: past_the_features(name, bb.cfg.feature_layer, bb.num_layers)
+
+
 def is_vision_param(name: str) -> bool:
     """Whether a VLAPolicy parameter name lies in the backbone's vision tower."""
     return name.startswith(HF_BASE_PREFIX + "visual.")
@@ -79,8 +107,9 @@ def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
                 "was built without its weights (VL features from the cache); build it with the weights"
             )
         return
-    for p in base.parameters():
-        p.requires_grad_(cfg.mode == "full")
+    unreached = _unreached(policy)
+    for n, p in base.named_parameters():
+        p.requires_grad_(cfg.mode == "full" and not unreached(n))
     if cfg.full_vision:
         if not any(n.startswith("visual.") for n, _ in base.named_parameters()):
             raise FinetuneError("--model.finetune.full-vision: this backbone has no `visual` tower")
@@ -90,12 +119,28 @@ def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
     if cfg.mode == "lora":
         if any(is_lora_param(n) for n, _ in base.named_parameters()):
             raise FinetuneError("LoRA adapters are already injected into this backbone")
-        targets = matched_lora_targets(base, cfg.lora_target_modules)
-        if not targets:
+        matched = matched_lora_targets(base, cfg.lora_target_modules)
+        if not matched:
             raise FinetuneError(
                 f"--lora-targets {cfg.lora_target_modules!r} matches no Linear module of the backbone. "
                 f"Use a preset {sorted(LORA_TARGET_PRESETS)} or a regex over full module names such as "
                 "'language_model.layers.0.self_attn.q_proj' or 'visual.blocks.0.attn.qkv'."
+            )
+        targets = [n for n in matched if not unreached(n)]
+        layer = policy.backbone.cfg.feature_layer
+        if not targets:
+            raise FinetuneError(
+                f"--lora-targets {cfg.lora_target_modules!r} matches only language-model layers past "
+                f"--model.backbone.feature-layer {layer}, which never reach the features (LoRA there would get no "
+                "gradient). Use --lora-targets vision or all, a later --model.backbone.feature-layer (-1 = the "
+                "last), or train the vision tower alone with --finetune-vl none --model.finetune.full-vision."
+            )
+        if len(targets) < len(matched):
+            logger.info(
+                "LoRA: %d of the %d matched modules lie past --model.backbone.feature-layer %d and are not adapted",
+                len(matched) - len(targets),
+                len(matched),
+                layer,
             )
         from peft import inject_adapter_in_model
 
@@ -108,11 +153,11 @@ def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
 
 def expected_trainable(policy: nn.Module, mode: str, full_vision: bool = False) -> set[str]:
     """The trainable parameter names that `mode` (+ `full_vision`) declares (to assert the real set)."""
-    names = set()
+    names, unreached = set(), _unreached(policy)
     for n, _ in policy.named_parameters():
         if (
             not n.startswith(HF_BASE_PREFIX)
-            or mode == "full"
+            or (mode == "full" and not unreached(n[len(HF_BASE_PREFIX) :]))
             or (mode == "lora" and is_lora_param(n))
             or (full_vision and is_vision_param(n))
         ):

@@ -19,8 +19,10 @@ projection); `model_state_dict` holds every tensor except the frozen HF base (it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,42 @@ logger = logging.getLogger(__name__)
 LAST_NAME = "last"
 RUN_CONFIG_NAME = "config.json"
 RUN_INFO_NAME = "run.json"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, a file-size limit); the message names the path and
+    the free space. The previous checkpoint of that name is kept (every write is atomic)."""
+
+
+def _free_space(path: Path) -> str:
+    """ "<free> GB free on the disk holding <folder>" for the nearest existing folder above `path`."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free on the disk holding {folder}"
+    except OSError:
+        return f"the free space of the disk holding {folder} is unknown"
+
+
+@contextlib.contextmanager
+def write_errors(path: Path):
+    """Turn a failed checkpoint write (OSError, or torch's RuntimeError from its stream writer, which names no
+    disk) into `CheckpointWriteError` naming `path`, the disk's free space and the fix."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(
+            s in str(e) for s in ("PytorchStreamWriter", "file write failed", "unexpected pos")
+        ):
+            raise
+        raise CheckpointWriteError(
+            f"could not write the checkpoint {path}: the disk may be full ({_free_space(path)}; "
+            f"{type(e).__name__}: {e}). Free space there, or point --train.output-dir at a disk with room; the "
+            f"previous {Path(path).name} is kept."
+        ) from e
 
 
 def epoch_name(epoch: int) -> str:
@@ -158,7 +196,7 @@ def save_last(
 ) -> Path:
     """Atomically replace <ckpt_dir>/last with the seed payload, JSON state, every rank's RNG, the run's
     config and run info (what resume compares against), and a sha256 manifest of every file."""
-    with atomic_dir(ckpt_dir / LAST_NAME) as tmp:
+    with write_errors(ckpt_dir / LAST_NAME), atomic_dir(ckpt_dir / LAST_NAME) as tmp:
         torch_save(payload, tmp / "checkpoint.pt")
         torch_save({"ranks": [_rng_to_tensors(r) for r in rng_per_rank]}, tmp / "rng.pt")
         atomic_write_json(tmp / "training_state.json", state)
@@ -214,7 +252,7 @@ def save_seed_file(path: Path, payload: dict) -> Path:
     """torch.save a seed payload atomically with its sha256 sidecar (see `integrity.write_sidecar`)."""
     path = Path(path)
     previous = integrity.file_sha256(path) if path.exists() else None
-    with atomic_file(path) as tmp:
+    with write_errors(path), atomic_file(path) as tmp:
         torch.save(payload, tmp)
         digest = integrity.file_sha256(tmp)
         integrity.write_sidecar(path, digest, previous=previous)  # both accepted until the rename

@@ -68,18 +68,47 @@ def _checked(stats, cfg: SensorVLAConfig, fingerprint):
     return stats
 
 
+def mixture_roots(cfg: SensorVLAConfig) -> list[str]:
+    """The datasets of a `--data.mixture` run, the primary first."""
+    from sensorvla.config import parse_mixture
+
+    return [cfg.data.dataset_dir] + [parse_mixture(spec)[0] for spec in cfg.data.mixture]
+
+
 def ensure_stats(cfg: SensorVLAConfig, info, progress: bool | str = True):
     """The norm stats of the training split with the config's sensor transform. The dataset's own
     meta/norm_stats.json (from `sensorvla stats`) is used when there is one, and must match; otherwise they are
     computed once into the user cache (`cached_stats_path`), never into the dataset: by rank 0, then by any
-    process that does not see rank 0's file (another node's cache) — the result is the same."""
-    from sensorvla.data.normalize import NormalizationError, NormStats, compute_stats, dataset_fingerprint
+    process that does not see rank 0's file (another node's cache) — the result is the same.
+
+    A `--data.mixture` run gets stats pooled over the training split of every member (`mixture_fingerprint`), in
+    the user cache too: `PolicyRunner` applies one set of stats to a request, which names no member."""
+    import json
+
+    from sensorvla.data.normalize import (
+        NormalizationError,
+        NormStats,
+        compute_stats,
+        dataset_fingerprint,
+        mixture_fingerprint,
+    )
     from sensorvla.training.distributed import barrier
 
-    fingerprint = dataset_fingerprint(cfg.data.dataset_dir, cfg.data)
-    own = stats_path(cfg.data.dataset_dir)
-    if own.exists():
-        return _checked(NormStats.load(own), cfg, fingerprint)
+    if cfg.data.mixture:
+        roots = mixture_roots(cfg)
+        fingerprint = json.loads(json.dumps(mixture_fingerprint(roots, cfg.data)))
+
+        def compute():
+            return compute_stats(roots[0], progress=progress, data_cfg=cfg.data, members=tuple(roots[1:]))
+    else:
+        fingerprint = dataset_fingerprint(cfg.data.dataset_dir, cfg.data)
+        own = stats_path(cfg.data.dataset_dir)
+        if own.exists():
+            return _checked(NormStats.load(own), cfg, fingerprint)
+
+        def compute():
+            return compute_stats(cfg.data.dataset_dir, progress=progress, data_cfg=cfg.data)
+
     path = cached_stats_path(cfg, fingerprint)
 
     def compute_unless_cached() -> None:
@@ -87,7 +116,7 @@ def ensure_stats(cfg: SensorVLAConfig, info, progress: bool | str = True):
             _checked(NormStats.load(path), cfg, fingerprint)
         except NormalizationError:  # none yet (or an unreadable copy): ours to (re)compute
             logger.info("computing normalization stats into %s (same as `sensorvla stats`)", path)
-            compute_stats(cfg.data.dataset_dir, progress=progress, data_cfg=cfg.data).save(path)
+            compute().save(path)
 
     if info.is_main:
         compute_unless_cached()

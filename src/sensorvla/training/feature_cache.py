@@ -9,10 +9,13 @@ row: meta.json maps their ids to the encoded one. Layout: <cache_dir>/<key>/meta
 masks (T,); memory-mapped on read) + `shard-<r>-of-<w>.index.json` (sample ids and row offsets, rewritten
 atomically after every batch: it is the progress record, so a killed build resumes where it stopped).
 
-`key` hashes the fingerprint: backbone id/revision/files, dtype, processor resolution, prompt template,
-token mode, grid size, feature layer, views and the sample ids. A stale (other fingerprint) or partial
-cache raises `StaleCacheError` with the rebuild command; it is never silently reused. Before building,
-the size on disk is printed and checked against `--train.cache-max-gb`.
+`key` hashes the fingerprint: backbone id, requested revision and what it resolves to (the hub snapshot's
+commit, or a local folder's config hash) and files, the dtype the backbone runs in (`auto` resolved on the
+run's device), the attention implementation, processor resolution, prompt template, token mode, grid size,
+feature layer, views, the dataset content and the sample ids (tests/training/test_vl_modes.py changes each
+one). A stale
+(other fingerprint) or partial cache raises `StaleCacheError` with the rebuild command; it is never silently
+reused. Before building, the size on disk is printed and checked against `--train.cache-max-gb`.
 """
 
 from __future__ import annotations
@@ -66,10 +69,31 @@ def _model_files_signature(vl_model: str) -> list:
     )
 
 
-def fingerprint(cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str) -> dict:
-    """Everything the cached tokens depend on; any change gives another cache key."""
+def local_config_sha256(vl_model: str) -> str | None:
+    """The sha256 of a local backbone folder's config.json (what its weights are, beyond the files' names, sizes
+    and mtimes); None for a hub id (keyed by its commit, `hub.commit_of`)."""
+    config = Path(vl_model) / "config.json"
+    return hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else None
+
+
+def run_device(cfg: SensorVLAConfig) -> torch.device:
+    """The device `--train.device` resolves to (auto: CUDA when available), as `init_distributed` does."""
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def fingerprint(
+    cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str, device: torch.device | str | None = None
+) -> dict:
+    """Everything the cached tokens depend on; any change gives another cache key. `device`: where the backbone
+    runs (default: `--train.device`), which decides what `--model.backbone.dtype auto` means."""
+    from sensorvla.models.backbone import resolve_dtype
+
     bb = cfg.model.backbone
     ids = np.ascontiguousarray(np.sort(np.asarray(sample_ids, dtype=np.int64)))
+    dtype = resolve_dtype(bb.dtype, run_device(cfg) if device is None else device)
     return {
         "format": FORMAT_VERSION,
         "vl_model": bb.vl_model,
@@ -77,8 +101,10 @@ def fingerprint(cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str) -
         # the commit a hub id (and its revision) resolves to in the hub cache (sensorvla/hub.py), None for a folder:
         # a moved branch or tag never reuses another commit's features
         "vl_commit": hub.commit_of(bb.vl_model, bb.revision),
+        "vl_config_sha256": local_config_sha256(bb.vl_model),  # a local folder's config.json (None for a hub id)
         "model_files": _model_files_signature(bb.vl_model),
-        "backbone_dtype": bb.dtype,
+        "backbone_dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": bb.attn_implementation,
         "cache_dtype": cfg.train.cache_dtype,
         "min_pixels": bb.min_pixels,
         "max_pixels": bb.max_pixels,
@@ -190,10 +216,12 @@ def _memmap(path: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
 
-def open_cache(cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str) -> FeatureCache | None:
+def open_cache(
+    cfg: SensorVLAConfig, sample_ids: np.ndarray, dataset_id: str, device: torch.device | str | None = None
+) -> FeatureCache | None:
     """Return a valid cache, None when no cache exists, or raise StaleCacheError for a stale/partial one."""
     root = cache_root(cfg)
-    fp = fingerprint(cfg, sample_ids, dataset_id)
+    fp = fingerprint(cfg, sample_ids, dataset_id, device)
     folder = root / fingerprint_key(fp)
     if not (folder / "meta.json").exists():
         others = [p.name for p in root.glob("*/meta.json")] if root.exists() else []
@@ -310,7 +338,7 @@ def build_cache(
     from sensorvla.training.distributed import barrier
 
     check_cacheable(cfg)
-    fp = fingerprint(cfg, sample_ids, dataset_id)
+    fp = fingerprint(cfg, sample_ids, dataset_id, dist_info.device)
     folder = cache_root(cfg) / fingerprint_key(fp)
     folder.mkdir(parents=True, exist_ok=True)
     world, rank = dist_info.world_size, dist_info.rank

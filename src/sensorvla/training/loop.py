@@ -93,8 +93,9 @@ def schedule_length(cfg: SensorVLAConfig, steps_per_epoch: int) -> int:
 
 
 def divergence_message(ckpt_dir: Path, loss: float, grad_norm: float, step: int) -> str:
-    """Point at the checkpoint with finite weights from before the blow-up (`best`), verified; never `last`."""
-    best = ckpt_dir / ckpt.BEST_NAME
+    """Point at the checkpoint with finite weights from before the blow-up (`best`), verified; never `last`.
+    Names only what exists: a run that diverges before its first save is told that nothing was saved."""
+    best, last = ckpt_dir / ckpt.BEST_NAME, ckpt_dir / ckpt.LAST_NAME
     good = ckpt.finite_checkpoint(best) if best.exists() else None
     msg = f"loss became {loss} (grad norm {grad_norm}) at step {step}. "
     if good is not None:
@@ -103,12 +104,15 @@ def divergence_message(ckpt_dir: Path, loss: float, grad_norm: float, step: int)
             f"The weights from before the blow-up are in {best} (epoch {good['epoch']}, val_loss "
             f"{good['val_loss']:.6g}; every tensor checked finite)" + (f" and {pm}" if pm.exists() else "") + ". "
         )
-    else:
+    elif last.exists():
         msg += "No checkpoint with finite weights was saved before the blow-up (no validation had finished). "
+    else:
+        msg += f"Nothing was saved in {ckpt_dir} before the blow-up (no validation or --train.save-every-steps). "
+    if last.exists():
+        msg += f"{last} holds the latest state, which may already hold diverged weights: do not --resume from it. "
     return msg + (
-        f"{ckpt_dir / ckpt.LAST_NAME} holds the latest state, which may already hold diverged weights: do not "
-        "--resume from it. Train again with a lower --lr / --vl-lr (stage 2 can start from the best stage-1 "
-        "file), and check the data for NaN (`sensorvla stats`)."
+        "Train again with a lower --lr / --vl-lr (stage 2 can start from the best stage-1 file), and check the data "
+        "for NaN (`sensorvla stats`)."
     )
 
 
@@ -235,6 +239,8 @@ def _mode(bar_on: bool, info) -> bool | str:
 
 def _train(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | None) -> dict:
     """The named steps: set-up, then epochs (each: optimizer steps, validation, checkpoints), then teardown."""
+    if cfg.train.resume and cfg.train.mode == "train":
+        _check_resumable(Path(cfg.train.output_dir))
     cfg, info, bar_on = _start(cfg, progress, reference)
     from sensorvla.data.format import load_meta
 
@@ -262,6 +268,18 @@ def _train(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
 
 
 # --- set-up ------------------------------------------------------------------------------------------
+def _check_resumable(output_dir: Path) -> None:
+    """`--resume` with nothing saved: say so and what to do (before the dataset is opened: a resumed command line
+    often names no dataset, and "not a dataset" would send the user the wrong way)."""
+    last = output_dir / "checkpoints" / ckpt.LAST_NAME
+    if not (last / "training_state.json").exists():
+        raise FileNotFoundError(
+            f"--resume: there is no checkpoint to resume in {output_dir} ({last} does not exist: the run saved "
+            "nothing yet; a run saves it at the end of every epoch and every --train.save-every-steps). Start the "
+            "run without --resume (with --dataset-dir), or point --output-dir at the folder of the run to resume."
+        )
+
+
 FRESH_STATE = {"epoch": 0, "micro_in_epoch": 0, "step": 0, "best_val": math.inf, "bad_validations": 0}
 FRESH_STATE["samples_seen"] = 0
 
@@ -420,7 +438,7 @@ def _open_data(cfg: SensorVLAConfig, info, meta) -> _Data:
     cacheable = stage_config(cfg).may_use_vl_cache and feature_cache.backbone_frozen(cfg)
     if cacheable and cfg.train.use_cache != "never":
         all_ids = raw_dataset(cfg, "all", load_images=False).sample_ids
-        cache = feature_cache.open_cache(cfg, all_ids, meta.dataset_id)
+        cache = feature_cache.open_cache(cfg, all_ids, meta.dataset_id, info.device)
         if cache is None and cfg.train.use_cache == "always":
             raise feature_cache.StaleCacheError(
                 f"--train.use-cache always but no VL cache exists; build it: {feature_cache.rebuild_command(cfg)}"
@@ -584,7 +602,7 @@ def _run_epoch(run: _Run) -> None:
     data.train.set_epoch(epoch)  # reseeds VL-staleness draws / the mixture plan
     data.sampler.set_position(epoch, state["micro_in_epoch"] * cfg.train.batch_size)
     run.policy.train()
-    if cfg.model.finetune.mode == "none" and run.policy.backbone.has_weights:
+    if feature_cache.backbone_frozen(cfg) and run.policy.backbone.has_weights:
         run.policy.backbone.model.eval()
     loader = iter(make_loader(data.train, data.transform, data.sampler, cfg, data.pad_id))
     while state["micro_in_epoch"] < run.micro_per_epoch:
@@ -757,7 +775,8 @@ def _save_last(run: _Run) -> None:
 def _save_pretrained(run: _Run, full: dict | None) -> None:
     from sensorvla.models.pretrained import save_pretrained
 
-    save_pretrained(run.policy, run.ckpt_dir / "pretrained_model", run.cfg, run.stats, state=full)
+    with ckpt.write_errors(run.ckpt_dir / "pretrained_model"):
+        save_pretrained(run.policy, run.ckpt_dir / "pretrained_model", run.cfg, run.stats, state=full)
 
 
 def _ensure_pretrained(run: _Run) -> None:
