@@ -48,7 +48,7 @@ def test_plan_step_equals_forward(padded):
     c, m = cond(padded)
     x = torch.randn(B, H, D_A, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        z = den.condition(c, m)
+        z = den.context(den.memory(c, m))
         torch.testing.assert_close(z, den.plan(c, m), atol=1e-5, rtol=1e-5)
         for ti in torch.tensor([99, 57, 3]):
             (emb,) = den.step_embeddings(ti.view(1))

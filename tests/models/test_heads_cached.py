@@ -39,8 +39,8 @@ def test_denoiser_step_equals_forward(padded):
     x = torch.randn(B, 6, 4, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([99, 57, 3])
     with torch.no_grad():
-        ctx = den.condition(c, m)
-        assert (ctx.attn_mask is None) == (not padded)
+        ctx = den.context(den.memory(c, m))
+        assert bool(ctx.mask.all()) == (not padded)
         for ti in t:
             (emb,) = den.step_embeddings(ti.view(1))
             torch.testing.assert_close(den.step(x, emb, ctx), den(x, ti.expand(B), c, m), atol=1e-6, rtol=0)
