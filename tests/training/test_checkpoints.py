@@ -305,3 +305,39 @@ def test_a_full_disk_names_the_disk_and_the_path_and_keeps_the_previous_checkpoi
         assert "disk may be full" in msg and "GB free on the disk holding" in msg and str(path) in msg, msg
         assert "--train.output-dir" in msg
     assert (out["last_step"], out["best_epoch"]) == (1, 1)  # the previous checkpoints are intact
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), random.random()
+
+
+def test_rng_state_round_trips_through_last_and_old_packed_files_still_load(tmp_path):
+    """`rng.pt` holds the states as `rng_state` gives them (numpy's array read back through torch's
+    `safe_globals`, `weights_only` loading); an rng.pt that packed them into tensors still restores."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # a cached Gaussian in numpy's state
+    state = ckpt.rng_state()
+    expected = _draws()
+    ckpt.save_last(tmp_path, {"a": torch.zeros(1)}, {"step": 1}, [state])
+    _, _, rngs = ckpt.load_last(tmp_path)
+    assert rngs[0]["numpy"][1].dtype == np.uint32 and rngs[0]["python"] == state["python"]  # saved as they are
+    ckpt.restore_rng(rngs[0])
+    assert _draws() == expected
+    legacy = {  # the tensors the checkpoints of 2026-12-06 and before wrote
+        "torch": state["torch"],
+        "numpy_keys": torch.from_numpy(np.asarray(state["numpy"][1], dtype=np.int64)),
+        "numpy_meta": torch.tensor([state["numpy"][2], state["numpy"][3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([state["numpy"][4]], dtype=torch.float64),
+        "python": torch.tensor(list(state["python"][1]), dtype=torch.int64),
+        "python_version": torch.tensor([state["python"][0]], dtype=torch.int64),
+    }
+    ckpt.restore_rng(legacy)
+    assert _draws() == expected
