@@ -113,11 +113,11 @@ def test_a_checkpoint_saved_before_the_option_loads_with_the_decoder(tmp_path, t
     (config.LEGACY_VALUES), so they load strictly and sample as they did; new configs default to mlp."""
     import json
 
-    from sensorvla.config import SensorVLAConfig
+    from sensorvla.config import SensorVLAConfig, resolve_from_meta
     from sensorvla.data.format import load_meta
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.models.policy import load_pretrained
-    from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+    from sensorvla.models.folder import save_pretrained
+    from sensorvla.models.policy import build_policy, load_pretrained
 
     assert SensorVLAConfig().model.head.denoiser == "mlp"
     cfg = SensorVLAConfig()

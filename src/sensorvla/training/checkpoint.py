@@ -31,7 +31,7 @@ import torch
 
 from sensorvla import integrity
 from sensorvla.io import atomic_dir, atomic_file, atomic_write_json, torch_load, torch_save
-from sensorvla.models.pretrained import CheckpointMismatchError
+from sensorvla.models.folder import CheckpointMismatchError
 from sensorvla.models.seed_checkpoint import (  # noqa: F401  (re-exported: the seed file format lives in models/)
     BEST_NAME,
     SEED_KEYS,

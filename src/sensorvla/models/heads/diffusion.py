@@ -4,6 +4,7 @@ schedulers from diffusers. `--diffusion_timesteps` (default 100) and DDIM steps 
 from __future__ import annotations
 
 import copy
+
 import torch
 import torch.nn.functional as F
 
