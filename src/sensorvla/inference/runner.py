@@ -114,7 +114,7 @@ class PolicyRunner:
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def load_pretrained(
+    def from_pretrained(
         cls, path: str | Path, *, device: str = "cpu", merge_lora: bool = True, vl_model: str | None = None, **kwargs
     ) -> PolicyRunner:
         """Load config, weights, LoRA adapters (merged by default) and norm stats from `pretrained_model/`.

@@ -42,8 +42,9 @@ def drop(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
 def self_attend(attn: nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`attn(x, x, x)` of a batch-first `nn.MultiheadAttention`, x (B, L, D), mask (B, 1, 1, L) bool (True =
     attend) or None -> (B, L, D): one projection for q, k and v."""
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (split_heads(t, attn.num_heads) for t in qkv)
+    b, length, d = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(b, length, 3, attn.num_heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, L, d_head)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p(attn))
     return attn.out_proj(merge_heads(a))
 
