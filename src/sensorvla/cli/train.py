@@ -20,7 +20,6 @@ __all__ = [
     "SEED_ALIASES",
     "VL_MODEL_ENV",
     "base_train_config",
-    "cmd_train",
     "parse_train_config",
     "rewrite_seed_flags",
     "run_train",
@@ -127,17 +126,6 @@ def run_train(cfg: SensorVLAConfig, reference: SensorVLAConfig | None = None) ->
     return 0
 
 
-def cmd_train(argv: list[str], default_head: str = "regression") -> int:
-    """Parse train flags (seed or dotted) and train; the exit code of `run_train` (2 for a bad flag value)."""
-    try:
-        cfg = parse_train_config(argv, default_head)
-        reference = base_train_config(default_head, split_train_args(argv)[0])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_train(cfg, reference)
-
-
 def over_saved_run(cfg: SensorVLAConfig, reparse, run) -> int:
     """`run(cfg)` with the stage defaults applied; with `--resume`, `reparse(saved config)` (2 if unreadable)."""
     try:
@@ -159,16 +147,15 @@ def train_command(default: SensorVLAConfig, reparse):
 
 
 def train_entry() -> None:
-    """`python -m sensorvla.train` (regression by default), usable under torchrun."""
-    from sensorvla.runtime import configure_threads
+    """`python -m sensorvla.train` (regression by default), usable under torchrun: `sensorvla train`."""
+    from sensorvla.cli.app import main
 
-    configure_threads()
-    sys.exit(cmd_train(sys.argv[1:], "regression"))
+    sys.exit(main(["train", *sys.argv[1:]]))
 
 
 def train_diffusion_entry() -> None:
-    """`python -m sensorvla.train_diffusion`: the seed's diffusion script (diffusion head by default)."""
-    from sensorvla.runtime import configure_threads
+    """`python -m sensorvla.train_diffusion`: the seed's diffusion script, `sensorvla train` with the diffusion
+    head by default."""
+    from sensorvla.cli.app import main
 
-    configure_threads()
-    sys.exit(cmd_train(sys.argv[1:], "diffusion"))
+    sys.exit(main(["train", *sys.argv[1:]], default_head="diffusion"))
