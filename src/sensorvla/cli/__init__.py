@@ -10,8 +10,6 @@ from sensorvla.cli.train import (
     VL_MODEL_ENV,
     parse_train_config,
     rewrite_seed_flags,
-    train_diffusion_entry,
-    train_entry,
 )
 
 __all__ = [
@@ -22,6 +20,4 @@ __all__ = [
     "main",
     "parse_train_config",
     "rewrite_seed_flags",
-    "train_diffusion_entry",
-    "train_entry",
 ]

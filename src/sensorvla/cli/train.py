@@ -24,8 +24,6 @@ __all__ = [
     "rewrite_seed_flags",
     "run_train",
     "train_command",
-    "train_diffusion_entry",
-    "train_entry",
 ]
 
 VL_MODEL_ENV = "SENSORVLA_VL_MODEL"  # default backbone, e.g. a local tiny model for offline runs
@@ -144,18 +142,3 @@ def train_command(default: SensorVLAConfig, reparse):
 
     train.__doc__ = train_help(default)
     return train
-
-
-def train_entry() -> None:
-    """`python -m sensorvla.train` (regression by default), usable under torchrun: `sensorvla train`."""
-    from sensorvla.cli.app import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
-
-
-def train_diffusion_entry() -> None:
-    """`python -m sensorvla.train_diffusion`: the seed's diffusion script, `sensorvla train` with the diffusion
-    head by default."""
-    from sensorvla.cli.app import main
-
-    sys.exit(main(["train", *sys.argv[1:]], default_head="diffusion"))
