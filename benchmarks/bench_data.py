@@ -22,9 +22,8 @@ from pathlib import Path
 
 
 def _setup(root: Path, image_size: int, episodes: int, vl=None):
-    from sensorvla.config import SensorVLAConfig
+    from sensorvla.config import SensorVLAConfig, resolve_from_meta
     from sensorvla.data.format import load_meta
-    from sensorvla.models.pretrained import resolve_from_meta
     from sensorvla.world.synth import generate_dataset
     from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
@@ -42,20 +41,20 @@ def _setup(root: Path, image_size: int, episodes: int, vl=None):
 def _transform(cfg, data):
     from sensorvla.data.normalize import compute_stats
     from sensorvla.models.backbone import load_processor
-    from sensorvla.models.processor import SampleTransform
+    from sensorvla.models.processor import PolicyProcessor
     from sensorvla.training.data_setup import build_normalizer
 
     norm = build_normalizer(compute_stats(data, progress=False, data_cfg=cfg.data), cfg)
     bb = cfg.model.backbone
     proc = load_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels)
-    return SampleTransform(norm, proc, bb.prompt_template, cfg.model.state_dim), proc
+    return PolicyProcessor(norm, proc, bb.prompt_template, cfg.model.state_dim), proc
 
 
 def _train_rate(cfg, batches, steps: int) -> float:
     """Samples/s of forward + backward + AdamW on the tiny model, over prepared batches."""
     import torch
 
-    from sensorvla.models.pretrained import build_policy
+    from sensorvla.models.policy import build_policy
 
     policy = build_policy(cfg)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)

@@ -23,14 +23,12 @@ def test_config_json_round_trip():
 
 
 def test_dataset_derived_fields_resolve_per_section():
-    """`resolve_from_meta` (re-exported by models.pretrained) fills the views and the model's shapes; the model
+    """`resolve_from_meta` fills the views and the model's shapes; the model
     part alone is `resolve_model`; a section loads from its dict alone (`section_from_dict`)."""
     from types import SimpleNamespace
 
     from sensorvla.config import DataConfig, resolve_from_meta, resolve_model, section_from_dict
-    from sensorvla.models import pretrained
 
-    assert pretrained.resolve_from_meta is resolve_from_meta
     meta = SimpleNamespace(views=["a", "b"], action_dim=7, sensor_channels=0, state_dim=6, force_channels=1)
     cfg = SensorVLAConfig()
     out = resolve_from_meta(cfg, meta)

@@ -48,11 +48,12 @@ def smoke_heads(vl_dir: Path, data_dir: Path, settings: DemoSettings) -> None:
     """One forward + backward per head on a real batch; prints losses and the parameter table."""
     import torch
 
+    from sensorvla.config import resolve_from_meta
     from sensorvla.data.format import load_meta
     from sensorvla.data.normalize import NormStats
     from sensorvla.models.backbone import load_processor, pad_token_id
-    from sensorvla.models.pretrained import build_policy, resolve_from_meta
-    from sensorvla.models.processor import SampleTransform, collate
+    from sensorvla.models.policy import build_policy
+    from sensorvla.models.processor import PolicyProcessor, collate
     from sensorvla.training.data_setup import build_normalizer, raw_dataset, stats_path
     from sensorvla.training.param_groups import build_param_groups, group_table
 
@@ -62,7 +63,7 @@ def smoke_heads(vl_dir: Path, data_dir: Path, settings: DemoSettings) -> None:
         bb = cfg.model.backbone
         proc = load_processor(str(vl_dir), min_pixels=bb.min_pixels, max_pixels=bb.max_pixels)
         norm = build_normalizer(NormStats.load(stats_path(data_dir)), cfg)
-        tf = SampleTransform(norm, proc, bb.prompt_template, cfg.model.state_dim)
+        tf = PolicyProcessor(norm, proc, bb.prompt_template, cfg.model.state_dim)
         ds = raw_dataset(cfg, "train")
         batch = collate([tf(ds[i]) for i in range(4)], pad_token_id(proc))
         loss, _ = policy(batch)

@@ -183,7 +183,8 @@ def torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def torch_load(path: str | Path) -> Any:
-    """Load a tensors-only torch file. Never unpickles arbitrary objects (weights_only=True)."""
+    """Load a tensors-only torch file. Never unpickles arbitrary objects (weights_only=True; a caller allows more
+    with `torch.serialization.safe_globals`, as resume does for numpy's RNG state)."""
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,6 +1,9 @@
-"""`python -m sensorvla.train` / `torchrun -m sensorvla.train`: the seed's regression training script."""
+"""`python -m sensorvla.train` / `torchrun -m sensorvla.train`: the seed's regression training script, which is
+`sensorvla train`."""
 
-from sensorvla.cli.train import train_entry
+import sys
+
+from sensorvla.cli.app import main
 
 if __name__ == "__main__":
-    train_entry()
+    sys.exit(main(["train", *sys.argv[1:]]))

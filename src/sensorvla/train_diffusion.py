@@ -1,6 +1,9 @@
-"""`python -m sensorvla.train_diffusion` / `torchrun -m sensorvla.train_diffusion`: the seed's diffusion script."""
+"""`python -m sensorvla.train_diffusion` / `torchrun -m sensorvla.train_diffusion`: the seed's diffusion script,
+which is `sensorvla train` with the diffusion head by default."""
 
-from sensorvla.cli.train import train_diffusion_entry
+import sys
+
+from sensorvla.cli.app import main
 
 if __name__ == "__main__":
-    train_diffusion_entry()
+    sys.exit(main(["train", *sys.argv[1:]], default_head="diffusion"))

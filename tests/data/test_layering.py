@@ -41,9 +41,3 @@ def test_importing_the_data_layer_loads_no_model_code():
     code += "bad = sorted(m for m in sys.modules if m.startswith('sensorvla.models'))\nprint(bad)\nassert not bad\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_the_policy_processor_is_the_one_chain():
-    from sensorvla.models import processor
-
-    assert processor.SampleTransform is processor.PolicyProcessor

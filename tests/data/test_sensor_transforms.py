@@ -148,7 +148,7 @@ def test_training_and_runner_apply_the_same_transform(tmp_path, tiny_vl_dir, hea
     from sensorvla.config import SensorVLAConfig
     from sensorvla.data.dataset import EpisodeDataset
     from sensorvla.inference.runner import PolicyRunner
-    from sensorvla.models.processor import SampleTransform
+    from sensorvla.models.processor import PolicyProcessor
     from sensorvla.training.data_setup import build_normalizer, ensure_stats
     from sensorvla.training.distributed import DistInfo
     from sensorvla.training.loop import train
@@ -164,11 +164,11 @@ def test_training_and_runner_apply_the_same_transform(tmp_path, tiny_vl_dir, hea
     ckpt = next((tmp_path / "run" / "checkpoints").rglob("norm_stats.json")).parent
     runner = PolicyRunner.from_pretrained(ckpt)
     assert runner.normalizer.stats.sensor_transform.spec["transform"] == "signed_log1p"
-    from sensorvla.models.pretrained import resolve_from_meta
+    from sensorvla.config import resolve_from_meta
 
     tcfg = resolve_from_meta(cfg, EpisodeDataset(root, cfg.data, "all").meta)
     norm = build_normalizer(ensure_stats(tcfg, DistInfo(0, 1, 0, torch.device("cpu")), progress=False), tcfg)
-    training = SampleTransform(norm, None, tcfg.model.backbone.prompt_template, tcfg.model.state_dim)
+    training = PolicyProcessor(norm, None, tcfg.model.backbone.prompt_template, tcfg.model.state_dim)
     ds = EpisodeDataset(root, runner.cfg.data, split="all")
     raw = next(ds[i] for i in range(len(ds)) if ds[i]["sensor"][:, 0].max() > 500)  # a contact window
     a, b = training(raw)["sensor"], runner.transform(raw)["sensor"]

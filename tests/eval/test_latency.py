@@ -140,10 +140,11 @@ def test_cli_times_a_trained_checkpoint_as_served(tiny_vl_dir, synth_dataset_dir
     import torch
 
     from sensorvla import cli
-    from sensorvla.config import SensorVLAConfig
+    from sensorvla.config import SensorVLAConfig, resolve_from_meta
     from sensorvla.data.format import load_meta
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+    from sensorvla.models.folder import save_pretrained
+    from sensorvla.models.policy import build_policy
 
     cfg = SensorVLAConfig()
     cfg.model.backbone.vl_model, cfg.data.dataset_dir = str(tiny_vl_dir), str(synth_dataset_dir)

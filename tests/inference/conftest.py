@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sensorvla.config import SensorVLAConfig
+from sensorvla.config import SensorVLAConfig, resolve_from_meta
 from sensorvla.data.format import load_meta
 from sensorvla.data.normalize import compute_stats
-from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+from sensorvla.models.folder import save_pretrained
+from sensorvla.models.policy import build_policy
 
 
 @pytest.fixture(scope="session")

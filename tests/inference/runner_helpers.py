@@ -18,9 +18,9 @@ def obs_from_dataset(ds: EpisodeDataset, idx: int, margin_s: float = 0.05) -> di
         "instruction": raw["instruction"],
     }
     if ds.has_sensor(e):
-        ts = ds._ts(e, "sensor_timestamps.npy", "sensor")
+        ts, values = ds.sensor_stream(e)
         keep = (ts > t - ds.cfg.sensor_window_s - margin_s) & (ts <= t + 0.5)  # future samples must be ignored
-        obs["sensor"] = np.asarray(ds._arr(e, "sensor.npy")[keep])
+        obs["sensor"] = np.asarray(values[keep])
         obs["sensor_timestamps"] = ts[keep]
     return obs
 

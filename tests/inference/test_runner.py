@@ -7,13 +7,14 @@ import pytest
 import torch
 from runner_helpers import later_samples, obs_from_dataset
 
-from sensorvla.config import SensorVLAConfig
+from sensorvla.config import SensorVLAConfig, resolve_from_meta
 from sensorvla.data.dataset import EpisodeDataset
 from sensorvla.data.format import load_meta
 from sensorvla.data.normalize import compute_stats
 from sensorvla.inference.runner import PolicyRunner
 from sensorvla.models.backbone import pad_token_id
-from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+from sensorvla.models.folder import save_pretrained
+from sensorvla.models.policy import build_policy
 from sensorvla.models.processor import collate
 
 

@@ -28,8 +28,8 @@ def episode_requests(ds, start: int) -> list[tuple[dict, np.ndarray, np.ndarray]
     """STEPS consecutive frames from sample `start`: (frame obs without sensor, new sample ts, new values)."""
     out, prev_t = [], None
     e = ds[start]["episode_index"]
-    ts_all = ds._ts(e, "sensor_timestamps.npy", "sensor")  # noqa: SLF001 - the raw stream a robot would have
-    values_all = np.asarray(ds._arr(e, "sensor.npy"))  # noqa: SLF001
+    ts_all, values_all = ds.sensor_stream(e)  # the raw stream a robot would have
+    values_all = np.asarray(values_all)
     for k in range(STEPS):
         raw = ds[start + k]
         assert raw["episode_index"] == e

@@ -48,7 +48,7 @@ def test_plan_step_equals_forward(padded):
     c, m = cond(padded)
     x = torch.randn(B, H, D_A, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        z = den.condition(c, m)
+        z = den.context(den.memory(c, m))
         torch.testing.assert_close(z, den.plan(c, m), atol=1e-5, rtol=1e-5)
         for ti in torch.tensor([99, 57, 3]):
             (emb,) = den.step_embeddings(ti.view(1))
@@ -113,11 +113,11 @@ def test_a_checkpoint_saved_before_the_option_loads_with_the_decoder(tmp_path, t
     (config.LEGACY_VALUES), so they load strictly and sample as they did; new configs default to mlp."""
     import json
 
-    from sensorvla.config import SensorVLAConfig
+    from sensorvla.config import SensorVLAConfig, resolve_from_meta
     from sensorvla.data.format import load_meta
     from sensorvla.data.normalize import compute_stats
-    from sensorvla.models.policy import load_pretrained
-    from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+    from sensorvla.models.folder import save_pretrained
+    from sensorvla.models.policy import build_policy, load_pretrained
 
     assert SensorVLAConfig().model.head.denoiser == "mlp"
     cfg = SensorVLAConfig()

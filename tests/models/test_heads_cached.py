@@ -39,8 +39,8 @@ def test_denoiser_step_equals_forward(padded):
     x = torch.randn(B, 6, 4, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([99, 57, 3])
     with torch.no_grad():
-        ctx = den.condition(c, m)
-        assert (ctx.attn_mask is None) == (not padded)
+        ctx = den.context(den.memory(c, m))
+        assert bool(ctx.mask.all()) == (not padded)
         for ti in t:
             (emb,) = den.step_embeddings(ti.view(1))
             torch.testing.assert_close(den.step(x, emb, ctx), den(x, ti.expand(B), c, m), atol=1e-6, rtol=0)
@@ -73,8 +73,27 @@ def test_ddim_sampling_equals_diffusers_with_the_per_step_forward(steps):
         for t in sched.timesteps:
             x = sched.step(head.denoiser(x, t.expand(B), c, m), t, x, eta=0.0).prev_sample
     assert (got - x).abs().max() <= 1e-6 * x.abs().max()
-    sch = head.ddim_schedule(steps)
-    assert torch.equal(sch.timesteps, sched.timesteps)  # the cached schedule is diffusers' own
+    assert torch.equal(head.ddim_scheduler(steps).timesteps, sched.timesteps)  # the cached schedule is diffusers'
+
+
+@pytest.mark.parametrize("steps", [10, 3])
+def test_ddim_update_is_bit_equal_to_the_rederived_one(steps):
+    """The DDIM step runs through diffusers' `DDIMScheduler.step`; its result is bit-equal to the eta = 0 update
+    the head used to re-derive on Python-float coefficients (the same float32 alphas, combined in float64)."""
+    head = make("diffusion", steps)
+    g = torch.Generator().manual_seed(3)
+    eps = [torch.randn(B, 6, 4, generator=g) * 10 for _ in range(steps)]
+    got = head.integrate(lambda x, i, t: eps[i], B, torch.zeros(()), torch.Generator().manual_seed(0), steps)
+    sched = DDIMScheduler.from_config(head.sample_scheduler.config)
+    sched.set_timesteps(steps)
+    x = torch.randn(B, 6, 4, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(sched.timesteps.tolist()):
+        prev = t - sched.config.num_train_timesteps // steps
+        a_t = sched.alphas_cumprod[t].item()
+        a_prev = sched.alphas_cumprod[prev].item() if prev >= 0 else sched.final_alpha_cumprod.item()
+        x0 = (x - (1 - a_t) ** 0.5 * eps[i]) / a_t**0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps[i]
+    assert torch.equal(got, x)
 
 
 def test_conditioning_is_computed_once_per_call():

@@ -12,12 +12,8 @@ import torch
 from sensorvla.config import SensorVLAConfig
 from sensorvla.models import finetune
 from sensorvla.models.backbone import collate_vl, load_processor, pad_token_id, process_sample
-from sensorvla.models.pretrained import (
-    CheckpointMismatchError,
-    build_policy,
-    from_pretrained,
-    save_pretrained,
-)
+from sensorvla.models.folder import CheckpointMismatchError, save_pretrained
+from sensorvla.models.policy import build_policy, load_pretrained
 
 V, T_S, C_S, H, D_A, D_ST = 2, 16, 9, 8, 7, 6
 
@@ -186,12 +182,8 @@ def test_save_load_predict_identical(tiny_vl_dir, batches, tmp_path, head, mode)
     files = {p.name for p in (tmp_path / "pm").iterdir()}
     assert {"config.json", "model.safetensors"} <= files
     assert ("adapter_model.safetensors" in files) == (mode == "lora")
-    loaded, cfg2, _ = from_pretrained(tmp_path / "pm")
+    loaded, cfg2, _ = load_pretrained(tmp_path / "pm")
     assert cfg2 == cfg
-    from sensorvla.models.policy import VLAPolicy
-
-    again = VLAPolicy.from_pretrained(tmp_path / "pm")
-    assert again.config == cfg
     a = policy.predict_chunk(batches[0], generator=torch.Generator().manual_seed(3))
     b = loaded.eval().predict_chunk(batches[0], generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
@@ -206,7 +198,7 @@ def test_load_errors(tiny_vl_dir, tmp_path):
     save_pretrained(policy, bad, cfg)
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointMismatchError, match="corrupt"):
-        from_pretrained(bad)
+        load_pretrained(bad)
     # mismatched config: another fusion -> missing and unexpected keys are listed
     other = tmp_path / "other"
     save_pretrained(policy, other, cfg)
@@ -214,14 +206,14 @@ def test_load_errors(tiny_vl_dir, tmp_path):
     cfg_other.model.fusion.strategy = "gated"
     (other / "config.json").write_text(cfg_other.to_json())
     with pytest.raises(CheckpointMismatchError, match=r"config\.json: sha256"):  # an edited file: refused
-        from_pretrained(other)
+        load_pretrained(other)
     from sensorvla.integrity import rewrite_manifest
 
     rewrite_manifest(other)  # edited on purpose and recorded: now the key check speaks
     with pytest.raises(CheckpointMismatchError, match="missing=.*unexpected="):
-        from_pretrained(other)
+        load_pretrained(other)
     with pytest.raises(FileNotFoundError, match="not a sensorvla pretrained_model"):
-        from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
 
 
 def test_seed_class_names(tiny_vl_dir, tmp_path):

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from sensorvla.config import AugmentConfig, ConfigError, SensorVLAConfig
+from sensorvla.config import AugmentConfig, ConfigError, SensorVLAConfig, resolve_from_meta
 from sensorvla.data.augment import ImageAugment
 from sensorvla.data.format import load_meta
 from sensorvla.models import finetune
-from sensorvla.models.pretrained import build_policy, resolve_from_meta
+from sensorvla.models.policy import build_policy
 from sensorvla.training.param_groups import build_param_groups
 
 
@@ -96,14 +96,14 @@ def test_full_vision_trains_the_whole_tower_at_the_vision_lr(tiny_vl_dir, synth_
 def test_frozen_base_stays_bit_equal_while_vision_trains(tiny_vl_dir, synth_dataset_dir):
     from sensorvla.data.normalize import compute_stats
     from sensorvla.models.backbone import load_processor, pad_token_id
-    from sensorvla.models.processor import SampleTransform, collate
+    from sensorvla.models.processor import PolicyProcessor, collate
     from sensorvla.training.data_setup import build_normalizer, raw_dataset
 
     cfg = _cfg(tiny_vl_dir, synth_dataset_dir, mode="none", full_vision=True)
     policy = build_policy(cfg).train()
     before = {n: p.detach().clone() for n, p in policy.backbone.model.named_parameters()}
     proc = load_processor(str(tiny_vl_dir), min_pixels=56 * 56, max_pixels=224 * 224)
-    tf = SampleTransform(
+    tf = PolicyProcessor(
         build_normalizer(compute_stats(synth_dataset_dir, progress=False), cfg), proc, "{instruction}", 6
     )
     ds = raw_dataset(cfg, "train")
@@ -160,8 +160,8 @@ def test_augmentation_is_training_only(tiny_vl_dir, synth_dataset_dir, tmp_path)
     from sensorvla.data.normalize import compute_stats
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.models.backbone import load_processor
-    from sensorvla.models.pretrained import save_pretrained
-    from sensorvla.models.processor import SampleTransform
+    from sensorvla.models.folder import save_pretrained
+    from sensorvla.models.processor import PolicyProcessor
     from sensorvla.training.data_setup import build_normalizer
 
     cfg = _cfg(tiny_vl_dir, synth_dataset_dir, mode="none")
@@ -170,8 +170,8 @@ def test_augmentation_is_training_only(tiny_vl_dir, synth_dataset_dir, tmp_path)
     norm = build_normalizer(stats, cfg)
     proc = load_processor(str(tiny_vl_dir), min_pixels=56 * 56, max_pixels=224 * 224)
     raw = EpisodeDataset(synth_dataset_dir, cfg.data, split="all")[3]
-    plain = SampleTransform(norm, proc, "{instruction}", 6)(raw)
-    augmented = SampleTransform(norm, proc, "{instruction}", 6, augment=ImageAugment(cfg.data.augment))(raw)
+    plain = PolicyProcessor(norm, proc, "{instruction}", 6)(raw)
+    augmented = PolicyProcessor(norm, proc, "{instruction}", 6, augment=ImageAugment(cfg.data.augment))(raw)
     assert not torch.equal(plain["pixel_values"], augmented["pixel_values"])
     save_pretrained(build_policy(cfg), tmp_path / "pm", cfg, stats)
     runner = PolicyRunner.from_pretrained(tmp_path / "pm")

@@ -304,11 +304,12 @@ def make_fuzz_runner(vl_dir: str | Path, dataset_dir: str | Path, out_dir: str |
     """An untrained checkpoint on `dataset_dir`, saved and loaded like a trained one, with FUZZ_LIMITS."""
     import torch
 
-    from sensorvla.config import SensorVLAConfig
+    from sensorvla.config import SensorVLAConfig, resolve_from_meta
     from sensorvla.data.format import load_meta
     from sensorvla.data.normalize import compute_stats
     from sensorvla.inference.runner import PolicyRunner
-    from sensorvla.models.pretrained import build_policy, resolve_from_meta, save_pretrained
+    from sensorvla.models.folder import save_pretrained
+    from sensorvla.models.policy import build_policy
 
     cfg = SensorVLAConfig()
     cfg.model.backbone.vl_model = str(vl_dir)

@@ -14,9 +14,10 @@ import torch
 from test_train import tiny_cfg
 
 from sensorvla import integrity
-from sensorvla.models import pretrained
+from sensorvla.models import policy as policy_module
 from sensorvla.models.backbone import load_vl_model
-from sensorvla.models.pretrained import CheckpointMismatchError, from_pretrained
+from sensorvla.models.folder import CheckpointMismatchError
+from sensorvla.models.policy import load_pretrained
 from sensorvla.training import checkpoint as ckpt
 from sensorvla.training.loop import train
 
@@ -35,9 +36,9 @@ def runs(tmp_path_factory, tiny_vl_dir, synth_dataset_dir):
     s2.train.lr = s2.train.vl_lr = s2.train.sensor_lr = 1e-2
     s2.model.finetune.mode = "auto"  # the default: stage 2 -> LoRA
     built = []
-    build = pretrained.build_policy
+    build = policy_module.build_policy
     with pytest.MonkeyPatch.context() as mp:  # train() imports build_policy from the module at call time
-        mp.setattr(pretrained, "build_policy", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+        mp.setattr(policy_module, "build_policy", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
         train(s2, progress=False)
     return {"s1": root / "s1" / "checkpoints", "s2": root / "s2" / "checkpoints", "policy": built[-1]}
 
@@ -85,14 +86,14 @@ def test_flipped_weight_bytes_fail_loading_naming_the_file(runs, tmp_path, name)
     manifest = json.loads((pm / integrity.MANIFEST_NAME).read_text())["sha256"]
     every = ["adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors", "norm_stats.json"]
     assert sorted(manifest) == every and manifest == {n: integrity.file_sha256(pm / n) for n in every}
-    policy, _, _ = from_pretrained(pm)  # intact: loads
+    policy, _, _ = load_pretrained(pm)  # intact: loads
     flip_data_bytes(pm / name)
     with pytest.raises(CheckpointMismatchError) as err:
-        from_pretrained(pm)
+        load_pretrained(pm)
     msg = str(err.value)
     assert str(pm / name) in msg and "sha256" in msg and "Copy it again" in msg
     (pm / integrity.MANIFEST_NAME).unlink()  # the documented escape hatch: the check is skipped (with a warning)
-    from_pretrained(pm)
+    load_pretrained(pm)
 
 
 def test_seed_files_and_last_are_checked(runs, tmp_path):
@@ -137,7 +138,7 @@ def test_bad_config_json_types_fail_at_load(runs, tmp_path, section, key, value)
     cfg["model"][section][key] = value
     (pm / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointMismatchError) as err:
-        from_pretrained(pm)
+        load_pretrained(pm)
     msg = str(err.value)
     assert str(pm / "config.json") in msg and f"model.{section}.{key}" in msg and repr(value) in msg, msg
 
@@ -165,7 +166,7 @@ def test_edited_norm_stats_fail_the_manifest_check(runs, tmp_path):
     pm = copy_folder(runs["s2"] / "pretrained_model", tmp_path / "pm")
     _edit_stats(pm, lambda a: a.update(std=[v * 10 for v in a["std"]]))
     with pytest.raises(CheckpointMismatchError) as err:
-        from_pretrained(pm)
+        load_pretrained(pm)
     assert str(pm / "norm_stats.json") in str(err.value) and "sha256" in str(err.value)
 
 
@@ -186,7 +187,7 @@ def test_invalid_norm_stats_are_refused_at_load(runs, tmp_path, caplog, what, ed
     (pm / integrity.MANIFEST_NAME).unlink()
     _edit_stats(pm, edit)
     with pytest.raises(CheckpointMismatchError) as err:
-        from_pretrained(pm)
+        load_pretrained(pm)
     msg = str(err.value)
     assert str(pm / "norm_stats.json") in msg and needle in msg and "sensorvla stats" in msg, (what, msg)
 
@@ -197,7 +198,7 @@ def test_truncated_norm_stats_error_names_the_file(runs, tmp_path):
     raw = (pm / "norm_stats.json").read_bytes()
     (pm / "norm_stats.json").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointMismatchError) as err:
-        from_pretrained(pm)
+        load_pretrained(pm)
     assert str(pm / "norm_stats.json") in str(err.value) and "not readable JSON" in str(err.value)
 
 
@@ -208,16 +209,16 @@ def test_empty_or_partial_manifests_are_refused_naming_the_fix(runs, tmp_path):
     flip_data_bytes(pm / "model.safetensors")
     record.write_text(json.dumps({**full, "sha256": {}}))  # lists nothing: the flipped bytes must not load
     with pytest.raises(CheckpointMismatchError, match="lists no files") as err:
-        from_pretrained(pm)
+        load_pretrained(pm)
     assert f"python -m sensorvla.integrity {pm}" in str(err.value)
     partial = {k: v for k, v in full["sha256"].items() if k != "norm_stats.json"}
     record.write_text(json.dumps({**full, "sha256": partial}))
     with pytest.raises(CheckpointMismatchError, match="partial manifest") as err:
-        from_pretrained(pm)
+        load_pretrained(pm)
     assert "norm_stats.json" in str(err.value)
     record.write_text(json.dumps({**full, "sha256": {**full["sha256"], "../outside.json": "0" * 64}}))
     with pytest.raises(CheckpointMismatchError, match="outside"):
-        from_pretrained(pm)
+        load_pretrained(pm)
 
 
 def test_an_older_weights_only_manifest_loads_with_a_warning_and_the_fix_upgrades_it(runs, tmp_path, caplog):
@@ -229,22 +230,22 @@ def test_an_older_weights_only_manifest_loads_with_a_warning_and_the_fix_upgrade
     legacy = {"format": "sensorvla-sha256-1", "sha256": {n: integrity.file_sha256(pm / n) for n in weights}}
     (pm / integrity.MANIFEST_NAME).write_text(json.dumps(legacy))
     with caplog.at_level("WARNING"):
-        from_pretrained(pm)
+        load_pretrained(pm)
     assert "older sensorvla" in caplog.text and "NOT integrity-checked" in caplog.text
     assert f"python -m sensorvla.integrity {pm}" in caplog.text
     del legacy["sha256"]["adapter_model.safetensors"]  # an old manifest must still cover every weight file
     (pm / integrity.MANIFEST_NAME).write_text(json.dumps(legacy))
     with pytest.raises(CheckpointMismatchError, match="does not cover the weight files"):
-        from_pretrained(pm)
+        load_pretrained(pm)
     r = subprocess.run([sys.executable, "-m", "sensorvla.integrity", str(pm)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     caplog.clear()
     with caplog.at_level("WARNING"):
-        from_pretrained(pm)
+        load_pretrained(pm)
     assert "integrity" not in caplog.text
     _edit_stats(pm, lambda a: a.update(std=[v * 10 for v in a["std"]]))
     with pytest.raises(CheckpointMismatchError, match="norm_stats.json"):
-        from_pretrained(pm)
+        load_pretrained(pm)
 
 
 def test_last_manifest_covers_every_file(runs, tmp_path):
@@ -305,3 +306,39 @@ def test_a_full_disk_names_the_disk_and_the_path_and_keeps_the_previous_checkpoi
         assert "disk may be full" in msg and "GB free on the disk holding" in msg and str(path) in msg, msg
         assert "--train.output-dir" in msg
     assert (out["last_step"], out["best_epoch"]) == (1, 1)  # the previous checkpoints are intact
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), random.random()
+
+
+def test_rng_state_round_trips_through_last_and_old_packed_files_still_load(tmp_path):
+    """`rng.pt` holds the states as `rng_state` gives them (numpy's array read back through torch's
+    `safe_globals`, `weights_only` loading); an rng.pt that packed them into tensors still restores."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # a cached Gaussian in numpy's state
+    state = ckpt.rng_state()
+    expected = _draws()
+    ckpt.save_last(tmp_path, {"a": torch.zeros(1)}, {"step": 1}, [state])
+    _, _, rngs = ckpt.load_last(tmp_path)
+    assert rngs[0]["numpy"][1].dtype == np.uint32 and rngs[0]["python"] == state["python"]  # saved as they are
+    ckpt.restore_rng(rngs[0])
+    assert _draws() == expected
+    legacy = {  # the tensors the checkpoints of 2026-12-06 and before wrote
+        "torch": state["torch"],
+        "numpy_keys": torch.from_numpy(np.asarray(state["numpy"][1], dtype=np.int64)),
+        "numpy_meta": torch.tensor([state["numpy"][2], state["numpy"][3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([state["numpy"][4]], dtype=torch.float64),
+        "python": torch.tensor(list(state["python"][1]), dtype=torch.int64),
+        "python_version": torch.tensor([state["python"][0]], dtype=torch.int64),
+    }
+    ckpt.restore_rng(legacy)
+    assert _draws() == expected

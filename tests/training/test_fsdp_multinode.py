@@ -89,9 +89,10 @@ def test_lora_under_fsdp2_trains_only_the_adapters(tmp_path, tiny_vl_dir, synth_
     """Stage 2 LoRA sharded by FSDP2 over 2 ranks: every parameter is a DTensor; the trainable set and the
     optimizer groups are the adapters + the policy's own modules; after 3 steps every adapter B matrix
     (initialised to zero) moved, and every frozen base weight is bit-equal to the loaded backbone's."""
+    from sensorvla.config import resolve_from_meta
     from sensorvla.data.format import load_meta
     from sensorvla.models.finetune import HF_BASE_PREFIX, is_lora_param
-    from sensorvla.models.pretrained import build_policy, resolve_from_meta
+    from sensorvla.models.policy import build_policy
 
     cfg = fsdp_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "run", stage1_file, "lora", max_steps=3)
     (tmp_path / "cfg.json").write_text(cfg.to_json())

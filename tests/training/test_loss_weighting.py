@@ -7,10 +7,11 @@ import pytest
 import torch
 from test_train import tiny_cfg
 
+from sensorvla.config import resolve_from_meta
 from sensorvla.data.format import load_meta
 from sensorvla.models.backbone import load_processor, pad_token_id
-from sensorvla.models.pretrained import build_policy, resolve_from_meta
-from sensorvla.models.processor import SampleTransform, collate
+from sensorvla.models.policy import build_policy
+from sensorvla.models.processor import PolicyProcessor, collate
 from sensorvla.training.data_setup import build_normalizer, ensure_stats, raw_dataset
 from sensorvla.training.distributed import DistInfo
 from sensorvla.training.loop import backward_window, window_weight_sum
@@ -26,7 +27,7 @@ def setup(tiny_vl_dir, synth_dataset_dir, tmp_path_factory):
     policy = build_policy(cfg).eval()  # eval: no dropout, so each forward is a fixed function
     proc = load_processor(str(tiny_vl_dir), min_pixels=cfg.model.backbone.min_pixels, max_pixels=224 * 224)
     norm = build_normalizer(ensure_stats(cfg, ONE_PROCESS, progress=False), cfg)
-    transform = SampleTransform(norm, proc, cfg.model.backbone.prompt_template, cfg.model.state_dim)
+    transform = PolicyProcessor(norm, proc, cfg.model.backbone.prompt_template, cfg.model.state_dim)
     ds = raw_dataset(cfg, "train")
     samples = []
     for i, with_sensor in ((0, True), (40, False), (80, True)):

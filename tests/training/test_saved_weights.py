@@ -8,8 +8,9 @@ import copy
 import torch
 from test_train import tiny_cfg
 
+from sensorvla.config import resolve_from_meta
 from sensorvla.data.format import load_meta
-from sensorvla.models.pretrained import build_policy, from_pretrained, resolve_from_meta
+from sensorvla.models.policy import build_policy, load_pretrained
 from sensorvla.training.loop import train
 
 
@@ -24,7 +25,7 @@ def test_full_vision_stage2_saves_and_reloads_the_trained_tower(tmp_path, tiny_v
     assert vision, "the trained vision tower is missing from the stage-2 seed file"
     fresh = build_policy(resolve_from_meta(copy.deepcopy(cfg).validate(), load_meta(synth_dataset_dir))).state_dict()
     assert any(not torch.equal(v, fresh[k]) for k, v in vision.items())  # it trained
-    loaded, _, _ = from_pretrained(tmp_path / "s2" / "checkpoints" / "pretrained_model")
+    loaded, _, _ = load_pretrained(tmp_path / "s2" / "checkpoints" / "pretrained_model")
     sd = loaded.state_dict()
     different = [k for k, v in vision.items() if not torch.equal(sd[k], v)]
     assert not different, different[:5]

@@ -258,8 +258,8 @@ def test_fsdp2_full_finetune_two_processes(tmp_path, tiny_vl_dir, synth_dataset_
     ck = torch.load(tmp_path / "fsdp" / "checkpoints" / "qwen_vla_sensor_best.pt", weights_only=True)
     assert ck["training_stage"] == "stage2"
     assert any(k.startswith("backbone.model.language_model.") for k in ck["model_state_dict"])
-    from sensorvla.models.pretrained import from_pretrained
+    from sensorvla.models.policy import load_pretrained
 
-    policy, cfg, _ = from_pretrained(tmp_path / "fsdp" / "checkpoints" / "pretrained_model")
+    policy, cfg, _ = load_pretrained(tmp_path / "fsdp" / "checkpoints" / "pretrained_model")
     assert cfg.train.strategy == "fsdp" and cfg.model.finetune.mode == "full"
     assert all(torch.isfinite(p).all() for p in policy.parameters())

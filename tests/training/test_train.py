@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from sensorvla.config import SensorVLAConfig
+from sensorvla.config import SensorVLAConfig, resolve_from_meta
 from sensorvla.data.format import load_meta
-from sensorvla.models.pretrained import build_policy, resolve_from_meta
+from sensorvla.models.policy import build_policy
 from sensorvla.training import checkpoint as ckpt
 from sensorvla.training.feature_cache import StaleCacheError
 from sensorvla.training.loop import TrainingDivergedError, train
@@ -137,7 +137,7 @@ def test_cached_stage1_equals_uncached(tmp_path, tiny_vl_dir, synth_dataset_dir)
 def assert_cache_holds_the_backbone_output(cfg, data_dir, vl_dir) -> None:
     """Re-encode the build's own batches (distinct VL inputs, batch_size at a time) and compare with the cache rows."""
     from sensorvla.models.backbone import load_processor, pad_token_id
-    from sensorvla.models.processor import SampleTransform, collate
+    from sensorvla.models.processor import PolicyProcessor, collate
     from sensorvla.training import feature_cache
     from sensorvla.training.data_setup import build_normalizer, ensure_stats, raw_dataset
     from sensorvla.training.distributed import DistInfo
@@ -150,7 +150,7 @@ def assert_cache_holds_the_backbone_output(cfg, data_dir, vl_dir) -> None:
     bb = cfg.model.backbone
     proc = load_processor(str(vl_dir), min_pixels=bb.min_pixels, max_pixels=bb.max_pixels)
     stats = ensure_stats(cfg, DistInfo(0, 1, 0, torch.device("cpu")), progress=False)
-    transform = SampleTransform(build_normalizer(stats, cfg), proc, bb.prompt_template, cfg.model.state_dim)
+    transform = PolicyProcessor(build_normalizer(stats, cfg), proc, bb.prompt_template, cfg.model.state_dim)
     # the build encodes each distinct VL input once, in batches of batch_size, in this order
     unique, _ = feature_cache._distinct_inputs(ds.sample_ids, [ds.vl_key(i) for i in range(len(ds))])
     n = cfg.train.batch_size

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from sensorvla.config import SensorVLAConfig
+from sensorvla.config import SensorVLAConfig, resolve_from_meta
 from sensorvla.data.format import load_meta
-from sensorvla.models.pretrained import build_policy, resolve_from_meta
+from sensorvla.models.policy import build_policy
 from sensorvla.training import feature_cache
 from sensorvla.training.feature_cache import StaleCacheError
 from sensorvla.training.loop import train
@@ -72,14 +72,14 @@ def test_cached_equals_uncached_for_every_token_mode(tmp_path, tiny_vl_dir, synt
 def _policy_and_batch(vl_dir, data_dir, pooling, n=4):
     from sensorvla.data.normalize import compute_stats
     from sensorvla.models.backbone import load_processor, pad_token_id
-    from sensorvla.models.processor import SampleTransform, collate
+    from sensorvla.models.processor import PolicyProcessor, collate
     from sensorvla.training.data_setup import build_normalizer, raw_dataset
 
     cfg = resolve_from_meta(mode_cfg(vl_dir, data_dir, data_dir, pooling), load_meta(data_dir))
     policy = build_policy(cfg).eval()
     bb = cfg.model.backbone
     proc = load_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels)
-    tf = SampleTransform(build_normalizer(compute_stats(data_dir, progress=False), cfg), proc, "{instruction}", 6)
+    tf = PolicyProcessor(build_normalizer(compute_stats(data_dir, progress=False), cfg), proc, "{instruction}", 6)
     ds = raw_dataset(cfg, "all")
     return policy, collate([tf(ds[i]) for i in range(n)], pad_token_id(proc)), cfg
 

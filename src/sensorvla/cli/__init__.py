@@ -8,22 +8,16 @@ from sensorvla.cli.errors import KNOWN_ERRORS, known_errors
 from sensorvla.cli.train import (
     SEED_ALIASES,
     VL_MODEL_ENV,
-    cmd_train,
     parse_train_config,
     rewrite_seed_flags,
-    train_diffusion_entry,
-    train_entry,
 )
 
 __all__ = [
     "KNOWN_ERRORS",
     "SEED_ALIASES",
     "VL_MODEL_ENV",
-    "cmd_train",
     "known_errors",
     "main",
     "parse_train_config",
     "rewrite_seed_flags",
-    "train_diffusion_entry",
-    "train_entry",
 ]

@@ -40,8 +40,9 @@ def dispatch(args: list[str], train_default: SensorVLAConfig, resumed: bool = Fa
     return result if isinstance(result, int) else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`sensorvla <command> [flags]`: the exit code (2 for a bad flag, 1 for a known error, its message printed)."""
+def main(argv: list[str] | None = None, default_head: str = "regression") -> int:
+    """`sensorvla <command> [flags]`: the exit code (2 for a bad flag, 1 for a known error, its message printed).
+    `default_head`: the head type `train` and `plan` start from (`python -m sensorvla.train_diffusion`)."""
     from sensorvla.progress import quiet_library_bars
     from sensorvla.runtime import configure_threads
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # train and plan: seed spellings rewritten, `--preset NAME` taken out as the default's base
         seeded = args[0] in SEED_FLAG_COMMANDS
         preset, rest = train.split_train_args(args[1:]) if seeded else (None, args[1:])
-        default = train.base_train_config(preset=preset)
+        default = train.base_train_config(default_head, preset)
     except ConfigError as e:  # an unknown --preset, or one without a name
         print(f"error: {e}", file=sys.stderr)
         return 2

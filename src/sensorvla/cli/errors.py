@@ -10,7 +10,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from sensorvla.data.types import DataError
     from sensorvla.models.backbone import BackboneLoadError
     from sensorvla.models.finetune import FinetuneError
-    from sensorvla.models.pretrained import CheckpointMismatchError
+    from sensorvla.models.folder import CheckpointMismatchError
     from sensorvla.training.checkpoint import CheckpointWriteError
     from sensorvla.training.feature_cache import StaleCacheError
     from sensorvla.training.loop import TrainingDivergedError

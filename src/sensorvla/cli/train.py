@@ -20,13 +20,10 @@ __all__ = [
     "SEED_ALIASES",
     "VL_MODEL_ENV",
     "base_train_config",
-    "cmd_train",
     "parse_train_config",
     "rewrite_seed_flags",
     "run_train",
     "train_command",
-    "train_diffusion_entry",
-    "train_entry",
 ]
 
 VL_MODEL_ENV = "SENSORVLA_VL_MODEL"  # default backbone, e.g. a local tiny model for offline runs
@@ -127,17 +124,6 @@ def run_train(cfg: SensorVLAConfig, reference: SensorVLAConfig | None = None) ->
     return 0
 
 
-def cmd_train(argv: list[str], default_head: str = "regression") -> int:
-    """Parse train flags (seed or dotted) and train; the exit code of `run_train` (2 for a bad flag value)."""
-    try:
-        cfg = parse_train_config(argv, default_head)
-        reference = base_train_config(default_head, split_train_args(argv)[0])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_train(cfg, reference)
-
-
 def over_saved_run(cfg: SensorVLAConfig, reparse, run) -> int:
     """`run(cfg)` with the stage defaults applied; with `--resume`, `reparse(saved config)` (2 if unreadable)."""
     try:
@@ -156,19 +142,3 @@ def train_command(default: SensorVLAConfig, reparse):
 
     train.__doc__ = train_help(default)
     return train
-
-
-def train_entry() -> None:
-    """`python -m sensorvla.train` (regression by default), usable under torchrun."""
-    from sensorvla.runtime import configure_threads
-
-    configure_threads()
-    sys.exit(cmd_train(sys.argv[1:], "regression"))
-
-
-def train_diffusion_entry() -> None:
-    """`python -m sensorvla.train_diffusion`: the seed's diffusion script (diffusion head by default)."""
-    from sensorvla.runtime import configure_threads
-
-    configure_threads()
-    sys.exit(cmd_train(sys.argv[1:], "diffusion"))

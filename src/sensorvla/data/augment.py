@@ -1,6 +1,6 @@
 """Training-only image augmentation on raw uint8 views: random shift (DrQ) and mild colour jitter.
 
-Applied by the transform chain (`SampleTransform(augment=...)`) before the image processor, in training
+Applied by the transform chain (`PolicyProcessor(augment=...)`) before the image processor, in training
 only; `PolicyRunner` never builds one. Draws are deterministic in (seed, epoch, sample id, view), so a
 resumed run sees exactly the augmentations of an uninterrupted one, with any number of loader workers.
 """

@@ -175,23 +175,6 @@ class EpisodeDataset(torch.utils.data.Dataset):
         ts, values, off = self._eps[e].sensor
         return np.asarray(ts, np.float64) + off, values
 
-    def _stream(self, e: int, name: str):
-        ep = self._eps[e]
-        base = name.removesuffix(".npy").removesuffix("_timestamps")
-        if base == "sensor":
-            return ep.sensor
-        if base == "state":
-            return ep.state
-        return ep.images[base.removeprefix("image_")]
-
-    # names of the per-episode .npy files of the previous layout, kept for callers that read streams directly
-    def _ts(self, e: int, name: str, stream: str | None = None) -> np.ndarray:
-        ts, _, off = self._stream(e, name)
-        return np.asarray(ts, np.float64) + off
-
-    def _arr(self, e: int, name: str):
-        return self._stream(e, name)[1]
-
     # --- samples ----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Reseeds the per-sample VL staleness draw (fast-slow training)."""

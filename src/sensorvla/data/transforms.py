@@ -3,10 +3,9 @@
 raw sample (docs/interfaces.md section 1, numpy, physical units)
   -> normalize state / sensor (masked; after the stats' sensor transform) / actions with the NormStats
   -> per-sample torch tensors; `stack` batches them.
-The policy's processor (`sensorvla.models.processor.PolicyProcessor`, also importable as
-`SampleTransform`) adds the image and instruction part (augmentation in training, chat template, Qwen
-image processor) on top of this and is what training and `PolicyRunner` both call. Nothing in `data/`
-imports `models/`.
+The policy's processor (`sensorvla.models.processor.PolicyProcessor`) adds the image and instruction part
+(augmentation in training, chat template, Qwen image processor) on top of this and is what training and
+`PolicyRunner` both call. Nothing in `data/` imports `models/`.
 """
 
 from __future__ import annotations

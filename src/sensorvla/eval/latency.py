@@ -38,7 +38,7 @@ def _runner(vl_model, head, views, mode, device, sensor_channels, image_size, st
     from sensorvla.data.normalize import Normalizer, NormStats
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.models.backbone import load_processor
-    from sensorvla.models.pretrained import build_policy
+    from sensorvla.models.policy import build_policy
 
     cfg = SensorVLAConfig()
     cfg.model.backbone.vl_model = str(vl_model)

@@ -40,11 +40,6 @@ class SensorClockError(ObservationError):
     """Sensor timestamps that cannot be on the query's clock in seconds (the window would be all missing)."""
 
 
-class StaleFeaturesError(RuntimeError):
-    """Reused VL features older than `max_vl_age_s`. Kept for callers that catch it: since the fast-slow
-    decision is taken once per call, features that are too old are recomputed inline instead."""
-
-
 class PolicyRunner:
     """Runs a trained policy on raw observations.
 
@@ -85,16 +80,16 @@ class PolicyRunner:
         clock: Callable[[], float] = time.monotonic,
         compile_model: bool | None = None,
     ):
-        from sensorvla.models.processor import SampleTransform
+        from sensorvla.models.processor import PolicyProcessor
 
         self.policy = policy.eval()
         self.cfg = cfg
         self.normalizer = normalizer
         self.processor = processor
         self.device = torch.device(device)
-        self.transform = SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
+        self.transform = PolicyProcessor(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
         # the same chain without the processor, for fast-slow steps that reuse VL features
-        self._transform_no_vl = SampleTransform(
+        self._transform_no_vl = PolicyProcessor(
             normalizer, None, cfg.model.backbone.prompt_template, cfg.model.state_dim
         )
         self.vl_refresh_every = max(1, vl_refresh_every)
@@ -131,10 +126,10 @@ class PolicyRunner:
         from sensorvla.data.normalize import Normalizer
         from sensorvla.models.backbone import BackboneLoadError, load_processor
         from sensorvla.models.finetune import merge_lora as merge
-        from sensorvla.models.pretrained import from_pretrained
+        from sensorvla.models.policy import load_pretrained
 
         try:
-            policy, cfg, stats = from_pretrained(path, device=device, vl_model=vl_model)
+            policy, cfg, stats = load_pretrained(path, device=device, vl_model=vl_model)
         except BackboneLoadError as e:
             if vl_model is not None:
                 raise

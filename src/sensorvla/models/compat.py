@@ -18,8 +18,7 @@ from __future__ import annotations
 import copy
 
 from sensorvla.data.timeline import SensorWindow
-from sensorvla.models.policy import PolicyConfig, policy_inputs
-from sensorvla.models.pretrained import build_policy
+from sensorvla.models.policy import PolicyConfig, build_policy, policy_inputs
 
 
 def _stage1(cfg: PolicyConfig, head: str, *, sensor_window: SensorWindow | None = None, device="cpu"):

@@ -142,26 +142,14 @@ class VLAPolicy(nn.Module):
         cond, cond_mask = self.condition(batch)
         return self.head.sample(cond, cond_mask, generator=generator)
 
-    # --- files (thin wrappers over models/pretrained.py) ---------------------------------------------
+    # --- files (thin wrappers over models/folder.py) ---------------------------------------------
     def save_pretrained(self, out_dir, config, norm_stats=None):
         """Write the pretrained_model folder: config.json, model.safetensors, adapters, norm_stats.json.
 
         Args:
-            config: the full SensorVLAConfig (saved as JSON; `from_pretrained` rebuilds from it).
+            config: the full SensorVLAConfig (saved as JSON; `load_pretrained` rebuilds from it).
         """
         return folder.save_pretrained(self, out_dir, config, norm_stats)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu") -> VLAPolicy:
-        """Load a pretrained_model folder strictly. The full config and norm stats are attached as
-        `.config` and `.norm_stats`."""
-        policy, cfg, stats = load_pretrained(path, device=device)
-        policy.config, policy.norm_stats = cfg, stats
-        return policy
-
-    def sample_from_condition(self, cond, cond_mask, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Head only, for fast-slow inference where `cond` pieces are reused: (B, N_c, D) -> (B, H, D_a)."""
-        return self.head.sample(cond, cond_mask, generator=generator)
 
 
 PolicyConfig = ModelConfig | SensorVLAConfig  # what `build_policy` takes: a model config (with a window), or all

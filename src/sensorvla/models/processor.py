@@ -53,9 +53,6 @@ class PolicyProcessor:
         return out
 
 
-SampleTransform = PolicyProcessor  # the name the training loop, the runner and the docs use
-
-
 def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Per-sample dicts -> model batch: VL keys padded/concatenated, everything else stacked on dim 0."""
     batch: dict[str, torch.Tensor] = {}

@@ -8,14 +8,12 @@ sensor data get a learned "missing" token sequence instead — never an encoding
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sensorvla.config import SensorConfig
-from sensorvla.models.packed import PackedAttention, PackedEncoderLayer, key_bias, linear, norm_args, packed, transposed
+from sensorvla.models.attention import attend, encode, keys_values, queries
 
 UNFOLD_MAX_ROWS = 64  # inference batches up to this many profiles (B * T_s) use `conv1d_unfold`
 
@@ -99,13 +97,7 @@ class SensorEncoder(nn.Module):
         self.missing_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, d) * 0.02)
 
     def forward(self, sensor: torch.Tensor, sensor_mask: torch.Tensor, has_sensor: torch.Tensor):
-        """sensor (B, T_s, C_s), sensor_mask bool (B, T_s), has_sensor bool (B,) -> (B, N_s, D), mask (B, N_s).
-
-        Inference (eval mode under `torch.inference_mode`, as `PolicyRunner` and `predict_chunk` run) uses the packed
-        kernels (`PackedSensorEncoder`, the same function); validation in a training run keeps the modules (its
-        weights change every step, a pack would be rebuilt each time)."""
-        if not self.training and torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
-            return packed(self, PackedSensorEncoder)(sensor, sensor_mask, has_sensor)
+        """sensor (B, T_s, C_s), sensor_mask bool (B, T_s), has_sensor bool (B,) -> (B, N_s, D), mask (B, N_s)."""
         b, t, c = sensor.shape
         h = None  # the paths' sum, in the original order (no zero tensor to start from: 0 + x == x)
         if self.force_proj is not None:
@@ -115,13 +107,14 @@ class SensorEncoder(nn.Module):
             h = a if h is None else h + a
         h = self.in_norm(h + self.time_pos[:, :t])
         valid, present, kpm = self.key_padding(sensor_mask, has_sensor)
-        h = self.encoder(h, src_key_padding_mask=kpm)
+        mask = None if kpm is None else ~kpm[:, None, None, :]
+        h = encode(self.encoder, h, mask)
         q = self.queries.expand(b, -1, -1)
-        tokens, _ = self.pool(q, h, h, key_padding_mask=kpm, need_weights=False)
-        tokens = self.out_norm(tokens + q)
+        tokens = self.out_norm(attend(self.pool, queries(self.pool, q), *keys_values(self.pool, h), mask) + q)
         # samples without data get the learned tokens (training keeps the select, so `missing_tokens` is always in
-        # the graph: DDP needs that)
-        tokens = torch.where(present[:, None, None], tokens, self.missing_tokens.expand(b, -1, -1))
+        # the graph: DDP needs that; without gradients and every sample measured it is a no-op)
+        if kpm is not None or torch.is_grad_enabled():
+            tokens = torch.where(present[:, None, None], tokens, self.missing_tokens.expand(b, -1, -1))
         return tokens, torch.ones(b, tokens.shape[1], dtype=torch.bool, device=tokens.device)
 
     @staticmethod
@@ -136,96 +129,3 @@ class SensorEncoder(nn.Module):
         if kpm.device.type != "meta" and not bool(kpm.any()):  # all measured (the common case): no mask
             kpm = None
         return valid, present, kpm
-
-
-class PackedSensorEncoder:
-    """`SensorEncoder.forward` in eval with packed weights (`models/packed.py`): the A-scan convs as matmuls over
-    unfolded windows, bmm attention, and the pooling queries' projection computed once."""
-
-    def __init__(self, enc: SensorEncoder):
-        self.force_channels = enc.force_channels
-        self.force = (transposed(enc.force_proj.weight), enc.force_proj.bias.detach()) if enc.force_proj else None
-        self.ascan = PackedAScan(enc.ascan, enc.ascan_channels) if enc.ascan is not None else None
-        self.time_pos = enc.time_pos.detach()
-        self.in_norm, self.out_norm = norm_args(enc.in_norm), norm_args(enc.out_norm)
-        self.layers = [PackedEncoderLayer(layer) for layer in enc.encoder.layers]
-        self.pool = PackedAttention(enc.pool)
-        self.queries = enc.queries.detach()
-        self.pool_q = self.pool.query(self.queries)  # (h, N_s, d_head): the learned queries' projection
-        self.missing = enc.missing_tokens.detach()
-
-    def __call__(self, sensor: torch.Tensor, sensor_mask: torch.Tensor, has_sensor: torch.Tensor):
-        """The encoder's forward (see `SensorEncoder.forward`)."""
-        b, t, _ = sensor.shape
-        h = None
-        if self.force is not None:
-            h = linear(sensor[..., : self.force_channels], *self.force)
-        if self.ascan is not None:
-            a = self.ascan(sensor[..., self.force_channels :].reshape(b * t, -1)).view(b, t, -1)
-            h = a if h is None else h + a
-        h = F.layer_norm(h + self.time_pos[:, :t], *self.in_norm)
-        _, present, kpm = SensorEncoder.key_padding(sensor_mask, has_sensor)
-        bias = key_bias(None if kpm is None else ~kpm, self.pool.heads)
-        for layer in self.layers:
-            h = layer(h, bias)
-        k_t, v = self.pool.keys_values(h)
-        q = self.pool_q if b == 1 else self.pool_q.repeat(b, 1, 1)
-        tokens = F.layer_norm(self.pool.attend(q, k_t, v, bias, b) + self.queries, *self.out_norm)
-        if kpm is not None:  # every sample measured: the select is a no-op
-            tokens = torch.where(present[:, None, None], tokens, self.missing.expand(b, -1, -1))
-        return tokens, torch.ones(b, tokens.shape[1], dtype=torch.bool, device=tokens.device)
-
-
-DENSE_CONV_MAX = 1 << 18  # entries of a conv's dense matrix (1 MiB in float32) up to which `PackedAScan` uses it
-
-
-class PackedAScan:
-    """`AScanEncoder.forward` in eval. A Conv1d over a fixed depth is a linear map of the flattened profile: up to
-    `DENSE_CONV_MAX` entries it runs as one matmul with its dense matrix (built by convolving the identity), and
-    as a matmul over unfolded windows beyond (a 1026-deep OCT profile); activations stay (N, C * L) channel-major.
-    """
-
-    def __init__(self, ascan: AScanEncoder, depth: int):
-        self.layers: list[tuple[str, Any]] = []
-        c, length = 1, depth
-        for layer in ascan.conv:
-            if isinstance(layer, nn.Conv1d):
-                (k,), (stride,), (pad,) = layer.kernel_size, layer.stride, layer.padding
-                out_len = (length + 2 * pad - k) // stride + 1
-                if c * length * layer.out_channels * out_len <= DENSE_CONV_MAX:
-                    eye = torch.eye(c * length).view(c * length, c, length)
-                    dense = F.conv1d(eye, layer.weight.detach(), None, stride, pad).flatten(1)  # (C*L, C'*L')
-                    bias = layer.bias.detach().repeat_interleave(out_len)
-                    self.layers.append(("dense", (dense, bias, layer.out_channels)))
-                else:
-                    w = transposed(layer.weight.reshape(layer.out_channels, -1))
-                    self.layers.append(("unfold", (w, layer.bias.detach(), k, stride, pad, c)))
-                c, length = layer.out_channels, out_len
-            elif isinstance(layer, nn.GroupNorm):
-                self.layers.append(("norm", (layer.num_groups, layer.weight.detach(), layer.bias.detach(), layer.eps)))
-            else:
-                self.layers.append(("act", layer))
-        self.channels = c
-        self.proj = (transposed(ascan.proj.weight), ascan.proj.bias.detach())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """A-scan profiles (N, L) -> features (N, out_dim)."""
-        n = x.shape[0]
-        h, c = x, 1  # (N, C * L), channel-major
-        for kind, p in self.layers:
-            if kind == "dense":
-                dense, bias, c = p
-                h = torch.addmm(bias, h, dense)
-            elif kind == "unfold":
-                w, bias, k, stride, pad, c_in = p
-                windows = F.pad(h.view(n, c_in, -1), (pad, pad)).unfold(2, k, stride)  # (N, C_in, L', k)
-                length = windows.shape[2]
-                out = torch.addmm(bias, windows.permute(0, 2, 1, 3).reshape(n * length, c_in * k), w)
-                c = w.shape[1]
-                h = out.view(n, length, c).transpose(1, 2).reshape(n, -1)
-            elif kind == "norm":
-                h = F.group_norm(h.view(n, c, -1), *p).view(n, -1)
-            else:
-                h = p(h)
-        h = h.view(n, self.channels, -1)
-        return linear(torch.cat([h.mean(-1), h.amax(-1)], dim=-1), *self.proj)

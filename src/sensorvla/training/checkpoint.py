@@ -31,7 +31,7 @@ import torch
 
 from sensorvla import integrity
 from sensorvla.io import atomic_dir, atomic_file, atomic_write_json, torch_load, torch_save
-from sensorvla.models.pretrained import CheckpointMismatchError
+from sensorvla.models.folder import CheckpointMismatchError
 from sensorvla.models.seed_checkpoint import (  # noqa: F401  (re-exported: the seed file format lives in models/)
     BEST_NAME,
     SEED_KEYS,
@@ -154,36 +154,29 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def _rng_to_tensors(state: dict) -> dict[str, Any]:
-    np_state = state["numpy"]
-    out = {
-        "torch": state["torch"],
-        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-        "numpy_meta": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
-        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
-        "python": torch.tensor(list(state["python"][1]), dtype=torch.int64),
-        "python_version": torch.tensor([state["python"][0]], dtype=torch.int64),
+# numpy's RNG state holds a uint32 array: what `weights_only` loading must be allowed to rebuild to read it back
+RNG_SAFE_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+
+
+def _legacy_rng(t: dict[str, Any]) -> dict[str, Any]:
+    """An rng.pt rank entry written before the states were saved as they are (packed into tensors) -> them."""
+    meta, gauss = t["numpy_meta"].tolist(), float(t["numpy_gauss"][0])
+    return {
+        **{k: t[k] for k in ("torch", "cuda") if k in t},
+        "numpy": ("MT19937", t["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1], gauss),
+        "python": (int(t["python_version"][0]), tuple(t["python"].tolist()), None),
     }
-    if "cuda" in state:
-        out["cuda"] = list(state["cuda"])
-    return out
 
 
-def restore_rng(t: dict[str, Any]) -> None:
-    """Restore the RNG states saved by `rng_state` (as tensors)."""
-    torch.set_rng_state(t["torch"])
-    np.random.set_state(
-        (
-            "MT19937",
-            t["numpy_keys"].numpy().astype(np.uint32),
-            int(t["numpy_meta"][0]),
-            int(t["numpy_meta"][1]),
-            float(t["numpy_gauss"][0]),
-        )
-    )
-    random.setstate((int(t["python_version"][0]), tuple(int(x) for x in t["python"].tolist()), None))
-    if "cuda" in t and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(t["cuda"])
+def restore_rng(state: dict[str, Any]) -> None:
+    """Restore the RNG states saved by `rng_state` (also from an rng.pt that packed them into tensors)."""
+    if "numpy_keys" in state:
+        state = _legacy_rng(state)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_last(
@@ -198,7 +191,7 @@ def save_last(
     config and run info (what resume compares against), and a sha256 manifest of every file."""
     with write_errors(ckpt_dir / LAST_NAME), atomic_dir(ckpt_dir / LAST_NAME) as tmp:
         torch_save(payload, tmp / "checkpoint.pt")
-        torch_save({"ranks": [_rng_to_tensors(r) for r in rng_per_rank]}, tmp / "rng.pt")
+        torch_save({"ranks": rng_per_rank}, tmp / "rng.pt")
         atomic_write_json(tmp / "training_state.json", state)
         if config_json is not None:
             (tmp / RUN_CONFIG_NAME).write_text(config_json)
@@ -220,7 +213,8 @@ def load_last(ckpt_dir: Path) -> tuple[dict, dict, list[dict]]:
         raise CheckpointMismatchError("--resume: " + "; ".join(problems))
     state = json.loads((last / "training_state.json").read_text())
     payload = load_seed_checkpoint(last / "checkpoint.pt")
-    rng = torch_load(last / "rng.pt")["ranks"]
+    with torch.serialization.safe_globals(list(RNG_SAFE_GLOBALS)):
+        rng = torch_load(last / "rng.pt")["ranks"]
     return payload, state, rng
 
 

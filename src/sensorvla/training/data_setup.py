@@ -12,7 +12,7 @@ import torch
 
 from sensorvla.config import SensorVLAConfig
 from sensorvla.data.transforms import TransformedDataset
-from sensorvla.models.processor import SampleTransform, collate
+from sensorvla.models.processor import PolicyProcessor, collate
 from sensorvla.runtime import loader_workers
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def preload(raw_dataset, transform, max_gb: float, progress: bool | str = False)
     return PreloadedSamples(raw_dataset, transform, progress)
 
 
-def make_loader(dataset, transform: SampleTransform, sampler, cfg: SensorVLAConfig, pad_token_id: int):
+def make_loader(dataset, transform: PolicyProcessor, sampler, cfg: SensorVLAConfig, pad_token_id: int):
     """The DataLoader of one split: transform per sample (unless preloaded), then `collate`; workers per
     `--data.num-workers` (`runtime.loader_workers`: auto is 0 for preloaded samples)."""
     preloaded = isinstance(dataset, PreloadedSamples)

@@ -501,7 +501,7 @@ def _check_saved_run(cfg: SensorVLAConfig, info, steps_per_epoch: int, fingerpri
 def _build_policy(cfg: SensorVLAConfig, info, vl_weights: bool = True) -> torch.nn.Module:
     """The policy on this rank's device (fp32 for full fine-tuning with an `auto` backbone dtype); without the
     backbone's weights when `vl_weights` is False (stage 1 from the VL cache)."""
-    from sensorvla.models.pretrained import build_policy
+    from sensorvla.models.policy import build_policy
 
     dtype = torch.float32 if cfg.model.finetune.mode == "full" and cfg.model.backbone.dtype == "auto" else None
     if not vl_weights and info.is_main:
@@ -513,7 +513,7 @@ def _build_policy(cfg: SensorVLAConfig, info, vl_weights: bool = True) -> torch.
 def _attach_transforms(cfg: SensorVLAConfig, data: _Data, normalizer, progress: bool | str, info) -> None:
     """Sample transforms (the processor unless cached; augmentation in training only); preload when cached."""
     from sensorvla.models.backbone import load_processor, pad_token_id
-    from sensorvla.models.processor import SampleTransform
+    from sensorvla.models.processor import PolicyProcessor
 
     b = cfg.model.backbone
     processor = None
@@ -526,9 +526,9 @@ def _attach_transforms(cfg: SensorVLAConfig, data: _Data, normalizer, progress: 
         from sensorvla.data.augment import ImageAugment
 
         augment = ImageAugment(cfg.data.augment, seed=cfg.train.seed)
-    data.transform = SampleTransform(normalizer, processor, b.prompt_template, cfg.model.state_dim, augment=augment)
+    data.transform = PolicyProcessor(normalizer, processor, b.prompt_template, cfg.model.state_dim, augment=augment)
     # validation never augments: the same chain without the augmenter
-    data.val_transform = SampleTransform(normalizer, processor, b.prompt_template, cfg.model.state_dim)
+    data.val_transform = PolicyProcessor(normalizer, processor, b.prompt_template, cfg.model.state_dim)
     data.pad_id = pad_token_id(processor) if processor is not None else 0
     if data.cache is not None:  # nothing random is left per sample: transform the non-image part once, in memory
         data.train = preload(data.train, data.transform, cfg.train.preload_max_gb, progress)
@@ -773,7 +773,7 @@ def _save_last(run: _Run) -> None:
 
 
 def _save_pretrained(run: _Run, full: dict | None) -> None:
-    from sensorvla.models.pretrained import save_pretrained
+    from sensorvla.models.folder import save_pretrained
 
     with ckpt.write_errors(run.ckpt_dir / "pretrained_model"):
         save_pretrained(run.policy, run.ckpt_dir / "pretrained_model", run.cfg, run.stats, state=full)
@@ -835,7 +835,7 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
     """`--mode cache`: encode every sample of the dataset (all splits) once with the frozen backbone."""
     from sensorvla.data.transforms import TransformedDataset
     from sensorvla.models.backbone import load_processor, pad_token_id
-    from sensorvla.models.processor import SampleTransform, collate
+    from sensorvla.models.processor import PolicyProcessor, collate
 
     feature_cache.check_cacheable(cfg)
     ds = raw_dataset(cfg, "all")
@@ -848,7 +848,7 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
     if info.is_main:
         log_token_grid(processor, cfg)
     tds = TransformedDataset(
-        ds, SampleTransform(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
+        ds, PolicyProcessor(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
     )
     pad = pad_token_id(processor)
 

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.heads.base import DecoderPack, decode, timestep_embedding
-from sensorvla.models.packed import Memory, linear, norm_args, packed, transposed
+from sensorvla.models.heads.base import Memory, decode, decoder_memory, timestep_embedding
 
 
 class StepEmbedding(NamedTuple):
@@ -61,17 +60,9 @@ class _Denoiser(nn.Module):
         """(B,) or (S,) timesteps -> their embeddings (B, D)."""
         return self.t_mlp(timestep_embedding(t, self.dim))
 
-    def pack(self):
-        """The packed inference form of this denoiser (rebuilt when a parameter changed)."""
-        raise NotImplementedError
-
     def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
-        """cond (B, N_c, D_c) + mask -> the decoder's cross-attention keys / values (eval)."""
-        return self.pack().memory(cond, cond_mask)
-
-    def condition(self, cond: torch.Tensor, cond_mask: torch.Tensor):
-        """cond (B, N_c, D_c), cond_mask (B, N_c) -> a sampling call's context (`context(memory(...))`)."""
-        return self.context(self.memory(cond, cond_mask))
+        """cond (B, N_c, D_c) + mask -> the decoder's cross-attention keys / values."""
+        return decoder_memory(self.decoder, self.cond_proj(cond), cond_mask)
 
     def uses_step_path(self) -> bool:
         """Whether sampling may use `step` (eval semantics): not while dropout is active."""
@@ -105,27 +96,23 @@ class ChunkDenoiser(_Denoiser):
         memory = self.cond_proj(cond) + temb
         return self.out(decode(self.decoder, h, memory, cond_mask))
 
-    def pack(self) -> DecoderPack:
-        """The packed decoder stack (`DecoderPack`)."""
-        return packed(self, DecoderPack)
-
     def context(self, memory: Memory) -> Memory:
         """A sampling call's context: the memory itself (every step cross-attends to it)."""
         return memory
 
     def step_embeddings(self, t: torch.Tensor) -> list[StepEmbedding]:
         """(S,) timesteps of a sampling call (shared by the batch) -> one `StepEmbedding` per step."""
-        pack = self.pack()
         temb = self.temb(t)  # (S, D)
-        shifts = [(temb @ a.v_w).view(len(t), a.heads, 1, a.d_head) for a in pack.decoder.cross_attn]
+        shifts = []
+        for layer in self.decoder.layers:  # W_v temb per layer, (S, h, 1, d_head)
+            attn, d = layer.multihead_attn, self.dim
+            shifts.append(F.linear(temb, attn.in_proj_weight[2 * d :]).view(len(t), attn.num_heads, 1, -1))
         return [StepEmbedding(temb[i].view(1, 1, -1), tuple(s[i] for s in shifts)) for i in range(len(t))]
 
-    def step(self, x: torch.Tensor, emb: StepEmbedding, ctx: Memory, pack: DecoderPack | None = None) -> torch.Tensor:
-        """One sampling step (eval semantics: no dropout): x (B, H, D_a) -> (B, H, D_a), equal to `forward`.
-        `pack`: `self.pack()` fetched once by the sampling loop (else looked up here)."""
-        pack = pack or self.pack()
-        h = linear(x, *pack.in_proj) + (pack.pos + emb.temb)
-        return pack.output(pack.decoder(h, ctx, emb.value_shift))
+    def step(self, x: torch.Tensor, emb: StepEmbedding, ctx: Memory) -> torch.Tensor:
+        """One sampling step (eval semantics: no dropout): x (B, H, D_a) -> (B, H, D_a), equal to `forward`."""
+        h = self.in_proj(x) + (self.pos + emb.temb)
+        return self.out(decode(self.decoder, h, ctx, value_shifts=emb.value_shift))
 
 
 class PlanDenoiser(_Denoiser):
@@ -161,39 +148,18 @@ class PlanDenoiser(_Denoiser):
         """Noisy chunk x (B, H, D_a), time t (B,), cond (B, N_c, D) + mask -> output (B, H, D_a)."""
         return self.block(x, self.temb(t).unsqueeze(1), self.plan(cond, cond_mask))
 
-    def pack(self) -> PlanPack:
-        """The packed plan decoder and step block (`PlanPack`)."""
-        return packed(self, PlanPack)
-
     def context(self, memory: Memory) -> torch.Tensor:
         """A sampling call's context: the plan z (B, H, D) decoded over `memory`."""
-        return self.pack().decode_queries(memory)
+        return decode(self.decoder, self.queries.expand(memory.mask.shape[0], -1, -1), memory)
 
     def step_embeddings(self, t: torch.Tensor) -> list[StepEmbedding]:
         """(S,) timesteps of a sampling call -> one `StepEmbedding` per step (no value shifts)."""
         temb = self.temb(t)
         return [StepEmbedding(temb[i].view(1, 1, -1), ()) for i in range(len(t))]
 
-    def step(self, x: torch.Tensor, emb: StepEmbedding, z: torch.Tensor, pack: PlanPack | None = None) -> torch.Tensor:
+    def step(self, x: torch.Tensor, emb: StepEmbedding, z: torch.Tensor) -> torch.Tensor:
         """One sampling step (eval semantics): x (B, H, D_a) and the plan z -> (B, H, D_a), equal to `forward`."""
-        pack = pack or self.pack()
-        h = linear(x, *pack.in_proj) + (z + emb.temb)
-        mixed = torch.matmul(pack.mix_w, F.layer_norm(h, *pack.mix_norm)) + pack.mix_b  # (H, H) @ (B, H, D)
-        h = h + mixed
-        y = F.gelu(linear(F.layer_norm(h, *pack.mlp_norm), *pack.mlp1))
-        return pack.output(h + linear(y, *pack.mlp2))
-
-
-class PlanPack(DecoderPack):
-    """`PlanDenoiser` packed: the plan decoder (`DecoderPack`) and the step block's weights."""
-
-    def __init__(self, den: PlanDenoiser):
-        super().__init__(den)
-        self.mix_norm, self.mlp_norm = norm_args(den.mix_norm), norm_args(den.mlp_norm)
-        self.mix_w, self.mix_b = den.mix.weight.detach(), den.mix.bias.detach()[:, None]  # (H, H), (H, 1)
-        first, _, second = den.mlp
-        self.mlp1 = (transposed(first.weight), first.bias.detach())
-        self.mlp2 = (transposed(second.weight), second.bias.detach())
+        return self.block(x, emb.temb, z)
 
 
 DENOISERS = {"decoder": ChunkDenoiser, "mlp": PlanDenoiser}

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensorvla.config import HeadConfig
-from sensorvla.models.heads.base import ActionHead, DecoderPack, decode, masked_mean
-from sensorvla.models.packed import Memory, packed
+from sensorvla.models.heads.base import ActionHead, Memory, decode, decoder_memory, masked_mean
 
 
 class RegressionHead(ActionHead):
@@ -40,16 +39,9 @@ class RegressionHead(ActionHead):
         return masked_mean(fn(pred, actions, reduction="none"), action_mask)
 
     def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
-        """cond (B, N_c, D) + mask -> the decoder's cross-attention keys / values (packed, eval)."""
-        return packed(self, DecoderPack).memory(cond, cond_mask)
+        """cond (B, N_c, D) + mask -> the decoder's cross-attention keys / values."""
+        return decoder_memory(self.decoder, self.cond_proj(cond), cond_mask)
 
     def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
         """The regressed chunk (B, H, D_a) from a `memory`; `generator` and `num_steps` are unused."""
-        pack = packed(self, DecoderPack)
-        return pack.output(pack.decode_queries(memory))
-
-    def sample(self, cond, cond_mask, generator=None, num_steps=None):
-        """The regressed chunk (B, H, D_a); `generator` and `num_steps` are unused."""
-        if self.dropout_active():
-            return self.predict(cond, cond_mask)
-        return super().sample(cond, cond_mask)
+        return self.out(decode(self.decoder, self.queries.expand(memory.mask.shape[0], -1, -1), memory))
