@@ -14,7 +14,7 @@ import numpy as np
 from gymnasium import spaces
 
 from sensorvla.world.contact import TASKS, ContactConfig
-from sensorvla.world.envs.insertion import INSTRUCTION_CHARSET, VIEWS, InsertionEnv
+from sensorvla.world.envs.insertion import InsertionEnv, observation_space
 
 
 class ContactEnv(InsertionEnv):
@@ -57,16 +57,7 @@ class ContactEnv(InsertionEnv):
         self.n_sensor = int(round(sensor_history_s * cfg.sensor_rate))
         if sensor_history_s > cfg.settle_s:
             raise ValueError(f"sensor_history_s={sensor_history_s} is longer than the settle time {cfg.settle_s} s")
-        self.observation_space = spaces.Dict(
-            {
-                "images": spaces.Box(0, 255, (len(VIEWS), s, s, 3), np.uint8),
-                "state": spaces.Box(-np.inf, np.inf, (6,), np.float32),
-                "sensor": spaces.Box(-np.inf, np.inf, (self.n_sensor, c), np.float32),
-                "sensor_timestamps": spaces.Box(-np.inf, np.inf, (self.n_sensor,), np.float64),
-                "timestamp": spaces.Box(-np.inf, np.inf, (), np.float64),
-                "instruction": spaces.Text(max_length=200, charset=INSTRUCTION_CHARSET),
-            }
-        )
+        self.observation_space = observation_space(s, self.n_sensor, c)
         limit = np.array([3.0, 3.0, 3.0, 10.0, 10.0, 10.0, 1.0], np.float32)
         self.action_space = spaces.Box(-limit, limit, dtype=np.float32)
         self._sensor_ts = np.zeros(0)

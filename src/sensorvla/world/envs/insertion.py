@@ -19,6 +19,21 @@ VIEWS = ("front", "top")
 INSTRUCTION_CHARSET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,-'"
 
 
+def observation_space(image_size: int, n_sensor: int, sensor_channels: int) -> spaces.Dict:
+    """The PolicyRunner observation dict as a Gymnasium space: two views, the 6-D pose, a sensor window."""
+    s = image_size
+    return spaces.Dict(
+        {
+            "images": spaces.Box(0, 255, (len(VIEWS), s, s, 3), np.uint8),
+            "state": spaces.Box(-np.inf, np.inf, (6,), np.float32),
+            "sensor": spaces.Box(-np.inf, np.inf, (n_sensor, sensor_channels), np.float32),
+            "sensor_timestamps": spaces.Box(-np.inf, np.inf, (n_sensor,), np.float64),
+            "timestamp": spaces.Box(-np.inf, np.inf, (), np.float64),
+            "instruction": spaces.Text(max_length=200, charset=INSTRUCTION_CHARSET),
+        }
+    )
+
+
 class InsertionEnv(gym.Env):
     """Closed-loop needle insertion.
 
@@ -53,16 +68,7 @@ class InsertionEnv(gym.Env):
         self.render_mode = render_mode
         s, c = self.cfg.image_size, self.cfg.sensor_channels
         self.n_sensor = int(sensor_history_s * self.cfg.sensor_rate * 0.9)  # always available after reset
-        self.observation_space = spaces.Dict(
-            {
-                "images": spaces.Box(0, 255, (len(VIEWS), s, s, 3), np.uint8),
-                "state": spaces.Box(-np.inf, np.inf, (6,), np.float32),
-                "sensor": spaces.Box(-np.inf, np.inf, (self.n_sensor, c), np.float32),
-                "sensor_timestamps": spaces.Box(-np.inf, np.inf, (self.n_sensor,), np.float64),
-                "timestamp": spaces.Box(-np.inf, np.inf, (), np.float64),
-                "instruction": spaces.Text(max_length=200, charset=INSTRUCTION_CHARSET),
-            }
-        )
+        self.observation_space = observation_space(s, self.n_sensor, c)
         limit = np.array([2.0, 2.0, 2.0, 10.0, 10.0, 10.0, 1.0], np.float32)
         self.action_space = spaces.Box(-limit, limit, dtype=np.float32)
         self.sim: InsertionSim | None = None
