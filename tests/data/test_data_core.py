@@ -226,9 +226,13 @@ def test_loader_workers_after_decoding_in_the_main_process(synth_dataset_dir):
 
 
 def test_generating_with_worker_processes_writes_the_same_files(tmp_path):
-    """`generate_dataset(workers=1)` (the demo's) simulates in another process; every file is byte-identical."""
-    serial = generate_dataset(tmp_path / "serial", num_episodes=5, image_size=32, progress=False)
-    parallel = generate_dataset(tmp_path / "parallel", num_episodes=5, image_size=32, progress=False, workers=1)
+    """`generate_dataset(workers=1)` (the demo's) simulates in another process; every file is byte-identical.
+
+    Raw frames (`npy`), so that the comparison is of the simulation alone: x264 itself wrote a different mp4 for the
+    same frames in 1 of 2 full-suite runs on 2026-12-06 (noted in the closing note), which is not this property."""
+    kw = dict(num_episodes=5, image_size=32, progress=False, image_format="npy")
+    serial = generate_dataset(tmp_path / "serial", **kw)
+    parallel = generate_dataset(tmp_path / "parallel", workers=1, **kw)
     files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
     for f in files:
