@@ -7,6 +7,7 @@ below. Nothing here imports transformers at import time. docs/architecture.md, "
 from __future__ import annotations
 
 from sensorvla.models.backbones.base import TOKEN_KEYS, BackboneFamily, BackboneLoadError, VLTokenIds, text_config
+from sensorvla.models.backbones.idefics3 import Idefics3
 from sensorvla.models.backbones.qwen import QwenVL
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 # one line per family; the first is the default one (the config's defaults and `--lora-targets` presets name it)
-ADAPTERS: tuple[BackboneFamily, ...] = (QwenVL(),)
+ADAPTERS: tuple[BackboneFamily, ...] = (QwenVL(), Idefics3())
 
 
 _BY_PROCESSOR_TYPE: dict[type, BackboneFamily] = {}
