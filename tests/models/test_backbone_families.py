@@ -124,6 +124,27 @@ def test_idefics3_views_and_instruction_are_found_by_the_adapter(idefics3_dir):
     torch.testing.assert_close(g[0, 4], view1[:2, :2].mean((0, 1)), rtol=1e-5, atol=1e-5)
 
 
+def test_idefics3_vision_tower_and_language_model_split(idefics3_dir, synth_dataset_dir):
+    """full_vision trains the vision tower and the connector (the family's `vision_prefixes`) in the vision LR
+    group; LoRA's `language` preset adapts the text model's attention only."""
+    from sensorvla.config import resolve_from_meta
+    from sensorvla.data.format import load_meta
+    from sensorvla.models.finetune import assert_trainable_set
+    from sensorvla.models.policy import build_policy
+    from sensorvla.training.param_groups import group_of
+
+    cfg = resolve_from_meta(_cfg(idefics3_dir, synth_dataset_dir, "."), load_meta(synth_dataset_dir))
+    cfg.model.finetune.mode, cfg.model.finetune.full_vision = "lora", True
+    policy = build_policy(cfg)
+    assert_trainable_set(policy, "lora", full_vision=True)
+    trainable = {n: group_of(n) for n, p in policy.named_parameters() if p.requires_grad and n.startswith("backbone.")}
+    vision = {n for n, g in trainable.items() if g == "vision"}
+    assert any(".connector." in n for n in vision) and any(".vision_model." in n for n in vision)
+    lora = {n for n, g in trainable.items() if g == "vl_lora"}
+    assert lora and all(".text_model.layers." in n and "_proj.lora_" in n for n in lora)
+    assert not any(".text_model." in n for n in vision)
+
+
 # ------------------------------------------------------------------- stage 1 (cache), stage 2 (LoRA), serving
 
 
