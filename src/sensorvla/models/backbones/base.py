@@ -49,7 +49,7 @@ class VLTokenIds(NamedTuple):
     image: the placeholder each image token takes in `input_ids`; image_end: the token that closes an image (the
     instruction starts after the last one), None when the config does not name it: then the token right after
     each image's last token closes it; turn_end: ids that end the user turn (the instruction stops there; empty:
-    the prompt ends with two tokens, `<end-of-turn>\n`, as in the families' chat templates).
+    the prompt ends with two tokens, the end-of-turn token and a newline, as in the families' chat templates).
     """
 
     image: int

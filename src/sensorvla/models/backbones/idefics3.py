@@ -5,8 +5,8 @@ splitting off: each view is resized to one S x S image (S = `max_image_size`, th
 so `pixel_values` is (1, V, 3, S, S) with `pixel_attention_mask` (1, V, S, S) per sample, and each view becomes
 one run of (S / patch / scale)^2 `<image>` tokens, a row-major grid, between `<fake_token_around_image>` tokens.
 The run's pixel bounds (min/max pixels) do not apply: the resolution is the model's. The config names only the
-image token id: the token after each run closes it (`VLTokenIds.image_end` None); the user turn ends with
-`<end_of_utterance>` (the tiny model's eos).
+image token id: the token after each run closes it (`VLTokenIds.image_end` None), and the user turn ends with
+`<end_of_utterance>` and a newline (the chat template's two closing tokens).
 Base model layout: `vision_model.` and `connector.` (the vision side), `text_model.layers.<i>`, `text_model.norm`.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sensorvla.models.backbones.base import BackboneFamily, VLTokenIds, text_config
+from sensorvla.models.backbones.base import BackboneFamily, VLTokenIds
 
 # SmolVLM's chat template, shortened: "<|im_start|>User:<image>...<image>{text}<end_of_utterance>\n"
 CHAT_TEMPLATE = (
@@ -64,10 +64,10 @@ class Idefics3(BackboneFamily):
         return (n, n), (side, side), side // n
 
     def token_ids(self, config) -> VLTokenIds:
-        """`<image>` from the config; the token after each run closes it; the text config's eos ends the turn."""
-        eos = getattr(text_config(config), "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        return VLTokenIds(int(config.image_token_id), None, tuple(int(e) for e in eos))
+        """`<image>` from the config; the token after each run closes it. The config does not name
+        `<end_of_utterance>` (a real checkpoint's eos is another token), so no turn-end id: the prompt ends with
+        `<end_of_utterance>` and a newline, as the chat template writes it."""
+        return VLTokenIds(int(config.image_token_id), None, ())
 
     def view_grids(self, config, batch: dict[str, torch.Tensor], num_views: int) -> list[list[tuple[int, int, int]]]:
         """(1, S / patch / scale, S / patch / scale) for every view of every sample (pixel_values (B, V, 3, S, S))."""
@@ -99,14 +99,8 @@ class Idefics3(BackboneFamily):
         width = sizes["vision_hidden"]
         vision = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=4)
         vision.update(num_hidden_layers=sizes["vision_depth"], image_size=side, patch_size=patch)
-        image_id = tok.convert_tokens_to_ids("<image>")
-        config = Idefics3Config(
-            text_config=text,
-            vision_config=vision,
-            scale_factor=scale,
-            tie_word_embeddings=True,
-            image_token_id=image_id,
-        )
+        ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True)
+        config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=scale, **ids)
         ip = Idefics3ImageProcessorPil(
             do_image_splitting=False, size={"longest_edge": side}, max_image_size={"longest_edge": side}
         )
