@@ -155,7 +155,7 @@ def two_stage(tmp_path_factory, idefics3_dir, synth_dataset_dir):
 
     root = tmp_path_factory.mktemp("idefics3_runs")
     torch.manual_seed(0)
-    s1 = _cfg(idefics3_dir, synth_dataset_dir, root / "s1", epochs=6, use_cache="always", cache_dtype="float32")
+    s1 = _cfg(idefics3_dir, synth_dataset_dir, root / "s1", epochs=4, use_cache="always", cache_dtype="float32")
     s1.train.lr = s1.train.sensor_lr = 2e-3
     build = copy.deepcopy(s1)
     build.train.mode = "cache"
