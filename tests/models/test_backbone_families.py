@@ -96,6 +96,14 @@ def test_qwen_cache_key_is_unchanged_by_the_seam():
 PINNED_QWEN_KEY = "130ec1d50dbc5407"
 
 
+def test_the_memory_planner_refuses_a_family_it_does_not_model(idefics3_dir, synth_dataset_dir):
+    from sensorvla.plan.planner import plan
+
+    cfg = _cfg(idefics3_dir, synth_dataset_dir, ".")
+    with pytest.raises(backbones.BackboneLoadError, match="memory planner models the blocks of .*qwen2_5_vl"):
+        plan(cfg, device="cpu", gpus=(1,))
+
+
 # ------------------------------------------------------------------------------------ the adapter's facts
 
 

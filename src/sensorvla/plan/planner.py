@@ -92,7 +92,7 @@ def _meta_vl(cfg: SensorVLAConfig, dtype: torch.dtype, notes: list[str]):
     """The HF model on the meta device: `random:` ids and hub ids we ship a config for need no files."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from sensorvla.models import backbones, random_vl
+    from sensorvla.models import random_vl
     from sensorvla.models.backbone import BackboneLoadError, _hint
 
     bb = cfg.model.backbone
@@ -107,28 +107,29 @@ def _meta_vl(cfg: SensorVLAConfig, dtype: torch.dtype, notes: list[str]):
                 raise BackboneLoadError(_hint(name) + f" ({e}); or plan with --vl-model random:<hub id>") from e
             notes.append(f"{name} has no local copy: planned from its shipped config (random:{name})")
             config = random_vl.hf_config(name)
-    family = backbones.family_of_config(config, repr(name))
-    if not family.plannable:
-        raise BackboneLoadError(
-            f"{name!r} is a {family.name} model: the memory planner models the blocks of "
-            f"{[t for f in backbones.ADAPTERS if f.plannable for t in f.model_types]} only (plan/activations.py); "
-            "measure a run instead (sensorvla bench)"
-        )
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=bb.attn_implementation)
 
 
 def _processor(cfg: SensorVLAConfig):
-    from sensorvla.models import random_vl
+    from sensorvla.models import backbones, random_vl
     from sensorvla.models.backbone import BackboneLoadError, load_processor
 
     bb = cfg.model.backbone
     try:
-        return load_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels, revision=bb.revision)
+        proc = load_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels, revision=bb.revision)
     except BackboneLoadError:
         if not random_vl.has_arch(bb.vl_model):
             raise
         return random_vl.random_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels)
+    family = backbones.family_of_processor(proc)
+    if not family.plannable:
+        plannable = [t for f in backbones.ADAPTERS if f.plannable for t in f.model_types]
+        raise BackboneLoadError(
+            f"{bb.vl_model!r} is a {family.name} model: the memory planner models the blocks of {plannable} only "
+            "(plan/activations.py); measure a real run's memory instead"
+        )
+    return proc
 
 
 def resolve(
