@@ -9,6 +9,7 @@ import torch
 
 from sensorvla.models import backbone
 from sensorvla.models.backbone import load_processor, process_sample, render_prompt
+from sensorvla.models.backbones import qwen
 from sensorvla.world.tiny_qwen import FAMILIES, build_tiny_qwen_vl
 
 TEMPLATE = "{instruction}"
@@ -35,7 +36,7 @@ def test_direct_path_equals_the_full_processor(processors, family):
     proc = processors[family]
     factor = proc.image_processor.patch_size * proc.image_processor.merge_size
     hw = (4 * factor, 3 * factor)  # a size the processor keeps: the direct path runs
-    assert backbone._fast_pixels(proc.image_processor, _views(0, hw)) is not None
+    assert qwen.fast_pixels(proc.image_processor, _views(0, hw)) is not None
     for seed, instruction in ((0, "insert the peg"), (1, "insert the peg"), (2, "stop at the layer")):
         views = _views(seed, hw)
         got, want = process_sample(proc, views, instruction, TEMPLATE), _full(proc, views, instruction)
@@ -49,7 +50,7 @@ def test_direct_path_equals_the_full_processor(processors, family):
 def test_sizes_the_processor_resizes_take_the_full_path(processors, family):
     proc = processors[family]
     views = _views(3, (61, 83))
-    assert backbone._fast_pixels(proc.image_processor, views) is None
+    assert qwen.fast_pixels(proc.image_processor, views) is None
     got, want = process_sample(proc, views, "go", TEMPLATE), _full(proc, views, "go")
     for key in want:
         assert torch.equal(got[key], want[key]), key
@@ -63,7 +64,7 @@ def test_resized_views_are_bit_equal_to_the_full_processor(processors, family, h
     proc = processors[family]
     views = _views(4, hw)
     want = _full(proc, views, "go")
-    assert backbone._resized_pixels(proc.image_processor, views) is not None
+    assert qwen.resized_pixels(proc.image_processor, views) is not None
     calls = []
     real = backbone._full_process
     monkeypatch.setattr(backbone, "_full_process", lambda *a: calls.append(1) or real(*a))

@@ -32,7 +32,7 @@ def demo(
 
 def tiny_model(
     out: Path,
-    family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"] = "qwen2_5_vl",
+    family: str = "qwen2_5_vl",
     seed: int = 0,
     patch_size: int | None = None,
     image_size: int | None = None,
@@ -43,9 +43,11 @@ def tiny_model(
     vision_hidden: int = 32,
     vision_depth: int = 2,
 ) -> int:
-    """Build a tiny random Qwen-VL (model + tokenizer + processor) in the hub layout, offline.
+    """Build a tiny random VLM (model + tokenizer + processor) in the hub layout, offline.
 
     Args:
+        family: the model type: qwen2_5_vl, qwen2_vl, qwen3_vl, or another registered backbone family with a tiny
+            builder (`sensorvla.world.tiny_qwen.tiny_families()`, e.g. idefics3).
         patch_size: vision patch side in px (default: the family's, 14 or 16); tokens merge 2 x 2 patches, so a
             token covers 2 x patch px. The demo's model: --patch-size 7 --image-size 112 (8 x 8 tokens per view).
         image_size: views are resized to image_size x image_size (sets both pixel bounds to image_size^2).
@@ -54,11 +56,13 @@ def tiny_model(
     """
     import sys
 
-    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
+    from sensorvla.world.tiny_qwen import build_tiny_qwen_vl, tiny_families
 
     if image_size is not None:
         min_pixels = max_pixels = image_size * image_size
     problem = tiny_model_problem(patch_size, image_size, min_pixels, max_pixels)
+    if family not in tiny_families():
+        problem = problem or f"--family {family!r}: choose one of {', '.join(tiny_families())}"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sensorvla.config import ModelConfig
+from sensorvla.models import backbones
 from sensorvla.serving.protocol import LimitExceededError, ObservationError
 
 __all__ = ["RequestLimits", "RequestChecker"]
@@ -123,8 +124,7 @@ class RequestChecker:
         self.views = list(views)
         self.normalizer = normalizer
         self.limits = limits
-        ip = processor.image_processor
-        self.min_side = int(ip.patch_size) * int(getattr(ip, "merge_size", 1))
+        self.min_side = backbones.family_of_processor(processor).min_image_side(processor)
         # A private copy: the server counts tokens on its decode threads while the worker thread runs the
         # processor, and a fast tokenizer must not be used from two threads when either changes settings (the
         # decode threads share this copy: they only call `encode`, which changes none).
@@ -257,7 +257,7 @@ class RequestChecker:
             h, w = im.shape[:2]
             if min(h, w) < self.min_side:
                 raise ObservationError(
-                    f"'images'[{i}] is {h}x{w}; each side must be >= {self.min_side} pixels (patch_size x "
+                    f"'images'[{i}] is {h}x{w}; each side must be >= {self.min_side} pixels (Qwen: patch_size x "
                     "merge_size of the image processor: a smaller image has less than one VL token of content)"
                 )
             if max(h, w) >= MAX_ASPECT_RATIO * min(h, w):

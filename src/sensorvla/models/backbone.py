@@ -1,19 +1,19 @@
-"""The Qwen-VL backbone: loading (model + image-only processor), prompt rendering, and `VLBackbone`,
-which turns camera views + an instruction into a few VL tokens (B, N_vl, D_vl).
+"""The VL backbone: loading (model + processor), prompt rendering, and `VLBackbone`, which turns camera views + an
+instruction into a few VL tokens (B, N_vl, D_vl).
 
-The same functions load a tiny offline model folder and `Qwen/Qwen2.5-VL-3B-Instruct`. Processors are
-loaded through our image-only subclasses, never `AutoProcessor` (without torchvision it silently returns a
-bare tokenizer, see offline-stack.md section 2).
+The same functions load a tiny offline model folder and `Qwen/Qwen2.5-VL-3B-Instruct`. What differs between
+families of VLMs (processor class, pixel layout, special token ids, module names) sits behind one adapter per
+family, chosen by config.json's `model_type` (`models/backbones/`: Qwen2/2.5/3-VL in `qwen.py`); this module is
+family-agnostic. Processors are loaded through the adapters, never `AutoProcessor` (without torchvision it
+silently returns a bare tokenizer for Qwen, see offline-stack.md section 2).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
-import weakref
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,9 +23,11 @@ from torch import nn
 
 from sensorvla import hub
 from sensorvla.config import BackboneConfig
+from sensorvla.models import backbones
+from sensorvla.models.backbones import BackboneLoadError, UnknownFamilyError
+from sensorvla.models.backbones.base import PROMPT_CACHE, full_process
 from sensorvla.models.hf_processors import (  # noqa: F401  (re-exported: their documented home)
     IMAGE_ONLY_PROCESSORS,
-    BackboneLoadError,
     ImageOnlyQwen2_5_VLProcessor,
     ImageOnlyQwen2VLProcessor,
     ImageOnlyQwen3VLProcessor,
@@ -54,59 +56,32 @@ def _local(path_or_id: str, revision: str | None = None) -> str:
 
 
 def detect_family(path_or_id: str, revision: str | None = None) -> str:
-    """Model family key from config.json's model_type (qwen2_5_vl, qwen2_vl or qwen3_vl)."""
+    """config.json's model_type (qwen2_5_vl, qwen2_vl, qwen3_vl, idefics3, ...): `UnknownFamilyError` (listing the
+    families and how to add one) when no adapter in `models/backbones/` handles it."""
     from transformers import AutoConfig
 
     try:
         model_type = AutoConfig.from_pretrained(_local(path_or_id, revision), revision=revision).model_type
     except (OSError, ValueError) as e:
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
-    if model_type not in IMAGE_ONLY_PROCESSORS:
-        raise BackboneLoadError(f"{path_or_id!r} is a {model_type!r} model; supported: {sorted(IMAGE_ONLY_PROCESSORS)}")
+    backbones.family_for(model_type, repr(path_or_id))
     return model_type
 
 
 def load_processor(path_or_id: str, *, min_pixels: int, max_pixels: int, revision: str | None = None):
-    """The family's image-only processor with the resolution applied at construction (min/max pixels)."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
+    """The family's processor (models/backbones/) with the resolution applied at construction (min/max pixels)."""
     from sensorvla.models import random_vl
 
     if random_vl.is_random(path_or_id):  # shipped config, local tokenizer (models/random_vl.py)
         return random_vl.random_processor(str(path_or_id), min_pixels=min_pixels, max_pixels=max_pixels)
     path_or_id = _local(path_or_id, revision)  # a hub id -> its cached snapshot folder (sensorvla/hub.py)
-    family = detect_family(path_or_id, revision)
-    size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    family = backbones.family_for(detect_family(path_or_id, revision))
     try:
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-            path_or_id, revision=revision, size=size, min_pixels=None, max_pixels=None
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, revision=revision)
+        return family.load_processor(path_or_id, min_pixels=min_pixels, max_pixels=max_pixels, revision=revision)
+    except BackboneLoadError:
+        raise
     except (OSError, ValueError) as e:
         raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
-    chat_template = _read_chat_template(path_or_id, revision) or getattr(tokenizer, "chat_template", None)
-    if chat_template is None:
-        raise BackboneLoadError(f"{path_or_id!r} has no chat template (chat_template.jinja / chat_template.json)")
-    return IMAGE_ONLY_PROCESSORS[family](
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
-    )
-
-
-def _read_chat_template(path_or_id: str, revision: str | None = None) -> str | None:
-    p = Path(path_or_id)
-    if (p / "chat_template.jinja").exists():
-        return (p / "chat_template.jinja").read_text()
-    if (p / "chat_template.json").exists():
-        return json.loads((p / "chat_template.json").read_text())["chat_template"]
-    if not p.exists():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(path_or_id, "chat_template.json", revision=revision)
-            return json.loads(Path(path).read_text())["chat_template"]
-        except Exception:  # the tokenizer may carry it instead
-            return None
-    return None
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -184,61 +159,21 @@ def render_prompt(processor, instruction: str, num_views: int, template: str) ->
 
 
 def process_sample(processor, images: list[np.ndarray], instruction: str, template: str) -> dict[str, torch.Tensor]:
-    """One sample -> input_ids (1, L), attention_mask (1, L), pixel_values (patches, P), image_grid_thw (V, 3).
+    """One sample -> input_ids (1, L), attention_mask (1, L) and the family's pixel tensors (Qwen: pixel_values
+    (patches, P), image_grid_thw (V, 3)); `models/backbones/base.py` lists each family's keys.
 
-    Equal to `processor(text=..., images=...)`. When every view already has the size the processor would
-    resize it to (the usual case: the dataset's views at the configured pixels), the image processor's own
-    rescale / normalize / patchify run directly and the tokenized prompt for that (prompt, grid) is reused,
-    which skips the per-call kwargs validation and tokenization (about 10x cheaper for small views)."""
-    cache = _PROMPT_CACHE.setdefault(processor, {})
+    Equal to `processor(text=..., images=...)`. The rendered prompt is cached per (instruction, views, template);
+    the family may skip the processor call's overhead (Qwen: its own patchify run directly)."""
+    cache = PROMPT_CACHE.setdefault(processor, {})
     prompt_key = (instruction, len(images), template)
     if prompt_key not in cache:
         cache[prompt_key] = render_prompt(processor, instruction, len(images), template)
-    text = cache[prompt_key]
-    fast = _fast_pixels(processor.image_processor, images) or _resized_pixels(processor.image_processor, images)
-    if fast is None:
-        return _full_process(processor, images, text)
-    pixels, grids = fast
-    key = (text, tuple(map(tuple, grids)))
-    if key not in cache:
-        full = _full_process(processor, images, text)
-        cache[key] = {k: v for k, v in full.items() if k not in ("pixel_values", "image_grid_thw")}
-    out = {k: v.clone() for k, v in cache[key].items()}
-    out["pixel_values"] = torch.from_numpy(pixels)
-    out["image_grid_thw"] = torch.tensor(grids, dtype=torch.int64)
-    return out
-
-
-# processor -> {(instruction, views, template): prompt text, (prompt text, grids): token tensors}; weak keys,
-# so a processor's entries go with it (an id() key could be reused by a later processor)
-_PROMPT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    return backbones.family_of_processor(processor).encode_inputs(processor, images, cache[prompt_key])
 
 
 def _full_process(processor, images: list[np.ndarray], text: str) -> dict[str, torch.Tensor]:
-    from PIL import Image
-
-    pil = [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
-    out = processor(text=[text], images=pil, return_tensors="pt")
-    return {k: v for k, v in out.items() if torch.is_tensor(v)}
-
-
-def _patchifier(ip, needed: tuple[str, ...]):
-    """(the processor's target size for an (h, w) image, its patchify kwargs) when `ip` is a Qwen-VL patchifier
-    with the attributes `needed`, else None."""
-    import importlib
-
-    smart_resize = getattr(importlib.import_module(type(ip).__module__), "smart_resize", None)
-    base = ("patchify", "patch_size", "merge_size", "temporal_patch_size", "size")
-    if smart_resize is None or not all(hasattr(ip, a) for a in base + needed):
-        return None
-    factor = ip.patch_size * ip.merge_size
-
-    def target(h: int, w: int) -> tuple[int, int]:
-        if not ip.do_resize:
-            return h, w
-        return smart_resize(h, w, factor=factor, min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge)
-
-    return target, dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
+    """The processor's own call on one sample (`backbones.base.full_process`)."""
+    return full_process(processor, images, text)
 
 
 RANDOM_INIT_KEY = "sensorvla_random_init"  # set in config.json by `sensorvla tiny-model` (world/tiny_qwen.py)
@@ -273,93 +208,13 @@ def random_backbone_note(cfg) -> str | None:
 
 
 def token_grid(processor, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int], int] | None:
-    """What the backbone sees of one (height, width) view: ((rows, cols) of merged VL tokens, the (h, w) the
-    processor resizes it to, pixels per token side), or None when the processor is not a Qwen-VL patchifier."""
-    setup = _patchifier(getattr(processor, "image_processor", processor), ())
-    if setup is None:
+    """What the backbone sees of one (height, width) view: ((rows, cols) of VL tokens, the (h, w) the processor
+    resizes it to, pixels per token side), or None when the processor's family cannot say."""
+    try:
+        family = backbones.family_of_processor(processor)
+    except UnknownFamilyError:
         return None
-    target, kw = setup
-    h, w = target(height, width)
-    side = kw["patch_size"] * kw["merge_size"]
-    return (h // side, w // side), (h, w), side
-
-
-def _rgb_uint8(im) -> np.ndarray | None:
-    """`im` as a uint8 (h, w, 3) array, or None when it is not one."""
-    im = np.asarray(im)
-    return im if im.dtype == np.uint8 and im.ndim == 3 and im.shape[-1] == 3 else None
-
-
-def _fast_pixels(ip, images: list[np.ndarray]) -> tuple[np.ndarray, list[list[int]]] | None:
-    """The image processor's output through its own patchify, or None where its resize would change an image
-    (or the processor is not a Qwen-VL patchifier): the caller then runs it fully.
-
-    The uint8 image is patchified as is, then rescaled and normalized in one per-column affine map
-    (x * rescale / std - mean / std, the column's channel learnt once per image size): equal to the
-    processor's rescale -> normalize -> patchify within 1e-6 (float rounding), at a third of its cost."""
-    setup = _patchifier(ip, ("image_mean", "image_std"))
-    if setup is None or not (ip.do_rescale and ip.do_normalize):
-        return None
-    target, kw = setup
-    patches, grids = [], []
-    for im in images:
-        im = _rgb_uint8(im)
-        if im is None or target(*im.shape[:2]) != im.shape[:2]:
-            return None
-        h, w = im.shape[:2]
-        scale, shift = _column_affine(
-            ip, h, w, float(ip.rescale_factor), tuple(np.ravel(ip.image_mean)), tuple(np.ravel(ip.image_std))
-        )
-        flat, gh, gw = ip.patchify(im.transpose(2, 0, 1), **kw)  # (patches, C * T * p * p) float32 of 0..255
-        flat = np.require(flat, np.float32, ["C", "W", "O"])  # a private buffer to work in place
-        flat *= scale
-        flat += shift
-        patches.append(flat)
-        grids.append([1, gh, gw])
-    return np.concatenate(patches), grids
-
-
-def _resized_pixels(ip, images: list[np.ndarray]) -> tuple[np.ndarray, list[list[int]]] | None:
-    """The image processor's output for views it resizes, through its own steps without the call's overhead: PIL
-    resize of the uint8 image to `smart_resize`'s size with the processor's resample filter (what its resize does
-    with a uint8 image), then its own rescale, normalize and patchify. Bit-equal to the full call (a camera's
-    640 x 480 frames at the default pixel bounds, say), at a quarter of its cost; None where the processor is not
-    a Qwen-VL patchifier, and the caller runs it fully."""
-    from PIL import Image
-
-    setup = _patchifier(ip, ("rescale", "normalize", "resample"))
-    if setup is None:
-        return None
-    target, kw = setup
-    patches, grids = [], []
-    for im in images:
-        im = _rgb_uint8(im)
-        if im is None:
-            return None
-        h, w = target(*im.shape[:2])
-        x = np.asarray(Image.fromarray(im).resize((w, h), resample=ip.resample)).transpose(2, 0, 1)
-        if ip.do_rescale:
-            x = ip.rescale(x, ip.rescale_factor)
-        if ip.do_normalize:
-            x = ip.normalize(x, ip.image_mean, ip.image_std)
-        flat, gh, gw = ip.patchify(x, **kw)
-        patches.append(flat)
-        grids.append([1, gh, gw])
-    return np.concatenate(patches), grids
-
-
-@functools.lru_cache(maxsize=32)
-def _column_affine(ip, h: int, w: int, rescale: float, mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch column: (rescale / std, -mean / std) of its channel, for (h, w) images (patchify an index
-    image once to learn each column's channel); keyed by the processor and its settings."""
-    kw = dict(patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size)
-    channel = np.broadcast_to(np.arange(3, dtype=np.float32)[:, None, None], (3, h, w))
-    flat, _, _ = ip.patchify(channel, **kw)
-    col = np.asarray(flat[0], dtype=np.int64)  # the channel of each column (the same in every patch row)
-    mean_a, std_a = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-    scale = (rescale / std_a)[col].astype(np.float32)
-    shift = (-mean_a / std_a)[col].astype(np.float32)
-    return scale, shift
+    return family.token_grid(processor, height, width)
 
 
 def pad_token_id(processor) -> int:
@@ -369,20 +224,20 @@ def pad_token_id(processor) -> int:
 
 
 def collate_vl(items: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token tensors to (B, L); concatenate pixel_values / image_grid_thw along dim 0."""
+    """Right-pad the token tensors (`backbones.TOKEN_KEYS`) to (B, L); concatenate every other key (the family's
+    pixel tensors: Qwen's pixel_values / image_grid_thw, Idefics3's (1, V, ...) pixel_values and mask) on dim 0."""
     length = max(it["input_ids"].shape[-1] for it in items)
     out: dict[str, torch.Tensor] = {}
-    pads = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
-    for key, pad in pads.items():
-        if key not in items[0]:
+    for key in items[0]:
+        if key not in backbones.TOKEN_KEYS:
+            out[key] = torch.cat([it[key] for it in items])
             continue
+        pad = pad_token_id if key == "input_ids" else 0
         rows = []
         for it in items:
             t = it[key].reshape(-1)
             rows.append(torch.cat([t, t.new_full((length - t.numel(),), pad)]))
         out[key] = torch.stack(rows)
-    out["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
-    out["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in items])
     return out
 
 
@@ -407,7 +262,7 @@ def fourier_features(xy: torch.Tensor, num_freqs: int) -> torch.Tensor:
 
 
 class VLBackbone(nn.Module):
-    """Wraps the HF Qwen-VL base model (no LM head) -> VL tokens. The constructor does no I/O.
+    """Wraps the HF VL base model (no LM head) -> VL tokens. The constructor does no I/O.
 
     Token modes (`cfg.pooling`): grid (each view's merged patch grid adaptive-pooled to k x k tokens),
     all (every image token), view_mean (one token per view), resampler (learned queries); the first three
@@ -430,9 +285,12 @@ class VLBackbone(nn.Module):
         self.num_views = num_views
         self.model = vl_model.model
         conf = vl_model.config
-        self.image_token_id = int(conf.image_token_id)
-        self.vision_end_token_id = int(conf.vision_end_token_id)
-        text_conf = getattr(conf, "text_config", conf)
+        self.vl_config = conf
+        self.family = backbones.family_of_config(conf)  # every family specific goes through it (models/backbones/)
+        ids = self.family.token_ids(conf)
+        self.image_token_id = ids.image
+        self.vision_end_token_id = ids.image_end  # closes each image: the instruction starts after the last one
+        text_conf = backbones.text_config(conf)
         self.hidden_size = int(text_conf.hidden_size)
         self.num_layers = int(text_conf.num_hidden_layers)
         if not -self.num_layers - 1 <= cfg.feature_layer <= self.num_layers:
@@ -440,12 +298,8 @@ class VLBackbone(nn.Module):
                 f"--model.backbone.feature-layer {cfg.feature_layer} is outside [-{self.num_layers + 1}, "
                 f"{self.num_layers}] for this backbone ({self.num_layers} decoder layers)"
             )
-        vision_conf = getattr(conf, "vision_config", None)
-        self.merge_size = int(getattr(vision_conf, "spatial_merge_size", 2) or 2)
-        eos = getattr(text_conf, "eos_token_id", None) or getattr(conf, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        # <|im_end|> ends the user turn: the instruction span stops there (robust to any padding side)
-        self.register_buffer("im_end_token_ids", torch.tensor(eos, dtype=torch.long), persistent=False)
+        # the end of the user turn (Qwen: <|im_end|>): the instruction span stops there (robust to any padding side)
+        self.register_buffer("im_end_token_ids", torch.tensor(ids.turn_end, dtype=torch.long), persistent=False)
         if cfg.pooling == "resampler":
             self.queries = nn.Parameter(torch.randn(cfg.num_queries, self.hidden_size) * 0.02)
             heads = max(1, self.hidden_size // 64)
@@ -483,9 +337,7 @@ class VLBackbone(nn.Module):
                 "come from the cache), so it cannot encode images; build it with build_policy(cfg) (weights "
                 "loaded) or pass cached `vl_features`"
             )
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-        kwargs = {k: batch[k] for k in keys if k in batch}
-        kwargs["pixel_values"] = kwargs["pixel_values"].to(next(self.model.parameters()).dtype)
+        kwargs = self.family.model_kwargs(self.model, batch)
         layer = self.cfg.feature_layer
         if layer == -1:
             return self.model(**kwargs, use_cache=False, return_dict=True).last_hidden_state
@@ -502,7 +354,7 @@ class VLBackbone(nn.Module):
         should one, it runs as before. Under FSDP2 nothing is skipped (its units all-gather in forward order)."""
         from torch.distributed.fsdp import FSDPModule
 
-        lm = getattr(self.model, "language_model", None)
+        lm = self.family.language_model(self.model)
         layers = getattr(lm, "layers", None)
         keep = self.cfg.feature_layer % (self.num_layers + 1) + 1
         sharded = isinstance(self.model, FSDPModule) or any(isinstance(m, FSDPModule) for m in layers or ())
@@ -520,8 +372,9 @@ class VLBackbone(nn.Module):
             lm.layers = layers
 
     def view_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token masks (B, V + 1, L): the k-th run of image pads = view k; last row = the instruction
-        tokens (after the last <|vision_end|>, before the padding; role/end tokens excluded)."""
+        """Token masks (B, V + 1, L): the k-th run of image tokens = view k; last row = the instruction
+        tokens (after the token closing the last image, Qwen's <|vision_end|>, before the end of the turn and the
+        padding; role/end tokens excluded)."""
         b, length = input_ids.shape
         is_img = input_ids == self.image_token_id
         starts = is_img & ~torch.cat([is_img.new_zeros(b, 1), is_img[:, :-1]], dim=1)
@@ -530,7 +383,10 @@ class VLBackbone(nn.Module):
         for v in range(self.num_views):
             masks[:, v] = is_img & (run_index == v)
         pos = torch.arange(length, device=input_ids.device).expand(b, length)
-        last_end = torch.where(input_ids == self.vision_end_token_id, pos, -1).max(dim=1).values
+        if self.vision_end_token_id is None:  # the family closes each image with the token after its last one
+            last_end = torch.where(is_img, pos, -2).max(dim=1).values + 1
+        else:
+            last_end = torch.where(input_ids == self.vision_end_token_id, pos, -1).max(dim=1).values
         after = (pos > last_end[:, None]) & attention_mask.bool()
         if self.im_end_token_ids.numel():
             ends = torch.isin(input_ids, self.im_end_token_ids.to(input_ids.device)) & after
@@ -546,27 +402,25 @@ class VLBackbone(nn.Module):
         count = m.sum(-1)
         return torch.einsum("bnl,bld->bnd", m, hidden) / count.clamp_min(1)[..., None], count > 0
 
-    def _view_grids(self, hidden: torch.Tensor, masks: torch.Tensor, grid_thw: torch.Tensor):
-        """Per sample and view: the merged patch grid of hidden states (h', w', D) (frames averaged)."""
-        b = hidden.shape[0]
-        thw = grid_thw.reshape(b, self.num_views, 3).tolist()
-        m = self.merge_size
-        for i in range(b):
+    def _view_grids(self, hidden: torch.Tensor, masks: torch.Tensor, grids: list[list[tuple[int, int, int]]]):
+        """Per sample and view: the token grid of hidden states (rows, cols, D) (frames averaged); `grids` from the
+        family's `view_grids`: (frames, rows, cols) of each view's image tokens."""
+        for i in range(hidden.shape[0]):
             for v in range(self.num_views):
-                t, h, w = thw[i][v]
+                t, h, w = grids[i][v]
                 tok = hidden[i, masks[i, v]]
-                if tok.shape[0] != t * (h // m) * (w // m):
+                if tok.shape[0] != t * h * w:
                     raise ValueError(
-                        f"view {v} of sample {i} has {tok.shape[0]} image tokens, expected {t}x{h // m}x{w // m}; "
+                        f"view {v} of sample {i} has {tok.shape[0]} image tokens, expected {t}x{h}x{w}; "
                         "every sample must carry exactly the dataset's views"
                     )
-                yield i, v, tok.reshape(t, h // m, w // m, -1).mean(0)
+                yield i, v, tok.reshape(t, h, w, -1).mean(0)
 
-    def _grid_tokens(self, hidden, masks, grid_thw) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grid_tokens(self, hidden, masks, grids) -> tuple[torch.Tensor, torch.Tensor]:
         """grid mode: (B, V * k^2, D) adaptive-pooled tokens and (B, V * k^2, 3) positions."""
         b, k, d = hidden.shape[0], self.cfg.grid_size, hidden.shape[-1]
         out = hidden.new_zeros(b, self.num_views, k, k, d)
-        for i, v, grid in self._view_grids(hidden, masks, grid_thw):
+        for i, v, grid in self._view_grids(hidden, masks, grids):
             out[i, v] = nn.functional.adaptive_avg_pool2d(grid.permute(2, 0, 1), k).permute(1, 2, 0)
         return out.reshape(b, -1, d), self._grid_positions(b, hidden.device)
 
@@ -579,10 +433,10 @@ class VLBackbone(nn.Module):
         views = torch.arange(self.num_views, device=device, dtype=torch.float32).repeat_interleave(k * k)
         return torch.cat([views[:, None], cell.repeat(self.num_views, 1)], dim=-1).expand(b, -1, -1)
 
-    def _all_tokens(self, hidden, masks, grid_thw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _all_tokens(self, hidden, masks, grids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """all mode: every image token, right-padded to the batch maximum: (B, N, D), mask, positions."""
         per_sample: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(hidden.shape[0])]
-        for i, v, grid in self._view_grids(hidden, masks, grid_thw):
+        for i, v, grid in self._view_grids(hidden, masks, grids):
             h, w, d = grid.shape
             rows = (torch.arange(h, device=hidden.device, dtype=torch.float32) + 0.5) / h
             cols = (torch.arange(w, device=hidden.device, dtype=torch.float32) + 0.5) / w
@@ -611,11 +465,12 @@ class VLBackbone(nn.Module):
             counts = m.sum(-1)
             pooled = torch.einsum("bnl,bld->bnd", m, hidden) / counts.clamp_min(1)[..., None]
             return VLFeatures(pooled, counts > 0, hidden.new_zeros(b, pooled.shape[1], 3, dtype=torch.float32))
+        grids = self.family.view_grids(self.vl_config, batch, self.num_views)
         if self.cfg.pooling == "grid":
-            feats, pos = self._grid_tokens(hidden, masks, batch["image_grid_thw"])
+            feats, pos = self._grid_tokens(hidden, masks, grids)
             mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=hidden.device)
         else:
-            feats, mask, pos = self._all_tokens(hidden, masks, batch["image_grid_thw"])
+            feats, mask, pos = self._all_tokens(hidden, masks, grids)
         instr, instr_ok = self._instruction_token(hidden, masks)
         instr_pos = pos.new_tensor([-1.0, 0.0, 0.0]).expand(b, 1, 3)
         return VLFeatures(

@@ -1,6 +1,7 @@
 """What of the VL backbone trains: `none` (frozen), `lora` (PEFT adapters on named modules) or `full`.
 
-Freezing is set by parameter name, never by class identity. LoRA adapters are injected in place into the
+Freezing is set by parameter name, never by class identity; the names (vision tower, language model, LoRA
+presets) are the backbone family's (`models/backbones/`). LoRA adapters are injected in place into the
 HF base model (`policy.backbone.model`), so module names stay those of transformers; adapter files use
 PEFT's own key layout so `PeftModel.from_pretrained(AutoModelForImageTextToText..., dir)` also reads them.
 
@@ -17,7 +18,8 @@ import re
 
 from torch import nn
 
-from sensorvla.config import LORA_TARGET_PRESETS, FinetuneConfig
+from sensorvla.config import FinetuneConfig
+from sensorvla.models import backbones
 
 logger = logging.getLogger(__name__)
 
@@ -36,37 +38,42 @@ def is_lora_param(name: str) -> bool:
     return "lora_" in name
 
 
-def lora_config(cfg: FinetuneConfig, targets: list[str] | None = None):
-    """PEFT LoraConfig; `targets` = the exact module names to adapt (default: the preset/regex)."""
+def lora_config(cfg: FinetuneConfig, targets: list[str] | None = None, family=None):
+    """PEFT LoraConfig; `targets` = the exact module names to adapt (default: the family's preset, or the regex)."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=targets if targets is not None else lora_target_regex(cfg.lora_target_modules),
+        target_modules=targets if targets is not None else lora_target_regex(cfg.lora_target_modules, family),
         bias="none",
     )
 
 
-def lora_target_regex(targets: str) -> str:
-    """A `--lora-targets` preset (language | vision | all) or a regex -> the regex."""
-    return LORA_TARGET_PRESETS.get(targets, targets)
+def lora_target_regex(targets: str, family: backbones.BackboneFamily | None = None) -> str:
+    """A `--lora-targets` preset (language | vision | all) of the backbone family (default: Qwen's, which names
+    `config.LORA_TARGET_PRESETS`) or a regex -> the regex."""
+    presets = (family or backbones.ADAPTERS[0]).lora_presets
+    return presets.get(targets, targets)
 
 
-def matched_lora_targets(base: nn.Module, pattern: str) -> list[str]:
+def matched_lora_targets(base: nn.Module, pattern: str, family: backbones.BackboneFamily | None = None) -> list[str]:
     """Names of `nn.Linear` modules of the HF base model whose full name matches `pattern` (or a preset)."""
     try:
-        rx = re.compile(lora_target_regex(pattern))
+        rx = re.compile(lora_target_regex(pattern, family))
     except re.error as e:
-        raise FinetuneError(
-            f"--lora-targets {pattern!r} is neither a preset {sorted(LORA_TARGET_PRESETS)} nor a valid regex ({e})"
-        ) from e
+        presets = sorted((family or backbones.ADAPTERS[0]).lora_presets)
+        raise FinetuneError(f"--lora-targets {pattern!r} is neither a preset {presets} nor a valid regex ({e})") from e
     return [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(n)]
 
 
-_LM_LAYER = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
-_LM_NORM = re.compile(r"(?:^|\.)language_model\.norm(?:\.|$)")
+# every family's language-model attribute (Qwen: language_model, Idefics3: text_model), by name
+_LM = "|".join(sorted({re.escape(a.language_model_attr) for a in backbones.ADAPTERS}))
+_LM_LAYER = re.compile(rf"(?:^|\.)(?:{_LM})\.layers\.(\d+)\.")
+_LM_NORM = re.compile(rf"(?:^|\.)(?:{_LM})\.norm(?:\.|$)")
+# every family's vision tower (+ projector) prefixes inside the HF base model (Qwen: visual.)
+VISION_PREFIXES = tuple(sorted({p for a in backbones.ADAPTERS for p in a.vision_prefixes}))
 
 
 def past_the_features(name: str, feature_layer: int, num_layers: int) -> bool:
@@ -89,8 +96,13 @@ def _unreached(policy: nn.Module):
 
 
 def is_vision_param(name: str) -> bool:
-    """Whether a VLAPolicy parameter name lies in the backbone's vision tower."""
-    return name.startswith(HF_BASE_PREFIX + "visual.")
+    """Whether a VLAPolicy parameter name lies in the backbone's vision tower (any family's `vision_prefixes`)."""
+    return name.startswith(HF_BASE_PREFIX) and is_vision_base_param(name[len(HF_BASE_PREFIX) :])
+
+
+def is_vision_base_param(name: str) -> bool:
+    """Whether an HF base-model parameter name lies in the vision tower or its projector."""
+    return name.startswith(VISION_PREFIXES)
 
 
 def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
@@ -111,20 +123,22 @@ def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
     for n, p in base.named_parameters():
         p.requires_grad_(cfg.mode == "full" and not unreached(n))
     if cfg.full_vision:
-        if not any(n.startswith("visual.") for n, _ in base.named_parameters()):
-            raise FinetuneError("--model.finetune.full-vision: this backbone has no `visual` tower")
+        if not any(is_vision_base_param(n) for n, _ in base.named_parameters()):
+            raise FinetuneError(f"--model.finetune.full-vision: this backbone has no vision tower {VISION_PREFIXES}")
         for n, p in base.named_parameters():
-            if n.startswith("visual."):
+            if is_vision_base_param(n):
                 p.requires_grad_(True)
     if cfg.mode == "lora":
         if any(is_lora_param(n) for n, _ in base.named_parameters()):
             raise FinetuneError("LoRA adapters are already injected into this backbone")
-        matched = matched_lora_targets(base, cfg.lora_target_modules)
+        family = policy.backbone.family
+        matched = matched_lora_targets(base, cfg.lora_target_modules, family)
         if not matched:
             raise FinetuneError(
                 f"--lora-targets {cfg.lora_target_modules!r} matches no Linear module of the backbone. "
-                f"Use a preset {sorted(LORA_TARGET_PRESETS)} or a regex over full module names such as "
-                "'language_model.layers.0.self_attn.q_proj' or 'visual.blocks.0.attn.qkv'."
+                f"Use a preset {sorted(family.lora_presets)} or a regex over full module names such as "
+                f"'{family.language_model_attr}.layers.0.self_attn.q_proj' (the language model) or a name under "
+                f"{family.vision_prefixes} (the vision tower)."
             )
         targets = [n for n in matched if not unreached(n)]
         layer = policy.backbone.cfg.feature_layer
@@ -147,7 +161,7 @@ def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
         # the exact Linear names: PEFT never touches a module the preset/regex did not intend
         inject_adapter_in_model(lora_config(cfg, targets), base, adapter_name=ADAPTER_NAME)
         for n, p in base.named_parameters():
-            p.requires_grad_(is_lora_param(n) or (cfg.full_vision and n.startswith("visual.")))
+            p.requires_grad_(is_lora_param(n) or (cfg.full_vision and is_vision_base_param(n)))
         logger.info("LoRA r=%d alpha=%d on %d modules", cfg.lora_r, cfg.lora_alpha, len(targets))
 
 

@@ -86,7 +86,9 @@ def save_pretrained(
             )
             lcfg = finetune.lora_config(cfg.model.finetune).to_dict()
             lcfg["base_model_name_or_path"] = cfg.model.backbone.vl_model
-            lcfg["target_modules"] = finetune.lora_target_regex(cfg.model.finetune.lora_target_modules)
+            lcfg["target_modules"] = finetune.lora_target_regex(
+                cfg.model.finetune.lora_target_modules, policy.backbone.family
+            )
             lcfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lcfg.items()}
             (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(lcfg, indent=2, default=str))
         if norm_stats is not None:

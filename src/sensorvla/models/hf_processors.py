@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
+from sensorvla.models.backbones.base import BackboneLoadError  # noqa: F401  (re-exported: its old home)
+
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):  # noqa: N801 (HF naming)
     """Qwen2.5-VL processor without a video processor (which would need torchvision)."""
@@ -36,10 +38,6 @@ IMAGE_ONLY_PROCESSORS = {
     "qwen2_vl": ImageOnlyQwen2VLProcessor,
     "qwen3_vl": ImageOnlyQwen3VLProcessor,
 }
-
-
-class BackboneLoadError(OSError):
-    """The backbone or its processor cannot be loaded; the message says how to fix it."""
 
 
 def make_image_processor(patch_size: int, min_pixels: int, max_pixels: int):

@@ -2,7 +2,7 @@
 
 raw sample (docs/interfaces.md section 1, numpy, physical units)
   -> (training only) image augmentation: random shift + colour jitter (`data/augment.py`)
-  -> chat template (V image entries + instruction) -> Qwen processor      (skipped for cached VL features)
+  -> chat template (V image entries + instruction) -> the family's processor (skipped for cached VL features)
   -> + the data side (`sensorvla.data.transforms.normalize_sample`): state / sensor / actions normalized
      with the checkpoint's NormStats
   -> per-sample torch tensors; `collate` pads tokens and stacks the rest into a model batch (section 3).
@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from sensorvla.data.transforms import normalize_sample, stack
+from sensorvla.models import backbones
 from sensorvla.models.backbone import collate_vl, process_sample
 
-VL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+VL_KEYS = backbones.input_keys()  # every family's model-input keys (models/backbones/)
 
 
 class PolicyProcessor:
@@ -28,7 +29,8 @@ class PolicyProcessor:
 
     Args:
         normalizer: `sensorvla.data.normalize.Normalizer` built from the checkpoint's NormStats.
-        processor: the Qwen-VL processor, or None to skip images (features come from the VL cache).
+        processor: the backbone's processor (`backbone.load_processor`), or None to skip images (features come
+            from the VL cache).
         prompt_template: `--model.backbone.prompt-template`.
         state_dim: D_st; 0 drops the state.
         augment: an `ImageAugment` for training; None (the default, and always in PolicyRunner) = off.

@@ -53,7 +53,7 @@ def _read_arch(name: str) -> dict[str, Any]:
 def load_arch(path_or_id: str) -> dict[str, Any]:
     """The shipped record: `config` (config.json as published), `preprocessor_config`, `published_num_parameters`
     and `_source`. Raises BackboneLoadError naming the available models."""
-    from sensorvla.models.hf_processors import BackboneLoadError
+    from sensorvla.models.backbones.base import BackboneLoadError
 
     name = hub_id(path_or_id)
     if not has_arch(name):
@@ -132,7 +132,8 @@ def random_processor(path_or_id: str, *, min_pixels: int, max_pixels: int):
     config (min/max pixels, as `load_processor` applies them), and a local tokenizer with the real special ids."""
     from transformers import Qwen2VLImageProcessorPil
 
-    from sensorvla.models.hf_processors import IMAGE_ONLY_PROCESSORS, BackboneLoadError
+    from sensorvla.models.backbones.base import BackboneLoadError
+    from sensorvla.models.hf_processors import IMAGE_ONLY_PROCESSORS
     from sensorvla.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
     arch = load_arch(path_or_id)

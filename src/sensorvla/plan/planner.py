@@ -112,16 +112,24 @@ def _meta_vl(cfg: SensorVLAConfig, dtype: torch.dtype, notes: list[str]):
 
 
 def _processor(cfg: SensorVLAConfig):
-    from sensorvla.models import random_vl
+    from sensorvla.models import backbones, random_vl
     from sensorvla.models.backbone import BackboneLoadError, load_processor
 
     bb = cfg.model.backbone
     try:
-        return load_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels, revision=bb.revision)
+        proc = load_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels, revision=bb.revision)
     except BackboneLoadError:
         if not random_vl.has_arch(bb.vl_model):
             raise
         return random_vl.random_processor(bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels)
+    family = backbones.family_of_processor(proc)
+    if not family.plannable:
+        plannable = [t for f in backbones.ADAPTERS if f.plannable for t in f.model_types]
+        raise BackboneLoadError(
+            f"{bb.vl_model!r} is a {family.name} model: the memory planner models the blocks of {plannable} only "
+            "(plan/activations.py); measure a real run's memory instead"
+        )
+    return proc
 
 
 def resolve(
