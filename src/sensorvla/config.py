@@ -406,7 +406,9 @@ class TrainConfig:
 class RuntimeConfig:
     """How the process runs the model (no effect on the results beyond float rounding)."""
 
-    #: torch.compile the sensor encoder and the action head, for training and inference (runtime.compile_policy).
+    #: Compile the sensor encoder and the action head: training and CUDA inference through torch.compile
+    #: (runtime.compile_policy); CPU inference exports the per-call work (torch.export + AOTInductor,
+    #: inference/tick.py; its first call compiles, tens of seconds).
     compile: bool = False
 
 
