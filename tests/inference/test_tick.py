@@ -68,9 +68,18 @@ def has_cxx() -> bool:
 def test_compiled_runner_equals_eager_runner(tiny_vl_dir, head):
     """`PolicyRunner(compile_model=True)` on CPU: AOTInductor's library, over a run of calls (new samples, a
     changed instruction: another number of VL tokens), gives the eager runner's actions."""
-    eager = _runner(tiny_vl_dir, head, 1, "fast_slow", "cpu", 33, 56, (3, 2))
-    compiled = PolicyRunner(
-        eager.policy, eager.cfg, eager.normalizer, eager.processor, vl_refresh_every=2, compile_model=True
+    base = _runner(tiny_vl_dir, head, 1, "fast_slow", "cpu", 33, 56, (3, 2))
+    eager, compiled = (
+        PolicyRunner(
+            base.policy,
+            base.cfg,
+            base.normalizer,
+            base.processor,
+            vl_refresh_every=2,
+            max_vl_age_s=1e9,
+            compile_model=c,
+        )
+        for c in (False, True)
     )
     obs = _obs(1, 33, 56, np.random.default_rng(0))
     rng = np.random.default_rng(1)
@@ -80,5 +89,6 @@ def test_compiled_runner_equals_eager_runner(tiny_vl_dir, head):
         if i == 2:
             obs["instruction"] = "insert the needle slowly into the second layer"
         want, got = eager.infer(obs), compiled.infer(obs)
-        np.testing.assert_allclose(got["actions"], want["actions"], atol=1e-5, rtol=1e-5)
-    assert compiled._exported is not None
+        assert got["vl_fresh"] == want["vl_fresh"] == (i % 2 == 0)
+        np.testing.assert_allclose(got["actions"], want["actions"], atol=1e-5, rtol=1e-5, err_msg=f"call {i}")
+    assert compiled._exported is not None and eager._exported is None
