@@ -81,6 +81,9 @@ def test_compiled_runner_equals_eager_runner(tiny_vl_dir, head):
         )
         for c in (False, True)
     )
+    assert compiled.compiles and not eager.compiles
+    compiled.warm_up()  # exports and compiles before the first request
+    assert compiled._exported is not None and compiled.session._vl is None
     obs = _obs(1, 33, 56, np.random.default_rng(0))
     rng = np.random.default_rng(1)
     for i in range(4):
@@ -92,3 +95,11 @@ def test_compiled_runner_equals_eager_runner(tiny_vl_dir, head):
         assert got["vl_fresh"] == want["vl_fresh"] == (i % 2 == 0)
         np.testing.assert_allclose(got["actions"], want["actions"], atol=1e-5, rtol=1e-5, err_msg=f"call {i}")
     assert compiled._exported is not None and eager._exported is None
+
+
+def test_warm_up_runs_a_call_and_leaves_the_default_session(tiny_vl_dir):
+    """`warm_up` (what `sensorvla serve --runtime.compile` calls before serving) runs one VL pass and one tick on a
+    blank observation in a throwaway session; the default session keeps no features and no samples."""
+    runner = _runner(tiny_vl_dir, "regression", 1, "fast_slow", "cpu", 33, 56, (3, 2))
+    assert runner.warm_up() > 0 and runner.vl_calls == 1
+    assert runner.session._vl is None and len(runner.session.history) == 0

@@ -202,6 +202,30 @@ class PolicyRunner:
         `RequestChecker.check`. Raises `LimitExceededError` / `ObservationError`."""
         return self.checker.check(obs)
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the per-call model work runs as an exported, compiled graph (`compile_model` on CPU)."""
+        return self._compile_tick
+
+    def warm_up(self) -> float:
+        """One call on a blank observation (no sensor samples) in a throwaway session: the first VL pass and, when
+        `compiles`, the tick's export and compile (tens of seconds) happen now, not in a client's first request.
+        Returns the seconds it took; the default session is untouched."""
+        m = self.cfg.model
+        side = 2 * self.checker.min_side
+        obs = {
+            "images": np.zeros((m.num_views, side, side, 3), np.uint8),
+            "state": np.zeros(m.state_dim, np.float32),
+            "instruction": "warm up",
+        }
+        t0 = time.perf_counter()
+        session = self.new_session()
+        try:
+            session.infer(obs)
+        finally:
+            session.close()
+        return time.perf_counter() - t0
+
     # --- sessions ----------------------------------------------------------------------------------
     def new_session(self) -> RunnerSession:
         """Fresh per-episode state (VL features, sensor history) over the shared model."""
