@@ -1,10 +1,11 @@
-"""Benchmark CLI: `python benchmarks/run.py {data,train,vl_modes,serving,latency,plan,fuzz,hostile,cnn,contact,all}`
-prints JSON/markdown results.
+"""Benchmark CLI: `python benchmarks/run.py {data,train,vl_modes,serving,latency,plan,all}` or one of
+{tick,fuzz,hostile,cnn,contact}; prints JSON/markdown results.
 
-`fuzz` (10,000 hostile payloads against a real server, a few minutes), `hostile` (other clients' round trips while
-one sends the messages of issue 19, and the server's memory under 16 concurrent maximum-size frames), `cnn` (the
-CNN reference policy, trained for several wall-clock budgets and rolled out) and `contact` (the MuJoCo contact
-tasks' expert rates and costs; needs sensorvla[sim]) run only when named.
+`tick` (the sensor-rate loop with the per-call model work eager and compiled, side by side; `tick diffusion flow`
+for the sampling heads), `fuzz` (10,000 hostile payloads against a real server, a few minutes), `hostile` (other
+clients' round trips while one sends the messages of issue 19, and the server's memory under 16 concurrent
+maximum-size frames), `cnn` (the CNN reference policy, trained for several wall-clock budgets and rolled out) and
+`contact` (the MuJoCo contact tasks' expert rates and costs; needs sensorvla[sim]) run only when named.
 
 Each benchmark measures the quantities it compares side by side in one run and reports ratios, because
 these machines are noisy. The README's figures are copied from this command's output.
@@ -44,6 +45,10 @@ def main(argv: list[str]) -> int:
         rows = run_suite(iters=30, threads=(1, 2))
         print(format_table(rows, with_targets=True))
         results["latency"] = rows
+    if which == "tick":
+        mod = _load("bench_tick")
+        results["tick"] = mod.run(tuple(argv[1:]) or ("regression",))
+        print(mod.format_table(results["tick"]))
     if which == "fuzz":
         mod = _load("bench_fuzz")
         results["fuzz"] = mod.run()
@@ -71,8 +76,8 @@ def main(argv: list[str]) -> int:
         results["plan"] = _load("bench_plan").run()
     if not results:
         print(
-            f"unknown benchmark {which!r}; choose data, train, vl_modes, serving, latency, plan, fuzz, hostile, cnn, "
-            "contact or all",
+            f"unknown benchmark {which!r}; choose data, train, vl_modes, serving, latency, plan, tick, fuzz, hostile, "
+            "cnn, contact or all",
             file=sys.stderr,
         )
         return 2

@@ -1,7 +1,8 @@
 """Typed configuration: the single source of truth for model, data, training stage, head and runtime.
 
 Every checkpoint stores the resolved `SensorVLAConfig` as JSON; `SensorVLAConfig.from_dict(cfg.to_dict())`
-gives an equal object. Loading checks every value's type against the field's annotation. `validate()`
+gives an equal object. Loading checks every value's type against the field's annotation (pydantic, strict JSON
+types; its errors are translated into `ConfigError`s naming the key and the flag). `validate()`
 (called by the CLI and trainer before any distributed init) also applies the stage defaults, so
 `train(cfg)` from Python, a JSON config and the CLI behave alike; every error names the flag to change.
 This module touches no file on import. Each field's `#:` comment (directly above it) is its documentation and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import types
@@ -404,7 +406,9 @@ class TrainConfig:
 class RuntimeConfig:
     """How the process runs the model (no effect on the results beyond float rounding)."""
 
-    #: torch.compile the sensor encoder and the action head, for training and inference (runtime.compile_policy).
+    #: Compile the sensor encoder and the action head: training and CUDA inference through torch.compile
+    #: (runtime.compile_policy); CPU inference exports the per-call work (torch.export + AOTInductor,
+    #: inference/tick.py; its first call compiles, tens of seconds).
     compile: bool = False
 
 
@@ -460,32 +464,96 @@ def section_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T
     return _from_dict(cls, data, prefix)
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config section '{prefix.rstrip('.') or 'root'}' must be a JSON object, got {data!r} "
-            f"({type(data).__name__}); fix the config file"
-        )
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config keys {[prefix + k for k in unknown]}; valid keys: {sorted(names)}. "
-            "Remove them or fix the spelling."
-        )
-    kwargs = {}
+# Loading is pydantic's (`TypeAdapter` over these dataclasses): strict JSON types (an int is a float, a list is a tuple;
+# "8" is no int and true no number), unknown keys refused. Its errors become `ConfigError`s naming the key and the flag.
+STRICT = {"strict": True, "extra": "forbid"}  # a pydantic `ConfigDict`, set on every section class when first loaded
+
+
+def _sections(hint: Any) -> list[type]:
+    """The dataclasses in annotation `hint`: itself, its fields' and their arguments' (tuple[X, ...], X | None)."""
+    if dataclasses.is_dataclass(hint):
+        found = [hint]
+        for sub in typing.get_type_hints(hint).values():
+            found += [c for c in _sections(sub) if c not in found]
+        return found
+    return [c for arg in typing.get_args(hint) for c in _sections(arg)]
+
+
+@functools.cache
+def _adapter(hint: Any):
+    """pydantic's strict validator of annotation `hint` (a section class or a field's type)."""
+    from pydantic import TypeAdapter
+
+    for section in _sections(hint):
+        section.__pydantic_config__ = STRICT
+    return TypeAdapter(hint) if _sections(hint) else TypeAdapter(hint, config=STRICT)
+
+
+def _as_json(value: Any) -> str:
+    """`value` as JSON for the validator: numpy scalars as numbers, other unknown objects (a `Path`) as strings."""
+    return json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+
+
+def _with_legacy(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A copy of `data` with each `LEGACY_VALUES` key that its section lacks (the section present) filled in."""
+    data = copy.deepcopy(data)
     for key, value in LEGACY_VALUES.items():
-        section, _, leaf = key.rpartition(".")
-        if f"{section}." == prefix and leaf not in data:
-            kwargs[leaf] = value
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _from_dict(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = coerce(value, hint, prefix + name)
-    return cls(**kwargs)
+        if not key.startswith(prefix):
+            continue
+        *parents, leaf = key[len(prefix) :].split(".")
+        section = data
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf not in section:
+            section[leaf] = value
+    return data
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """The section `cls` of `data`, validated by pydantic; `ConfigError` naming the key (`_config_error`)."""
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        raise _section_error(prefix.rstrip("."), data)
+    data = _with_legacy(data, prefix)
+    try:
+        return _adapter(cls).validate_json(_as_json(data))
+    except ValidationError as e:
+        raise _config_error(cls, data, e.errors(), prefix) from None
+
+
+def _section_error(key: str, value: Any) -> ConfigError:
+    return ConfigError(
+        f"config section '{key or 'root'}' must be a JSON object, got {value!r} ({type(value).__name__}); "
+        "fix the config file"
+    )
+
+
+def _config_error(cls: type, data: dict[str, Any], errors: list[dict], prefix: str) -> ConfigError:
+    """The first of pydantic's `errors` as our message: unknown keys (all of that section), a section that is not an
+    object, a value off its annotation (the field's whole value, its type and the flag to set)."""
+    unknown = [e["loc"] for e in errors if e["type"] == "unexpected_keyword_argument"]
+    loc = unknown[0] if unknown else errors[0]["loc"]
+    section, hint, value, path = cls, cls, data, []
+    for part in loc:  # down the sections (and lists of sections) to the field that failed
+        args = typing.get_args(section)
+        if isinstance(part, int) and isinstance(value, list) and args and dataclasses.is_dataclass(args[0]):
+            section, value, path = args[0], value[part], [*path, str(part)]  # an entry of tuple[Section, ...]
+            continue
+        if not (dataclasses.is_dataclass(section) and isinstance(part, str) and isinstance(value, dict)):
+            break
+        if part not in {f.name for f in dataclasses.fields(section)}:
+            break
+        hint, value, path = typing.get_type_hints(section)[part], value.get(part), [*path, part]
+        section = hint
+    key = prefix + ".".join(path)
+    if unknown:
+        names = sorted(f.name for f in dataclasses.fields(section))
+        keys = sorted(prefix + ".".join(map(str, u)) for u in unknown if list(map(str, u[:-1])) == path)
+        return ConfigError(f"unknown config keys {keys}; valid keys: {names}. Remove them or fix the spelling.")
+    if dataclasses.is_dataclass(hint):
+        return _section_error(key.rstrip("."), value)
+    return _value_error(key, value, hint)
 
 
 def _flag(key: str) -> str:
@@ -508,89 +576,45 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-class _MismatchError(Exception):
-    """Internal: a value does not fit an annotation."""
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """`value` converted to `hint` (int -> float, list -> tuple), or `_MismatchError`. bool is never an int."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        for option in typing.get_args(hint):
-            if type(value) is type(option) and value == option:
-                return value
-        raise _MismatchError
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a)
-            except _MismatchError:
-                continue
-        raise _MismatchError
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _MismatchError
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if len(args) != len(value):
-            raise _MismatchError
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _MismatchError
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _MismatchError
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _MismatchError
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _MismatchError
-    return value  # an annotation this checker does not model
+def _value_error(key: str, value: Any, hint: Any) -> ConfigError:
+    """The error of config key `key` holding `value`, off its annotation `hint`."""
+    if typing.get_origin(hint) is Literal:
+        return ConfigError(
+            f"{_flag(key)}={value!r} is not one of {list(typing.get_args(hint))}; set {_flag(key)} to one "
+            f"(config key {key})."
+        )
+    return ConfigError(
+        f"config key {key} ({_flag(key)}) expects {_type_name(hint)}, got {value!r} ({type(value).__name__}); "
+        f"fix the value in the config file or pass {_flag(key)}."
+    )
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against the annotation of config key `key`; raise `ConfigError` naming key, type, value."""
+    """`value` checked against the annotation of config key `key` and converted (int -> float, list -> tuple);
+    `ConfigError` naming key, type and value."""
+    from pydantic import ValidationError
+
     try:
-        return _coerce(value, hint)
-    except _MismatchError:
-        if typing.get_origin(hint) is Literal:
-            raise ConfigError(
-                f"{_flag(key)}={value!r} is not one of {list(typing.get_args(hint))}; set {_flag(key)} to one "
-                f"(config key {key})."
-            ) from None
-        raise ConfigError(
-            f"config key {key} ({_flag(key)}) expects {_type_name(hint)}, got {value!r} ({type(value).__name__}); "
-            f"fix the value in the config file or pass {_flag(key)}."
-        ) from None
+        return _adapter(hint).validate_json(_as_json(value))
+    except ValidationError:
+        raise _value_error(key, value, hint) from None
 
 
 def _check_types(obj: Any, prefix: str) -> None:
     """Type-check (and normalise: int -> float, list -> tuple) every field of a config tree in place."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            if not isinstance(value, hints[f.name]):
-                raise ConfigError(
-                    f"config section {prefix}{f.name} must be a {hints[f.name].__name__}, got {type(value).__name__}"
-                )
-            _check_types(value, f"{prefix}{f.name}.")
+    if not dataclasses.is_dataclass(obj):
+        raise _section_error(prefix.rstrip("."), obj)
+    _assign(obj, _from_dict(type(obj), dataclasses.asdict(obj), prefix))
+
+
+def _assign(dst: Any, src: Any) -> None:
+    """Copy every field of config tree `src` into `dst`, section objects kept (callers may hold them)."""
+    for f in dataclasses.fields(dst):
+        mine, theirs = getattr(dst, f.name), getattr(src, f.name)
+        if dataclasses.is_dataclass(mine) and type(mine) is type(theirs):
+            _assign(mine, theirs)
         else:
-            setattr(obj, f.name, coerce(value, hints[f.name], prefix + f.name))
+            setattr(dst, f.name, theirs)
 
 
 @dataclass(frozen=True)
@@ -824,7 +848,7 @@ def _validate_data(d: DataConfig) -> None:
     if not 0.0 <= a.shift_frac < 0.5 or min(a.brightness, a.contrast, a.saturation) < 0:
         raise ConfigError("--data.augment.shift-frac must be in [0, 0.5) and the jitter strengths >= 0")
     for spec in d.mixture:
-        _parse_mixture(spec)
+        parse_mixture(spec)
     if not 0 <= d.sensor_clip_quantile < 0.5:
         raise ConfigError(f"--data.sensor-clip-quantile must be in [0, 0.5), got {d.sensor_clip_quantile}")
     if d.sensor_log_scale < 0 or d.timestamp_tolerance_s <= 0:
@@ -909,7 +933,8 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--sensor_loss_weight must be >= 0")
 
 
-def _parse_mixture(spec: str) -> tuple[str, float]:
+def parse_mixture(spec: str) -> tuple[str, float]:
+    """A `--data.mixture` entry 'path/to/dataset:weight' -> (path, weight > 0); `ConfigError` otherwise."""
     path, sep, weight = spec.rpartition(":")
     try:
         w = float(weight)
@@ -918,6 +943,3 @@ def _parse_mixture(spec: str) -> tuple[str, float]:
     if not sep or not path or w <= 0:
         raise ConfigError(f"--data.mixture entry {spec!r} must look like 'path/to/dataset:weight' with weight > 0")
     return path, w
-
-
-parse_mixture = _parse_mixture

@@ -137,7 +137,8 @@ def cpu_seconds() -> float:
 
 
 def compile_policy(policy, *, training: bool, **compile_kwargs) -> None:
-    """`torch.compile` the sensor encoder and the action head of a `VLAPolicy` in place (`--runtime.compile`).
+    """`torch.compile` the sensor encoder and the action head of a `VLAPolicy` in place (`--runtime.compile`): training,
+    and inference on CUDA (on CPU the runner exports its per-call work instead, inference/tick.py: measured faster).
 
     Modules are compiled with `nn.Module.compile`, so parameter names and checkpoint keys do not change.
     Training compiles the modules' forwards (the loss path); inference also compiles the sampling step

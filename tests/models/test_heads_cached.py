@@ -83,7 +83,8 @@ def test_ddim_update_is_bit_equal_to_the_rederived_one(steps):
     head = make("diffusion", steps)
     g = torch.Generator().manual_seed(3)
     eps = [torch.randn(B, 6, 4, generator=g) * 10 for _ in range(steps)]
-    got = head.integrate(lambda x, i, t: eps[i], B, torch.zeros(()), torch.Generator().manual_seed(0), steps)
+    noise = head.noise(B, torch.zeros(()), torch.Generator().manual_seed(0))
+    got = head.integrate(lambda x, i, t: eps[i], noise, steps)
     sched = DDIMScheduler.from_config(head.sample_scheduler.config)
     sched.set_timesteps(steps)
     x = torch.randn(B, 6, 4, generator=torch.Generator().manual_seed(0))

@@ -70,6 +70,7 @@ def serve(
         limits=limits,
         max_gap_s=sensor_max_gap_s,
     )
+    _compile_before_serving(runner)
     try:
         server = PolicyServer(
             runner,
@@ -87,6 +88,13 @@ def serve(
     server.run_forever()
     exit_now(0)
     return 0
+
+
+def _compile_before_serving(runner) -> None:
+    """With `--runtime.compile` (a runner that `compiles`): export and compile now, not in the first request."""
+    if getattr(runner, "compiles", False):
+        print("[sensorvla] compiling the policy's per-call work (torch.export + AOTInductor) ...", file=sys.stderr)
+        print(f"[sensorvla] compiled in {runner.warm_up():.1f} s", file=sys.stderr, flush=True)
 
 
 def _check_access(host: str, token: str | None) -> None:

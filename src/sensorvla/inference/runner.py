@@ -24,6 +24,7 @@ import torch
 from sensorvla.data.timeline import SensorWindow
 from sensorvla.inference.checks import RequestChecker, RequestLimits
 from sensorvla.inference.sensor_history import SensorHistory
+from sensorvla.inference.tick import FastTick, TickInputs, export_tick, starting_noise
 from sensorvla.serving.protocol import NonFiniteOutputError, ObservationError
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ class PolicyRunner:
         limits: work bounds per request (`RequestLimits()` by default).
         max_gap_s: sensor gap tolerance; None = the dataset's rule used in training (`default_max_gap_s`).
         clock: monotonic clock in seconds for the VL feature age (injectable for tests).
-        compile_model: `torch.compile` the sensor encoder and head (`runtime.compile_policy`); None = the
-            config's `--runtime.compile`.
+        compile_model: compile the per-call model work: on CPU `FastTick` exported and compiled ahead of time with
+            AOTInductor on the first call (`inference/tick.py`; needs a C++ compiler), on CUDA `torch.compile` of
+            the sensor encoder and head (`runtime.compile_policy`); None = the config's `--runtime.compile`.
     """
 
     def __init__(
@@ -106,7 +108,15 @@ class PolicyRunner:
         # (VLFeatures, VL mask, fused VL projection, the head's Memory of it | None) of the last head step; replaced
         # as a whole (thread-safe)
         self._vl_projected: tuple[Any, torch.Tensor, torch.Tensor, Any] | None = None
-        if compile_model if compile_model is not None else getattr(getattr(cfg, "runtime", None), "compile", False):
+        self.tick = FastTick(self.policy)
+        if compile_model is None:
+            compile_model = getattr(getattr(cfg, "runtime", None), "compile", False)
+        # on CPU the tick is exported and compiled ahead of time (AOTInductor, on the first call: `export_tick`);
+        # on CUDA the sensor encoder and head go through `torch.compile` (`runtime.compile_policy`)
+        self._compile_tick = bool(compile_model) and self.device.type == "cpu"
+        self._exported = None
+        self._export_lock = threading.Lock()
+        if compile_model and not self._compile_tick:
             from sensorvla.runtime import compile_policy
 
             compile_policy(self.policy, training=False)
@@ -192,6 +202,30 @@ class PolicyRunner:
         `RequestChecker.check`. Raises `LimitExceededError` / `ObservationError`."""
         return self.checker.check(obs)
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the per-call model work runs as an exported, compiled graph (`compile_model` on CPU)."""
+        return self._compile_tick
+
+    def warm_up(self) -> float:
+        """One call on a blank observation (no sensor samples) in a throwaway session: the first VL pass and, when
+        `compiles`, the tick's export and compile (tens of seconds) happen now, not in a client's first request.
+        Returns the seconds it took; the default session is untouched."""
+        m = self.cfg.model
+        side = 2 * self.checker.min_side
+        obs = {
+            "images": np.zeros((m.num_views, side, side, 3), np.uint8),
+            "state": np.zeros(m.state_dim, np.float32),
+            "instruction": "warm up",
+        }
+        t0 = time.perf_counter()
+        session = self.new_session()
+        try:
+            session.infer(obs)
+        finally:
+            session.close()
+        return time.perf_counter() - t0
+
     # --- sessions ----------------------------------------------------------------------------------
     def new_session(self) -> RunnerSession:
         """Fresh per-episode state (VL features, sensor history) over the shared model."""
@@ -276,7 +310,8 @@ class PolicyRunner:
 
         What depends on the VL features alone is computed once per features and reused while they are (fast-slow
         mode): their projection and, where the fusion keeps the VL tokens as they are (concat, gated), the head's
-        `Memory` of them, so a fast tick projects keys and values for the sensor and state tokens only."""
+        `Memory` of them, so a fast tick projects keys and values for the sensor and state tokens only. The rest is
+        `FastTick`: eager, or one compiled graph (`compile_model` on CPU; its time is all in `head_ms`)."""
         pol = self.policy
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -294,31 +329,33 @@ class PolicyRunner:
             _, vl_mask, v_proj, v_mem = cached
             self.sync()
             t2 = time.perf_counter()
-            s_tok = s_mask = None
-            if pol.sensor_encoder is not None:
-                s_tok, s_mask = pol.sensor_encoder(
-                    batch["sensor"].float(), batch["sensor_mask"].bool(), batch["has_sensor"].bool()
-                )
-            self.sync()
-            t3 = time.perf_counter()
-            state = batch.get("state") if self.cfg.model.state_dim else None
-            v, tail, tail_mask = pol.fusion.parts(
-                v_proj, vl_mask, s_tok, s_mask, None if state is None else state.float()
-            )
-            if v_mem is None:  # the fusion changed the VL tokens: the whole conditioning's memory
-                cond = v if tail is None else torch.cat([v, tail], dim=1)
-                mask = vl_mask.bool() if tail is None else torch.cat([vl_mask.bool(), tail_mask], dim=1)
-                memory = pol.head.memory(cond, mask)
-            else:
-                memory = v_mem if tail is None else v_mem.cat(pol.head.memory(tail, tail_mask))
             gen = None
             if self.generator_seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)
-            chunk = pol.head.sample_memory(memory, generator=gen)
+            noise = starting_noise(pol, v_proj, gen)
+            state = batch.get("state") if self.cfg.model.state_dim else None
+            sensor = (batch["sensor"], batch["sensor_mask"], batch["has_sensor"])
+            if self._compile_tick:
+                mem = None if v_mem is None else tuple(v_mem)  # a plain tuple: the exported graph's input
+                chunk = self._compiled_tick((*sensor, state, v_proj, vl_mask, mem, noise))
+                t3 = t2
+            else:
+                s_tok, s_mask = self.tick.sensor(*sensor)
+                self.sync()
+                t3 = time.perf_counter()
+                chunk = self.tick.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)
         self.sync()
         t4 = time.perf_counter()
         times = {"vl_ms": (t2 - t1) * 1e3, "sensor_ms": (t3 - t2) * 1e3, "head_ms": (t4 - t3) * 1e3}
         return chunk[0].float().cpu().numpy(), times
+
+    def _compiled_tick(self, inputs: TickInputs) -> torch.Tensor:
+        """The tick through its AOTInductor library, exported and compiled on the first call (`export_tick`)."""
+        if self._exported is None:
+            with self._export_lock:
+                if self._exported is None:
+                    self._exported = export_tick(self.tick, inputs)
+        return self._exported(*inputs)
 
 
 class RunnerSession:

@@ -51,11 +51,20 @@ class AScanEncoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.proj = nn.Linear(channels * 2, out_dim)
 
-    # eager under --runtime.compile: inductor's CPU backward of this conv stack gave NaN conv gradients
-    # (torch 2.13, tests/models/test_heads_compile.py); its cost is small next to the Transformer layers
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A-scan profiles (N, L) -> features (N, out_dim)."""
+        """A-scan profiles (N, L) -> features (N, out_dim). With gradients it runs eagerly under `torch.compile`
+        (inductor's CPU backward of this conv stack gave NaN conv gradients, torch 2.13,
+        tests/models/test_heads_compile.py); inference graphs (`torch.export`, inference/tick.py) include it."""
+        if torch.is_grad_enabled():
+            return self._eager(x)
+        return self.features(x)
+
+    @torch.compiler.disable
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv stack and pooling of `forward`, (N, L) -> (N, out_dim)."""
         h = x.unsqueeze(1)
         small = not torch.is_grad_enabled() and h.shape[0] <= UNFOLD_MAX_ROWS
         for layer in self.conv:  # (N, ch, L')
@@ -125,7 +134,9 @@ class SensorEncoder(nn.Module):
         valid = sensor_mask.bool() & has_sensor.bool()[:, None]
         present = valid.any(dim=1)
         kpm = ~valid
-        kpm[~present, 0] = False
-        if kpm.device.type != "meta" and not bool(kpm.any()):  # all measured (the common case): no mask
+        kpm[:, 0] &= present
+        # eager: no mask when all are measured (the common case); a traced graph keeps it (no data-dependent branch)
+        static = kpm.device.type == "meta" or torch.compiler.is_compiling()
+        if not static and not bool(kpm.any()):
             kpm = None
         return valid, present, kpm

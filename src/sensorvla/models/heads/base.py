@@ -68,9 +68,14 @@ class ActionHead(nn.Module):
         raise NotImplementedError
 
     def sample_memory(
-        self, memory: Memory, generator: torch.Generator | None = None, num_steps: int | None = None
+        self,
+        memory: Memory,
+        generator: torch.Generator | None = None,
+        num_steps: int | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """A `memory` -> actions (B, H, D_a)."""
+        """A `memory` -> actions (B, H, D_a); a sampling head starts from `noise` when given (else it draws it with
+        `generator`)."""
         raise NotImplementedError
 
     def sample(
@@ -90,8 +95,8 @@ class DenoisingHead(ActionHead):
     prefix): `sample` runs `integrate` from noise over the network's per-step output, through its step path
     (`memory` -> `context` once per call, `step` per step), or with dropout active the training forward.
 
-    Subclasses give `step_times(num_steps, device)` (S,) and `integrate(fn, b, like, generator, num_steps)`, the
-    loop that calls `fn(x, i, t)` once per step."""
+    Subclasses give `step_times(num_steps, device)` (S,) and `integrate(fn, x, num_steps)`, the loop from the
+    starting noise x (`noise`) that calls `fn(x, i, t)` once per step."""
 
     net_attr = "denoiser"
 
@@ -104,8 +109,15 @@ class DenoisingHead(ActionHead):
         """The (S,) times the network is evaluated at, in sampling order."""
         raise NotImplementedError
 
-    def integrate(self, fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
-        """From noise (b, H, D_a) drawn with `generator` (dtype / device of `like`), the sampler's loop over `fn`."""
+    def noise(self, b: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The sampler's starting noise (b, H, D_a), drawn with `generator` (on its device; None = the global RNG),
+        in the dtype and on the device of `like`."""
+        dev = generator.device if generator is not None else like.device
+        x = torch.randn((b, self.horizon, self.action_dim), generator=generator, device=dev)
+        return x.to(like.device, like.dtype)
+
+    def integrate(self, fn, x: torch.Tensor, num_steps) -> torch.Tensor:
+        """From the starting noise x (b, H, D_a) (`noise`), the sampler's loop over `fn`."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -114,7 +126,8 @@ class DenoisingHead(ActionHead):
         net = self.net
         if not net.uses_step_path():  # dropout active: the training forward at every step
             b = cond.shape[0]
-            return self.integrate(lambda x, i, t: net(x, t.expand(b), cond, cond_mask), b, cond, generator, num_steps)
+            x = self.noise(b, cond, generator)
+            return self.integrate(lambda x, i, t: net(x, t.expand(b), cond, cond_mask), x, num_steps)
         return self.sample_memory(self.memory(cond, cond_mask), generator, num_steps)
 
     def memory(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> Memory:
@@ -122,13 +135,14 @@ class DenoisingHead(ActionHead):
         return self.net.memory(cond, cond_mask)
 
     @torch.no_grad()
-    def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
-        """Sampling over a precomputed `memory` -> actions (B, H, D_a)."""
+    def sample_memory(self, memory: Memory, generator=None, num_steps=None, noise=None) -> torch.Tensor:
+        """Sampling over a precomputed `memory` -> actions (B, H, D_a), from `noise` (B, H, D_a) when given (an
+        exported graph takes it as an input), else from `noise(B, ..., generator)`."""
         net = self.net
         embs = net.step_embeddings(self.step_times(num_steps, memory.mask.device))
         ctx = net.context(memory)  # once per call
-        b, like = memory.mask.shape[0], memory.keys[0]
-        return self.integrate(lambda x, i, t: net.step(x, embs[i], ctx), b, like, generator, num_steps)
+        x = noise if noise is not None else self.noise(memory.mask.shape[0], memory.keys[0], generator)
+        return self.integrate(lambda x, i, t: net.step(x, embs[i], ctx), x, num_steps)
 
 
 def masked_mean(per_elem: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
@@ -172,7 +186,9 @@ def decode(
     value (the denoiser's timestep term, see `ChunkDenoiser`), or None."""
     _pre_norm(decoder)
     mask = memory.mask if isinstance(memory, Memory) else memory_mask.bool()
-    attn_mask = None if mask.device.type != "meta" and bool(mask.all()) else mask[:, None, None, :]
+    # eager: no mask when every key is valid (the common case); a traced graph keeps it (no data-dependent branch)
+    static = mask.device.type == "meta" or torch.compiler.is_compiling()
+    attn_mask = None if not static and bool(mask.all()) else mask[:, None, None, :]
     h = tgt
     for i, layer in enumerate(decoder.layers):
         if isinstance(layer, FSDPModule):  # an FSDP2 unit: only its own forward all-gathers its parameters

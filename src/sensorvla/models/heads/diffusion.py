@@ -31,6 +31,8 @@ class DiffusionHead(DenoisingHead):
         # "trailing" spacing starts sampling at t = T - 1 (the original started at t = 90 of 100)
         self.sample_scheduler = DDIMScheduler(**common, timestep_spacing="trailing", set_alpha_to_one=True)
         self._ddim_schedulers: dict[int, DDIMScheduler] = {}
+        # their timesteps as ints, read when a scheduler is made (a traced graph sees its tensors as constants)
+        self._ddim_steps: dict[int, list[int]] = {}
 
     def loss(self, cond, cond_mask, actions, action_mask, generator=None):
         """Per-sample noise-prediction loss (B,) at random timesteps, masked over the horizon."""
@@ -55,19 +57,18 @@ class DiffusionHead(DenoisingHead):
             sched.alphas_cumprod = sched.alphas_cumprod.double()
             sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
             self._ddim_schedulers[num_steps] = sched
+            self._ddim_steps[num_steps] = sched.timesteps.tolist()
         return sched
 
     def step_times(self, num_steps: int | None, device) -> torch.Tensor:
         """The DDIM timesteps (S,) long, from T - 1 down."""
         return self.ddim_scheduler(num_steps or self.cfg.num_inference_steps).timesteps.to(device)
 
-    def integrate(self, eps_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
-        """The DDIM (eta = 0) loop from noise drawn with `generator`; `eps_fn(x, i, t)` predicts step i's noise."""
-        shape = (b, self.horizon, self.action_dim)
-        x = torch.randn(shape, generator=generator, device=generator.device if generator else like.device)
-        x = x.to(like.device, like.dtype)
-        sched = self.ddim_scheduler(num_steps or self.cfg.num_inference_steps)
-        timesteps = sched.timesteps.to(like.device)
-        for i, t in enumerate(sched.timesteps.tolist()):
+    def integrate(self, eps_fn, x: torch.Tensor, num_steps) -> torch.Tensor:
+        """The DDIM (eta = 0) loop from the noise x; `eps_fn(x, i, t)` predicts step i's noise."""
+        steps = num_steps or self.cfg.num_inference_steps
+        sched = self.ddim_scheduler(steps)
+        timesteps = sched.timesteps.to(x.device)
+        for i, t in enumerate(self._ddim_steps[steps]):
             x = sched.step(eps_fn(x, i, timesteps[i]), t, x).prev_sample
         return x

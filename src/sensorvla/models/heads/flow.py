@@ -60,18 +60,12 @@ class FlowHead(DenoisingHead):
         dt = -1.0 / steps
         return torch.tensor([1.0 + i * dt for i in range(steps)], device=device) * TIME_SCALE
 
-    def integrate(self, velocity_fn, b: int, like: torch.Tensor, generator, num_steps) -> torch.Tensor:
-        """Euler steps of dt = -1/steps from noise (scaled by `noise_scale`); `velocity_fn(x, i, t)` is step i's v."""
+    def integrate(self, velocity_fn, x: torch.Tensor, num_steps) -> torch.Tensor:
+        """Euler steps of dt = -1/steps from the noise x (scaled by `noise_scale`); `velocity_fn(x, i, t)` is step
+        i's v."""
         steps = num_steps or self.cfg.num_inference_steps
-        x = (
-            torch.randn(
-                (b, self.horizon, self.action_dim),
-                generator=generator,
-                device=generator.device if generator else like.device,
-            ).to(like.device, like.dtype)
-            * self.cfg.noise_scale
-        )
+        x = x * self.cfg.noise_scale
         dt = -1.0 / steps
-        for i, t in enumerate(self.step_times(steps, like.device)):
+        for i, t in enumerate(self.step_times(steps, x.device)):
             x = x + dt * velocity_fn(x, i, t)
         return x

@@ -42,6 +42,6 @@ class RegressionHead(ActionHead):
         """cond (B, N_c, D) + mask -> the decoder's cross-attention keys / values."""
         return decoder_memory(self.decoder, self.cond_proj(cond), cond_mask)
 
-    def sample_memory(self, memory: Memory, generator=None, num_steps=None) -> torch.Tensor:
-        """The regressed chunk (B, H, D_a) from a `memory`; `generator` and `num_steps` are unused."""
+    def sample_memory(self, memory: Memory, generator=None, num_steps=None, noise=None) -> torch.Tensor:
+        """The regressed chunk (B, H, D_a) from a `memory`; `generator`, `num_steps` and `noise` are unused."""
         return self.out(decode(self.decoder, self.queries.expand(memory.mask.shape[0], -1, -1), memory))
