@@ -120,6 +120,11 @@ def test_keypoint_policy_tokens_and_the_all_cache(tmp_path, tiny_vl_dir, synth_d
         "backbone.keypoints.score.weight",
         "backbone.keypoints.log_temperature",
     }
+    d, k = policy.backbone.hidden_size, 4
+    pos, view = _grid_layout(2, cfg.model.num_views, 4, 4)
+    feats = torch.randn(2, pos.shape[1], d)
+    tokens, mask = policy.backbone.project(feats, torch.ones(pos.shape[:2], dtype=torch.bool), pos)
+    assert tokens.shape == (2, cfg.model.num_views * k + 1, d) and mask.shape == (2, cfg.model.num_views * k + 1)
     train(cfg, progress=False)
     rows = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     ref = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
@@ -155,13 +160,17 @@ def test_keypoint_checkpoint_serves_through_the_runner(tmp_path, tiny_vl_dir, sy
     runner = PolicyRunner.from_pretrained(ckpt)
     kp = runner.policy.backbone.keypoints
     assert kp is not None and kp.k == 3
-    assert not torch.allclose(kp.score.weight, KeypointTokens(kp.score.in_features, 2, 3).score.weight)
     v = cfg.model.num_views
+    rng = np.random.default_rng(0)
     obs = {
-        "images": np.zeros((v, 64, 64, 3), np.uint8),
+        "images": rng.integers(0, 255, (v, 64, 64, 3), dtype=np.uint8),
         "state": np.zeros(6, np.float32),
         "instruction": "insert the needle",
         "timestamp": 0.0,
     }
     chunk = runner.infer(obs)["actions"]
     assert np.isfinite(chunk).all() and chunk.shape == (cfg.model.head.horizon, 7)
+    with torch.no_grad():  # the served actions go through the keypoint layer
+        kp.score.weight.mul_(-3.0)
+    runner.reset()
+    assert not np.allclose(runner.infer(obs)["actions"], chunk, atol=1e-5)
