@@ -137,7 +137,8 @@ class DemoSettings:
 # demo's 40 on the MuJoCo peg-in-hole, `sensorvla bench sim`, docs/decisions.md), and a split that trains on all
 # but 10 % for validation. Keypoint tokens (16 per view, a spatial softmax over each view's token map, as the plain
 # CNN reads its feature maps): 40/40 against 35/40 with every token on the MuJoCo peg-in-hole, sensor ablated 40/40
-# against 35/40, at the same budget (docs/decisions.md, "Keypoint tokens").
+# against 35/40, at the same budget; the CNN on those CPU-seconds 34/40 and 36/40 without force (docs/decisions.md,
+# "Keypoint tokens").
 SMALL_DATA = DemoSettings(stage1_epochs=20, stage2_steps=160, keypoints=16)
 _SMALL_SPLIT = {"data.val_fraction": 0.1, "data.test_fraction": 0.0}
 _PIXEL_KEYS = ("model.backbone.min_pixels", "model.backbone.max_pixels")
