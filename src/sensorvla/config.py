@@ -111,6 +111,10 @@ class BackboneConfig:
     grid_size: int = 4
     #: The resampler pooling's number of learned queries (= VL tokens).
     num_queries: int = 8
+    #: K > 0: each view's tokens (token mode all or grid) become K keypoint tokens: a spatial softmax over the view's
+    #: token map (like the plain CNN's readout) gives each keypoint's expected (row, col), continuous, and its weighted
+    #: feature (N_vl = V * K + 1). Trainable, after the cacheable VL pass: a cache built without it serves it. 0 = off.
+    keypoints: int = 0
     #: Hidden layer the VL tokens come from: -1 = the last (after the final norm); 0 = the embeddings (the vision
     #: tower's output at image positions); i = after decoder layer i (GR00T takes a middle one). LoRA adapts only
     #: the layers before it (the ones that reach the features).
@@ -855,6 +859,19 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError("--data.sensor-log-scale must be >= 0 and --data.timestamp-tolerance-s > 0")
 
 
+def _validate_backbone(bb: BackboneConfig) -> None:
+    """The backbone's pixel bounds, grid size and keypoint count."""
+    if bb.min_pixels > bb.max_pixels:
+        raise ConfigError("--model.backbone.min-pixels must be <= --model.backbone.max-pixels")
+    if bb.grid_size <= 0:
+        raise ConfigError(f"--model.backbone.grid-size must be > 0, got {bb.grid_size}")
+    if bb.keypoints < 0 or (bb.keypoints and bb.pooling not in ("grid", "all")):
+        raise ConfigError(
+            f"--model.backbone.keypoints {bb.keypoints}: a count >= 0, with the token mode grid or all "
+            f"(--model.backbone.pooling all), not {bb.pooling!r}"
+        )
+
+
 def validate(cfg: SensorVLAConfig) -> None:
     """Raise `ConfigError` for any invalid or inconsistent value. Normalises types and applies the stage
     defaults (`resolve_stage_defaults`) in place."""
@@ -899,12 +916,9 @@ def validate(cfg: SensorVLAConfig) -> None:
             f"(this head is {m.head.type!r}); leave it at 1 otherwise"
         )
     _validate_data(d)
-    if m.backbone.min_pixels > m.backbone.max_pixels:
-        raise ConfigError("--model.backbone.min-pixels must be <= --model.backbone.max-pixels")
+    _validate_backbone(m.backbone)
     if m.fusion.hidden_dim % m.fusion.num_heads or m.head.hidden_dim % m.head.num_heads:
         raise ConfigError("--model.fusion.hidden-dim / --model.head.hidden-dim must divide by their num-heads")
-    if m.backbone.grid_size <= 0:
-        raise ConfigError(f"--model.backbone.grid-size must be > 0, got {m.backbone.grid_size}")
     for flag, p in (("--model.view-dropout", m.view_dropout), ("--model.sensor-dropout", m.sensor_dropout)):
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"{flag} must be in [0, 1), got {p}")

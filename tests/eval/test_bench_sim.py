@@ -127,6 +127,8 @@ def test_bench_sim_meets_the_issue_table_on_peg_in_hole(tmp_path):
     if "sensorvla/PegInHole-v0" not in gym.registry:
         pytest.skip("sensorvla/PegInHole-v0 is not registered (the MuJoCo tasks: pip install sensorvla[sim])")
     s = run_bench(tmp_path, BenchSettings(task="peg-in-hole"))
+    stage1 = json.loads((tmp_path / "stage1" / "train_config.json").read_text())
+    assert stage1["model"]["backbone"]["keypoints"] == 16  # the small-data presets' keypoint tokens
     t, b = s["closed_loop"], s["budget"]
     assert t["all"]["episodes"] == 40
     assert t["all"]["success_rate"] >= 0.9 and t["all"]["success_rate"] >= t["cnn_with_sensor"]["success_rate"]

@@ -68,6 +68,9 @@ def test_small_data_presets_are_the_demo_recipe_without_its_pixels():
     assert s2.data.augment.shift_frac == DemoSettings().stage2_shift == 0.02
     assert s2.train.vision_lr == s2.train.vl_lr == s2.train.lr == 1e-4 and s2.train.warmup_ratio == 0.1
     assert s2.train.max_steps == 160  # measured better than the demo's 40 (docs/decisions.md)
+    # keypoint tokens: 40/40 against 35/40 with every token on the peg-in-hole (docs/decisions.md); not the demo's
+    assert s1.model.backbone.keypoints == s2.model.backbone.keypoints == 16
+    assert preset_config("demo").model.backbone.keypoints == 0
     from sensorvla.training.checkpoint import BEST_NAME
 
     # the second command reads the first one's best checkpoint

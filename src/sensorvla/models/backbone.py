@@ -312,11 +312,20 @@ class VLBackbone(nn.Module):
             nn.init.normal_(self.view_emb.weight, std=0.02)
         elif cfg.pooling != "view_mean":
             raise ValueError(f"--model.backbone.pooling {cfg.pooling!r}: choose grid, all, view_mean or resampler")
+        self.keypoints = None  # --model.backbone.keypoints K: spatial-softmax keypoint tokens (models/keypoints.py)
+        if cfg.keypoints:
+            from sensorvla.models.keypoints import KeypointTokens
+
+            if cfg.pooling not in ("grid", "all"):
+                raise ValueError(f"--model.backbone.keypoints needs the token mode grid or all, not {cfg.pooling!r}")
+            self.keypoints = KeypointTokens(self.hidden_size, num_views, cfg.keypoints)
 
     @property
     def num_tokens(self) -> int | None:
         """N_vl (None for "all", where it depends on the image size)."""
         mode = self.cfg.pooling
+        if self.cfg.keypoints:
+            return self.num_views * self.cfg.keypoints + 1
         if mode == "grid":
             return self.num_views * self.cfg.grid_size**2 + 1
         if mode == "view_mean":
@@ -509,7 +518,9 @@ class VLBackbone(nn.Module):
         """The trainable part: (B, N, D_vl) features -> VL tokens (B, N_vl, D_vl) and mask (B, N_vl).
 
         view_mean: identity. grid / all: LayerNorm + 2-D Fourier position + view embeddings (`pos` from
-        `encode`; grid mode derives it when omitted). resampler: learned queries over the valid tokens.
+        `encode`; grid mode derives it when omitted), after `--model.backbone.keypoints` (K > 0) replaced each
+        view's tokens by K spatial-softmax keypoint tokens at their expected positions (models/keypoints.py).
+        resampler: learned queries over the valid tokens.
         `view_keep` (B, V) bool masks every token of a dropped view (modality dropout, training only).
         """
         mode = self.cfg.pooling
@@ -523,6 +534,9 @@ class VLBackbone(nn.Module):
         if mode in ("grid", "all"):
             pos = self.default_positions(feats) if pos is None else pos.to(feats.device)
             view = self.token_views(feats, pos)
+            if self.keypoints is not None:  # each view's tokens -> K keypoint tokens (feature, expected position)
+                feats, mask, pos = self.keypoints(feats, mask, pos, view)
+                view = self.token_views(feats, pos)
             is_img = (view < self.num_views).unsqueeze(-1).to(torch.float32)
             x = self.token_norm(feats.float())
             x = x + self.pos_proj(fourier_features(pos[..., 1:], self.POS_FREQS)) * is_img + self.view_emb(view)
