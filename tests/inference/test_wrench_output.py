@@ -46,6 +46,10 @@ def test_enabled_without_force_channels_is_a_config_error(tiny_vl_dir, synth_dat
         with pytest.raises(ConfigError, match=r"--model.wrench-output.enabled.*--model.wrench-output.no-enabled"):
             resolve_from_meta(_cfg(tiny_vl_dir, synth_dataset_dir), other)
         resolve_from_meta(_cfg(tiny_vl_dir, synth_dataset_dir, enabled=False), other)  # off: as before
+    bad = _cfg(tiny_vl_dir, synth_dataset_dir)
+    bad.model.wrench_output.weight = -0.5
+    with pytest.raises(ConfigError, match="--model.wrench-output.weight"):
+        bad.validate()
 
 
 def _real_batches(vl_dir, data_dir, cfg, n=2, b=8):
