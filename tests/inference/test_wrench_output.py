@@ -185,3 +185,26 @@ def test_the_runner_and_the_server_reply_with_the_wrench(runner, synth_dataset_d
         got = client.infer(obs)
     np.testing.assert_array_equal(got["wrench"], reply["wrench"])
     np.testing.assert_array_equal(got["actions"], reply["actions"])
+
+
+def test_the_exported_tick_carries_the_wrench(runner, synth_dataset_dir):
+    """The runner's tick (`inference/tick.py`) returns (chunk, wrench) for a policy with the wrench output, and its
+    `torch.export` graph (what `compile_model` compiles) gives both as eager does, gaps and no sensor data included."""
+    from test_tick import tick_inputs, variants
+    from torch.export import export
+
+    from sensorvla.inference.tick import dynamic_shapes
+
+    ds = EpisodeDataset(synth_dataset_dir, runner.cfg.data, split="all")
+    inputs = tick_inputs(runner, obs_from_dataset(ds, 5))
+    runner.reset()
+    with torch.no_grad():
+        graph = export(runner.tick, tuple(inputs), dynamic_shapes=dynamic_shapes(inputs)).module()
+        wrenches = {}
+        for name, args in variants(inputs).items():
+            (chunk, wrench), (g_chunk, g_wrench) = runner.tick(*args), graph(*args)
+            assert wrench.shape == (1, runner.cfg.model.head.horizon, 1)
+            torch.testing.assert_close(g_chunk, chunk, atol=1e-5, rtol=1e-5, msg=name)
+            torch.testing.assert_close(g_wrench, wrench, atol=1e-5, rtol=1e-5, msg=name)
+            wrenches[name] = wrench
+    assert not torch.allclose(wrenches["measured"], wrenches["no_sensor"])  # the wrench reads the sensor tokens
