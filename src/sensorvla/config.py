@@ -198,6 +198,23 @@ class HeadConfig:
 
 
 @dataclass
+class WrenchOutputConfig:
+    """An optional second output: the wrench (the sensor's leading force channels, C_f) over the action horizon,
+    predicted from the same conditioning as the action head and trained as an auxiliary loss (hybrid
+    force-position). Old configs without this section load with it off."""
+
+    #: Predict the wrench (the force channels) at each step of the action chunk, (H, C_f); needs a dataset with
+    #: force channels. Off: no wrench head, the policy as before.
+    enabled: bool = False
+    #: The wrench loss's weight beside the action loss (masked L1 in normalized units, added per sample).
+    weight: float = 0.1
+    #: The wrench head's width.
+    hidden_dim: int = 64
+    #: The wrench head's attention heads.
+    num_heads: int = 4
+
+
+@dataclass
 class FinetuneConfig:
     """What of the VL backbone trains: nothing, LoRA adapters, or everything."""
 
@@ -244,6 +261,8 @@ class ModelConfig:
     sensor_dropout: float = 0.0
     #: V, the camera views; derived from the dataset (0 = not yet known).
     num_views: int = 0
+    #: The optional wrench output (force over the action horizon, an auxiliary loss).
+    wrench_output: WrenchOutputConfig = field(default_factory=WrenchOutputConfig)
 
 
 @dataclass
@@ -768,6 +787,7 @@ def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int
                 "to derive it, or use a matching dataset"
             )
         setattr(new, section, dataclasses.replace(sub, **{name: value}))
+    check_wrench_output(new)
     if new.sensor.enabled and not new.sensor.channels:
         logger.warning(
             "the dataset has no sensor stream: running VISION-ONLY (sensor disabled). If it had one attached, tools "
@@ -776,6 +796,21 @@ def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int
         )
         new = dataclasses.replace(new, sensor=dataclasses.replace(new.sensor, enabled=False))
     return new
+
+
+def wrench_channels(model: ModelConfig) -> int:
+    """C_f, the wrench output's channels: the sensor's leading force channels (0 without a sensor stream)."""
+    return min(model.sensor.force_channels, model.sensor.channels) if model.sensor.channels > 0 else 0
+
+
+def check_wrench_output(model: ModelConfig) -> None:
+    """`ConfigError` when the wrench output is on but the dataset has no force channels to predict."""
+    if model.wrench_output.enabled and not wrench_channels(model):
+        raise ConfigError(
+            "--model.wrench-output.enabled predicts the force channels of the sensor, but the dataset has "
+            f"{'no sensor stream' if not model.sensor.channels else 'no force channels (force_channels=0)'}; "
+            "use a dataset with a force sensor, or pass --model.wrench-output.no-enabled"
+        )
 
 
 def resolve_from_meta(cfg: SensorVLAConfig, meta: Any) -> SensorVLAConfig:
@@ -924,6 +959,7 @@ def validate(cfg: SensorVLAConfig) -> None:
             raise ConfigError(f"{flag} must be in [0, 1), got {p}")
     if m.view_dropout and m.backbone.pooling == "resampler":
         raise ConfigError("--model.view-dropout needs per-view tokens; use --model.backbone.pooling grid/all/view_mean")
+    _validate_wrench_output(m.wrench_output)
     if m.sensor.hidden_dim % m.sensor.num_heads:
         raise ConfigError("--model.sensor.hidden-dim must be divisible by --model.sensor.num-heads")
     if m.sensor.force_channels < 0 or (m.sensor.channels and m.sensor.force_channels > m.sensor.channels):
@@ -945,6 +981,15 @@ def validate(cfg: SensorVLAConfig) -> None:
     derive_grad_accum(t, 1)  # a global batch must at least divide by the per-process batch
     if not t.sensor_loss_weight >= 0:
         raise ConfigError("--sensor_loss_weight must be >= 0")
+
+
+def _validate_wrench_output(w: WrenchOutputConfig) -> None:
+    """The checks of the wrench output's section (its weight and width)."""
+    if not w.weight >= 0 or w.num_heads <= 0 or w.hidden_dim <= 0 or w.hidden_dim % w.num_heads:
+        raise ConfigError(
+            "--model.wrench-output.weight must be >= 0 and --model.wrench-output.hidden-dim > 0, divisible by "
+            "--model.wrench-output.num-heads"
+        )
 
 
 def parse_mixture(spec: str) -> tuple[str, float]:

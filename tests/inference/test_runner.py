@@ -25,7 +25,8 @@ def test_runner_inputs_equal_training_inputs(checkpoint, synth_dataset_dir):
     for idx in (0, 7, len(ds) // 2, len(ds) - 1):
         train_batch = collate([runner.transform(ds[idx])], pad_token_id(runner.processor))
         run_batch = runner.prepare(obs_from_dataset(ds, idx))
-        assert set(train_batch) - {"actions", "action_mask"} == set(run_batch)
+        targets = {"actions", "action_mask", "wrench_target", "wrench_target_mask"}  # training-only keys
+        assert set(train_batch) - targets == set(run_batch)
         for k in run_batch:
             if k == "sample_id":
                 continue

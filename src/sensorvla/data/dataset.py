@@ -20,7 +20,7 @@ import torch
 from sensorvla.config import DataConfig, parse_mixture
 from sensorvla.data.format import DatasetMeta
 from sensorvla.data.source import open_source
-from sensorvla.data.timeline import SensorWindow, latest_at_or_before, value_at
+from sensorvla.data.timeline import SensorWindow, hold_at, latest_at_or_before, value_at
 from sensorvla.data.types import DataError
 from sensorvla.data.writer import check_finite
 
@@ -31,6 +31,11 @@ SPLITS = ("train", "val", "test", "all")
 def default_max_gap_s(cfg: DataConfig) -> float:
     """Largest gap between sensor samples still treated as continuous: two grid steps, at least 20 ms."""
     return SensorWindow.from_config(cfg).max_gap_s
+
+
+def wrench_channels(meta: DatasetMeta) -> int:
+    """C_f: the leading force channels of the dataset's sensor (0 without a sensor stream)."""
+    return min(int(meta.force_channels), int(meta.sensor_channels)) if meta.sensor_channels else 0
 
 
 def split_episodes(n: int, seed: int, val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
@@ -88,6 +93,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.window = SensorWindow.from_config(cfg)
         self.max_gap_s = self.window.max_gap_s
+        self.wrench_channels = wrench_channels(self.meta)
         self._warn_low_rate()
         episodes = list(range(len(self.meta.episodes)))
         if split != "all":
@@ -209,6 +215,20 @@ class EpisodeDataset(torch.utils.data.Dataset):
         )
         return self.window.resample(ts, values, t - off)
 
+    def _wrench_target(self, ep: _Episode, i: int) -> dict[str, np.ndarray]:
+        """The force channels at the action chunk's times (the action rows i .. i+H-1, common clock), each the
+        newest sample at or before its time (`hold_at`, the gap rule of the sensor window): `wrench_target` float32
+        (H, C_f) in physical units, `wrench_target_mask` bool (H,), False past the episode end and in sensor gaps."""
+        h, c = self.cfg.horizon, self.wrench_channels
+        target, mask = np.zeros((h, c), np.float32), np.zeros(h, bool)
+        times = ep.t[i : i + h]
+        if ep.sensor is not None and len(times):
+            ts, values, off = ep.sensor
+            held, ok = hold_at(ts, values, times - off, self.max_gap_s)
+            check_finite(held[ok], episode=ep.name, stream="sensor (the wrench target at the action times)")
+            target[: len(times)], mask[: len(times)] = held[:, :c], ok
+        return {"wrench_target": target, "wrench_target_mask": mask}
+
     def vl_key(self, idx: int) -> tuple:
         """What the backbone sees for sample `idx` (episode, camera frame of each view, instruction), without
         loading images: samples with equal keys have identical VL inputs (the stage-1 cache encodes them once)."""
@@ -255,6 +275,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
         action_mask = np.zeros(h, bool)
         action_mask[: len(acts)] = True
         sample.update(actions=actions, action_mask=action_mask)
+        if self.wrench_channels:
+            sample.update(self._wrench_target(ep, i))
         return sample
 
     def summary(self) -> dict[str, Any]:

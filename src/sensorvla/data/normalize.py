@@ -23,6 +23,9 @@ from sensorvla.progress import progress as track
 
 STAT_NAMES = ("mean", "std", "q01", "q99", "min", "max")
 EPS = 1e-6  # std / quantile range floor: constant channels map to 0 instead of dividing by ~0
+# The wrench output's target (the sensor's leading force channels): normalized with the sensor's statistics and
+# sensor transform of those channels, so it has no entry of its own in norm_stats.json.
+WRENCH = "wrench"
 STATS_FIX = "recompute them with `sensorvla stats --dataset DIR` (with the same --data flags as training)"
 
 
@@ -132,6 +135,29 @@ class SensorTransform:
             if k in d:
                 setattr(t, k, np.asarray(d[k], dtype=dtype))
         return t
+
+    def leading(self, n: int) -> SensorTransform:
+        """The transform of the first `n` channels (the force channels: the wrench output's)."""
+        out = SensorTransform(self.spec)
+        for k in ("lo", "hi", "log_mask", "log_scale"):
+            v = getattr(self, k)
+            if v is not None:
+                setattr(out, k, np.asarray(v)[:n])
+        return out
+
+    def invert(self, x):
+        """The inverse of the log part: (..., C) transformed -> physical (numpy or torch). A clipped value stays at
+        its clip bound (clipping cannot be undone)."""
+        if self.log_mask is None:
+            return x
+        if isinstance(x, np.ndarray | np.generic):
+            phys = np.sign(x) * np.expm1(np.abs(x)) * self.log_scale
+            return np.where(self.log_mask, phys, x).astype(np.float32)
+        import torch
+
+        scale = torch.as_tensor(self.log_scale, dtype=x.dtype, device=x.device)
+        phys = torch.sign(x) * torch.expm1(torch.abs(x)) * scale
+        return torch.where(torch.as_tensor(self.log_mask, device=x.device), phys, x)
 
     @property
     def identity(self) -> bool:
@@ -479,9 +505,13 @@ class Normalizer:
             )
 
     def _params(self, key: str, like):
-        if key not in self.stats.stats:
-            self.check_keys([key])
-        s = self.stats.stats[key]
+        if key == WRENCH:  # the leading channels of the sensor's statistics
+            self.check_keys(["sensor"])
+            s = {k: np.asarray(v)[: like.shape[-1]] for k, v in self.stats.stats["sensor"].items()}
+        else:
+            if key not in self.stats.stats:
+                self.check_keys([key])
+            s = self.stats.stats[key]
         if self.mode == "mean_std":
             shift, scale = s["mean"], np.maximum(s["std"], EPS)
         else:
@@ -496,6 +526,14 @@ class Normalizer:
         return shift.astype(np.float32), scale.astype(np.float32)
 
     def _check_width(self, key: str, x) -> None:
+        if key == WRENCH:
+            width = len(self.stats.stats["sensor"]["mean"])
+            if x.shape[-1] > width:
+                raise NormalizationError(
+                    f"the wrench has {x.shape[-1]} channels but the sensor stats only {width}; the data "
+                    "and the checkpoint's stats disagree"
+                )
+            return
         width = len(self.stats.stats[key]["mean"]) if key in self.stats.stats else None
         if width is not None and x.shape[-1] != width:
             raise NormalizationError(
@@ -507,12 +545,17 @@ class Normalizer:
         """`x` (..., width) in physical units -> normalized (sensor transform first, for the sensor)."""
         shift, scale = self._params(key, x)
         self._check_width(key, x)
-        if key == "sensor" and not self.stats.sensor_transform.identity:
-            x = self.stats.sensor_transform(x)
+        tf = self.stats.sensor_transform
+        if key in ("sensor", WRENCH) and not tf.identity:
+            x = (tf if key == "sensor" else tf.leading(x.shape[-1]))(x)
         return (x - shift) / scale
 
     def unnormalize(self, key: str, x):
-        """Inverse of the affine part (the sensor transform, a clip, is not inverted)."""
+        """Inverse of the affine part; for the wrench also of the sensor transform's log (the wrench output is
+        reported in physical units). A clip is never inverted, nor the sensor's transform."""
         shift, scale = self._params(key, x)
         self._check_width(key, x)
-        return x * scale + shift
+        x = x * scale + shift
+        if key == WRENCH and not self.stats.sensor_transform.identity:
+            x = self.stats.sensor_transform.leading(x.shape[-1]).invert(x)
+        return x

@@ -31,6 +31,28 @@ def value_at(timestamps: np.ndarray, values: np.ndarray, t: float) -> np.ndarray
     return np.asarray(values[i], dtype=np.float32)
 
 
+def hold_at(ts: np.ndarray, values: np.ndarray, times: np.ndarray, max_gap_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """A stream's value at each of `times` (K,), causally: the newest sample at or before each time (zero-order
+    hold, the value the sensor window's last grid point takes there), measured only when that sample is at most
+    `max_gap_s` old.
+
+    Args:
+        ts: (N,) sorted timestamps; values: (N, C) (may be a memory-mapped array: only the K rows used are read).
+        times: (K,) query times on the same clock; max_gap_s: the gap rule of `SensorWindow`.
+
+    Returns:
+        values float32 (K, C), 0 where masked; mask bool (K,), True where a sample within `max_gap_s` backs the time.
+    """
+    times = np.asarray(times, np.float64)
+    left = np.searchsorted(ts, times, side="right") - 1
+    rows = np.clip(left, 0, max(len(ts) - 1, 0))
+    mask = (left >= 0) & (times - (np.asarray(ts[rows], np.float64) if len(ts) else 0.0) <= max_gap_s)
+    out = np.zeros((len(times), values.shape[1]), np.float32)
+    if mask.any():
+        out[mask] = np.asarray(values[rows[mask]], np.float32)
+    return out, mask
+
+
 def window_grid(t: float, window_s: float, num_samples: int) -> np.ndarray:
     """Uniform grid of `num_samples` points covering (t - window_s, t]; the last point is exactly t."""
     step = window_s / num_samples

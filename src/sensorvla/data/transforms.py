@@ -19,7 +19,8 @@ import torch
 
 def normalize_sample(raw: dict[str, Any], normalizer, state_dim: int) -> dict[str, torch.Tensor]:
     """The non-VL model inputs of one raw sample: state (D_st,), sensor (T_s, C_s) + mask (T_s,),
-    has_sensor, sample_id, and actions (H, D_a) + action_mask (H,) when the sample has actions."""
+    has_sensor, sample_id, actions (H, D_a) + action_mask (H,) when the sample has actions, and
+    wrench_target (H, C_f) + wrench_target_mask (H,) when it has the wrench output's target."""
     out: dict[str, torch.Tensor] = {}
     if state_dim:
         state = normalizer.normalize("state", np.asarray(raw["state"], dtype=np.float32))
@@ -37,6 +38,15 @@ def normalize_sample(raw: dict[str, Any], normalizer, state_dim: int) -> dict[st
         actions = normalizer.normalize("actions", np.asarray(raw["actions"], dtype=np.float32))
         out["actions"] = torch.as_tensor(np.asarray(actions, dtype=np.float32))
         out["action_mask"] = torch.as_tensor(np.asarray(raw["action_mask"], dtype=bool))
+    # the wrench output's target (H, C_f), normalized with the sensor's statistics where measured (stats without a
+    # sensor, e.g. a vision-only checkpoint's, have no wrench output: the target is left out)
+    if raw.get("wrench_target") is not None and "sensor" in getattr(getattr(normalizer, "stats", None), "stats", {}):
+        wmask = np.asarray(raw["wrench_target_mask"], dtype=bool)
+        wrench = np.asarray(raw["wrench_target"], dtype=np.float32)
+        if wmask.any():
+            wrench = np.asarray(normalizer.normalize("wrench", wrench), np.float32)
+        out["wrench_target"] = torch.from_numpy(np.where(wmask[:, None], wrench, 0.0).astype(np.float32))
+        out["wrench_target_mask"] = torch.from_numpy(wmask.copy())
     return out
 
 

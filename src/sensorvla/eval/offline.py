@@ -1,11 +1,12 @@
 """Offline evaluation on held-out episodes: errors in physical units, and sensor and vision ablations.
 
 Samples go through the runner's own transform chain (the training chain), `predict_chunk`, then
-un-normalization. Reported per horizon step and per action dimension, for the first action and for the
-integrated chunk (final pose), split by sensor availability. The sensor ablation re-evaluates samples
-that have sensor data with the sensor masked as missing and with windows shuffled across samples; the
-vision ablation re-evaluates every sample with its views blanked and with the views of a sample of
-another episode. A positive delta means the policy uses that modality.
+un-normalization. A checkpoint with the wrench output is also scored on the force channels at the chunk's times
+(`metrics["wrench"]`, L1 in the sensor's units: newtons for a force sensor). Reported per horizon step and per
+action dimension, for the first action and for the integrated chunk (final pose), split by sensor availability.
+The sensor ablation re-evaluates samples that have sensor data with the sensor masked as missing and with windows
+shuffled across samples; the vision ablation re-evaluates every sample with its views blanked and with the views
+of a sample of another episode. A positive delta means the policy uses that modality.
 
 Memory: the split is streamed batch by batch. A first pass without images reads what the metrics, the plots
 and the ablation plans need (actions, masks, sensor availability, episode, time); then each batch is decoded
@@ -32,15 +33,36 @@ ABLATIONS = ("missing", "shuffled")
 VISION_ABLATIONS = ("blank", "shuffled")
 
 
-def _predict_batch(runner, raws: list[dict], gen: torch.Generator) -> np.ndarray:
-    """One batch of raw samples -> predicted chunks (B, H, D_a) in physical units."""
+def _predict_batch(runner, raws: list[dict], gen: torch.Generator, wrench: bool = False) -> dict[str, np.ndarray]:
+    """One batch of raw samples -> {"actions": predicted chunks (B, H, D_a)} in physical units, and with `wrench` (a
+    policy with the wrench output) {"wrench": (B, H, C_f)} in the sensor's units; the same noise draws either way."""
     from sensorvla.models.backbone import pad_token_id
     from sensorvla.models.processor import collate
 
     batch = collate([runner.transform(r) for r in raws], pad_token_id(runner.processor))
     batch = {k: v.to(runner.device) for k, v in batch.items()}
-    pred = runner.policy.predict_chunk(batch, generator=gen).float().cpu().numpy()
-    return np.asarray(runner.normalizer.unnormalize("actions", pred), np.float32)
+    if wrench:
+        out = runner.policy.predict(batch, generator=gen)
+    else:
+        out = {"actions": runner.policy.predict_chunk(batch, generator=gen)}
+    return {
+        key: np.asarray(runner.normalizer.unnormalize(key, v.float().cpu().numpy()), np.float32)
+        for key, v in out.items()
+    }
+
+
+def wrench_errors(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """The wrench output's errors in the sensor's physical units (newtons for a force sensor): pred/gt (N, H, C_f),
+    mask (N, H) True where the target is measured -> L1 and its per-step / per-channel means, measured steps."""
+    m = mask[..., None].astype(np.float64)
+    err = np.abs(pred.astype(np.float64) - gt) * m
+    steps = max(float(m.sum()), 1.0)
+    return {
+        "l1": float(err.sum() / (steps * err.shape[-1])),
+        "l1_per_step": (err.sum((0, 2)) / np.maximum(m.sum((0, 2)) * err.shape[-1], 1)).tolist(),
+        "l1_per_channel": (err.sum((0, 1)) / steps).tolist(),
+        "num_steps": int(m.sum()),
+    }
 
 
 def _errors(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
@@ -129,9 +151,9 @@ def _delta(e: dict[str, Any], base: float) -> dict[str, Any]:
 def _records(light, n: int, desc: str, progress: bool | str) -> list[dict]:
     """What the metrics, the plots and the ablation plans need of the first `n` samples, read from a dataset that
     decodes no image: episode, time, actions, action mask, sensor availability."""
-    keep = ("episode_index", "timestamp", "actions", "action_mask", "has_sensor")
+    keep = ("episode_index", "timestamp", "actions", "action_mask", "has_sensor", "wrench_target", "wrench_target_mask")
     samples = (light[i] for i in track(range(n), desc=desc, unit="samples", mode=progress))
-    return [{k: r[k] for k in keep} for r in samples]
+    return [{k: r[k] for k in keep if k in r} for r in samples]
 
 
 def _passes(has: np.ndarray, episodes: np.ndarray, seed: int, ds, light) -> dict[str, Any]:
@@ -156,17 +178,24 @@ def _passes(has: np.ndarray, episodes: np.ndarray, seed: int, ds, light) -> dict
     return passes
 
 
-def _stream_predictions(runner, ds, n: int, passes: dict[str, Any], batch_size: int, seed: int, progress: bool | str):
-    """Every pass's predictions (N, H, D_a), physical units. Each batch is decoded once and dropped after its
-    passes; each pass draws its sampling noise from its own generator, batch after batch, as a pass of its own
-    would."""
+def _stream_predictions(
+    runner, ds, n: int, passes: dict[str, Any], batch_size: int, seed: int, progress: bool | str, wrench: bool = False
+):
+    """Every pass's predictions (N, H, D_a), physical units, and with `wrench` the normal pass's wrench (N, H, C_f)
+    as "wrench". Each batch is decoded once and dropped after its passes; each pass draws its sampling noise from
+    its own generator, batch after batch, as a pass of its own would."""
     gens = {name: torch.Generator(device=runner.device).manual_seed(seed) for name in passes}
-    out: dict[str, list[np.ndarray]] = {name: [] for name in passes}
+    out: dict[str, list[np.ndarray]] = {name: [] for name in [*passes, *(["wrench"] if wrench else [])]}
     for start in track(range(0, n, batch_size), desc="eval", unit="batches", mode=progress):
         idx = range(start, min(n, start + batch_size))
         raws = [ds[i] for i in idx]
         for name, variant in passes.items():
-            out[name].append(_predict_batch(runner, [variant(i, r) for i, r in zip(idx, raws)], gens[name]))
+            got = _predict_batch(
+                runner, [variant(i, r) for i, r in zip(idx, raws)], gens[name], wrench=wrench and name == "normal"
+            )
+            out[name].append(got["actions"])
+            if "wrench" in got:
+                out["wrench"].append(got["wrench"])
         del raws
     return {name: np.concatenate(chunks) for name, chunks in out.items()}
 
@@ -205,7 +234,8 @@ def evaluate(
     has = np.array([r["has_sensor"] for r in records], dtype=bool)
     episodes = np.array([r["episode_index"] for r in records])
     passes = _passes(has, episodes, seed, ds, light)
-    preds = _stream_predictions(runner, ds, n, passes, batch_size, seed, progress)
+    wrench = getattr(runner.policy, "wrench_head", None) is not None and "wrench_target" in records[0]
+    preds = _stream_predictions(runner, ds, n, passes, batch_size, seed, progress, wrench=wrench)
     pred = preds["normal"]
     metrics: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),
@@ -213,10 +243,42 @@ def evaluate(
         "split": split,
         **_errors(pred, gt, mask),
     }
+    if wrench:  # the wrench output against the force channels at the chunk's times (physical units)
+        metrics["wrench"] = wrench_errors(
+            preds["wrench"],
+            np.stack([r["wrench_target"] for r in records]),
+            np.stack([r["wrench_target_mask"] for r in records]),
+        )
+        metrics["wrench_l1"] = metrics["wrench"]["l1"]
     metrics["with_sensor"] = _errors(pred[has], gt[has], mask[has])
     metrics["without_sensor"] = _errors(pred[~has], gt[~has], mask[~has])
     names = ds.meta.info["features"]["action"].get("names") or [f"a{i}" for i in range(gt.shape[-1])]
     metrics["action_names"] = names
+    _add_ablations(metrics, preds, gt, mask, has)
+    ablation, vision = metrics["ablation"], metrics["vision_ablation"]
+    figs = {
+        "trajectories": plots.trajectories(records, pred, names, out_dir / "trajectories.png"),
+        "error_per_step": plots.error_per_step(metrics, names, out_dir / "error_per_step.png"),
+    }
+    if ablation or vision:
+        figs["ablation"] = plots.ablation_bars(metrics, out_dir / "sensor_ablation.png")
+    metrics["figures"] = {k: str(Path(v).name) for k, v in figs.items()}
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    write_report(metrics, out_dir)
+    logger.info(
+        "eval %s: L1 %.4f, first-action L1 %.4f, ablation %s%s",
+        split,
+        metrics["l1"],
+        metrics["first_action_l1"],
+        {k: round(v["delta_l1"], 4) for k, v in ablation.items()},
+        f", wrench L1 {metrics['wrench']['l1']:.4g} (sensor units)" if "wrench" in metrics else "",
+    )
+    return metrics
+
+
+def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, mask, has: np.ndarray) -> None:
+    """The sensor ablations (samples with sensor data) and the vision ablations (every sample) into `metrics`:
+    `ablation`, `vision_ablation` and their `*_delta_l1_<mode>` headline numbers."""
     ablation = {}
     if has.any():
         base = metrics["with_sensor"]["l1"]
@@ -233,23 +295,6 @@ def evaluate(
         vision[mode] = _delta(e, metrics["l1"])
         metrics[f"vision_ablation_delta_l1_{mode}"] = e["l1"] - metrics["l1"]
     metrics["vision_ablation"] = vision
-    figs = {
-        "trajectories": plots.trajectories(records, pred, names, out_dir / "trajectories.png"),
-        "error_per_step": plots.error_per_step(metrics, names, out_dir / "error_per_step.png"),
-    }
-    if ablation or vision:
-        figs["ablation"] = plots.ablation_bars(metrics, out_dir / "sensor_ablation.png")
-    metrics["figures"] = {k: str(Path(v).name) for k, v in figs.items()}
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    write_report(metrics, out_dir)
-    logger.info(
-        "eval %s: L1 %.4f, first-action L1 %.4f, ablation %s",
-        split,
-        metrics["l1"],
-        metrics["first_action_l1"],
-        {k: round(v["delta_l1"], 4) for k, v in ablation.items()},
-    )
-    return metrics
 
 
 def _ablation_table(title: str, label: str, base: float, rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -281,6 +326,9 @@ def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
         lines.append(
             f"| {key} | {metrics[key]:.4g} | {metrics['with_sensor'][key]:.4g} | {metrics['without_sensor'][key]:.4g} |"
         )
+    if "wrench" in metrics:
+        w = metrics["wrench"]
+        lines.append(f"| wrench_l1 (force, sensor units) | {w['l1']:.4g} | | ({w['num_steps']} measured steps) |")
     lines += [
         "",
         "Per action dimension (L1, physical units):",
@@ -303,6 +351,8 @@ def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
     md = "\n".join(lines)
     atomic_write_bytes(out_dir / "report.md", md.encode())
     headline = {k: metrics[k] for k in ("l1", "first_action_l1", "final_pose_l1", "num_samples")}
+    if "wrench" in metrics:
+        headline["wrench_l1"] = metrics["wrench"]["l1"]
     html = [
         "<html><head><meta charset='utf-8'><title>sensorvla eval</title></head><body>",
         f"<pre>{json.dumps(headline, indent=1)}</pre>",

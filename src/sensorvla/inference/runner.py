@@ -1,4 +1,5 @@
-"""`PolicyRunner`: a pretrained_model folder -> `infer(obs) -> {"actions": (H, D_a), "timing": {...}}`.
+"""`PolicyRunner`: a pretrained_model folder -> `infer(obs) -> {"actions": (H, D_a), "timing": {...}}` (+ `wrench`
+(H, C_f) for a checkpoint with the wrench output).
 
 Uses the training transform chain (`models/processor.py`) and the dataset's window resampling
 (`data/timeline.py`), so a raw observation becomes exactly the model inputs training saw. The model is
@@ -175,6 +176,7 @@ class PolicyRunner:
             "head": m.head.type,
             "vl_model": m.backbone.vl_model,
             "limits": self.limits.to_json(),
+            **({"wrench_channels": head.channels} if (head := getattr(self.policy, "wrench_head", None)) else {}),
         }
 
     @property
@@ -305,8 +307,9 @@ class PolicyRunner:
             self.vl_calls += 1
         return vl
 
-    def head_step(self, batch, vl_feats) -> tuple[np.ndarray, dict[str, float]]:
-        """Projection, sensor encoder, fusion and head -> (normalized chunk float32 (H, D_a), stage times).
+    def head_step(self, batch, vl_feats, outputs: dict | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """Projection, sensor encoder, fusion and head -> (normalized chunk float32 (H, D_a), stage times); with the
+        wrench output and an `outputs` dict, `outputs["wrench"]` receives the normalized wrench float32 (H, C_f).
 
         What depends on the VL features alone is computed once per features and reused while they are (fast-slow
         mode): their projection and, where the fusion keeps the VL tokens as they are (concat, gated), the head's
@@ -337,13 +340,16 @@ class PolicyRunner:
             sensor = (batch["sensor"], batch["sensor_mask"], batch["has_sensor"])
             if self._compile_tick:
                 mem = None if v_mem is None else tuple(v_mem)  # a plain tuple: the exported graph's input
-                chunk = self._compiled_tick((*sensor, state, v_proj, vl_mask, mem, noise))
+                out = self._compiled_tick((*sensor, state, v_proj, vl_mask, mem, noise))
                 t3 = t2
             else:
                 s_tok, s_mask = self.tick.sensor(*sensor)
                 self.sync()
                 t3 = time.perf_counter()
-                chunk = self.tick.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)
+                out = self.tick.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)
+            chunk, wrench = out if isinstance(out, tuple | list) else (out, None)  # (chunk, wrench): the wrench output
+            if wrench is not None and outputs is not None:
+                outputs["wrench"] = wrench[0].float().cpu().numpy()
         self.sync()
         t4 = time.perf_counter()
         times = {"vl_ms": (t2 - t1) * 1e3, "sensor_ms": (t3 - t2) * 1e3, "head_ms": (t4 - t3) * 1e3}
@@ -491,7 +497,9 @@ class RunnerSession:
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Observation -> {"actions": float32 (H, D_a) in physical units, "actions_normalized", "timing",
         "vl_age_s", "vl_fresh", "sensor_history": {...counters}, "warnings": [{"type", "message"}]} (a warning
-        `SensorWindowEmpty` when samples were received but none reaches this window).
+        `SensorWindowEmpty` when samples were received but none reaches this window), and, for a checkpoint with the
+        wrench output, "wrench": float32 (H, C_f), the predicted force channels at the chunk's steps in the
+        sensor's physical units.
 
         Raises:
             LimitExceededError / ObservationError: a bad request (nothing is run, the history is unchanged).
@@ -519,15 +527,21 @@ class RunnerSession:
                 self._refresh_in_background(batch, now)
         t_vl = time.perf_counter()
         self._calls += 1
-        normalized, times = r.head_step(batch, vl)
+        outputs: dict[str, np.ndarray] = {}
+        normalized, times = r.head_step(batch, vl, outputs)
         t4 = time.perf_counter()
         actions = np.asarray(r.normalizer.unnormalize("actions", normalized), dtype=np.float32)
-        if not (np.isfinite(normalized).all() and np.isfinite(actions).all()):
-            bad = int(actions.size - np.count_nonzero(np.isfinite(actions) & np.isfinite(normalized)))
-            raise NonFiniteOutputError(
-                f"the policy produced {bad} non-finite action value(s) of {actions.size}; no actions are returned. "
-                "The inputs are probably far outside the training data (state/sensor magnitudes and units)"
-            )
+        extra, checks = {}, [("action", normalized, actions)]
+        if "wrench" in outputs:  # the wrench output, physical units (the sensor's force units)
+            extra["wrench"] = np.asarray(r.normalizer.unnormalize("wrench", outputs["wrench"]), dtype=np.float32)
+            checks.append(("wrench", outputs["wrench"], extra["wrench"]))
+        for name, norm, phys in checks:
+            if not (np.isfinite(norm).all() and np.isfinite(phys).all()):
+                bad = int(phys.size - np.count_nonzero(np.isfinite(phys) & np.isfinite(norm)))
+                raise NonFiniteOutputError(
+                    f"the policy produced {bad} non-finite {name} value(s) of {phys.size}; no actions are returned. "
+                    "The inputs are probably far outside the training data (state/sensor magnitudes and units)"
+                )
         t5 = time.perf_counter()
         timing = {
             "preprocess_ms": (t1 - t0) * 1e3,
@@ -545,4 +559,5 @@ class RunnerSession:
             "vl_fresh": decision == COMPUTE,
             "sensor_history": sensor_info,
             "warnings": list(self.warnings),
+            **extra,
         }

@@ -35,7 +35,8 @@ class FastTick(nn.Module):
     state (B, D_st) float | None, v_proj (B, N_vl, D) the projected VL tokens, vl_mask (B, N_vl) bool, v_mem the
     head's `Memory` of v_proj, or its fields as a plain tuple (keys, values, mask) (None when the fusion changes the
     VL tokens: the whole conditioning is then read here), noise (B, H, D_a) the sampling head's starting noise |
-    None. Output: the normalized chunk (B, H, D_a).
+    None. Output: the normalized chunk (B, H, D_a); for a policy with the wrench output the pair (chunk, wrench
+    (B, H, C_f) normalized), the wrench head reading the same conditioning.
     """
 
     def __init__(self, policy: nn.Module):
@@ -48,20 +49,24 @@ class FastTick(nn.Module):
             return None, None
         return self.policy.sensor_encoder(sensor.float(), sensor_mask.bool(), has_sensor.bool())
 
-    def head(self, s_tok, s_mask, state, v_proj, vl_mask, v_mem: Memory | tuple | None, noise) -> torch.Tensor:
-        """Fusion tail, the head's memory of it next to the VL part's, and sampling -> chunk (B, H, D_a)."""
+    def head(self, s_tok, s_mask, state, v_proj, vl_mask, v_mem: Memory | tuple | None, noise):
+        """Fusion tail, the head's memory of it next to the VL part's, and sampling -> chunk (B, H, D_a), or
+        (chunk, wrench (B, H, C_f)) with the wrench output."""
         pol = self.policy
+        wrench_head = getattr(pol, "wrench_head", None)
         v, tail, tail_mask = pol.fusion.parts(v_proj, vl_mask, s_tok, s_mask, None if state is None else state.float())
-        if v_mem is None:  # the fusion changed the VL tokens: the whole conditioning's memory
+        if v_mem is None or wrench_head is not None:  # the whole conditioning
             cond = v if tail is None else torch.cat([v, tail], dim=1)
             mask = vl_mask.bool() if tail is None else torch.cat([vl_mask.bool(), tail_mask], dim=1)
+        if v_mem is None:  # the fusion changed the VL tokens: the whole conditioning's memory
             memory = pol.head.memory(cond, mask)
         else:
             v_mem = Memory(*v_mem)
             memory = v_mem if tail is None else v_mem.cat(pol.head.memory(tail, tail_mask))
-        return pol.head.sample_memory(memory, noise=noise)
+        chunk = pol.head.sample_memory(memory, noise=noise)
+        return chunk if wrench_head is None else (chunk, wrench_head(cond, mask))
 
-    def forward(self, sensor, sensor_mask, has_sensor, state, v_proj, vl_mask, v_mem, noise) -> torch.Tensor:
+    def forward(self, sensor, sensor_mask, has_sensor, state, v_proj, vl_mask, v_mem, noise):
         """`head(*sensor(...), ...)`: the whole tick (see the class docstring for the inputs)."""
         s_tok, s_mask = self.sensor(sensor, sensor_mask, has_sensor)
         return self.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)

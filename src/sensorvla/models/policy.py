@@ -13,17 +13,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sensorvla.config import ConfigError, ModelConfig, SensorVLAConfig, resolve_stage_defaults
+from sensorvla.config import (
+    ConfigError,
+    ModelConfig,
+    SensorVLAConfig,
+    check_wrench_output,
+    resolve_stage_defaults,
+    wrench_channels,
+)
 from sensorvla.data.timeline import SensorWindow
 from sensorvla.models import finetune, folder
 from sensorvla.models.backbone import VLBackbone
 from sensorvla.models.fusion import build_fusion
 from sensorvla.models.heads import build_head
+from sensorvla.models.heads.wrench import build_wrench_head, wrench_target
 from sensorvla.models.sensor_encoder import SensorEncoder
 
 # Top-level submodule names. Parameter groups, checkpoint keys and the seed-compatible checkpoint
 # ("sensor_encoder", "action_expert") are all derived from these prefixes.
 BACKBONE, SENSOR, FUSION, HEAD = "backbone", "sensor_encoder", "fusion", "head"
+WRENCH_HEAD = "wrench_head"  # the optional wrench output (`--model.wrench-output.enabled`); saved with the expert
 
 
 class VLAPolicy(nn.Module):
@@ -65,6 +74,10 @@ class VLAPolicy(nn.Module):
             sensor_dim = None
         self.fusion = build_fusion(cfg.fusion, self.backbone.hidden_size, sensor_dim, cfg.state_dim)
         self.head = build_head(cfg.head, self.fusion.out_dim)
+        check_wrench_output(cfg)  # built last: without it, every other module initialises as before
+        self.wrench_head = build_wrench_head(
+            cfg.wrench_output, self.fusion.out_dim, cfg.head.horizon, wrench_channels(cfg)
+        )
 
     # --- shared path -------------------------------------------------------------------------------
     def modality_keep(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -116,8 +129,10 @@ class VLAPolicy(nn.Module):
 
         Returns:
             (loss, metrics): the weighted loss (scalar) and per-subset diagnostics: `loss_sensor`
-            and `loss_no_sensor` (means over samples with / without sensor data, NaN-free: absent subsets
-            are omitted) and their sample counts.
+            and `loss_no_sensor` (means of the action loss over samples with / without sensor data, NaN-free:
+            absent subsets are omitted) and their sample counts. With the wrench output, each sample's loss is its
+            action loss + `wrench_output.weight` x its wrench loss, and `loss_wrench` (the wrench loss's mean over
+            samples with a measured target step) and `n_wrench` are added.
         """
         cond, cond_mask = self.condition(batch)
         per_sample = self.head.loss(
@@ -126,7 +141,6 @@ class VLAPolicy(nn.Module):
         has_sensor = batch["has_sensor"].bool()
         weights = torch.where(has_sensor, sensor_loss_weight, 1.0).to(per_sample.dtype)
         norm = weights.sum().clamp_min(1e-8) if weight_sum is None else max(float(weight_sum), 1e-8)
-        loss = (per_sample * weights).sum() / norm
         metrics: dict[str, float] = {"loss_unweighted": float(per_sample.detach().mean())}
         with torch.no_grad():
             for name, sel in (("sensor", has_sensor), ("no_sensor", ~has_sensor)):
@@ -134,13 +148,41 @@ class VLAPolicy(nn.Module):
                 metrics[f"n_{name}"] = float(n)
                 if n:
                     metrics[f"loss_{name}"] = float(per_sample[sel].mean())
-        return loss, metrics
+        if self.wrench_head is not None:
+            per_sample = per_sample + self.cfg.wrench_output.weight * self._wrench_loss(batch, cond, cond_mask, metrics)
+        return (per_sample * weights).sum() / norm, metrics
+
+    def _wrench_loss(self, batch, cond: torch.Tensor, cond_mask: torch.Tensor, metrics: dict) -> torch.Tensor:
+        """The wrench head's per-sample loss (B,); its mean over samples with a target into `metrics`."""
+        target = wrench_target(batch)
+        if target is None:
+            raise ValueError(
+                "this policy has the wrench output (--model.wrench-output.enabled) but the batch has no "
+                "'wrench_target': build batches from a dataset with force channels (EpisodeDataset adds it)"
+            )
+        per_sample = self.wrench_head.loss(cond, cond_mask, *target)
+        with torch.no_grad():
+            has = target[1].any(1)
+            metrics["n_wrench"] = float(has.sum())
+            if has.any():
+                metrics["loss_wrench"] = float(per_sample[has].mean())
+        return per_sample
 
     @torch.inference_mode()
     def predict_chunk(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference seam: batch without actions -> normalized action chunk (B, H, D_a)."""
         cond, cond_mask = self.condition(batch)
         return self.head.sample(cond, cond_mask, generator=generator)
+
+    @torch.inference_mode()
+    def predict(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+        """Every output of one conditioning: `actions` (B, H, D_a) as `predict_chunk` (the same noise draws) and,
+        with the wrench output, `wrench` (B, H, C_f); both normalized."""
+        cond, cond_mask = self.condition(batch)
+        out = {"actions": self.head.sample(cond, cond_mask, generator=generator)}
+        if self.wrench_head is not None:
+            out["wrench"] = self.wrench_head(cond, cond_mask)
+        return out
 
     # --- files (thin wrappers over models/folder.py) ---------------------------------------------
     def save_pretrained(self, out_dir, config, norm_stats=None):

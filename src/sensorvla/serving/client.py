@@ -86,6 +86,12 @@ class PolicyClient:
             assert self._metadata is not None
             return self._metadata
 
+    @property
+    def wrench_channels(self) -> int:
+        """C_f of the served policy's wrench output: every reply then carries `wrench` float32 (H, C_f), the predicted
+        force channels at the chunk's steps in the sensor's units; 0 when the policy has none."""
+        return int(self.metadata.get("wrench_channels", 0))
+
     def get_server_metadata(self) -> dict[str, Any]:
         """openpi-client spelling of `metadata`."""
         return self.metadata
@@ -172,7 +178,8 @@ class PolicyClient:
 
         Returns:
             `{"actions": (H, D_a), "timing": {...}, "server_timing": {"infer_ms", "queue_ms", "total_ms"},
-            ...}`.
+            ...}`, and `"wrench": (H, C_f)` (force, the sensor's units) when the policy has the wrench output
+            (`wrench_channels` > 0).
 
         Raises:
             PolicyServerError: the server answered with an error (`.type`, `.message`; the server sends errors

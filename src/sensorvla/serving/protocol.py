@@ -3,6 +3,12 @@
 Byte-compatible with openpi's `msgpack_numpy` (arrays are `{b"__ndarray__": True, b"data", b"dtype",
 b"shape"}` maps with bytes keys), so existing openpi robot clients can talk to a sensorvla server.
 Imports only numpy and msgpack: the robot-side client depends on this module.
+
+Messages (docs/serving.md): on connect the server sends the handshake (the policy's metadata + a `protocol` entry);
+a request is an observation map; a reply is `{"actions": (H, D_a), "timing", "vl_age_s", "vl_fresh",
+"sensor_history", "warnings", "server_timing"}`, plus `"wrench": (H, C_f)` (the predicted force channels at the
+chunk's steps, the sensor's units) when the handshake has `wrench_channels`; an error is a text frame of JSON
+(`error_text`); `{CONTROL_KEY: "reset"}` is a control message.
 """
 
 from __future__ import annotations

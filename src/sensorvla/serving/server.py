@@ -5,7 +5,8 @@ decoded and validated on a small pool of decode threads, within bounds checked b
 (`protocol.DecodeLimits`), so the asyncio loop only moves bytes and keeps every other client served. Memory is
 bounded by a global in-flight byte budget, a connection cap and the websocket message size; a bounded queue
 answers `Busy` when full. Per-connection state comes from the policy's optional `new_session()`. Same message
-shapes as openpi's server: a metadata handshake on connect, `{"actions", ..., "server_timing"}` replies, errors
+shapes as openpi's server: a metadata handshake on connect, `{"actions", ..., "server_timing"}` replies (whatever
+else the policy's `infer` returns, e.g. `wrench`, is passed on), errors
 as text frames (openpi's client raises on them), `/healthz` over HTTP.
 """
 

@@ -679,19 +679,22 @@ def _log_step(run: _Run, row: dict, epoch: int) -> None:
 
 
 # --- validate ----------------------------------------------------------------------------------------
-def _validate(run: _Run) -> float:
-    """Mean validation loss over every rank's exact shard (noise from a private generator)."""
+def _validate(run: _Run) -> tuple[float, dict[str, float]]:
+    """Mean validation loss over every rank's exact shard (noise from a private generator), and with the wrench
+    output `val_loss_wrench` (its mean over samples with a measured target)."""
     cfg, info, data = run.cfg, run.info, run.data
     run.policy.eval()
     gen = torch.Generator(device=info.device).manual_seed(VAL_SEED)  # the global RNG is never touched
-    totals, last, done = [0.0, 0.0], None, 0
+    totals, last, done = [0.0, 0.0, 0.0, 0.0], None, 0
     with torch.no_grad(), autocast_ctx(cfg, info.device):
         for batch in make_loader(data.val, data.val_transform, data.val_sampler, cfg, data.pad_id):
             last = _prepare(batch, data.cache, info.device)
-            loss, _ = run.policy(last, sensor_loss_weight=1.0, generator=gen)
+            loss, m = run.policy(last, sensor_loss_weight=1.0, generator=gen)
             n = last["actions"].shape[0]
             totals[0] += float(loss) * n
             totals[1] += n
+            totals[2] += m.get("loss_wrench", 0.0) * m.get("n_wrench", 0.0)
+            totals[3] += m.get("n_wrench", 0.0)
             done += 1
         while run.is_fsdp and done < run.val_batches:  # lockstep filler, not counted
             if last is None:
@@ -699,17 +702,17 @@ def _validate(run: _Run) -> float:
                 last = _prepare(first, data.cache, info.device)
             run.policy(last, sensor_loss_weight=1.0, generator=gen)
             done += 1
-    s, n = all_reduce_sum(totals, info)
-    return s / max(n, 1)
+    s, n, w, n_w = all_reduce_sum(totals, info)
+    return s / max(n, 1), ({"val_loss_wrench": w / n_w} if n_w else {})
 
 
 # --- checkpoint --------------------------------------------------------------------------------------
 def _validate_and_checkpoint(run: _Run, epoch_label: int) -> None:
     """Validate, track the best and early stopping, write the epoch / best seed files and `pretrained_model`."""
     cfg, state = run.cfg, run.state
-    val = _validate(run) if len(run.data.val) else run.last_loss
+    val, extra = _validate(run) if len(run.data.val) else (run.last_loss, {})
     run.summary["val_loss"].append(val)
-    run.run_log.log("val", state["step"], {"val_loss": val, "epoch": epoch_label})
+    run.run_log.log("val", state["step"], {"val_loss": val, "epoch": epoch_label, **extra})
     logger.info("epoch %d step %d val_loss %.5f", epoch_label, state["step"], val)
     improved = val < state["best_val"]
     if improved:

@@ -33,7 +33,7 @@ def is_no_decay(name: str, ndim: int) -> bool:
 
 def group_of(name: str) -> str:
     """Map a trainable parameter name of a VLAPolicy to its group."""
-    if name.startswith("head."):
+    if name.startswith(("head.", "wrench_head.")):  # the wrench output trains with the action head
         return "head"
     if name.startswith("fusion."):
         return "fusion"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 logger = logging.getLogger("sensorvla.train")
 CURVES_NAME = "training_curves.png"
+CURVE_KEYS = ("loss", "val_loss", "loss_wrench", "val_loss_wrench")  # + "lr/<group>"; the wrench output's own
 
 
 class RunLogger:
@@ -66,7 +67,8 @@ class RunLogger:
 
 
 def read_curves(metrics_path: Path) -> dict[str, dict[int, float]]:
-    """metrics.jsonl -> {"loss": {step: value}, "val_loss": {...}, "lr/<group>": {...}}; a step logged twice
+    """metrics.jsonl -> {"loss": {step: value}, "val_loss": {...}, "lr/<group>": {...}} (and the wrench output's
+    "loss_wrench", "val_loss_wrench" when the run has one); a step logged twice
     (a run restarted in the same folder) keeps its latest value."""
     curves: dict[str, dict[int, float]] = {}
     for line in Path(metrics_path).read_text().splitlines():
@@ -77,14 +79,15 @@ def read_curves(metrics_path: Path) -> dict[str, dict[int, float]]:
         if row.get("kind") not in ("train", "val"):
             continue
         for key, value in row.items():
-            if (key in ("loss", "val_loss") or key.startswith("lr/")) and isinstance(value, (int, float)):
+            if (key in CURVE_KEYS or key.startswith("lr/")) and isinstance(value, (int, float)):
                 curves.setdefault(key, {})[int(row["step"])] = float(value)
     return curves
 
 
 def plot_training_curves(metrics_path: Path, path: Path) -> Path | None:
     """Draw the run's curves from its metrics.jsonl: the training loss per step (and a moving average), the
-    validation loss, and the learning rate of each parameter group. None when nothing was logged."""
+    validation loss, the wrench output's losses when the run has one, and the learning rate of each parameter group.
+    None when nothing was logged."""
     curves = read_curves(metrics_path)
     if not curves.get("loss"):
         return None
@@ -106,6 +109,10 @@ def plot_training_curves(metrics_path: Path, path: Path) -> Path | None:
     if curves.get("val_loss"):
         vs, vl = zip(*sorted(curves["val_loss"].items()))
         ax_loss.plot(vs, vl, "o-", color="C3", lw=1.5, ms=4, label="validation")
+    for key, style, label in (("loss_wrench", "--", "wrench (train)"), ("val_loss_wrench", "s--", "wrench (val)")):
+        if curves.get(key):  # the wrench output's loss (unweighted), beside the total
+            ws, wl = zip(*sorted(curves[key].items()))
+            ax_loss.plot(ws, wl, style, color="C2", lw=1.2, ms=3, label=label)
     if np.all(loss > 0):
         ax_loss.set_yscale("log")
     ax_loss.set(xlabel="optimizer step", ylabel="loss", title="loss")
