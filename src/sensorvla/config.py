@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from sensorvla.streams import StreamSpecError, model_streams
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -134,8 +136,13 @@ class SensorConfig:
     enabled: bool = True
     #: C_s, the sensor's channels; derived from the dataset (0 = not yet known).
     channels: int = 0
-    #: The leading scalar (force) channels; the rest are a spatial A-scan profile.
+    #: The leading scalar (force) channels of the dataset's sensor tensor, the rest an A-scan profile: the legacy
+    #: layout, used when no declared stream reads that tensor (deprecated: declare --model.sensor.streams).
     force_channels: int = 1
+    #: Declared sensor streams, one `name=kind,key=value,...` each (sensorvla/streams.py): e.g.
+    #: `ft=wrench,channels=0:6` (a slice of the dataset's sensor) or `tactile=taxel2d,source=observation.tactile`.
+    #: Kinds: wrench, profile1d, taxel2d, imu, generic. Shapes come from the dataset.
+    streams: tuple[str, ...] = ()
     #: N_s, the sensor tokens the encoder emits.
     num_tokens: int = 4
     #: The sensor encoder's width.
@@ -964,6 +971,10 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--model.sensor.hidden-dim must be divisible by --model.sensor.num-heads")
     if m.sensor.force_channels < 0 or (m.sensor.channels and m.sensor.force_channels > m.sensor.channels):
         raise ConfigError("--model.sensor.force-channels must be between 0 and the sensor channel count")
+    try:
+        model_streams(m.sensor.streams, m.sensor.channels, m.sensor.force_channels)
+    except StreamSpecError as e:
+        raise ConfigError(f"--model.sensor.streams: {e}") from None
     if stage_config(cfg).needs_stage1_checkpoint and not t.stage1_checkpoint and not t.resume:
         raise ConfigError("Stage 2 training requires --stage1-checkpoint")
     if t.resume and backbone_trains(cfg) and not stage_config(cfg).seed_file_holds_backbone:

@@ -337,13 +337,13 @@ class PolicyRunner:
                 gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)
             noise = starting_noise(pol, v_proj, gen)
             state = batch.get("state") if self.cfg.model.state_dim else None
-            sensor = (batch["sensor"], batch["sensor_mask"], batch["has_sensor"])
+            sensors = {k: v for k, v in batch.items() if k.startswith(("sensor", "has_sensor"))}  # every stream
             if self._compile_tick:
                 mem = None if v_mem is None else tuple(v_mem)  # a plain tuple: the exported graph's input
-                out = self._compiled_tick((*sensor, state, v_proj, vl_mask, mem, noise))
+                out = self._compiled_tick((sensors, state, v_proj, vl_mask, mem, noise))
                 t3 = t2
             else:
-                s_tok, s_mask = self.tick.sensor(*sensor)
+                s_tok, s_mask = self.tick.sensor(sensors)
                 self.sync()
                 t3 = time.perf_counter()
                 out = self.tick.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)
