@@ -1,6 +1,6 @@
 """Declared sensor streams: what each sensor input of the policy is, one line of config per stream.
 
-A stream is written `name=kind,key=value,...` (`--model.sensor.streams`, saved in config.json), e.g.
+A stream is written `name=kind,key=value,...` (`--data.streams`, saved in config.json), e.g.
 `tactile=taxel2d,source=observation.tactile,shape=4x4,rate=100,tokens=4,dropout=0.1`. Keys:
 
 - `=kind`: the encoder from the registry (`models/sensors`): wrench, profile1d, taxel2d, imu, generic (default).
@@ -138,10 +138,10 @@ def legacy_streams(channels: int, force_channels: int) -> tuple[StreamSpec, ...]
     return tuple(out)
 
 
-def model_streams(declared: tuple[str, ...], channels: int, force_channels: int) -> tuple[StreamSpec, ...]:
-    """Every stream a model reads: the declared ones, after the legacy pair of the dataset's sensor tensor unless a
-    declared stream already reads that tensor (`source` empty)."""
-    specs = tuple(parse_stream(s) for s in declared)
+def model_streams(declared, channels: int, force_channels: int) -> tuple[StreamSpec, ...]:
+    """Every stream a model reads: the declared ones (StreamSpec or their one-line form), after the legacy pair of the
+    dataset's sensor tensor (C = `channels`) unless a declared stream already reads that tensor (`source` empty)."""
+    specs = tuple(s if isinstance(s, StreamSpec) else parse_stream(s) for s in declared)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise StreamSpecError(f"stream names must be unique, got {names}")

@@ -62,7 +62,7 @@ class VLAPolicy(nn.Module):
         self.sensor_window = sensor_window
         self.sensor_samples = sensor_window.samples
         self.backbone = VLBackbone(vl_model, cfg.backbone, cfg.num_views)
-        streams = model_streams(cfg.sensor.streams, cfg.sensor.channels, cfg.sensor.force_channels)
+        streams = model_streams(sensor_window.streams, cfg.sensor.channels, cfg.sensor.force_channels)
         if cfg.sensor.enabled:
             if not streams:
                 raise ValueError(

@@ -130,7 +130,7 @@ class SensorEncoder(nn.Module):
 
 def stream_samples(spec: StreamSpec, window: SensorWindow) -> int:
     """T of a stream's window: the run's T_s for the dataset's sensor tensor, else its own `samples` or T_s."""
-    return window.samples if not spec.source else spec.samples or window.samples
+    return window.samples if not spec.source else window.of(spec).samples
 
 
 def stream_input(batch: Mapping[str, torch.Tensor], spec: StreamSpec) -> torch.Tensor:
