@@ -64,6 +64,11 @@ class StreamSpec:
         return "sensor_mask" if not self.source else f"sensor_mask.{self.name}"
 
     @property
+    def ts_key(self) -> str:
+        """The observation key of its samples' timestamps (N,) at serving time."""
+        return "sensor_timestamps" if not self.source else f"sensor_timestamps.{self.name}"
+
+    @property
     def group_name(self) -> str:
         """Its token group: `group`, or its own name."""
         return self.group or self.name
