@@ -92,6 +92,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         )
         self.meta: DatasetMeta = self.source.meta
         self.streams = [s for s in self.source.streams if s.source]  # streams with their own window
+        self.stream_names = [s.name for s in self.streams]
         self.views = resolve_views(cfg.views, self.meta)
         self.fps = self.meta.action_fps
         self.epoch = 0

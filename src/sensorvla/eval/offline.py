@@ -120,16 +120,14 @@ def view_donors(episode_index: np.ndarray, seed: int) -> dict[int, int]:
     return out
 
 
-def _sensor_missing(raw: dict) -> dict:
-    """The sample with its sensor window masked as missing (samples without one unchanged)."""
-    if not raw["has_sensor"]:
-        return raw
-    return {
-        **raw,
-        "sensor": np.zeros_like(raw["sensor"]),
-        "sensor_mask": np.zeros_like(raw["sensor_mask"]),
-        "has_sensor": False,
-    }
+def _sensor_missing(raw: dict, stream: str | None = None) -> dict:
+    """The sample with every sensor window (or the declared stream `stream`'s) masked as missing."""
+    out = dict(raw)
+    for key in [k for k in raw if k.startswith("sensor.") and stream in (None, k[7:])]:
+        out[key], out["sensor_mask." + key[7:]] = np.zeros_like(raw[key]), np.zeros_like(raw["sensor_mask." + key[7:]])
+    if stream is None and raw["has_sensor"]:
+        out.update(sensor=np.zeros_like(raw["sensor"]), sensor_mask=np.zeros_like(raw["sensor_mask"]), has_sensor=False)
+    return out
 
 
 def _blank_views(raw: dict) -> dict:
@@ -171,6 +169,8 @@ def _passes(has: np.ndarray, episodes: np.ndarray, seed: int, ds, light) -> dict
             return {**raw, "sensor": src["sensor"], "sensor_mask": src["sensor_mask"]}
 
         passes["sensor shuffled"] = shuffled_sensor
+    for name in getattr(ds, "stream_names", ()):  # each declared stream ablated on its own
+        passes[f"{name} missing"] = lambda i, raw, name=name: _sensor_missing(raw, name)
     passes["views blank"] = lambda i, raw: _blank_views(raw)
     if len(set(episodes.tolist())) >= 2:
         view_src = view_donors(episodes, seed)
@@ -287,6 +287,9 @@ def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, ma
             ablation[mode] = _delta(e, base)
             metrics[f"sensor_ablation_delta_l1_{mode}"] = e["l1"] - base
     metrics["ablation"] = ablation
+    metrics["stream_ablation"] = {  # each declared stream masked on its own, over every sample
+        name: _delta(_errors(preds[f"{name} missing"], gt, mask), metrics["l1"]) for name in ds.stream_names
+    }
     vision: dict[str, Any] = {}
     for mode in VISION_ABLATIONS:
         if f"views {mode}" not in preds:
