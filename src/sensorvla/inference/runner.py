@@ -464,7 +464,7 @@ class RunnerSession:
         streams = {}
         for s in runner.streams:
             h = self.histories[s.name]
-            h.extend(obs[s.ts_key], obs[s.key].reshape(len(obs[s.key]), -1))
+            h.extend(obs[s.ts_key], obs[s.key].reshape(len(obs[s.key]), h.channels))
             values, s_mask = h.window(t)
             streams[s.name] = (values.reshape(len(values), *s.shape), s_mask)
         missing = int((~mask).sum())
