@@ -219,6 +219,18 @@ def per_frame_sensor_keys(info: dict[str, Any]) -> list[str]:
     return sorted(k for k, shape in frame_features(info).items() if len(shape) == 1)
 
 
+def _name_2d_features(info: dict[str, Any]) -> None:
+    """Log each per-frame 2-D feature with the `--data.streams` line that reads it (it is no part of the tensor)."""
+    for key, shape in frame_features(info).items():
+        if len(shape) > 1:
+            name = key.removeprefix("observation.")
+            logger.warning(
+                "per-frame feature %s %s is a %d-D array: it is not part of the sensor tensor; read it as a stream "
+                "with --data.streams '%s=taxel2d,source=%s'",
+                *(key, shape, len(shape), name, key),
+            )
+
+
 def resolve_streams(meta: DatasetMeta, declared) -> tuple[StreamSpec, ...]:
     """The declared streams (StreamSpec or their one-line form) with shapes and rates from the dataset; none declared:
     the sidecar streams that declare an `encoder` (other than the sensor tensor's). DataError naming the stream, the
@@ -333,17 +345,7 @@ def load_meta(root: str | Path, sensor_keys=None) -> DatasetMeta:
     cams = select_cameras(info, root)
     keys = resolve_sensor_keys(info, streams, sensor_keys, root)
     feats = info["features"]
-    for key, shape in frame_features(info).items():
-        if len(shape) > 1:
-            logger.warning(
-                "per-frame feature %s %s is a %d-D array: it is not part of the sensor tensor; read it as a stream "
-                "with --data.streams '%s=taxel2d,source=%s'",
-                key,
-                shape,
-                len(shape),
-                key.removeprefix("observation."),
-                key,
-            )
+    _name_2d_features(info)
     if len(keys) == 1 and keys[0] in streams:
         s = streams[keys[0]]
         channels, rate = int(np.prod(s.shape)), float(s.rate_hz or 0.0)

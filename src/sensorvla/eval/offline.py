@@ -130,6 +130,11 @@ def _sensor_missing(raw: dict, stream: str | None = None) -> dict:
     return out
 
 
+def _stream_ablation(names, preds, gt, mask, base: float) -> dict[str, Any]:
+    """Each declared stream masked on its own (the "<name> missing" passes), over every sample, against `base`."""
+    return {n: _delta(_errors(preds[f"{n} missing"], gt, mask), base) for n in names}
+
+
 def _blank_views(raw: dict) -> dict:
     """The sample with black views."""
     return {**raw, "images": [np.zeros_like(im) for im in raw["images"]]}
@@ -287,9 +292,7 @@ def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, ma
             ablation[mode] = _delta(e, base)
             metrics[f"sensor_ablation_delta_l1_{mode}"] = e["l1"] - base
     metrics["ablation"] = ablation
-    metrics["stream_ablation"] = {  # each declared stream masked on its own, over every sample
-        name: _delta(_errors(preds[f"{name} missing"], gt, mask), metrics["l1"]) for name in ds.stream_names
-    }
+    metrics["stream_ablation"] = _stream_ablation(ds.stream_names, preds, gt, mask, metrics["l1"])
     vision: dict[str, Any] = {}
     for mode in VISION_ABLATIONS:
         if f"views {mode}" not in preds:
