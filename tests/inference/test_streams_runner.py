@@ -89,3 +89,12 @@ def test_the_client_streams_each_by_name():
     client._drop_pending(taken)
     obs, _ = client._with_stream({})  # nothing new: zero rows of each stream (the server's history is used)
     assert obs["sensor.tactile"].shape == (0, 4, 4) and client.pending_sensor_samples == 0
+
+
+def test_offline_eval_ablates_each_stream(streams_runner, tmp_path):
+    from sensorvla.eval.offline import evaluate
+
+    runner, ds = streams_runner
+    metrics = evaluate("unused", ds.root, split="all", out_dir=tmp_path, max_samples=16, progress=False, runner=runner)
+    assert set(metrics["stream_ablation"]) == {"imu", "tactile"}
+    assert all(np.isfinite(v["delta_l1"]) and v["delta_l1"] != 0 for v in metrics["stream_ablation"].values())
