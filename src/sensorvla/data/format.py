@@ -280,15 +280,16 @@ def resolve_streams(meta: DatasetMeta, declared) -> tuple[StreamSpec, ...]:
 
 def resolve_sensor_keys(info: dict[str, Any], streams: dict, wanted, root: Path) -> list[str]:
     """The sensor source. Auto (empty `wanted`): the sidecar "sensor" stream, else the only sidecar values
-    stream that is no state, else every per-frame sensor feature. Explicit: one sidecar stream, or
+    stream that is no state and declares no encoder, else every per-frame sensor feature. Explicit: one sidecar stream, or
     per-frame features (concatenated)."""
     value_streams = [k for k, s in streams.items() if s.kind == "values" and k != STATE_KEY]
     frame_keys = per_frame_sensor_keys(info)
     if not wanted:
         if "sensor" in streams:
             return ["sensor"]
-        if len(value_streams) == 1:
-            return value_streams
+        plain = [k for k in value_streams if "encoder" not in streams[k].extra]  # the others are streams of their own
+        if len(plain) == 1:
+            return plain
         return frame_keys
     wanted = list(wanted)
     unknown = [k for k in wanted if k not in value_streams and k not in frame_keys]
