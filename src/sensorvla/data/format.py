@@ -280,8 +280,8 @@ def resolve_streams(meta: DatasetMeta, declared) -> tuple[StreamSpec, ...]:
 
 def resolve_sensor_keys(info: dict[str, Any], streams: dict, wanted, root: Path) -> list[str]:
     """The sensor source. Auto (empty `wanted`): the sidecar "sensor" stream, else the only sidecar values
-    stream that is no state and declares no encoder, else every per-frame sensor feature. Explicit: one sidecar stream, or
-    per-frame features (concatenated)."""
+    stream that is no state and declares no encoder, else every per-frame sensor feature. Explicit: one sidecar
+    stream, or per-frame features (concatenated)."""
     value_streams = [k for k, s in streams.items() if s.kind == "values" and k != STATE_KEY]
     frame_keys = per_frame_sensor_keys(info)
     if not wanted:
