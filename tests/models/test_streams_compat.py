@@ -19,3 +19,19 @@ def test_legacy_checkpoint_gives_the_recorded_actions(tiny_vl_dir):
     recorded = batch.pop("actions")
     actions = policy.eval().predict_chunk(batch)
     assert torch.equal(actions, recorded)  # bit-equal: the same computation in the same order
+
+
+def test_legacy_seed_stage1_file_gives_the_recorded_actions(tiny_vl_dir):
+    """The seed guide's stage-1 `.pt` of the same weights (sensor_encoder + action_expert sections, old key names)."""
+    from sensorvla.models.folder import read_config
+    from sensorvla.models.policy import build_policy
+    from sensorvla.models.seed_checkpoint import load_stage1_into
+
+    cfg = read_config(FIXTURE / "folder")
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    torch.manual_seed(123)  # other initial weights: every trained tensor must come from the file
+    policy = build_policy(cfg)
+    load_stage1_into(policy, FIXTURE / "stage1.pt")
+    batch = load_file(FIXTURE / "batch.safetensors")
+    recorded = batch.pop("actions")
+    assert torch.equal(policy.eval().predict_chunk(batch), recorded)
