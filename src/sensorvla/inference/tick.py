@@ -90,7 +90,8 @@ def dynamic_shapes(inputs: TickInputs, max_vl_tokens: int = 1 << 16) -> tuple:
     if v_mem is not None:
         per_layer = tuple({2: n_vl} for _ in v_mem[0])
         mem_shapes = (per_layer, per_layer, {1: n_vl})
-    return (None, None, {1: n_vl}, {1: n_vl}, mem_shapes, None)
+    sensors = {k: None for k in inputs[0]}  # every stream's window: static
+    return (sensors, None, {1: n_vl}, {1: n_vl}, mem_shapes, None)
 
 
 def export_tick(tick: FastTick, inputs: TickInputs):
