@@ -98,3 +98,27 @@ def test_offline_eval_ablates_each_stream(streams_runner, tmp_path):
     metrics = evaluate("unused", ds.root, split="all", out_dir=tmp_path, max_samples=16, progress=False, runner=runner)
     assert set(metrics["stream_ablation"]) == {"imu", "tactile"}
     assert all(np.isfinite(v["delta_l1"]) and v["delta_l1"] != 0 for v in metrics["stream_ablation"].values())
+
+
+def test_the_exported_tick_reads_every_stream(streams_runner):
+    """`torch.export` of the runner's tick (the compiled inference path) with the declared streams equals eager."""
+    import torch
+    from torch.export import export
+
+    from sensorvla.inference.tick import dynamic_shapes, starting_noise
+
+    runner, ds = streams_runner
+    runner.reset()
+    _, obs = robot_obs(ds, 25)
+    runner.infer(obs)
+    _, vl_mask, v_proj, v_mem = runner._vl_projected
+    b = runner.batch_from_raw(runner.session.raw_sample(runner.check_request(obs))[0], False)
+    sensors = {k: v for k, v in b.items() if k.startswith(("sensor", "has_sensor"))}
+    assert {"sensor.imu", "sensor_mask.tactile"} <= set(sensors)
+    inputs = (sensors, b["state"], v_proj, vl_mask, tuple(v_mem), starting_noise(runner.policy, v_proj, None))
+    with torch.no_grad():
+        graph = export(runner.tick, inputs, dynamic_shapes=dynamic_shapes(inputs)).module()
+        torch.testing.assert_close(graph(*inputs), runner.tick(*inputs), atol=1e-5, rtol=1e-5)
+        blind = dict(sensors, **{"sensor_mask.imu": torch.zeros_like(sensors["sensor_mask.imu"])})
+        torch.testing.assert_close(graph(blind, *inputs[1:]), runner.tick(blind, *inputs[1:]), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(runner.tick(blind, *inputs[1:]), runner.tick(*inputs))
