@@ -259,7 +259,7 @@ def evaluate(
     metrics["without_sensor"] = _errors(pred[~has], gt[~has], mask[~has])
     names = ds.meta.info["features"]["action"].get("names") or [f"a{i}" for i in range(gt.shape[-1])]
     metrics["action_names"] = names
-    _add_ablations(metrics, preds, gt, mask, has)
+    _add_ablations(metrics, preds, gt, mask, has, ds.stream_names)
     ablation, vision = metrics["ablation"], metrics["vision_ablation"]
     figs = {
         "trajectories": plots.trajectories(records, pred, names, out_dir / "trajectories.png"),
@@ -281,9 +281,10 @@ def evaluate(
     return metrics
 
 
-def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, mask, has: np.ndarray) -> None:
-    """The sensor ablations (samples with sensor data) and the vision ablations (every sample) into `metrics`:
-    `ablation`, `vision_ablation` and their `*_delta_l1_<mode>` headline numbers."""
+def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, mask, has, streams=()) -> None:
+    """The sensor ablations (samples with sensor data), each declared stream's (every sample) and the vision ablations
+    (every sample) into `metrics`: `ablation`, `stream_ablation`, `vision_ablation` and their `*_delta_l1_<mode>`
+    headline numbers."""
     ablation = {}
     if has.any():
         base = metrics["with_sensor"]["l1"]
@@ -292,7 +293,7 @@ def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, ma
             ablation[mode] = _delta(e, base)
             metrics[f"sensor_ablation_delta_l1_{mode}"] = e["l1"] - base
     metrics["ablation"] = ablation
-    metrics["stream_ablation"] = _stream_ablation(ds.stream_names, preds, gt, mask, metrics["l1"])
+    metrics["stream_ablation"] = _stream_ablation(streams, preds, gt, mask, metrics["l1"])
     vision: dict[str, Any] = {}
     for mode in VISION_ABLATIONS:
         if f"views {mode}" not in preds:
