@@ -19,7 +19,7 @@ SRC = Path(sensorvla.__file__).parent
 # Layer of each top-level part of the package (a sub-package or a root module), lowest first. Keep in step with
 # docs/architecture.md, "Layers".
 LAYERS = {
-    "ground": {"__init__", "config", "presets", "io", "integrity", "runtime", "hub", "progress"},
+    "ground": {"__init__", "config", "streams", "presets", "io", "integrity", "runtime", "hub", "progress"},
     "serving": {"serving"},
     "data": {"data"},
     "models": {"models"},

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from sensorvla.streams import StreamSpecError, model_streams
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -134,7 +136,8 @@ class SensorConfig:
     enabled: bool = True
     #: C_s, the sensor's channels; derived from the dataset (0 = not yet known).
     channels: int = 0
-    #: The leading scalar (force) channels; the rest are a spatial A-scan profile.
+    #: The leading scalar (force) channels of the dataset's sensor tensor, the rest an A-scan profile: the legacy
+    #: layout, used when no declared stream reads that tensor (deprecated: declare --data.streams).
     force_channels: int = 1
     #: N_s, the sensor tokens the encoder emits.
     num_tokens: int = 4
@@ -302,6 +305,11 @@ class DataConfig:
     sensor_window_s: float = 0.1
     #: T_s: uniform grid points in the sensor window.
     sensor_samples: int = 32
+    #: Declared sensor streams, one `name=kind,key=value,...` each (sensorvla/streams.py), e.g. `ft=wrench,channels=0:6`
+    #: (a slice of the dataset's sensor tensor) or `tactile=taxel2d,source=observation.tactile,tokens=4`. Kinds:
+    #: wrench, profile1d, taxel2d, imu, generic. Empty: the dataset's sensor as force + A-scan (--model.sensor.
+    #: force-channels), plus every sidecar stream the dataset declares with an encoder. Shapes come from the dataset.
+    streams: tuple[str, ...] = ()
     #: H: future actions per sample.
     horizon: int = 8
     #: The seed of the episode split into train / val / test.
@@ -764,12 +772,13 @@ def describe_changes(changes: dict[str, tuple[Any, Any]], against: str = "the de
     return "\n".join(lines)
 
 
-def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int) -> ModelConfig:
+def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int, streams: tuple = ()) -> ModelConfig:
     """The model config with its dataset-derived fields (V, D_a, H, C_s, force channels, D_st) from dataset metadata.
 
     `meta` has `action_dim`, `sensor_channels`, `state_dim` (and `force_channels`); `horizon` is the data's H.
     Values the user set explicitly (non-zero) must agree with the dataset; otherwise this raises with the fix.
-    A dataset without a sensor stream turns the sensor input off (with a warning).
+    A dataset without a sensor stream turns the sensor input off (with a warning), unless `streams` (the resolved
+    `--data.streams`) declares one.
     """
     derived = {
         ("head", "action_dim"): int(meta.action_dim),
@@ -788,7 +797,7 @@ def resolve_model(model: ModelConfig, meta: Any, *, num_views: int, horizon: int
             )
         setattr(new, section, dataclasses.replace(sub, **{name: value}))
     check_wrench_output(new)
-    if new.sensor.enabled and not new.sensor.channels:
+    if new.sensor.enabled and not new.sensor.channels and not streams:
         logger.warning(
             "the dataset has no sensor stream: running VISION-ONLY (sensor disabled). If it had one attached, tools "
             "that rewrite a LeRobot dataset (e.g. LeRobot's delete_episodes) drop the sidecar: re-attach it with "
@@ -820,8 +829,12 @@ def resolve_from_meta(cfg: SensorVLAConfig, meta: Any) -> SensorVLAConfig:
     missing = sorted(set(views) - set(meta.views))
     if missing:
         raise ValueError(f"--data.views {missing} not in the dataset (it has {list(meta.views)})")
-    model = resolve_model(cfg.model, meta, num_views=len(views), horizon=cfg.data.horizon)
-    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, views=tuple(views)))
+    streams = (
+        tuple(s.to_text() for s in meta.resolve_streams(cfg.data.streams)) if hasattr(meta, "resolve_streams") else ()
+    )
+    model = resolve_model(cfg.model, meta, num_views=len(views), horizon=cfg.data.horizon, streams=streams)
+    data = dataclasses.replace(cfg.data, views=tuple(views), streams=streams or cfg.data.streams)
+    return dataclasses.replace(cfg, model=model, data=data)
 
 
 def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
@@ -964,6 +977,10 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError("--model.sensor.hidden-dim must be divisible by --model.sensor.num-heads")
     if m.sensor.force_channels < 0 or (m.sensor.channels and m.sensor.force_channels > m.sensor.channels):
         raise ConfigError("--model.sensor.force-channels must be between 0 and the sensor channel count")
+    try:
+        model_streams(cfg.data.streams, m.sensor.channels, m.sensor.force_channels)
+    except StreamSpecError as e:
+        raise ConfigError(f"--data.streams: {e}") from None
     if stage_config(cfg).needs_stage1_checkpoint and not t.stage1_checkpoint and not t.resume:
         raise ConfigError("Stage 2 training requires --stage1-checkpoint")
     if t.resume and backbone_trains(cfg) and not stage_config(cfg).seed_file_holds_backbone:

@@ -315,3 +315,17 @@ def test_a_symlinked_stream_file_pointing_outside_is_refused(ds, tmp_path):
     values.symlink_to(outside)
     with pytest.raises(DataError, match="outside"):
         EpisodeDataset(ds, cfg(ds), split="all")
+
+
+def test_an_attached_stream_with_an_encoder_is_a_declared_stream(ds, tmp_path):
+    """`--encoder KIND`: the sensor joins as a stream of its own (window, tokens), beside the sensor tensor."""
+    add_sensor(
+        ds, write_csv(tmp_path / "imu.csv", recording(ds)), clock_offset=-SENSOR_CLOCK, name="imu", encoder="wrench"
+    )
+    d = EpisodeDataset(ds, cfg(ds), split="all")
+    assert d.meta.sensor_keys == ["observation.force"] and [(s.name, s.kind, s.shape) for s in d.streams] == [
+        ("imu", "wrench", (3,))
+    ]
+    s = d[5]
+    assert s["sensor.imu"].shape == (10, 3) and s["sensor_mask.imu"].all()
+    np.testing.assert_allclose(s["sensor.imu"][:, 0], window_grid(s["timestamp"], 0.05, 10), atol=1e-6)

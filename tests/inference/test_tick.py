@@ -23,20 +23,21 @@ def tick_inputs(runner, obs, seed: int = 0):
     raw, _ = runner.session.raw_sample(runner.check_request(obs))
     b = runner.batch_from_raw(raw, False)
     noise = starting_noise(runner.policy, v_proj, torch.Generator().manual_seed(seed))
-    return [b["sensor"], b["sensor_mask"], b["has_sensor"], b["state"], v_proj, vl_mask, tuple(v_mem), noise]
+    sensors = {k: b[k] for k in ("sensor", "sensor_mask", "has_sensor")}
+    return [sensors, b["state"], v_proj, vl_mask, tuple(v_mem), noise]
 
 
 def variants(inputs):
     """The inputs as they are, with a gap in the window, without sensor data, and with 3 VL tokens fewer."""
     gap = list(inputs)
-    gap[1] = inputs[1].clone()
-    gap[1][:, 5:12] = False
+    gap[0] = dict(inputs[0], sensor_mask=inputs[0]["sensor_mask"].clone())
+    gap[0]["sensor_mask"][:, 5:12] = False
     none = list(inputs)
-    none[2] = torch.zeros_like(inputs[2])
+    none[0] = dict(inputs[0], has_sensor=torch.zeros_like(inputs[0]["has_sensor"]))
     fewer = list(inputs)
-    fewer[4], fewer[5] = inputs[4][:, :-3], inputs[5][:, :-3]
-    keys, values, mask = inputs[6]
-    fewer[6] = (tuple(k[:, :, :-3] for k in keys), tuple(v[:, :, :-3] for v in values), mask[:, :-3])
+    fewer[2], fewer[3] = inputs[2][:, :-3], inputs[3][:, :-3]
+    keys, values, mask = inputs[4]
+    fewer[4] = (tuple(k[:, :, :-3] for k in keys), tuple(v[:, :, :-3] for v in values), mask[:, :-3])
     return {"measured": inputs, "gap": gap, "no_sensor": none, "fewer_vl_tokens": fewer}
 
 

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from sensorvla.config import HeadConfig, SensorConfig, SensorVLAConfig
+from sensorvla.data.timeline import SensorWindow
 from sensorvla.models.fusion import build_fusion
 from sensorvla.models.heads import build_head
-from sensorvla.models.sensor_encoder import SensorEncoder
+from sensorvla.models.sensors.encoder import SensorEncoder
 from sensorvla.runtime import compile_policy
+from sensorvla.streams import legacy_streams
 
 D = 32
 
@@ -25,7 +27,8 @@ class Parts(nn.Module):
     def __init__(self, kind: str):
         super().__init__()
         torch.manual_seed(0)
-        self.sensor_encoder = SensorEncoder(SensorConfig(hidden_dim=D, num_heads=2, dropout=0.0), 16, 9)
+        cfg = SensorConfig(hidden_dim=D, num_heads=2, dropout=0.0)
+        self.sensor_encoder = SensorEncoder(cfg, legacy_streams(9, 1), SensorWindow(0.1, 16, 0.02))
         cfg = SensorVLAConfig().model.fusion
         cfg.hidden_dim, cfg.num_heads = D, 2
         self.fusion = build_fusion(cfg, D, D, 0)
@@ -36,7 +39,7 @@ class Parts(nn.Module):
         g = torch.Generator().manual_seed(seed)
         sensor = torch.randn(2, 16, 9, generator=g)
         tok, tok_mask = self.sensor_encoder(
-            sensor, torch.ones(2, 16, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+            {"sensor": sensor, "sensor_mask": torch.ones(2, 16, dtype=torch.bool), "has_sensor": torch.ones(2) > 0}
         )
         vl = torch.randn(2, 5, D, generator=g)
         return self.fusion(vl, torch.ones(2, 5, dtype=torch.bool), tok, tok_mask)

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from sensorvla.config import SensorConfig
-from sensorvla.models.sensor_encoder import SensorEncoder, conv1d_unfold
+from sensorvla.data.timeline import SensorWindow
+from sensorvla.models.sensors.encoder import SensorEncoder
+from sensorvla.models.sensors.profile1d import conv1d_unfold
+from sensorvla.streams import legacy_streams
 
 
 @pytest.mark.parametrize(("c_in", "length"), [(1, 32), (16, 16), (16, 5)])
@@ -22,7 +25,7 @@ def test_unfolded_conv_equals_conv1d(c_in, length):
 
 def make() -> SensorEncoder:
     torch.manual_seed(0)
-    return SensorEncoder(SensorConfig(dropout=0.0), num_samples=32, channels=33).eval()
+    return SensorEncoder(SensorConfig(dropout=0.0), legacy_streams(33, 1), SensorWindow(0.1, 32, 0.02)).eval()
 
 
 @pytest.mark.parametrize("case", ["all_valid", "gaps", "no_sensor"])
@@ -36,15 +39,15 @@ def test_inference_path_equals_the_grad_path(case):
     if case == "no_sensor":
         has[1] = False
     with torch.inference_mode():  # the unfolded convs, no masks when all valid
-        fast, fast_mask = enc(x, mask, has)
-    ref, _ = enc(x, mask, has)  # grad enabled: nn.Conv1d
+        fast, fast_mask = enc({"sensor": x, "sensor_mask": mask, "has_sensor": has})
+    ref, _ = enc({"sensor": x, "sensor_mask": mask, "has_sensor": has})  # grad enabled: nn.Conv1d
     torch.testing.assert_close(fast, ref.detach(), atol=1e-5, rtol=0)
     assert fast_mask.all()
     if case == "no_sensor":  # the learned "missing" tokens, not an encoding
-        torch.testing.assert_close(fast[1], enc.missing_tokens[0].detach())
+        torch.testing.assert_close(fast[1], enc.groups["sensor"].missing_tokens[0].detach())
 
 
-def test_checkpoint_keys_are_unchanged():
-    keys = set(make().state_dict())
-    assert {"time_pos", "queries", "missing_tokens", "ascan.conv.0.weight", "ascan.proj.weight"} <= keys
-    assert "force_proj.weight" in keys and not any("unfold" in k for k in keys)
+def test_checkpoint_keys_of_the_legacy_pair():
+    keys = {k.removeprefix("groups.sensor.") for k in make().state_dict()}
+    assert {"time_pos", "queries", "missing_tokens", "embed.ascan.conv.0.weight", "embed.ascan.proj.weight"} <= keys
+    assert "embed.force.proj.weight" in keys and not any("unfold" in k for k in keys)

@@ -7,10 +7,21 @@ import pytest
 import torch
 
 from sensorvla.config import FusionConfig, SensorConfig
+from sensorvla.data.timeline import SensorWindow
 from sensorvla.models.fusion import build_fusion
-from sensorvla.models.sensor_encoder import SensorEncoder
+from sensorvla.models.sensors.encoder import SensorEncoder
+from sensorvla.streams import legacy_streams
 
 B, T, C = 4, 16, 33
+
+
+def legacy(cfg, t=T, c=C):
+    """The encoder of the legacy sensor tensor (force channels first, then the A-scan) as two declared streams."""
+    return SensorEncoder(cfg, legacy_streams(c, cfg.force_channels), SensorWindow(0.1, t, 0.02))
+
+
+def batch(sensor, mask, has):
+    return {"sensor": sensor, "sensor_mask": mask, "has_sensor": has}
 
 
 def inputs(seed=0):
@@ -24,48 +35,50 @@ def inputs(seed=0):
 
 def test_missing_sensor_uses_the_learned_token_and_it_trains():
     torch.manual_seed(0)
-    enc = SensorEncoder(SensorConfig(num_tokens=4, hidden_dim=32, num_heads=4), T, C).eval()
+    enc = legacy(SensorConfig(num_tokens=4, hidden_dim=32, num_heads=4)).eval()
     sensor, mask, has = inputs()
-    tok, tok_mask = enc(sensor, mask, has)
+    tok, tok_mask = enc(batch(sensor, mask, has))
     assert tok.shape == (B, 4, 32) and tok_mask.all()
-    assert torch.equal(tok[2], enc.missing_tokens[0])  # not an encoding of zeros
-    zeros_tok, _ = enc(torch.zeros_like(sensor), mask, torch.ones(B, dtype=torch.bool))
+    missing = enc.groups["sensor"].missing_tokens
+    assert torch.equal(tok[2], missing[0])  # not an encoding of zeros
+    zeros_tok, _ = enc(batch(torch.zeros_like(sensor), mask, torch.ones(B, dtype=torch.bool)))
     assert not torch.allclose(zeros_tok[2], tok[2])
     tok.sum().backward()
-    assert enc.missing_tokens.grad is not None and enc.missing_tokens.grad.abs().sum() > 0
+    assert missing.grad is not None and missing.grad.abs().sum() > 0
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in enc.modules())
 
 
 def test_masked_points_and_other_samples_do_not_matter():
     torch.manual_seed(0)
-    enc = SensorEncoder(SensorConfig(num_tokens=4, hidden_dim=32, num_heads=4), T, C).eval()
+    enc = legacy(SensorConfig(num_tokens=4, hidden_dim=32, num_heads=4)).eval()
     sensor, mask, has = inputs()
     with torch.no_grad():
-        ref, _ = enc(sensor, mask, has)
+        ref, _ = enc(batch(sensor, mask, has))
         poked = sensor.clone()
         poked[1, :5] = 1e3  # masked grid points of sample 1
         poked[3] = -poked[3]  # another sample entirely
-        out, _ = enc(poked, mask, has)
+        out, _ = enc(batch(poked, mask, has))
     assert torch.allclose(out[1], ref[1], atol=1e-5)
     assert torch.allclose(out[0], ref[0], atol=1e-5) and not torch.allclose(out[3], ref[3])
     all_masked = torch.zeros_like(mask)
     with torch.no_grad():
-        out, _ = enc(sensor, all_masked, torch.ones(B, dtype=torch.bool))
-    assert torch.isfinite(out).all() and torch.equal(out[0], enc.missing_tokens[0])
+        out, _ = enc(batch(sensor, all_masked, torch.ones(B, dtype=torch.bool)))
+    assert torch.isfinite(out).all() and torch.equal(out[0], enc.groups["sensor"].missing_tokens[0])
 
 
 @pytest.mark.parametrize("force", [0, 1, C])
 def test_channel_paths(force):
-    enc = SensorEncoder(SensorConfig(force_channels=force, num_tokens=2, hidden_dim=16, num_heads=2), T, C)
-    assert (enc.force_proj is None) == (force == 0) and (enc.ascan is None) == (force == C)
+    enc = legacy(SensorConfig(force_channels=force, num_tokens=2, hidden_dim=16, num_heads=2))
+    embed = enc.groups["sensor"].embed
+    assert ("force" not in embed) == (force == 0) and ("ascan" not in embed) == (force == C)
     sensor, mask, has = inputs()
-    out, _ = enc(sensor, mask, has)
+    out, _ = enc(batch(sensor, mask, has))
     assert out.shape == (B, 2, 16) and torch.isfinite(out).all()
 
 
 def test_original_1026_channels():
-    enc = SensorEncoder(SensorConfig(num_tokens=4, hidden_dim=32, num_heads=4), 65, 1026)
-    out, _ = enc(torch.randn(2, 65, 1026), torch.ones(2, 65, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    enc = legacy(SensorConfig(num_tokens=4, hidden_dim=32, num_heads=4), 65, 1026)
+    out, _ = enc(batch(torch.randn(2, 65, 1026), torch.ones(2, 65, dtype=torch.bool), torch.ones(2, dtype=torch.bool)))
     assert out.shape == (2, 4, 32)
 
 

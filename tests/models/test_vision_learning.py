@@ -228,12 +228,14 @@ def test_sensor_dropout_uses_the_missing_token(tiny_vl_dir, synth_dataset_dir):
         "state": torch.randn(b, 6),
     }
     seen = []
-    policy.sensor_encoder.register_forward_hook(lambda m, args, out: seen.append(args[2].clone()))
+    policy.sensor_encoder.register_forward_hook(lambda m, args, out: seen.append((args[1].clone(), out[0].detach())))
     torch.manual_seed(1)
     policy.condition(batch)
     torch.manual_seed(1)
     _, keep = policy.modality_keep(batch)
-    assert torch.equal(seen[-1], keep) and 0 < int(keep.sum()) < b  # dropped samples get the missing tokens
+    assert torch.equal(seen[-1][0], keep) and 0 < int(keep.sum()) < b
+    missing = policy.sensor_encoder.groups["sensor"].missing_tokens.detach()
+    assert torch.equal(seen[-1][1][~keep], missing.expand(int((~keep).sum()), -1, -1))  # dropped: the missing tokens
 
 
 def test_dropout_config_is_validated():

@@ -36,11 +36,13 @@ def data_synth(
     image_format: Literal["video", "npy"] = "video",
     env: Literal["sensorvla/PegInHole-v0", "sensorvla/BlindBottom-v0", "sensorvla/Needle-v0"] | None = None,
     no_sensor_fraction: float | None = None,
+    streams: tuple[Literal["tactile", "imu"], ...] = (),
 ) -> int:
     """Generate scripted demonstrations as LeRobot v3: the synthetic insertion dataset (the demo's data, the tests'
-    fixture; 112 px, 20 % of the episodes without the sensor by default) or, with --env, a MuJoCo contact task's
-    (needs sensorvla[sim]; 64 px, every episode with the sensor by default; --task and --sensor-* do not apply: the
-    task's sensor is its 500 Hz force/torque stream)."""
+    fixture; 112 px, 20 % of the episodes without the sensor by default; --streams tactile imu adds a 4x4 tactile
+    array at 100 Hz and a 6-axis IMU at 1 kHz, declared streams training reads) or, with --env, a MuJoCo contact
+    task's (needs sensorvla[sim]; 64 px, every episode with the sensor by default; --task, --sensor-* and --streams
+    do not apply: the task's sensor is its 500 Hz force/torque stream)."""
     flags = dict(locals())
     if env is not None:
         from sensorvla.world.contact_record import generate_contact_dataset
@@ -58,6 +60,7 @@ def data_synth(
     from sensorvla.world.synth import generate_dataset
 
     flags.pop("env")
+    flags["extra_streams"] = flags.pop("streams")
     flags["image_size"] = image_size or 112
     flags["no_sensor_fraction"] = 0.2 if no_sensor_fraction is None else no_sensor_fraction
     return wrote(generate_dataset(**keywords(flags, out="out_dir", episodes="num_episodes")))

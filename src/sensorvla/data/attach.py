@@ -295,7 +295,11 @@ def add_sensor(dataset: str | Path, src: str | Path, **options: Any) -> dict:
     missing = sorted(set(range(n_eps)) - set(per_episode))
     if missing:
         logger.warning("%d episode(s) have no %s samples (sensor-less, masked): %s", len(missing), o.name, missing[:10])
-    extra = {"force_channels": fc, **({"names": names} if names else {})}
+    extra = {
+        "force_channels": fc,
+        **({"names": names} if names else {}),
+        **({"encoder": o.encoder} if o.encoder else {}),
+    }
     spec = _write_stream(root, meta, o.name, per_episode, o.rate or measured, o.clock_offset, extra)
     logger.info("attached %s: %d episodes, %d channels, %.4g Hz", o.name, len(per_episode), c, o.rate or measured or 0)
     return spec

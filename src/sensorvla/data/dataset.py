@@ -65,6 +65,7 @@ class _Episode:
     state: tuple[np.ndarray, np.ndarray, float]  # own-clock ts (N_st,), values (N_st, D_st), offset
     images: dict[str, tuple[np.ndarray, Any, float]]  # view -> own-clock ts, frames (N_v, h, w, 3), offset
     sensor: tuple[np.ndarray, np.ndarray, float] | None
+    streams: dict[str, tuple[np.ndarray, np.ndarray, float] | None]  # declared stream -> ts, (N, *shape), offset
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
@@ -86,8 +87,12 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.cfg = cfg
         self.split = split
         self.load_images = load_images
-        self.source = open_source(root, sensor_keys=cfg.sensor_keys, tolerance_s=cfg.timestamp_tolerance_s)
+        self.source = open_source(
+            root, sensor_keys=cfg.sensor_keys, tolerance_s=cfg.timestamp_tolerance_s, streams=cfg.streams
+        )
         self.meta: DatasetMeta = self.source.meta
+        self.streams = [s for s in self.source.streams if s.source]  # streams with their own window
+        self.stream_names = [s.name for s in self.streams]
         self.views = resolve_views(cfg.views, self.meta)
         self.fps = self.meta.action_fps
         self.epoch = 0
@@ -128,7 +133,16 @@ class EpisodeDataset(torch.utils.data.Dataset):
         sensor = None
         if ep.sensor is not None and len(ep.sensor_timestamps):
             sensor = (ep.sensor_timestamps, ep.sensor, off.get("sensor", 0.0))
+        streams = {}
+        for spec in self.streams:
+            st = self.source.sensor_stream(e, spec.source)
+            if st is None or not len(st.timestamps):
+                streams[spec.name] = None
+                continue
+            values = st.values if spec.channels is None else st.values[:, spec.channels[0] : spec.channels[1]]
+            streams[spec.name] = (np.asarray(st.timestamps, np.float64), values, st.offset + spec.offset_s)
         return _Episode(
+            streams=streams,
             name=ep.name,
             instruction=ep.instruction,
             frame_tasks=ep.extra.get("frame_tasks"),
@@ -203,17 +217,18 @@ class EpisodeDataset(torch.utils.data.Dataset):
         check_finite(state[None], episode=ep.name, stream="state", start=latest_at_or_before(ts, t - off))
         return state
 
-    def _sensor_window(self, ep: _Episode, t: float) -> tuple[np.ndarray, np.ndarray]:
-        ts, values, off = ep.sensor
-        lo, hi = self.window.slice(ts, t - off)
+    def _window(self, ep: _Episode, stream, name: str, window: SensorWindow, t: float):
+        """The window ending at t of one stream (ts, values, offset): values (T, *shape), mask (T,)."""
+        ts, values, off = stream
+        lo, hi = window.slice(ts, t - off)
         check_finite(
-            values[lo:hi],
+            values[lo:hi].reshape(hi - lo, -1),
             episode=ep.name,
-            stream="sensor",
+            stream=name,
             start=lo,
             fix="drop or interpolate the corrupt samples and re-create the dataset (or re-attach the sensor)",
         )
-        return self.window.resample(ts, values, t - off)
+        return window.resample(ts, values, t - off)
 
     def _wrench_target(self, ep: _Episode, i: int) -> dict[str, np.ndarray]:
         """The force channels at the action chunk's times (the action rows i .. i+H-1, common clock), each the
@@ -264,10 +279,15 @@ class EpisodeDataset(torch.utils.data.Dataset):
         sample["state"] = self._state_at(ep, t)
         channels = max(self.meta.sensor_channels, 1)
         if ep.sensor is not None:
-            sensor, mask = self._sensor_window(ep, t)
+            sensor, mask = self._window(ep, ep.sensor, "sensor", self.window, t)
         else:
             sensor, mask = self.window.empty(channels)
         sample.update(sensor=sensor, sensor_mask=mask, has_sensor=bool(mask.any()))
+        for spec in self.streams:
+            window = self.window.of(spec)
+            st = ep.streams[spec.name]
+            values, mask = window.empty(spec.shape) if st is None else self._window(ep, st, spec.name, window, t)
+            sample.update({spec.key: values, spec.mask_key: mask})
         h = self.cfg.horizon
         acts = ep.actions[i : i + h]
         actions = np.zeros((h, acts.shape[1]), np.float32)  # zero motion past the episode end

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -45,6 +46,7 @@ from sensorvla.data.layout import (  # noqa: F401  (re-exported: the layout's na
     VIDEO_PATH,
 )
 from sensorvla.data.types import DataError
+from sensorvla.streams import StreamSpec, parse_stream
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,10 @@ class DatasetMeta:
     def fps(self) -> int:
         """LeRobot's integer fps (the action rate)."""
         return int(self.info["fps"])
+
+    def resolve_streams(self, declared) -> tuple[StreamSpec, ...]:
+        """The declared sensor streams with the dataset's shapes and rates (`resolve_streams`)."""
+        return resolve_streams(self, declared)
 
 
 def _err(msg: str, path: Path, fix: str) -> DataError:
@@ -195,29 +201,95 @@ def select_cameras(info: dict[str, Any], root: Path) -> dict[str, Camera]:
     return cams
 
 
-def per_frame_sensor_keys(info: dict[str, Any]) -> list[str]:
-    """Extra per-frame float features usable as a low-rate sensor (e.g. observation.force): 1-D float
-    `observation.*` features other than the state and the cameras, sorted."""
-    out = []
+def frame_features(info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Extra per-frame float `observation.*` features (other than the state and the cameras) -> per-frame shape;
+    a scalar is (1,)."""
+    out = {}
     for key, ft in info["features"].items():
         if key in (STATE_KEY, ACTION_KEY) or key in ROW_KEYS or ft.get("dtype") in ("video", "image", "string"):
             continue
-        if key.startswith("observation.") and str(ft.get("dtype", "")).startswith("float") and len(ft["shape"]) == 1:
-            out.append(key)
-    return sorted(out)
+        if key.startswith("observation.") and str(ft.get("dtype", "")).startswith("float"):
+            out[key] = tuple(int(n) for n in ft.get("shape") or ()) or (1,)
+    return out
+
+
+def per_frame_sensor_keys(info: dict[str, Any]) -> list[str]:
+    """Extra per-frame float features usable as the low-rate sensor tensor (e.g. observation.force): scalars and
+    vectors, sorted. A 2-D one (a tactile array, a depth map) is a stream of its own (`--data.streams`)."""
+    return sorted(k for k, shape in frame_features(info).items() if len(shape) == 1)
+
+
+def _name_2d_features(info: dict[str, Any]) -> None:
+    """Log each per-frame 2-D feature with the `--data.streams` line that reads it (it is no part of the tensor)."""
+    for key, shape in frame_features(info).items():
+        if len(shape) > 1:
+            name = key.removeprefix("observation.")
+            logger.warning(
+                "per-frame feature %s %s is a %d-D array: it is not part of the sensor tensor; read it as a stream "
+                "with --data.streams '%s=taxel2d,source=%s'",
+                *(key, shape, len(shape), name, key),
+            )
+
+
+def resolve_streams(meta: DatasetMeta, declared) -> tuple[StreamSpec, ...]:
+    """The declared streams (StreamSpec or their one-line form) with shapes and rates from the dataset; none declared:
+    the sidecar streams that declare an `encoder` (other than the sensor tensor's). DataError naming the stream, the
+    dataset's streams and the fix when a source is missing or its shape or rate disagrees."""
+    specs = [s if isinstance(s, StreamSpec) else parse_stream(s) for s in declared]
+    if not specs:
+        specs = [
+            StreamSpec(k, str(s.extra["encoder"]), source=k)
+            for k, s in meta.streams.items()
+            if s.kind == "values" and "encoder" in s.extra and k not in meta.sensor_keys
+        ]
+    sidecar = {
+        k: (tuple(s.shape) or (1,), float(s.rate_hz or 0)) for k, s in meta.streams.items() if s.kind == "values"
+    }
+    frames = {k: (shape, float(meta.info["fps"])) for k, shape in frame_features(meta.info).items()}
+    out = []
+    for spec in specs:
+        if not spec.source:
+            out.append(spec)
+            continue
+        if spec.source not in sidecar and spec.source not in frames:
+            raise _err(
+                f"stream {spec.name!r} reads {spec.source!r}, which the dataset does not have (sidecar streams: "
+                f"{sorted(sidecar)}, per-frame float features: {sorted(frames)})",
+                meta.root / INFO_FILE,
+                "set source= to one of them, or attach the sensor with `sensorvla data add-sensor`",
+            )
+        shape, rate = sidecar.get(spec.source) or frames[spec.source]
+        if spec.channels is not None:
+            if len(shape) != 1 or spec.channels[1] > shape[0]:
+                raise _err(
+                    f"stream {spec.name!r}: channels {spec.channels} do not fit {spec.source!r} of shape {shape}",
+                    meta.root / INFO_FILE,
+                    "slice channels A:B of a vector source within its width",
+                )
+            shape = (spec.channels[1] - spec.channels[0],)
+        if spec.shape and spec.shape != shape or spec.rate_hz and rate and abs(spec.rate_hz / rate - 1) > 0.25:
+            raise _err(
+                f"stream {spec.name!r} declares shape {spec.shape} at {spec.rate_hz:g} Hz, {spec.source!r} holds "
+                f"{shape} at {rate:g} Hz",
+                meta.root / INFO_FILE,
+                "leave shape= and rate= out (they are read from the dataset), or point source= at the right stream",
+            )
+        out.append(dataclasses.replace(spec, shape=shape, rate_hz=spec.rate_hz or rate))
+    return tuple(out)
 
 
 def resolve_sensor_keys(info: dict[str, Any], streams: dict, wanted, root: Path) -> list[str]:
     """The sensor source. Auto (empty `wanted`): the sidecar "sensor" stream, else the only sidecar values
-    stream that is no state, else every per-frame sensor feature. Explicit: one sidecar stream, or
-    per-frame features (concatenated)."""
+    stream that is no state and declares no encoder, else every per-frame sensor feature. Explicit: one sidecar
+    stream, or per-frame features (concatenated)."""
     value_streams = [k for k, s in streams.items() if s.kind == "values" and k != STATE_KEY]
     frame_keys = per_frame_sensor_keys(info)
     if not wanted:
         if "sensor" in streams:
             return ["sensor"]
-        if len(value_streams) == 1:
-            return value_streams
+        plain = [k for k in value_streams if "encoder" not in streams[k].extra]  # the others are streams of their own
+        if len(plain) == 1:
+            return plain
         return frame_keys
     wanted = list(wanted)
     unknown = [k for k in wanted if k not in value_streams and k not in frame_keys]
@@ -274,13 +346,14 @@ def load_meta(root: str | Path, sensor_keys=None) -> DatasetMeta:
     cams = select_cameras(info, root)
     keys = resolve_sensor_keys(info, streams, sensor_keys, root)
     feats = info["features"]
+    _name_2d_features(info)
     if len(keys) == 1 and keys[0] in streams:
         s = streams[keys[0]]
         channels, rate = int(np.prod(s.shape)), float(s.rate_hz or 0.0)
         force = int(s.extra.get("force_channels", channels))
         with_sensor = set(s.episodes)
     else:
-        channels = sum(int(feats[k]["shape"][0]) for k in keys)
+        channels = sum(frame_features(info)[k][0] for k in keys)
         rate, force = float(info["fps"]), channels
         with_sensor = set(range(len(rows))) if keys else set()
     for r in rows:
@@ -329,8 +402,12 @@ def column_array(table, key: str, width: int | None = None, dtype=np.float32) ->
 
     col = table.column(key).combine_chunks()
     if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-        flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype)
-        n = len(col)
+        n, flat = len(col), col.flatten()
+        while (
+            pa.types.is_fixed_size_list(flat.type) or pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type)
+        ):
+            flat = flat.flatten()  # a 2-D feature: rows of rows
+        flat = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype)
         w = width if width is not None else (flat.size // n if n else 0)
         if flat.size != n * w:
             raise DataError(f"column {key!r} has rows of different lengths", fix="re-create the dataset")

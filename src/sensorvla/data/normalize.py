@@ -372,7 +372,7 @@ def dataset_fingerprint(root: str | Path, data_cfg=None, split: str = "train") -
     meta = load_meta(root, sensor_keys=data_cfg.sensor_keys)
     eps, split_info = _split_info(len(meta.episodes), data_cfg, split)
     counts = _row_counts(meta, eps)
-    return {
+    fp = {
         "dataset_id": meta.dataset_id,
         "content_sha256": content_hash(root),
         "split": split_info,
@@ -380,6 +380,8 @@ def dataset_fingerprint(root: str | Path, data_cfg=None, split: str = "train") -
         "keys": sorted(counts),
         "count": dict(sorted(counts.items())),
     }
+    streams = [s.to_text() for s in meta.resolve_streams(data_cfg.streams) if s.source]
+    return fp | {"streams": streams} if streams else fp  # stats of other streams are other stats
 
 
 def mixture_fingerprint(roots: list[str | Path], data_cfg=None, split: str = "train") -> dict[str, Any]:
@@ -435,7 +437,9 @@ def compute_stats(
     from sensorvla.data.writer import check_finite
 
     data_cfg = _default_cfg(data_cfg)
-    src = open_source(root, sensor_keys=data_cfg.sensor_keys, tolerance_s=data_cfg.timestamp_tolerance_s)
+    src = open_source(
+        root, sensor_keys=data_cfg.sensor_keys, tolerance_s=data_cfg.timestamp_tolerance_s, streams=data_cfg.streams
+    )
     src.check_all(progress)  # every episode (not only the split's) and every video frame, before any stats
     meta = src.meta
     eps, _ = _split_info(len(meta.episodes), data_cfg, split)
@@ -444,7 +448,10 @@ def compute_stats(
             f"the {split} split of {root} has no episodes; lower --data.val-fraction/test-fraction"
         )
     sources = [src] + [
-        open_source(m, sensor_keys=data_cfg.sensor_keys, tolerance_s=data_cfg.timestamp_tolerance_s) for m in members
+        open_source(
+            m, sensor_keys=data_cfg.sensor_keys, tolerance_s=data_cfg.timestamp_tolerance_s, streams=data_cfg.streams
+        )
+        for m in members
     ]
     todo = [
         (s, e) for s in sources for e in (eps if s is src else _split_info(len(s.meta.episodes), data_cfg, split)[0])
@@ -456,6 +463,11 @@ def compute_stats(
         parts = [("state", ep.state)]
         if ep.sensor is not None:
             parts.append(("sensor", ep.sensor))
+        for spec in (sp for sp in source.streams if sp.source):  # per element of each declared stream's sample
+            st = source.sensor_stream(e, spec.source)
+            if st is not None:
+                flat = st.values.reshape(len(st.values), -1)
+                parts.append((spec.key, flat if spec.channels is None else flat[:, slice(*spec.channels)]))
         for key, arr in parts:
             if key == "state" and meta.state_dim == 0:
                 continue
@@ -463,7 +475,7 @@ def compute_stats(
             # every row is checked for NaN/inf, in blocks (memory-mapped), only a subsample is kept
             for lo in range(0, len(arr), 65536):
                 check_finite(arr[lo : lo + 65536], episode=ep.name, stream=key, start=lo)
-            chunks[key].append(np.asarray(arr[::step], dtype=np.float32))
+            chunks.setdefault(key, []).append(np.asarray(arr[::step], dtype=np.float32))
     spec = transform_spec(data_cfg)
     transform = SensorTransform(spec)
     stats = {}

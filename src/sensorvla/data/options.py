@@ -34,5 +34,8 @@ class AttachOptions:
     name: str = "sensor"  # the stream's name in meta/info.json
     rate: float | None = None  # the sensor's rate in Hz; None: measured from the timestamps
     force_channels: int | None = None  # how many leading channels are force; None: all of them
+    # the encoder kind (wrench, profile1d, taxel2d, imu, generic): training reads the stream as a declared stream of
+    # its own (`--data.streams`) instead of as the sensor tensor; None: not declared
+    encoder: str | None = None
     episode: int | None = None  # the dataset episode of a file without episode indices
     overwrite: bool = False  # replace a stream of the same name

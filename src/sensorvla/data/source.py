@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from sensorvla.data.format import DatasetMeta, column_array, load_meta, read_frames
+from sensorvla.data.format import DatasetMeta, column_array, frame_features, load_meta, read_frames
 from sensorvla.data.layout import ACTION_KEY, CAMERA_PREFIX, STATE_KEY
 from sensorvla.data.sidecar import inside_dataset
 from sensorvla.data.types import DataError, EpisodeData, Stream
@@ -93,8 +93,9 @@ class LeRobotSource:
     """Episodes of a LeRobot v3 folder. Build it with `LeRobotSource.open(root)` (reads and checks meta/,
     the frame table and the video headers); `load(e)` is then cheap and lazy."""
 
-    def __init__(self, meta: DatasetMeta, frames, rows: list[_Rows], tolerance_s: float):
+    def __init__(self, meta: DatasetMeta, frames, rows: list[_Rows], tolerance_s: float, streams=()):
         self.meta, self.frames, self.rows, self.tolerance_s = meta, frames, rows, tolerance_s
+        self.streams = meta.resolve_streams(streams)  # the declared sensor streams (`--data.streams`)
         n = frames.num_rows
         self.actions = column_array(frames, ACTION_KEY, meta.action_dim)
         self.row_time = np.asarray(frames.column("timestamp").to_numpy(), np.float64)
@@ -104,27 +105,36 @@ class LeRobotSource:
         self.state = column_array(frames, STATE_KEY, meta.state_dim) if has_state else np.zeros((n, 0), np.float32)
         frame_keys = [k for k in meta.sensor_keys if k not in meta.streams]
         self.frame_sensor = (
-            np.concatenate([column_array(frames, k) for k in frame_keys], axis=1).astype(np.float32)
+            np.concatenate([column_array(frames, k).reshape(n, -1) for k in frame_keys], axis=1).astype(np.float32)
             if frame_keys
             else None
         )
+        self.frame_streams = {  # per-frame features read by a declared stream: (N, *shape)
+            sp.source: column_array(frames, sp.source).reshape(n, *frame_features(meta.info)[sp.source])
+            for sp in self.streams
+            if sp.source and sp.source not in meta.streams
+        }
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str | Path, *, sensor_keys=None, tolerance_s: float = DEFAULT_TOLERANCE_S) -> LeRobotSource:
+    def open(
+        cls, root: str | Path, *, sensor_keys=None, tolerance_s: float = DEFAULT_TOLERANCE_S, streams=()
+    ) -> LeRobotSource:
         """Read meta/ and the frame table and check them (rows, the frame grid, videos); DataError on any
-        mismatch, naming the file and the fix."""
+        mismatch, naming the file and the fix. `streams`: the declared sensor streams (`--data.streams`)."""
         meta = load_meta(root, sensor_keys=sensor_keys)
+        streams = meta.resolve_streams(streams)
         cams = [c for c in meta.cameras.values() if c.storage != "npy"]
         wanted = ["episode_index", "index", "timestamp", "frame_index", "task_index", ACTION_KEY]
         if STATE_KEY in meta.info["features"]:
             wanted.append(STATE_KEY)
         wanted += [k for k in meta.sensor_keys if k not in meta.streams]
         wanted += [c.key for c in cams if c.storage == "image"]
+        wanted += sorted({sp.source for sp in streams if sp.source and sp.source not in meta.streams} - set(wanted))
         frames = read_frames(root, columns=wanted)
         frames = frames.sort_by("index") if not _is_sorted(frames) else frames
         rows = _episode_rows(meta, frames)
-        src = cls(meta, frames, rows, tolerance_s)
+        src = cls(meta, frames, rows, tolerance_s, streams)
         src._check_rows()
         if any(c.storage == "video" for c in cams):
             src._check_videos([c for c in cams if c.storage == "video"])
@@ -291,6 +301,16 @@ class LeRobotSource:
         extra: dict[str, Any] = {"frame_tasks": tasks} if len(set(tasks)) > 1 else {}
         return EpisodeData.from_streams(name, tasks[0] if tasks else meta.episodes[i]["instruction"], streams, extra)
 
+    def sensor_stream(self, e: int, source: str) -> Stream | None:
+        """A declared stream's source in episode `e`: a sidecar values stream (None where the episode has none) or a
+        per-frame feature on the row clock; values (N, *shape)."""
+        s = self.meta.streams.get(source)
+        if s is not None:
+            return s.stream(e, self.name(e)) if s.has(e) else None
+        ts, off = self.row_times(e)
+        r = self.rows[e]
+        return Stream(ts, self.frame_streams[source][r.start : r.stop], off)
+
     def _frames(self, cam, e: int):
         """The frames of camera `cam` in episode `e`, one per action row: from its video or the frame table."""
         meta, r = self.meta, self.rows[e]
@@ -344,9 +364,11 @@ def _episode_rows(meta: DatasetMeta, frames) -> list[_Rows]:
     return out
 
 
-def open_source(root: str | Path, *, sensor_keys=None, tolerance_s: float = DEFAULT_TOLERANCE_S) -> LeRobotSource:
+def open_source(
+    root: str | Path, *, sensor_keys=None, tolerance_s: float = DEFAULT_TOLERANCE_S, streams=()
+) -> LeRobotSource:
     """The source of a dataset folder (every sensorvla dataset is a LeRobot v3 folder)."""
-    return LeRobotSource.open(root, sensor_keys=sensor_keys, tolerance_s=tolerance_s)
+    return LeRobotSource.open(root, sensor_keys=sensor_keys, tolerance_s=tolerance_s, streams=streams)
 
 
 __all__ = ["EpisodeSource", "LeRobotSource", "open_source", "CAMERA_PREFIX"]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sensorvla.streams import StreamSpec, parse_stream
+
 if TYPE_CHECKING:
     from sensorvla.config import DataConfig
 
@@ -118,21 +120,32 @@ class SensorWindow:
     window_s: float
     samples: int
     max_gap_s: float
+    streams: tuple[StreamSpec, ...] = ()  # the declared streams (`--data.streams`, sensorvla/streams.py)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, max_gap_s: float | None = None) -> SensorWindow:
         """The window of a data config; `max_gap_s` None = two grid steps, at least 20 ms (the training rule)."""
         gap = max(2 * cfg.sensor_window_s / cfg.sensor_samples, 0.02) if max_gap_s is None else float(max_gap_s)
-        return cls(float(cfg.sensor_window_s), int(cfg.sensor_samples), gap)
+        streams = tuple(parse_stream(s) for s in cfg.streams)
+        return cls(float(cfg.sensor_window_s), int(cfg.sensor_samples), gap, streams)
+
+    def of(self, spec: StreamSpec) -> SensorWindow:
+        """The window of a stream with its own source: its `window`/`samples` (default this one's), the same gap
+        rule (two grid steps, at least 20 ms, unless this window's tolerance is wider)."""
+        window_s, samples = spec.window_s or self.window_s, spec.samples or self.samples
+        return SensorWindow(window_s, samples, max(2 * window_s / samples, 0.02, self.max_gap_s))
 
     def slice(self, ts: np.ndarray, t: float) -> tuple[int, int]:
         """[lo, hi) rows of sorted `ts` that the window ending at t can read."""
         return window_slice(ts, t, self.window_s, self.samples, self.max_gap_s)
 
     def resample(self, ts: np.ndarray, values: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
-        """(N, C) samples -> the window ending at t: values float32 (T_s, C), mask bool (T_s,)."""
-        return resample_window(ts, values, t, self.window_s, self.samples, self.max_gap_s)
+        """(N, *shape) samples -> the window ending at t: values float32 (T_s, *shape), mask bool (T_s,)."""
+        flat = values.reshape(len(values), -1) if values.ndim != 2 else values
+        out, mask = resample_window(ts, flat, t, self.window_s, self.samples, self.max_gap_s)
+        return out.reshape(self.samples, *values.shape[1:]), mask
 
-    def empty(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
-        """An all-missing window: zeros float32 (T_s, channels), mask False (T_s,)."""
-        return np.zeros((self.samples, max(channels, 1)), np.float32), np.zeros(self.samples, bool)
+    def empty(self, channels: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """An all-missing window: zeros float32 (T_s, channels) or (T_s, *shape), mask False (T_s,)."""
+        shape = tuple(channels) if isinstance(channels, tuple) else (max(channels, 1),)
+        return np.zeros((self.samples, *shape), np.float32), np.zeros(self.samples, bool)

@@ -33,6 +33,12 @@ def normalize_sample(raw: dict[str, Any], normalizer, state_dim: int) -> dict[st
     out["sensor"] = torch.from_numpy(np.ascontiguousarray(sensor))
     out["sensor_mask"] = torch.from_numpy(mask.copy())
     out["has_sensor"] = torch.tensor(bool(raw["has_sensor"]) and bool(mask.any()))
+    for key in [k for k in raw if k.startswith("sensor.")]:  # a declared stream's window (T, *shape) + mask (T,)
+        values, mask = np.asarray(raw[key], np.float32), np.asarray(raw["sensor_mask." + key[7:]], bool)
+        if mask.any():
+            values = normalizer.normalize(key, values.reshape(len(values), -1)).reshape(values.shape)
+        values = np.where(mask.reshape(-1, *[1] * (values.ndim - 1)), values, 0.0).astype(np.float32)
+        out[key], out["sensor_mask." + key[7:]] = torch.from_numpy(values), torch.from_numpy(mask.copy())
     out["sample_id"] = torch.tensor(int(raw.get("sample_id", -1)), dtype=torch.long)
     if raw.get("actions") is not None:
         actions = normalizer.normalize("actions", np.asarray(raw["actions"], dtype=np.float32))

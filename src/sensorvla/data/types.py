@@ -100,6 +100,7 @@ class EpisodeData:
     sensor: np.ndarray | None = None
     clock_offsets: dict[str, float] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)  # JSON-serialisable per-episode metadata
+    sensor_streams: dict[str, Stream] = field(default_factory=dict)  # other sensors: sidecar key -> (N, *shape)
 
     @classmethod
     def from_streams(

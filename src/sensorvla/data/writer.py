@@ -389,6 +389,14 @@ class _DatasetWriter:
             self.streams["sensor"].add(
                 e, ep.sensor_timestamps, np.asarray(ep.sensor, np.float32), off.get("sensor", 0.0)
             )
+        for key, st in ep.sensor_streams.items():  # declared with their encoder (`extra_info["encoders"]`)
+            values = np.asarray(st.values, np.float32)
+            check_finite(values.reshape(len(values), -1), episode=ep.name, stream=key, fix="drop the corrupt samples")
+            if key not in self.streams:
+                encoder = self.extra_info.get("encoders", {}).get(key)
+                extra = {"encoder": encoder} if encoder else {}
+                self.streams[key] = StreamWriter(self.tmp, key, "values", rate_hz=_median_rate(st.timestamps), **extra)
+            self.streams[key].add(e, st.timestamps, values, st.offset)
         row: dict[str, Any] = {
             "episode_index": e,
             "tasks": [ep.instruction],

@@ -120,16 +120,19 @@ def view_donors(episode_index: np.ndarray, seed: int) -> dict[int, int]:
     return out
 
 
-def _sensor_missing(raw: dict) -> dict:
-    """The sample with its sensor window masked as missing (samples without one unchanged)."""
-    if not raw["has_sensor"]:
-        return raw
-    return {
-        **raw,
-        "sensor": np.zeros_like(raw["sensor"]),
-        "sensor_mask": np.zeros_like(raw["sensor_mask"]),
-        "has_sensor": False,
-    }
+def _sensor_missing(raw: dict, stream: str | None = None) -> dict:
+    """The sample with every sensor window (or the declared stream `stream`'s) masked as missing."""
+    out = dict(raw)
+    for key in [k for k in raw if k.startswith("sensor.") and stream in (None, k[7:])]:
+        out[key], out["sensor_mask." + key[7:]] = np.zeros_like(raw[key]), np.zeros_like(raw["sensor_mask." + key[7:]])
+    if stream is None and raw["has_sensor"]:
+        out.update(sensor=np.zeros_like(raw["sensor"]), sensor_mask=np.zeros_like(raw["sensor_mask"]), has_sensor=False)
+    return out
+
+
+def _stream_ablation(names, preds, gt, mask, base: float) -> dict[str, Any]:
+    """Each declared stream masked on its own (the "<name> missing" passes), over every sample, against `base`."""
+    return {n: _delta(_errors(preds[f"{n} missing"], gt, mask), base) for n in names}
 
 
 def _blank_views(raw: dict) -> dict:
@@ -171,6 +174,8 @@ def _passes(has: np.ndarray, episodes: np.ndarray, seed: int, ds, light) -> dict
             return {**raw, "sensor": src["sensor"], "sensor_mask": src["sensor_mask"]}
 
         passes["sensor shuffled"] = shuffled_sensor
+    for name in getattr(ds, "stream_names", ()):  # each declared stream ablated on its own
+        passes[f"{name} missing"] = lambda i, raw, name=name: _sensor_missing(raw, name)
     passes["views blank"] = lambda i, raw: _blank_views(raw)
     if len(set(episodes.tolist())) >= 2:
         view_src = view_donors(episodes, seed)
@@ -254,7 +259,7 @@ def evaluate(
     metrics["without_sensor"] = _errors(pred[~has], gt[~has], mask[~has])
     names = ds.meta.info["features"]["action"].get("names") or [f"a{i}" for i in range(gt.shape[-1])]
     metrics["action_names"] = names
-    _add_ablations(metrics, preds, gt, mask, has)
+    _add_ablations(metrics, preds, gt, mask, has, ds.stream_names)
     ablation, vision = metrics["ablation"], metrics["vision_ablation"]
     figs = {
         "trajectories": plots.trajectories(records, pred, names, out_dir / "trajectories.png"),
@@ -276,9 +281,10 @@ def evaluate(
     return metrics
 
 
-def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, mask, has: np.ndarray) -> None:
-    """The sensor ablations (samples with sensor data) and the vision ablations (every sample) into `metrics`:
-    `ablation`, `vision_ablation` and their `*_delta_l1_<mode>` headline numbers."""
+def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, mask, has, streams=()) -> None:
+    """The sensor ablations (samples with sensor data), each declared stream's (every sample) and the vision ablations
+    (every sample) into `metrics`: `ablation`, `stream_ablation`, `vision_ablation` and their `*_delta_l1_<mode>`
+    headline numbers."""
     ablation = {}
     if has.any():
         base = metrics["with_sensor"]["l1"]
@@ -287,6 +293,7 @@ def _add_ablations(metrics: dict[str, Any], preds: dict[str, np.ndarray], gt, ma
             ablation[mode] = _delta(e, base)
             metrics[f"sensor_ablation_delta_l1_{mode}"] = e["l1"] - base
     metrics["ablation"] = ablation
+    metrics["stream_ablation"] = _stream_ablation(streams, preds, gt, mask, metrics["l1"])
     vision: dict[str, Any] = {}
     for mode in VISION_ABLATIONS:
         if f"views {mode}" not in preds:

@@ -19,12 +19,15 @@ from sensorvla.inference.action_queue import ActionChunkBroker
 logger = logging.getLogger(__name__)
 
 
-def ablate(obs: dict[str, Any]) -> dict[str, Any]:
-    """The same observation with no sensor samples (zero rows: the runner's history stays empty)."""
+def ablate(obs: dict[str, Any], stream: str | None = None) -> dict[str, Any]:
+    """The same observation with no samples of any sensor stream, or of the one named (`sensor` = the dataset's sensor
+    tensor, else a declared stream's name): zero rows, so the runner's history of it stays empty."""
     out = dict(obs)
-    if "sensor" in obs:
-        out["sensor"] = np.zeros((0, np.asarray(obs["sensor"]).shape[-1]), np.float32)
-        out["sensor_timestamps"] = np.zeros(0, np.float64)
+    for key in obs:
+        name = key.partition(".")[2] or "sensor"
+        if key.partition(".")[0] == "sensor" and stream in (None, name):
+            out[key] = np.zeros((0, *np.asarray(obs[key]).shape[1:]), np.float32)
+            out[key.replace("sensor", "sensor_timestamps", 1)] = np.zeros(0, np.float64)
     return out
 
 
@@ -41,15 +44,15 @@ def blank_images(obs: dict[str, Any]) -> dict[str, Any]:
 class AblatedPolicy:
     """`runner.infer` behind the rollout's ablations (no sensor, blank or another scene's views); keeps latencies."""
 
-    def __init__(self, runner, ablate_sensor: bool, ablate_vision: str | None):
+    def __init__(self, runner, ablate_sensor: bool | str, ablate_vision: str | None):
         self.runner, self.ablate_sensor, self.ablate_vision = runner, ablate_sensor, ablate_vision
         self.images: np.ndarray | None = None  # the views shown instead ("shuffled")
         self.latencies: list[float] = []
 
     def __call__(self, obs: dict) -> dict:
         """Ablate `obs` as configured and infer; the runner's output dict."""
-        if self.ablate_sensor:
-            obs = ablate(obs)
+        if self.ablate_sensor:  # True: every stream; a name: that stream
+            obs = ablate(obs, None if self.ablate_sensor is True else self.ablate_sensor)
         if self.ablate_vision == "blank":
             obs = blank_images(obs)
         elif self.ablate_vision == "shuffled":

@@ -182,8 +182,20 @@ class RequestChecker:
             t = float(t_arr)
         out["sensor"], out["sensor_timestamps"] = self._sensor(obs)
         self._check_clock(out["sensor_timestamps"], t)
+        for spec in self.streams:  # each declared stream with its own source, by name
+            out[spec.key], out[spec.ts_key] = self._samples(obs, spec.key, spec.ts_key, spec.shape)
+            self._check_clock(out[spec.ts_key], t)
         out["timestamp"] = t
         return out
+
+    @property
+    def streams(self):
+        """The declared streams with their own source (`sensor.<name>` + `sensor_timestamps.<name>`)."""
+        return (
+            [s for s in self.window.streams if s.source]
+            if self.window is not None and self.model.sensor.enabled
+            else []
+        )
 
     def _check_clock(self, ts: np.ndarray, t: float | None) -> None:
         """Refuse sensor timestamps that cannot be seconds on the query's clock (the window would be all missing)."""
@@ -278,44 +290,48 @@ class RequestChecker:
 
     def _sensor(self, obs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         m = self.model
-        channels = max(m.sensor.channels, 1)
-        empty = np.zeros((0, channels), np.float32), np.zeros(0, np.float64)
-        if not m.sensor.enabled:
-            return empty  # the policy has no sensor input; samples are not used
-        has_s, has_t = obs.get("sensor") is not None, obs.get("sensor_timestamps") is not None
+        if not m.sensor.enabled:  # the policy has no sensor input; samples are not used
+            return np.zeros((0, max(m.sensor.channels, 1)), np.float32), np.zeros(0, np.float64)
+        return self._samples(obs, "sensor", "sensor_timestamps", (m.sensor.channels,))
+
+    def _samples(self, obs: dict[str, Any], key: str, ts_key: str, shape: tuple[int, ...]):
+        """One stream's samples: values float32 (N, *shape), timestamps float64 (N,) (both empty when absent)."""
+        shape = tuple(max(n, 1) for n in shape)
+        text = f"(N, {', '.join(map(str, shape))})"
+        has_s, has_t = obs.get(key) is not None, obs.get(ts_key) is not None
         if not has_s and not has_t:
-            return empty
+            return np.zeros((0, *shape), np.float32), np.zeros(0, np.float64)
         if has_s != has_t:
-            raise ObservationError("'sensor' and 'sensor_timestamps' come together: send both or neither")
-        sensor = _as_float32("sensor", obs["sensor"], f"(N, {m.sensor.channels})")
-        if sensor.size == 0 and sensor.ndim < 2:
-            sensor = sensor.reshape(0, channels)
-        if sensor.ndim != 2 or sensor.shape[1] != m.sensor.channels:
-            raise ObservationError(f"'sensor' must have shape (N, {m.sensor.channels}), got {sensor.shape}")
-        if len(sensor) > self.limits.max_sensor_samples:
+            raise ObservationError(f"{key!r} and {ts_key!r} come together: send both or neither")
+        values = _as_float32(key, obs[key], text)
+        if values.size == 0 and values.ndim < len(shape) + 1:
+            values = values.reshape(0, *shape)
+        if values.shape[1:] != shape:
+            raise ObservationError(f"{key!r} must have shape {text}, got {values.shape}")
+        if len(values) > self.limits.max_sensor_samples:
             raise LimitExceededError(
-                f"'sensor' has {len(sensor)} samples, over max_sensor_samples={self.limits.max_sensor_samples}; "
+                f"{key!r} has {len(values)} samples, over max_sensor_samples={self.limits.max_sensor_samples}; "
                 "send only the samples new since the last call (the server keeps the history)"
             )
-        ts = np.asarray(obs["sensor_timestamps"])
+        ts = np.asarray(obs[ts_key])
         if ts.dtype.kind not in "iuf" or ts.ndim != 1:
-            raise ObservationError(f"'sensor_timestamps' must be float64 (N,), got {ts.dtype} {ts.shape}")
+            raise ObservationError(f"{ts_key!r} must be float64 (N,), got {ts.dtype} {ts.shape}")
         ts = ts.astype(np.float64)
-        if len(ts) != len(sensor):
+        if len(ts) != len(values):
             raise ObservationError(
-                f"'sensor' has {len(sensor)} rows but 'sensor_timestamps' has {len(ts)}: one timestamp per row"
+                f"{key!r} has {len(values)} rows but {ts_key!r} has {len(ts)}: one timestamp per row"
             )
         if not np.isfinite(ts).all():
-            raise ObservationError("'sensor_timestamps' has NaN or inf values")
+            raise ObservationError(f"{ts_key!r} has NaN or inf values")
         if len(ts) > 1 and not (np.diff(ts) > 0).all():
             i = int(np.flatnonzero(np.diff(ts) <= 0)[0])
             raise ObservationError(
-                f"'sensor_timestamps' must increase strictly: [{i}]={ts[i]:.6f} then [{i + 1}]={ts[i + 1]:.6f}; "
+                f"{ts_key!r} must increase strictly: [{i}]={ts[i]:.6f} then [{i + 1}]={ts[i + 1]:.6f}; "
                 "sort the samples and drop repeated timestamps"
             )
-        if len(sensor):
-            self._finite_normalized("sensor", sensor)
-        return sensor, ts
+        if len(values):
+            self._finite_normalized(key, values.reshape(len(values), -1))
+        return values, ts
 
     def _finite_normalized(self, key: str, values: np.ndarray) -> None:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

@@ -197,7 +197,15 @@ class PolicyRunner:
         if m.sensor.enabled:
             spec["sensor"] = ((None, m.sensor.channels), "f", True)
             spec["sensor_timestamps"] = ((None,), "f", True)
+        for s in self.streams:  # each declared stream by name
+            spec[s.key], spec[s.ts_key] = ((None, *s.shape), "f", True), ((None,), "f", True)
         return spec
+
+    @property
+    def streams(self):
+        """The declared streams with their own source: samples `sensor.<name>` (N, *shape) with
+        `sensor_timestamps.<name>` (N,), a history and a window each."""
+        return self.checker.streams
 
     def check_request(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Bounds and input checks without the model (the server calls it before queueing); see
@@ -261,16 +269,28 @@ class PolicyRunner:
             window, mask = self.window.resample(ts, sensor, t)
         else:
             window, mask = self.empty_window()
-        return self.sample_from_window(obs, images, window, mask)
+        streams = {}
+        for s in self.streams:
+            w, values = self.window.of(s), obs.get(s.key)
+            if values is None or not len(values):
+                streams[s.name] = w.empty(s.shape)
+            else:
+                streams[s.name] = w.resample(np.asarray(obs[s.ts_key], np.float64), np.asarray(values, np.float32), t)
+        return self.sample_from_window(obs, images, window, mask, streams)
 
     def empty_window(self) -> tuple[np.ndarray, np.ndarray]:
         """An all-missing sensor window: zeros float32 (T_s, C_s), mask False (T_s,)."""
         return self.window.empty(self.cfg.model.sensor.channels)
 
-    def sample_from_window(self, obs, images, window: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-        """The raw sample dict for `images` (V x (h, w, 3)), a sensor window (T_s, C_s) and its mask (T_s,)."""
+    def sample_from_window(self, obs, images, window: np.ndarray, mask: np.ndarray, streams=None) -> dict[str, Any]:
+        """The raw sample dict for `images` (V x (h, w, 3)), a sensor window (T_s, C_s) and its mask (T_s,), and each
+        declared stream's window (T, *shape) and mask (T,) by name (`streams`)."""
         m = self.cfg.model
-        return {
+        by_name = {s.name: s for s in self.streams}
+        windows = {}
+        for name, (values, w_mask) in (streams or {}).items():
+            windows.update({by_name[name].key: values.astype(np.float32), by_name[name].mask_key: w_mask})
+        return windows | {
             "images": images,
             "state": np.asarray(obs.get("state", np.zeros(m.state_dim)), np.float32),
             "sensor": window.astype(np.float32),
@@ -337,13 +357,13 @@ class PolicyRunner:
                 gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)
             noise = starting_noise(pol, v_proj, gen)
             state = batch.get("state") if self.cfg.model.state_dim else None
-            sensor = (batch["sensor"], batch["sensor_mask"], batch["has_sensor"])
+            sensors = {k: v for k, v in batch.items() if k.startswith(("sensor", "has_sensor"))}  # every stream
             if self._compile_tick:
                 mem = None if v_mem is None else tuple(v_mem)  # a plain tuple: the exported graph's input
-                out = self._compiled_tick((*sensor, state, v_proj, vl_mask, mem, noise))
+                out = self._compiled_tick((sensors, state, v_proj, vl_mask, mem, noise))
                 t3 = t2
             else:
-                s_tok, s_mask = self.tick.sensor(*sensor)
+                s_tok, s_mask = self.tick.sensor(sensors)
                 self.sync()
                 t3 = time.perf_counter()
                 out = self.tick.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)
@@ -380,6 +400,16 @@ class RunnerSession:
             w.max_gap_s,
             capacity=runner.limits.max_history_samples,
         )
+        self.histories = {  # one per declared stream with its own source, on its own window
+            s.name: SensorHistory(
+                int(np.prod(s.shape)),
+                w.of(s).window_s,
+                w.of(s).samples,
+                w.of(s).max_gap_s,
+                capacity=runner.limits.max_history_samples,
+            )
+            for s in runner.streams
+        }
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.reset()
@@ -393,6 +423,8 @@ class RunnerSession:
         self.windows_with_gaps = 0
         self.warnings: list[dict[str, str]] = []  # of the last call (`SENSOR_WINDOW_EMPTY`)
         self.history.reset()
+        for h in self.histories.values():
+            h.reset()
 
     def close(self) -> None:
         """Release the session (waits for a background VL refresh)."""
@@ -422,11 +454,19 @@ class RunnerSession:
         added = None
         if m.sensor.enabled:
             self.history.check_time(t)  # before extend: a rejected request leaves the history unchanged
+            for h in self.histories.values():
+                h.check_time(t)
             self._check_all_after(ts, t)
             added = self.history.extend(ts, sensor)
             window, mask = self.history.window(t)
         else:
             window, mask = runner.empty_window()
+        streams = {}
+        for s in runner.streams:
+            h = self.histories[s.name]
+            h.extend(obs[s.ts_key], obs[s.key].reshape(len(obs[s.key]), h.channels))
+            values, s_mask = h.window(t)
+            streams[s.name] = (values.reshape(len(values), *s.shape), s_mask)
         missing = int((~mask).sum())
         if m.sensor.enabled and missing:
             self.windows_with_gaps += 1
@@ -451,7 +491,9 @@ class RunnerSession:
             "missing_points": missing,
             "windows_with_gaps": self.windows_with_gaps,
         }
-        return runner.sample_from_window(obs, obs["images"], window, mask), info
+        if self.histories:
+            info["streams"] = {name: {"buffered_samples": len(h)} for name, h in self.histories.items()}
+        return runner.sample_from_window(obs, obs["images"], window, mask, streams), info
 
     def _check_all_after(self, ts: np.ndarray, t: float) -> None:
         """Refuse a request whose samples all come after its query time when nothing buffered reaches the window

@@ -25,13 +25,14 @@ from sensorvla.models.heads.base import DenoisingHead, Memory
 
 logger = logging.getLogger(__name__)
 
-TickInputs = tuple[Any, ...]  # (sensor, sensor_mask, has_sensor, state, v_proj, vl_mask, v_mem, noise): `FastTick`
+TickInputs = tuple[Any, ...]  # (sensors, state, v_proj, vl_mask, v_mem, noise): `FastTick`
 
 
 class FastTick(nn.Module):
     """The sensor encoder, the fusion's tail and the head of a `VLAPolicy`, fed the reused VL part.
 
-    Inputs (B = 1 in the runner): sensor (B, T_s, C_s) float, sensor_mask (B, T_s) bool, has_sensor (B,) bool,
+    Inputs (B = 1 in the runner): sensors, the batch's sensor part (`sensor` (B, T_s, C_s), `sensor_mask` (B, T_s),
+    `has_sensor` (B,), and each declared stream's `sensor.<k>` (B, T_k, *S_k) + `sensor_mask.<k>` (B, T_k)),
     state (B, D_st) float | None, v_proj (B, N_vl, D) the projected VL tokens, vl_mask (B, N_vl) bool, v_mem the
     head's `Memory` of v_proj, or its fields as a plain tuple (keys, values, mask) (None when the fusion changes the
     VL tokens: the whole conditioning is then read here), noise (B, H, D_a) the sampling head's starting noise |
@@ -43,11 +44,11 @@ class FastTick(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def sensor(self, sensor, sensor_mask, has_sensor):
+    def sensor(self, sensors: dict[str, torch.Tensor]):
         """The sensor tokens (B, N_s, D) and their mask, or (None, None) for a policy without a sensor input."""
         if self.policy.sensor_encoder is None:
             return None, None
-        return self.policy.sensor_encoder(sensor.float(), sensor_mask.bool(), has_sensor.bool())
+        return self.policy.sensor_encoder(sensors)
 
     def head(self, s_tok, s_mask, state, v_proj, vl_mask, v_mem: Memory | tuple | None, noise):
         """Fusion tail, the head's memory of it next to the VL part's, and sampling -> chunk (B, H, D_a), or
@@ -66,9 +67,9 @@ class FastTick(nn.Module):
         chunk = pol.head.sample_memory(memory, noise=noise)
         return chunk if wrench_head is None else (chunk, wrench_head(cond, mask))
 
-    def forward(self, sensor, sensor_mask, has_sensor, state, v_proj, vl_mask, v_mem, noise):
+    def forward(self, sensors, state, v_proj, vl_mask, v_mem, noise):
         """`head(*sensor(...), ...)`: the whole tick (see the class docstring for the inputs)."""
-        s_tok, s_mask = self.sensor(sensor, sensor_mask, has_sensor)
+        s_tok, s_mask = self.sensor(sensors)
         return self.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)
 
 
@@ -84,12 +85,13 @@ def dynamic_shapes(inputs: TickInputs, max_vl_tokens: int = 1 << 16) -> tuple:
     from torch.export import Dim
 
     n_vl = Dim("vl_tokens", min=1, max=max_vl_tokens)
-    v_mem = inputs[6]
+    v_mem = inputs[4]
     mem_shapes = None
     if v_mem is not None:
         per_layer = tuple({2: n_vl} for _ in v_mem[0])
         mem_shapes = (per_layer, per_layer, {1: n_vl})
-    return (None, None, None, None, {1: n_vl}, {1: n_vl}, mem_shapes, None)
+    sensors = {k: None for k in inputs[0]}  # every stream's window: static
+    return (sensors, None, {1: n_vl}, {1: n_vl}, mem_shapes, None)
 
 
 def export_tick(tick: FastTick, inputs: TickInputs):

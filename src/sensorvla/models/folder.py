@@ -169,7 +169,9 @@ def read_config(path: str | Path) -> SensorVLAConfig:
 def load_weights(policy: torch.nn.Module, path: str | Path, model: ModelConfig):
     """Load a folder's tensors (and LoRA adapters) into a policy built from its model config; its NormStats or None."""
     path = Path(path)
-    sd = read_safetensors(path / WEIGHTS_NAME)
+    from sensorvla.models.sensors.encoder import upgrade_state_dict
+
+    sd = upgrade_state_dict(read_safetensors(path / WEIGHTS_NAME))  # saved before declared streams: today's keys
     load_state_strict(policy, sd, set(saved_state_dict(policy)), str(path / WEIGHTS_NAME))
     if model.finetune.mode == "lora":
         finetune.load_adapter_state_dict(policy, read_safetensors(path / ADAPTER_WEIGHTS_NAME))

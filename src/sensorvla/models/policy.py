@@ -27,7 +27,8 @@ from sensorvla.models.backbone import VLBackbone
 from sensorvla.models.fusion import build_fusion
 from sensorvla.models.heads import build_head
 from sensorvla.models.heads.wrench import build_wrench_head, wrench_target
-from sensorvla.models.sensor_encoder import SensorEncoder
+from sensorvla.models.sensors.encoder import SensorEncoder
+from sensorvla.streams import model_streams
 
 # Top-level submodule names. Parameter groups, checkpoint keys and the seed-compatible checkpoint
 # ("sensor_encoder", "action_expert") are all derived from these prefixes.
@@ -59,15 +60,16 @@ class VLAPolicy(nn.Module):
                 )
         self.cfg = cfg
         self.sensor_window = sensor_window
-        self.sensor_samples = sensor_samples = sensor_window.samples
+        self.sensor_samples = sensor_window.samples
         self.backbone = VLBackbone(vl_model, cfg.backbone, cfg.num_views)
+        streams = model_streams(sensor_window.streams, cfg.sensor.channels, cfg.sensor.force_channels)
         if cfg.sensor.enabled:
-            if cfg.sensor.channels <= 0:
+            if not streams:
                 raise ValueError(
-                    "model.sensor.channels is unresolved; the dataset declares no sensor. "
+                    "model.sensor.channels is unresolved and no stream is declared; the dataset declares no sensor. "
                     "Pass --no-sensor-enabled for a vision-only policy."
                 )
-            self.sensor_encoder = SensorEncoder(cfg.sensor, sensor_samples, cfg.sensor.channels)
+            self.sensor_encoder = SensorEncoder(cfg.sensor, streams, sensor_window)
             sensor_dim = self.sensor_encoder.out_dim
         else:
             self.sensor_encoder = None
@@ -100,12 +102,7 @@ class VLAPolicy(nn.Module):
         vl = vl.float()
         sensor_tok = sensor_tok_mask = None
         if self.sensor_encoder is not None:
-            has_sensor = batch["has_sensor"].bool()
-            if sensor_keep is not None:
-                has_sensor = has_sensor & sensor_keep
-            sensor_tok, sensor_tok_mask = self.sensor_encoder(
-                batch["sensor"].float(), batch["sensor_mask"].bool(), has_sensor
-            )
+            sensor_tok, sensor_tok_mask = self.sensor_encoder(batch, sensor_keep)
         state = batch.get("state") if self.cfg.state_dim > 0 else None
         return self.fusion(vl, vl_mask, sensor_tok, sensor_tok_mask, None if state is None else state.float())
 

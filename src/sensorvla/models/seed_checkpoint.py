@@ -14,6 +14,7 @@ from sensorvla import integrity
 from sensorvla.io import torch_load
 from sensorvla.models import finetune
 from sensorvla.models.folder import CheckpointMismatchError, saved_state_dict
+from sensorvla.models.sensors.encoder import upgrade_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +91,16 @@ def load_seed_checkpoint(path: str | Path) -> dict:
     if problems:
         raise CheckpointMismatchError("; ".join(problems))
     try:
-        return torch_load(path)
+        payload = torch_load(path)
     except Exception as e:  # weights_only refusal, truncated zip, ...
         raise CheckpointMismatchError(
             f"cannot load {path} with torch.load(weights_only=True): {e}. sensorvla never unpickles "
             "objects; re-save the checkpoint with tensors and plain containers only."
         ) from e
+    for key in ("sensor_encoder", "model_state_dict"):  # saved before declared streams: today's key layout
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload[key] = upgrade_state_dict(payload[key])
+    return payload
 
 
 def load_stage1_into(policy, path: str | Path) -> dict:

@@ -149,7 +149,7 @@ def resolve(
         from sensorvla.data.format import load_meta
         from sensorvla.training.data_setup import raw_dataset
 
-        meta = load_meta(cfg.data.dataset_dir)
+        meta = load_meta(cfg.data.dataset_dir, sensor_keys=cfg.data.sensor_keys)
         cfg = resolve_from_meta(cfg, meta)
         hw = tuple(int(x) for x in meta.image_shape[:2])
         if samples:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,16 @@ logger = logging.getLogger(__name__)
 
 class PolicyConnectionError(ConnectionError):
     """The server could not be reached, or the connection dropped mid-request."""
+
+
+@dataclass
+class _Pending:
+    """One stream's samples buffered by `stream_sensor`, not yet sent."""
+
+    shape: tuple[int, ...]
+    ts: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    newest: float | None = None
 
 
 class PolicyClient:
@@ -44,8 +55,10 @@ class PolicyClient:
 
     Sensor streaming: `stream_sensor(ts, values)` buffers samples as they arrive; the next `infer` sends
     them (only those) and the server adds them to the connection's sensor history, so a client that
-    executes action chunks still gives the policy its full trained window. `reset()` starts a new
-    episode (server session and buffered samples).
+    executes action chunks still gives the policy its full trained window. Each declared stream streams by name,
+    `stream_sensor(ts, values, name="tactile")` (sent as `sensor.tactile` + `sensor_timestamps.tactile`); without a
+    name it is the dataset's sensor tensor (`sensor`, the legacy layout). `reset()` starts a new episode (server
+    session and buffered samples).
 
     Example:
         >>> with PolicyClient("127.0.0.1", 8000) as client:  # doctest: +SKIP
@@ -68,10 +81,7 @@ class PolicyClient:
         self._ws: ClientConnection | None = None
         self._metadata: dict[str, Any] | None = None
         self._lock = threading.Lock()  # one request in flight per connection, so replies never mix
-        self._pending_ts: list[np.ndarray] = []  # stream_sensor samples not yet sent
-        self._pending_values: list[np.ndarray] = []
-        self._pending_newest: float | None = None
-        self._stream_channels: int | None = None  # set by the first stream_sensor call
+        self._streams: dict[str, _Pending] = {}  # stream_sensor samples not yet sent, by observation key
 
     @property
     def uri(self) -> str:
@@ -102,67 +112,74 @@ class PolicyClient:
             self._ensure_connected()
         return self
 
-    def stream_sensor(self, ts: Any, values: Any) -> None:
-        """Buffer sensor samples (ts float64 (N,) strictly increasing and newer than earlier ones, values
-        float32 (N, C_s)); the next `infer` sends them as `sensor`/`sensor_timestamps`.
+    def stream_sensor(self, ts: Any, values: Any, name: str | None = None) -> None:
+        """Buffer samples of one stream (ts float64 (N,) strictly increasing and newer than earlier ones, values
+        float32 (N, *shape): (N, C_s) for the dataset's sensor); the next `infer` sends them as `sensor` /
+        `sensor_timestamps`, or `sensor.<name>` / `sensor_timestamps.<name>` for the declared stream `name`.
 
         Raises:
             ValueError: wrong shapes, lengths, non-finite values or timestamps not increasing.
         """
+        key = "sensor" if name is None else f"sensor.{name}"
         ts = np.asarray(ts, dtype=np.float64).reshape(-1)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is rejected below
             values = np.asarray(values, dtype=np.float32)
         if values.ndim == 1 and len(ts) == 1:
             values = values[None]
-        if values.ndim != 2 or len(values) != len(ts):
+        if values.ndim < 2 or len(values) != len(ts):
             raise ValueError(f"stream_sensor: values must be (N, C_s) with N = len(ts) = {len(ts)}, got {values.shape}")
-        if self._stream_channels is not None and values.shape[1] != self._stream_channels:
-            earlier = self._stream_channels
-            raise ValueError(f"stream_sensor: {values.shape[1]} channels, earlier samples had {earlier}")
+        p = self._streams.setdefault(key, _Pending(values.shape[1:]))
+        if values.shape[1:] != p.shape:
+            got, had = (
+                (values.shape[1], p.shape[0]) if values.ndim == 2 and len(p.shape) == 1 else (values.shape[1:], p.shape)
+            )
+            raise ValueError(f"stream_sensor: {got} channels, earlier samples had {had}")
         if not (np.isfinite(ts).all() and np.isfinite(values).all()):
             raise ValueError("stream_sensor: NaN or inf in the timestamps or values (as float32)")
         if len(ts) > 1 and not (np.diff(ts) > 0).all():
             raise ValueError("stream_sensor: timestamps must increase strictly")
-        if len(ts) and self._pending_newest is not None and ts[0] <= self._pending_newest:
+        if len(ts) and p.newest is not None and ts[0] <= p.newest:
             raise ValueError(
-                f"stream_sensor: t={ts[0]:.6f} is not newer than the last streamed sample t={self._pending_newest:.6f}"
+                f"stream_sensor: t={ts[0]:.6f} is not newer than the last streamed sample t={p.newest:.6f}"
             )
-        self._stream_channels = values.shape[1]
         if len(ts):
-            self._pending_ts.append(ts)
-            self._pending_values.append(values)
-            self._pending_newest = float(ts[-1])
+            p.ts.append(ts)
+            p.values.append(values)
+            p.newest = float(ts[-1])
 
     @property
     def pending_sensor_samples(self) -> int:
-        """Samples buffered by `stream_sensor` and not yet sent."""
-        return sum(len(t) for t in self._pending_ts)
+        """Samples buffered by `stream_sensor` and not yet sent (every stream)."""
+        return sum(len(t) for p in self._streams.values() for t in p.ts)
 
-    def _with_stream(self, obs: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """obs plus the streamed samples (the newest the server accepts), and how many pending chunks it took."""
-        if not self._pending_ts:
-            if self._stream_channels is not None and obs.get("sensor") is None and obs.get("sensor_timestamps") is None:
-                # streaming, nothing new since the last call: zero rows (the server's history is used)
-                empty = np.zeros((0, self._stream_channels), np.float32)
-                return {**obs, "sensor": empty, "sensor_timestamps": np.zeros(0, np.float64)}, 0
-            return obs, 0
-        if obs.get("sensor") is not None or obs.get("sensor_timestamps") is not None:
-            raise ValueError(
-                "the observation has 'sensor' while samples are pending from stream_sensor(); use one or the other"
-            )
-        ts, values = np.concatenate(self._pending_ts), np.concatenate(self._pending_values)
-        limit = ((self._metadata or {}).get("limits") or {}).get("max_sensor_samples")
-        if isinstance(limit, int) and len(ts) > limit:
-            logger.debug("sending the newest %d of %d streamed samples (server limit)", limit, len(ts))
-            ts, values = ts[-limit:], values[-limit:]
-        return {**obs, "sensor": values, "sensor_timestamps": ts}, len(self._pending_ts)
+    def _with_stream(self, obs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+        """obs plus the streamed samples (the newest the server accepts), and how many pending chunks it took of each
+        stream."""
+        out, taken = dict(obs), {}
+        for key, p in self._streams.items():
+            ts_key = key.replace("sensor", "sensor_timestamps", 1)
+            if not p.ts:
+                if obs.get(key) is None and obs.get(ts_key) is None:
+                    # streaming, nothing new since the last call: zero rows (the server's history is used)
+                    out[key], out[ts_key] = np.zeros((0, *p.shape), np.float32), np.zeros(0, np.float64)
+                continue
+            if obs.get(key) is not None or obs.get(ts_key) is not None:
+                raise ValueError(
+                    f"the observation has {key!r} while samples are pending from stream_sensor(); use one or the other"
+                )
+            ts, values = np.concatenate(p.ts), np.concatenate(p.values)
+            limit = ((self._metadata or {}).get("limits") or {}).get("max_sensor_samples")
+            if isinstance(limit, int) and len(ts) > limit:
+                logger.debug("sending the newest %d of %d streamed samples (server limit)", limit, len(ts))
+                ts, values = ts[-limit:], values[-limit:]
+            out[key], out[ts_key], taken[key] = values, ts, len(p.ts)
+        return out, taken
 
     def reset(self) -> None:
         """Start a new episode: drop unsent streamed samples and reset the server session (VL features,
         sensor history). The session is fresh on every new connection too."""
         with self._lock:
-            self._pending_ts, self._pending_values, self._pending_newest = [], [], None
-            self._stream_channels = None
+            self._streams = {}
             if self._ws is None:
                 return  # the next connection starts with a fresh session
         reply = self._request(protocol.packb({protocol.CONTROL_KEY: protocol.CONTROL_RESET}))
@@ -206,9 +223,11 @@ class PolicyClient:
         self._drop_pending(taken)
         return reply
 
-    def _drop_pending(self, chunks: int) -> None:
+    def _drop_pending(self, taken: dict[str, int]) -> None:
         with self._lock:
-            del self._pending_ts[:chunks], self._pending_values[:chunks]
+            for key, chunks in taken.items():
+                if key in self._streams:
+                    del self._streams[key].ts[:chunks], self._streams[key].values[:chunks]
 
     def _request(self, payload: bytes) -> dict[str, Any]:
         """Send one frame, return the decoded reply (raising `PolicyServerError` for an error reply)."""

@@ -245,7 +245,7 @@ def _train(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
     from sensorvla.data.format import load_meta
 
     cfg = pin_hub_ids(cfg)  # hub ids -> cached snapshot folders, their commits recorded in the run's config
-    meta = load_meta(cfg.data.dataset_dir)
+    meta = load_meta(cfg.data.dataset_dir, sensor_keys=cfg.data.sensor_keys)
     cfg = resolve_from_meta(cfg, meta)
     stats = ensure_stats(cfg, info, _mode(bar_on, info))
     normalizer = build_normalizer(stats, cfg)

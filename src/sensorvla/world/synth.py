@@ -122,6 +122,31 @@ class InsertionSim:
         vals = self.sensor_values(z) + self.rng.normal(0, 0.03, size=(len(ts), self.cfg.sensor_channels))
         return ts, vals.astype(np.float32)
 
+    def tactile_samples(self, t0: float, t1: float, rng: np.random.Generator, rate: float = 100.0, size: int = 4):
+        """A size x size tactile array at the tip, `rate` Hz in (t0, t1]: a pressure blob centred on the tip's
+        offset from the target (so it says where, like a real pad), scaled by the penetration. (ts, (N, s, s))."""
+        ts = np.arange(np.floor(t0 * rate) + 1, np.floor(t1 * rate) + 1) / rate
+        pose = np.atleast_2d(self.pose_at(ts))
+        press = np.clip(-pose[:, 2], 0, None)[:, None, None]
+        grid = np.linspace(-1.5, 1.5, size)
+        dx = (pose[:, 0] - self.target[0])[:, None, None] / 4 - grid[None, None, :]
+        dy = (pose[:, 1] - self.target[1])[:, None, None] / 4 - grid[None, :, None]
+        vals = press * np.exp(-(dx**2 + dy**2)) + rng.normal(0, 0.01, size=(len(ts), size, size))
+        return ts, vals.astype(np.float32)
+
+    def imu_samples(self, t0: float, t1: float, rng: np.random.Generator, rate: float = 1000.0):
+        """A 6-axis IMU on the tool at `rate` Hz in (t0, t1]: accel (m/s^2, gravity + the motion's acceleration + a
+        vibration while the tip cuts the layer) and gyro (rad/s). (ts, (N, 6))."""
+        ts = np.arange(np.floor(t0 * rate) + 1, np.floor(t1 * rate) + 1) / rate
+        pose = np.atleast_2d(self.pose_at(ts))
+        vel = np.gradient(pose, 1 / rate, axis=0) if len(ts) > 1 else np.zeros_like(pose)
+        acc = (np.gradient(vel[:, :3], 1 / rate, axis=0) if len(ts) > 1 else vel[:, :3]) * 1e-3
+        cutting = np.exp(-np.abs(pose[:, 2] + self.depth) / 0.2)[:, None]
+        acc = acc + [0.0, 0.0, 9.81] + cutting * np.sin(2 * np.pi * 180 * ts)[:, None] * 0.5
+        gyro = np.deg2rad(vel[:, 3:])
+        vals = np.concatenate([acc, gyro], axis=1) + rng.normal(0, 0.02, size=(len(ts), 6))
+        return ts, vals.astype(np.float32)
+
     def render(self, view: str, pose: np.ndarray | None = None) -> np.ndarray:
         """uint8 (S, S, 3). 'top' (x-y): the green target disc and the needle tip, whose shade and shadow
         offset show its height. 'front' (x-z): the tissue surface, the needle shaft and the target's x as a
@@ -207,12 +232,14 @@ def simulate_episode(
     hold_steps: int = 5,
     lateral_noise_mm: float = 0.12,
     depth_noise_mm: float = 0.03,
+    extra_streams: tuple[str, ...] = (),
 ) -> EpisodeData:
     """Run the expert and record every stream at its own rate and clock.
 
     Execution is perturbed (Gaussian, per step: `lateral_noise_mm` in x-y, `depth_noise_mm` in z) while the
     recorded action is the expert's clean command at the visited state (DART), so the demonstrations
-    cover the small errors a learned policy makes and show their correction.
+    cover the small errors a learned policy makes and show their correction. `extra_streams`: also record
+    "tactile" (4 x 4 at 100 Hz) and/or "imu" (6-axis at 1 kHz), from their own RNG (the other streams are unchanged).
     """
     sim = InsertionSim(seed, cfg)
     noise_rng = np.random.default_rng(seed + 7919)
@@ -244,15 +271,22 @@ def simulate_episode(
         streams["sensor"] = Stream(*sim.sensor_samples(-0.2, t_end))
     target = [float(v) for v in sim.target]
     extra = {"layer_depth_mm": float(sim.depth), "target_mm": target, "success": bool(sim.success)}
-    return EpisodeData.from_streams(name, INSTRUCTIONS[seed % len(INSTRUCTIONS)], streams, extra)
+    ep = EpisodeData.from_streams(name, INSTRUCTIONS[seed % len(INSTRUCTIONS)], streams, extra)
+    rng = np.random.default_rng(seed + 104_729)
+    for key in extra_streams if with_sensor else ():
+        ep.sensor_streams[key] = Stream(*getattr(sim, f"{key}_samples")(-0.2, t_end, rng))
+    return ep
 
 
-def _simulate_one(job: tuple[int, bool, str], cfg: SimConfig) -> EpisodeData:
+EXTRA_STREAMS = {"tactile": "taxel2d", "imu": "imu"}  # the synthetic world's other sensors and their encoders
+
+
+def _simulate_one(job: tuple[int, bool, str], cfg: SimConfig, extra_streams: tuple[str, ...] = ()) -> EpisodeData:
     seed, with_sensor, name = job
-    return simulate_episode(seed, cfg, with_sensor=with_sensor, name=name)
+    return simulate_episode(seed, cfg, with_sensor=with_sensor, name=name, extra_streams=extra_streams)
 
 
-def _simulate_in_processes(jobs: list[tuple[int, bool, str]], cfg: SimConfig, workers: int):
+def _simulate_in_processes(jobs: list[tuple[int, bool, str]], cfg: SimConfig, workers: int, extra=()):
     """simulate_episode over `jobs` in `workers` spawned processes, yielded in order, at most 2 per worker
     ahead of the consumer (an episode's frames are a few MB)."""
     import collections
@@ -263,7 +297,7 @@ def _simulate_in_processes(jobs: list[tuple[int, bool, str]], cfg: SimConfig, wo
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         todo, pending = iter(jobs), collections.deque()
         for job in todo:
-            pending.append(pool.submit(_simulate_one, job, cfg))
+            pending.append(pool.submit(_simulate_one, job, cfg, extra))
             if len(pending) >= 2 * workers:
                 break
         while pending:
@@ -272,7 +306,7 @@ def _simulate_in_processes(jobs: list[tuple[int, bool, str]], cfg: SimConfig, wo
             episode = copy.deepcopy(pending.popleft().result())
             job = next(todo, None)
             if job is not None:
-                pending.append(pool.submit(_simulate_one, job, cfg))
+                pending.append(pool.submit(_simulate_one, job, cfg, extra))
             yield episode
 
 
@@ -290,12 +324,14 @@ def generate_dataset(
     overwrite: bool = True,
     image_format: str = "video",
     workers: int = 0,
+    extra_streams: tuple[str, ...] = (),
 ) -> Path:
     """Write the synthetic insertion dataset (deterministic for `seed`) as a LeRobot v3 dataset (+ sidecar).
 
     `image_format`: "video" (mp4, LeRobot's default) or "npy" (lossless raw frames). `workers` > 0 simulates
     episodes in that many processes while this one encodes and writes (the same files: each episode depends
-    only on its own seed)."""
+    only on its own seed). `extra_streams`: other sensors to record beside force + A-scan ("tactile", "imu"),
+    declared in the sidecar with their encoder (`EXTRA_STREAMS`), so training reads them as streams."""
     from sensorvla.data.format import write_dataset
 
     cfg = SimConfig(image_size=image_size, sensor_rate=sensor_rate, sensor_channels=sensor_channels, task=task)
@@ -305,9 +341,9 @@ def generate_dataset(
     )
     jobs = [(seed * 100_003 + e, e not in no_sensor, f"synth_{e:04d}") for e in range(num_episodes)]
     if workers > 0:
-        episodes = _simulate_in_processes(jobs, cfg, workers)
+        episodes = _simulate_in_processes(jobs, cfg, workers, tuple(extra_streams))
     else:
-        episodes = (simulate_episode(s, cfg, with_sensor=w, name=n) for s, w, n in jobs)
+        episodes = (_simulate_one(job, cfg, tuple(extra_streams)) for job in jobs)
     return write_dataset(
         episodes,
         out_dir,
@@ -324,5 +360,6 @@ def generate_dataset(
             "camera_rate": cfg.camera_rate,
             "task": task,
             "action_semantics": "per-100ms pose deltas [dx,dy,dz mm; droll,dpitch,dyaw deg unwrapped; tool]",
-        },
+        }
+        | ({"encoders": {k: EXTRA_STREAMS[k] for k in extra_streams}} if extra_streams else {}),
     )

@@ -1,0 +1,124 @@
+"""Declared streams end to end on the built-in world: the synthetic task's tactile array (100 Hz) and IMU (1 kHz)
+are found in the dataset, windowed per stream, normalized, encoded, kept in a history per stream by the runner
+(which gives the training path's actions), checked by name, and streamed by name by the client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sensorvla.config import SensorVLAConfig, resolve_from_meta
+from sensorvla.data.dataset import EpisodeDataset
+from sensorvla.data.format import load_meta
+from sensorvla.data.normalize import compute_stats
+from sensorvla.inference.runner import PolicyRunner
+from sensorvla.models.policy import build_policy
+from sensorvla.serving.protocol import ObservationError
+from sensorvla.world.synth import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def streams_runner(tmp_path_factory, tiny_vl_dir):
+    root = tmp_path_factory.mktemp("streams")
+    data = generate_dataset(
+        root / "ds", num_episodes=3, seed=1, image_size=32, progress=False, extra_streams=("tactile", "imu")
+    )
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
+    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
+    cfg.data.streams = ("imu=imu,source=imu,samples=50,tokens=2", "tactile=taxel2d,source=tactile,window=0.2")
+    cfg = resolve_from_meta(cfg, load_meta(data))
+    cfg.validate()
+    policy = build_policy(cfg).eval()
+    policy.save_pretrained(root / "ckpt", cfg, compute_stats(data, progress=False, data_cfg=cfg.data, split="all"))
+    ds = EpisodeDataset(data, cfg.data, split="all")
+    return PolicyRunner.from_pretrained(root / "ckpt", generator_seed=0), ds
+
+
+def robot_obs(ds, idx: int) -> dict:
+    """What a robot sends at the sample's time: every stream's raw samples up to t (and some after, ignored)."""
+    raw = ds[idx]
+    e, t = raw["episode_index"], raw["timestamp"]
+    obs = {"images": np.stack(raw["images"]), "state": raw["state"], "timestamp": t, "instruction": raw["instruction"]}
+    for key, ts_key, source in [("sensor", "sensor_timestamps", "sensor")] + [
+        (s.key, s.ts_key, s.source) for s in ds.streams
+    ]:
+        st = ds.source.sensor_stream(e, source)
+        ts = st.timestamps + st.offset
+        keep = (ts > t - 0.4) & (ts <= t)
+        obs[key], obs[ts_key] = np.asarray(st.values[keep]), ts[keep]
+    return raw, obs
+
+
+def test_the_runner_keeps_a_history_per_stream_and_gives_the_training_path_actions(streams_runner):
+    runner, ds = streams_runner
+    assert [(s.name, s.shape, s.rate_hz) for s in runner.streams] == [("imu", (6,), 1000.0), ("tactile", (4, 4), 100.0)]
+    spec = runner.observation_spec
+    assert spec["sensor.tactile"][0] == (None, 4, 4) and spec["sensor_timestamps.imu"][0] == (None,)
+    raw, obs = robot_obs(ds, 25)
+    assert raw["sensor.imu"].shape == (50, 6) and raw["sensor.tactile"].shape == (8, 4, 4)
+    out = runner.infer(obs)
+    assert out["sensor_history"]["streams"]["imu"]["buffered_samples"] > 0
+    batch = runner.batch_from_raw(raw, True)
+    assert batch["sensor.tactile"].shape == (1, 8, 4, 4) and batch["sensor_mask.imu"].shape == (1, 50)
+    import torch
+
+    ref = runner.policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0))[0].numpy()
+    np.testing.assert_allclose(out["actions"], runner.normalizer.unnormalize("actions", ref), atol=1e-5)
+    runner.reset()
+    without = runner.infer({k: v for k, v in obs.items() if not k.endswith(("imu", "tactile"))})
+    assert not np.allclose(without["actions"], out["actions"])  # the streams matter; leaving them out is allowed
+    runner.reset()
+    with pytest.raises(ObservationError, match=r"'sensor.tactile' must have shape \(N, 4, 4\)"):
+        runner.infer(dict(obs, **{"sensor.tactile": obs["sensor.tactile"].reshape(-1, 2, 8)}))
+
+
+def test_the_client_streams_each_by_name():
+    from sensorvla.serving.client import PolicyClient
+
+    client = PolicyClient("127.0.0.1", 1)
+    client.stream_sensor([0.001, 0.002], np.ones((2, 6)), name="imu")
+    client.stream_sensor([0.01], np.ones((1, 4, 4)), name="tactile")
+    client.stream_sensor([0.0015], np.ones((1, 33)))  # unnamed: the legacy `sensor` field
+    with pytest.raises(ValueError, match="not newer"):
+        client.stream_sensor([0.002], np.ones((1, 6)), name="imu")
+    obs, taken = client._with_stream({"instruction": "x"})
+    assert obs["sensor.imu"].shape == (2, 6) and list(obs["sensor_timestamps.tactile"]) == [0.01]
+    assert obs["sensor"].shape == (1, 33) and taken == {"sensor.imu": 1, "sensor.tactile": 1, "sensor": 1}
+    client._drop_pending(taken)
+    obs, _ = client._with_stream({})  # nothing new: zero rows of each stream (the server's history is used)
+    assert obs["sensor.tactile"].shape == (0, 4, 4) and client.pending_sensor_samples == 0
+
+
+def test_offline_eval_ablates_each_stream(streams_runner, tmp_path):
+    from sensorvla.eval.offline import evaluate
+
+    runner, ds = streams_runner
+    metrics = evaluate("unused", ds.root, split="all", out_dir=tmp_path, max_samples=16, progress=False, runner=runner)
+    assert set(metrics["stream_ablation"]) == {"imu", "tactile"}
+    assert all(np.isfinite(v["delta_l1"]) and v["delta_l1"] != 0 for v in metrics["stream_ablation"].values())
+
+
+def test_the_exported_tick_reads_every_stream(streams_runner):
+    """`torch.export` of the runner's tick (the compiled inference path) with the declared streams equals eager."""
+    import torch
+    from torch.export import export
+
+    from sensorvla.inference.tick import dynamic_shapes, starting_noise
+
+    runner, ds = streams_runner
+    runner.reset()
+    _, obs = robot_obs(ds, 25)
+    runner.infer(obs)
+    _, vl_mask, v_proj, v_mem = runner._vl_projected
+    b = runner.batch_from_raw(runner.session.raw_sample(runner.check_request(obs))[0], False)
+    sensors = {k: v for k, v in b.items() if k.startswith(("sensor", "has_sensor"))}
+    assert {"sensor.imu", "sensor_mask.tactile"} <= set(sensors)
+    inputs = (sensors, b["state"], v_proj, vl_mask, tuple(v_mem), starting_noise(runner.policy, v_proj, None))
+    with torch.no_grad():
+        graph = export(runner.tick, inputs, dynamic_shapes=dynamic_shapes(inputs)).module()
+        torch.testing.assert_close(graph(*inputs), runner.tick(*inputs), atol=1e-5, rtol=1e-5)
+        blind = dict(sensors, **{"sensor_mask.imu": torch.zeros_like(sensors["sensor_mask.imu"])})
+        torch.testing.assert_close(graph(blind, *inputs[1:]), runner.tick(blind, *inputs[1:]), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(runner.tick(blind, *inputs[1:]), runner.tick(*inputs))
