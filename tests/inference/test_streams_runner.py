@@ -122,3 +122,25 @@ def test_the_exported_tick_reads_every_stream(streams_runner):
         blind = dict(sensors, **{"sensor_mask.imu": torch.zeros_like(sensors["sensor_mask.imu"])})
         torch.testing.assert_close(graph(blind, *inputs[1:]), runner.tick(blind, *inputs[1:]), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(runner.tick(blind, *inputs[1:]), runner.tick(*inputs))
+
+
+def test_a_sample_with_only_a_declared_stream_counts_as_with_sensor(streams_runner):
+    """The `--sensor-loss-weight` weight: a sample is "with sensor" when any stream, declared or legacy, has a valid
+    sample in its window (the dataset's raw sample, the runner's, and the transformed batch training weighs)."""
+    from sensorvla.training.loop import window_weight_sum
+
+    runner, ds = streams_runner
+    raw = ds[25]
+    only_streams = dict(raw, sensor=raw["sensor"] * 0, sensor_mask=raw["sensor_mask"] & False)
+    assert only_streams["sensor_mask.imu"].any()
+    # what the dataset reads for an episode recorded without the legacy sensor: has_sensor from the streams
+    assert ds[25]["has_sensor"] and runner.sample_from_window(
+        {}, raw["images"], only_streams["sensor"], only_streams["sensor_mask"],
+        {"imu": (raw["sensor.imu"], raw["sensor_mask.imu"])},
+    )["has_sensor"]  # fmt: skip
+    batch = runner.batch_from_raw(only_streams, True)
+    assert bool(batch["has_sensor"][0])
+    assert window_weight_sum([batch], 3.0) == 3.0
+    none = {k: (v & False if k.startswith("sensor_mask") else v) for k, v in only_streams.items()}
+    assert not bool(runner.batch_from_raw(none, True)["has_sensor"][0])
+    assert window_weight_sum([runner.batch_from_raw(none, True)], 3.0) == 1.0

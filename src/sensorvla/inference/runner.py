@@ -295,7 +295,7 @@ class PolicyRunner:
             "state": np.asarray(obs.get("state", np.zeros(m.state_dim)), np.float32),
             "sensor": window.astype(np.float32),
             "sensor_mask": mask,
-            "has_sensor": bool(mask.any()),
+            "has_sensor": bool(mask.any()) or any(bool(w_mask.any()) for _, w_mask in (streams or {}).values()),
             "instruction": str(obs.get("instruction", "")),
             "sample_id": -1,
         }
