@@ -144,3 +144,15 @@ def test_a_sample_with_only_a_declared_stream_counts_as_with_sensor(streams_runn
     none = {k: (v & False if k.startswith("sensor_mask") else v) for k, v in only_streams.items()}
     assert not bool(runner.batch_from_raw(none, True)["has_sensor"][0])
     assert window_weight_sum([runner.batch_from_raw(none, True)], 3.0) == 1.0
+
+
+def test_rollout_cli_rows_per_declared_stream(streams_runner):
+    """`--ablate-stream imu,tactile` (or repeated): one rollout row per declared stream, each ablating it alone."""
+    from sensorvla.cli.eval import stream_ablation_rows
+    from sensorvla.config import ConfigError
+
+    runner, _ = streams_runner
+    rows = stream_ablation_rows(runner, ("imu,tactile", "imu"))
+    assert rows == {"imu_ablated": {"ablate_sensor": "imu"}, "tactile_ablated": {"ablate_sensor": "tactile"}}
+    with pytest.raises(ConfigError, match=r"its streams are \['sensor', 'imu', 'tactile'\]"):
+        stream_ablation_rows(runner, ("force",))
