@@ -48,9 +48,9 @@ def rollout(
     and prints one table: all / sensor ablated / vision ablated. Writes OUT/rollout.json, OUT/report.md and
     mp4 videos (views, sensor trace, action, outcome): `--videos some` the first success and the first failure
     with all inputs and the first failure with the sensor ablated; `all` every episode of every row.
-    `--ablate-stream NAME ...` (space- or comma-separated: `imu tactile` or `imu,tactile`) adds a row per named stream with that stream alone
-    ablated: a declared stream's name, or `sensor` for the dataset's sensor tensor (the checkpoint's names are
-    listed on a wrong one)."""
+    `--ablate-stream NAME ...` (space- or comma-separated: `imu tactile` or `imu,tactile`) adds a row per named
+    stream with that stream alone ablated: a declared stream's name, or `sensor` for the dataset's sensor tensor
+    (the checkpoint's names are listed on a wrong one)."""
     import gymnasium as gym
 
     from sensorvla.eval.rollout import rollout as run
