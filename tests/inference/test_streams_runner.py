@@ -156,3 +156,39 @@ def test_rollout_cli_rows_per_declared_stream(streams_runner):
     assert rows == {"imu_ablated": {"ablate_sensor": "imu"}, "tactile_ablated": {"ablate_sensor": "tactile"}}
     with pytest.raises(ConfigError, match=r"its streams are \['sensor', 'imu', 'tactile'\]"):
         stream_ablation_rows(runner, ("force",))
+
+
+def test_a_checkpoint_with_streams_but_no_sensor_tensor_lists_only_them_and_serves(tmp_path, tiny_vl_dir):
+    """A policy that reads declared streams only (no legacy sensor tensor): its observation spec lists only what
+    it takes (no `sensor` of 0 channels), and it serves: a client streams the IMU by name and gets actions."""
+    from sensorvla.serving.client import PolicyClient
+    from sensorvla.serving.server import PolicyServer
+
+    data = generate_dataset(
+        tmp_path / "ds", num_episodes=2, seed=2, image_size=32, progress=False, extra_streams=("imu",)
+    )
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
+    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
+    cfg.data.streams = ("imu=imu,source=imu,samples=20,tokens=2",)
+    cfg = resolve_from_meta(cfg, load_meta(data))
+    cfg.model.sensor.channels = cfg.model.sensor.force_channels = 0  # the policy takes the IMU stream only
+    cfg.validate()
+    policy = build_policy(cfg).eval()
+    policy.save_pretrained(tmp_path / "ckpt", cfg, compute_stats(data, progress=False, data_cfg=cfg.data, split="all"))
+    runner = PolicyRunner.from_pretrained(tmp_path / "ckpt", generator_seed=0)
+    spec = runner.observation_spec
+    assert "sensor" not in spec and "sensor_timestamps" not in spec
+    assert spec["sensor.imu"][0] == (None, 6) and spec["sensor_timestamps.imu"][0] == (None,)
+    ds = EpisodeDataset(data, cfg.data, split="all")
+    _, obs = robot_obs(ds, 10)
+    obs = {k: v for k, v in obs.items() if not k.startswith(("sensor", "sensor_timestamps")) or ".imu" in k}
+    local = runner.infer(obs)["actions"]
+    runner.reset()
+    with PolicyServer(runner).start() as server, PolicyClient(port=server.port, timeout=120) as client:
+        client.stream_sensor(obs["sensor_timestamps.imu"], obs["sensor.imu"], name="imu")
+        served = client.infer({k: v for k, v in obs.items() if not k.startswith("sensor")})["actions"]
+    np.testing.assert_allclose(served, local, atol=1e-5)
+    runner.reset()
+    assert not np.allclose(runner.infer({k: v for k, v in obs.items() if ".imu" not in k})["actions"], local)

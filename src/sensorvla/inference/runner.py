@@ -194,7 +194,7 @@ class PolicyRunner:
         }
         if m.state_dim:
             spec["state"] = ((m.state_dim,), "f")
-        if m.sensor.enabled:
+        if m.sensor.enabled and m.sensor.channels:  # the dataset's sensor tensor, when the policy reads one
             spec["sensor"] = ((None, m.sensor.channels), "f", True)
             spec["sensor_timestamps"] = ((None,), "f", True)
         for s in self.streams:  # each declared stream by name
