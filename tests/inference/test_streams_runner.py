@@ -192,3 +192,48 @@ def test_a_checkpoint_with_streams_but_no_sensor_tensor_lists_only_them_and_serv
     np.testing.assert_allclose(served, local, atol=1e-5)
     runner.reset()
     assert not np.allclose(runner.infer({k: v for k, v in obs.items() if ".imu" not in k})["actions"], local)
+
+
+def test_each_stream_has_its_own_normalization_and_transform_in_training_and_serving(tmp_path, tiny_vl_dir):
+    """`normalization=` / `transform=` in a stream's line: saved with the config, fitted into the stats (the log
+    scale), and applied by the one Normalizer the training path and the runner both build."""
+    from sensorvla.data.normalize import NormalizationError, Normalizer, signed_log1p
+    from sensorvla.data.transforms import normalize_sample
+    from sensorvla.streams import StreamSpecError, parse_stream
+    from sensorvla.training.data_setup import build_normalizer
+
+    line = "imu=imu,source=imu,samples=20,tokens=2,normalization=quantile,transform=signed_log1p"
+    assert parse_stream(line).to_text() == line and parse_stream(line).normalization == "quantile"
+    with pytest.raises(StreamSpecError, match="choose normalization from"):
+        parse_stream("imu=imu,source=imu,normalization=minmax")
+    with pytest.raises(StreamSpecError, match="--data.sensor-transform"):
+        parse_stream("ft=wrench,channels=0:6,transform=signed_log1p")  # the sensor tensor's own flags
+    data = generate_dataset(
+        tmp_path / "ds", num_episodes=2, seed=3, image_size=32, progress=False, extra_streams=("imu", "tactile")
+    )
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
+    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
+    cfg.data.streams = (line, "tactile=taxel2d,source=tactile,normalization=none")
+    cfg = resolve_from_meta(cfg, load_meta(data))
+    cfg.validate()
+    stats = compute_stats(data, progress=False, data_cfg=cfg.data, split="all")
+    s = stats.stats["sensor.imu"]
+    assert "log_scale" in s and "log_scale" not in stats.stats["sensor.tactile"]
+    build_policy(cfg).eval().save_pretrained(tmp_path / "ckpt", cfg, stats)
+    runner = PolicyRunner.from_pretrained(tmp_path / "ckpt", generator_seed=0)
+    assert runner.cfg.data.streams[0].endswith("normalization=quantile,transform=signed_log1p")
+    raw = EpisodeDataset(data, cfg.data, split="all")[10]
+    m = raw["sensor_mask.imu"]
+    want = (signed_log1p(raw["sensor.imu"][m], s["log_scale"]) - (s["q99"] + s["q01"]) / 2) / (
+        (s["q99"] - s["q01"]) / 2
+    )
+    served = {k: v[0] for k, v in runner.batch_from_raw(raw, False).items()}
+    trained = normalize_sample(raw, build_normalizer(stats, cfg), cfg.model.state_dim)  # the training path's
+    for sample in (served, trained):  # one transform chain
+        np.testing.assert_allclose(sample["sensor.imu"][m].numpy(), want, rtol=1e-4, atol=1e-5)
+        mt = raw["sensor_mask.tactile"]
+        np.testing.assert_allclose(sample["sensor.tactile"][mt].numpy(), raw["sensor.tactile"][mt], rtol=1e-6)
+    with pytest.raises(NormalizationError, match="computed without it"):  # stats of another declaration
+        Normalizer(compute_stats(data, progress=False, split="all"), streams=cfg.data.streams)

@@ -157,7 +157,14 @@ class PolicyRunner:
         processor = load_processor(
             bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels, revision=bb.revision
         )
-        return cls(policy, cfg, Normalizer(stats, mode=cfg.data.normalization), processor, device=device, **kwargs)
+        return cls(
+            policy,
+            cfg,
+            Normalizer(stats, mode=cfg.data.normalization, streams=cfg.data.streams),
+            processor,
+            device=device,
+            **kwargs,
+        )
 
     # --- metadata for the server -------------------------------------------------------------------
     @property
