@@ -480,26 +480,30 @@ def compute_stats(
                 check_finite(arr[lo : lo + 65536], episode=ep.name, stream=key, start=lo)
             chunks.setdefault(key, []).append(np.asarray(arr[::step], dtype=np.float32))
     spec = transform_spec(data_cfg)
-    transform = SensorTransform(spec)
-    stats = {}
     logged = {s.key for s in src.streams if s.source and s.transform == "signed_log1p"}
-    for key, parts in chunks.items():
-        if not parts:
-            continue
-        x = np.concatenate(parts)
-        if key == "sensor":
-            transform = SensorTransform.fit(spec, x, meta.force_channels)
-            x = transform(x)
-        log_scale = None
-        if key in logged:  # a declared stream's transform: its per-element scale, saved beside its moments
-            log_scale = SensorTransform.fit(STREAM_LOG1P, x, 0).log_scale
-            x = signed_log1p(x, log_scale)
-        stats[key] = _moments(x) | ({"log_scale": log_scale} if log_scale is not None else {})
+    stats, transform = {}, SensorTransform(spec)
+    for key, parts in ((k, p) for k, p in chunks.items() if p):
+        stats[key], fitted = _key_stats(key, np.concatenate(parts), spec, meta.force_channels, key in logged)
+        transform = fitted or transform
     if members:
         fp = mixture_fingerprint([root, *members], data_cfg, split)
         return NormStats(stats, dict(fp["count"]), fp["dataset_id"], fp, transform)
     fp = dataset_fingerprint(root, data_cfg, split)
     return NormStats(stats, dict(fp["count"]), meta.dataset_id, fp, transform)
+
+
+def _key_stats(key: str, x: np.ndarray, spec: dict, force_channels: int, log1p: bool):
+    """One key's moments and the sensor transform fitted for it (`sensor` only, else None): after that transform
+    for `sensor`; after signed_log1p for a declared stream's `transform=signed_log1p` (`log1p`), whose per-element
+    scale is kept beside its moments as `log_scale`."""
+    transform = None
+    if key == "sensor":
+        transform = SensorTransform.fit(spec, x, force_channels)
+        x = transform(x)
+    if not log1p:
+        return _moments(x), transform
+    log_scale = SensorTransform.fit(STREAM_LOG1P, x, 0).log_scale
+    return _moments(signed_log1p(x, log_scale)) | {"log_scale": log_scale}, transform
 
 
 class Normalizer:

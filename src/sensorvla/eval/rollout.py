@@ -105,8 +105,7 @@ def rollout(
     """Run `episodes` episodes; execute `execute_steps` of each predicted chunk before re-querying.
 
     Args:
-        ablate_sensor: the policy gets no sensor samples (True) or none of the one stream named (`sensor` = the
-            dataset's sensor tensor, else a declared stream's name).
+        ablate_sensor: the policy gets no sensor samples (True), or none of the stream named (`sensor`: the tensor).
         ablate_vision: "blank" (black views) or "shuffled" (every view of each episode replaced by the views
             of another scene: the reset frames of other seeds, never evaluated), or None.
         video_dir: where the episodes' mp4 videos go (`eval/rollout_video.py`: the views, the sensor trace with
