@@ -169,7 +169,7 @@ def cnn_rollouts(policy, data_dir: Path, data_cfg, rollouts: int, seed: int = 10
     from sensorvla.world.envs import register_envs
 
     register_envs()
-    norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization)
+    norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
     r = rollout(CNNRunner(policy, norm, data_cfg), gym.make("sensorvla/Insertion-v0"), episodes=rollouts, seed=seed)
     return {k: v for k, v in r.items() if k != "results"}
 
@@ -180,7 +180,7 @@ def cnn_reference(data_dir: Path, budget_s: float, rollouts: int, data_cfg, seed
     from sensorvla.eval.cnn_baseline import CNNBaselineConfig, train_cnn_baseline
     from sensorvla.training.data_setup import stats_path
 
-    norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization)
+    norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
     policy, info = train_cnn_baseline(data_dir, data_cfg, norm, CNNBaselineConfig(budget_s=budget_s))
     return {**cnn_rollouts(policy, data_dir, data_cfg, rollouts, seed), "training": info}
 

@@ -14,6 +14,10 @@ A stream is written `name=kind,key=value,...` (`--data.streams`, saved in config
   of dropping it for a sample (its learned missing tokens instead).
 - `group`: streams of one group read one source window and are summed per grid point into one set of tokens
   (default: its own group).
+- `normalization`: mean_std, quantile or none (default: `--data.normalization`), and `transform`: none (default)
+  or signed_log1p (sign(x) log1p(|x| / s), s the median |x| per element of the training split, saved with the
+  stats as `log_scale`), both applied by the Normalizer in training and in the runner alike; only for a stream
+  with its own `source` (the sensor tensor keeps `--data.normalization` / `--data.sensor-transform`).
 
 A config without streams (every config written before streams existed) means the legacy layout of its one sensor
 tensor: `force=wrench,channels=0:F,group=sensor` and `ascan=profile1d,channels=F:C,group=sensor` from
@@ -29,6 +33,9 @@ from dataclasses import dataclass
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _FIELDS = {"source": "source", "channels": "channels", "shape": "shape", "rate": "rate_hz", "offset": "offset_s"}
 _FIELDS |= {"window": "window_s", "samples": "samples", "tokens": "tokens", "dropout": "dropout", "group": "group"}
+_FIELDS |= {"normalization": "normalization", "transform": "transform"}
+NORMALIZATIONS = ("mean_std", "quantile", "none")
+TRANSFORMS = ("none", "signed_log1p")
 LEGACY_GROUP = "sensor"
 
 
@@ -52,6 +59,8 @@ class StreamSpec:
     tokens: int = 0
     dropout: float = 0.0
     group: str = ""
+    normalization: str = ""
+    transform: str = ""
 
     @property
     def key(self) -> str:
@@ -109,7 +118,7 @@ def parse_stream(text: str) -> StreamSpec:
                 values[attr] = tuple(int(n) for n in value.split("x")) if value else ()
             elif attr in ("samples", "tokens"):
                 values[attr] = int(value)
-            elif attr in ("source", "group"):
+            elif attr in ("source", "group", "normalization", "transform"):
                 values[attr] = value
             else:
                 values[attr] = float(value)
@@ -128,6 +137,16 @@ def check_spec(spec: StreamSpec) -> None:
         raise StreamSpecError(f"stream {spec.name!r}: shape {spec.shape} must be a vector (N) or a 2-D array (HxW)")
     if not 0 <= spec.dropout < 1 or spec.window_s < 0 or spec.samples < 0 or spec.tokens < 0 or spec.rate_hz < 0:
         raise StreamSpecError(f"stream {spec.name!r}: dropout must be in [0, 1); window, samples, tokens, rate >= 0")
+    if spec.normalization not in ("", *NORMALIZATIONS) or spec.transform not in ("", *TRANSFORMS):
+        raise StreamSpecError(
+            f"stream {spec.name!r}: normalization={spec.normalization!r} / transform={spec.transform!r}: choose "
+            f"normalization from {NORMALIZATIONS} and transform from {TRANSFORMS}"
+        )
+    if not spec.source and (spec.normalization or spec.transform):
+        raise StreamSpecError(
+            f"stream {spec.name!r}: normalization / transform are per stream for a stream with its own `source`; "
+            "the dataset's sensor tensor uses --data.normalization and --data.sensor-transform"
+        )
     if spec.channels is not None and spec.source and len(spec.shape) > 1:
         raise StreamSpecError(f"stream {spec.name!r}: channels slice a vector source, not a {spec.shape} array")
 
@@ -163,4 +182,13 @@ def _on_tensor(spec: StreamSpec, channels: int) -> StreamSpec:
     return dataclasses.replace(spec, channels=(a, b), shape=(b - a,))
 
 
-__all__ = ["LEGACY_GROUP", "StreamSpec", "StreamSpecError", "legacy_streams", "model_streams", "parse_stream"]
+__all__ = [
+    "LEGACY_GROUP",
+    "NORMALIZATIONS",
+    "TRANSFORMS",
+    "StreamSpec",
+    "StreamSpecError",
+    "legacy_streams",
+    "model_streams",
+    "parse_stream",
+]

@@ -200,3 +200,21 @@ def test_vision_ablation_reaches_the_policy(runner, mode):
         assert np.array_equal(spy.images[0], spy.images[1])  # constant within the episode
     with pytest.raises(ValueError, match="ablate_vision"):
         rollout(spy, env, episodes=1, ablate_vision="dark")
+
+
+def test_rollout_cli_ablates_a_named_stream_and_names_the_streams_on_a_wrong_one(runner, tmp_path):
+    """`sensorvla rollout --ablate-stream sensor`: a row with that stream alone ablated (the policy sees it as
+    missing, its video named after it); an unknown name is a ConfigError listing the checkpoint's streams."""
+    from sensorvla.cli.eval import stream_ablation_rows
+    from sensorvla.config import ConfigError
+
+    assert stream_ablation_rows(runner, ("sensor",)) == {"sensor_ablated": {"ablate_sensor": "sensor"}}
+    assert stream_ablation_rows(runner, ()) == {}
+    with pytest.raises(ConfigError, match=r"--ablate-stream imu: .*its streams are \['sensor'\]"):
+        stream_ablation_rows(runner, ("sensor,imu",))
+    env = InsertionEnv()
+    env.cfg.max_steps = 4
+    spy = SpyRunner(runner)
+    r = rollout(spy, env, episodes=1, execute_steps=4, ablate_sensor="sensor", video_dir=tmp_path, videos="all")
+    assert spy.has_sensor and not any(spy.has_sensor) and r["sensor_ablated"] == "sensor"
+    assert [p.name.startswith("episode_00_no_sensor_") for p in tmp_path.iterdir()] == [True]

@@ -122,3 +122,118 @@ def test_the_exported_tick_reads_every_stream(streams_runner):
         blind = dict(sensors, **{"sensor_mask.imu": torch.zeros_like(sensors["sensor_mask.imu"])})
         torch.testing.assert_close(graph(blind, *inputs[1:]), runner.tick(blind, *inputs[1:]), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(runner.tick(blind, *inputs[1:]), runner.tick(*inputs))
+
+
+def test_a_sample_with_only_a_declared_stream_counts_as_with_sensor(streams_runner):
+    """The `--sensor-loss-weight` weight: a sample is "with sensor" when any stream, declared or legacy, has a valid
+    sample in its window (the dataset's raw sample, the runner's, and the transformed batch training weighs)."""
+    from sensorvla.training.loop import window_weight_sum
+
+    runner, ds = streams_runner
+    raw = ds[25]
+    only_streams = dict(raw, sensor=raw["sensor"] * 0, sensor_mask=raw["sensor_mask"] & False)
+    assert only_streams["sensor_mask.imu"].any()
+    # what the dataset reads for an episode recorded without the legacy sensor: has_sensor from the streams
+    assert ds[25]["has_sensor"] and runner.sample_from_window(
+        {}, raw["images"], only_streams["sensor"], only_streams["sensor_mask"],
+        {"imu": (raw["sensor.imu"], raw["sensor_mask.imu"])},
+    )["has_sensor"]  # fmt: skip
+    batch = runner.batch_from_raw(only_streams, True)
+    assert bool(batch["has_sensor"][0])
+    assert window_weight_sum([batch], 3.0) == 3.0
+    none = {k: (v & False if k.startswith("sensor_mask") else v) for k, v in only_streams.items()}
+    assert not bool(runner.batch_from_raw(none, True)["has_sensor"][0])
+    assert window_weight_sum([runner.batch_from_raw(none, True)], 3.0) == 1.0
+
+
+def test_rollout_cli_rows_per_declared_stream(streams_runner):
+    """`--ablate-stream imu,tactile` (or repeated): one rollout row per declared stream, each ablating it alone."""
+    from sensorvla.cli.eval import stream_ablation_rows
+    from sensorvla.config import ConfigError
+
+    runner, _ = streams_runner
+    rows = stream_ablation_rows(runner, ("imu,tactile", "imu"))
+    assert rows == {"imu_ablated": {"ablate_sensor": "imu"}, "tactile_ablated": {"ablate_sensor": "tactile"}}
+    with pytest.raises(ConfigError, match=r"its streams are \['sensor', 'imu', 'tactile'\]"):
+        stream_ablation_rows(runner, ("force",))
+
+
+def test_a_checkpoint_with_streams_but_no_sensor_tensor_lists_only_them_and_serves(tmp_path, tiny_vl_dir):
+    """A policy that reads declared streams only (no legacy sensor tensor): its observation spec lists only what
+    it takes (no `sensor` of 0 channels), and it serves: a client streams the IMU by name and gets actions."""
+    from sensorvla.serving.client import PolicyClient
+    from sensorvla.serving.server import PolicyServer
+
+    data = generate_dataset(
+        tmp_path / "ds", num_episodes=2, seed=2, image_size=32, progress=False, extra_streams=("imu",)
+    )
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
+    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
+    cfg.data.streams = ("imu=imu,source=imu,samples=20,tokens=2",)
+    cfg = resolve_from_meta(cfg, load_meta(data))
+    cfg.model.sensor.channels = cfg.model.sensor.force_channels = 0  # the policy takes the IMU stream only
+    cfg.validate()
+    policy = build_policy(cfg).eval()
+    policy.save_pretrained(tmp_path / "ckpt", cfg, compute_stats(data, progress=False, data_cfg=cfg.data, split="all"))
+    runner = PolicyRunner.from_pretrained(tmp_path / "ckpt", generator_seed=0)
+    spec = runner.observation_spec
+    assert "sensor" not in spec and "sensor_timestamps" not in spec
+    assert spec["sensor.imu"][0] == (None, 6) and spec["sensor_timestamps.imu"][0] == (None,)
+    ds = EpisodeDataset(data, cfg.data, split="all")
+    _, obs = robot_obs(ds, 10)
+    obs = {k: v for k, v in obs.items() if not k.startswith(("sensor", "sensor_timestamps")) or ".imu" in k}
+    local = runner.infer(obs)["actions"]
+    runner.reset()
+    with PolicyServer(runner).start() as server, PolicyClient(port=server.port, timeout=120) as client:
+        client.stream_sensor(obs["sensor_timestamps.imu"], obs["sensor.imu"], name="imu")
+        served = client.infer({k: v for k, v in obs.items() if not k.startswith("sensor")})["actions"]
+    np.testing.assert_allclose(served, local, atol=1e-5)
+    runner.reset()
+    assert not np.allclose(runner.infer({k: v for k, v in obs.items() if ".imu" not in k})["actions"], local)
+
+
+def test_each_stream_has_its_own_normalization_and_transform_in_training_and_serving(tmp_path, tiny_vl_dir):
+    """`normalization=` / `transform=` in a stream's line: saved with the config, fitted into the stats (the log
+    scale), and applied by the one Normalizer the training path and the runner both build."""
+    from sensorvla.data.normalize import NormalizationError, Normalizer, signed_log1p
+    from sensorvla.data.transforms import normalize_sample
+    from sensorvla.streams import StreamSpecError, parse_stream
+    from sensorvla.training.data_setup import build_normalizer
+
+    line = "imu=imu,source=imu,samples=20,tokens=2,normalization=quantile,transform=signed_log1p"
+    assert parse_stream(line).to_text() == line and parse_stream(line).normalization == "quantile"
+    with pytest.raises(StreamSpecError, match="choose normalization from"):
+        parse_stream("imu=imu,source=imu,normalization=minmax")
+    with pytest.raises(StreamSpecError, match="--data.sensor-transform"):
+        parse_stream("ft=wrench,channels=0:6,transform=signed_log1p")  # the sensor tensor's own flags
+    data = generate_dataset(
+        tmp_path / "ds", num_episodes=2, seed=3, image_size=32, progress=False, extra_streams=("imu", "tactile")
+    )
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(tiny_vl_dir)
+    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
+    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
+    cfg.data.streams = (line, "tactile=taxel2d,source=tactile,normalization=none")
+    cfg = resolve_from_meta(cfg, load_meta(data))
+    cfg.validate()
+    stats = compute_stats(data, progress=False, data_cfg=cfg.data, split="all")
+    s = stats.stats["sensor.imu"]
+    assert "log_scale" in s and "log_scale" not in stats.stats["sensor.tactile"]
+    build_policy(cfg).eval().save_pretrained(tmp_path / "ckpt", cfg, stats)
+    runner = PolicyRunner.from_pretrained(tmp_path / "ckpt", generator_seed=0)
+    assert runner.cfg.data.streams[0].endswith("normalization=quantile,transform=signed_log1p")
+    raw = EpisodeDataset(data, cfg.data, split="all")[10]
+    m = raw["sensor_mask.imu"]
+    want = (signed_log1p(raw["sensor.imu"][m], s["log_scale"]) - (s["q99"] + s["q01"]) / 2) / (
+        (s["q99"] - s["q01"]) / 2
+    )
+    served = {k: v[0] for k, v in runner.batch_from_raw(raw, False).items()}
+    trained = normalize_sample(raw, build_normalizer(stats, cfg), cfg.model.state_dim)  # the training path's
+    for sample in (served, trained):  # one transform chain
+        np.testing.assert_allclose(sample["sensor.imu"][m].numpy(), want, rtol=1e-4, atol=1e-5)
+        mt = raw["sensor_mask.tactile"]
+        np.testing.assert_allclose(sample["sensor.tactile"][mt].numpy(), raw["sensor.tactile"][mt], rtol=1e-6)
+    with pytest.raises(NormalizationError, match="computed without it"):  # stats of another declaration
+        Normalizer(compute_stats(data, progress=False, split="all"), streams=cfg.data.streams)

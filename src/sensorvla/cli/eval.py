@@ -41,12 +41,16 @@ def rollout(
     out: Path = Path("rollout_out"),
     seed: int = 0,
     videos: Literal["some", "all", "none"] = "some",
+    ablate_stream: tuple[str, ...] = (),
 ) -> int:
     """Closed-loop rollouts of a checkpoint in a Gymnasium environment (chunked execution). With `--ablate`
     (the default) it also runs the sensor-ablated and the vision-ablated (blanked and shuffled views) rows
     and prints one table: all / sensor ablated / vision ablated. Writes OUT/rollout.json, OUT/report.md and
     mp4 videos (views, sensor trace, action, outcome): `--videos some` the first success and the first failure
-    with all inputs and the first failure with the sensor ablated; `all` every episode of every row."""
+    with all inputs and the first failure with the sensor ablated; `all` every episode of every row.
+    `--ablate-stream NAME ...` (space- or comma-separated: `imu tactile` or `imu,tactile`) adds a row per named
+    stream with that stream alone ablated: a declared stream's name, or `sensor` for the dataset's sensor tensor
+    (the checkpoint's names are listed on a wrong one)."""
     import gymnasium as gym
 
     from sensorvla.eval.rollout import rollout as run
@@ -56,6 +60,7 @@ def rollout(
 
     register_envs()
     runner = PolicyRunner.from_pretrained(checkpoint)
+    stream_rows = stream_ablation_rows(runner, ablate_stream)
     some = videos == "some"
     rows = {"all": {"videos": "outcomes" if some else videos}}
     if ablate:
@@ -64,6 +69,7 @@ def rollout(
             vision_ablated={"ablate_vision": "blank", "videos": "none" if some else videos},
             vision_shuffled={"ablate_vision": "shuffled", "videos": "none" if some else videos},
         )
+    rows.update({name: dict(kw, videos="none" if some else videos) for name, kw in stream_rows.items()})
     result = {
         name: run(runner, gym.make(env), episodes=episodes, execute_steps=execute_steps, seed=seed, video_dir=out, **kw)
         for name, kw in rows.items()
@@ -82,6 +88,23 @@ def rollout(
     print(table)
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def stream_ablation_rows(runner, names: tuple[str, ...]) -> dict[str, dict]:
+    """`--ablate-stream` values (repeated or comma-separated) -> the rollout rows `<name>_ablated` with that stream
+    alone ablated; ConfigError naming the checkpoint's streams for a name it does not have."""
+    from sensorvla.config import ConfigError
+
+    known = [s.name for s in runner.streams]
+    if runner.cfg.model.sensor.enabled and runner.cfg.model.sensor.channels:
+        known = ["sensor", *known]  # the dataset's sensor tensor (its legacy force/A-scan streams together)
+    wanted = [n.strip() for value in names for n in str(value).split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"--ablate-stream {', '.join(unknown)}: the checkpoint has no such stream; its streams are {known}"
+        )
+    return {f"{n}_ablated": {"ablate_sensor": n} for n in dict.fromkeys(wanted)}
 
 
 def rollout_table(result: dict) -> str:

@@ -288,6 +288,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
             st = ep.streams[spec.name]
             values, mask = window.empty(spec.shape) if st is None else self._window(ep, st, spec.name, window, t)
             sample.update({spec.key: values, spec.mask_key: mask})
+            sample["has_sensor"] |= bool(mask.any())  # "with sensor": any stream has a valid sample
         h = self.cfg.horizon
         acts = ep.actions[i : i + h]
         actions = np.zeros((h, acts.shape[1]), np.float32)  # zero motion past the episode end

@@ -20,12 +20,15 @@ import numpy as np
 
 from sensorvla.io import atomic_write_json
 from sensorvla.progress import progress as track
+from sensorvla.streams import parse_stream
 
 STAT_NAMES = ("mean", "std", "q01", "q99", "min", "max")
 EPS = 1e-6  # std / quantile range floor: constant channels map to 0 instead of dividing by ~0
 # The wrench output's target (the sensor's leading force channels): normalized with the sensor's statistics and
 # sensor transform of those channels, so it has no entry of its own in norm_stats.json.
 WRENCH = "wrench"
+#: a declared stream's `transform=signed_log1p`: every element, its scale the median |x| of the training split
+STREAM_LOG1P = {"transform": "signed_log1p", "clip_quantile": 0.0, "channels": "all", "log_scale": 0.0}
 STATS_FIX = "recompute them with `sensorvla stats --dataset DIR` (with the same --data flags as training)"
 
 
@@ -477,16 +480,11 @@ def compute_stats(
                 check_finite(arr[lo : lo + 65536], episode=ep.name, stream=key, start=lo)
             chunks.setdefault(key, []).append(np.asarray(arr[::step], dtype=np.float32))
     spec = transform_spec(data_cfg)
-    transform = SensorTransform(spec)
-    stats = {}
-    for key, parts in chunks.items():
-        if not parts:
-            continue
-        x = np.concatenate(parts)
-        if key == "sensor":
-            transform = SensorTransform.fit(spec, x, meta.force_channels)
-            x = transform(x)
-        stats[key] = _moments(x)
+    logged = {s.key for s in src.streams if s.source and s.transform == "signed_log1p"}
+    stats, transform = {}, SensorTransform(spec)
+    for key, parts in ((k, p) for k, p in chunks.items() if p):
+        stats[key], fitted = _key_stats(key, np.concatenate(parts), spec, meta.force_channels, key in logged)
+        transform = fitted or transform
     if members:
         fp = mixture_fingerprint([root, *members], data_cfg, split)
         return NormStats(stats, dict(fp["count"]), fp["dataset_id"], fp, transform)
@@ -494,18 +492,42 @@ def compute_stats(
     return NormStats(stats, dict(fp["count"]), meta.dataset_id, fp, transform)
 
 
+def _key_stats(key: str, x: np.ndarray, spec: dict, force_channels: int, log1p: bool):
+    """One key's moments and the sensor transform fitted for it (`sensor` only, else None): after that transform
+    for `sensor`; after signed_log1p for a declared stream's `transform=signed_log1p` (`log1p`), whose per-element
+    scale is kept beside its moments as `log_scale`."""
+    transform = None
+    if key == "sensor":
+        transform = SensorTransform.fit(spec, x, force_channels)
+        x = transform(x)
+    if not log1p:
+        return _moments(x), transform
+    log_scale = SensorTransform.fit(STREAM_LOG1P, x, 0).log_scale
+    return _moments(signed_log1p(x, log_scale)) | {"log_scale": log_scale}, transform
+
+
 class Normalizer:
     """normalize / unnormalize per feature key, for numpy arrays and torch tensors alike.
 
     mean_std: (x - mean) / std.  quantile: map [q01, q99] to [-1, 1] (not clipped). The sensor goes
     through the stats' sensor transform first (clip, signed_log1p), so training and inference match.
+    `streams` (the config's declared streams): a stream's own `normalization` (mean_std, quantile, none) replaces
+    `mode` for its key `sensor.<name>`, and its `transform=signed_log1p` applies the stats' `log_scale` first.
     """
 
-    def __init__(self, stats: NormStats, mode: str = "mean_std"):
+    def __init__(self, stats: NormStats, mode: str = "mean_std", streams=()):
         if mode not in ("mean_std", "quantile"):
             raise NormalizationError(f"--data.normalization {mode!r}: choose mean_std or quantile")
         self.stats = stats
         self.mode = mode
+        specs = [s if not isinstance(s, str) else parse_stream(s) for s in streams]
+        self.modes = {s.key: s.normalization for s in specs if s.source and s.normalization}
+        for s in (s for s in specs if s.source and s.key in stats.stats):
+            if (s.transform == "signed_log1p") != ("log_scale" in stats.stats[s.key]):
+                raise NormalizationError(
+                    f"stream {s.name!r} declares transform={s.transform or 'none'}, but the normalization stats were "
+                    f"computed {'without' if s.transform == 'signed_log1p' else 'with'} it. {STATS_FIX}"
+                )
 
     def check_keys(self, keys: list[str]) -> None:
         """Raise NormalizationError naming the keys the stats do not cover."""
@@ -524,7 +546,10 @@ class Normalizer:
             if key not in self.stats.stats:
                 self.check_keys([key])
             s = self.stats.stats[key]
-        if self.mode == "mean_std":
+        mode = self.modes.get(key, self.mode)
+        if mode == "none":
+            shift, scale = np.zeros_like(s["mean"]), np.ones_like(s["mean"])
+        elif mode == "mean_std":
             shift, scale = s["mean"], np.maximum(s["std"], EPS)
         else:
             shift, scale = (s["q99"] + s["q01"]) / 2, np.maximum((s["q99"] - s["q01"]) / 2, EPS)
@@ -560,6 +585,9 @@ class Normalizer:
         tf = self.stats.sensor_transform
         if key in ("sensor", WRENCH) and not tf.identity:
             x = (tf if key == "sensor" else tf.leading(x.shape[-1]))(x)
+        log_scale = self.stats.stats.get(key, {}).get("log_scale")
+        if log_scale is not None:  # a declared stream's transform=signed_log1p
+            x = signed_log1p(x, log_scale if isinstance(x, np.ndarray | np.generic) else scale.new_tensor(log_scale))
         return (x - shift) / scale
 
     def unnormalize(self, key: str, x):

@@ -18,8 +18,10 @@ import torch
 
 
 def normalize_sample(raw: dict[str, Any], normalizer, state_dim: int) -> dict[str, torch.Tensor]:
-    """The non-VL model inputs of one raw sample: state (D_st,), sensor (T_s, C_s) + mask (T_s,),
-    has_sensor, sample_id, actions (H, D_a) + action_mask (H,) when the sample has actions, and
+    """The non-VL model inputs of one raw sample: state (D_st,), sensor (T_s, C_s) + mask (T_s,), has_sensor
+    (any stream, the legacy tensor or a declared one, has a valid sample in its window), each declared stream's
+    `sensor.<name>` + `sensor_mask.<name>`, sample_id, actions (H, D_a) + action_mask (H,) when the sample has
+    actions, and
     wrench_target (H, C_f) + wrench_target_mask (H,) when it has the wrench output's target."""
     out: dict[str, torch.Tensor] = {}
     if state_dim:
@@ -32,13 +34,16 @@ def normalize_sample(raw: dict[str, Any], normalizer, state_dim: int) -> dict[st
     sensor = np.where(mask[:, None], sensor, 0.0).astype(np.float32)
     out["sensor"] = torch.from_numpy(np.ascontiguousarray(sensor))
     out["sensor_mask"] = torch.from_numpy(mask.copy())
-    out["has_sensor"] = torch.tensor(bool(raw["has_sensor"]) and bool(mask.any()))
+    any_valid = bool(mask.any())
     for key in [k for k in raw if k.startswith("sensor.")]:  # a declared stream's window (T, *shape) + mask (T,)
         values, mask = np.asarray(raw[key], np.float32), np.asarray(raw["sensor_mask." + key[7:]], bool)
         if mask.any():
             values = normalizer.normalize(key, values.reshape(len(values), -1)).reshape(values.shape)
+            any_valid = True
         values = np.where(mask.reshape(-1, *[1] * (values.ndim - 1)), values, 0.0).astype(np.float32)
         out[key], out["sensor_mask." + key[7:]] = torch.from_numpy(values), torch.from_numpy(mask.copy())
+    # "with sensor" (the `--sensor-loss-weight` sample weight): any stream, legacy or declared, has a valid sample
+    out["has_sensor"] = torch.tensor(bool(raw["has_sensor"]) and any_valid)
     out["sample_id"] = torch.tensor(int(raw.get("sample_id", -1)), dtype=torch.long)
     if raw.get("actions") is not None:
         actions = normalizer.normalize("actions", np.asarray(raw["actions"], dtype=np.float32))

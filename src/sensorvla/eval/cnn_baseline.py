@@ -222,7 +222,7 @@ def _background_worker(dataset_dir, data_cfg, out_dir, threads, budget_s, seed, 
     from sensorvla.training.data_setup import stats_path
 
     dc = section_from_dict(DataConfig, data_cfg, "data.")
-    norm = Normalizer(NormStats.load(stats_path(dataset_dir)), mode=dc.normalization)
+    norm = Normalizer(NormStats.load(stats_path(dataset_dir)), mode=dc.normalization, streams=dc.streams)
     cfg = CNNBaselineConfig(budget_s=budget_s, seed=seed)
     policy, info = train_cnn_baseline(dataset_dir, dc, norm, cfg, progress=False, stop=stop.is_set)
     save_safetensors(policy.state_dict(), Path(out_dir) / "model.safetensors")

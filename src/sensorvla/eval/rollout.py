@@ -93,7 +93,7 @@ def rollout(
     *,
     episodes: int = 10,
     execute_steps: int = 4,
-    ablate_sensor: bool = False,
+    ablate_sensor: bool | str = False,
     ablate_vision: str | None = None,
     obs_adapter: Callable[[dict], dict] | None = None,
     action_adapter: Callable[[np.ndarray], Any] | None = None,
@@ -105,7 +105,7 @@ def rollout(
     """Run `episodes` episodes; execute `execute_steps` of each predicted chunk before re-querying.
 
     Args:
-        ablate_sensor: the policy gets no sensor samples.
+        ablate_sensor: the policy gets no sensor samples (True), or none of the stream named (`sensor`: the tensor).
         ablate_vision: "blank" (black views) or "shuffled" (every view of each episode replaced by the views
             of another scene: the reset frames of other seeds, never evaluated), or None.
         video_dir: where the episodes' mp4 videos go (`eval/rollout_video.py`: the views, the sensor trace with
@@ -127,7 +127,8 @@ def rollout(
         others = [np.asarray(env.reset(seed=seed + episodes + 1000 + k)[0]["images"]).copy() for k in range(8)]
     policy = AblatedPolicy(runner, ablate_sensor, ablate_vision)
     broker = ActionChunkBroker(policy, execute_steps=execute_steps)
-    tag = "_".join(["blind"] * ablate_sensor + [f"vision_{ablate_vision}"] * bool(ablate_vision)) or "sensor"
+    blind = ["blind"] if ablate_sensor is True else [f"no_{ablate_sensor}"] if ablate_sensor else []  # a name: one
+    tag = "_".join(blind + [f"vision_{ablate_vision}"] * bool(ablate_vision)) or "sensor"
     results = []
     chooser = VideoChooser(videos if video_dir is not None else "none")
     for ep in track(range(episodes), desc=f"rollout {tag}", unit="episodes", mode=progress):
@@ -234,6 +235,7 @@ def _write_video(recorder, video_dir: Path, episode: int, success: bool, tag: st
     what = "all modalities"
     if ablate_sensor:
         what = "sensor ablated (the policy sees no sensor; the trace is what it missed)"
+        what = what if ablate_sensor is True else f"stream {ablate_sensor} ablated"
     if ablate_vision:
         what = f"views ablated ({ablate_vision})" + (" + " + what if ablate_sensor else "")
     force = getattr(getattr(getattr(getattr(runner, "cfg", None), "model", None), "sensor", None), "force_channels", 0)

@@ -290,7 +290,7 @@ class RequestChecker:
 
     def _sensor(self, obs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         m = self.model
-        if not m.sensor.enabled:  # the policy has no sensor input; samples are not used
+        if not m.sensor.enabled or not m.sensor.channels:  # no sensor tensor input (at most declared streams)
             return np.zeros((0, max(m.sensor.channels, 1)), np.float32), np.zeros(0, np.float64)
         return self._samples(obs, "sensor", "sensor_timestamps", (m.sensor.channels,))
 

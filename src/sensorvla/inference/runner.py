@@ -157,7 +157,14 @@ class PolicyRunner:
         processor = load_processor(
             bb.vl_model, min_pixels=bb.min_pixels, max_pixels=bb.max_pixels, revision=bb.revision
         )
-        return cls(policy, cfg, Normalizer(stats, mode=cfg.data.normalization), processor, device=device, **kwargs)
+        return cls(
+            policy,
+            cfg,
+            Normalizer(stats, mode=cfg.data.normalization, streams=cfg.data.streams),
+            processor,
+            device=device,
+            **kwargs,
+        )
 
     # --- metadata for the server -------------------------------------------------------------------
     @property
@@ -194,7 +201,7 @@ class PolicyRunner:
         }
         if m.state_dim:
             spec["state"] = ((m.state_dim,), "f")
-        if m.sensor.enabled:
+        if m.sensor.enabled and m.sensor.channels:  # the dataset's sensor tensor, when the policy reads one
             spec["sensor"] = ((None, m.sensor.channels), "f", True)
             spec["sensor_timestamps"] = ((None,), "f", True)
         for s in self.streams:  # each declared stream by name
@@ -295,7 +302,7 @@ class PolicyRunner:
             "state": np.asarray(obs.get("state", np.zeros(m.state_dim)), np.float32),
             "sensor": window.astype(np.float32),
             "sensor_mask": mask,
-            "has_sensor": bool(mask.any()),
+            "has_sensor": bool(mask.any()) or any(bool(w_mask.any()) for _, w_mask in (streams or {}).values()),
             "instruction": str(obs.get("instruction", "")),
             "sample_id": -1,
         }

@@ -135,7 +135,7 @@ def build_normalizer(stats, cfg: SensorVLAConfig):
         keys.append("state")
     if cfg.model.sensor.enabled:
         keys.append("sensor")
-    norm = Normalizer(stats, mode=cfg.data.normalization)
+    norm = Normalizer(stats, mode=cfg.data.normalization, streams=cfg.data.streams)
     norm.check_keys(keys)
     return norm
 

@@ -387,7 +387,7 @@ def cnn_normalizer(data_dir: Path, data_cfg):
     from sensorvla.data.normalize import Normalizer, NormStats
     from sensorvla.training.data_setup import stats_path
 
-    return Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization)
+    return Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
 
 
 # --- output --------------------------------------------------------------------------------------------------
