@@ -129,7 +129,9 @@ def _mutations(shape: Shape) -> dict[str, tuple[str, Any]]:
         "valid float64 state": ("valid", edit(state=lambda o, r: o["state"].astype(np.float64))),
         "valid stale sensor": (
             "warned",
-            with_rows(edit(sensor_timestamps=lambda o, r: o["sensor_timestamps"] - 50.0)),
+            # half the query time back (5-55 s: stale), never near 1000x (a query at 50.3 s over samples at 0.3 s
+            # reads as a millisecond clock and is refused, rightly)
+            with_rows(edit(sensor_timestamps=lambda o, r: o["sensor_timestamps"] - 0.5 * float(o["timestamp"]))),
         ),
         "valid without timestamp": ("valid", drop("timestamp")),
         "valid vision-only": (
