@@ -324,7 +324,8 @@ def expert_row(env_id: str, s: BenchSettings) -> dict:
         while not done:
             _, _, terminated, truncated, info = env.step(expert_action(env))
             done, steps = terminated or truncated, steps + 1
-        results.append({"success": bool(info.get("success")), "length": steps})
+        results.append({"success": bool(info.get("success")), "length": steps, "lateral_ok": info.get("lateral_ok"),
+                        "depth_ok": info.get("depth_ok")})  # fmt: skip
     return {**summarize(results), "episodes": s.episodes}
 
 
@@ -469,8 +470,8 @@ def format_table(summary: dict) -> str:
         f"sensorvla bench sim: {summary['env_id']}, {s['demos']} demos, {s['episodes']} seeded episodes per row, "
         f"{execution(s)}" + (" (training reused)" if s.get("reuse") else ""),
         "",
-        "| policy | success | training CPU-seconds | training wall (s) |",
-        "|---|---|---|---|",
+        "| policy | success | lateral ok (seeing) | depth ok (touch) | training CPU-seconds | training wall (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for row, label in LABELS.items():
         if row not in t:
@@ -480,7 +481,9 @@ def format_table(summary: dict) -> str:
         cpu = seconds(budget["cpu_s"]) if budget else "–"
         wall = seconds(budget["wall_s"]) if budget else "–"
         won = round(r["success_rate"] * r["episodes"])
-        lines.append(f"| {label} | {won} / {r['episodes']} ({100 * r['success_rate']:.0f} %) | {cpu} | {wall} |")
+        parts = [f"{won} / {r['episodes']} ({100 * r['success_rate']:.0f} %)"]
+        parts += [f"{100 * r[k]:.0f} %" if r.get(k) is not None else "–" for k in ("lateral_ok_rate", "depth_ok_rate")]
+        lines.append(f"| {label} | {' | '.join(parts)} | {cpu} | {wall} |")
     return "\n".join(lines)
 
 
