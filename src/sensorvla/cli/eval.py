@@ -36,7 +36,7 @@ def rollout(
     checkpoint: Path,
     env: str = "sensorvla/Insertion-v0",
     episodes: int = 10,
-    execute_steps: int = 4,
+    execute_steps: int = 1,
     ablate: bool = True,
     out: Path = Path("rollout_out"),
     seed: int = 0,
@@ -52,7 +52,8 @@ def rollout(
     `--ablate-stream NAME ...` (space- or comma-separated: `imu tactile` or `imu,tactile`) adds a row per named
     stream with that stream alone ablated: a declared stream's name, or `sensor` for the dataset's sensor tensor
     (the checkpoint's names are listed on a wrong one).
-    `--execute-steps 1` re-plans every control step; `--vl-refresh-every K` (fast-slow) recomputes the VL features
+    `--execute-steps N` executes N actions of each chunk before re-querying (1, the default: re-plan every control
+    step, so a contact is answered at the next step); `--vl-refresh-every K` (fast-slow) recomputes the VL features
     every K policy queries and re-runs only the sensor encoder and head on the newest sensor window in between."""
     import gymnasium as gym
 
