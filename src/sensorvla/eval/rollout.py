@@ -114,11 +114,9 @@ def rollout(
         videos: which episodes get a video (`VIDEO_CHOICES`): "first", "success" / "failure" (the first
             such episode, else the first episode), "outcomes" (the first success and the first failure) or "all".
 
-    Returns success_rate, lateral_ok_rate (final lateral error within the env's tolerance, when it reports
-    `lateral_ok`: what the cameras must get right), depth_ok_rate (the env's depth / force conditions of success,
-    when it reports `depth_ok`: what the sensor must get right on the contact tasks), mean final lateral / depth
-    errors, mean episode length and inference latency, the
-    per-episode results and the videos written ({"episode", "success", "path"} each).
+    Returns success_rate, lateral_ok_rate and depth_ok_rate (where the env reports `lateral_ok` / `depth_ok`: the
+    seeing and the touch halves of success), mean final lateral / depth errors, mean episode length and inference
+    latency, the per-episode results and the videos written ({"episode", "success", "path"} each).
     """
     from sensorvla.progress import progress as track
 
