@@ -18,11 +18,25 @@ def tiny_settings(tiny_vl_dir, **kw) -> BenchSettings:
     return BenchSettings(**{**base, **kw})
 
 
-def test_bench_sim_gives_the_table_and_the_same_cpu_budget(tmp_path, tiny_vl_dir, capsys):
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory, tiny_vl_dir):
+    """The whole pipeline once on tiny settings, re-planning every step with the VL features refreshed every 3rd
+    query: (out folder, settings, summary, what it printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("bench")
+    s = tiny_settings(tiny_vl_dir, execute_steps=1, vl_refresh_every=3)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = run_bench(out, s)
+    return out, s, summary, printed.getvalue()
+
+
+def test_bench_sim_gives_the_table_and_the_same_cpu_budget(tiny_bench):
     """The whole pipeline on tiny settings: every row of the table, the JSON and report, and each CNN's CPU-seconds
     budget set to exactly what our cache + stage 1 + stage 2 measured (asserted on the settings, not on time)."""
-    out = tmp_path / "bench"
-    summary = run_bench(out, tiny_settings(tiny_vl_dir))
+    out, _, summary, printed = tiny_bench
     saved = json.loads((out / "bench.json").read_text())
     table = saved["closed_loop"]
     assert set(table) == {*ROWS, *CNN_ROWS, "expert"}
@@ -42,8 +56,83 @@ def test_bench_sim_gives_the_table_and_the_same_cpu_budget(tmp_path, tiny_vl_dir
     for label in ("ours, all modalities", "ours, sensor ablated", "ours, vision ablated", "plain CNN, with the sensor",
                   "plain CNN, without the sensor", "CPU-seconds", "Where the time went"):  # fmt: skip
         assert label in report
-    printed = capsys.readouterr().out
     assert "| ours, all modalities |" in printed and "CPU-s budget" in printed
+    assert "re-planned every control step, VL features refreshed every 3 queries" in printed
+
+
+def test_every_policy_is_rolled_out_with_the_same_execution(tiny_bench):
+    """Ours and both CNN references re-plan at the bench's `execute_steps` (here every control step): a CNN that
+    ran open-loop chunks would be judged on another controller."""
+    _, s, summary, _ = tiny_bench
+    table = summary["closed_loop"]
+    assert {table[row]["execute_steps"] for row in (*ROWS, *CNN_ROWS)} == {s.execute_steps} == {1}
+    assert summary["settings"]["vl_refresh_every"] == 3
+
+
+class CountingPolicy:
+    """Wraps a runner: counts `infer` calls (queries) and episode resets."""
+
+    def __init__(self, runner):
+        self.runner, self.calls, self.resets = runner, 0, 0
+
+    def infer(self, obs):
+        self.calls += 1
+        return self.runner.infer(obs)
+
+    def reset(self):
+        self.resets += 1
+        self.runner.reset()
+
+
+@pytest.mark.parametrize(("execute_steps", "refresh"), [(1, 3), (2, 1)])
+def test_the_bench_policy_replans_at_sensor_rate_between_vl_refreshes(tiny_bench, execute_steps, refresh):
+    """With execute_steps n the policy is queried every n control steps; the bench's runner then recomputes the VL
+    features only every `vl_refresh_every` queries (counted, not timed) and re-runs the sensor encoder and head on
+    the newest sensor window at every query."""
+    import dataclasses
+
+    from sensorvla.eval.rollout import rollout
+    from sensorvla.world.bench import make_env, policy_runner
+
+    _, s, summary, _ = tiny_bench
+    s = dataclasses.replace(s, execute_steps=execute_steps, vl_refresh_every=refresh)
+    runner = policy_runner(summary["training"]["checkpoint"], s)
+    spy = CountingPolicy(runner)
+    r = rollout(spy, make_env("sensorvla/Insertion-v0", s.image_size), episodes=1, execute_steps=execute_steps)
+    steps = r["results"][0]["length"]
+    assert spy.calls == -(-steps // execute_steps) and spy.resets == 1
+    assert runner.vl_calls == -(-spy.calls // refresh)
+
+
+def test_reuse_runs_the_closed_loop_on_the_trained_policy(tiny_bench, tmp_path):
+    """--reuse: no demos and no training; our recorded CPU-seconds, dataset and checkpoint are taken over, the CNNs
+    get that budget, the rows run with the new execution; a run trained with other settings is refused."""
+    import dataclasses
+    import shutil
+
+    from sensorvla.config import ConfigError
+
+    out, s, first, _ = tiny_bench
+    shutil.copytree(out, tmp_path / "b", ignore=shutil.ignore_patterns("stage1", "stage2", "rollout"))
+    again = run_bench(tmp_path / "b", dataclasses.replace(s, reuse=True, execute_steps=2, vl_refresh_every=1))
+    assert not {"demos", "cache", "stage1", "stage2"} & set(again["phases"]["cpu_s"])
+    assert again["budget"]["ours"]["cpu_s"] == first["budget"]["ours"]["cpu_s"] and again["budget"]["ours"]["reused"]
+    assert again["budget"]["cnn_with_sensor"]["cpu_budget_s"] == first["budget"]["ours"]["cpu_s"]
+    assert again["training"]["checkpoint"] == first["training"]["checkpoint"]
+    assert {again["closed_loop"][row]["execute_steps"] for row in (*ROWS, *CNN_ROWS)} == {2}
+    with pytest.raises(ConfigError, match="stage2_steps: 2 there, 3 now"):
+        run_bench(tmp_path / "b", dataclasses.replace(s, reuse=True, stage2_steps=3))
+    with pytest.raises(ConfigError, match="run `sensorvla bench sim` into .* once without --reuse"):
+        run_bench(tmp_path / "empty", dataclasses.replace(s, reuse=True))
+
+
+def test_execution_settings_below_one_are_refused():
+    from sensorvla.config import ConfigError
+
+    with pytest.raises(ConfigError, match="both must be >= 1"):
+        BenchSettings(execute_steps=0)
+    with pytest.raises(ConfigError, match="both must be >= 1"):
+        BenchSettings(vl_refresh_every=0)
 
 
 def test_a_fixed_cnn_budget_is_recorded_as_given(tmp_path, tiny_vl_dir):

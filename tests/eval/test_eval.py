@@ -132,6 +132,25 @@ def test_rollout_command_writes_videos_and_a_report_linking_them(trained, tmp_pa
     assert not list((tmp_path / "none").glob("*.mp4"))
 
 
+def test_rollout_command_replans_every_step_with_counted_vl_refreshes(trained, tmp_path, monkeypatch):
+    """`sensorvla rollout` re-plans at every control step by default, and `--vl-refresh-every K` builds a fast-slow
+    runner whose VL refreshes are counted in queries, never aged out by the wall clock."""
+    from sensorvla.cli import main
+    from sensorvla.inference.runner import PolicyRunner
+
+    seen, real = {}, PolicyRunner.from_pretrained.__func__
+
+    def spy(cls, path, **kw):
+        seen.update(kw)
+        return real(cls, path, **kw)
+
+    monkeypatch.setattr(PolicyRunner, "from_pretrained", classmethod(spy))
+    args = ["rollout", "--checkpoint", str(trained), "--episodes", "1", "--no-ablate", "--videos", "none"]
+    assert main([*args, "--out", str(tmp_path), "--vl-refresh-every", "3"]) == 0
+    assert seen == {"vl_refresh_every": 3, "max_vl_age_s": float("inf")}
+    assert json.loads((tmp_path / "rollout.json").read_text())["all"]["execute_steps"] == 1
+
+
 def test_latency_benchmark_structure(tiny_vl_dir):
     from sensorvla.eval.latency import bench_latency, format_table, ratios
 

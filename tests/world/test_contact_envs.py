@@ -223,3 +223,15 @@ def test_a_disconnected_sensor_reaches_the_policy_as_missing():
     env.close()
     assert not obs["sensor"].any()  # no readings, stamped long before the observation (masked as missing)
     assert obs["sensor_timestamps"].max() < float(obs["timestamp"]) - 100
+
+
+def test_depth_ok_is_the_touch_half_of_success(envs):
+    """`depth_ok` (rollout's `depth_ok_rate`, the bench's "depth ok (touch)" column) splits success into what the
+    cameras and what the sensor must get right: the needle's expert without cameras misses the mark but stops in the
+    layer; the blind bottom's position-only expert seats the peg but presses too hard; the full experts do both."""
+    needle, bottom = envs["sensorvla/Needle-v0"], envs["sensorvla/BlindBottom-v0"]
+    no_eyes = expert_rollout(needle, episodes=2, seed=0, vision=False)
+    assert no_eyes["success_rate"] == 0.0 and no_eyes["lateral_ok_rate"] == 0.0 and no_eyes["depth_ok_rate"] == 1.0
+    assert expert_rollout(bottom, episodes=2, seed=0, mode="position")["depth_ok_rate"] == 0.0
+    for env in (needle, bottom):
+        assert expert_rollout(env, episodes=2, seed=0)["depth_ok_rate"] == 1.0

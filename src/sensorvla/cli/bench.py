@@ -46,6 +46,9 @@ def bench_sim(
     cnn_cpu_s: float = 0.0,
     vl_model: str = "",
     videos: Literal["none", "first", "success", "failure", "outcomes", "all"] = "none",
+    execute_steps: int = 1,
+    vl_refresh_every: int = 1,
+    reuse: bool = False,
 ) -> int:
     """A simulated task end to end: the env's scripted expert records DEMOS -> a LeRobot v3 dataset -> the
     small-data two-stage recipe on the tiny Qwen-VL (budget: STAGE1_EPOCHS epochs, STAGE2_STEPS steps) -> closed
@@ -67,6 +70,12 @@ def bench_sim(
         vl_model: a backbone folder instead of the tiny patch-7 model built under OUT.
         videos: which episodes of each row get a rollout video (views, sensor trace, actions) under
             OUT/rollout/<row>/: none, first, success, failure, outcomes (first success and failure), all.
+        execute_steps: actions executed of each predicted chunk before the policy is queried again, for ours and
+            the CNNs alike (1: re-plan every 100 ms control step, so contact is answered at the next step).
+        vl_refresh_every: fast-slow: our VL features are recomputed every K queries and reused in between, the
+            sensor encoder and head run on the newest sensor window at every query (1: full inference each time).
+        reuse: take the dataset, our trained policy and its CPU-seconds from an earlier run in OUT with the same
+            task, demos and budget, and run only the CNNs and the closed loop (e.g. other execution settings).
     """
     flags = dict(locals())
     from sensorvla.world.bench import BenchSettings, run_bench

@@ -36,12 +36,13 @@ def rollout(
     checkpoint: Path,
     env: str = "sensorvla/Insertion-v0",
     episodes: int = 10,
-    execute_steps: int = 4,
+    execute_steps: int = 1,
     ablate: bool = True,
     out: Path = Path("rollout_out"),
     seed: int = 0,
     videos: Literal["some", "all", "none"] = "some",
     ablate_stream: tuple[str, ...] = (),
+    vl_refresh_every: int = 1,
 ) -> int:
     """Closed-loop rollouts of a checkpoint in a Gymnasium environment (chunked execution). With `--ablate`
     (the default) it also runs the sensor-ablated and the vision-ablated (blanked and shuffled views) rows
@@ -50,7 +51,10 @@ def rollout(
     with all inputs and the first failure with the sensor ablated; `all` every episode of every row.
     `--ablate-stream NAME ...` (space- or comma-separated: `imu tactile` or `imu,tactile`) adds a row per named
     stream with that stream alone ablated: a declared stream's name, or `sensor` for the dataset's sensor tensor
-    (the checkpoint's names are listed on a wrong one)."""
+    (the checkpoint's names are listed on a wrong one).
+    `--execute-steps N` executes N actions of each chunk before re-querying (1, the default: re-plan every control
+    step, so a contact is answered at the next step); `--vl-refresh-every K` (fast-slow) recomputes the VL features
+    every K policy queries and re-runs only the sensor encoder and head on the newest sensor window in between."""
     import gymnasium as gym
 
     from sensorvla.eval.rollout import rollout as run
@@ -59,7 +63,8 @@ def rollout(
     from sensorvla.world.envs import register_envs
 
     register_envs()
-    runner = PolicyRunner.from_pretrained(checkpoint)
+    # VL refreshes counted in queries, never aged out by the wall clock (a loaded machine must not change the result)
+    runner = PolicyRunner.from_pretrained(checkpoint, vl_refresh_every=vl_refresh_every, max_vl_age_s=float("inf"))
     stream_rows = stream_ablation_rows(runner, ablate_stream)
     some = videos == "some"
     rows = {"all": {"videos": "outcomes" if some else videos}}

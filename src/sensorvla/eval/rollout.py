@@ -83,6 +83,7 @@ def run_episode(env, obs, broker, obs_adapter, action_adapter, recorder=None) ->
         "final_depth_error_mm": info.get("depth_error_mm"),
         "final_lateral_error_mm": info.get("lateral_error_mm"),
         "lateral_ok": info.get("lateral_ok"),
+        "depth_ok": info.get("depth_ok"),
     }
     return result
 
@@ -113,9 +114,9 @@ def rollout(
         videos: which episodes get a video (`VIDEO_CHOICES`): "first", "success" / "failure" (the first
             such episode, else the first episode), "outcomes" (the first success and the first failure) or "all".
 
-    Returns success_rate, lateral_ok_rate (final lateral error within the env's tolerance, when it reports
-    `lateral_ok`), mean final lateral / depth errors, mean episode length and inference latency, the
-    per-episode results and the videos written ({"episode", "success", "path"} each).
+    Returns success_rate, lateral_ok_rate and depth_ok_rate (where the env reports `lateral_ok` / `depth_ok`: the
+    seeing and the touch halves of success), mean final lateral / depth errors, mean episode length and inference
+    latency, the per-episode results and the videos written ({"episode", "success", "path"} each).
     """
     from sensorvla.progress import progress as track
 
@@ -263,6 +264,7 @@ def summarize(results: list[dict]) -> dict[str, Any]:
     return {
         "success_rate": float(np.mean([r["success"] for r in results])),
         "lateral_ok_rate": mean("lateral_ok"),
+        "depth_ok_rate": mean("depth_ok"),
         "mean_final_lateral_error_mm": mean("final_lateral_error_mm"),
         "mean_final_depth_error_mm": mean("final_depth_error_mm"),
         "mean_episode_length": float(np.mean([r["length"] for r in results])),

@@ -47,7 +47,8 @@ class BenchSettings:
     image_size: int = 64  # camera side in px, where the env takes it (Insertion-v0: SimConfig.image_size)
     episodes: int = 40  # seeded closed-loop episodes per row
     eval_seed: int = 1000  # closed-loop episodes use seeds eval_seed.. (the demos use 0..)
-    execute_steps: int = 4  # actions executed per predicted chunk
+    execute_steps: int = 1  # actions executed per predicted chunk: 1 = re-plan every control step (docs/sim.md)
+    vl_refresh_every: int = 1  # fast-slow: the VL features are recomputed every k policy queries, reused between
     patch_size: int = 7  # the tiny model's patches: 14 px tokens
     pixels: int = 112 * 112  # views are resized to this many pixels (64 px -> 112 px: 8 x 8 tokens per view)
     stage1_epochs: int = 20
@@ -58,6 +59,14 @@ class BenchSettings:
     vl_model: str = ""  # a backbone folder instead of building the tiny one
     videos: str = "none"  # rollout videos per row under out/rollout/<row>/ (eval.rollout.VIDEO_CHOICES)
     train_overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys on top of the presets
+    reuse: bool = False  # reuse out/'s dataset and trained policy (same task, demos, budget): closed loop only
+
+    def __post_init__(self):
+        if self.execute_steps < 1 or self.vl_refresh_every < 1:
+            raise ConfigError(
+                f"execute_steps={self.execute_steps}, vl_refresh_every={self.vl_refresh_every}: both must be >= 1 "
+                "(1 = re-plan every control step / recompute the VL features at every query)"
+            )
 
     def env_id(self) -> str:
         """The env id of `task` (a short name of TASKS or a registered id); ConfigError naming the choices."""
@@ -249,7 +258,8 @@ def recipe_config(stage: str, vl_dir: Path, data_dir: Path, out: Path, s: BenchS
 
 
 def train_recipe(vl_dir: Path, data_dir: Path, out: Path, s: BenchSettings, phases: Phases) -> dict:
-    """The VL cache, stage 1 from it, stage 2 from stage 1 (each a phase); the stage summaries and checkpoint."""
+    """The VL cache, stage 1 from it, stage 2 from stage 1 (each a phase); the stage summaries, the checkpoint and
+    the backbone."""
     import copy
 
     from sensorvla.training.loop import train
@@ -265,7 +275,7 @@ def train_recipe(vl_dir: Path, data_dir: Path, out: Path, s: BenchSettings, phas
         "stage1": {"steps": r1["steps"], "best_val": r1["best_val"], "epochs": cfg1.train.epochs},
         "stage2": {"steps": r2["steps"], "best_val": r2["best_val"], "max_steps": cfg2.train.max_steps},
         "checkpoint": str(out / "stage2" / "checkpoints" / "pretrained_model"),
-        "data_cfg": cfg1.data,
+        "vl_model": str(vl_dir),
     }
 
 
@@ -314,32 +324,37 @@ def expert_row(env_id: str, s: BenchSettings) -> dict:
         while not done:
             _, _, terminated, truncated, info = env.step(expert_action(env))
             done, steps = terminated or truncated, steps + 1
-        results.append({"success": bool(info.get("success")), "length": steps})
+        results.append({"success": bool(info.get("success")), "length": steps, "lateral_ok": info.get("lateral_ok"),
+                        "depth_ok": info.get("depth_ok")})  # fmt: skip
     return {**summarize(results), "episodes": s.episodes}
 
 
 # --- the run -------------------------------------------------------------------------------------------------
 def run_bench(out: Path, s: BenchSettings) -> dict:
     """Demos -> dataset -> our two stages -> the CNNs on the same CPU-seconds -> the closed-loop table. Writes
-    out/bench.json and out/report.md, prints the table; returns the summary."""
+    out/bench.json and out/report.md, prints the table; returns the summary. `s.reuse` takes the dataset, our
+    trained policy and its CPU-seconds from an earlier run in `out` (`reused_training`) and runs the rest."""
     from sensorvla.eval.cnn_baseline import CNNRunner
-    from sensorvla.inference.runner import PolicyRunner
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env_id, phases = s.env_id(), Phases()
-    vl_dir = Path(s.vl_model) if s.vl_model else phases.run("tiny_model", lambda: tiny_model(out, s))
     data_dir = out / "data"
-    demos = phases.run("demos", lambda: record_task_demos(env_id, data_dir, s.demos, s.image_size))
-    phases.run("stats", lambda: write_stats(data_dir, recipe_config("stage1", vl_dir, data_dir, out, s).data))
-    trained = train_recipe(vl_dir, data_dir, out, s, phases)
-    ours_cpu = sum(phases.cpu[k] for k in ("cache", "stage1", "stage2"))
-    ours_wall = sum(phases.wall[k] for k in ("cache", "stage1", "stage2"))
+    if s.reuse:
+        demos, trained, ours_cpu, ours_wall = reused_training(out, s)
+        vl_dir = Path(trained["vl_model"])
+    else:
+        vl_dir = Path(s.vl_model) if s.vl_model else phases.run("tiny_model", lambda: tiny_model(out, s))
+        demos = phases.run("demos", lambda: record_task_demos(env_id, data_dir, s.demos, s.image_size))
+        phases.run("stats", lambda: write_stats(data_dir, recipe_config("stage1", vl_dir, data_dir, out, s).data))
+        trained = train_recipe(vl_dir, data_dir, out, s, phases)
+        ours_cpu = sum(phases.cpu[k] for k in ("cache", "stage1", "stage2"))
+        ours_wall = sum(phases.wall[k] for k in ("cache", "stage1", "stage2"))
     cnn_budget = s.cnn_cpu_s or ours_cpu
-    data_cfg = trained["data_cfg"]
+    data_cfg = recipe_config("stage1", vl_dir, data_dir, out, s).data
     norm = cnn_normalizer(data_dir, data_cfg)
     cnns = train_cnns(data_dir, data_cfg, norm, s, cnn_budget, phases) if s.cnn else {}
-    runner = PolicyRunner.from_pretrained(trained["checkpoint"])
+    runner = policy_runner(trained["checkpoint"], s)
     table = phases.run("closed_loop", lambda: closed_loop_rows(runner, env_id, s, out))
     for row, (policy, _) in cnns.items():
         cnn_runner = CNNRunner(policy, norm, data_cfg)
@@ -347,17 +362,52 @@ def run_bench(out: Path, s: BenchSettings) -> dict:
     table["expert"] = phases.run("closed_loop", lambda: expert_row(env_id, s))
     budget = {
         "ours": {"cpu_s": ours_cpu, "wall_s": ours_wall, "stage1_epochs": s.stage1_epochs,
-                 "stage2_steps": s.stage2_steps},  # fmt: skip
+                 "stage2_steps": s.stage2_steps, "reused": s.reuse},  # fmt: skip
         **{row: {"cpu_budget_s": info["config"]["cpu_budget_s"], "cpu_s": info["cpu_s"], "wall_s": info["wall_s"],
                  "steps": info["steps"], "max_steps": info["config"]["max_steps"]} for row, (_, info) in cnns.items()},
     }  # fmt: skip
     summary = {
         "task": s.task, "env_id": env_id, "settings": dataclasses.asdict(s), "demos": demos,
-        "training": {k: v for k, v in trained.items() if k != "data_cfg"}, "budget": budget, "closed_loop": table,
+        "training": trained, "budget": budget, "closed_loop": table,
         "phases": {"wall_s": phases.wall, "cpu_s": phases.cpu},
     }  # fmt: skip
     write_outputs(out, summary, phases)
     return summary
+
+
+def policy_runner(checkpoint: str | Path, s: BenchSettings):
+    """Our trained policy behind a `PolicyRunner` in the bench's execution mode: fast-slow with the VL features
+    recomputed every `s.vl_refresh_every` queries (counted, never aged out by the wall clock: a loaded machine must
+    not change what the policy sees), the sensor encoder and head re-run on the newest sensor window every query."""
+    from sensorvla.inference.runner import PolicyRunner
+
+    return PolicyRunner.from_pretrained(checkpoint, vl_refresh_every=s.vl_refresh_every, max_vl_age_s=float("inf"))
+
+
+# the settings a reused training must share with the run that trained it
+TRAINING_KEYS = ("task", "demos", "image_size", "patch_size", "pixels", "stage1_epochs", "stage2_steps", "vl_model",
+                 "train_overrides")  # fmt: skip
+
+
+def reused_training(out: Path, s: BenchSettings) -> tuple[dict, dict, float, float]:
+    """(demos, training, our CPU-seconds, our wall seconds) of the earlier run in `out` (its bench.json), checked
+    against `s`: ConfigError naming what is missing or differs, and how to train afresh."""
+    path = out / "bench.json"
+    if not path.is_file():
+        raise ConfigError(f"--reuse: {path} does not exist; run `sensorvla bench sim` into {out} once without --reuse")
+    prev = json.loads(path.read_text())
+    now = dataclasses.asdict(s)
+    differ = {k: (prev["settings"].get(k), now[k]) for k in TRAINING_KEYS if prev["settings"].get(k) != now[k]}
+    if differ:
+        said = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        raise ConfigError(f"--reuse: the run in {out} was trained with other settings ({said}); drop --reuse or use "
+                          "another --out to train afresh")  # fmt: skip
+    trained = prev["training"]
+    if not (Path(trained["checkpoint"]) / "config.json").is_file():
+        raise ConfigError(f"--reuse: the trained policy {trained['checkpoint']} is missing; drop --reuse to train it")
+    trained.setdefault("vl_model", s.vl_model or str(out / f"tiny_qwen2_5_vl_p{s.patch_size}"))
+    ours = prev["budget"]["ours"]
+    return prev["demos"], trained, float(ours["cpu_s"]), float(ours["wall_s"])
 
 
 def tiny_model(out: Path, s: BenchSettings) -> Path:
@@ -406,15 +456,22 @@ def seconds(v: float) -> str:
     return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
 
 
+def execution(s: dict) -> str:
+    """How the closed loop executed the policies, in words (from the settings dict)."""
+    n, k = s["execute_steps"], s.get("vl_refresh_every", 1)
+    what = "re-planned every control step" if n == 1 else f"chunks of {n} executed"
+    return what + (f", VL features refreshed every {k} queries" if k > 1 else "")
+
+
 def format_table(summary: dict) -> str:
     """The closed-loop table (success per row, the training budget beside each policy) as markdown."""
     t, b, s = summary["closed_loop"], summary["budget"], summary["settings"]
     lines = [
         f"sensorvla bench sim: {summary['env_id']}, {s['demos']} demos, {s['episodes']} seeded episodes per row, "
-        f"chunks of {s['execute_steps']} executed",
+        f"{execution(s)}" + (" (training reused)" if s.get("reuse") else ""),
         "",
-        "| policy | success | training CPU-seconds | training wall (s) |",
-        "|---|---|---|---|",
+        "| policy | success | lateral ok (seeing) | depth ok (touch) | training CPU-seconds | training wall (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for row, label in LABELS.items():
         if row not in t:
@@ -424,7 +481,9 @@ def format_table(summary: dict) -> str:
         cpu = seconds(budget["cpu_s"]) if budget else "–"
         wall = seconds(budget["wall_s"]) if budget else "–"
         won = round(r["success_rate"] * r["episodes"])
-        lines.append(f"| {label} | {won} / {r['episodes']} ({100 * r['success_rate']:.0f} %) | {cpu} | {wall} |")
+        parts = [f"{won} / {r['episodes']} ({100 * r['success_rate']:.0f} %)"]
+        parts += [f"{100 * r[k]:.0f} %" if r.get(k) is not None else "–" for k in ("lateral_ok_rate", "depth_ok_rate")]
+        lines.append(f"| {label} | {' | '.join(parts)} | {cpu} | {wall} |")
     return "\n".join(lines)
 
 
@@ -434,11 +493,11 @@ def write_outputs(out: Path, summary: dict, phases: Phases) -> None:
 
     table = format_table(summary)
     b = summary["budget"]
-    budget_line = (
-        f"Budget: ours {b['ours']['cpu_s']:.0f} CPU-s ({b['ours']['wall_s']:.0f} s wall: cache + "
-        f"{b['ours']['stage1_epochs']} stage-1 epochs + {b['ours']['stage2_steps']} stage-2 steps); "
-        + "; ".join(f"{row} {b[row]['cpu_budget_s']:.0f} CPU-s budget ({b[row]['cpu_s']:.0f} used, "
-                    f"{b[row]['wall_s']:.0f} s wall, {b[row]['steps']} steps)" for row in CNN_ROWS if row in b)
+    budget_line = "; ".join(
+        [f"Budget: ours {b['ours']['cpu_s']:.0f} CPU-s ({b['ours']['wall_s']:.0f} s wall: cache + "
+         f"{b['ours']['stage1_epochs']} stage-1 epochs + {b['ours']['stage2_steps']} stage-2 steps)"]
+        + [f"{row} {b[row]['cpu_budget_s']:.0f} CPU-s budget ({b[row]['cpu_s']:.0f} used, "
+                    f"{b[row]['wall_s']:.0f} s wall, {b[row]['steps']} steps)" for row in CNN_ROWS if row in b]
     )  # fmt: skip
     report = ["# sensorvla bench sim", "", table, "", budget_line, "", "## Where the time went", "", *phases.table()]
     atomic_write_bytes(out / "report.md", ("\n".join(report) + "\n").encode())

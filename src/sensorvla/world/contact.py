@@ -382,13 +382,14 @@ class PegInHoleSim(ContactSim):
         return self.held >= 1
 
     def info(self) -> dict[str, Any]:
-        """Success, insertion depth and lateral error (mm)."""
+        """Success, insertion depth and lateral error (mm); `depth_ok`: the tip at the goal depth."""
         return {
             "success": self.success,
             "insertion_mm": self.insertion,
             "lateral_error_mm": self.lateral_error,
             "lateral_ok": self.lateral_error <= self.cfg.hole_half_width_mm - self.cfg.peg_radius_mm + 0.5,
             "depth_error_mm": max(0.0, self.cfg.insert_goal_mm - self.insertion),
+            "depth_ok": self.insertion >= self.cfg.insert_goal_mm,
         }
 
     def _approach(self, above_mm: float = 4.0) -> np.ndarray | None:
@@ -471,7 +472,9 @@ class BlindBottomSim(PegInHoleSim):
         return self.peak_force > self.cfg.peak_force_n
 
     def info(self) -> dict[str, Any]:
-        """Success, seating, the bottom's final and peak contact force (N), depth and lateral error (mm)."""
+        """Success, seating, the bottom's final and peak contact force (N), depth and lateral error (mm), and
+        `depth_ok`: the depth and force conditions of success, whatever the lateral error and stillness."""
+        c = self.cfg
         return {
             **super().info(),
             "success": bool(self.success),
@@ -480,6 +483,10 @@ class BlindBottomSim(PegInHoleSim):
             "peak_force_n": float(self.peak_force),
             "depth_error_mm": abs(self.depth - self.insertion),
             "bottom_depth_mm": self.depth,
+            # the touch half of success: seated, pressing under the final limit, the peak never over its limit
+            "depth_ok": bool(
+                self.seated and self.bottom_force <= c.final_force_n and self.peak_force <= c.peak_force_n
+            ),
         }
 
     def expert_action(self) -> np.ndarray:
@@ -635,7 +642,8 @@ class NeedleSim(ContactSim):
         return self.punctured > self.cfg.target_layer + 1
 
     def info(self) -> dict[str, Any]:
-        """Success, punctured membranes, the distance to the next membrane, lateral error (mm), peak force (N)."""
+        """Success, punctured membranes, the distance to the next membrane, lateral error (mm), peak force (N), and
+        `depth_ok`: the depth condition of success (in the target layer), whatever the entry point and stillness."""
         return {
             "success": bool(self.success),
             "punctured": int(self.punctured),
@@ -645,6 +653,8 @@ class NeedleSim(ContactSim):
             "lateral_ok": self.lateral_error <= self.cfg.lateral_tol_mm,
             "peak_force_n": self.peak_force,
             "layer_depth_mm": self.depth,
+            # the touch half of success: in the target layer, the next membrane neither punctured nor pressed
+            "depth_ok": bool(self.punctured == self.cfg.target_layer + 1 and self.layer_distance >= -0.2),
         }
 
     def expert_action(self) -> np.ndarray:

@@ -158,6 +158,7 @@ def expert_rollout(env, *, episodes: int = 10, seed: int = 0, mode: str | None =
                     "final_lateral_error_mm": info.get("lateral_error_mm"),
                     "final_depth_error_mm": info.get("depth_error_mm"),
                     "lateral_ok": info.get("lateral_ok"),
+                    "depth_ok": info.get("depth_ok"),
                     "peak_force_n": info.get("peak_force_n"),
                     "final_contact_force_n": info.get("contact_force_n"),
                 }
