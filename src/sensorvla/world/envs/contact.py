@@ -76,19 +76,17 @@ class ContactEnv(InsertionEnv):
         self._sensor_ts, self._sensor = self.sim.sensor_samples(-self.sensor_history_s - 1.0, 0.0)
         return self._observe(), self._info()
 
-    def step(self, action):
-        """One 10 Hz step of a 7-D action (clipped to the action space); (obs, reward, terminated, truncated, info)."""
-        sim = self.sim
-        action = np.clip(np.asarray(action, np.float64), self.action_space.low, self.action_space.high)
-        t0 = sim.t
-        sim.step(action)
-        ts, vals = sim.sensor_samples(t0, sim.t)
-        keep = 4 * self.n_sensor
-        self._sensor_ts = np.concatenate([self._sensor_ts, ts])[-keep:]
-        self._sensor = np.concatenate([self._sensor, vals])[-keep:]
-        terminated = sim.success or sim.failed
-        truncated = not terminated and sim.steps >= self.cfg.max_steps
-        return self._observe(), float(sim.success), bool(terminated), bool(truncated), self._info()
+    def _step_end(self, t0: float) -> float:
+        """The simulator's own clock after the step (its physics steps add up to the control step)."""
+        return self.sim.t
+
+    def _sensor_keep(self) -> int:
+        """Four observation windows of sensor samples."""
+        return 4 * self.n_sensor
+
+    def _terminated(self) -> bool:
+        """Success or the task's failure."""
+        return self.sim.success or self.sim.failed
 
     def close(self):
         """Free the renderer."""

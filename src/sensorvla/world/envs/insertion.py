@@ -118,12 +118,25 @@ class InsertionEnv(gym.Env):
         action = np.clip(np.asarray(action, np.float64), self.action_space.low, self.action_space.high)
         t0 = sim.t
         sim.step(action)
-        ts, vals = sim.sensor_samples(t0, t0 + ACTION_DT)
-        self._sensor_ts = np.concatenate([self._sensor_ts, ts])[-4000:]
-        self._sensor = np.concatenate([self._sensor, vals])[-4000:]
-        terminated = sim.success or sim.layer_distance < -sim.cfg.overshoot_fail_mm
-        truncated = not terminated and sim.steps >= sim.cfg.max_steps
+        ts, vals = sim.sensor_samples(t0, self._step_end(t0))
+        keep = self._sensor_keep()
+        self._sensor_ts = np.concatenate([self._sensor_ts, ts])[-keep:]
+        self._sensor = np.concatenate([self._sensor, vals])[-keep:]
+        terminated = self._terminated()
+        truncated = not terminated and sim.steps >= self.cfg.max_steps
         return self._observe(), float(sim.success), bool(terminated), bool(truncated), self._info()
+
+    def _step_end(self, t0: float) -> float:
+        """The end of the step that began at t0 (its sensor samples are those in (t0, end])."""
+        return t0 + ACTION_DT
+
+    def _sensor_keep(self) -> int:
+        """How many of the newest sensor samples the env keeps between steps."""
+        return 4000
+
+    def _terminated(self) -> bool:
+        """Success, or the needle pushed past the layer by more than the overshoot limit."""
+        return self.sim.success or self.sim.layer_distance < -self.sim.cfg.overshoot_fail_mm
 
     def render(self):
         """The views side by side, (h, V * w, 3) uint8."""
