@@ -142,15 +142,21 @@ def compile_policy(policy, *, training: bool, **compile_kwargs) -> None:
 
     Modules are compiled with `nn.Module.compile`, so parameter names and checkpoint keys do not change.
     Training compiles the modules' forwards (the loss path); inference also compiles the sampling step
-    functions of the diffusion / flow denoiser (`context` / `step`, models/heads/denoisers.py). Outputs equal eager
-    within float tolerance (tests/models/test_heads_compile.py).
+    functions of the diffusion / flow denoiser (`context` / `step`, models/heads/denoisers.py), or a direct head's
+    `memory` / `sample_memory` (the regression head decodes through its layers' weights, not `forward`). Outputs
+    equal eager within float tolerance (tests/models/test_heads_compile.py).
     """
     import torch
 
     if policy.sensor_encoder is not None:
         policy.sensor_encoder.compile(**compile_kwargs)
+    denoiser = False
     for child in policy.head.children():
         child.compile(**compile_kwargs)
         if not training and hasattr(child, "step"):  # a denoiser: the sampling path is not forward()
+            denoiser = True
             child.context = torch.compile(child.context, **compile_kwargs)
             child.step = torch.compile(child.step, **compile_kwargs)
+    if not training and not denoiser:  # a direct head samples through memory + sample_memory, not forward()
+        policy.head.memory = torch.compile(policy.head.memory, **compile_kwargs)
+        policy.head.sample_memory = torch.compile(policy.head.sample_memory, **compile_kwargs)
