@@ -141,3 +141,16 @@ def test_a_1khz_stream_beside_a_30hz_one_is_windowed_causally(t, seed):
         expect = (before >= 0) & (grid - ts[np.maximum(before, 0)] <= w.max_gap_s)
         np.testing.assert_array_equal(mask, expect)
         assert got.shape == (w.samples, 3) and np.all(got[~mask] == 0)
+
+
+@pytest.mark.parametrize("shape", [(3,), (4, 4)])
+def test_a_window_before_a_streams_first_sample_is_all_missing(shape):
+    """A query before a stream's first sample (a sensor that starts late): no samples to read, an all-missing
+    window of the stream's shape (a 2-D stream's empty slice used to fail to reshape)."""
+    w = SensorWindow(0.1, 8, 0.02)
+    ts = np.arange(0.3, 0.5, 0.01)
+    values = np.ones((len(ts), *shape), np.float32)
+    lo, hi = w.slice(ts, 0.05)
+    assert lo == hi
+    out, mask = w.resample(ts[lo:hi], values[lo:hi], 0.05)
+    assert out.shape == (8, *shape) and not mask.any()

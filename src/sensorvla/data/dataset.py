@@ -222,7 +222,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         ts, values, off = stream
         lo, hi = window.slice(ts, t - off)
         check_finite(
-            values[lo:hi].reshape(hi - lo, -1),
+            values[lo:hi].reshape(hi - lo, int(np.prod(values.shape[1:]))),  # (0, C) for an empty window
             episode=ep.name,
             stream=name,
             start=lo,

@@ -141,7 +141,7 @@ class SensorWindow:
 
     def resample(self, ts: np.ndarray, values: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
         """(N, *shape) samples -> the window ending at t: values float32 (T_s, *shape), mask bool (T_s,)."""
-        flat = values.reshape(len(values), -1) if values.ndim != 2 else values
+        flat = values.reshape(len(values), int(np.prod(values.shape[1:]))) if values.ndim != 2 else values  # N may be 0
         out, mask = resample_window(ts, flat, t, self.window_s, self.samples, self.max_gap_s)
         return out.reshape(self.samples, *values.shape[1:]), mask
 
