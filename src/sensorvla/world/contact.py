@@ -123,6 +123,7 @@ class NeedleConfig(ContactConfig):
     lateral_tol_mm: float = 1.0
     start_height_mm: tuple[float, float] = (8.0, 16.0)
     kp_z: float = 4000.0  # a stiffer axial servo: a puncture's lunge is force / kp
+    mark_radius_mm: float = 5.0  # the entry mark's disc (drawn on the surface only; 3 mm was about 3 px at 64 px)
 
 
 class ContactSim:
@@ -547,7 +548,13 @@ class NeedleSim(ContactSim):
     def xml(self) -> str:
         """The needle scene (`mjscenes.needle_scene_xml`)."""
         c = self.cfg
-        return mjscenes.needle_scene_xml(image_size=c.image_size, timestep=c.timestep, kp_xy=c.kp_xy, kp_z=c.kp_z)
+        return mjscenes.needle_scene_xml(
+            image_size=c.image_size,
+            timestep=c.timestep,
+            kp_xy=c.kp_xy,
+            kp_z=c.kp_z,
+            mark_radius=c.mark_radius_mm / 1000,
+        )
 
     def _draw(self, rng: np.random.Generator) -> None:
         c, m, mj = self.cfg, self.model, self.mj
