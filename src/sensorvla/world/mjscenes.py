@@ -161,13 +161,13 @@ def needle_scene_xml(
     tissue_depth: float = 0.03,
     kp_xy: float = 2000.0,
     kp_z: float = 2000.0,
-    mark_radius: float = 0.005,
+    mark_radius: float = 0.010,
 ) -> str:
     """The needle scene: a thin needle over a tissue block (top face at z = 0) that never collides (the tissue's
     forces come from the layered tissue model in `world/contact.py`), with a green entry mark `entry` on the surface
-    (a disc of `mark_radius` m, 5 mm by default: about 7 px across in a 64 px top view, 3 px high in the grazing
-    front view; its position set per episode) and a dark dot of a fifth of its radius at its centre. The layers are
-    not drawn."""
+    (a disc of `mark_radius` m, 10 mm by default: about 13 px across in a 64 px top view, a 25 x 3 px strip in
+    the grazing front view; its position set per episode) and a dark dot of a fifth of its radius at its centre.
+    The layers are not drawn."""
     tool = (
         f'<geom name="needle" type="capsule" fromto="0 0 0.0005 0 0 {needle_length:.6f}" size="0.0006" '
         f'mass="0.02" contype="0" conaffinity="0" rgba="0.75 0.75 0.8 1"/>'
