@@ -29,7 +29,7 @@ ENV_TASKS = {
 
 
 # per task: keyword arguments of `record_episode` that `generate_contact_dataset` uses unless told otherwise
-RECORDING_DEFAULTS: dict[str, dict[str, float]] = {"blind_bottom": {"mouth_noise_mm": 0.5}}
+RECORDING_DEFAULTS: dict[str, dict[str, float]] = {}
 
 
 class DemoRecordingError(RuntimeError):
