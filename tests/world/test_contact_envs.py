@@ -235,3 +235,46 @@ def test_depth_ok_is_the_touch_half_of_success(envs):
     assert expert_rollout(bottom, episodes=2, seed=0, mode="position")["depth_ok_rate"] == 0.0
     for env in (needle, bottom):
         assert expert_rollout(env, episodes=2, seed=0)["depth_ok_rate"] == 1.0
+
+
+def test_the_recorder_keeps_only_successful_demos_and_says_when_it_cannot():
+    """Under a hard DART push in the hole's mouth (3 mm a step) the blind bottom's expert fails seed 0 and succeeds
+    on seed 1: the recorder skips the failure, names the kept demos by their count, and stops with a named error
+    once its attempt cap is reached without enough successes."""
+    from sensorvla.world.contact_record import DemoRecordingError, successful_episodes
+
+    sim = BlindBottomSim()
+    noise = {"mouth_noise_mm": 3.0}
+    assert not record_episode(sim, 0, name="x", **noise).extra["success"]  # seed 0 fails under this push
+    kept = list(successful_episodes(sim, "blind_bottom", 1, 0, 5, set(), noise))
+    assert [ep.name for ep in kept] == ["blind_bottom_0000"] and kept[0].extra["success"]
+    np.testing.assert_array_equal(
+        kept[0].actions, record_episode(sim, 1, name="y", **noise).actions
+    )  # the kept one is seed 1's (the next attempt), deterministically
+    with pytest.raises(DemoRecordingError, match="succeeded in only 1 of 4.*max_attempts=4"):
+        list(successful_episodes(sim, "blind_bottom", 2, 0, 4, set(), noise))
+    sim.close()
+
+
+def test_the_needle_entry_mark_is_visible_at_64px():
+    """The entry mark is seen by the cameras: at 64 px its green disc covers a blob of pixels in the top view and a
+    strip in the grazing front view, centred where the episode's mark is (it moves with the target), and it is drawn
+    only: it never collides."""
+    sim = NeedleSim()
+    centroids = []
+    for seed in (0, 2):
+        sim.reset(seed)
+        counts = {}
+        for view in ("top", "front"):
+            img = sim.render(view).astype(int)
+            green = (img[..., 1] - img[..., 0] > 30) & (img[..., 1] > 100)
+            counts[view] = int(green.sum())
+            if view == "top":
+                centroids.append(np.argwhere(green).mean(axis=0))
+        assert counts["top"] >= 80 and counts["front"] >= 25, counts  # 3 mm: about 10 and 4-8; 5 mm: 30 and 13
+    assert np.linalg.norm(centroids[0] - centroids[1]) > 4  # seeds 0 and 2: marks 9 mm apart, pixels apart
+    m, mj = sim.model, sim.mj
+    for name in ("entry_mark", "entry_dot"):
+        g = mj.mj_name2id(m, mj.mjtObj.mjOBJ_GEOM, name)
+        assert m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0
+    sim.close()

@@ -4,11 +4,15 @@ Each episode records every stream on the common clock: the expert's actions at 1
 `state_rate`, both camera views at the control rate (the frames the env observes, exposed at each control tick) and
 the 500 Hz force/torque stream (plus the needle's A-scan), each reading stamped at the end of its physics step.
 Demonstrations are DART-style as in `world/synth.py`: the executed motion carries a small perturbation, the recorded
-action is the expert's clean command at the visited state.
+action is the expert's clean command at the visited state. A task may perturb harder in the hole's mouth
+(`RECORDING_DEFAULTS`: a lateral push while the tip is 0-3 mm down, so that some demos rub the hole's edge and show
+the expert pushing through a contact that is not the bottom). Only successful demos are kept (`generate_contact_dataset`
+records until it has them, within a cap).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,14 @@ ENV_TASKS = {
     "sensorvla/BlindBottom-v0": "blind_bottom",
     "sensorvla/Needle-v0": "needle",
 }
+
+
+# per task: keyword arguments of `record_episode` that `generate_contact_dataset` uses unless told otherwise
+RECORDING_DEFAULTS: dict[str, dict[str, float]] = {}
+
+
+class DemoRecordingError(RuntimeError):
+    """The expert did not reach the requested number of successful demos within the attempt cap."""
 
 
 def task_of(env_or_task: str) -> str:
@@ -41,21 +53,28 @@ def record_episode(
     hold_steps: int = 5,
     lateral_noise_mm: float = 0.15,
     depth_noise_mm: float = 0.05,
+    mouth_noise_mm: float = 0.0,
+    mouth_depth_mm: tuple[float, float] = (0.0, 3.0),
 ) -> EpisodeData:
     """Run the expert on `sim` for episode `seed` and record every stream (see the module docstring).
 
     Execution is perturbed per step (Gaussian: `lateral_noise_mm` in x-y, `depth_noise_mm` in z) until success;
-    then `hold_steps` more expert steps are recorded unperturbed (the demonstration of holding still).
+    while the tip is `mouth_depth_mm` down (z in [-hi, -lo]) and `mouth_noise_mm` > 0 the x-y perturbation is
+    `mouth_noise_mm` instead (DART at the hole's mouth). Then `hold_steps` more expert steps are recorded
+    unperturbed (the demonstration of holding still). `extra["success"]` says whether the expert succeeded.
     """
     sim.reset(seed)
     noise_rng = np.random.default_rng([seed, 7919])
     scale = np.array([lateral_noise_mm, lateral_noise_mm, depth_noise_mm])
+    mouth_scale = np.array([mouth_noise_mm, mouth_noise_mm, depth_noise_mm])
     actions, frames = [], {v: [sim.render(v)] for v in VIEWS}
     extra_steps = None
     while len(actions) < sim.cfg.max_steps and (extra_steps is None or extra_steps > 0):
         a = sim.expert_action()
         actions.append(a)
-        sim.step(a, perturbation=None if extra_steps is not None else noise_rng.normal(0, 1, 3) * scale)
+        in_mouth = mouth_noise_mm > 0 and -mouth_depth_mm[1] <= sim.pose[2] <= -mouth_depth_mm[0]
+        noise = noise_rng.normal(0, 1, 3) * (mouth_scale if in_mouth else scale)
+        sim.step(a, perturbation=None if extra_steps is not None else noise)
         for v in VIEWS:
             frames[v].append(sim.render(v))
         if extra_steps is not None:
@@ -88,10 +107,16 @@ def generate_contact_dataset(
     progress: bool = True,
     overwrite: bool = True,
     image_format: str = "video",
+    max_attempts: int | None = None,
+    recording: dict[str, float] | None = None,
 ) -> Path:
-    """Write `num_episodes` expert demonstrations of a contact task (an env id or a task name) as a LeRobot v3
-    dataset + sidecar, deterministic for `seed`. `no_sensor_fraction` of the episodes are recorded without the
-    sensor stream (a disconnected sensor)."""
+    """Write `num_episodes` successful expert demonstrations of a contact task (an env id or a task name) as a
+    LeRobot v3 dataset + sidecar, deterministic for `seed`. `no_sensor_fraction` of the episodes are recorded
+    without the sensor stream (a disconnected sensor).
+
+    Episodes the expert fails (under the DART perturbation) are dropped and the next seed is tried, up to
+    `max_attempts` episodes in all (default: 2 x `num_episodes` + 10); reaching it raises `DemoRecordingError`.
+    `recording`: keyword arguments of `record_episode` (noise levels), over the task's `RECORDING_DEFAULTS`."""
     from sensorvla.data.format import write_dataset
 
     task = task_of(task)
@@ -102,8 +127,9 @@ def generate_contact_dataset(
     no_sensor = set(
         rng.choice(num_episodes, size=int(round(no_sensor_fraction * num_episodes)), replace=False).tolist()
     )
-    jobs = [(seed * 100_003 + e, e not in no_sensor, f"{task}_{e:04d}") for e in range(num_episodes)]
-    episodes = (record_episode(sim, s, name=n, with_sensor=w) for s, w, n in jobs)
+    noise = {**RECORDING_DEFAULTS.get(task, {}), **(recording or {})}
+    cap = 2 * num_episodes + 10 if max_attempts is None else max_attempts
+    episodes = successful_episodes(sim, task, num_episodes, seed, cap, no_sensor, noise)
     try:
         return write_dataset(
             episodes,
@@ -120,12 +146,40 @@ def generate_contact_dataset(
                 "state_rate": cfg.state_rate,
                 "camera_rate": CONTROL_RATE,
                 "task": task,
+                "recording": {"successful_only": True, **noise},
                 "sensor_names": sim.sensor_names(),
                 "action_semantics": "per-100ms hand setpoint deltas [dx,dy,dz mm; droll,dpitch,dyaw deg: unused; tool]",
             },
         )
     finally:
         sim.close()
+
+
+def successful_episodes(
+    sim: ContactSim,
+    task: str,
+    num_episodes: int,
+    seed: int,
+    max_attempts: int,
+    no_sensor: set[int],
+    noise: dict[str, float],
+) -> Iterator[EpisodeData]:
+    """Yield `num_episodes` successful demos (episode seeds seed * 100_003 + attempt, in order; failures skipped),
+    named `<task>_<kept index>`; `DemoRecordingError` once `max_attempts` episodes were tried without enough."""
+    kept = attempt = 0
+    while kept < num_episodes:
+        if attempt >= max_attempts:
+            raise DemoRecordingError(
+                f"the {task} expert succeeded in only {kept} of {attempt} recorded episodes (wanted {num_episodes} "
+                f"within max_attempts={max_attempts}, perturbation {noise or 'default'}): lower the DART noise "
+                "(`recording=`), or raise max_attempts"
+            )
+        ep = record_episode(sim, seed * 100_003 + attempt, name=f"{task}_{kept:04d}", with_sensor=kept not in no_sensor,
+                            **noise)  # fmt: skip
+        attempt += 1
+        if ep.extra["success"]:
+            kept += 1
+            yield ep
 
 
 def expert_rollout(env, *, episodes: int = 10, seed: int = 0, mode: str | None = None, vision: bool = True) -> dict:

@@ -161,10 +161,13 @@ def needle_scene_xml(
     tissue_depth: float = 0.03,
     kp_xy: float = 2000.0,
     kp_z: float = 2000.0,
+    mark_radius: float = 0.010,
 ) -> str:
     """The needle scene: a thin needle over a tissue block (top face at z = 0) that never collides (the tissue's
     forces come from the layered tissue model in `world/contact.py`), with a green entry mark `entry` on the surface
-    (radius 3 mm, its position set per episode). The layers are not drawn."""
+    (a disc of `mark_radius` m, 10 mm by default: about 13 px across in a 64 px top view, a 25 x 3 px strip in
+    the grazing front view; its position set per episode) and a dark dot of a fifth of its radius at its centre.
+    The layers are not drawn."""
     tool = (
         f'<geom name="needle" type="capsule" fromto="0 0 0.0005 0 0 {needle_length:.6f}" size="0.0006" '
         f'mass="0.02" contype="0" conaffinity="0" rgba="0.75 0.75 0.8 1"/>'
@@ -182,7 +185,9 @@ def needle_scene_xml(
     <geom name="tissue" class="visual" type="box" pos="0 0 {-tissue_depth / 2:.6f}"
           size="0.035 0.035 {tissue_depth / 2:.6f}" rgba="0.85 0.6 0.55 1"/>
     <body name="entry" pos="0 0 0">
-      <geom name="entry_mark" class="visual" type="cylinder" pos="0 0 0.0002" size="0.003 0.0002"
+      <geom name="entry_mark" class="visual" type="cylinder" pos="0 0 0.0002" size="{mark_radius:.6f} 0.0002"
             rgba="0.1 0.7 0.15 1"/>
+      <geom name="entry_dot" class="visual" type="cylinder" pos="0 0 0.0003" size="{mark_radius / 5:.6f} 0.0002"
+            rgba="0.05 0.15 0.05 1"/>
     </body>"""
     return _HEADER.format(**fields) + tissue + _CARRIAGE.format(**fields) + _FOOTER.format(**fields)
