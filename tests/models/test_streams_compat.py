@@ -5,12 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from sensorvla.models.policy import load_pretrained
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_checkpoint"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The recorded actions were computed with one intra-op thread; bit-equality holds for the same thread count
+    (two threads split the reductions differently: a last-bit difference, not a behaviour change)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_legacy_checkpoint_gives_the_recorded_actions(tiny_vl_dir):
