@@ -27,7 +27,14 @@ from sensorvla.streams import StreamSpecError, model_streams
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HeadType = Literal["regression", "diffusion", "flow"]
+#: The action heads' registry: `--model.head.type` -> "module:Class", imported when a policy is built
+#: (`models/heads/__init__.py: build_head`). A new head is its module plus one line here; `HeadType` follows.
+HEADS: dict[str, str] = {
+    "regression": "sensorvla.models.heads.regression:RegressionHead",
+    "diffusion": "sensorvla.models.heads.diffusion:DiffusionHead",
+    "flow": "sensorvla.models.heads.flow:FlowHead",
+}
+HeadType = Literal[tuple(HEADS)]  # type: ignore[valid-type]
 FusionStrategy = Literal["concat", "cross_attention", "gated"]
 # "auto" (the default) resolves in `validate()`: stage 1 -> none, stage 2 -> lora (the seed guide).
 FinetuneMode = Literal["auto", "none", "lora", "full"]

@@ -1,25 +1,23 @@
-"""Action heads by registry key: regression, diffusion (DDPM/DDIM), flow (flow matching)."""
+"""Action heads by registry key (`config.HEADS`): regression, diffusion (DDPM/DDIM), flow (flow matching)."""
 
 from __future__ import annotations
 
-from sensorvla.config import HeadConfig
+import importlib
+
+from sensorvla.config import HEADS, HeadConfig
 from sensorvla.models.heads.base import ActionHead
 
-
-def _registry() -> dict[str, type[ActionHead]]:
-    from sensorvla.models.heads.diffusion import DiffusionHead
-    from sensorvla.models.heads.flow import FlowHead
-    from sensorvla.models.heads.regression import RegressionHead
-
-    return {"regression": RegressionHead, "diffusion": DiffusionHead, "flow": FlowHead}
+HEAD_TYPES = tuple(HEADS)
 
 
-HEAD_TYPES = ("regression", "diffusion", "flow")
+def head_class(name: str) -> type[ActionHead]:
+    """The head class registered as `name` in `config.HEADS`."""
+    if name not in HEADS:
+        raise ValueError(f"--model.head.type {name!r} is unknown; choose one of {sorted(HEADS)}")
+    module, cls = HEADS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_head(cfg: HeadConfig, cond_dim: int) -> ActionHead:
     """Build the head named by `cfg.type` (`--model.head.type`)."""
-    heads = _registry()
-    if cfg.type not in heads:
-        raise ValueError(f"--model.head.type {cfg.type!r} is unknown; choose one of {sorted(heads)}")
-    return heads[cfg.type](cfg, cond_dim)
+    return head_class(cfg.type)(cfg, cond_dim)
