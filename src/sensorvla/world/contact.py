@@ -104,6 +104,8 @@ class BlindBottomConfig(PegConfig):
     peak_force_n: float = 8.0
     final_force_n: float = 3.0
     target_range_mm: float = 8.0
+    kp_xy: float = 300.0  # a laterally compliant wrist (as insertion hands have): a peg 0.5-2 mm off the hole's axis
+    # slides along the wall instead of jamming on it (docs/decisions.md "Blind bottom: a compliant wrist")
 
 
 @dataclass
@@ -147,6 +149,7 @@ class ContactSim:
         self.depth = 0.0
         self.expert_mode = self.expert_modes[0]
         self.expert_vision = True  # False: the expert assumes the target at the workspace centre (no cameras)
+        self.aim_offset = np.zeros(2)  # mm added to the target the expert aims at (a recording's aim noise)
 
     def sensor_names(self) -> list[str]:
         """One name per sensor channel."""
@@ -191,6 +194,7 @@ class ContactSim:
         self.free_force = np.mean(self._vals[-1][-20:, :3], axis=0)  # the tool's weight, as read at rest
         self.peak_force = 0.0
         self.last_action = np.zeros(7)
+        self.aim_offset = np.zeros(2)
 
     @property
     def t(self) -> float:
@@ -268,6 +272,12 @@ class ContactSim:
         """The latest wrist force reading minus the tool's weight (N): the contact force the sensor feels."""
         return float(np.linalg.norm(self._vals[-1][-1, :3] - self.free_force))
 
+    @property
+    def axial_force(self) -> float:
+        """The latest wrist force reading's z component minus the tool's weight (N): the force along the insertion
+        axis, which a wall's normal force does not reach (only its friction does)."""
+        return float(abs(self._vals[-1][-1, 2] - self.free_force[2]))
+
     def sensor_samples(self, t0: float, t1: float) -> tuple[np.ndarray, np.ndarray]:
         """Sensor readings with timestamps in (t0, t1]: (N,) float64 s, (N, C) float32."""
         ts, vals = np.concatenate(self._ts), np.concatenate(self._vals)
@@ -319,8 +329,9 @@ class ContactSim:
 
     @property
     def seen_target(self) -> np.ndarray:
-        """The target x, y as the expert sees it: the true one, or the workspace centre without cameras."""
-        return self.target if self.expert_vision else np.zeros(2)
+        """The target x, y as the expert sees it: the true one (+ `aim_offset`), or the workspace centre without
+        cameras."""
+        return self.target + self.aim_offset if self.expert_vision else np.zeros(2)
 
     def expert_action(self) -> np.ndarray:
         """The scripted expert's action at the current state (`expert_mode`, `expert_vision`)."""
@@ -507,7 +518,7 @@ class BlindBottomSim(PegInHoleSim):
             return a
         if self.last_action[6] == 0.0 and z < 0:  # holding after contact
             return np.zeros(7)
-        force = self.contact_force
+        force = self.axial_force  # guarded along the insertion axis: the wall's normal force is not the bottom
         if force > 1.0 and z < -(c.depth_range_mm[0] - 1.5):
             a = np.zeros(7)
             a[2] = min(2.0, (force - 0.5) / (c.kp_z / 1000.0))  # back the setpoint off to a 0.5 N preload
