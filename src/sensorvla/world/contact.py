@@ -4,7 +4,8 @@ Three tasks, each a simulator with a scripted expert (the Gymnasium envs are in 
 
 - `PegInHoleSim`: a capsule peg into a square hole, diametral clearance 0.8 mm; the hole's position varies per
   episode and is seen only by the cameras. Success: the tip 15 mm down the hole.
-- `BlindBottomSim`: the same peg into a hole whose bottom depth varies per episode and is never drawn; seat the peg
+- `BlindBottomSim`: the same peg into a hole whose bottom depth varies per episode and is never drawn, held by a
+  laterally compliant hand (300 N/m, as insertion hands are: a peg off the axis slides along the wall); seat the peg
   and stop pushing. Success: seated (tip within 1 mm of the bottom) and still for 3 steps with the contact force
   under `final_force_n`, and the peak contact force of the whole episode under `peak_force_n`.
 - `NeedleSim`: a needle into layered tissue; the entry mark (a 10 mm disc, a dark dot at its centre) is seen by the
@@ -432,8 +433,8 @@ class PegInHoleSim(ContactSim):
 class BlindBottomSim(PegInHoleSim):
     """Seat the peg on a hole bottom that the cameras never see, without pushing hard.
 
-    `expert_mode`: "guarded" (slow in the depth range where the bottom may be, stop at the first contact force and
-    back the setpoint off to a light preload) or "position" (push to the deepest possible bottom, never reading the
+    `expert_mode`: "guarded" (slow in the depth range where the bottom may be, stop at the first force along the
+    insertion axis, not the wall's sideways push, and back the setpoint off to a light preload) or "position" (push to the deepest possible bottom, never reading the
     sensor: it always seats, and presses hard unless the bottom happens to be the deepest).
     """
 

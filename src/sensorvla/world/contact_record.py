@@ -6,8 +6,8 @@ the 500 Hz force/torque stream (plus the needle's A-scan), each reading stamped 
 Demonstrations are DART-style as in `world/synth.py`: the executed motion carries a small perturbation, the recorded
 action is the expert's clean command at the visited state. A task may perturb more (`RECORDING_DEFAULTS`): the blind
 bottom's expert aims up to 1.2 mm off the hole's axis (its compliant wrist slides the peg in), so that its demos meet
-the hole's edge and wall and show pushing on past a contact that is not the bottom (docs/decisions.md). Only successful demos are kept (`generate_contact_dataset`
-records until it has them, within a cap).
+the hole's edge and wall and show pushing on past a contact that is not the bottom (docs/decisions.md). Only
+successful demos are kept (`generate_contact_dataset` records until it has them, within a cap).
 """
 
 from __future__ import annotations
