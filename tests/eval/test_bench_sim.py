@@ -224,3 +224,23 @@ def test_bench_sim_meets_the_issue_table_on_peg_in_hole(tmp_path):
     assert t["sensor_ablated"]["success_rate"] >= t["cnn_without_sensor"]["success_rate"]
     assert t["vision_ablated"]["success_rate"] <= 0.2
     assert b["ours"]["cpu_s"] <= b["cnn_with_sensor"]["cpu_budget_s"]
+
+
+@pytest.mark.slow
+def test_bench_sim_meets_the_issue_table_on_blind_bottom(tmp_path):
+    """Issue 18's row for blind-bottom insertion: all modalities >= 70 % and >= the CNN with the sensor; sensor
+    ablated <= 20 %; vision ablated <= 20 %; our training CPU-seconds <= the CNN's."""
+    import gymnasium as gym
+
+    from sensorvla.world.envs import register_envs
+
+    register_envs()
+    if "sensorvla/BlindBottom-v0" not in gym.registry:
+        pytest.skip("sensorvla/BlindBottom-v0 is not registered (the MuJoCo tasks: pip install sensorvla[sim])")
+    s = run_bench(tmp_path, BenchSettings(task="blind-bottom"))
+    t, b = s["closed_loop"], s["budget"]
+    assert t["all"]["episodes"] == 40
+    assert t["all"]["success_rate"] >= 0.7 and t["all"]["success_rate"] >= t["cnn_with_sensor"]["success_rate"]
+    assert t["sensor_ablated"]["success_rate"] <= 0.2
+    assert t["vision_ablated"]["success_rate"] <= 0.2
+    assert b["ours"]["cpu_s"] <= b["cnn_with_sensor"]["cpu_budget_s"]

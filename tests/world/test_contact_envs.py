@@ -238,21 +238,22 @@ def test_depth_ok_is_the_touch_half_of_success(envs):
 
 
 def test_the_recorder_keeps_only_successful_demos_and_says_when_it_cannot():
-    """Under a hard DART push in the hole's mouth (3 mm a step) the blind bottom's expert fails seed 0 and succeeds
-    on seed 1: the recorder skips the failure, names the kept demos by their count, and stops with a named error
-    once its attempt cap is reached without enough successes."""
+    """Under a hard DART push in the hole's mouth (5 mm a step) the blind bottom's expert fails the first three
+    attempts of recording seed 3 and succeeds on the fourth: the recorder skips the failures, names the kept demo by
+    its count, and stops with a named error once its attempt cap is reached without enough successes."""
     from sensorvla.world.contact_record import DemoRecordingError, successful_episodes
 
     sim = BlindBottomSim()
-    noise = {"mouth_noise_mm": 3.0}
-    assert not record_episode(sim, 0, name="x", **noise).extra["success"]  # seed 0 fails under this push
-    kept = list(successful_episodes(sim, "blind_bottom", 1, 0, 5, set(), noise))
+    noise = {"mouth_noise_mm": 5.0}
+    base = 3 * 100_003  # attempt a of recording seed 3 is episode seed base + a
+    assert not record_episode(sim, base, name="x", **noise).extra["success"]  # the first attempt fails
+    kept = list(successful_episodes(sim, "blind_bottom", 1, 3, 5, set(), noise))
     assert [ep.name for ep in kept] == ["blind_bottom_0000"] and kept[0].extra["success"]
     np.testing.assert_array_equal(
-        kept[0].actions, record_episode(sim, 1, name="y", **noise).actions
-    )  # the kept one is seed 1's (the next attempt), deterministically
+        kept[0].actions, record_episode(sim, base + 3, name="y", **noise).actions
+    )  # the kept one is the fourth attempt's, deterministically
     with pytest.raises(DemoRecordingError, match="succeeded in only 1 of 4.*max_attempts=4"):
-        list(successful_episodes(sim, "blind_bottom", 2, 0, 4, set(), noise))
+        list(successful_episodes(sim, "blind_bottom", 2, 3, 4, set(), noise))
     sim.close()
 
 
@@ -278,3 +279,40 @@ def test_the_needle_entry_mark_is_visible_at_64px():
         g = mj.mj_name2id(m, mj.mjtObj.mjOBJ_GEOM, name)
         assert m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0
     sim.close()
+
+
+def _seat_aiming_off_axis(sim: BlindBottomSim, offset_mm: float, seeds=range(1000, 1010)) -> int:
+    """Episodes the guarded expert seats while aiming `offset_mm` off the hole's axis (no rendering)."""
+    won = 0
+    for seed in seeds:
+        sim.reset(seed)
+        phi = 2 * np.pi * (seed % 7) / 7
+        sim.aim_offset = offset_mm * np.array([np.cos(phi), np.sin(phi)])
+        while sim.steps < sim.cfg.max_steps and not (sim.success or sim.failed):
+            sim.step(sim.expert_action())
+        won += sim.success
+    return won
+
+
+def test_blind_bottom_wall_contact_is_not_the_bottom():
+    """The blind bottom's hand is laterally compliant and its expert is guarded along the insertion axis, so a peg
+    aimed 1 mm off the axis (more than the 0.4 mm radial clearance) slides along the wall and still seats; with the
+    stiff wrist and a guard on the whole force (the task before) it stops on the wall. The aim offset is the
+    recorder's `aim_noise_mm` and a new episode clears it."""
+    import sensorvla.world.contact as contact
+    from sensorvla.world.contact import BlindBottomConfig
+
+    assert _seat_aiming_off_axis(BlindBottomSim(), 1.0) >= 9
+    stiff = BlindBottomSim(BlindBottomConfig(kp_xy=2000.0))
+    old_guard = property(lambda self: contact.ContactSim.contact_force.fget(self))
+    orig = contact.ContactSim.axial_force
+    contact.ContactSim.axial_force = old_guard
+    try:
+        assert _seat_aiming_off_axis(stiff, 1.0) <= 2
+    finally:
+        contact.ContactSim.axial_force = orig
+    sim = BlindBottomSim()
+    ep = record_episode(sim, 3, name="x", aim_noise_mm=1.2)
+    assert ep.extra["success"] and 0 < np.linalg.norm(sim.aim_offset) <= 1.2
+    sim.reset(3)
+    assert not sim.aim_offset.any()

@@ -4,7 +4,8 @@ Three tasks, each a simulator with a scripted expert (the Gymnasium envs are in 
 
 - `PegInHoleSim`: a capsule peg into a square hole, diametral clearance 0.8 mm; the hole's position varies per
   episode and is seen only by the cameras. Success: the tip 15 mm down the hole.
-- `BlindBottomSim`: the same peg into a hole whose bottom depth varies per episode and is never drawn; seat the peg
+- `BlindBottomSim`: the same peg into a hole whose bottom depth varies per episode and is never drawn, held by a
+  laterally compliant hand (300 N/m, as insertion hands are: a peg off the axis slides along the wall); seat the peg
   and stop pushing. Success: seated (tip within 1 mm of the bottom) and still for 3 steps with the contact force
   under `final_force_n`, and the peak contact force of the whole episode under `peak_force_n`.
 - `NeedleSim`: a needle into layered tissue; the entry mark (a 10 mm disc, a dark dot at its centre) is seen by the
@@ -104,6 +105,8 @@ class BlindBottomConfig(PegConfig):
     peak_force_n: float = 8.0
     final_force_n: float = 3.0
     target_range_mm: float = 8.0
+    kp_xy: float = 300.0  # a laterally compliant wrist (as insertion hands have): a peg 0.5-2 mm off the hole's axis
+    # slides along the wall instead of jamming on it (docs/decisions.md "Blind bottom: a compliant wrist")
 
 
 @dataclass
@@ -147,6 +150,7 @@ class ContactSim:
         self.depth = 0.0
         self.expert_mode = self.expert_modes[0]
         self.expert_vision = True  # False: the expert assumes the target at the workspace centre (no cameras)
+        self.aim_offset = np.zeros(2)  # mm added to the target the expert aims at (a recording's aim noise)
 
     def sensor_names(self) -> list[str]:
         """One name per sensor channel."""
@@ -191,6 +195,7 @@ class ContactSim:
         self.free_force = np.mean(self._vals[-1][-20:, :3], axis=0)  # the tool's weight, as read at rest
         self.peak_force = 0.0
         self.last_action = np.zeros(7)
+        self.aim_offset = np.zeros(2)
 
     @property
     def t(self) -> float:
@@ -268,6 +273,12 @@ class ContactSim:
         """The latest wrist force reading minus the tool's weight (N): the contact force the sensor feels."""
         return float(np.linalg.norm(self._vals[-1][-1, :3] - self.free_force))
 
+    @property
+    def axial_force(self) -> float:
+        """The latest wrist force reading's z component minus the tool's weight (N): the force along the insertion
+        axis, which a wall's normal force does not reach (only its friction does)."""
+        return float(abs(self._vals[-1][-1, 2] - self.free_force[2]))
+
     def sensor_samples(self, t0: float, t1: float) -> tuple[np.ndarray, np.ndarray]:
         """Sensor readings with timestamps in (t0, t1]: (N,) float64 s, (N, C) float32."""
         ts, vals = np.concatenate(self._ts), np.concatenate(self._vals)
@@ -319,8 +330,9 @@ class ContactSim:
 
     @property
     def seen_target(self) -> np.ndarray:
-        """The target x, y as the expert sees it: the true one, or the workspace centre without cameras."""
-        return self.target if self.expert_vision else np.zeros(2)
+        """The target x, y as the expert sees it: the true one (+ `aim_offset`), or the workspace centre without
+        cameras."""
+        return self.target + self.aim_offset if self.expert_vision else np.zeros(2)
 
     def expert_action(self) -> np.ndarray:
         """The scripted expert's action at the current state (`expert_mode`, `expert_vision`)."""
@@ -421,8 +433,8 @@ class PegInHoleSim(ContactSim):
 class BlindBottomSim(PegInHoleSim):
     """Seat the peg on a hole bottom that the cameras never see, without pushing hard.
 
-    `expert_mode`: "guarded" (slow in the depth range where the bottom may be, stop at the first contact force and
-    back the setpoint off to a light preload) or "position" (push to the deepest possible bottom, never reading the
+    `expert_mode`: "guarded" (slow in the depth range where the bottom may be, stop at the first force along the
+    insertion axis, not the wall's sideways push, and back the setpoint off to a light preload) or "position" (push to the deepest possible bottom, never reading the
     sensor: it always seats, and presses hard unless the bottom happens to be the deepest).
     """
 
@@ -507,7 +519,7 @@ class BlindBottomSim(PegInHoleSim):
             return a
         if self.last_action[6] == 0.0 and z < 0:  # holding after contact
             return np.zeros(7)
-        force = self.contact_force
+        force = self.axial_force  # guarded along the insertion axis: the wall's normal force is not the bottom
         if force > 1.0 and z < -(c.depth_range_mm[0] - 1.5):
             a = np.zeros(7)
             a[2] = min(2.0, (force - 0.5) / (c.kp_z / 1000.0))  # back the setpoint off to a 0.5 N preload

@@ -4,10 +4,10 @@ Each episode records every stream on the common clock: the expert's actions at 1
 `state_rate`, both camera views at the control rate (the frames the env observes, exposed at each control tick) and
 the 500 Hz force/torque stream (plus the needle's A-scan), each reading stamped at the end of its physics step.
 Demonstrations are DART-style as in `world/synth.py`: the executed motion carries a small perturbation, the recorded
-action is the expert's clean command at the visited state. A task may perturb harder in the hole's mouth
-(`RECORDING_DEFAULTS`: a lateral push while the tip is 0-3 mm down, so that some demos rub the hole's edge and show
-the expert pushing through a contact that is not the bottom). Only successful demos are kept (`generate_contact_dataset`
-records until it has them, within a cap).
+action is the expert's clean command at the visited state. A task may perturb more (`RECORDING_DEFAULTS`): the blind
+bottom's expert aims up to 1.2 mm off the hole's axis (its compliant wrist slides the peg in), so that its demos meet
+the hole's edge and wall and show pushing on past a contact that is not the bottom (docs/decisions.md). Only
+successful demos are kept (`generate_contact_dataset` records until it has them, within a cap).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ENV_TASKS = {
 
 
 # per task: keyword arguments of `record_episode` that `generate_contact_dataset` uses unless told otherwise
-RECORDING_DEFAULTS: dict[str, dict[str, float]] = {}
+RECORDING_DEFAULTS: dict[str, dict[str, float]] = {"blind_bottom": {"aim_noise_mm": 1.2}}
 
 
 class DemoRecordingError(RuntimeError):
@@ -55,16 +55,23 @@ def record_episode(
     depth_noise_mm: float = 0.05,
     mouth_noise_mm: float = 0.0,
     mouth_depth_mm: tuple[float, float] = (0.0, 3.0),
+    aim_noise_mm: float = 0.0,
 ) -> EpisodeData:
     """Run the expert on `sim` for episode `seed` and record every stream (see the module docstring).
 
     Execution is perturbed per step (Gaussian: `lateral_noise_mm` in x-y, `depth_noise_mm` in z) until success;
     while the tip is `mouth_depth_mm` down (z in [-hi, -lo]) and `mouth_noise_mm` > 0 the x-y perturbation is
     `mouth_noise_mm` instead (DART at the hole's mouth). Then `hold_steps` more expert steps are recorded
-    unperturbed (the demonstration of holding still). `extra["success"]` says whether the expert succeeded.
+    unperturbed (the demonstration of holding still). `aim_noise_mm` > 0: the expert aims at a point drawn
+    uniformly within that radius of the target for the whole episode (`ContactSim.aim_offset`: it meets the hole's
+    edge and wall as an imprecise policy does, and shows pushing on past them). `extra["success"]` says whether the
+    expert succeeded.
     """
     sim.reset(seed)
     noise_rng = np.random.default_rng([seed, 7919])
+    if aim_noise_mm > 0:
+        r, phi = aim_noise_mm * np.sqrt(noise_rng.uniform()), noise_rng.uniform(0, 2 * np.pi)
+        sim.aim_offset = r * np.array([np.cos(phi), np.sin(phi)])
     scale = np.array([lateral_noise_mm, lateral_noise_mm, depth_noise_mm])
     mouth_scale = np.array([mouth_noise_mm, mouth_noise_mm, depth_noise_mm])
     actions, frames = [], {v: [sim.render(v)] for v in VIEWS}
