@@ -2,7 +2,7 @@
 
 Per task: the scripted expert's success rate in every expert mode (with and without cameras), the physics cost per
 10 Hz env step (50 physics steps with the 500 Hz force/torque readings), the offscreen render time per 64 px view,
-env steps per second with both views rendered, and the time to record one demonstration into a LeRobot dataset.
+env steps per second with the task's views rendered, and the time to record one demonstration into a LeRobot dataset.
 Wall and CPU seconds side by side (the machine may be shared).
 
 Run: `python benchmarks/run.py contact [episodes]` (default 40).
@@ -29,11 +29,11 @@ def _timed_episodes(env, episodes: int, seed: int) -> dict:
             physics_wall += time.perf_counter() - w
             physics_cpu += time.process_time() - c
             w, c = time.perf_counter(), time.process_time()
-            for view in ("front", "top"):
+            for view in sim.views:  # the task's cameras (the needle: top and wrist)
                 sim.render(view)
             render_wall += time.perf_counter() - w
             render_cpu += time.process_time() - c
-            steps, frames = steps + 1, frames + 2
+            steps, frames = steps + 1, frames + len(sim.views)
     return {
         "env_steps": steps,
         "physics_ms_per_step": 1000 * physics_wall / steps,

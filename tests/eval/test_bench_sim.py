@@ -244,3 +244,25 @@ def test_bench_sim_meets_the_issue_table_on_blind_bottom(tmp_path):
     assert t["sensor_ablated"]["success_rate"] <= 0.2
     assert t["vision_ablated"]["success_rate"] <= 0.2
     assert b["ours"]["cpu_s"] <= b["cnn_with_sensor"]["cpu_budget_s"]
+
+
+@pytest.mark.slow
+def test_bench_sim_meets_the_issue_table_on_the_needle(tmp_path):
+    """Issue 18's row for the layered needle: all modalities >= 90 %, sensor ablated <= 30 %, vision ablated <= 30 %,
+    with the needle's own views (`top` and the carriage's `wrist` camera, which resolves the 1 mm lateral tolerance;
+    with `front` + `top` the policy scored 3 of 40, lateral ok 8 %). The issue asks no CNN on this row."""
+    import gymnasium as gym
+
+    from sensorvla.world.envs import register_envs
+
+    register_envs()
+    if "sensorvla/Needle-v0" not in gym.registry:
+        pytest.skip("sensorvla/Needle-v0 is not registered (the MuJoCo tasks: pip install sensorvla[sim])")
+    s = run_bench(tmp_path, BenchSettings(task="needle", cnn=False))
+    stage1 = json.loads((tmp_path / "stage1" / "train_config.json").read_text())
+    assert stage1["data"]["views"] == ["top", "wrist"]
+    t = s["closed_loop"]
+    assert t["all"]["episodes"] == 40
+    assert t["all"]["success_rate"] >= 0.9 and t["all"]["lateral_ok_rate"] >= 0.9
+    assert t["sensor_ablated"]["success_rate"] <= 0.3
+    assert t["vision_ablated"]["success_rate"] <= 0.3

@@ -316,3 +316,68 @@ def test_blind_bottom_wall_contact_is_not_the_bottom():
     assert ep.extra["success"] and 0 < np.linalg.norm(sim.aim_offset) <= 1.2
     sim.reset(3)
     assert not sim.aim_offset.any()
+
+
+def test_views_are_a_property_of_the_task(envs):
+    """The needle observes its `top` and carriage-mounted `wrist` cameras, the peg tasks keep `front` and `top`:
+    the env's images, its observation space, its view names and the recorded dataset's views all follow the task's
+    `views`; a view the scene lacks or an unsorted list is refused by name."""
+    from sensorvla.world.contact import NeedleConfig, PegConfig
+
+    expected = {
+        "sensorvla/PegInHole-v0": ("front", "top"),
+        "sensorvla/BlindBottom-v0": ("front", "top"),
+        "sensorvla/Needle-v0": ("top", "wrist"),
+    }
+    for env_id, views in expected.items():
+        env = envs[env_id]
+        obs, _ = env.reset(seed=1)
+        sim = env.unwrapped.sim
+        assert env.unwrapped.views == env.unwrapped.view_names == sim.views == views
+        assert env.observation_space["images"].shape[0] == len(views) and env.observation_space.contains(obs)
+        np.testing.assert_array_equal(obs["images"], np.stack([sim.render(v) for v in views]))
+        ep = record_episode(sim, 1, name="e", hold_steps=0)
+        assert tuple(sorted(ep.images)) == views  # the recorder writes the views the task declares
+        assert len(ep.images[views[-1]].frames) == len(ep.actions) + 1
+    with pytest.raises(ValueError, match="sorted order"):
+        NeedleConfig(views=("wrist", "top"))
+    with pytest.raises(ValueError, match="distinct cameras"):
+        PegConfig(views=("top", "eye"))
+    with pytest.raises(ValueError, match="no camera \\['wrist'\\]"):
+        PegInHoleSim(PegConfig(views=("top", "wrist"))).reset(0)  # the peg's carriage carries no wrist camera
+
+
+def _dot(img: np.ndarray) -> np.ndarray:
+    """The entry mark's dark dot: near-black green pixels (the table and the needle are grey)."""
+    img = img.astype(int)
+    return (img[..., 1] < 90) & (img[..., 1] - img[..., 0] > 15)
+
+
+def test_the_wrist_view_resolves_the_mark_below_the_lateral_tolerance():
+    """At the expert's alignment over the mark, the wrist camera sees the mark's dark dot as a blob of tens of pixels
+    near the view's centre, and moving the hand by the lateral tolerance (1 mm) moves the dot by pixels there (the
+    static views' ~1.4 mm per pixel cannot resolve it). The mark is in view 10 mm away already."""
+    sim = NeedleSim()
+    sim.reset(0)
+    while np.linalg.norm(sim.pose[:2] - sim.target) > 0.3:  # the expert aligns over the mark at its travel height
+        sim.step(sim.expert_action())
+        assert sim.steps < 20
+    s = sim.cfg.image_size
+    dot = _dot(sim.render("wrist"))
+    centre = np.argwhere(dot).mean(axis=0)
+    assert dot.sum() >= 25, dot.sum()  # the 2 mm dot: about 40 px at 64 px (the top view: about 4)
+    assert np.all(np.abs(centre - s / 2) < s / 4), centre
+    for axis in (0, 1):
+        step = np.zeros(7)
+        step[axis] = sim.cfg.lateral_tol_mm
+        sim.step(step)
+        for _ in range(3):
+            sim.step(np.zeros(7))  # settle on the new setpoint
+        moved = np.argwhere(_dot(sim.render("wrist"))).mean(axis=0)
+        assert np.linalg.norm(moved - centre) >= 1.5, (axis, centre, moved)
+        centre = moved
+    sim.step(np.array([10.0, 0, 0, 0, 0, 0, 0]))  # 10 mm away: the dot still in view
+    for _ in range(5):
+        sim.step(np.zeros(7))
+    assert _dot(sim.render("wrist")).sum() >= 15
+    sim.close()

@@ -72,6 +72,18 @@ class ContactConfig:
     start_height_mm: tuple[float, float] = (18.0, 28.0)
     kp_xy: float = 2000.0  # N/m, the hand's position servo
     kp_z: float = 2000.0
+    views: tuple[str, ...] = mjscenes.VIEWS  # the cameras observed, in the order of observation["images"]: the
+    # recorder, the env and the bench read them here (names in sorted order: a dataset lists its views sorted)
+
+    def __post_init__(self):
+        views = tuple(self.views)
+        unknown = sorted(set(views) - set(mjscenes.CAMERAS))
+        if not views or unknown or len(set(views)) != len(views) or list(views) != sorted(views):
+            raise ValueError(
+                f"views={views}: name distinct cameras of {mjscenes.CAMERAS} in sorted order (a dataset lists its "
+                "views sorted, and the policy reads observation['images'] in the dataset's order)"
+            )
+        self.views = views
 
     @property
     def sensor_rate(self) -> float:
@@ -129,6 +141,8 @@ class NeedleConfig(ContactConfig):
     kp_z: float = 4000.0  # a stiffer axial servo: a puncture's lunge is force / kp
     mark_radius_mm: float = 10.0  # the entry mark's disc, drawn on the surface only (docs/sim.md: 3 and 5 mm were
     # about 3 and 7 px across at 64 px, and no policy found them)
+    views: tuple[str, ...] = ("top", "wrist")  # the wrist camera for the final alignment: the static views are
+    # ~1.4 mm per pixel at 64 px against the 1 mm lateral tolerance (docs/decisions.md, "needle wrist camera")
 
 
 class ContactSim:
@@ -152,6 +166,11 @@ class ContactSim:
         self.expert_vision = True  # False: the expert assumes the target at the workspace centre (no cameras)
         self.aim_offset = np.zeros(2)  # mm added to the target the expert aims at (a recording's aim noise)
 
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The cameras this task observes (`cfg.views`), in the order of the observation's images."""
+        return self.cfg.views
+
     def sensor_names(self) -> list[str]:
         """One name per sensor channel."""
         return ["fx_n", "fy_n", "fz_n", "tx_nm", "ty_nm", "tz_nm"]
@@ -166,6 +185,9 @@ class ContactSim:
         self.mj = mujoco
         self.model = mujoco.MjModel.from_xml_string(self.xml())
         self.data = mujoco.MjData(self.model)
+        missing = [v for v in self.views if mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, v) < 0]
+        if missing:
+            raise ValueError(f"{type(self).__name__}'s scene has no camera {missing}: choose views among its cameras")
 
     def _draw(self, rng: np.random.Generator) -> None:
         """Draw the episode's hidden and visible parameters into the model."""

@@ -1,8 +1,9 @@
 """Scripted demonstrations of the contact tasks (`world/contact.py`), written as LeRobot v3 datasets + sidecar.
 
 Each episode records every stream on the common clock: the expert's actions at 10 Hz, the measured pose at
-`state_rate`, both camera views at the control rate (the frames the env observes, exposed at each control tick) and
-the 500 Hz force/torque stream (plus the needle's A-scan), each reading stamped at the end of its physics step.
+`state_rate`, the task's camera views (`sim.views`) at the control rate (the frames the env observes, exposed at
+each control tick) and the 500 Hz force/torque stream (plus the needle's A-scan), each reading stamped at the end of
+its physics step.
 Demonstrations are DART-style as in `world/synth.py`: the executed motion carries a small perturbation, the recorded
 action is the expert's clean command at the visited state. A task may perturb more (`RECORDING_DEFAULTS`): the blind
 bottom's expert aims up to 1.2 mm off the hole's axis (its compliant wrist slides the peg in), so that its demos meet
@@ -19,7 +20,6 @@ import numpy as np
 
 from sensorvla.data.types import EpisodeData, Stream
 from sensorvla.world.contact import CONTROL_RATE, TASKS, ContactSim
-from sensorvla.world.mjscenes import VIEWS
 
 ENV_TASKS = {
     "sensorvla/PegInHole-v0": "peg_in_hole",
@@ -74,7 +74,7 @@ def record_episode(
         sim.aim_offset = r * np.array([np.cos(phi), np.sin(phi)])
     scale = np.array([lateral_noise_mm, lateral_noise_mm, depth_noise_mm])
     mouth_scale = np.array([mouth_noise_mm, mouth_noise_mm, depth_noise_mm])
-    actions, frames = [], {v: [sim.render(v)] for v in VIEWS}
+    actions, frames = [], {v: [sim.render(v)] for v in sim.views}
     extra_steps = None
     while len(actions) < sim.cfg.max_steps and (extra_steps is None or extra_steps > 0):
         a = sim.expert_action()
@@ -82,7 +82,7 @@ def record_episode(
         in_mouth = mouth_noise_mm > 0 and -mouth_depth_mm[1] <= sim.pose[2] <= -mouth_depth_mm[0]
         noise = noise_rng.normal(0, 1, 3) * (mouth_scale if in_mouth else scale)
         sim.step(a, perturbation=None if extra_steps is not None else noise)
-        for v in VIEWS:
+        for v in sim.views:
             frames[v].append(sim.render(v))
         if extra_steps is not None:
             extra_steps -= 1
@@ -94,7 +94,7 @@ def record_episode(
     streams = {"action": Stream(np.arange(n) / CONTROL_RATE, np.asarray(actions, np.float32))}
     state_ts, state = sim.state_samples()
     streams["state"] = Stream(state_ts, state.astype(np.float32))
-    for v in VIEWS:  # frame k shows the scene at tick k (the observation action k answered)
+    for v in sim.views:  # frame k shows the scene at tick k (the observation action k answered)
         streams[f"image.{v}"] = Stream(np.arange(n + 1) / CONTROL_RATE, np.stack(frames[v]))
     if with_sensor:
         streams["sensor"] = Stream(*sim.sensor_samples(-np.inf, sim.t))

@@ -3,15 +3,18 @@
 One world frame in metres: the fixture's top face is z = 0, the workspace centre is x = y = 0. A carriage on three
 position-controlled slide joints (x, y, z) holds the tool (a peg or a needle) rigidly; the tool's tip is at the
 carriage origin, so the joint positions are the tip position. A 6-axis force/torque sensor sits on the `ft` site at
-the wrist (the tool's top), and two cameras (`front`, `top`) look at the workspace. Rendering is set up for a
-software renderer: no shadows, no reflections, no multisampling, a small offscreen buffer.
+the wrist (the tool's top). Static cameras `front` and `top` look at the workspace; the needle's carriage also carries
+a `wrist` camera beside the needle, looking down at the tip region (a task's `views` say which cameras it observes:
+`ContactConfig.views`). Rendering is set up for a software renderer: no shadows, no reflections, no multisampling, a
+small offscreen buffer (these settings apply to every camera).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-VIEWS = ("front", "top")
+VIEWS = ("front", "top")  # the static cameras (the default views of a task)
+CAMERAS = ("front", "top", "wrist")  # every camera a scene may have (`wrist` only where the carriage carries one)
 HIDDEN_GROUP = 3  # geoms in this group collide but are never drawn (the default visual option hides groups 3-5)
 
 _HEADER = """
@@ -43,6 +46,7 @@ _CARRIAGE = """
       <joint name="z" type="slide" axis="0 0 1" range="-0.04 0.08"/>
       <geom name="hand" class="visual" type="box" pos="0 0 {hand_z}" size="0.009 0.009 0.006" mass="0.2"
             rgba="0.35 0.35 0.4 1"/>
+      {wrist}
       <body name="tool" pos="0 0 0" gravcomp="1">
         <site name="ft" pos="0 0 {tool_len}" size="0.002"/>
         {tool}
@@ -91,6 +95,23 @@ def _cameras(image_size: int) -> dict[str, str]:
         "offwidth": str(max(image_size, 64)),
         "offheight": str(max(image_size, 64)),
     }
+
+
+def wrist_camera_xml(
+    offset_mm: tuple[float, float, float] = (0.0, -12.0, 30.0),
+    aim_below_tip_mm: float = 3.0,
+    fovy_deg: float = 45.0,
+) -> str:
+    """A camera `wrist` on the carriage (in the `hand` body, whose origin is the tool's tip; the hand only
+    translates, so its frame stays the world's): at `offset_mm` from the tip (sideways, so that the needle's shaft
+    runs up from the view's centre and does not cover it), aimed `aim_below_tip_mm` under the tip (the surface at the
+    needle expert's approach height is at the view's centre). Defaults: 12 mm beside the needle and 30 mm above the
+    tip, 45 deg: at the approach height (3 mm) about 0.45 mm per pixel at 64 px, the entry mark's 2 mm dark dot about
+    8 px across, the 10 mm mark in view while the tip is within about 10 mm of it at the expert's 10 mm travel height
+    (docs/sim.md)."""
+    pos = np.asarray(offset_mm, float) / 1000.0
+    target = (0.0, 0.0, -aim_below_tip_mm / 1000.0)
+    return f'<camera name="wrist" pos="{_fmt(pos)}" xyaxes="{look_at(pos, target)}" fovy="{fovy_deg:g}"/>'
 
 
 def _gains(kp_xy: float, kp_z: float, moving_mass: float) -> dict[str, str]:
@@ -147,6 +168,7 @@ def peg_scene_xml(
         "hand_z": f"{peg_length + 0.006:.6f}",
         "tool_len": f"{peg_length:.6f}",
         "tool": tool,
+        "wrist": "",
         **_gains(kp_xy, kp_z, 0.25),
     }
     fixture = hole_fixture_xml(hole_half_width).replace("{bottom_group}", "0" if bottom_visible else str(HIDDEN_GROUP))
@@ -162,12 +184,13 @@ def needle_scene_xml(
     kp_xy: float = 2000.0,
     kp_z: float = 2000.0,
     mark_radius: float = 0.010,
+    wrist: bool = True,
 ) -> str:
     """The needle scene: a thin needle over a tissue block (top face at z = 0) that never collides (the tissue's
     forces come from the layered tissue model in `world/contact.py`), with a green entry mark `entry` on the surface
     (a disc of `mark_radius` m, 10 mm by default: about 13 px across in a 64 px top view, a 25 x 3 px strip in
     the grazing front view; its position set per episode) and a dark dot of a fifth of its radius at its centre.
-    The layers are not drawn."""
+    The layers are not drawn. `wrist`: the carriage carries the `wrist` camera (`wrist_camera_xml`)."""
     tool = (
         f'<geom name="needle" type="capsule" fromto="0 0 0.0005 0 0 {needle_length:.6f}" size="0.0006" '
         f'mass="0.02" contype="0" conaffinity="0" rgba="0.75 0.75 0.8 1"/>'
@@ -179,6 +202,7 @@ def needle_scene_xml(
         "hand_z": f"{needle_length + 0.006:.6f}",
         "tool_len": f"{needle_length:.6f}",
         "tool": tool,
+        "wrist": wrist_camera_xml() if wrist else "",
         **_gains(kp_xy, kp_z, 0.22),
     }
     tissue = f"""

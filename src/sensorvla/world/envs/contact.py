@@ -1,9 +1,10 @@
 """`ContactEnv`: the MuJoCo contact tasks (`world/contact.py`) as Gymnasium environments.
 
 The same interface as `InsertionEnv` (its observation and rendering code is reused): the PolicyRunner observation
-dict (two camera views, the 6-D tip pose, a window of sensor readings with their timestamps, the episode time and the
-instruction); one action is one 10 Hz step (7-D, mm and degrees; rotations ignored). `info` carries `success` and
-the task's metrics; `env.unwrapped.sim` holds the simulator and its scripted expert (`sim.expert_action()`).
+dict (the task's camera views, `config.views`, two per task; the 6-D tip pose, a window of sensor readings with their
+timestamps, the episode time and the instruction); one action is one 10 Hz step (7-D, mm and degrees; rotations
+ignored). `info` carries `success` and the task's metrics; `env.unwrapped.sim` holds the simulator and its scripted
+expert (`sim.expert_action()`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ContactEnv(InsertionEnv):
             cfg = dataclasses.replace(cfg, image_size=int(image_size))
         self.task, self.cfg = task, cfg
         self.sim = sim_cls(cfg)
+        self.views = self.view_names = self.sim.views  # the order of obs["images"] (the task's cameras)
         self.sensor_history_s = sensor_history_s
         self.sensor_available = sensor_available
         self.render_mode = render_mode
@@ -57,7 +59,7 @@ class ContactEnv(InsertionEnv):
         self.n_sensor = int(round(sensor_history_s * cfg.sensor_rate))
         if sensor_history_s > cfg.settle_s:
             raise ValueError(f"sensor_history_s={sensor_history_s} is longer than the settle time {cfg.settle_s} s")
-        self.observation_space = observation_space(s, self.n_sensor, c)
+        self.observation_space = observation_space(s, self.n_sensor, c, views=len(self.views))
         limit = np.array([3.0, 3.0, 3.0, 10.0, 10.0, 10.0, 1.0], np.float32)
         self.action_space = spaces.Box(-limit, limit, dtype=np.float32)
         self._sensor_ts = np.zeros(0)

@@ -19,12 +19,12 @@ VIEWS = ("front", "top")
 INSTRUCTION_CHARSET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,-'"
 
 
-def observation_space(image_size: int, n_sensor: int, sensor_channels: int) -> spaces.Dict:
-    """The PolicyRunner observation dict as a Gymnasium space: two views, the 6-D pose, a sensor window."""
+def observation_space(image_size: int, n_sensor: int, sensor_channels: int, views: int = len(VIEWS)) -> spaces.Dict:
+    """The PolicyRunner observation dict as a Gymnasium space: `views` views, the 6-D pose, a sensor window."""
     s = image_size
     return spaces.Dict(
         {
-            "images": spaces.Box(0, 255, (len(VIEWS), s, s, 3), np.uint8),
+            "images": spaces.Box(0, 255, (views, s, s, 3), np.uint8),
             "state": spaces.Box(-np.inf, np.inf, (6,), np.float32),
             "sensor": spaces.Box(-np.inf, np.inf, (n_sensor, sensor_channels), np.float32),
             "sensor_timestamps": spaces.Box(-np.inf, np.inf, (n_sensor,), np.float64),
@@ -84,7 +84,7 @@ class InsertionEnv(gym.Env):
             # every window over them is masked as missing
             ts, vals = ts - 1e3, np.zeros_like(vals)
         return {
-            "images": np.stack([sim.render(v) for v in VIEWS]),
+            "images": np.stack([sim.render(v) for v in self.views]),
             "state": sim.pose.astype(np.float32),
             "sensor": vals.astype(np.float32),
             "sensor_timestamps": ts.astype(np.float64),
@@ -140,4 +140,4 @@ class InsertionEnv(gym.Env):
 
     def render(self):
         """The views side by side, (h, V * w, 3) uint8."""
-        return np.concatenate([self.sim.render(v) for v in VIEWS], axis=1)
+        return np.concatenate([self.sim.render(v) for v in self.views], axis=1)
