@@ -218,3 +218,27 @@ def test_rollout_cli_ablates_a_named_stream_and_names_the_streams_on_a_wrong_one
     r = rollout(spy, env, episodes=1, execute_steps=4, ablate_sensor="sensor", video_dir=tmp_path, videos="all")
     assert spy.has_sensor and not any(spy.has_sensor) and r["sensor_ablated"] == "sensor"
     assert [p.name.startswith("episode_00_no_sensor_") for p in tmp_path.iterdir()] == [True]
+
+
+def test_the_env_views_are_checked_against_the_policys(caplog):
+    """Same names in another order: refused (each view would reach the policy as another); other names: a warning
+    naming both; the same list or an env without names: nothing."""
+    from types import SimpleNamespace
+
+    from sensorvla.eval.rollout import check_view_names
+
+    def env(names):
+        return SimpleNamespace(unwrapped=SimpleNamespace(view_names=names))
+
+    runner = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(views=("top", "wrist"))))
+    with pytest.raises(ValueError, match=r"views are \['wrist', 'top'\] but the policy was trained on \['top', 'w"):
+        check_view_names(env(("wrist", "top")), runner)
+    with caplog.at_level("WARNING", logger="sensorvla.eval.rollout"):
+        check_view_names(env(("front", "top")), runner)
+    assert "['front', 'top'] are not the ones the policy was trained on ['top', 'wrist']" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sensorvla.eval.rollout"):
+        check_view_names(env(("top", "wrist")), runner)
+        check_view_names(env(None), runner)
+        check_view_names(env(("a", "b")), SimpleNamespace(data_cfg=SimpleNamespace(views=("a", "b"))))
+    assert not caplog.text

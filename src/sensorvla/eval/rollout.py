@@ -121,6 +121,8 @@ def rollout(
     from sensorvla.progress import progress as track
 
     _check_choices(videos, ablate_vision)
+    if obs_adapter is None:
+        check_view_names(env, runner)
     obs_adapter = obs_adapter or (lambda o: o)
     action_adapter = action_adapter or (lambda a: a)
     others: list[np.ndarray] = []
@@ -219,6 +221,28 @@ class VideoChooser:
         if not self.kept and self.fallback is not None:
             return [self.fallback]
         return self.kept
+
+
+def check_view_names(env, runner) -> None:
+    """The env's views (`unwrapped.view_names`) against the policy's (`cfg.data.views` / `data_cfg.views`), both in
+    the order of `obs["images"]`: the same names in another order is a ValueError (the policy would see each view as
+    another); other names only a warning (an env recorded under other names), nothing where either is unknown."""
+    have = getattr(getattr(env, "unwrapped", env), "view_names", None)
+    data = getattr(getattr(runner, "cfg", None), "data", None) or getattr(runner, "data_cfg", None)
+    want = getattr(data, "views", None)
+    if not have or not want or list(have) == list(want):
+        return
+    if sorted(have) == sorted(want):
+        raise ValueError(
+            f"the env's views are {list(have)} but the policy was trained on {list(want)} in that order: reorder the "
+            "env's images (an obs_adapter) so that each view reaches the policy as the one it learnt"
+        )
+    logger.warning(
+        "the env's views %s are not the ones the policy was trained on %s: they are matched by position; a policy "
+        "trained on another camera set (e.g. the needle's before its wrist camera) needs retraining",
+        list(have),
+        list(want),
+    )
 
 
 def _recorder_kwargs(env) -> dict:

@@ -456,8 +456,9 @@ class BlindBottomSim(PegInHoleSim):
     """Seat the peg on a hole bottom that the cameras never see, without pushing hard.
 
     `expert_mode`: "guarded" (slow in the depth range where the bottom may be, stop at the first force along the
-    insertion axis, not the wall's sideways push, and back the setpoint off to a light preload) or "position" (push to the deepest possible bottom, never reading the
-    sensor: it always seats, and presses hard unless the bottom happens to be the deepest).
+    insertion axis, not the wall's sideways push, and back the setpoint off to a light preload) or "position" (push
+    to the deepest possible bottom, never reading the sensor: it always seats, and presses hard unless the bottom
+    happens to be the deepest).
     """
 
     instructions = (
