@@ -87,6 +87,10 @@ def test_mixture_weights_without_copies(tmp_path, synth_dataset_dir):
     wrong = generate_dataset(tmp_path / "c", num_episodes=3, seed=2, sensor_channels=9, progress=False)
     with pytest.raises(DataError, match="sensor_channels"):
         MixtureDataset([a, EpisodeDataset(wrong, cfg, split="all")], [1, 1])
+    relaid = EpisodeDataset(other, cfg, split="all", id_offset=10**9)  # the same tensor read as 3 force channels
+    relaid.meta = dataclasses.replace(relaid.meta, force_channels=3)
+    with pytest.raises(DataError, match="force_channels=3, the first dataset 1"):
+        MixtureDataset([a, relaid], [1, 1])
 
 
 def test_normalize_round_trip_and_errors(synth_dataset_dir, tmp_path):

@@ -340,7 +340,7 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __init__(self, members: list[EpisodeDataset], weights: list[float], seed: int = 0):
         ref = members[0].meta
         for m in members[1:]:
-            for key in ("action_dim", "state_dim", "sensor_channels"):
+            for key in ("action_dim", "state_dim", "sensor_channels", "force_channels"):  # force: the tensor's layout
                 if getattr(m.meta, key) != getattr(ref, key):
                     raise DataError(
                         f"mixture member {m.root} has {key}={getattr(m.meta, key)}, the first "
