@@ -30,13 +30,10 @@ def rewrite_command(folder: str | Path) -> str:
     return f"python -m sensorvla.integrity {folder}"
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB chunks."""
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (`hashlib.file_digest`: read in chunks, never whole)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def folder_files(folder: str | Path) -> list[str]:

@@ -130,8 +130,8 @@ def test_fingerprint_is_a_content_hash_with_a_cheap_cache(tmp_path, monkeypatch)
     stats = compute_stats(root, progress=False, data_cfg=cfg)
     stats.save(root / "meta" / "norm_stats.json")  # derived: does not change the fingerprint
     calls = []
-    real = fpmod.hash_file
-    monkeypatch.setattr(fpmod, "hash_file", lambda p: calls.append(p) or real(p))
+    real = fpmod.file_sha256
+    monkeypatch.setattr(fpmod, "file_sha256", lambda p: calls.append(p) or real(p))
     NormStats.load(root / "meta" / "norm_stats.json").check(dataset_fingerprint(root, data_cfg=cfg))
     assert calls == []  # unchanged files: stat() only, nothing re-read
     # a re-import with the same row counts but other values
