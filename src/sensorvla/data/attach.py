@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 
 from sensorvla.data.format import INFO_FILE, load_meta
-from sensorvla.data.importers._common import check_increasing
 from sensorvla.data.options import AttachOptions
 from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span, inside_dataset, stream_key
-from sensorvla.data.types import DataError
+from sensorvla.data.types import DataError, check_increasing
 from sensorvla.data.writer import check_finite
 from sensorvla.io import atomic_dir, atomic_write_json
 

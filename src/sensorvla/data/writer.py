@@ -31,7 +31,7 @@ from sensorvla.data.layout import (
     VIDEO_PATH,
 )
 from sensorvla.data.sidecar import StreamWriter
-from sensorvla.data.types import DataError, EpisodeData
+from sensorvla.data.types import DataError, EpisodeData, check_increasing
 from sensorvla.io import atomic_dir, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -56,16 +56,7 @@ def _check_stream(ep: EpisodeData, name: str, ts: np.ndarray, data, fix: str) ->
             path=name,
             fix=fix,
         )
-    if not np.all(np.isfinite(ts)):
-        raise DataError(f"{name} timestamps contain NaN/inf", episode=ep.name, path=name, fix=fix)
-    if len(ts) > 1 and np.any(np.diff(ts) <= 0):
-        i = int(np.argmax(np.diff(ts) <= 0))
-        raise DataError(
-            f"{name} timestamps are not strictly increasing (at index {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
-            episode=ep.name,
-            path=name,
-            fix="sort the samples by time and drop duplicates, or fix the recorder clock",
-        )
+    check_increasing(ts, what=name, episode=ep.name, path=name, fix=fix)
 
 
 def check_finite(

@@ -28,28 +28,6 @@ def size_hw(image_size: ImageSize) -> tuple[int, int] | None:
     return hw
 
 
-def check_increasing(ts: np.ndarray, *, what: str, episode: str, path: str | Path, fix: str = "") -> None:
-    """DataError unless `ts` (N,) is finite and strictly increasing; names the first offending index."""
-    ts = np.asarray(ts, np.float64)
-    if not np.all(np.isfinite(ts)):
-        i = int(np.argmax(~np.isfinite(ts)))
-        raise DataError(
-            f"{what} timestamp {i} is {ts[i]} (NaN/inf)",
-            episode=episode,
-            path=str(path),
-            fix=fix or "fix or drop the corrupt rows",
-        )
-    d = np.diff(ts)
-    if np.any(d <= 0):
-        i = int(np.argmax(d <= 0))
-        raise DataError(
-            f"{what} timestamps are not strictly increasing (index {i} -> {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
-            episode=episode,
-            path=str(path),
-            fix=fix or "sort the samples by time and drop duplicates, or fix the recorder clock",
-        )
-
-
 def select_views(
     episodes: Sequence[Any],
     views: Sequence[str] | None,

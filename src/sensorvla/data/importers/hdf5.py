@@ -20,14 +20,13 @@ import numpy as np
 from sensorvla.data.importers._common import (
     SENSOR_CONFIG_FIX,
     ImageSize,
-    check_increasing,
     check_one_sensor_setting,
     resize_frames,
     select_views,
     size_hw,
 )
 from sensorvla.data.importers.base import ImportSource, run_import
-from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error
+from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error, check_increasing
 from sensorvla.data.writer import check_finite
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ import numpy as np
 
 from sensorvla.data.importers._common import (
     ImageSize,
-    check_increasing,
     check_one_sensor_setting,
     decode_jpeg,
     pose_delta_actions,
@@ -30,7 +29,15 @@ from sensorvla.data.importers._common import (
 )
 from sensorvla.data.importers.base import ImportSource, run_import
 from sensorvla.data.importers.recorder_sensor import iter_npz_windows, rebuild_sensor_stream
-from sensorvla.data.types import DataError, EpisodeData, ImageStream, Stream, as_data_error, error_text
+from sensorvla.data.types import (
+    DataError,
+    EpisodeData,
+    ImageStream,
+    Stream,
+    as_data_error,
+    check_increasing,
+    error_text,
+)
 
 logger = logging.getLogger(__name__)
 
