@@ -25,7 +25,7 @@ from sensorvla import hub
 from sensorvla.config import BackboneConfig
 from sensorvla.models import backbones
 from sensorvla.models.backbones import BackboneLoadError, UnknownFamilyError
-from sensorvla.models.backbones.base import PROMPT_CACHE, full_process
+from sensorvla.models.backbones.base import PROMPT_CACHE
 from sensorvla.models.hf_processors import (  # noqa: F401  (re-exported: their documented home)
     IMAGE_ONLY_PROCESSORS,
     ImageOnlyQwen2_5_VLProcessor,
@@ -169,11 +169,6 @@ def process_sample(processor, images: list[np.ndarray], instruction: str, templa
     if prompt_key not in cache:
         cache[prompt_key] = render_prompt(processor, instruction, len(images), template)
     return backbones.family_of_processor(processor).encode_inputs(processor, images, cache[prompt_key])
-
-
-def _full_process(processor, images: list[np.ndarray], text: str) -> dict[str, torch.Tensor]:
-    """The processor's own call on one sample (`backbones.base.full_process`)."""
-    return full_process(processor, images, text)
 
 
 RANDOM_INIT_KEY = "sensorvla_random_init"  # set in config.json by `sensorvla tiny-model` (world/tiny_qwen.py)
