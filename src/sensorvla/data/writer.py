@@ -217,24 +217,19 @@ def _tasks_table(tasks: dict[str, int]):
 def _frames_table(cols: dict[str, np.ndarray], features: dict[str, Any]):
     import pyarrow as pa
 
-    arrays, fields = [], []
+    arrays, fields, hf = [], [], {}
     for key, values in cols.items():
         ft = features[key]
         if key in (ACTION_KEY, STATE_KEY):
             n = int(ft["shape"][0])
             flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1))
             arr = pa.FixedSizeListArray.from_arrays(flat, n)
+            hf[key] = {"feature": {"dtype": "float32", "_type": "Value"}, "length": n, "_type": "List"}
         else:
             arr = pa.array(values, pa.float32() if ft["dtype"] == "float32" else pa.int64())
+            hf[key] = {"dtype": ft["dtype"], "_type": "Value"}
         arrays.append(arr)
         fields.append(pa.field(key, arr.type))
-    hf = {}
-    for key in cols:
-        ft = features[key]
-        if key in (ACTION_KEY, STATE_KEY):
-            hf[key] = {"feature": {"dtype": "float32", "_type": "Value"}, "length": ft["shape"][0], "_type": "List"}
-        else:
-            hf[key] = {"dtype": ft["dtype"], "_type": "Value"}
     schema = pa.schema(fields, metadata={b"huggingface": json.dumps({"info": {"features": hf}}).encode()})
     return pa.Table.from_arrays(arrays, schema=schema)
 
