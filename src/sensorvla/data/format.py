@@ -34,7 +34,6 @@ from sensorvla.data.layout import (  # noqa: F401  (re-exported: the layout's na
     ACTION_NAMES_7,
     CAMERA_PREFIX,
     CODEBASE_VERSION,
-    DATA_FILE,
     DATA_PATH,
     EPISODES_FILE,
     EPISODES_PATH,

@@ -37,7 +37,6 @@ PATH_TEMPLATE = STREAMS_DIR + "/{key}/chunk-{chunk_index:03d}/episode_{episode_i
 INDEX_TEMPLATE = STREAMS_DIR + "/{key}/episodes.parquet"
 CHUNK_SIZE = 1000  # episodes per chunk folder, as LeRobot's chunks_size
 KINDS = ("values", "timing", "frames")
-INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t_last", "episode_length")
 RATE_TOLERANCE = 0.25  # relative: an episode's median sample interval vs the declared rate_hz (x10 or ms are far off)
 NPY_FIX = (
     "the file is truncated or damaged: re-create the dataset or re-attach the stream (`sensorvla data add-sensor`)"

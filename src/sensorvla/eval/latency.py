@@ -30,7 +30,6 @@ BACKBONES = {
     "wide": {"text_hidden": 256, "text_layers": 4, "vision_hidden": 128, "vision_depth": 4},
     "vl_dominant": {"text_hidden": 512, "text_layers": 6, "vision_hidden": 256, "vision_depth": 6},
 }
-VL_DOMINANT = BACKBONES["vl_dominant"]
 
 
 def _runner(vl_model, head, views, mode, device, sensor_channels, image_size, steps, compile_model=False):
