@@ -251,7 +251,7 @@ def _train(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
     normalizer = build_normalizer(stats, cfg)
     if cfg.train.mode == "cache":
         return _build_cache(cfg, _build_policy(cfg, info), normalizer, info, meta, _mode(bar_on, info))
-    run = _setup(cfg, info, meta, stats, normalizer, progress, bar_on)
+    run = _setup(cfg, info, meta, stats, normalizer, bar_on)
     try:
         while run.state["epoch"] < run.epochs and not run.stop:
             _run_epoch(run)
@@ -364,7 +364,7 @@ def _start(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
     return cfg, info, use_progress_bar(cfg.train.progress, progress) and info.is_main
 
 
-def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> _Run:
+def _setup(cfg, info, meta, stats, normalizer, bar_on: bool) -> _Run:
     """Data, the saved run's check, model, transforms, optimizer (+ restored state), logs: a ready `_Run`."""
     data = _open_data(cfg, info, meta)
     micro_per_epoch = math.ceil(len(data.sampler) / cfg.train.batch_size)

@@ -87,7 +87,7 @@ def _open(path: Path):
         return h5py.File(path, "r")
 
 
-def _declared_len(g, key: str, name: str, file: Path) -> tuple[int, tuple[int, ...]]:
+def _declared_len(g, name: str, file: Path) -> tuple[int, tuple[int, ...]]:
     """(len(timestamps), data.shape) of stream group `g` from the shapes only; checks they agree."""
     for part in ("timestamps", "data"):
         if part not in g:
@@ -143,12 +143,12 @@ def scan_hdf5(src: str | Path, views: Sequence[str] | None = None) -> list[H5Epi
                             path=str(path),
                             fix=_fix_file(f"write /{s}/timestamps and /{s}/data"),
                         )
-                    _declared_len(g[s], s, name, path)
+                    _declared_len(g[s], name, path)
                 ep = H5Episode(path, gname, name, sorted(g["images"]) if "images" in g else [])
                 for v in ep.views:
-                    _declared_len(g["images"][v], f"image.{v}", name, path)
+                    _declared_len(g["images"][v], name, path)
                 if "sensor" in g:
-                    _declared_len(g["sensor"], "sensor", name, path)
+                    _declared_len(g["sensor"], name, path)
                     ep.force_channels = int(g["sensor"].attrs.get("force_channels", 1))
                     rate = g["sensor"].attrs.get("rate")
                     ep.sensor_rate = float(rate) if rate is not None else _median_rate(g["sensor"])
