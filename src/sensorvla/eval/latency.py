@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from sensorvla.runtime import bf16_autocast
 
 STAGES = ("preprocess_ms", "vl_ms", "sensor_ms", "head_ms", "postprocess_ms", "total_ms")
 DEFAULT_STEPS = (10, 5)  # DDIM steps (diffusion), Euler steps (flow): the goals' DDIM-10 / flow-5
@@ -95,11 +96,7 @@ def _head_calls(runner, obs: dict[str, Any]):
     (CUDA-synchronised)."""
     pol, dev = runner.policy, runner.device
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in runner.prepare(runner.check_request(obs)).items()}
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported()
-        else nullcontext()
-    )
+    autocast = bf16_autocast(dev)
     with torch.inference_mode(), autocast:
         cond, mask = pol.condition(batch)
 

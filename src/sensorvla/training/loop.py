@@ -39,7 +39,7 @@ from sensorvla.config import (
 from sensorvla.data.timeline import SensorWindow
 from sensorvla.io import atomic_write_bytes
 from sensorvla.progress import Progress, use_progress_bar
-from sensorvla.runtime import loader_workers
+from sensorvla.runtime import bf16_autocast, loader_workers
 from sensorvla.training import checkpoint as ckpt
 from sensorvla.training import feature_cache
 from sensorvla.training.data_setup import (
@@ -182,10 +182,8 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float):
 
 
 def autocast_ctx(cfg: SensorVLAConfig, device: torch.device):
-    """bf16 autocast on CUDA with bf16 support; fp32 elsewhere (CPU bf16 autocast is slower here)."""
-    if cfg.train.mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast on CUDA with bf16 support under --train.mixed-precision; fp32 elsewhere."""
+    return bf16_autocast(device) if cfg.train.mixed_precision else nullcontext()
 
 
 def _to(batch: dict, device: torch.device) -> dict:
