@@ -25,7 +25,7 @@ import numpy as np
 from sensorvla.data.format import INFO_FILE, load_meta
 from sensorvla.data.options import AttachOptions
 from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span, inside_dataset, stream_key
-from sensorvla.data.types import DataError, check_increasing
+from sensorvla.data.types import DataError, as_data_error, check_increasing, error_text
 from sensorvla.data.writer import check_finite
 from sensorvla.io import atomic_dir, atomic_write_json
 
@@ -104,57 +104,55 @@ def _read_csv(src: Path, episode: int | None):
 
 
 def _read_npz(src: Path, episode: int | None):
-    try:
-        with np.load(src, allow_pickle=False) as z:
-            keys = set(z.files)
-            if not {"timestamps", "values"} <= keys:
-                raise DataError(
-                    f"npz has arrays {sorted(keys)}, expected 'timestamps' and 'values' (+ 'episode_index')",
-                    path=str(src),
-                    fix="np.savez(path, episode_index=..., timestamps=..., values=...)",
-                )
-            ep = z["episode_index"] if "episode_index" in keys else None
-            return _by_episode(src, ep, z["timestamps"], z["values"], episode), None
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(
-            f"cannot read the npz ({type(e).__name__}: {e}; pickled arrays are refused)",
-            path=str(src),
+    with (
+        as_data_error(
+            (OSError, ValueError, EOFError),
+            lambda e: f"cannot read the npz ({error_text(e)}; pickled arrays are refused)",
+            path=src,
             fix="re-export it with numeric arrays",
-        ) from e
+        ),
+        np.load(src, allow_pickle=False) as z,
+    ):
+        keys = set(z.files)
+        if not {"timestamps", "values"} <= keys:
+            raise DataError(
+                f"npz has arrays {sorted(keys)}, expected 'timestamps' and 'values' (+ 'episode_index')",
+                path=str(src),
+                fix="np.savez(path, episode_index=..., timestamps=..., values=...)",
+            )
+        ep = z["episode_index"] if "episode_index" in keys else None
+        return _by_episode(src, ep, z["timestamps"], z["values"], episode), None
 
 
 def _read_h5(src: Path, episode: int | None):
     import h5py
 
-    try:
-        with h5py.File(src, "r") as f:
-            if "episodes" in f:
-                out = {}
-                for k in sorted(f["episodes"], key=lambda x: int(x) if x.isdigit() else -1):
-                    if not k.isdigit():
-                        raise DataError(
-                            f"group /episodes/{k} is not an episode index",
-                            path=str(src),
-                            fix="name each group by its 0-based episode index",
-                        )
-                    g = f["episodes"][k]
-                    out.update(_by_episode(src, None, g["timestamps"][()], g["values"][()], int(k)))
-                return out, None
-            for k in ("timestamps", "values"):
-                if k not in f:
+    unreadable = (OSError, KeyError, ValueError)
+    with (
+        as_data_error(unreadable, lambda e: f"cannot read the HDF5 file ({e})", path=src, fix="re-export it"),
+        h5py.File(src, "r") as f,
+    ):
+        if "episodes" in f:
+            out = {}
+            for k in sorted(f["episodes"], key=lambda x: int(x) if x.isdigit() else -1):
+                if not k.isdigit():
                     raise DataError(
-                        f"no /{k} dataset (found {sorted(f)})",
+                        f"group /episodes/{k} is not an episode index",
                         path=str(src),
-                        fix="write /episode_index, /timestamps, /values or /episodes/<i>/{timestamps,values}",
+                        fix="name each group by its 0-based episode index",
                     )
-            ep = f["episode_index"][()] if "episode_index" in f else None
-            return _by_episode(src, ep, f["timestamps"][()], f["values"][()], episode), None
-    except DataError:
-        raise
-    except (OSError, KeyError, ValueError) as e:
-        raise DataError(f"cannot read the HDF5 file ({e})", path=str(src), fix="re-export it") from e
+                g = f["episodes"][k]
+                out.update(_by_episode(src, None, g["timestamps"][()], g["values"][()], int(k)))
+            return out, None
+        for k in ("timestamps", "values"):
+            if k not in f:
+                raise DataError(
+                    f"no /{k} dataset (found {sorted(f)})",
+                    path=str(src),
+                    fix="write /episode_index, /timestamps, /values or /episodes/<i>/{timestamps,values}",
+                )
+        ep = f["episode_index"][()] if "episode_index" in f else None
+        return _by_episode(src, ep, f["timestamps"][()], f["values"][()], episode), None
 
 
 def read_sensor_file(src: str | Path, episode: int | None = None):
