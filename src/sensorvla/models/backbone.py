@@ -26,13 +26,6 @@ from sensorvla.config import BackboneConfig
 from sensorvla.models import backbones
 from sensorvla.models.backbones import BackboneLoadError, UnknownFamilyError
 from sensorvla.models.backbones.base import PROMPT_CACHE
-from sensorvla.models.hf_processors import (  # noqa: F401  (re-exported: their documented home)
-    IMAGE_ONLY_PROCESSORS,
-    ImageOnlyQwen2_5_VLProcessor,
-    ImageOnlyQwen2VLProcessor,
-    ImageOnlyQwen3VLProcessor,
-    make_image_processor,
-)
 
 logger = logging.getLogger(__name__)
 
