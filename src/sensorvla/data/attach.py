@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from sensorvla.data.format import INFO_FILE, load_meta
+from sensorvla.data.format import load_meta
+from sensorvla.data.layout import INFO_FILE
 from sensorvla.data.options import AttachOptions
 from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span, inside_dataset, stream_key
 from sensorvla.data.types import DataError, as_data_error, check_increasing, error_text

@@ -29,20 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from sensorvla.data.layout import (  # noqa: F401  (re-exported: the layout's names)
+from sensorvla.data.layout import (
     ACTION_KEY,
-    ACTION_NAMES_7,
     CAMERA_PREFIX,
-    CODEBASE_VERSION,
-    DATA_PATH,
-    EPISODES_FILE,
-    EPISODES_PATH,
     INFO_FILE,
     ROW_KEYS,
     STATE_KEY,
     TASKS_FILE,
     V21_FIX,
-    VIDEO_PATH,
 )
 from sensorvla.data.types import DataError
 from sensorvla.streams import StreamSpec, parse_stream
