@@ -26,7 +26,7 @@ from sensorvla.data.format import load_meta
 from sensorvla.data.layout import INFO_FILE
 from sensorvla.data.options import AttachOptions
 from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span, inside_dataset, stream_key
-from sensorvla.data.types import DataError, as_data_error, check_increasing, error_text
+from sensorvla.data.types import DataError, as_data_error, check_increasing, error_text, median_rate
 from sensorvla.data.writer import check_finite
 from sensorvla.io import atomic_dir, atomic_write_json
 
@@ -205,7 +205,7 @@ def _check_episode_samples(meta, e: int, ts, values, name: str, clock_offset: fl
             fix=f"pass the offset from the sensor clock to the dataset clock, e.g. --clock-offset {lo - ts[0]:.6f} "
             "(if the sensor started with the episode)",
         )
-    return 1.0 / float(np.median(np.diff(ts))) if len(ts) > 1 else None
+    return median_rate(ts)
 
 
 def _common_rate(meta, rates: dict[int, float], rate: float | None, src) -> float | None:

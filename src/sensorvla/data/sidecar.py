@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sensorvla.data.types import DataError, Stream, check_increasing
+from sensorvla.data.types import DataError, Stream, check_increasing, median_rate
 from sensorvla.io import UnsafePathError, check_name, resolve_inside
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class SidecarStream:
         check_increasing(ts, what=f"stream {self.key!r}", episode=name, path=path, fix=fix, strict=not held)
         if held or not self.rate_hz or len(ts) < 3:
             return
-        measured = 1.0 / float(np.median(np.diff(np.asarray(ts, np.float64))))
+        measured = median_rate(ts)
         rate = float(self.rate_hz)
         if abs(measured - rate) > RATE_TOLERANCE * rate:
             ratio = rate / measured

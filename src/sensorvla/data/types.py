@@ -88,6 +88,13 @@ def check_increasing(
         )
 
 
+def median_rate(ts) -> float | None:
+    """1 / the median step of timestamps `ts` (N,) in Hz, rounded to 1e-6; None when it cannot be told."""
+    ts = np.asarray(ts, np.float64)
+    step = float(np.median(np.diff(ts))) if len(ts) > 1 else 0.0
+    return round(1.0 / step, 6) if np.isfinite(step) and step > 0 else None
+
+
 class Stream(NamedTuple):
     """One stream of an episode on its own clock: timestamps (N,) float64 seconds, values (N, ...) (a camera's
     frames (N, h, w, 3) uint8), and the offset in seconds added to its timestamps to reach the common clock."""

@@ -31,7 +31,7 @@ from sensorvla.data.layout import (
     VIDEO_PATH,
 )
 from sensorvla.data.sidecar import StreamWriter
-from sensorvla.data.types import DataError, EpisodeData, check_increasing
+from sensorvla.data.types import DataError, EpisodeData, check_increasing, median_rate
 from sensorvla.io import atomic_dir, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ class _DatasetWriter:
                     self.tmp,
                     "sensor",
                     "values",
-                    rate_hz=self.extra_info.get("sensor_rate") or _median_rate(ep.sensor_timestamps),
+                    rate_hz=self.extra_info.get("sensor_rate") or median_rate(ep.sensor_timestamps),
                     force_channels=int(self.extra_info.get("force_channels", 1)),
                 )
             self.streams["sensor"].add(
@@ -381,7 +381,7 @@ class _DatasetWriter:
             if key not in self.streams:
                 encoder = self.extra_info.get("encoders", {}).get(key)
                 extra = {"encoder": encoder} if encoder else {}
-                self.streams[key] = StreamWriter(self.tmp, key, "values", rate_hz=_median_rate(st.timestamps), **extra)
+                self.streams[key] = StreamWriter(self.tmp, key, "values", rate_hz=median_rate(st.timestamps), **extra)
             self.streams[key].add(e, st.timestamps, values, st.offset)
         row: dict[str, Any] = {
             "episode_index": e,
@@ -573,14 +573,6 @@ def write_dataset(
             w.close()
         w.finish()
     return out_dir
-
-
-def _median_rate(ts) -> float | None:
-    ts = np.asarray(ts, np.float64)
-    if len(ts) < 2:
-        return None
-    step = float(np.median(np.diff(ts)))
-    return round(1.0 / step, 6) if step > 0 else None
 
 
 def _features(views, cam_shapes, dims, extra_info, image_format, codec, fps_int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from sensorvla.data.importers._common import (
     size_hw,
 )
 from sensorvla.data.importers.base import ImportSource, run_import
-from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error, check_increasing
+from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error, check_increasing, median_rate
 from sensorvla.data.writer import check_finite
 
 logger = logging.getLogger(__name__)
@@ -113,11 +113,10 @@ def _declared_len(g, name: str, file: Path) -> tuple[int, tuple[int, ...]]:
 def _median_rate(g) -> float | None:
     """1 / median step of a stream group's timestamps (None when it cannot be told)."""
     try:
-        ts = np.asarray(g["timestamps"][()], np.float64)
+        ts = g["timestamps"][()]
     except (OSError, ValueError):
         return None  # reported with the file and dataset when the episode is read
-    step = float(np.median(np.diff(ts))) if len(ts) > 1 else 0.0
-    return round(1.0 / step, 6) if np.isfinite(step) and step > 0 else None
+    return median_rate(ts)
 
 
 def scan_hdf5(src: str | Path, views: Sequence[str] | None = None) -> list[H5Episode]:
