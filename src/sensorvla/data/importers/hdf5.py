@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from sensorvla.data.importers._common import (
 from sensorvla.data.importers.base import ImportSource, run_import
 from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error, check_increasing, median_rate
 from sensorvla.data.writer import check_finite
+from sensorvla.io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -345,26 +344,18 @@ def write_hdf5(
     """
     h5py = _h5py()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = "sensorvla-hdf5-episode/1"
-            f.attrs["action_fps"] = float(action_fps)
-            if isinstance(episodes, EpisodeData):
-                _write_group(f, episodes, force_channels=force_channels, sensor_rate=sensor_rate)
-            else:
-                root = f.create_group("episodes")
-                for ep in episodes:
-                    _write_group(
-                        root.create_group(ep.name.replace("/", "__")),
-                        ep,
-                        force_channels=force_channels,
-                        sensor_rate=sensor_rate,
-                    )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = "sensorvla-hdf5-episode/1"
+        f.attrs["action_fps"] = float(action_fps)
+        if isinstance(episodes, EpisodeData):
+            _write_group(f, episodes, force_channels=force_channels, sensor_rate=sensor_rate)
+        else:
+            root = f.create_group("episodes")
+            for ep in episodes:
+                _write_group(
+                    root.create_group(ep.name.replace("/", "__")),
+                    ep,
+                    force_channels=force_channels,
+                    sensor_rate=sensor_rate,
+                )
     return path
