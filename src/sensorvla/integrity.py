@@ -135,11 +135,6 @@ def verify_manifest(folder: str | Path) -> list[str]:
     return problems
 
 
-def rewrite_manifest(folder: str | Path) -> Path:
-    """Record every file of `folder` as it is now (the fix for an older or partial manifest, after checking them)."""
-    return write_manifest(folder)
-
-
 def has_manifest(folder: str | Path) -> bool:
     """True when `folder` has a manifest.json."""
     return (Path(folder) / MANIFEST_NAME).exists()
@@ -190,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(folder).is_dir():
             print(f"{folder} is not a folder", file=sys.stderr)
             return 1
-        print(f"wrote {rewrite_manifest(folder)} ({len(folder_files(folder))} files)")
+        print(f"wrote {write_manifest(folder)} ({len(folder_files(folder))} files)")
     return 0
 
 
