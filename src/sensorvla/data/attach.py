@@ -14,7 +14,6 @@ at frame_index / fps); see docs/data-format.md.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sensorvla.data.format import load_meta
+from sensorvla.data.importers._common import read_numeric_csv
 from sensorvla.data.layout import INFO_FILE
 from sensorvla.data.options import AttachOptions
 from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span, inside_dataset, stream_key
@@ -67,37 +67,17 @@ def _by_episode(src: Path, ep_idx, ts, values, episode: int | None) -> dict[int,
 
 
 def _read_csv(src: Path, episode: int | None):
-    with open(src, newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError("empty CSV", path=str(src), fix="write a header row and one row per sample") from None
-        ts_col = next((i for i, h in enumerate(header) if h.lower() in TS_NAMES), None)
-        if ts_col is None:
-            raise DataError(
-                f"CSV header {header} has no timestamp column",
-                path=str(src),
-                fix=f"name the time column one of {list(TS_NAMES)}",
-            )
-        ep_col = header.index("episode_index") if "episode_index" in header else None
-        rows = []
-        for n, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                rows.append([float(x) for x in row])
-            except ValueError as e:
-                raise DataError(f"line {n} is not numeric ({e})", path=str(src), fix="fix or drop that line") from e
-            if len(row) != len(header):
-                raise DataError(
-                    f"line {n} has {len(row)} fields, the header {len(header)}",
-                    path=str(src),
-                    fix="write one value per header column",
-                )
-    if not rows:
+    header, a = read_numeric_csv(src, what="CSV", fix="write a header row and one row of numbers per sample")
+    ts_col = next((i for i, h in enumerate(header) if h.lower() in TS_NAMES), None)
+    if ts_col is None:
+        raise DataError(
+            f"CSV header {header} has no timestamp column",
+            path=str(src),
+            fix=f"name the time column one of {list(TS_NAMES)}",
+        )
+    if not len(a):
         raise DataError("CSV has no samples", path=str(src), fix="write one row per sample")
-    a = np.asarray(rows, np.float64)
+    ep_col = header.index("episode_index") if "episode_index" in header else None
     value_cols = [i for i in range(len(header)) if i not in (ts_col, ep_col)]
     names = [header[i] for i in value_cols]
     ep = a[:, ep_col] if ep_col is not None else None
