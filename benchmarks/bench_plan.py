@@ -1,7 +1,8 @@
 """Memory-planner benchmarks: `python benchmarks/run.py plan`.
 
-1. calibration: planned vs measured step peak on this CPU (`plan/measure.py`) for the tiny model and a mid-size
-   (141 M parameter) random model, fp32 and bf16, stage 1 uncached / cached, stage 2 LoRA, full fine-tuning;
+1. calibration: planned vs measured step peak on this CPU (`plan/measure.py`, the configs of
+   tests/plan/calibration.py) for the tiny model and a mid-size (141 M parameter) random model, fp32 and bf16,
+   stage 1 uncached / cached, stage 2 LoRA, full fine-tuning;
 2. the seed's 4-GPU recipe on the real-size Qwen2.5-VL-3B (random weights, meta device): stage 1 uncached and
    cached, stage 2 LoRA, batch 4 x accumulation 8, with and without activation checkpointing, for two inputs:
    1 view at 224 x 224 and the seed's 5 views at 640 x 360 (230,400 pixels, 264 tokens each).
@@ -10,9 +11,12 @@ The tables in docs/scaling.md are this command's output.
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 MID = {"text_hidden": 1024, "text_layers": 12, "vision_hidden": 512, "vision_depth": 8}
 MODELS = ("tiny", "mid")
@@ -31,8 +35,15 @@ CALIBRATION = [
 ]
 
 
+def _calibration_module():
+    """tests/plan/calibration.py: the calibration configs the test suite checks the planner with."""
+    spec = importlib.util.spec_from_file_location("calibration", HERE.parent / "tests" / "plan" / "calibration.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def calibration(root: Path) -> list[dict]:
-    from sensorvla.plan.measure import calibration_config, planned_and_measured
     from sensorvla.world.synth import generate_dataset
     from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
@@ -40,14 +51,15 @@ def calibration(root: Path) -> list[dict]:
     # are those of that split (stats of another split are refused as stale)
     data = {n: generate_dataset(root / f"d224_{n}", num_episodes=3, image_size=224, progress=False) for n in MODELS}
     models = {"tiny": build_tiny_qwen_vl(root / "tiny"), "mid": build_tiny_qwen_vl(root / "mid", **MID)}
+    calib = _calibration_module()
     rows = []
     for i, (name, dtype, scenario) in enumerate(CALIBRATION):
         extra = {"batch_size": 2, "max_steps": 2} if name == "mid" else {}
-        cfg = calibration_config(models[name], data[name], root / f"run{i}", scenario, dtype, **extra)
+        cfg = calib.calibration_config(models[name], data[name], root / f"run{i}", scenario, dtype, **extra)
         if name == "mid":
             cfg.data.views, cfg.data.val_fraction = ("front",), 0.0
         t0 = time.perf_counter()
-        planned, measured = planned_and_measured(cfg, scenario, "cpu")
+        planned, measured = calib.planned_and_measured(cfg, scenario, "cpu")
         rows.append(
             {
                 "model": name,

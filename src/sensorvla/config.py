@@ -474,7 +474,7 @@ class SensorVLAConfig:
     def from_dict(cls, data: dict[str, Any]) -> SensorVLAConfig:
         """The config of a `to_dict()` dict; every value type-checked (`ConfigError` naming the key). A key of
         `LEGACY_VALUES` missing from its section (a config saved before the key existed) gets its legacy value."""
-        return _from_dict(cls, data, "")
+        return section_from_dict(cls, data, "")
 
     def to_json(self) -> str:
         """The config as indented, key-sorted JSON."""
@@ -494,12 +494,6 @@ class SensorVLAConfig:
         """Check cross-field constraints; raise `ConfigError` naming the flag to change."""
         validate(self)
         return self
-
-
-def section_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """The config section `cls` (any of the dataclasses above) of its `asdict()` dict, every value type-checked;
-    `prefix` ("data.") names its keys in errors."""
-    return _from_dict(cls, data, prefix)
 
 
 # Loading is pydantic's (`TypeAdapter` over these dataclasses): strict JSON types (an int is a float, a list is a tuple;
@@ -547,8 +541,9 @@ def _with_legacy(data: dict[str, Any], prefix: str) -> dict[str, Any]:
     return data
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """The section `cls` of `data`, validated by pydantic; `ConfigError` naming the key (`_config_error`)."""
+def section_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """The config section `cls` (any of the dataclasses above) of its `asdict()` dict, every value type-checked by
+    pydantic; `prefix` ("data.") names its keys in errors (`ConfigError`, `_config_error`)."""
     from pydantic import ValidationError
 
     if not isinstance(data, dict):
@@ -642,7 +637,7 @@ def _check_types(obj: Any, prefix: str) -> None:
     """Type-check (and normalise: int -> float, list -> tuple) every field of a config tree in place."""
     if not dataclasses.is_dataclass(obj):
         raise _section_error(prefix.rstrip("."), obj)
-    _assign(obj, _from_dict(type(obj), dataclasses.asdict(obj), prefix))
+    _assign(obj, section_from_dict(type(obj), dataclasses.asdict(obj), prefix))
 
 
 def _assign(dst: Any, src: Any) -> None:

@@ -30,13 +30,10 @@ def rewrite_command(folder: str | Path) -> str:
     return f"python -m sensorvla.integrity {folder}"
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB chunks."""
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (`hashlib.file_digest`: read in chunks, never whole)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def folder_files(folder: str | Path) -> list[str]:
@@ -138,11 +135,6 @@ def verify_manifest(folder: str | Path) -> list[str]:
     return problems
 
 
-def rewrite_manifest(folder: str | Path) -> Path:
-    """Record every file of `folder` as it is now (the fix for an older or partial manifest, after checking them)."""
-    return write_manifest(folder)
-
-
 def has_manifest(folder: str | Path) -> bool:
     """True when `folder` has a manifest.json."""
     return (Path(folder) / MANIFEST_NAME).exists()
@@ -193,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(folder).is_dir():
             print(f"{folder} is not a folder", file=sys.stderr)
             return 1
-        print(f"wrote {rewrite_manifest(folder)} ({len(folder_files(folder))} files)")
+        print(f"wrote {write_manifest(folder)} ({len(folder_files(folder))} files)")
     return 0
 
 

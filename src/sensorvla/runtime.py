@@ -136,6 +136,17 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def bf16_autocast(device):
+    """bf16 autocast on a CUDA device that supports it; a no-op context elsewhere (CPU bf16 autocast is slower)."""
+    import contextlib
+
+    import torch
+
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def compile_policy(policy, *, training: bool, **compile_kwargs) -> None:
     """`torch.compile` the sensor encoder and the action head of a `VLAPolicy` in place (`--runtime.compile`): training,
     and inference on CUDA (on CPU the runner exports its per-call work instead, inference/tick.py: measured faster).

@@ -101,6 +101,25 @@ def test_stale_temp_folders_are_cleaned_with_a_message(tmp_path, caplog):
     assert str(stale) in caplog.text and "interrupted" in caplog.text
 
 
+def test_an_atomic_json_write_cleans_a_dead_writers_temp_file(tmp_path, caplog):
+    """`atomic_write_json` (metrics, info.json, norm stats) goes through `atomic_file`: a killed writer's temp
+    sibling is removed, a live one's kept, and the file lands whole with no temp left of its own."""
+    import socket
+
+    from sensorvla.io import atomic_write_json
+
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32]
+    stale = tmp_path / f".m.json.{host}-{_dead_pid()}.x1y2.tmp"
+    live = tmp_path / f".m.json.{host}-{os.getpid()}.live.tmp"
+    stale.write_text("{")
+    live.write_text("{")
+    with caplog.at_level("WARNING"):
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": 1\n}\n'
+    assert not stale.exists() and live.exists() and str(stale) in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", live.name])
+
+
 def test_stats_cover_the_training_split_only(tmp_path):
     root = generate_dataset(tmp_path / "ds", num_episodes=8, seed=1, progress=False)
     cfg = DataConfig(dataset_dir=str(root), val_fraction=0.25, test_fraction=0.25, split_seed=4)
@@ -130,8 +149,8 @@ def test_fingerprint_is_a_content_hash_with_a_cheap_cache(tmp_path, monkeypatch)
     stats = compute_stats(root, progress=False, data_cfg=cfg)
     stats.save(root / "meta" / "norm_stats.json")  # derived: does not change the fingerprint
     calls = []
-    real = fpmod.hash_file
-    monkeypatch.setattr(fpmod, "hash_file", lambda p: calls.append(p) or real(p))
+    real = fpmod.file_sha256
+    monkeypatch.setattr(fpmod, "file_sha256", lambda p: calls.append(p) or real(p))
     NormStats.load(root / "meta" / "norm_stats.json").check(dataset_fingerprint(root, data_cfg=cfg))
     assert calls == []  # unchanged files: stat() only, nothing re-read
     # a re-import with the same row counts but other values

@@ -507,3 +507,25 @@ def test_a_foreign_read_error_becomes_a_data_error(tmp_path):
     with pytest.raises(DataError) as ei, as_data_error(ValueError, "outer"):
         raise inner
     assert ei.value is inner
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("", "is empty (no header row)"),
+        ("t,a\n0,1\n2\n", "line 3 has 1 fields, the header 2"),
+        ("t,a\n0,1\n\n1,x\n", "line 4 is not numeric"),  # the file's own line number, blank lines counted
+    ],
+)
+def test_numeric_csv_errors_name_the_line(tmp_path, text, needle):
+    """The one CSV reader of the recorder's robot states and `add-sensor`: a bad file names its line and the fix."""
+    from sensorvla.data.importers._common import read_numeric_csv
+
+    path = tmp_path / "s.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match="Fix: re-export") as ei:
+        read_numeric_csv(path, what="sensor CSV", fix="re-export it")
+    assert needle in str(ei.value) and str(path) in str(ei.value)
+    path.write_text("\ufefft,a\n0,1\n\n1,2\n")  # a byte-order mark and a blank line are fine
+    header, table = read_numeric_csv(path, what="sensor CSV", fix="re-export it")
+    assert header == ["t", "a"] and table.tolist() == [[0.0, 1.0], [1.0, 2.0]]

@@ -16,9 +16,6 @@ from transformers import AutoModelForImageTextToText  # noqa: E402
 from sensorvla.config import BackboneConfig  # noqa: E402
 from sensorvla.models.backbone import (  # noqa: E402
     BackboneLoadError,
-    ImageOnlyQwen2_5_VLProcessor,
-    ImageOnlyQwen2VLProcessor,
-    ImageOnlyQwen3VLProcessor,
     VLBackbone,
     build_messages,
     collate_vl,
@@ -29,6 +26,11 @@ from sensorvla.models.backbone import (  # noqa: E402
     process_sample,
     render_prompt,
     resolve_dtype,
+)
+from sensorvla.models.hf_processors import (  # noqa: E402
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlyQwen2VLProcessor,
+    ImageOnlyQwen3VLProcessor,
 )
 from sensorvla.world.tiny_qwen import FAMILIES, build_tiny_qwen_vl  # noqa: E402
 

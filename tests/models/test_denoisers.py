@@ -131,9 +131,9 @@ def test_a_checkpoint_saved_before_the_option_loads_with_the_decoder(tmp_path, t
     saved = json.loads((out / "config.json").read_text())
     del saved["model"]["head"]["denoiser"]  # as an older sensorvla wrote it
     (out / "config.json").write_text(json.dumps(saved))
-    from sensorvla.integrity import rewrite_manifest
+    from sensorvla.integrity import write_manifest
 
-    rewrite_manifest(out)  # the manifest records the folder as edited (else the changed config.json is refused)
+    write_manifest(out)  # the manifest records the folder as edited (else the changed config.json is refused)
     loaded, loaded_cfg, _ = load_pretrained(out)
     assert loaded_cfg.model.head.denoiser == "decoder" and isinstance(loaded.head.velocity, ChunkDenoiser)
     c = torch.randn(2, 9, loaded.fusion.out_dim)

@@ -207,9 +207,9 @@ def test_load_errors(tiny_vl_dir, tmp_path):
     (other / "config.json").write_text(cfg_other.to_json())
     with pytest.raises(CheckpointMismatchError, match=r"config\.json: sha256"):  # an edited file: refused
         load_pretrained(other)
-    from sensorvla.integrity import rewrite_manifest
+    from sensorvla.integrity import write_manifest
 
-    rewrite_manifest(other)  # edited on purpose and recorded: now the key check speaks
+    write_manifest(other)  # edited on purpose and recorded: now the key check speaks
     with pytest.raises(CheckpointMismatchError, match="missing=.*unexpected="):
         load_pretrained(other)
     with pytest.raises(FileNotFoundError, match="not a sensorvla pretrained_model"):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sensorvla.models import backbone
 from sensorvla.models.backbone import load_processor, process_sample, render_prompt
 from sensorvla.models.backbones import qwen
+from sensorvla.models.backbones.base import full_process
 from sensorvla.world.tiny_qwen import FAMILIES, build_tiny_qwen_vl
 
 TEMPLATE = "{instruction}"
@@ -23,7 +23,7 @@ def processors(tmp_path_factory):
 
 
 def _full(proc, images, instruction):
-    return backbone._full_process(proc, images, render_prompt(proc, instruction, len(images), TEMPLATE))
+    return full_process(proc, images, render_prompt(proc, instruction, len(images), TEMPLATE))
 
 
 def _views(seed: int, hw: tuple[int, int], n: int = 2) -> list[np.ndarray]:
@@ -66,8 +66,7 @@ def test_resized_views_are_bit_equal_to_the_full_processor(processors, family, h
     want = _full(proc, views, "go")
     assert qwen.resized_pixels(proc.image_processor, views) is not None
     calls = []
-    real = backbone._full_process
-    monkeypatch.setattr(backbone, "_full_process", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(qwen, "full_process", lambda *a: calls.append(1) or full_process(*a))
     process_sample(proc, views, "go", TEMPLATE)  # fills the prompt cache for this grid (one full call)
     calls.clear()
     got = process_sample(proc, _views(4, hw), "go", TEMPLATE)

@@ -17,13 +17,13 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from sensorvla.config import BackboneConfig  # noqa: E402
 from sensorvla.models import random_vl  # noqa: E402
 from sensorvla.models.backbone import (  # noqa: E402
-    IMAGE_ONLY_PROCESSORS,
     BackboneLoadError,
     VLBackbone,
     load_processor,
     load_vl_model,
     process_sample,
 )
+from sensorvla.models.hf_processors import IMAGE_ONLY_PROCESSORS  # noqa: E402
 
 MODELS = random_vl.available()
 EXPECTED = {

@@ -12,8 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-
-from sensorvla.plan.measure import calibration_config, planned_and_measured  # noqa: E402
+from calibration import calibration_config, planned_and_measured  # noqa: E402
 
 TOLERANCE = 0.15
 MID = {"text_hidden": 1024, "text_layers": 12, "vision_hidden": 512, "vision_depth": 8}  # 141.6 M parameters

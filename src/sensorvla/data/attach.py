@@ -14,7 +14,6 @@ at frame_index / fps); see docs/data-format.md.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -22,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from sensorvla.data.format import INFO_FILE, load_meta
-from sensorvla.data.importers._common import check_increasing
+from sensorvla.data.format import load_meta
+from sensorvla.data.importers._common import read_numeric_csv
+from sensorvla.data.layout import INFO_FILE
 from sensorvla.data.options import AttachOptions
 from sensorvla.data.sidecar import STREAMS_DIR, StreamWriter, episode_span, inside_dataset, stream_key
-from sensorvla.data.types import DataError
+from sensorvla.data.types import DataError, as_data_error, check_increasing, error_text, median_rate
 from sensorvla.data.writer import check_finite
 from sensorvla.io import atomic_dir, atomic_write_json
 
@@ -67,37 +67,17 @@ def _by_episode(src: Path, ep_idx, ts, values, episode: int | None) -> dict[int,
 
 
 def _read_csv(src: Path, episode: int | None):
-    with open(src, newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError("empty CSV", path=str(src), fix="write a header row and one row per sample") from None
-        ts_col = next((i for i, h in enumerate(header) if h.lower() in TS_NAMES), None)
-        if ts_col is None:
-            raise DataError(
-                f"CSV header {header} has no timestamp column",
-                path=str(src),
-                fix=f"name the time column one of {list(TS_NAMES)}",
-            )
-        ep_col = header.index("episode_index") if "episode_index" in header else None
-        rows = []
-        for n, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                rows.append([float(x) for x in row])
-            except ValueError as e:
-                raise DataError(f"line {n} is not numeric ({e})", path=str(src), fix="fix or drop that line") from e
-            if len(row) != len(header):
-                raise DataError(
-                    f"line {n} has {len(row)} fields, the header {len(header)}",
-                    path=str(src),
-                    fix="write one value per header column",
-                )
-    if not rows:
+    header, a = read_numeric_csv(src, what="CSV", fix="write a header row and one row of numbers per sample")
+    ts_col = next((i for i, h in enumerate(header) if h.lower() in TS_NAMES), None)
+    if ts_col is None:
+        raise DataError(
+            f"CSV header {header} has no timestamp column",
+            path=str(src),
+            fix=f"name the time column one of {list(TS_NAMES)}",
+        )
+    if not len(a):
         raise DataError("CSV has no samples", path=str(src), fix="write one row per sample")
-    a = np.asarray(rows, np.float64)
+    ep_col = header.index("episode_index") if "episode_index" in header else None
     value_cols = [i for i in range(len(header)) if i not in (ts_col, ep_col)]
     names = [header[i] for i in value_cols]
     ep = a[:, ep_col] if ep_col is not None else None
@@ -105,57 +85,55 @@ def _read_csv(src: Path, episode: int | None):
 
 
 def _read_npz(src: Path, episode: int | None):
-    try:
-        with np.load(src, allow_pickle=False) as z:
-            keys = set(z.files)
-            if not {"timestamps", "values"} <= keys:
-                raise DataError(
-                    f"npz has arrays {sorted(keys)}, expected 'timestamps' and 'values' (+ 'episode_index')",
-                    path=str(src),
-                    fix="np.savez(path, episode_index=..., timestamps=..., values=...)",
-                )
-            ep = z["episode_index"] if "episode_index" in keys else None
-            return _by_episode(src, ep, z["timestamps"], z["values"], episode), None
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(
-            f"cannot read the npz ({type(e).__name__}: {e}; pickled arrays are refused)",
-            path=str(src),
+    with (
+        as_data_error(
+            (OSError, ValueError, EOFError),
+            lambda e: f"cannot read the npz ({error_text(e)}; pickled arrays are refused)",
+            path=src,
             fix="re-export it with numeric arrays",
-        ) from e
+        ),
+        np.load(src, allow_pickle=False) as z,
+    ):
+        keys = set(z.files)
+        if not {"timestamps", "values"} <= keys:
+            raise DataError(
+                f"npz has arrays {sorted(keys)}, expected 'timestamps' and 'values' (+ 'episode_index')",
+                path=str(src),
+                fix="np.savez(path, episode_index=..., timestamps=..., values=...)",
+            )
+        ep = z["episode_index"] if "episode_index" in keys else None
+        return _by_episode(src, ep, z["timestamps"], z["values"], episode), None
 
 
 def _read_h5(src: Path, episode: int | None):
     import h5py
 
-    try:
-        with h5py.File(src, "r") as f:
-            if "episodes" in f:
-                out = {}
-                for k in sorted(f["episodes"], key=lambda x: int(x) if x.isdigit() else -1):
-                    if not k.isdigit():
-                        raise DataError(
-                            f"group /episodes/{k} is not an episode index",
-                            path=str(src),
-                            fix="name each group by its 0-based episode index",
-                        )
-                    g = f["episodes"][k]
-                    out.update(_by_episode(src, None, g["timestamps"][()], g["values"][()], int(k)))
-                return out, None
-            for k in ("timestamps", "values"):
-                if k not in f:
+    unreadable = (OSError, KeyError, ValueError)
+    with (
+        as_data_error(unreadable, lambda e: f"cannot read the HDF5 file ({e})", path=src, fix="re-export it"),
+        h5py.File(src, "r") as f,
+    ):
+        if "episodes" in f:
+            out = {}
+            for k in sorted(f["episodes"], key=lambda x: int(x) if x.isdigit() else -1):
+                if not k.isdigit():
                     raise DataError(
-                        f"no /{k} dataset (found {sorted(f)})",
+                        f"group /episodes/{k} is not an episode index",
                         path=str(src),
-                        fix="write /episode_index, /timestamps, /values or /episodes/<i>/{timestamps,values}",
+                        fix="name each group by its 0-based episode index",
                     )
-            ep = f["episode_index"][()] if "episode_index" in f else None
-            return _by_episode(src, ep, f["timestamps"][()], f["values"][()], episode), None
-    except DataError:
-        raise
-    except (OSError, KeyError, ValueError) as e:
-        raise DataError(f"cannot read the HDF5 file ({e})", path=str(src), fix="re-export it") from e
+                g = f["episodes"][k]
+                out.update(_by_episode(src, None, g["timestamps"][()], g["values"][()], int(k)))
+            return out, None
+        for k in ("timestamps", "values"):
+            if k not in f:
+                raise DataError(
+                    f"no /{k} dataset (found {sorted(f)})",
+                    path=str(src),
+                    fix="write /episode_index, /timestamps, /values or /episodes/<i>/{timestamps,values}",
+                )
+        ep = f["episode_index"][()] if "episode_index" in f else None
+        return _by_episode(src, ep, f["timestamps"][()], f["values"][()], episode), None
 
 
 def read_sensor_file(src: str | Path, episode: int | None = None):
@@ -207,7 +185,7 @@ def _check_episode_samples(meta, e: int, ts, values, name: str, clock_offset: fl
             fix=f"pass the offset from the sensor clock to the dataset clock, e.g. --clock-offset {lo - ts[0]:.6f} "
             "(if the sensor started with the episode)",
         )
-    return 1.0 / float(np.median(np.diff(ts))) if len(ts) > 1 else None
+    return median_rate(ts)
 
 
 def _common_rate(meta, rates: dict[int, float], rate: float | None, src) -> float | None:

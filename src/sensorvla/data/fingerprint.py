@@ -14,12 +14,12 @@ import logging
 import os
 from pathlib import Path
 
+from sensorvla.integrity import file_sha256
 from sensorvla.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 EXCLUDED = {"meta/norm_stats.json"}  # derived from the data, written after it
-_CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
@@ -45,15 +45,6 @@ def data_files(root: str | Path) -> list[Path]:
     return sorted(out)
 
 
-def hash_file(path: Path) -> str:
-    """sha256 hex digest of one file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cache_path(root: Path) -> Path:
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
     return cache_dir() / "file-hashes" / f"{key}.json"
@@ -77,7 +68,7 @@ def content_hash(root: str | Path) -> str:
         if hit is not None and hit[:3] == sig:
             digest = hit[3]
         else:
-            digest = hash_file(root / rel)
+            digest = file_sha256(root / rel)
             changed = True
         new_cache[key] = [*sig, digest]
         total.update(f"{key}\0{digest}\n".encode())

@@ -29,21 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from sensorvla.data.layout import (  # noqa: F401  (re-exported: the layout's names)
+from sensorvla.data.layout import (
     ACTION_KEY,
-    ACTION_NAMES_7,
     CAMERA_PREFIX,
-    CODEBASE_VERSION,
-    DATA_FILE,
-    DATA_PATH,
-    EPISODES_FILE,
-    EPISODES_PATH,
     INFO_FILE,
     ROW_KEYS,
     STATE_KEY,
     TASKS_FILE,
     V21_FIX,
-    VIDEO_PATH,
 )
 from sensorvla.data.types import DataError
 from sensorvla.streams import StreamSpec, parse_stream
@@ -400,13 +393,14 @@ def column_array(table, key: str, width: int | None = None, dtype=np.float32) ->
     """A fixed-size-list (or scalar) parquet column -> numpy (N, width) / (N,), without Python lists."""
     import pyarrow as pa
 
+    def is_list(arr) -> bool:
+        return pa.types.is_fixed_size_list(arr.type) or pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+
     col = table.column(key).combine_chunks()
-    if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-        n, flat = len(col), col.flatten()
-        while (
-            pa.types.is_fixed_size_list(flat.type) or pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type)
-        ):
-            flat = flat.flatten()  # a 2-D feature: rows of rows
+    if is_list(col):
+        n, flat = len(col), col
+        while is_list(flat):  # a 2-D feature: rows of rows
+            flat = flat.flatten()
         flat = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype)
         w = width if width is not None else (flat.size // n if n else 0)
         if flat.size != n * w:

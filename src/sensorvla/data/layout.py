@@ -6,7 +6,6 @@ CODEBASE_VERSION = "v3.0"
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
-DATA_FILE = DATA_PATH.format(chunk_index=0, file_index=0)
 EPISODES_FILE = EPISODES_PATH.format(chunk_index=0, file_index=0)
 TASKS_FILE = "meta/tasks.parquet"
 INFO_FILE = "meta/info.json"

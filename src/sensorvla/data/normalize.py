@@ -22,7 +22,6 @@ from sensorvla.io import atomic_write_json
 from sensorvla.progress import progress as track
 from sensorvla.streams import parse_stream
 
-STAT_NAMES = ("mean", "std", "q01", "q99", "min", "max")
 EPS = 1e-6  # std / quantile range floor: constant channels map to 0 instead of dividing by ~0
 # The wrench output's target (the sensor's leading force channels): normalized with the sensor's statistics and
 # sensor transform of those channels, so it has no entry of its own in norm_stats.json.

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sensorvla.data.types import DataError, Stream
+from sensorvla.data.types import DataError, Stream, check_increasing, median_rate
 from sensorvla.io import UnsafePathError, check_name, resolve_inside
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ PATH_TEMPLATE = STREAMS_DIR + "/{key}/chunk-{chunk_index:03d}/episode_{episode_i
 INDEX_TEMPLATE = STREAMS_DIR + "/{key}/episodes.parquet"
 CHUNK_SIZE = 1000  # episodes per chunk folder, as LeRobot's chunks_size
 KINDS = ("values", "timing", "frames")
-INDEX_COLUMNS = ("episode_index", "num_samples", "clock_offset_s", "t_first", "t_last", "episode_length")
 RATE_TOLERANCE = 0.25  # relative: an episode's median sample interval vs the declared rate_hz (x10 or ms are far off)
 NPY_FIX = (
     "the file is truncated or damaged: re-create the dataset or re-attach the stream (`sensorvla data add-sensor`)"
@@ -143,31 +142,11 @@ class SidecarStream:
         """DataError naming the file, the episode, the sample and the fix unless `ts` is a valid clock."""
         path = str(self.files(e)[0])
         fix = f"re-attach it with timestamps in seconds (`sensorvla data add-sensor --name {self.key} --overwrite`)"
-        t = np.asarray(ts, np.float64)
-        bad = ~np.isfinite(t)
-        if bad.any():
-            k = int(np.argmax(bad))
-            raise DataError(
-                f"stream {self.key!r} timestamps hold NaN/inf ({int(bad.sum())} values; first at sample {k})",
-                episode=name,
-                path=path,
-                fix=fix,
-            )
         held = self.kind == "timing" and self.key != "action"  # a video's capture time repeats for a held frame
-        d = np.diff(t)
-        wrong = d < 0 if held else d <= 0
-        if wrong.any():
-            k = int(np.argmax(wrong))
-            raise DataError(
-                f"stream {self.key!r} timestamps are not {'increasing' if held else 'strictly increasing'} (sample "
-                f"{k} at {t[k]:.6f} s, sample {k + 1} at {t[k + 1]:.6f} s)",
-                episode=name,
-                path=path,
-                fix="sort the samples by time and drop duplicates; " + fix,
-            )
-        if held or not self.rate_hz or len(t) < 3:
+        check_increasing(ts, what=f"stream {self.key!r}", episode=name, path=path, fix=fix, strict=not held)
+        if held or not self.rate_hz or len(ts) < 3:
             return
-        measured = 1.0 / float(np.median(d))
+        measured = median_rate(ts)
         rate = float(self.rate_hz)
         if abs(measured - rate) > RATE_TOLERANCE * rate:
             ratio = rate / measured

@@ -59,6 +59,42 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def check_increasing(
+    ts, *, what: str, episode: str | None = None, path: str | Path | None = None, fix: str = "", strict: bool = True
+) -> None:
+    """DataError unless the timestamps `ts` (N,) are finite and strictly increasing (`strict=False`: non-decreasing),
+    naming the first offending sample; `fix` is said for either (after "sort the samples by time" for the order)."""
+    t = np.asarray(ts, np.float64)
+    where = None if path is None else str(path)
+    bad = ~np.isfinite(t)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise DataError(
+            f"{what} timestamps hold NaN/inf ({int(bad.sum())} values; first at sample {k})",
+            episode=episode,
+            path=where,
+            fix=fix or "fix or drop the corrupt rows",
+        )
+    d = np.diff(t)
+    wrong = d <= 0 if strict else d < 0
+    if wrong.any():
+        k = int(np.argmax(wrong))
+        raise DataError(
+            f"{what} timestamps are not {'strictly ' if strict else ''}increasing (sample {k} at {t[k]:.6f} s, "
+            f"sample {k + 1} at {t[k + 1]:.6f} s)",
+            episode=episode,
+            path=where,
+            fix="sort the samples by time and drop duplicates" + (f"; {fix}" if fix else ", or fix the recorder clock"),
+        )
+
+
+def median_rate(ts) -> float | None:
+    """1 / the median step of timestamps `ts` (N,) in Hz, rounded to 1e-6; None when it cannot be told."""
+    ts = np.asarray(ts, np.float64)
+    step = float(np.median(np.diff(ts))) if len(ts) > 1 else 0.0
+    return round(1.0 / step, 6) if np.isfinite(step) and step > 0 else None
+
+
 class Stream(NamedTuple):
     """One stream of an episode on its own clock: timestamps (N,) float64 seconds, values (N, ...) (a camera's
     frames (N, h, w, 3) uint8), and the offset in seconds added to its timestamps to reach the common clock."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sensorvla.data.types import DataError
+from sensorvla.data.types import DataError, as_data_error, error_text
 
 logger = logging.getLogger(__name__)
 
@@ -116,24 +116,23 @@ def probe(path: str | Path) -> VideoInfo:
     path = Path(path)
     if not path.is_file():
         raise DataError("video file is missing", path=str(path), fix=VIDEO_FIX)
-    try:
-        with av.open(str(path)) as c:
-            if not c.streams.video:
-                raise DataError("file has no video stream", path=str(path), fix=VIDEO_FIX)
-            s = c.streams.video[0]
-            fps = float(s.average_rate or s.guessed_rate or 0)
-            if s.duration is not None:
-                duration = float(s.duration * s.time_base)
-            elif c.duration is not None:
-                duration = c.duration / 1e6
-            else:
-                duration = 0.0
-            frames = int(s.frames) if s.frames else int(round(duration * fps))
-            return VideoInfo(frames, fps, duration, s.codec_context.height, s.codec_context.width, s.codec_context.name)
-    except DataError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise DataError(f"cannot open the video ({type(e).__name__}: {e})", path=str(path), fix=VIDEO_FIX) from e
+    unreadable = (av.error.FFmpegError, OSError, ValueError)
+    with (
+        as_data_error(unreadable, lambda e: f"cannot open the video ({error_text(e)})", path=path, fix=VIDEO_FIX),
+        av.open(str(path)) as c,
+    ):
+        if not c.streams.video:
+            raise DataError("file has no video stream", path=str(path), fix=VIDEO_FIX)
+        s = c.streams.video[0]
+        fps = float(s.average_rate or s.guessed_rate or 0)
+        if s.duration is not None:
+            duration = float(s.duration * s.time_base)
+        elif c.duration is not None:
+            duration = c.duration / 1e6
+        else:
+            duration = 0.0
+        frames = int(s.frames) if s.frames else int(round(duration * fps))
+        return VideoInfo(frames, fps, duration, s.codec_context.height, s.codec_context.width, s.codec_context.name)
 
 
 def decode_all(path: str | Path) -> int:

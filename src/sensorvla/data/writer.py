@@ -31,7 +31,7 @@ from sensorvla.data.layout import (
     VIDEO_PATH,
 )
 from sensorvla.data.sidecar import StreamWriter
-from sensorvla.data.types import DataError, EpisodeData
+from sensorvla.data.types import DataError, EpisodeData, check_increasing, median_rate
 from sensorvla.io import atomic_dir, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -56,16 +56,7 @@ def _check_stream(ep: EpisodeData, name: str, ts: np.ndarray, data, fix: str) ->
             path=name,
             fix=fix,
         )
-    if not np.all(np.isfinite(ts)):
-        raise DataError(f"{name} timestamps contain NaN/inf", episode=ep.name, path=name, fix=fix)
-    if len(ts) > 1 and np.any(np.diff(ts) <= 0):
-        i = int(np.argmax(np.diff(ts) <= 0))
-        raise DataError(
-            f"{name} timestamps are not strictly increasing (at index {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
-            episode=ep.name,
-            path=name,
-            fix="sort the samples by time and drop duplicates, or fix the recorder clock",
-        )
+    check_increasing(ts, what=name, episode=ep.name, path=name, fix=fix)
 
 
 def check_finite(
@@ -226,24 +217,19 @@ def _tasks_table(tasks: dict[str, int]):
 def _frames_table(cols: dict[str, np.ndarray], features: dict[str, Any]):
     import pyarrow as pa
 
-    arrays, fields = [], []
+    arrays, fields, hf = [], [], {}
     for key, values in cols.items():
         ft = features[key]
         if key in (ACTION_KEY, STATE_KEY):
             n = int(ft["shape"][0])
             flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1))
             arr = pa.FixedSizeListArray.from_arrays(flat, n)
+            hf[key] = {"feature": {"dtype": "float32", "_type": "Value"}, "length": n, "_type": "List"}
         else:
             arr = pa.array(values, pa.float32() if ft["dtype"] == "float32" else pa.int64())
+            hf[key] = {"dtype": ft["dtype"], "_type": "Value"}
         arrays.append(arr)
         fields.append(pa.field(key, arr.type))
-    hf = {}
-    for key in cols:
-        ft = features[key]
-        if key in (ACTION_KEY, STATE_KEY):
-            hf[key] = {"feature": {"dtype": "float32", "_type": "Value"}, "length": ft["shape"][0], "_type": "List"}
-        else:
-            hf[key] = {"dtype": ft["dtype"], "_type": "Value"}
     schema = pa.schema(fields, metadata={b"huggingface": json.dumps({"info": {"features": hf}}).encode()})
     return pa.Table.from_arrays(arrays, schema=schema)
 
@@ -383,7 +369,7 @@ class _DatasetWriter:
                     self.tmp,
                     "sensor",
                     "values",
-                    rate_hz=self.extra_info.get("sensor_rate") or _median_rate(ep.sensor_timestamps),
+                    rate_hz=self.extra_info.get("sensor_rate") or median_rate(ep.sensor_timestamps),
                     force_channels=int(self.extra_info.get("force_channels", 1)),
                 )
             self.streams["sensor"].add(
@@ -395,7 +381,7 @@ class _DatasetWriter:
             if key not in self.streams:
                 encoder = self.extra_info.get("encoders", {}).get(key)
                 extra = {"encoder": encoder} if encoder else {}
-                self.streams[key] = StreamWriter(self.tmp, key, "values", rate_hz=_median_rate(st.timestamps), **extra)
+                self.streams[key] = StreamWriter(self.tmp, key, "values", rate_hz=median_rate(st.timestamps), **extra)
             self.streams[key].add(e, st.timestamps, values, st.offset)
         row: dict[str, Any] = {
             "episode_index": e,
@@ -587,14 +573,6 @@ def write_dataset(
             w.close()
         w.finish()
     return out_dir
-
-
-def _median_rate(ts) -> float | None:
-    ts = np.asarray(ts, np.float64)
-    if len(ts) < 2:
-        return None
-    step = float(np.median(np.diff(ts)))
-    return round(1.0 / step, 6) if step > 0 else None
 
 
 def _features(views, cam_shapes, dims, extra_info, image_format, codec, fps_int) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     return out.view(b, v, c, h, w)
 
 
-def _tensors(raws: list[dict], normalizer, state_dim: int) -> dict[str, torch.Tensor]:
+def _tensors(raws: list[dict], normalizer) -> dict[str, torch.Tensor]:
     """Raw samples -> stacked tensors (images uint8 (N, V, 3, h, w), normalized state/sensor/actions)."""
     images = torch.from_numpy(np.stack([np.stack(r["images"]) for r in raws])).permute(0, 1, 4, 2, 3).contiguous()
     state = np.stack([r["state"] for r in raws]).astype(np.float32)
@@ -153,7 +153,7 @@ def train_cnn_baseline(
         raise ValueError("CNNBaselineConfig: set budget_s, cpu_budget_s or max_steps (all are 0: no end)")
     start, cpu_start = time.perf_counter(), cpu_seconds()
     ds = EpisodeDataset(dataset_dir, data_cfg, split="train")
-    data = _tensors([ds[i] for i in range(len(ds))], normalizer, ds.meta.state_dim)
+    data = _tensors([ds[i] for i in range(len(ds))], normalizer)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, v = data["images"].shape[:2]
@@ -276,7 +276,7 @@ class CNNRunner:
             window, mask = np.zeros((d.sensor_samples, channels), np.float32), np.zeros(d.sensor_samples, bool)
         raw = {"images": list(obs["images"]), "state": np.asarray(obs["state"], np.float32), "sensor": window,
                "sensor_mask": mask, "has_sensor": bool(mask.any())}  # fmt: skip
-        x = _tensors([raw], self.normalizer, len(raw["state"]))
+        x = _tensors([raw], self.normalizer)
         pred = self.policy(x["images"].float() / 255.0, x["state"], x["sensor"], x["sensor_mask"])[0].numpy()
         actions = np.asarray(self.normalizer.unnormalize("actions", pred), np.float32)
         return {"actions": actions, "timing": {"total_ms": (time.perf_counter() - t0) * 1e3}}

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from sensorvla.runtime import bf16_autocast
 
 STAGES = ("preprocess_ms", "vl_ms", "sensor_ms", "head_ms", "postprocess_ms", "total_ms")
 DEFAULT_STEPS = (10, 5)  # DDIM steps (diffusion), Euler steps (flow): the goals' DDIM-10 / flow-5
@@ -30,7 +31,6 @@ BACKBONES = {
     "wide": {"text_hidden": 256, "text_layers": 4, "vision_hidden": 128, "vision_depth": 4},
     "vl_dominant": {"text_hidden": 512, "text_layers": 6, "vision_hidden": 256, "vision_depth": 6},
 }
-VL_DOMINANT = BACKBONES["vl_dominant"]
 
 
 def _runner(vl_model, head, views, mode, device, sensor_channels, image_size, steps, compile_model=False):
@@ -96,11 +96,7 @@ def _head_calls(runner, obs: dict[str, Any]):
     (CUDA-synchronised)."""
     pol, dev = runner.policy, runner.device
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in runner.prepare(runner.check_request(obs)).items()}
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported()
-        else nullcontext()
-    )
+    autocast = bf16_autocast(dev)
     with torch.inference_mode(), autocast:
         cond, mask = pol.condition(batch)
 

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +42,7 @@ def trajectories(raws: list[dict], pred: np.ndarray, names: list[str], path: Pat
     get no panel (autoscaled, they would show float noise as large swings); a note under the figure names
     them with the largest predicted magnitude. Binary dimensions (a tool flag) are drawn as steps on a fixed
     0..1 scale with the 0.5 threshold."""
-    plt = _plt()
+    plt = pyplot()
     episodes = sorted({r["episode_index"] for r in raws})[:max_episodes]
     kinds = dimension_kinds(np.stack([r["actions"] for r in raws]))
     shown = [d for d, k in enumerate(kinds) if k != "constant"] or list(range(len(names)))
@@ -86,7 +87,7 @@ def trajectories(raws: list[dict], pred: np.ndarray, names: list[str], path: Pat
 
 def error_per_step(metrics: dict[str, Any], names: list[str], path: Path) -> Path:
     """L1 error per horizon step, one line per action dimension."""
-    plt = _plt()
+    plt = pyplot()
     arr = np.asarray(metrics["l1_per_step_dim"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for d, name in enumerate(names):
@@ -107,7 +108,7 @@ def ablation_bars(metrics: dict[str, Any], path: Path) -> Path:
     The sensor group is measured on the samples with sensor data and the camera group on every sample, so
     their "normal" bars are the same predictions averaged over two sets: each bar names its set, and a
     note says so when the two differ."""
-    plt = _plt()
+    plt = pyplot()
     n_sensor, n_all = metrics["with_sensor"]["num_samples"], metrics["num_samples"]
     groups = [
         (

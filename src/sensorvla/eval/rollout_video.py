@@ -75,11 +75,9 @@ def _static_panel(
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]], tuple[float, float]]:
     """The plots over the whole episode: (RGB image, each axes' pixel box (x0, y0, x1, y1), (px of the first
     frame's time, px per second))."""
-    import matplotlib
+    from sensorvla.eval.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     w, h = size
     t0, t1 = float(times[0]), float(times[-1]) if times[-1] > times[0] else float(times[0]) + 1.0
     rows: list[str] = []

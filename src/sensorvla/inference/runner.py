@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from sensorvla.data.timeline import SensorWindow
 from sensorvla.inference.checks import RequestChecker, RequestLimits
 from sensorvla.inference.sensor_history import SensorHistory
 from sensorvla.inference.tick import FastTick, TickInputs, export_tick, starting_noise
+from sensorvla.runtime import bf16_autocast
 from sensorvla.serving.protocol import NonFiniteOutputError, ObservationError
 
 logger = logging.getLogger(__name__)
@@ -343,11 +343,7 @@ class PolicyRunner:
         `Memory` of them, so a fast tick projects keys and values for the sensor and state tokens only. The rest is
         `FastTick`: eager, or one compiled graph (`compile_model` on CPU; its time is all in `head_ms`)."""
         pol = self.policy
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            else nullcontext()
-        )
+        autocast = bf16_autocast(self.device)
         t1 = time.perf_counter()
         with torch.inference_mode(), autocast:
             cached = self._vl_projected

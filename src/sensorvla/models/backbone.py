@@ -25,14 +25,7 @@ from sensorvla import hub
 from sensorvla.config import BackboneConfig
 from sensorvla.models import backbones
 from sensorvla.models.backbones import BackboneLoadError, UnknownFamilyError
-from sensorvla.models.backbones.base import PROMPT_CACHE, full_process
-from sensorvla.models.hf_processors import (  # noqa: F401  (re-exported: their documented home)
-    IMAGE_ONLY_PROCESSORS,
-    ImageOnlyQwen2_5_VLProcessor,
-    ImageOnlyQwen2VLProcessor,
-    ImageOnlyQwen3VLProcessor,
-    make_image_processor,
-)
+from sensorvla.models.backbones.base import PROMPT_CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +39,23 @@ def _hint(path_or_id: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def _loading(path_or_id: str):
+    """Turn an OSError / ValueError of loading `path_or_id` (a missing file, a hub id not in the cache) into a
+    `BackboneLoadError` that says what to pass or download; a `BackboneLoadError` passes unchanged."""
+    try:
+        yield
+    except BackboneLoadError:
+        raise
+    except (OSError, ValueError) as e:  # hub.HubCacheMissError is a FileNotFoundError
+        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
+
+
 def _local(path_or_id: str, revision: str | None = None) -> str:
     """A hub id's snapshot folder in the local hub cache (sensorvla/hub.py), anything else unchanged; a hub id
     missing offline is a `BackboneLoadError` that says what to download and how."""
-    try:
+    with _loading(path_or_id):
         return hub.local_path(path_or_id, revision)
-    except (hub.HubCacheMissError, ValueError) as e:
-        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
 
 
 def detect_family(path_or_id: str, revision: str | None = None) -> str:
@@ -60,10 +63,8 @@ def detect_family(path_or_id: str, revision: str | None = None) -> str:
     families and how to add one) when no adapter in `models/backbones/` handles it."""
     from transformers import AutoConfig
 
-    try:
+    with _loading(path_or_id):
         model_type = AutoConfig.from_pretrained(_local(path_or_id, revision), revision=revision).model_type
-    except (OSError, ValueError) as e:
-        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
     backbones.family_for(model_type, repr(path_or_id))
     return model_type
 
@@ -76,12 +77,8 @@ def load_processor(path_or_id: str, *, min_pixels: int, max_pixels: int, revisio
         return random_vl.random_processor(str(path_or_id), min_pixels=min_pixels, max_pixels=max_pixels)
     path_or_id = _local(path_or_id, revision)  # a hub id -> its cached snapshot folder (sensorvla/hub.py)
     family = backbones.family_for(detect_family(path_or_id, revision))
-    try:
+    with _loading(path_or_id):
         return family.load_processor(path_or_id, min_pixels=min_pixels, max_pixels=max_pixels, revision=revision)
-    except BackboneLoadError:
-        raise
-    except (OSError, ValueError) as e:
-        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -111,15 +108,13 @@ def load_vl_model(
 
     if random_vl.is_random(path_or_id):
         return random_vl.build_random_vl(str(path_or_id), dtype=dtype, attn_implementation=attn_implementation)
-    try:
+    with _loading(path_or_id):
         return AutoModelForImageTextToText.from_pretrained(
             _local(path_or_id, revision),
             dtype=dtype,
             revision=revision,
             attn_implementation=attn_implementation,
         )
-    except (OSError, ValueError) as e:
-        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
 
 
 class WithoutWeights(NamedTuple):
@@ -138,10 +133,8 @@ def load_vl_config(path_or_id: str, revision: str | None = None):
 
     if random_vl.is_random(path_or_id):
         return random_vl.hf_config(str(path_or_id))
-    try:
+    with _loading(path_or_id):
         return AutoConfig.from_pretrained(_local(path_or_id, revision), revision=revision)
-    except (OSError, ValueError) as e:
-        raise BackboneLoadError(_hint(path_or_id) + f" ({e})") from e
 
 
 def build_messages(instruction: str, num_views: int, template: str = "{instruction}") -> list[dict]:
@@ -169,11 +162,6 @@ def process_sample(processor, images: list[np.ndarray], instruction: str, templa
     if prompt_key not in cache:
         cache[prompt_key] = render_prompt(processor, instruction, len(images), template)
     return backbones.family_of_processor(processor).encode_inputs(processor, images, cache[prompt_key])
-
-
-def _full_process(processor, images: list[np.ndarray], text: str) -> dict[str, torch.Tensor]:
-    """The processor's own call on one sample (`backbones.base.full_process`)."""
-    return full_process(processor, images, text)
 
 
 RANDOM_INIT_KEY = "sensorvla_random_init"  # set in config.json by `sensorvla tiny-model` (world/tiny_qwen.py)

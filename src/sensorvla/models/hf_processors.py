@@ -1,15 +1,13 @@
-"""The image-only Qwen-VL processors (no video processor, so no torchvision) and the backbone load error.
+"""The image-only Qwen-VL processors (no video processor, so no torchvision).
 
 Processors are loaded through these subclasses, never `AutoProcessor` (without torchvision it silently returns
-a bare tokenizer, see offline-stack.md section 2). `models/backbone.py` loads them; `models/random_vl.py` and the
-tiny model (`world/tiny_qwen.py`) build them.
+a bare tokenizer, see offline-stack.md section 2). The Qwen-VL family (`models/backbones/qwen.py`) loads them;
+`models/random_vl.py` and the tiny model (`world/tiny_qwen.py`) build them.
 """
 
 from __future__ import annotations
 
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
-
-from sensorvla.models.backbones.base import BackboneLoadError  # noqa: F401  (re-exported: its old home)
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):  # noqa: N801 (HF naming)

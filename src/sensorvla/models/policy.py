@@ -30,11 +30,6 @@ from sensorvla.models.heads.wrench import build_wrench_head, wrench_target
 from sensorvla.models.sensors.encoder import SensorEncoder
 from sensorvla.streams import model_streams
 
-# Top-level submodule names. Parameter groups, checkpoint keys and the seed-compatible checkpoint
-# ("sensor_encoder", "action_expert") are all derived from these prefixes.
-BACKBONE, SENSOR, FUSION, HEAD = "backbone", "sensor_encoder", "fusion", "head"
-WRENCH_HEAD = "wrench_head"  # the optional wrench output (`--model.wrench-output.enabled`); saved with the expert
-
 
 class VLAPolicy(nn.Module):
     """A sensor-augmented VLA policy. The constructor builds modules only (no I/O, no device moves).

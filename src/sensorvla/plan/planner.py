@@ -28,6 +28,7 @@ from sensorvla.plan.activations import (
     vl_blocks,
     vl_token_count,
 )
+from sensorvla.training.param_groups import aligned_table
 
 logger = logging.getLogger(__name__)
 
@@ -407,11 +408,7 @@ def count(n: int) -> str:
 
 
 def _table(rows: list[tuple], header: tuple) -> list[str]:
-    rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return ["  " + x for x in lines]
+    return ["  " + x for x in aligned_table([header, *rows])]
 
 
 def format_plan(p: Plan) -> str:

@@ -593,10 +593,6 @@ class PolicyServer:
             return command, None
         return None, self._validate(obs)
 
-    def _decode(self, message: str | bytes) -> dict[str, Any]:
-        """Decode and validate one observation frame (no control messages)."""
-        return self._validate(self._decode_message(message))
-
     def _decode_message(self, message: str | bytes) -> Any:
         if isinstance(message, str):
             raise _RequestError(

@@ -34,8 +34,6 @@ from sensorvla.io import atomic_dir, atomic_file, atomic_write_json, torch_load,
 from sensorvla.models.folder import CheckpointMismatchError
 from sensorvla.models.seed_checkpoint import (  # noqa: F401  (re-exported: the seed file format lives in models/)
     BEST_NAME,
-    SEED_KEYS,
-    STAGE1_KEYS,
     load_seed_checkpoint,
     load_stage1_into,
     model_state,

@@ -39,7 +39,7 @@ from sensorvla.config import (
 from sensorvla.data.timeline import SensorWindow
 from sensorvla.io import atomic_write_bytes
 from sensorvla.progress import Progress, use_progress_bar
-from sensorvla.runtime import loader_workers
+from sensorvla.runtime import bf16_autocast, loader_workers
 from sensorvla.training import checkpoint as ckpt
 from sensorvla.training import feature_cache
 from sensorvla.training.data_setup import (
@@ -182,10 +182,8 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float):
 
 
 def autocast_ctx(cfg: SensorVLAConfig, device: torch.device):
-    """bf16 autocast on CUDA with bf16 support; fp32 elsewhere (CPU bf16 autocast is slower here)."""
-    if cfg.train.mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast on CUDA with bf16 support under --train.mixed-precision; fp32 elsewhere."""
+    return bf16_autocast(device) if cfg.train.mixed_precision else nullcontext()
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -251,7 +249,7 @@ def _train(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
     normalizer = build_normalizer(stats, cfg)
     if cfg.train.mode == "cache":
         return _build_cache(cfg, _build_policy(cfg, info), normalizer, info, meta, _mode(bar_on, info))
-    run = _setup(cfg, info, meta, stats, normalizer, progress, bar_on)
+    run = _setup(cfg, info, meta, stats, normalizer, bar_on)
     try:
         while run.state["epoch"] < run.epochs and not run.stop:
             _run_epoch(run)
@@ -364,7 +362,7 @@ def _start(cfg: SensorVLAConfig, progress: bool, reference: SensorVLAConfig | No
     return cfg, info, use_progress_bar(cfg.train.progress, progress) and info.is_main
 
 
-def _setup(cfg, info, meta, stats, normalizer, progress: bool, bar_on: bool) -> _Run:
+def _setup(cfg, info, meta, stats, normalizer, bar_on: bool) -> _Run:
     """Data, the saved run's check, model, transforms, optimizer (+ restored state), logs: a ready `_Run`."""
     data = _open_data(cfg, info, meta)
     micro_per_epoch = math.ceil(len(data.sampler) / cfg.train.batch_size)

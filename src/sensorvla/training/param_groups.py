@@ -121,10 +121,17 @@ def group_table(model: nn.Module, groups: list[dict]) -> str:
     rows.append(("trainable", "", f"{trainable:,}", "", ""))
     rows.append(("frozen", "", f"{total - trainable:,}", "", ""))
     rows.append(("total", "", f"{total:,}", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join(aligned_table(rows))
+
+
+def aligned_table(rows: list[tuple]) -> list[str]:
+    """Plain-text table lines of `rows` (the first the header, then a rule): first column left-aligned, the rest
+    right-aligned."""
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return lines
 
 
 def optimizer_impl(requested: str, *, sharded: bool) -> str:

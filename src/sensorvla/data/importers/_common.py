@@ -1,10 +1,11 @@
 """Helpers shared by the importers: timestamp checks, frame resizing, JPEG decoding and pose-delta actions.
 
-Everything here is pure (arrays in, arrays out) except `decode_jpeg`, which reads one file.
+Everything here is pure (arrays in, arrays out) except `decode_jpeg` and `read_numeric_csv`, which read one file.
 """
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,28 +27,6 @@ def size_hw(image_size: ImageSize) -> tuple[int, int] | None:
     if min(hw) <= 0:
         raise ValueError(f"image_size must be positive, got {image_size!r}; pass e.g. --image-size 224")
     return hw
-
-
-def check_increasing(ts: np.ndarray, *, what: str, episode: str, path: str | Path, fix: str = "") -> None:
-    """DataError unless `ts` (N,) is finite and strictly increasing; names the first offending index."""
-    ts = np.asarray(ts, np.float64)
-    if not np.all(np.isfinite(ts)):
-        i = int(np.argmax(~np.isfinite(ts)))
-        raise DataError(
-            f"{what} timestamp {i} is {ts[i]} (NaN/inf)",
-            episode=episode,
-            path=str(path),
-            fix=fix or "fix or drop the corrupt rows",
-        )
-    d = np.diff(ts)
-    if np.any(d <= 0):
-        i = int(np.argmax(d <= 0))
-        raise DataError(
-            f"{what} timestamps are not strictly increasing (index {i} -> {i + 1}: {ts[i]:.6f} -> {ts[i + 1]:.6f})",
-            episode=episode,
-            path=str(path),
-            fix=fix or "sort the samples by time and drop duplicates, or fix the recorder clock",
-        )
 
 
 def select_views(
@@ -101,6 +80,36 @@ def resize_frames(frames: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
     for i, f in enumerate(frames):
         out[i] = np.asarray(Image.fromarray(f).resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
     return out
+
+
+def read_numeric_csv(path: Path, *, what: str, fix: str, episode: str | None = None) -> tuple[list[str], np.ndarray]:
+    """A CSV file's header (stripped names) and its rows as float64 (N, len(header)), blank lines skipped; DataError
+    naming `what` (e.g. "robot CSV"), the file, the line and `fix` when it cannot be read, has no header, or a row
+    is not numbers of the header's width."""
+    with as_data_error(
+        (OSError, UnicodeDecodeError, csv.Error),
+        lambda e: f"cannot read the {what} ({error_text(e)})",
+        episode=episode,
+        path=path,
+        fix=fix,
+    ):
+        rows = list(csv.reader(Path(path).read_text(encoding="utf-8-sig").splitlines()))
+    if not rows:
+        raise DataError(f"{what} is empty (no header row)", episode=episode, path=str(path), fix=fix)
+    header, body = [h.strip() for h in rows[0]], []
+    for n, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            problem = f"has {len(row)} fields, the header {len(header)}"
+        else:
+            try:
+                body.append([float(x) for x in row])
+                continue
+            except ValueError as e:
+                problem = f"is not numeric ({e})"
+        raise DataError(f"{what} line {n} {problem}: {row[:6]}", episode=episode, path=str(path), fix=fix)
+    return header, np.asarray(body, np.float64).reshape(len(body), len(header))
 
 
 def decode_jpeg(path: Path, hw: tuple[int, int] | None, *, episode: str) -> np.ndarray:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +18,15 @@ import numpy as np
 from sensorvla.data.importers._common import (
     SENSOR_CONFIG_FIX,
     ImageSize,
-    check_increasing,
     check_one_sensor_setting,
     resize_frames,
     select_views,
     size_hw,
 )
 from sensorvla.data.importers.base import ImportSource, run_import
-from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error
+from sensorvla.data.types import DataError, EpisodeData, Stream, as_data_error, check_increasing, median_rate
 from sensorvla.data.writer import check_finite
+from sensorvla.io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +86,7 @@ def _open(path: Path):
         return h5py.File(path, "r")
 
 
-def _declared_len(g, key: str, name: str, file: Path) -> tuple[int, tuple[int, ...]]:
+def _declared_len(g, name: str, file: Path) -> tuple[int, tuple[int, ...]]:
     """(len(timestamps), data.shape) of stream group `g` from the shapes only; checks they agree."""
     for part in ("timestamps", "data"):
         if part not in g:
@@ -114,11 +112,10 @@ def _declared_len(g, key: str, name: str, file: Path) -> tuple[int, tuple[int, .
 def _median_rate(g) -> float | None:
     """1 / median step of a stream group's timestamps (None when it cannot be told)."""
     try:
-        ts = np.asarray(g["timestamps"][()], np.float64)
+        ts = g["timestamps"][()]
     except (OSError, ValueError):
         return None  # reported with the file and dataset when the episode is read
-    step = float(np.median(np.diff(ts))) if len(ts) > 1 else 0.0
-    return round(1.0 / step, 6) if np.isfinite(step) and step > 0 else None
+    return median_rate(ts)
 
 
 def scan_hdf5(src: str | Path, views: Sequence[str] | None = None) -> list[H5Episode]:
@@ -144,12 +141,12 @@ def scan_hdf5(src: str | Path, views: Sequence[str] | None = None) -> list[H5Epi
                             path=str(path),
                             fix=_fix_file(f"write /{s}/timestamps and /{s}/data"),
                         )
-                    _declared_len(g[s], s, name, path)
+                    _declared_len(g[s], name, path)
                 ep = H5Episode(path, gname, name, sorted(g["images"]) if "images" in g else [])
                 for v in ep.views:
-                    _declared_len(g["images"][v], f"image.{v}", name, path)
+                    _declared_len(g["images"][v], name, path)
                 if "sensor" in g:
-                    _declared_len(g["sensor"], "sensor", name, path)
+                    _declared_len(g["sensor"], name, path)
                     ep.force_channels = int(g["sensor"].attrs.get("force_channels", 1))
                     rate = g["sensor"].attrs.get("rate")
                     ep.sensor_rate = float(rate) if rate is not None else _median_rate(g["sensor"])
@@ -347,26 +344,18 @@ def write_hdf5(
     """
     h5py = _h5py()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = "sensorvla-hdf5-episode/1"
-            f.attrs["action_fps"] = float(action_fps)
-            if isinstance(episodes, EpisodeData):
-                _write_group(f, episodes, force_channels=force_channels, sensor_rate=sensor_rate)
-            else:
-                root = f.create_group("episodes")
-                for ep in episodes:
-                    _write_group(
-                        root.create_group(ep.name.replace("/", "__")),
-                        ep,
-                        force_channels=force_channels,
-                        sensor_rate=sensor_rate,
-                    )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = "sensorvla-hdf5-episode/1"
+        f.attrs["action_fps"] = float(action_fps)
+        if isinstance(episodes, EpisodeData):
+            _write_group(f, episodes, force_channels=force_channels, sensor_rate=sensor_rate)
+        else:
+            root = f.create_group("episodes")
+            for ep in episodes:
+                _write_group(
+                    root.create_group(ep.name.replace("/", "__")),
+                    ep,
+                    force_channels=force_channels,
+                    sensor_rate=sensor_rate,
+                )
     return path

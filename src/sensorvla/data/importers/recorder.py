@@ -7,7 +7,6 @@ stream, unwrapped pose state, 10 Hz pose-delta actions) and then the native form
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -20,17 +19,25 @@ import numpy as np
 
 from sensorvla.data.importers._common import (
     ImageSize,
-    check_increasing,
     check_one_sensor_setting,
     decode_jpeg,
     pose_delta_actions,
+    read_numeric_csv,
     select_views,
     size_hw,
     stack_frames,
 )
 from sensorvla.data.importers.base import ImportSource, run_import
 from sensorvla.data.importers.recorder_sensor import iter_npz_windows, rebuild_sensor_stream
-from sensorvla.data.types import DataError, EpisodeData, ImageStream, Stream, as_data_error, error_text
+from sensorvla.data.types import (
+    DataError,
+    EpisodeData,
+    ImageStream,
+    Stream,
+    as_data_error,
+    check_increasing,
+    error_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +171,7 @@ def read_robot_states(path: Path, episode: str) -> tuple[np.ndarray, np.ndarray,
     dropped, keeping the first; a timestamp that goes backwards is an error.
     """
     fix = "re-export robot_states.csv from the recorder, or move the episode out of the source folder"
-    unreadable = (OSError, UnicodeDecodeError, csv.Error)
-    with as_data_error(
-        unreadable, lambda e: f"cannot read the robot CSV ({error_text(e)})", episode=episode, path=path, fix=fix
-    ):
-        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    header = [h.strip() for h in rows[0]] if rows else []
+    header, table = read_numeric_csv(path, what="robot CSV", fix=fix, episode=episode)
     need = ["origin_timestamp", *JOINT_COLUMNS, *POSE_COLUMNS]
     missing = [c for c in need if c not in header]
     if missing:
@@ -179,19 +181,6 @@ def read_robot_states(path: Path, episode: str) -> tuple[np.ndarray, np.ndarray,
             path=str(path),
             fix=fix,
         )
-    body = [r for r in rows[1:] if r]
-    try:
-        table = np.array(body, dtype=np.float64).reshape(len(body), -1)
-        if table.shape[1] != len(header):
-            raise ValueError("row width differs from the header")
-    except ValueError as e:
-        bad = next((i for i, r in enumerate(body) if len(r) != len(header) or not _all_float(r)), 0)
-        raise DataError(
-            f"robot CSV line {bad + 2} is malformed ({e}): {body[bad][:6] if body else []}",
-            episode=episode,
-            path=str(path),
-            fix=fix,
-        ) from e
     if len(table) < 2:
         raise DataError(
             f"robot CSV has {len(table)} rows; at least 2 are needed for actions",
@@ -226,14 +215,6 @@ def read_robot_states(path: Path, episode: str) -> tuple[np.ndarray, np.ndarray,
     # Euler angles jump +-360 deg at the +-180 boundary; unwrapping keeps state and deltas continuous.
     pose[:, 3:6] = np.unwrap(pose[:, 3:6], period=360.0, axis=0)
     return ts, pose, joints
-
-
-def _all_float(row: Sequence[str]) -> bool:
-    try:
-        [float(x) for x in row]
-    except ValueError:
-        return False
-    return True
 
 
 # --- images ---------------------------------------------------------------------------------------------

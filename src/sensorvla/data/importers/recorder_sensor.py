@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sensorvla.data.types import DataError
+from sensorvla.data.types import DataError, check_increasing
+from sensorvla.data.writer import check_finite
+
+CLEAN_FIX = "clean the sensor recording, or delete sensor_data.npz to import without sensor"
 
 
 def _sensor_error(message: str, episode: str, path: Path, e: BaseException | None = None) -> DataError:
@@ -111,6 +114,7 @@ def rebuild_sensor_stream(
         timestamps (N_s,) float64, samples (N_s, C) float32, and the number of windows whose overlap with the
         previous one did not match sample for sample (0 when the nominal-rate assumption holds).
     """
+    check_increasing(window_ts, what="sensor window", episode=episode, path=path, fix=CLEAN_FIX)
     ts_parts, data_parts = [], []
     prev_t, prev, mismatches = -np.inf, None, 0
     n = -1
@@ -131,24 +135,8 @@ def rebuild_sensor_stream(
                 path=str(path),
                 fix="every window must hold the same number of samples and channels",
             )
-        bad = ~np.isfinite(win)
-        if bad.any():
-            k, c = (int(x) for x in np.argwhere(bad)[0])
-            raise DataError(
-                f"sensor window {n} has {int(bad.sum())} NaN/inf values (first at sample {k}, channel {c})",
-                episode=episode,
-                path=str(path),
-                fix="clean the sensor recording, or delete sensor_data.npz to import without sensor",
-            )
+        check_finite(win, episode=episode, stream=f"sensor window {n}", path=str(path), fix=CLEAN_FIX, max_abs=None)
         t_n = float(window_ts[n])
-        if not np.isfinite(t_n) or t_n <= prev_t:
-            raise DataError(
-                f"sensor window timestamps are not strictly increasing (window {n - 1} -> {n}: "
-                f"{prev_t:.6f} -> {t_n:.6f})",
-                episode=episode,
-                path=str(path),
-                fix="sort the windows by time, or delete sensor_data.npz to import without sensor",
-            )
         sample_ts = t_n - (W - 1 - np.arange(W)) / rate
         first = int(np.searchsorted(sample_ts, prev_t + 0.5 / rate, side="right"))
         if prev is not None and 0 < first < W and not np.array_equal(win[:first], prev[W - first :]):
