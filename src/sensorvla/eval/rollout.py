@@ -120,9 +120,7 @@ def rollout(
     """
     from sensorvla.progress import progress as track
 
-    _check_choices(videos, ablate_vision)
-    if obs_adapter is None:
-        check_view_names(env, runner)
+    _check_arguments(videos, ablate_vision, env, runner, obs_adapter)
     obs_adapter = obs_adapter or (lambda o: o)
     action_adapter = action_adapter or (lambda a: a)
     others: list[np.ndarray] = []
@@ -172,8 +170,11 @@ def rollout(
     return summary
 
 
-def _check_choices(videos: str, ablate_vision: str | None) -> None:
-    """ValueError naming the choices for an unknown `videos` or `ablate_vision`."""
+def _check_arguments(videos: str, ablate_vision: str | None, env, runner, obs_adapter) -> None:
+    """ValueError naming the choices for an unknown `videos` or `ablate_vision`; the env's views against the
+    policy's where the observations go to it unadapted (`check_view_names`)."""
+    if obs_adapter is None:
+        check_view_names(env, runner)
     if videos not in VIDEO_CHOICES:
         raise ValueError(f"videos={videos!r}: choose one of {VIDEO_CHOICES}")
     if ablate_vision not in (None, *VISION_ABLATIONS):

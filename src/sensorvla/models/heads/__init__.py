@@ -7,8 +7,6 @@ import importlib
 from sensorvla.config import HEADS, HeadConfig
 from sensorvla.models.heads.base import ActionHead
 
-HEAD_TYPES = tuple(HEADS)
-
 
 def head_class(name: str) -> type[ActionHead]:
     """The head class registered as `name` in `config.HEADS`."""
