@@ -17,18 +17,25 @@ from sensorvla.serving.protocol import ObservationError
 from sensorvla.world.synth import generate_dataset
 
 
+def streams_setup(root, vl_dir, seed: int, episodes: int, extra: tuple[str, ...], streams: tuple[str, ...]):
+    """A synthetic dataset with the `extra` streams and a small-width config declaring `streams` on it (resolved
+    from the dataset's meta, not yet validated): (dataset folder, config)."""
+    data = generate_dataset(
+        root / "ds", num_episodes=episodes, seed=seed, image_size=32, progress=False, extra_streams=extra
+    )
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model = str(vl_dir)
+    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
+    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
+    cfg.data.streams = streams
+    return data, resolve_from_meta(cfg, load_meta(data))
+
+
 @pytest.fixture(scope="module")
 def streams_runner(tmp_path_factory, tiny_vl_dir):
     root = tmp_path_factory.mktemp("streams")
-    data = generate_dataset(
-        root / "ds", num_episodes=3, seed=1, image_size=32, progress=False, extra_streams=("tactile", "imu")
-    )
-    cfg = SensorVLAConfig()
-    cfg.model.backbone.vl_model = str(tiny_vl_dir)
-    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
-    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
-    cfg.data.streams = ("imu=imu,source=imu,samples=50,tokens=2", "tactile=taxel2d,source=tactile,window=0.2")
-    cfg = resolve_from_meta(cfg, load_meta(data))
+    streams = ("imu=imu,source=imu,samples=50,tokens=2", "tactile=taxel2d,source=tactile,window=0.2")
+    data, cfg = streams_setup(root, tiny_vl_dir, 1, 3, ("tactile", "imu"), streams)
     cfg.validate()
     policy = build_policy(cfg).eval()
     policy.save_pretrained(root / "ckpt", cfg, compute_stats(data, progress=False, data_cfg=cfg.data, split="all"))
@@ -164,15 +171,7 @@ def test_a_checkpoint_with_streams_but_no_sensor_tensor_lists_only_them_and_serv
     from sensorvla.serving.client import PolicyClient
     from sensorvla.serving.server import PolicyServer
 
-    data = generate_dataset(
-        tmp_path / "ds", num_episodes=2, seed=2, image_size=32, progress=False, extra_streams=("imu",)
-    )
-    cfg = SensorVLAConfig()
-    cfg.model.backbone.vl_model = str(tiny_vl_dir)
-    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
-    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
-    cfg.data.streams = ("imu=imu,source=imu,samples=20,tokens=2",)
-    cfg = resolve_from_meta(cfg, load_meta(data))
+    data, cfg = streams_setup(tmp_path, tiny_vl_dir, 2, 2, ("imu",), ("imu=imu,source=imu,samples=20,tokens=2",))
     cfg.model.sensor.channels = cfg.model.sensor.force_channels = 0  # the policy takes the IMU stream only
     cfg.validate()
     policy = build_policy(cfg).eval()
@@ -208,15 +207,8 @@ def test_each_stream_has_its_own_normalization_and_transform_in_training_and_ser
         parse_stream("imu=imu,source=imu,normalization=minmax")
     with pytest.raises(StreamSpecError, match="--data.sensor-transform"):
         parse_stream("ft=wrench,channels=0:6,transform=signed_log1p")  # the sensor tensor's own flags
-    data = generate_dataset(
-        tmp_path / "ds", num_episodes=2, seed=3, image_size=32, progress=False, extra_streams=("imu", "tactile")
-    )
-    cfg = SensorVLAConfig()
-    cfg.model.backbone.vl_model = str(tiny_vl_dir)
-    cfg.model.sensor.hidden_dim = cfg.model.fusion.hidden_dim = cfg.model.head.hidden_dim = 32
-    cfg.data.dataset_dir, cfg.data.sensor_samples = str(data), 8
-    cfg.data.streams = (line, "tactile=taxel2d,source=tactile,normalization=none")
-    cfg = resolve_from_meta(cfg, load_meta(data))
+    streams = (line, "tactile=taxel2d,source=tactile,normalization=none")
+    data, cfg = streams_setup(tmp_path, tiny_vl_dir, 3, 2, ("imu", "tactile"), streams)
     cfg.validate()
     stats = compute_stats(data, progress=False, data_cfg=cfg.data, split="all")
     s = stats.stats["sensor.imu"]

@@ -294,23 +294,17 @@ def _seat_aiming_off_axis(sim: BlindBottomSim, offset_mm: float, seeds=range(100
     return won
 
 
-def test_blind_bottom_wall_contact_is_not_the_bottom():
+def test_blind_bottom_wall_contact_is_not_the_bottom(monkeypatch):
     """The blind bottom's hand is laterally compliant and its expert is guarded along the insertion axis, so a peg
     aimed 1 mm off the axis (more than the 0.4 mm radial clearance) slides along the wall and still seats; with the
     stiff wrist and a guard on the whole force (the task before) it stops on the wall. The aim offset is the
     recorder's `aim_noise_mm` and a new episode clears it."""
-    import sensorvla.world.contact as contact
-    from sensorvla.world.contact import BlindBottomConfig
+    from sensorvla.world.contact import BlindBottomConfig, ContactSim
 
     assert _seat_aiming_off_axis(BlindBottomSim(), 1.0) >= 9
-    stiff = BlindBottomSim(BlindBottomConfig(kp_xy=2000.0))
-    old_guard = property(lambda self: contact.ContactSim.contact_force.fget(self))
-    orig = contact.ContactSim.axial_force
-    contact.ContactSim.axial_force = old_guard
-    try:
-        assert _seat_aiming_off_axis(stiff, 1.0) <= 2
-    finally:
-        contact.ContactSim.axial_force = orig
+    with monkeypatch.context() as m:
+        m.setattr(ContactSim, "axial_force", ContactSim.contact_force)  # the old guard: the whole force
+        assert _seat_aiming_off_axis(BlindBottomSim(BlindBottomConfig(kp_xy=2000.0)), 1.0) <= 2
     sim = BlindBottomSim()
     ep = record_episode(sim, 3, name="x", aim_noise_mm=1.2)
     assert ep.extra["success"] and 0 < np.linalg.norm(sim.aim_offset) <= 1.2
