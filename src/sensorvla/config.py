@@ -669,8 +669,9 @@ class StageConfig:
     init_from: Literal["backbone", "stage1_checkpoint"]  # where the trainable weights start
     needs_stage1_checkpoint: bool
     may_use_vl_cache: bool  # stage-1 VL features can be read from the cache (frozen backbone)
-    # whether its seed `.pt` files (best, last/) hold trained backbone tensors (stage 1's hold only
-    # `sensor_encoder` + `action_expert`: a stage 1 that trains the backbone cannot be resumed exactly)
+    # whether its seed `.pt` files (best, last/) hold trained backbone tensors where resume reads them (stage 1's
+    # `vl_backbone` section carries them to stage 2, but resume restores only `sensor_encoder` + `action_expert`:
+    # a stage 1 that trains the backbone cannot be resumed exactly)
     seed_file_holds_backbone: bool
 
 
@@ -848,8 +849,9 @@ def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
         out.append(st.off_mode_warning.format(mode=mode))
     if backbone_trains(cfg) and not st.seed_file_holds_backbone:
         out.append(
-            f"{st.name}'s seed files ({'/'.join(SEED_SECTIONS)}) do not hold the backbone weights this run trains; "
-            "they are saved in checkpoints/pretrained_model/ only"
+            f"{st.name}'s seed sections ({'/'.join(SEED_SECTIONS)}) do not hold the backbone weights this run "
+            "trains: they go to the seed files' `vl_backbone` section, which stage 2 loads, and to "
+            "checkpoints/pretrained_model/; --resume cannot restore them"
         )
     if not st.needs_stage1_checkpoint and cfg.train.stage1_checkpoint:
         out.append("--stage1-checkpoint is ignored in stage 1 (it initialises stage 2)")

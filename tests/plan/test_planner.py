@@ -185,3 +185,88 @@ def test_token_modes_size_the_cache_and_the_tail(tiny_vl_dir, synth_dataset_dir,
     expected = {"grid": p.shapes.num_views * 16 + 1, "all": None, "resampler": p.shapes.seq_len}[pooling]
     assert expected is None or tokens == expected
     assert p.cache_bytes == p.num_samples * (tokens * (64 * 2 + 3 * 2 + 1) + 16)
+
+
+def _planned_and_real_tail(vl_dir, data_dir, pooling: str, keypoints: int):
+    """(the planner's VL token count, the real model's encoded and projected token counts, the planner's probe of
+    the tail, the same tail probed on the real model and its real encoded features) for a batch of 2, fp32."""
+    import copy
+
+    import numpy as np
+
+    from sensorvla.config import resolve_from_meta
+    from sensorvla.data.format import load_meta
+    from sensorvla.models.backbone import collate_vl, load_processor, pad_token_id, process_sample
+    from sensorvla.models.policy import build_policy
+    from sensorvla.plan.activations import vl_token_count
+    from sensorvla.plan.probe import emulate_sdpa, probe
+
+    b = 2
+    cfg = SensorVLAConfig()
+    cfg.model.backbone.vl_model, cfg.data.dataset_dir = str(vl_dir), str(data_dir)
+    cfg.model.backbone.pooling, cfg.model.backbone.keypoints, cfg.model.backbone.dtype = pooling, keypoints, "float32"
+    cfg.train.batch_size = b
+    p = plan(cfg, device="cpu", gpus=(1,))
+    bb, s = cfg.model.backbone, p.shapes
+    planned_in = vl_token_count(pooling, s, grid_size=bb.grid_size, num_queries=bb.num_queries)
+    (planned,) = [blk.cost for blk in p.scenarios[0].blocks if blk.name == "policy.tail"]
+
+    real = resolve_from_meta(copy.deepcopy(cfg).validate(), load_meta(data_dir))
+    policy = build_policy(real).train()  # the trainer's modes: the frozen HF base in eval, the rest training
+    policy.backbone.model.eval()
+    proc = load_processor(str(vl_dir), min_pixels=bb.min_pixels, max_pixels=bb.max_pixels)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (*p.image_hw, 3), dtype=np.uint8) for _ in range(real.model.num_views)]
+    sample = process_sample(proc, images, "insert the peg", bb.prompt_template)
+    with torch.no_grad():
+        vl = policy.backbone.encode(collate_vl([sample] * b, pad_token_id(proc)))
+        projected = policy.backbone.project(vl.feats, vl.mask, vl.pos)[0].shape[1]
+    params = [q for n, q in policy.named_parameters() if not n.startswith("backbone.model.")]
+
+    def inputs():  # what the trainer's batch holds after the VL pass (or from the cache)
+        batch = {
+            "vl_features": vl.feats.clone(),
+            "vl_mask": vl.mask.clone(),
+            "vl_pos": vl.pos.clone(),
+            "sensor": torch.zeros(b, s.sensor_samples, max(s.sensor_channels, 1)),
+            "sensor_mask": torch.ones(b, s.sensor_samples, dtype=torch.bool),
+            "has_sensor": torch.ones(b, dtype=torch.bool),
+            "actions": torch.zeros(b, s.horizon, s.action_dim),
+            "action_mask": torch.ones(b, s.horizon, dtype=torch.bool),
+        }
+        if s.state_dim:
+            batch["state"] = torch.zeros(b, s.state_dim)
+        return (batch,)
+
+    def step(batch):
+        cond, mask = policy.condition(batch)
+        return policy.head.loss(cond, mask, batch["actions"], batch["action_mask"]).mean()
+
+    with emulate_sdpa("cpu"):
+        measured = probe(step, inputs, params=params)
+    return planned_in, vl.feats.shape[1], projected, planned, measured
+
+
+@pytest.mark.parametrize("pooling", ["all", "grid"])
+def test_keypoint_mode_is_planned_from_the_models_real_shapes(tiny_vl_dir, synth_dataset_dir, pooling):
+    """--model.backbone.keypoints K: the backbone's `encode` (and so the VL cache and the tail's input) holds every
+    token of the token mode, and only the trainable projection turns each view's tokens into K. The planner counts
+    the first (`vl_token_count`: the cache's size, the cached batch, the tail's input) and probes the real
+    projection, so what follows the keypoint layer is sized for K tokens per view: what keypoints change in the
+    planned tail (forward peak, retained, backward peak) is, to the byte, what they change in the same tail run on
+    the real model's encoded features. Counting K tokens per view as the input would miss the keypoint layer's
+    scores over every token; counting every token after it would over-count the fusion and the head."""
+    k = 3
+    plain_in, plain_enc, plain_proj, plain_plan, plain_real = _planned_and_real_tail(
+        tiny_vl_dir, synth_dataset_dir, pooling, 0
+    )
+    kp_in, kp_enc, kp_proj, kp_plan, kp_real = _planned_and_real_tail(tiny_vl_dir, synth_dataset_dir, pooling, k)
+    assert kp_in == kp_enc == plain_in == plain_enc == plain_proj  # the cache and the keypoint layer: every token
+    assert kp_proj == 2 * k + 1 != kp_in  # after the keypoint layer: K per view (2 views) + the instruction
+    assert kp_plan != plain_plan  # the planner sees the keypoint layer
+    for field in ("fwd_peak", "retained", "bwd_peak"):
+        planned = getattr(kp_plan, field) - getattr(plain_plan, field)
+        real = getattr(kp_real, field) - getattr(plain_real, field)
+        # a few bytes apart at most (meta and CPU differ on scalar and mask temporaries, not on token tensors)
+        why = f"{field}: keypoints change the planned tail by {planned} B, the real one by {real} B"
+        assert abs(planned - real) <= max(64, abs(real) // 100), why

@@ -144,10 +144,10 @@ def test_stage1_that_trains_the_backbone_is_not_resumed_silently(change):
     else:
         cfg.model.finetune.mode = change
     cfg.validate()
-    assert any("pretrained_model/ only" in w for w in stage_warnings(cfg))
+    assert any("`vl_backbone` section" in w for w in stage_warnings(cfg))
     cfg.train.resume = True
     with pytest.raises(ConfigError, match="--resume of a stage1 run that trains the backbone.*--training-stage stage2"):
         cfg.validate()
     cfg.train.stage, cfg.train.stage1_checkpoint = "stage2", "s1.pt"
     cfg.validate()  # stage 2's checkpoints hold the adapters / the trained weights
-    assert not any("pretrained_model/ only" in w for w in stage_warnings(cfg))
+    assert not any("`vl_backbone` section" in w for w in stage_warnings(cfg))

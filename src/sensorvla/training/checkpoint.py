@@ -12,8 +12,9 @@ Every file is written atomically, so a kill during a save never leaves a broken 
 seed `.pt` file has a `<name>.sha256.json` sidecar; loading checks it (sensorvla.integrity).
 
 Seed keys. stage 1: epoch, sensor_encoder, action_expert, optimizer_state_dict, scheduler_state_dict,
-val_loss, training_stage="stage1". stage 2: epoch, model_state_dict, and the same others with
-training_stage="stage2". `action_expert` holds every non-backbone, non-sensor tensor (fusion + head + VL
+val_loss, training_stage="stage1", and vl_backbone when stage 1 trains the backbone (the trained vision tower /
+LoRA adapters / full base, which stage 2 loads with the rest). stage 2: epoch, model_state_dict, and the same
+others with training_stage="stage2". `action_expert` holds every non-backbone, non-sensor tensor (fusion + head + VL
 projection); `model_state_dict` holds every tensor except the frozen HF base (it is named by the config).
 """
 
@@ -33,12 +34,14 @@ from sensorvla import integrity
 from sensorvla.io import atomic_dir, atomic_file, atomic_write_json, torch_load, torch_save
 from sensorvla.models.folder import CheckpointMismatchError
 from sensorvla.models.seed_checkpoint import (  # noqa: F401  (re-exported: the seed file format lives in models/)
+    BACKBONE_KEY,
     BEST_NAME,
     load_seed_checkpoint,
     load_stage1_into,
     model_state,
     split_stage1,
     tensors_sha256,
+    trained_backbone,
 )
 from sensorvla.models.seed_checkpoint import seed_mismatch as _mismatch
 
@@ -105,6 +108,9 @@ def seed_payload(
     payload: dict[str, Any] = {"epoch": int(epoch)}
     if stage == "stage1":
         payload["sensor_encoder"], payload["action_expert"] = split_stage1(policy, state)
+        backbone = trained_backbone(policy, state)
+        if backbone:  # a stage 1 that trains the backbone: stage 2 starts from these, not from the base weights
+            payload[BACKBONE_KEY] = backbone
     else:
         payload["model_state_dict"] = model_state(policy, state)
     if optimizer_state is None:
@@ -259,7 +265,7 @@ def finite_checkpoint(path: Path) -> dict | None:
         payload = load_seed_checkpoint(path)
     except (CheckpointMismatchError, FileNotFoundError):
         return None
-    sections = [payload.get(k) for k in ("sensor_encoder", "action_expert", "model_state_dict")]
+    sections = [payload.get(k) for k in ("sensor_encoder", "action_expert", BACKBONE_KEY, "model_state_dict")]
     tensors = [t for sd in sections if isinstance(sd, dict) for t in sd.values() if torch.is_tensor(t)]
     finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
     val_loss = float(payload.get("val_loss", float("nan")))
