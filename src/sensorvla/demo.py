@@ -238,19 +238,8 @@ def check_targets(table: dict) -> dict[str, bool]:
 
 def format_table(head: str, table: dict) -> str:
     """The closed-loop table as markdown."""
+    from sensorvla.eval.rollout import rollout_table
 
-    def pct(v):
-        return "–" if v is None else f"{100 * v:.0f} %"
-
-    def mm(v):
-        return "–" if v is None else f"{v:.2f}"
-
-    lines = [
-        f"closed loop, sensorvla/Insertion-v0, head={head}, {table['all']['episodes']} seeded episodes per row",
-        "",
-        "| policy | success | lateral error within tolerance | mean lateral error (mm) | mean depth error (mm) |",
-        "|---|---|---|---|---|",
-    ]
     names = {
         "all": "ours, all modalities",
         "sensor_ablated": "ours, sensor ablated",
@@ -266,14 +255,8 @@ def format_table(head: str, table: dict) -> str:
             f"plain CNN reference (same data and wall clock: {training['steps']} steps in "
             f"{training['wall_s']:.0f} s on the other core), all modalities"
         )
-    for key, label in names.items():
-        if key in table:
-            r = table[key]
-            lines.append(
-                f"| {label} | {pct(r['success_rate'])} | {pct(r.get('lateral_ok_rate'))} | "
-                f"{mm(r.get('mean_final_lateral_error_mm'))} | {mm(r.get('mean_final_depth_error_mm'))} |"
-            )
-    return "\n".join(lines)
+    title = f"closed loop, sensorvla/Insertion-v0, head={head}, {table['all']['episodes']} seeded episodes per row"
+    return f"{title}\n\n{rollout_table(table, names)}"
 
 
 def video_links(table: dict, out: Path) -> list[str]:

@@ -148,9 +148,10 @@ def test_idefics3_pixel_bounds_it_cannot_honour_are_named(idefics3_dir, caplog):
 def test_idefics3_vision_tower_and_language_model_split(idefics3_dir, synth_dataset_dir):
     """full_vision trains the vision tower and the connector (the family's `vision_prefixes`) in the vision LR
     group; LoRA's `language` preset adapts the text model's attention only."""
+    from trainable import assert_trainable_set
+
     from sensorvla.config import resolve_from_meta
     from sensorvla.data.format import load_meta
-    from sensorvla.models.finetune import assert_trainable_set
     from sensorvla.models.policy import build_policy
     from sensorvla.training.param_groups import group_of
 

@@ -296,6 +296,26 @@ def summarize(results: list[dict]) -> dict[str, Any]:
     }
 
 
+def rollout_table(rows: dict[str, dict], labels: dict[str, str] | None = None) -> str:
+    """`summarize` rows -> a markdown table (success, lateral within tolerance, mean errors), one line per row in
+    `labels`' order and words (default: every row, its name in words)."""
+
+    def fmt(v, pct=False):
+        return "–" if v is None else (f"{100 * v:.0f} %" if pct else f"{v:.2f}")
+
+    lines = [
+        "| policy | success | lateral error within tolerance | mean lateral error (mm) | mean depth error (mm) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in (labels or {k: k.replace("_", " ") for k in rows}).items():
+        if (r := rows.get(key)) is not None:
+            lines.append(
+                f"| {label} | {fmt(r['success_rate'], True)} | {fmt(r.get('lateral_ok_rate'), True)} | "
+                f"{fmt(r.get('mean_final_lateral_error_mm'))} | {fmt(r.get('mean_final_depth_error_mm'))} |"
+            )
+    return "\n".join(lines)
+
+
 def expert_rollout(env, *, episodes: int = 10, seed: int = 0, blind: bool = False, vision_blind: bool = False) -> dict:
     """The scripted expert of the insertion env. `blind` assumes the mean layer depth (no sensor);
     `vision_blind` assumes the target at the workspace centre (no cameras)."""
