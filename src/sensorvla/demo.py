@@ -162,25 +162,21 @@ def cnn_rollouts(policy, data_dir: Path, data_cfg, rollouts: int, seed: int = 10
     """Roll the trained CNN reference out in the same seeded episodes (all modalities)."""
     import gymnasium as gym
 
-    from sensorvla.data.normalize import Normalizer, NormStats
-    from sensorvla.eval.cnn_baseline import CNNRunner
+    from sensorvla.eval.cnn_baseline import CNNRunner, dataset_normalizer
     from sensorvla.eval.rollout import rollout
-    from sensorvla.training.data_setup import stats_path
     from sensorvla.world.envs import register_envs
 
     register_envs()
-    norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
+    norm = dataset_normalizer(data_dir, data_cfg)
     r = rollout(CNNRunner(policy, norm, data_cfg), gym.make("sensorvla/Insertion-v0"), episodes=rollouts, seed=seed)
     return {k: v for k, v in r.items() if k != "results"}
 
 
 def cnn_reference(data_dir: Path, budget_s: float, rollouts: int, data_cfg, seed: int = 1000) -> dict:
     """Train the plain CNN reference for `budget_s` seconds (in this process) and roll it out."""
-    from sensorvla.data.normalize import Normalizer, NormStats
-    from sensorvla.eval.cnn_baseline import CNNBaselineConfig, train_cnn_baseline
-    from sensorvla.training.data_setup import stats_path
+    from sensorvla.eval.cnn_baseline import CNNBaselineConfig, dataset_normalizer, train_cnn_baseline
 
-    norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
+    norm = dataset_normalizer(data_dir, data_cfg)
     policy, info = train_cnn_baseline(data_dir, data_cfg, norm, CNNBaselineConfig(budget_s=budget_s))
     return {**cnn_rollouts(policy, data_dir, data_cfg, rollouts, seed), "training": info}
 

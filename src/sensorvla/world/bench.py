@@ -334,7 +334,7 @@ def run_bench(out: Path, s: BenchSettings) -> dict:
     """Demos -> dataset -> our two stages -> the CNNs on the same CPU-seconds -> the closed-loop table. Writes
     out/bench.json and out/report.md, prints the table; returns the summary. `s.reuse` takes the dataset, our
     trained policy and its CPU-seconds from an earlier run in `out` (`reused_training`) and runs the rest."""
-    from sensorvla.eval.cnn_baseline import CNNRunner
+    from sensorvla.eval.cnn_baseline import CNNRunner, dataset_normalizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +352,7 @@ def run_bench(out: Path, s: BenchSettings) -> dict:
         ours_wall = sum(phases.wall[k] for k in ("cache", "stage1", "stage2"))
     cnn_budget = s.cnn_cpu_s or ours_cpu
     data_cfg = recipe_config("stage1", vl_dir, data_dir, out, s).data
-    norm = cnn_normalizer(data_dir, data_cfg)
+    norm = dataset_normalizer(data_dir, data_cfg)
     cnns = train_cnns(data_dir, data_cfg, norm, s, cnn_budget, phases) if s.cnn else {}
     runner = policy_runner(trained["checkpoint"], s)
     table = phases.run("closed_loop", lambda: closed_loop_rows(runner, env_id, s, out))
@@ -430,14 +430,6 @@ def write_stats(data_dir: Path, data_cfg) -> None:
     compute_stats(data_dir, progress=False, data_cfg=dataclasses.replace(data_cfg, dataset_dir=str(data_dir))).save(
         stats_path(data_dir)
     )
-
-
-def cnn_normalizer(data_dir: Path, data_cfg):
-    """The dataset's normalizer, as the CNN was trained with."""
-    from sensorvla.data.normalize import Normalizer, NormStats
-    from sensorvla.training.data_setup import stats_path
-
-    return Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
 
 
 # --- output --------------------------------------------------------------------------------------------------
