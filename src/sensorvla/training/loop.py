@@ -844,18 +844,11 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
     from sensorvla.models.processor import PolicyProcessor, collate
 
     feature_cache.check_cacheable(cfg)
-    ds = raw_dataset(cfg, "all")
-    processor = load_processor(
-        cfg.model.backbone.vl_model,
-        min_pixels=cfg.model.backbone.min_pixels,
-        max_pixels=cfg.model.backbone.max_pixels,
-        revision=cfg.model.backbone.revision,
-    )
+    ds, b = raw_dataset(cfg, "all"), cfg.model.backbone
+    processor = load_processor(b.vl_model, min_pixels=b.min_pixels, max_pixels=b.max_pixels, revision=b.revision)
     if info.is_main:
         log_token_grid(processor, cfg)
-    tds = TransformedDataset(
-        ds, PolicyProcessor(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
-    )
+    tds = TransformedDataset(ds, PolicyProcessor(normalizer, processor, b.prompt_template, cfg.model.state_dim))
     pad = pad_token_id(processor)
 
     def loader_factory(positions, start):
