@@ -314,18 +314,10 @@ def one_row(runner, env_id: str, s: BenchSettings, out: Path, name: str, **kw) -
 
 def expert_row(env_id: str, s: BenchSettings) -> dict:
     """The scripted expert over the same seeded episodes."""
-    from sensorvla.eval.rollout import summarize
+    from sensorvla.eval.rollout import scripted_episodes, summarize
 
     env = make_env(env_id, s.image_size)
-    results = []
-    for ep in range(s.episodes):
-        env.reset(seed=s.eval_seed + ep)
-        done, steps, info = False, 0, {}
-        while not done:
-            _, _, terminated, truncated, info = env.step(expert_action(env))
-            done, steps = terminated or truncated, steps + 1
-        results.append({"success": bool(info.get("success")), "length": steps, "lateral_ok": info.get("lateral_ok"),
-                        "depth_ok": info.get("depth_ok")})  # fmt: skip
+    results = scripted_episodes(env, lambda: expert_action(env), episodes=s.episodes, seed=s.eval_seed)
     return {**summarize(results), "episodes": s.episodes}
 
 
