@@ -172,29 +172,23 @@ def view_names(env, count: int) -> list[str]:
 def record_episode(env, seed: int, name: str):
     """One expert episode as `EpisodeData` (each observation's frames, state and new sensor rows), and its success."""
     from sensorvla.data.types import EpisodeData, Stream
+    from sensorvla.eval.rollout_video import EpisodeRecorder
 
     obs, _ = env.reset(seed=seed)
-    ts, images, state, actions, sensor_t, sensor = [], [], [], [], [], []
-    last, info, done = -np.inf, {}, False
+    rec = EpisodeRecorder(view_names(env, len(obs["images"])))  # frames per view, times, new sensor rows, actions
+    state, info, done = [], {}, False
     while not done:
-        ts.append(float(obs["timestamp"]))
-        images.append(np.asarray(obs["images"]))
+        rec.observe(obs)
         state.append(np.asarray(obs["state"], np.float32))
-        new = np.asarray(obs["sensor_timestamps"]) > last
-        if new.any():
-            sensor_t.append(np.asarray(obs["sensor_timestamps"])[new])
-            sensor.append(np.asarray(obs["sensor"], np.float32)[new])
-            last = float(sensor_t[-1][-1])
-        actions.append(expert_action(env))
-        obs, _, terminated, truncated, info = env.step(actions[-1])
+        rec.act(expert_action(env))
+        obs, _, terminated, truncated, info = env.step(rec.actions[-1])
         done = terminated or truncated
-    t = np.asarray(ts, np.float64)
-    frames = np.stack(images)
-    streams = {"action": Stream(t, np.stack(actions)), "state": Stream(t, np.stack(state))}
-    for v, view in enumerate(view_names(env, frames.shape[1])):
-        streams[f"image.{view}"] = Stream(t, np.ascontiguousarray(frames[:, v]))
-    if sensor:
-        streams["sensor"] = Stream(np.concatenate(sensor_t), np.concatenate(sensor))
+    t = np.asarray(rec.times, np.float64)
+    streams = {"action": Stream(t, np.stack(rec.actions)), "state": Stream(t, np.stack(state))}
+    streams.update({f"image.{view}": Stream(t, np.stack(frames)) for view, frames in rec.views.items()})
+    sensor_t, sensor = rec.sensor()
+    if sensor_t is not None:
+        streams["sensor"] = Stream(sensor_t, sensor)
     episode = EpisodeData.from_streams(name, str(obs["instruction"]), streams, {"seed": seed})
     return episode, bool(info.get("success", False))
 
