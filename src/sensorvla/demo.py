@@ -162,25 +162,21 @@ def cnn_rollouts(policy, data_dir: Path, data_cfg, rollouts: int, seed: int = 10
     """Roll the trained CNN reference out in the same seeded episodes (all modalities)."""
     import gymnasium as gym
 
-    from sensorvla.data.normalize import Normalizer, NormStats
-    from sensorvla.eval.cnn_baseline import CNNRunner
+    from sensorvla.eval.cnn_baseline import CNNRunner, dataset_normalizer
     from sensorvla.eval.rollout import rollout
-    from sensorvla.training.data_setup import stats_path
     from sensorvla.world.envs import register_envs
 
     register_envs()
-    norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
+    norm = dataset_normalizer(data_dir, data_cfg)
     r = rollout(CNNRunner(policy, norm, data_cfg), gym.make("sensorvla/Insertion-v0"), episodes=rollouts, seed=seed)
     return {k: v for k, v in r.items() if k != "results"}
 
 
 def cnn_reference(data_dir: Path, budget_s: float, rollouts: int, data_cfg, seed: int = 1000) -> dict:
     """Train the plain CNN reference for `budget_s` seconds (in this process) and roll it out."""
-    from sensorvla.data.normalize import Normalizer, NormStats
-    from sensorvla.eval.cnn_baseline import CNNBaselineConfig, train_cnn_baseline
-    from sensorvla.training.data_setup import stats_path
+    from sensorvla.eval.cnn_baseline import CNNBaselineConfig, dataset_normalizer, train_cnn_baseline
 
-    norm = Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
+    norm = dataset_normalizer(data_dir, data_cfg)
     policy, info = train_cnn_baseline(data_dir, data_cfg, norm, CNNBaselineConfig(budget_s=budget_s))
     return {**cnn_rollouts(policy, data_dir, data_cfg, rollouts, seed), "training": info}
 
@@ -238,19 +234,8 @@ def check_targets(table: dict) -> dict[str, bool]:
 
 def format_table(head: str, table: dict) -> str:
     """The closed-loop table as markdown."""
+    from sensorvla.eval.rollout import rollout_table
 
-    def pct(v):
-        return "–" if v is None else f"{100 * v:.0f} %"
-
-    def mm(v):
-        return "–" if v is None else f"{v:.2f}"
-
-    lines = [
-        f"closed loop, sensorvla/Insertion-v0, head={head}, {table['all']['episodes']} seeded episodes per row",
-        "",
-        "| policy | success | lateral error within tolerance | mean lateral error (mm) | mean depth error (mm) |",
-        "|---|---|---|---|---|",
-    ]
     names = {
         "all": "ours, all modalities",
         "sensor_ablated": "ours, sensor ablated",
@@ -266,14 +251,8 @@ def format_table(head: str, table: dict) -> str:
             f"plain CNN reference (same data and wall clock: {training['steps']} steps in "
             f"{training['wall_s']:.0f} s on the other core), all modalities"
         )
-    for key, label in names.items():
-        if key in table:
-            r = table[key]
-            lines.append(
-                f"| {label} | {pct(r['success_rate'])} | {pct(r.get('lateral_ok_rate'))} | "
-                f"{mm(r.get('mean_final_lateral_error_mm'))} | {mm(r.get('mean_final_depth_error_mm'))} |"
-            )
-    return "\n".join(lines)
+    title = f"closed loop, sensorvla/Insertion-v0, head={head}, {table['all']['episodes']} seeded episodes per row"
+    return f"{title}\n\n{rollout_table(table, names)}"
 
 
 def video_links(table: dict, out: Path) -> list[str]:

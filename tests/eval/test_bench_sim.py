@@ -143,13 +143,13 @@ def test_a_fixed_cnn_budget_is_recorded_as_given(tmp_path, tiny_vl_dir):
     data = record_demos("sensorvla/Insertion-v0", tmp_path / "data", 3, 56)
     from sensorvla.config import DataConfig
     from sensorvla.data.normalize import compute_stats
+    from sensorvla.eval.cnn_baseline import dataset_normalizer
     from sensorvla.training.data_setup import stats_path
-    from sensorvla.world.bench import cnn_normalizer
 
     dc = DataConfig(dataset_dir=data["dataset"], val_fraction=0.1, test_fraction=0.0)
     compute_stats(data["dataset"], data_cfg=dc).save(stats_path(data["dataset"]))
     phases = Phases()
-    cnns = train_cnns(tmp_path / "data", dc, cnn_normalizer(tmp_path / "data", dc), s, s.cnn_cpu_s, phases)
+    cnns = train_cnns(tmp_path / "data", dc, dataset_normalizer(tmp_path / "data", dc), s, s.cnn_cpu_s, phases)
     for row in CNN_ROWS:
         assert cnns[row][1]["config"]["cpu_budget_s"] == 123.0 and cnns[row][1]["steps"] == 2
     with_sensor, without = cnns["cnn_with_sensor"][0], cnns["cnn_without_sensor"][0]
@@ -187,8 +187,7 @@ def test_cnn_cpu_budget_ends_training(tmp_path):
     """A CPU-seconds budget alone ends the CNN's training once spent (so at least that much is used), reported;
     a config with no budget at all is refused."""
     from sensorvla.config import DataConfig
-    from sensorvla.eval.cnn_baseline import CNNBaselineConfig, train_cnn_baseline
-    from sensorvla.world.bench import cnn_normalizer
+    from sensorvla.eval.cnn_baseline import CNNBaselineConfig, dataset_normalizer, train_cnn_baseline
 
     data = record_demos("sensorvla/Insertion-v0", tmp_path / "data", 2, 56)["dataset"]
     dc = DataConfig(dataset_dir=data, val_fraction=0.0, test_fraction=0.0)
@@ -197,7 +196,7 @@ def test_cnn_cpu_budget_ends_training(tmp_path):
 
     compute_stats(data, data_cfg=dc).save(stats_path(data))
     cfg = CNNBaselineConfig(budget_s=0.0, cpu_budget_s=0.5, batch_size=4, channels=8, hidden=32)
-    _, info = train_cnn_baseline(data, dc, cnn_normalizer(data, dc), cfg, progress=False)
+    _, info = train_cnn_baseline(data, dc, dataset_normalizer(data, dc), cfg, progress=False)
     assert info["cpu_s"] >= 0.5 and info["steps"] >= 1
     with pytest.raises(ValueError, match="set budget_s, cpu_budget_s or max_steps"):
         train_cnn_baseline(data, dc, None, CNNBaselineConfig(budget_s=0.0))

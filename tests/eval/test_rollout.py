@@ -242,3 +242,26 @@ def test_the_env_views_are_checked_against_the_policys(caplog):
         check_view_names(env(None), runner)
         check_view_names(env(("a", "b")), SimpleNamespace(data_cfg=SimpleNamespace(views=("a", "b"))))
     assert not caplog.text
+
+
+def test_rollout_table_one_renderer_for_rollout_and_the_demo():
+    """`sensorvla rollout` and the demo print the same table: rows in the labels' order and words, absent rows
+    skipped, a quantity the env does not report as "–"."""
+    from sensorvla.demo import format_table
+    from sensorvla.eval.rollout import rollout_table
+
+    rows = {
+        "sensor_ablated": {"success_rate": 0.25, "lateral_ok_rate": None, "mean_final_lateral_error_mm": 1.234},
+        "all": {"success_rate": 1.0, "lateral_ok_rate": 0.9, "mean_final_depth_error_mm": 0.5, "episodes": 4},
+    }
+    plain = rollout_table(rows).splitlines()
+    assert plain[2:] == [
+        "| sensor ablated | 25 % | – | 1.23 | – |",
+        "| all | 100 % | 90 % | – | 0.50 |",
+    ]
+    demo = format_table("regression", rows).splitlines()
+    assert demo[0].endswith("4 seeded episodes per row") and demo[2:4] == plain[:2]
+    assert demo[4:] == [
+        "| ours, all modalities | 100 % | 90 % | – | 0.50 |",
+        "| ours, sensor ablated | 25 % | – | 1.23 | – |",
+    ]

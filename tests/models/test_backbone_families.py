@@ -132,12 +132,26 @@ def test_idefics3_views_and_instruction_are_found_by_the_adapter(idefics3_dir):
     torch.testing.assert_close(g[0, 4], view1[:2, :2].mean((0, 1)), rtol=1e-5, atol=1e-5)
 
 
+def test_idefics3_pixel_bounds_it_cannot_honour_are_named(idefics3_dir, caplog):
+    """The view is the vision tower's S x S: bounds that include it pass quietly, bounds that exclude it (a Qwen
+    setting carried over) log a warning naming both flags and the value that fits."""
+    with caplog.at_level("WARNING", logger="sensorvla.models.backbones.idefics3"):
+        load_processor(str(idefics3_dir), min_pixels=56 * 56, max_pixels=224 * 224)  # the defaults hold S x S
+        assert not caplog.records
+        proc = load_processor(str(idefics3_dir), min_pixels=56 * 56, max_pixels=56 * 56)
+    (record,) = caplog.records
+    msg = record.getMessage()
+    assert "--model.backbone.max-pixels 3136" in msg and "112x112" in msg and f"Set both to {PX}" in msg
+    assert proc.image_processor.max_image_size["longest_edge"] == 112  # the resolution is the model's all the same
+
+
 def test_idefics3_vision_tower_and_language_model_split(idefics3_dir, synth_dataset_dir):
     """full_vision trains the vision tower and the connector (the family's `vision_prefixes`) in the vision LR
     group; LoRA's `language` preset adapts the text model's attention only."""
+    from trainable import assert_trainable_set
+
     from sensorvla.config import resolve_from_meta
     from sensorvla.data.format import load_meta
-    from sensorvla.models.finetune import assert_trainable_set
     from sensorvla.models.policy import build_policy
     from sensorvla.training.param_groups import group_of
 

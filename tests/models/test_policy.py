@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from trainable import assert_trainable_set
 
 from sensorvla.config import SensorVLAConfig
 from sensorvla.models import finetune
@@ -135,7 +136,7 @@ def test_sensor_loss_weight_weights_sensor_samples(tiny_vl_dir, batches):
 def test_finetune_modes_trainable_set(tiny_vl_dir, batches, mode):
     torch.manual_seed(0)
     policy = build_policy(make_cfg(tiny_vl_dir, mode=mode))
-    finetune.assert_trainable_set(policy, mode)
+    assert_trainable_set(policy, mode)
     names = {n for n, p in policy.named_parameters() if p.requires_grad}
     if mode == "none":
         assert not any(n.startswith("backbone.model.") for n in names)
@@ -223,10 +224,10 @@ def test_seed_class_names(tiny_vl_dir, tmp_path):
     cfg = make_cfg(tiny_vl_dir)
     p1 = compat.QwenVLAWithSensor(cfg)
     assert p1.cfg.head.type == "regression"
-    finetune.assert_trainable_set(p1, "none")
+    assert_trainable_set(p1, "none")
     p1d = compat.QwenVLAWithSensorDiffusion(cfg)
     assert p1d.cfg.head.type == "diffusion"
-    finetune.assert_trainable_set(p1d, "none")
+    assert_trainable_set(p1d, "none")
     with torch.no_grad():
         for p in p1.parameters():
             if p.requires_grad:
@@ -234,14 +235,14 @@ def test_seed_class_names(tiny_vl_dir, tmp_path):
     path = tmp_path / "stage1.pt"
     torch.save(seed_payload(p1, None, None, epoch=1, val_loss=0.5, stage="stage1"), path)
     p2 = compat.Not_freeze_QwenVLAWithSensor(cfg, stage1_checkpoint=str(path))
-    finetune.assert_trainable_set(p2, "lora")
+    assert_trainable_set(p2, "lora")
     sd1, sd2 = p1.state_dict(), p2.state_dict()
     for k in sd1:
         if k.startswith(("sensor_encoder.", "head.", "fusion.")):
             assert torch.equal(sd1[k], sd2[k]), k
     p2d = compat.Not_freeze_QwenVLAWithSensorDiffusion(cfg)
     assert p2d.cfg.head.type == "diffusion"
-    finetune.assert_trainable_set(p2d, "lora")
+    assert_trainable_set(p2d, "lora")
 
 
 def test_activation_checkpointing_with_lora(tiny_vl_dir, batches):
@@ -300,7 +301,7 @@ def test_every_trainable_backbone_tensor_gets_a_gradient(tiny_vl_dir, batches, m
     cfg.model.backbone.feature_layer = layer
     torch.manual_seed(0)
     policy = build_policy(cfg)
-    finetune.assert_trainable_set(policy, mode)
+    assert_trainable_set(policy, mode)
     trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("backbone.model.")}
     assert trainable
     if mode == "lora" and layer == 1:

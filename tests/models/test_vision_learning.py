@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from trainable import assert_trainable_set
 
 from sensorvla.config import AugmentConfig, ConfigError, SensorVLAConfig, resolve_from_meta
 from sensorvla.data.augment import ImageAugment
@@ -56,7 +57,7 @@ def test_lora_presets_hit_exactly_the_intended_modules(tiny_vl_dir, synth_datase
     assert want, "the tiny backbone has modules of each kind"
     policy = build_policy(_cfg(tiny_vl_dir, synth_dataset_dir, targets=preset))
     assert _adapted(policy) == want
-    finetune.assert_trainable_set(policy, "lora")
+    assert_trainable_set(policy, "lora")
     names = {g["name"].split("/")[0] for g in build_param_groups(policy, SensorVLAConfig().train)}
     assert ("vision" in names) == ("vision" in expected)
     assert ("vl_lora" in names) == ("language_attn" in expected)
@@ -85,9 +86,9 @@ def test_full_vision_trains_the_whole_tower_at_the_vision_lr(tiny_vl_dir, synth_
         n for n, _ in policy.named_parameters() if n.startswith("backbone.model.language_model.") and "lora_" not in n
     }
     assert not (language_base & trainable)  # the language model itself stays frozen (LoRA only)
-    finetune.assert_trainable_set(policy, "lora", full_vision=True)
+    assert_trainable_set(policy, "lora", full_vision=True)
     with pytest.raises(AssertionError, match="trainable set differs"):
-        finetune.assert_trainable_set(policy, "lora", full_vision=False)
+        assert_trainable_set(policy, "lora", full_vision=False)
     groups = {g["name"]: g for g in build_param_groups(policy, SensorVLAConfig().train)}
     in_vision = {n for k, g in groups.items() if k.startswith("vision") for n in g["param_names"]}
     assert in_vision == vision

@@ -97,3 +97,20 @@ def test_the_old_per_micro_batch_normalisation_is_caught(setup):
         except AssertionError:
             missed += 1
     assert missed > len(g_n) // 2
+
+
+def test_window_metrics_average_over_the_samples_each_covers(setup):
+    """`loss_sensor` is the mean over the window's sensor samples alone: a micro-batch without one leaves it
+    unchanged (the old mean over micro-batches halved it); `n_*` add up over the window."""
+    policy, (s1, n, s2), pad = setup
+    torch.manual_seed(0)
+    _, alone = policy(collate([s1, s2], pad), sensor_loss_weight=1.0)
+    _, none = policy(collate([n], pad), sensor_loss_weight=1.0)
+    window = [collate([s1, s2], pad), collate([n], pad)]
+    _, m, seen = backward_window(policy, window, sensor_loss_weight=2.0, info=ONE_PROCESS)
+    policy.zero_grad(set_to_none=True)
+    assert seen == 3 and m["n_sensor"] == 2 and m["n_no_sensor"] == 1
+    assert m["loss_sensor"] == pytest.approx(alone["loss_sensor"], rel=1e-5)
+    assert m["loss_no_sensor"] == pytest.approx(none["loss_no_sensor"], rel=1e-5)
+    mean = (2 * alone["loss_unweighted"] + none["loss_unweighted"]) / 3  # per sample, not per micro-batch
+    assert m["loss_unweighted"] == pytest.approx(mean, rel=1e-5)

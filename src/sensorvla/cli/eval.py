@@ -58,6 +58,7 @@ def rollout(
     import gymnasium as gym
 
     from sensorvla.eval.rollout import rollout as run
+    from sensorvla.eval.rollout import rollout_table
     from sensorvla.inference.runner import PolicyRunner
     from sensorvla.io import atomic_write_bytes, atomic_write_json
     from sensorvla.world.envs import register_envs
@@ -110,24 +111,6 @@ def stream_ablation_rows(runner, names: tuple[str, ...]) -> dict[str, dict]:
             f"--ablate-stream {', '.join(unknown)}: the checkpoint has no such stream; its streams are {known}"
         )
     return {f"{n}_ablated": {"ablate_sensor": n} for n in dict.fromkeys(wanted)}
-
-
-def rollout_table(result: dict) -> str:
-    """Rows of `rollout` results -> a markdown table (success, lateral within tolerance, mean errors)."""
-
-    def fmt(v, pct=False):
-        return "–" if v is None else (f"{100 * v:.0f} %" if pct else f"{v:.2f}")
-
-    lines = [
-        "| inputs | success | lateral within tolerance | lateral error (mm) | depth error (mm) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in result.items():
-        lines.append(
-            f"| {name.replace('_', ' ')} | {fmt(r['success_rate'], True)} | {fmt(r.get('lateral_ok_rate'), True)} | "
-            f"{fmt(r.get('mean_final_lateral_error_mm'))} | {fmt(r.get('mean_final_depth_error_mm'))} |"
-        )
-    return "\n".join(lines)
 
 
 def register(app) -> None:

@@ -199,6 +199,16 @@ def train_cnn_baseline(
                     "shape": shape}  # fmt: skip
 
 
+def dataset_normalizer(dataset_dir: Path, data_cfg):
+    """The `Normalizer` of the dataset's norm stats (`sensorvla stats`) under `data_cfg`: what the CNN trains and
+    runs with."""
+    from sensorvla.data.normalize import Normalizer, NormStats
+    from sensorvla.training.data_setup import stats_path
+
+    stats = NormStats.load(stats_path(dataset_dir))
+    return Normalizer(stats, mode=data_cfg.normalization, streams=data_cfg.streams)
+
+
 def train_in_background(dataset_dir: Path, data_cfg, out_dir: Path, *, threads: int, budget_s: float, seed: int = 0):
     """Start training the reference in a separate process (spawned, `threads` intra-op threads). Returns
     (process, stop event): set the event to end training; the process then writes `out_dir`
@@ -217,14 +227,13 @@ def _background_worker(dataset_dir, data_cfg, out_dir, threads, budget_s, seed, 
     """The spawned process of `train_in_background`."""
     torch.set_num_threads(threads)
     from sensorvla.config import DataConfig, section_from_dict
-    from sensorvla.data.normalize import Normalizer, NormStats
     from sensorvla.io import atomic_write_json, save_safetensors
-    from sensorvla.training.data_setup import stats_path
 
     dc = section_from_dict(DataConfig, data_cfg, "data.")
-    norm = Normalizer(NormStats.load(stats_path(dataset_dir)), mode=dc.normalization, streams=dc.streams)
     cfg = CNNBaselineConfig(budget_s=budget_s, seed=seed)
-    policy, info = train_cnn_baseline(dataset_dir, dc, norm, cfg, progress=False, stop=stop.is_set)
+    policy, info = train_cnn_baseline(
+        dataset_dir, dc, dataset_normalizer(dataset_dir, dc), cfg, progress=False, stop=stop.is_set
+    )
     save_safetensors(policy.state_dict(), Path(out_dir) / "model.safetensors")
     atomic_write_json(Path(out_dir) / "info.json", {**info, "threads": threads, "config": dataclasses.asdict(cfg)})
 

@@ -299,16 +299,16 @@ def targets(rows: list[dict[str, Any]], vl_dominant: str = "vl_dominant", tiny: 
 
     def add(name, value, op, target):
         if np.isfinite(value):
-            out.append({"name": name, "value": value, "op": op, "target": target, "met": bool(op(value, target))})
+            met = bool(value <= target if op == "<=" else value >= target)
+            out.append({"name": name, "value": value, "op": op, "target": target, "met": met})
 
-    le, ge = _Op("<=", float.__le__), _Op(">=", float.__ge__)
     for n in sorted({r["threads"] for r in rows}):
         for head in ("regression", "diffusion", "flow"):
             kw = {"config": vl_dominant, "threads": n, "head": head}
             vs = sorted({r["views"] for r in rows if r["config"] == vl_dominant})
             for v in vs[:1]:
                 ratio = _p50(rows, mode="fast_slow", views=v, **kw) / _p50(rows, mode="full", views=v, **kw)
-                add(f"P3 fast-slow / full, {head}, VL-dominant, {v} view(s), {n} thread(s)", ratio, le, 0.1)
+                add(f"P3 fast-slow / full, {head}, VL-dominant, {v} view(s), {n} thread(s)", ratio, "<=", 0.1)
         for v in sorted({r["views"] for r in rows if r["config"] == tiny}):
             kw = {"config": tiny, "threads": n, "views": v, "mode": "full"}
             reg = _p50(rows, "head_alone_p50", head="regression", **kw)
@@ -316,12 +316,12 @@ def targets(rows: list[dict[str, Any]], vl_dominant: str = "vl_dominant", tiny: 
                 steps = next((r["steps"] for r in rows if r["head"] == head), None)
                 label = f"DDIM-{steps}" if head == "diffusion" else f"flow-{steps}"
                 ratio = _p50(rows, "head_alone_p50", head=head, **kw) / reg
-                add(f"P4 head alone {label} / regression, tiny, {v} view(s), {n} thread(s)", ratio, le, target)
+                add(f"P4 head alone {label} / regression, tiny, {v} view(s), {n} thread(s)", ratio, "<=", target)
     loop = [r for r in rows if r["config"] == tiny and r["threads"] == 1 and r["mode"] == "fast_slow"]
     for r in loop:
         if r["head"] == "regression" and r["views"] == 1:
-            add("sensor loop Hz (wall), tiny, regression, 1 view, 1 thread", r["hz"], ge, 500.0)
-            add("sensor loop Hz (CPU time), tiny, regression, 1 view, 1 thread", r["hz_cpu"], ge, 500.0)
+            add("sensor loop Hz (wall), tiny, regression, 1 view, 1 thread", r["hz"], ">=", 500.0)
+            add("sensor loop Hz (CPU time), tiny, regression, 1 view, 1 thread", r["hz_cpu"], ">=", 500.0)
     return out
 
 
@@ -339,19 +339,6 @@ def p3_by_config(rows: list[dict[str, Any]]) -> dict[str, str]:
         if parts:
             out[config] = ", ".join(parts)
     return out
-
-
-class _Op:
-    """A named comparison for the targets table."""
-
-    def __init__(self, sign: str, fn):
-        self.sign, self.fn = sign, fn
-
-    def __call__(self, a: float, b: float) -> bool:
-        return self.fn(float(a), float(b))
-
-    def __str__(self) -> str:
-        return self.sign
 
 
 def format_table(rows: list[dict[str, Any]], with_targets: bool = False) -> str:

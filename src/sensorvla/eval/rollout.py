@@ -76,7 +76,13 @@ def run_episode(env, obs, broker, obs_adapter, action_adapter, recorder=None) ->
         if recorder is not None:
             recorder.act(np.asarray(action))
             recorder.observe(obs, env.render)
-    result = {
+    return episode_result(info, steps)
+
+
+def episode_result(info: dict, steps: int) -> dict:
+    """An episode's result from the env's last `info` after `steps` steps: success, length and the task's final
+    metrics (None where the env does not report one)."""
+    return {
         "success": bool(info.get("success", False)),
         "length": steps,
         "final_layer_distance_mm": info.get("layer_distance_mm"),
@@ -84,8 +90,23 @@ def run_episode(env, obs, broker, obs_adapter, action_adapter, recorder=None) ->
         "final_lateral_error_mm": info.get("lateral_error_mm"),
         "lateral_ok": info.get("lateral_ok"),
         "depth_ok": info.get("depth_ok"),
+        "peak_force_n": info.get("peak_force_n"),
+        "final_contact_force_n": info.get("contact_force_n"),
     }
-    return result
+
+
+def scripted_episodes(env, act: Callable[[], Any], *, episodes: int, seed: int) -> list[dict]:
+    """A scripted controller in closed loop: episodes seeded seed .. seed + episodes - 1, each step's action
+    `act()` (read from the env's state, e.g. its expert); each episode's `episode_result`."""
+    results = []
+    for ep in range(episodes):
+        env.reset(seed=seed + ep)
+        steps, done, info = 0, False, {}
+        while not done:
+            _, _, terminated, truncated, info = env.step(act())
+            steps, done = steps + 1, terminated or truncated
+        results.append(episode_result(info, steps))
+    return results
 
 
 def rollout(
@@ -296,32 +317,39 @@ def summarize(results: list[dict]) -> dict[str, Any]:
     }
 
 
+def rollout_table(rows: dict[str, dict], labels: dict[str, str] | None = None) -> str:
+    """`summarize` rows -> a markdown table (success, lateral within tolerance, mean errors), one line per row in
+    `labels`' order and words (default: every row, its name in words)."""
+
+    def fmt(v, pct=False):
+        return "–" if v is None else (f"{100 * v:.0f} %" if pct else f"{v:.2f}")
+
+    lines = [
+        "| policy | success | lateral error within tolerance | mean lateral error (mm) | mean depth error (mm) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in (labels or {k: k.replace("_", " ") for k in rows}).items():
+        if (r := rows.get(key)) is not None:
+            lines.append(
+                f"| {label} | {fmt(r['success_rate'], True)} | {fmt(r.get('lateral_ok_rate'), True)} | "
+                f"{fmt(r.get('mean_final_lateral_error_mm'))} | {fmt(r.get('mean_final_depth_error_mm'))} |"
+            )
+    return "\n".join(lines)
+
+
 def expert_rollout(env, *, episodes: int = 10, seed: int = 0, blind: bool = False, vision_blind: bool = False) -> dict:
     """The scripted expert of the insertion env. `blind` assumes the mean layer depth (no sensor);
     `vision_blind` assumes the target at the workspace centre (no cameras)."""
-    results = []
-    for ep in range(episodes):
-        env.reset(seed=seed + ep)
-        sim = env.unwrapped.sim
-        steps, done, info = 0, False, {}
-        while not done:
-            true_depth, true_target = sim.depth, sim.target.copy()
-            if blind:
-                sim.depth = 4.0
-            if vision_blind:
-                sim.target = np.zeros(2)
-            action = sim.expert_action()
-            sim.depth, sim.target = true_depth, true_target
-            _, _, terminated, truncated, info = env.step(action)
-            steps += 1
-            done = terminated or truncated
-        results.append(
-            {
-                "success": bool(info.get("success")),
-                "length": steps,
-                "final_lateral_error_mm": info.get("lateral_error_mm"),
-                "final_depth_error_mm": info.get("depth_error_mm"),
-                "lateral_ok": info.get("lateral_ok"),
-            }
-        )
-    return summarize(results)
+
+    def act() -> np.ndarray:
+        sim = env.unwrapped.sim  # a new simulator every episode
+        true_depth, true_target = sim.depth, sim.target.copy()
+        if blind:
+            sim.depth = 4.0
+        if vision_blind:
+            sim.target = np.zeros(2)
+        action = sim.expert_action()
+        sim.depth, sim.target = true_depth, true_target
+        return action
+
+    return summarize(scripted_episodes(env, act, episodes=episodes, seed=seed))

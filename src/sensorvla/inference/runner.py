@@ -395,24 +395,13 @@ class RunnerSession:
 
     def __init__(self, runner: PolicyRunner):
         self.runner = runner
-        w = runner.window
-        self.history = SensorHistory(
-            max(runner.cfg.model.sensor.channels, 1),
-            w.window_s,
-            w.samples,
-            w.max_gap_s,
-            capacity=runner.limits.max_history_samples,
-        )
-        self.histories = {  # one per declared stream with its own source, on its own window
-            s.name: SensorHistory(
-                int(np.prod(s.shape)),
-                w.of(s).window_s,
-                w.of(s).samples,
-                w.of(s).max_gap_s,
-                capacity=runner.limits.max_history_samples,
-            )
-            for s in runner.streams
-        }
+
+        def history(channels: int, w: SensorWindow) -> SensorHistory:
+            return SensorHistory(channels, w.window_s, w.samples, w.max_gap_s, runner.limits.max_history_samples)
+
+        self.history = history(max(runner.cfg.model.sensor.channels, 1), runner.window)
+        # one per declared stream with its own source, on its own window
+        self.histories = {s.name: history(int(np.prod(s.shape)), runner.window.of(s)) for s in runner.streams}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.reset()

@@ -165,29 +165,6 @@ def apply_finetune(policy: nn.Module, cfg: FinetuneConfig) -> None:
         logger.info("LoRA r=%d alpha=%d on %d modules", cfg.lora_r, cfg.lora_alpha, len(targets))
 
 
-def expected_trainable(policy: nn.Module, mode: str, full_vision: bool = False) -> set[str]:
-    """The trainable parameter names that `mode` (+ `full_vision`) declares (to assert the real set)."""
-    names, unreached = set(), _unreached(policy)
-    for n, _ in policy.named_parameters():
-        if (
-            not n.startswith(HF_BASE_PREFIX)
-            or (mode == "full" and not unreached(n[len(HF_BASE_PREFIX) :]))
-            or (mode == "lora" and is_lora_param(n))
-            or (full_vision and is_vision_param(n))
-        ):
-            names.add(n)
-    return names
-
-
-def assert_trainable_set(policy: nn.Module, mode: str, full_vision: bool = False) -> None:
-    """Raise AssertionError unless the parameters with requires_grad are exactly the declared set."""
-    actual = {n for n, p in policy.named_parameters() if p.requires_grad}
-    expected = expected_trainable(policy, mode, full_vision)
-    if actual != expected:
-        extra, missing = sorted(actual - expected)[:10], sorted(expected - actual)[:10]
-        raise AssertionError(f"trainable set differs from finetune mode {mode!r}: extra={extra} missing={missing}")
-
-
 def adapter_state_dict(policy: nn.Module, state: dict | None = None) -> dict:
     """LoRA tensors in PEFT's on-disk key layout; `state`: a full (gathered, FSDP2) policy state dict to read."""
     from peft import get_peft_model_state_dict

@@ -139,12 +139,14 @@ def backward_window(
     gradients over ranks). So a sensor sample weighs exactly `sensor_loss_weight` times a sensor-less one
     in the step's gradient, whichever micro-batch or rank it is in (an all-sensor micro-batch too), and no
     micro-batch has to be held back to know the total. Returns (this rank's share of the window's
-    weighted mean loss: the mean over ranks is the all-reduced sum / world size; metrics averaged over
-    micro-batches; samples seen on this rank).
+    weighted mean loss: the mean over ranks is the all-reduced sum / world size; metrics over the window:
+    each `loss_<x>` the mean over the samples it covers (`n_<x>` of them, or the micro-batch's samples), so a
+    subset absent from a micro-batch does not pull its mean towards 0, and each `n_<x>` summed; samples seen on
+    this rank).
     """
     batches = list(batches) if n_micro is None else batches
     n = len(batches) if n_micro is None else n_micro
-    local_sum, local_weight, n_samples, metrics = 0.0, 0.0, 0, {}
+    local_sum, local_weight, n_samples, sums, counts = 0.0, 0.0, 0, {}, {}
     for i, raw in enumerate(batches):
         local_weight += window_weight_sum([raw], sensor_loss_weight)
         batch = prepare(raw)
@@ -156,15 +158,18 @@ def backward_window(
             loss, m = model(batch, sensor_loss_weight=sensor_loss_weight, weight_sum=1.0)  # the weighted sum
             loss.backward()
         local_sum += float(loss.detach())
-        n_samples += batch["actions"].shape[0]
-        for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + v / n
+        size = batch["actions"].shape[0]
+        n_samples += size
+        for k, v in m.items():  # n_<x> adds up; loss_<x> is weighted by the samples it is the mean over
+            w = 1.0 if k.startswith("n_") else m.get(f"n_{k.removeprefix('loss_')}", size)
+            sums[k], counts[k] = sums.get(k, 0.0) + v * w, counts.get(k, 0.0) + w
     total_weight = max(all_reduce_sum([local_weight], info)[0], 1e-8)
     scale = info.world_size / total_weight
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
+    metrics = {k: v if k.startswith("n_") else v / counts[k] for k, v in sums.items()}
     return local_sum * scale, metrics, n_samples
 
 
@@ -839,18 +844,11 @@ def _build_cache(cfg, policy, normalizer, info, meta, progress) -> dict:
     from sensorvla.models.processor import PolicyProcessor, collate
 
     feature_cache.check_cacheable(cfg)
-    ds = raw_dataset(cfg, "all")
-    processor = load_processor(
-        cfg.model.backbone.vl_model,
-        min_pixels=cfg.model.backbone.min_pixels,
-        max_pixels=cfg.model.backbone.max_pixels,
-        revision=cfg.model.backbone.revision,
-    )
+    ds, b = raw_dataset(cfg, "all"), cfg.model.backbone
+    processor = load_processor(b.vl_model, min_pixels=b.min_pixels, max_pixels=b.max_pixels, revision=b.revision)
     if info.is_main:
         log_token_grid(processor, cfg)
-    tds = TransformedDataset(
-        ds, PolicyProcessor(normalizer, processor, cfg.model.backbone.prompt_template, cfg.model.state_dim)
-    )
+    tds = TransformedDataset(ds, PolicyProcessor(normalizer, processor, b.prompt_template, cfg.model.state_dim))
     pad = pad_token_id(processor)
 
     def loader_factory(positions, start):

@@ -172,29 +172,23 @@ def view_names(env, count: int) -> list[str]:
 def record_episode(env, seed: int, name: str):
     """One expert episode as `EpisodeData` (each observation's frames, state and new sensor rows), and its success."""
     from sensorvla.data.types import EpisodeData, Stream
+    from sensorvla.eval.rollout_video import EpisodeRecorder
 
     obs, _ = env.reset(seed=seed)
-    ts, images, state, actions, sensor_t, sensor = [], [], [], [], [], []
-    last, info, done = -np.inf, {}, False
+    rec = EpisodeRecorder(view_names(env, len(obs["images"])))  # frames per view, times, new sensor rows, actions
+    state, info, done = [], {}, False
     while not done:
-        ts.append(float(obs["timestamp"]))
-        images.append(np.asarray(obs["images"]))
+        rec.observe(obs)
         state.append(np.asarray(obs["state"], np.float32))
-        new = np.asarray(obs["sensor_timestamps"]) > last
-        if new.any():
-            sensor_t.append(np.asarray(obs["sensor_timestamps"])[new])
-            sensor.append(np.asarray(obs["sensor"], np.float32)[new])
-            last = float(sensor_t[-1][-1])
-        actions.append(expert_action(env))
-        obs, _, terminated, truncated, info = env.step(actions[-1])
+        rec.act(expert_action(env))
+        obs, _, terminated, truncated, info = env.step(rec.actions[-1])
         done = terminated or truncated
-    t = np.asarray(ts, np.float64)
-    frames = np.stack(images)
-    streams = {"action": Stream(t, np.stack(actions)), "state": Stream(t, np.stack(state))}
-    for v, view in enumerate(view_names(env, frames.shape[1])):
-        streams[f"image.{view}"] = Stream(t, np.ascontiguousarray(frames[:, v]))
-    if sensor:
-        streams["sensor"] = Stream(np.concatenate(sensor_t), np.concatenate(sensor))
+    t = np.asarray(rec.times, np.float64)
+    streams = {"action": Stream(t, np.stack(rec.actions)), "state": Stream(t, np.stack(state))}
+    streams.update({f"image.{view}": Stream(t, np.stack(frames)) for view, frames in rec.views.items()})
+    sensor_t, sensor = rec.sensor()
+    if sensor_t is not None:
+        streams["sensor"] = Stream(sensor_t, sensor)
     episode = EpisodeData.from_streams(name, str(obs["instruction"]), streams, {"seed": seed})
     return episode, bool(info.get("success", False))
 
@@ -314,18 +308,10 @@ def one_row(runner, env_id: str, s: BenchSettings, out: Path, name: str, **kw) -
 
 def expert_row(env_id: str, s: BenchSettings) -> dict:
     """The scripted expert over the same seeded episodes."""
-    from sensorvla.eval.rollout import summarize
+    from sensorvla.eval.rollout import scripted_episodes, summarize
 
     env = make_env(env_id, s.image_size)
-    results = []
-    for ep in range(s.episodes):
-        env.reset(seed=s.eval_seed + ep)
-        done, steps, info = False, 0, {}
-        while not done:
-            _, _, terminated, truncated, info = env.step(expert_action(env))
-            done, steps = terminated or truncated, steps + 1
-        results.append({"success": bool(info.get("success")), "length": steps, "lateral_ok": info.get("lateral_ok"),
-                        "depth_ok": info.get("depth_ok")})  # fmt: skip
+    results = scripted_episodes(env, lambda: expert_action(env), episodes=s.episodes, seed=s.eval_seed)
     return {**summarize(results), "episodes": s.episodes}
 
 
@@ -334,7 +320,7 @@ def run_bench(out: Path, s: BenchSettings) -> dict:
     """Demos -> dataset -> our two stages -> the CNNs on the same CPU-seconds -> the closed-loop table. Writes
     out/bench.json and out/report.md, prints the table; returns the summary. `s.reuse` takes the dataset, our
     trained policy and its CPU-seconds from an earlier run in `out` (`reused_training`) and runs the rest."""
-    from sensorvla.eval.cnn_baseline import CNNRunner
+    from sensorvla.eval.cnn_baseline import CNNRunner, dataset_normalizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +338,7 @@ def run_bench(out: Path, s: BenchSettings) -> dict:
         ours_wall = sum(phases.wall[k] for k in ("cache", "stage1", "stage2"))
     cnn_budget = s.cnn_cpu_s or ours_cpu
     data_cfg = recipe_config("stage1", vl_dir, data_dir, out, s).data
-    norm = cnn_normalizer(data_dir, data_cfg)
+    norm = dataset_normalizer(data_dir, data_cfg)
     cnns = train_cnns(data_dir, data_cfg, norm, s, cnn_budget, phases) if s.cnn else {}
     runner = policy_runner(trained["checkpoint"], s)
     table = phases.run("closed_loop", lambda: closed_loop_rows(runner, env_id, s, out))
@@ -430,14 +416,6 @@ def write_stats(data_dir: Path, data_cfg) -> None:
     compute_stats(data_dir, progress=False, data_cfg=dataclasses.replace(data_cfg, dataset_dir=str(data_dir))).save(
         stats_path(data_dir)
     )
-
-
-def cnn_normalizer(data_dir: Path, data_cfg):
-    """The dataset's normalizer, as the CNN was trained with."""
-    from sensorvla.data.normalize import Normalizer, NormStats
-    from sensorvla.training.data_setup import stats_path
-
-    return Normalizer(NormStats.load(stats_path(data_dir)), mode=data_cfg.normalization, streams=data_cfg.streams)
 
 
 # --- output --------------------------------------------------------------------------------------------------

@@ -196,34 +196,15 @@ def expert_rollout(env, *, episodes: int = 10, seed: int = 0, mode: str | None =
     has "position", the needle "sensor_blind"); `vision=False`: the expert assumes the target at the workspace
     centre. Returns `eval.rollout.summarize`'s rates and the per-episode results.
     """
-    from sensorvla.eval.rollout import summarize
+    from sensorvla.eval.rollout import scripted_episodes, summarize
 
     sim = env.unwrapped.sim
     mode = mode or sim.expert_modes[0]
     if mode not in sim.expert_modes:
         raise ValueError(f"expert mode {mode!r}: this task has {sim.expert_modes}")
-    results = []
     try:
         sim.expert_mode, sim.expert_vision = mode, vision
-        for ep in range(episodes):
-            env.reset(seed=seed + ep)
-            steps, done, info = 0, False, {}
-            while not done:
-                _, _, terminated, truncated, info = env.step(sim.expert_action())
-                steps += 1
-                done = terminated or truncated
-            results.append(
-                {
-                    "success": bool(info["success"]),
-                    "length": steps,
-                    "final_lateral_error_mm": info.get("lateral_error_mm"),
-                    "final_depth_error_mm": info.get("depth_error_mm"),
-                    "lateral_ok": info.get("lateral_ok"),
-                    "depth_ok": info.get("depth_ok"),
-                    "peak_force_n": info.get("peak_force_n"),
-                    "final_contact_force_n": info.get("contact_force_n"),
-                }
-            )
+        results = scripted_episodes(env, sim.expert_action, episodes=episodes, seed=seed)
     finally:
         sim.expert_mode, sim.expert_vision = sim.expert_modes[0], True
     return {**summarize(results), "episodes": episodes, "mode": mode, "vision": vision, "results": results}

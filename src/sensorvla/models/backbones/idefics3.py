@@ -4,7 +4,8 @@ Processor: transformers' `Idefics3Processor` over the PIL image processor, which
 splitting off: each view is resized to one S x S image (S = `max_image_size`, the vision tower's `image_size`),
 so `pixel_values` is (1, V, 3, S, S) with `pixel_attention_mask` (1, V, S, S) per sample, and each view becomes
 one run of (S / patch / scale)^2 `<image>` tokens, a row-major grid, between `<fake_token_around_image>` tokens.
-The run's pixel bounds (min/max pixels) do not apply: the resolution is the model's. The config names only the
+The pixel bounds (--model.backbone.min-pixels / max-pixels) cannot move the resolution, which is the model's: a
+view of S x S px outside them is logged as a warning naming the fix (docs/decisions.md). The config names only the
 image token id: the token after each run closes it (`VLTokenIds.image_end` None), and the user turn ends with
 `<end_of_utterance>` and a newline (the chat template's two closing tokens).
 Base model layout: `vision_model.` and `connector.` (the vision side), `text_model.layers.<i>`, `text_model.norm`.
@@ -12,6 +13,7 @@ Base model layout: `vision_model.` and `connector.` (the vision side), `text_mod
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
 _LM_ATTN = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+logger = logging.getLogger(__name__)
 
 
 class Idefics3(BackboneFamily):
@@ -50,11 +53,20 @@ class Idefics3(BackboneFamily):
         return isinstance(processor, Idefics3Processor)
 
     def load_processor(self, path: str, *, min_pixels: int, max_pixels: int, revision: str | None = None):
-        """The folder's processor with image splitting off (one S x S image per view); pixel bounds unused."""
+        """The folder's processor with image splitting off (one S x S image per view). The pixel bounds cannot
+        change S: a warning names the fix when S x S lies outside them."""
         from transformers import Idefics3Processor
 
         processor = Idefics3Processor.from_pretrained(path, revision=revision)
         processor.image_processor.do_image_splitting = False
+        side = int(processor.image_processor.max_image_size["longest_edge"])
+        if not min_pixels <= side * side <= max_pixels:
+            logger.warning(
+                "%s is an Idefics3 backbone: every view is resized to its vision tower's %dx%d px (%d pixels), "
+                "outside --model.backbone.min-pixels %d / --model.backbone.max-pixels %d, which this family cannot "
+                "honour. Set both to %d to silence this, or choose a checkpoint of another image size",
+                path, side, side, side * side, min_pixels, max_pixels, side * side,
+            )  # fmt: skip
         return processor
 
     def token_grid(self, processor, height: int, width: int):
