@@ -298,11 +298,13 @@ class PolicyRunner:
 
     def batch_from_raw(self, raw: dict[str, Any], with_vl: bool = True) -> dict[str, torch.Tensor]:
         """Raw sample -> model batch of one sample (B = 1)."""
-        from sensorvla.models.backbone import pad_token_id
         from sensorvla.models.processor import collate
 
-        transform = self.transform if with_vl else self._transform_no_vl
-        return collate([transform(raw)], pad_token_id(self.processor))
+        if not with_vl:  # no token tensors to pad
+            return collate([self._transform_no_vl(raw)])
+        from sensorvla.models.backbone import pad_token_id
+
+        return collate([self.transform(raw)], pad_token_id(self.processor))
 
     # --- model steps -------------------------------------------------------------------------------
     def sync(self) -> None:
