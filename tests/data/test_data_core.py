@@ -139,6 +139,11 @@ def test_normalizer_parameters_reused_per_key_dtype_and_width():
         np.testing.assert_array_equal(n.normalize("state", x[:, :2].astype(np.float32)), as32[:, :2])
     with pytest.raises(ValueError, match="read-only"):  # the reused arrays cannot be changed by a caller
         n._params("sensor", x.astype(np.float32))[0][0] = 0.0
+    with torch.inference_mode():  # parameters first made under inference mode serve a gradient later
+        n.normalize("state", torch.zeros(1, 2))
+    grad = torch.ones(1, 2, requires_grad=True)
+    n.normalize("state", grad).sum().backward()
+    torch.testing.assert_close(grad.grad, torch.from_numpy(1 / std[:2].astype(np.float32))[None])
 
 
 def test_stale_stats_raise_in_training_setup(tmp_path, synth_dataset_dir):

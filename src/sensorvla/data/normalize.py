@@ -557,10 +557,11 @@ class Normalizer:
         else:
             import torch
 
-            found = (
-                torch.as_tensor(shift, dtype=like.dtype, device=like.device),
-                torch.as_tensor(scale, dtype=like.dtype, device=like.device),
-            )
+            with torch.inference_mode(False):  # normal tensors: reusable with autograd too
+                found = (
+                    torch.as_tensor(shift, dtype=like.dtype, device=like.device),
+                    torch.as_tensor(scale, dtype=like.dtype, device=like.device),
+                )
         self._cache[cache_key] = found
         return found
 
