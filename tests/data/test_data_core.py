@@ -115,6 +115,37 @@ def test_normalize_round_trip_and_errors(synth_dataset_dir, tmp_path):
         stats.check({**stats.fingerprint, "count": {"actions": 1}})
 
 
+def test_normalizer_parameters_reused_per_key_dtype_and_width():
+    """The shift / scale are computed once per key and reused (the runner normalizes on every call): a float64
+    tensor, a float32 array and the wrench's leading channels each get their own, equal to the formula."""
+    rng = np.random.default_rng(0)
+    mean, std = rng.normal(size=4) * 1e3, rng.uniform(0.1, 2.0, size=4)  # float64 statistics
+
+    def moments(m, s):
+        return {"mean": m, "std": s, "q01": m - s, "q99": m + s, "min": m - 3 * s, "max": m + 3 * s}
+
+    n = Normalizer(NormStats({"sensor": moments(mean, std), "state": moments(mean[:2], std[:2])}, {}, "x"))
+    x = rng.normal(size=(3, 4)) * 1e3
+    for _ in range(2):  # the second pass reads the cache
+        as32t = n.normalize("sensor", torch.from_numpy(x).float())  # a float32 tensor first: its own parameters
+        assert torch.equal(as32t, (torch.from_numpy(x).float() - torch.from_numpy(mean).float()) / std.astype("f4"))
+        as64 = n.normalize("sensor", torch.from_numpy(x))
+        assert as64.dtype == torch.float64 and torch.equal(as64, (torch.from_numpy(x) - mean) / std)
+        as32 = n.normalize("sensor", x.astype(np.float32))
+        want = (x.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
+        assert as32.dtype == np.float32 and np.array_equal(as32, want)
+        for width in (2, 3):  # the wrench: the sensor's first `width` channels
+            np.testing.assert_array_equal(n.normalize("wrench", x[:, :width].astype(np.float32)), as32[:, :width])
+        np.testing.assert_array_equal(n.normalize("state", x[:, :2].astype(np.float32)), as32[:, :2])
+    with pytest.raises(ValueError, match="read-only"):  # the reused arrays cannot be changed by a caller
+        n._params("sensor", x.astype(np.float32))[0][0] = 0.0
+    with torch.inference_mode():  # parameters first made under inference mode serve a gradient later
+        n.normalize("state", torch.zeros(1, 2))
+    grad = torch.ones(1, 2, requires_grad=True)
+    n.normalize("state", grad).sum().backward()
+    torch.testing.assert_close(grad.grad, torch.from_numpy(1 / std[:2].astype(np.float32))[None])
+
+
 def test_stale_stats_raise_in_training_setup(tmp_path, synth_dataset_dir):
     from sensorvla.config import SensorVLAConfig
     from sensorvla.training.data_setup import ensure_stats, stats_path

@@ -56,7 +56,7 @@ def test_incremental_sends_give_the_one_shot_window_and_the_same_actions(runner,
         got, info = batch_of(session, part)
         assert info["new_samples"] == hi - lo and info["duplicate_samples"] == 0
     whole = dict(sensor_obs, sensor=values, sensor_timestamps=ts, timestamp=np.float64(ts[-1]))
-    assert_same_batch(got, runner.prepare(whole))  # the stateless one-shot path, as training windows it
+    assert_same_batch(got, runner.prepare(whole))  # the stateless one-shot path (a fresh session's window)
     assert got["sensor_mask"].any()
     # the whole window resent on top: de-duplicated, same batch again
     again, info = batch_of(session, whole)
@@ -64,6 +64,25 @@ def test_incremental_sends_give_the_one_shot_window_and_the_same_actions(runner,
     assert_same_batch(again, got)
     nothing_new = dict(whole, sensor=values[:0], sensor_timestamps=ts[:0])  # the history alone
     np.testing.assert_array_equal(runner.new_session().infer(whole)["actions"], session.infer(nothing_new)["actions"])
+
+
+def test_the_stateless_path_checks_and_windows_like_a_session(runner, sensor_obs, monkeypatch):
+    """`prepare` / `raw_sample` (one observation, no history) check the request and window the sensor through the
+    session's history, the one windowing code: samples out of order or all after the query time are refused there
+    too, not resampled into a silent window."""
+    from sensorvla.inference.runner import SensorClockError
+    from sensorvla.inference.sensor_history import SensorHistory
+
+    ts = sensor_obs["sensor_timestamps"]
+    with pytest.raises(ObservationError, match="must increase strictly"):
+        runner.prepare(dict(sensor_obs, sensor_timestamps=ts[::-1].copy()))
+    with pytest.raises(SensorClockError, match="after the query time"):
+        runner.raw_sample(dict(sensor_obs, timestamp=np.float64(ts[0] - 1.0)))
+    windows = []
+    real = SensorHistory.window
+    monkeypatch.setattr(SensorHistory, "window", lambda self, t: windows.append(t) or real(self, t))
+    runner.prepare(sensor_obs)
+    assert windows == [float(sensor_obs["timestamp"])]
 
 
 def test_gap_marks_missing_points_and_counts_them_in_the_reply(runner, sensor_obs):

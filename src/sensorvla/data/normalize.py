@@ -519,6 +519,7 @@ class Normalizer:
             raise NormalizationError(f"--data.normalization {mode!r}: choose mean_std or quantile")
         self.stats = stats
         self.mode = mode
+        self._cache: dict[tuple, tuple] = {}  # `_params`: (key, ...) -> (shift, scale)
         specs = [s if not isinstance(s, str) else parse_stream(s) for s in streams]
         self.modes = {s.key: s.normalization for s in specs if s.source and s.normalization}
         for s in (s for s in specs if s.source and s.key in stats.stats):
@@ -538,28 +539,48 @@ class Normalizer:
             )
 
     def _params(self, key: str, like):
+        """(shift, scale) of `key` as float32 numpy arrays, or as tensors in `like`'s dtype and device; computed once
+        per key (and per dtype and device) and reused: the runner normalizes several keys on every call."""
+        width = like.shape[-1] if key == WRENCH else None
+        if isinstance(like, np.ndarray | np.generic):
+            cache_key = (key, width)
+        else:
+            cache_key = (key, width, like.dtype, like.device)
+        found = self._cache.get(cache_key)
+        if found is not None:
+            return found
+        shift, scale = self._affine(key, width)
+        if len(cache_key) == 2:
+            found = shift.astype(np.float32), scale.astype(np.float32)
+            for a in found:
+                a.flags.writeable = False  # shared by every call
+        else:
+            import torch
+
+            with torch.inference_mode(False):  # normal tensors: reusable with autograd too
+                found = (
+                    torch.as_tensor(shift, dtype=like.dtype, device=like.device),
+                    torch.as_tensor(scale, dtype=like.dtype, device=like.device),
+                )
+        self._cache[cache_key] = found
+        return found
+
+    def _affine(self, key: str, width: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(shift, scale) of `key` from its statistics and normalization mode (the wrench: the sensor's first
+        `width` channels)."""
         if key == WRENCH:  # the leading channels of the sensor's statistics
             self.check_keys(["sensor"])
-            s = {k: np.asarray(v)[: like.shape[-1]] for k, v in self.stats.stats["sensor"].items()}
+            s = {k: np.asarray(v)[:width] for k, v in self.stats.stats["sensor"].items()}
         else:
             if key not in self.stats.stats:
                 self.check_keys([key])
             s = self.stats.stats[key]
         mode = self.modes.get(key, self.mode)
         if mode == "none":
-            shift, scale = np.zeros_like(s["mean"]), np.ones_like(s["mean"])
-        elif mode == "mean_std":
-            shift, scale = s["mean"], np.maximum(s["std"], EPS)
-        else:
-            shift, scale = (s["q99"] + s["q01"]) / 2, np.maximum((s["q99"] - s["q01"]) / 2, EPS)
-        if not isinstance(like, np.ndarray | np.generic):  # a torch tensor
-            import torch
-
-            return (
-                torch.as_tensor(shift, dtype=like.dtype, device=like.device),
-                torch.as_tensor(scale, dtype=like.dtype, device=like.device),
-            )
-        return shift.astype(np.float32), scale.astype(np.float32)
+            return np.zeros_like(s["mean"]), np.ones_like(s["mean"])
+        if mode == "mean_std":
+            return s["mean"], np.maximum(s["std"], EPS)
+        return (s["q99"] + s["q01"]) / 2, np.maximum((s["q99"] - s["q01"]) / 2, EPS)
 
     def _check_width(self, key: str, x) -> None:
         if key == WRENCH:

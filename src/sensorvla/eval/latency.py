@@ -95,7 +95,7 @@ def _head_calls(runner, obs: dict[str, Any]):
     """A no-argument function running `head.sample` once on the conditioning of `obs`, returning its ms
     (CUDA-synchronised)."""
     pol, dev = runner.policy, runner.device
-    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in runner.prepare(runner.check_request(obs)).items()}
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in runner.prepare(obs).items()}
     autocast = bf16_autocast(dev)
     with torch.inference_mode(), autocast:
         cond, mask = pol.condition(batch)

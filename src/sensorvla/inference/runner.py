@@ -25,6 +25,7 @@ from sensorvla.data.timeline import SensorWindow
 from sensorvla.inference.checks import RequestChecker, RequestLimits
 from sensorvla.inference.sensor_history import SensorHistory
 from sensorvla.inference.tick import FastTick, TickInputs, export_tick, starting_noise
+from sensorvla.models.heads.base import DenoisingHead
 from sensorvla.runtime import bf16_autocast
 from sensorvla.serving.protocol import NonFiniteOutputError, ObservationError
 
@@ -263,27 +264,10 @@ class PolicyRunner:
 
     # --- the transform chain -----------------------------------------------------------------------
     def raw_sample(self, obs: dict[str, Any]) -> dict[str, Any]:
-        """Observation -> raw sample (docs/interfaces.md section 1), windowing only this observation's own
-        sensor samples (stateless; `RunnerSession.raw_sample` uses the buffered history)."""
-        m, d = self.cfg.model, self.cfg.data
-        images = [np.asarray(im, dtype=np.uint8) for im in obs["images"]]
-        if len(images) != m.num_views:
-            raise ValueError(f"expected {m.num_views} views {list(d.views)}, got {len(images)}")
-        sensor = np.asarray(obs.get("sensor", np.zeros((0, max(m.sensor.channels, 1)))), dtype=np.float32)
-        ts = np.asarray(obs.get("sensor_timestamps", np.zeros(len(sensor))), dtype=np.float64)
-        t = float(obs["timestamp"]) if obs.get("timestamp") is not None else (float(ts[-1]) if len(ts) else 0.0)
-        if len(sensor) and m.sensor.enabled:
-            window, mask = self.window.resample(ts, sensor, t)
-        else:
-            window, mask = self.empty_window()
-        streams = {}
-        for s in self.streams:
-            w, values = self.window.of(s), obs.get(s.key)
-            if values is None or not len(values):
-                streams[s.name] = w.empty(s.shape)
-            else:
-                streams[s.name] = w.resample(np.asarray(obs[s.ts_key], np.float64), np.asarray(values, np.float32), t)
-        return self.sample_from_window(obs, images, window, mask, streams)
+        """Observation -> raw sample (docs/interfaces.md section 1), checked (`check_request`) and windowed from
+        only this observation's own sensor samples: a fresh session's `RunnerSession.raw_sample`, so the stateless
+        path and a served episode window the streams through the one history code."""
+        return self.new_session().raw_sample(self.check_request(obs))[0]
 
     def empty_window(self) -> tuple[np.ndarray, np.ndarray]:
         """An all-missing sensor window: zeros float32 (T_s, C_s), mask False (T_s,)."""
@@ -314,11 +298,13 @@ class PolicyRunner:
 
     def batch_from_raw(self, raw: dict[str, Any], with_vl: bool = True) -> dict[str, torch.Tensor]:
         """Raw sample -> model batch of one sample (B = 1)."""
-        from sensorvla.models.backbone import pad_token_id
         from sensorvla.models.processor import collate
 
-        transform = self.transform if with_vl else self._transform_no_vl
-        return collate([transform(raw)], pad_token_id(self.processor))
+        if not with_vl:  # no token tensors to pad
+            return collate([self._transform_no_vl(raw)])
+        from sensorvla.models.backbone import pad_token_id
+
+        return collate([self.transform(raw)], pad_token_id(self.processor))
 
     # --- model steps -------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -355,10 +341,12 @@ class PolicyRunner:
             _, vl_mask, v_proj, v_mem = cached
             self.sync()
             t2 = time.perf_counter()
-            gen = None
-            if self.generator_seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)
-            noise = starting_noise(pol, v_proj, gen)
+            noise = None
+            if isinstance(pol.head, DenoisingHead):  # a sampling head's starting noise, from the seeded generator
+                gen = None
+                if self.generator_seed is not None:
+                    gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)
+                noise = starting_noise(pol, v_proj, gen)
             state = batch.get("state") if self.cfg.model.state_dim else None
             sensors = {k: v for k, v in batch.items() if k.startswith(("sensor", "has_sensor"))}  # every stream
             if self._compile_tick:
@@ -372,11 +360,11 @@ class PolicyRunner:
                 out = self.tick.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)
             chunk, wrench = out if isinstance(out, tuple | list) else (out, None)  # (chunk, wrench): the wrench output
             if wrench is not None and outputs is not None:
-                outputs["wrench"] = wrench[0].float().cpu().numpy()
+                outputs["wrench"] = _numpy(wrench)[0]
         self.sync()
         t4 = time.perf_counter()
         times = {"vl_ms": (t2 - t1) * 1e3, "sensor_ms": (t3 - t2) * 1e3, "head_ms": (t4 - t3) * 1e3}
-        return chunk[0].float().cpu().numpy(), times
+        return _numpy(chunk)[0], times
 
     def _compiled_tick(self, inputs: TickInputs) -> torch.Tensor:
         """The tick through its AOTInductor library, exported and compiled on the first call (`export_tick`)."""
@@ -385,6 +373,13 @@ class PolicyRunner:
                 if self._exported is None:
                     self._exported = export_tick(self.tick, inputs)
         return self._exported(*inputs)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """A model output as a float32 numpy array (a view of a float32 CPU tensor; copied from another dtype / device)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        x = x.float().cpu()
+    return x.numpy()
 
 
 class RunnerSession:
@@ -545,7 +540,9 @@ class RunnerSession:
         decision, cached, now = self._plan()
         raw, sensor_info = self.raw_sample(checked)
         with_vl = decision != REUSE
-        batch = {k: v.to(r.device) if torch.is_tensor(v) else v for k, v in r.batch_from_raw(raw, with_vl).items()}
+        batch = r.batch_from_raw(raw, with_vl)
+        if r.device.type != "cpu":  # the batch is built on the CPU
+            batch = {k: v.to(r.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         r.sync()
         t1 = time.perf_counter()
         if cached is None:

@@ -67,13 +67,14 @@ def key_padding(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]
     """(present (B,), key padding mask (B, T) | None): the samples with at least one valid grid point, and the
     attention's padding mask (None when every point is valid). A sample with nothing valid would make attention NaN:
     it keeps one dummy key, and its tokens are replaced."""
+    # eager: no mask when all are measured (the common case, told by one reduction); a traced graph keeps it (no
+    # data-dependent branch)
+    static = valid.device.type == "meta" or torch.compiler.is_compiling()
+    if not static and bool(valid.all()):
+        return valid[:, 0], None
     present = valid.any(dim=1)
     kpm = ~valid
     kpm[:, 0] &= present
-    # eager: no mask when all are measured (the common case); a traced graph keeps it (no data-dependent branch)
-    static = kpm.device.type == "meta" or torch.compiler.is_compiling()
-    if not static and not bool(kpm.any()):
-        kpm = None
     return present, kpm
 
 

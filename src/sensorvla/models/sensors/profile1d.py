@@ -22,9 +22,8 @@ def conv1d_unfold(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     (k,), (stride,), (pad,) = conv.kernel_size, conv.stride, conv.padding
     windows = F.pad(x, (pad, pad)).unfold(2, k, stride)  # (N, C_in, L_out, k)
     n, c, length, _ = windows.shape
-    out = windows.permute(0, 2, 1, 3).reshape(n * length, c * k) @ conv.weight.view(conv.out_channels, -1).t()
-    if conv.bias is not None:
-        out = out + conv.bias
+    cols = windows.permute(0, 2, 1, 3).reshape(n * length, c * k)
+    out = F.linear(cols, conv.weight.view(conv.out_channels, -1), conv.bias)  # the bias added inside the matmul
     return out.view(n, length, -1).transpose(1, 2)
 
 
