@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Caches (norm stats, file hashes) live in one fresh folder per test session, never the user's ~/.cache: a
 # stats file cached by an older checkout of the code must not answer for this one.
 os.environ.setdefault("SENSORVLA_CACHE_DIR", tempfile.mkdtemp(prefix="sensorvla-test-cache-"))
+os.environ.pop("SENSORVLA_COMPILED_CACHE", None)  # compiled ticks too go under it (inference/tick.py)
 
 import pytest  # noqa: E402
 

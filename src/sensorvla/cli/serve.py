@@ -91,10 +91,15 @@ def serve(
 
 
 def _compile_before_serving(runner) -> None:
-    """With `--runtime.compile` (a runner that `compiles`): export and compile now, not in the first request."""
+    """With `--runtime.compile` (a runner that `compiles`): export and compile now (or load the package an earlier
+    start kept: `inference/tick.py`), not in the first request."""
     if getattr(runner, "compiles", False):
-        print("[sensorvla] compiling the policy's per-call work (torch.export + AOTInductor) ...", file=sys.stderr)
-        print(f"[sensorvla] compiled in {runner.warm_up():.1f} s", file=sys.stderr, flush=True)
+        print(
+            "[sensorvla] compiling the policy's per-call work (torch.export + AOTInductor; loaded from the compiled "
+            "cache when an earlier start kept it) ...",
+            file=sys.stderr,
+        )
+        print(f"[sensorvla] compiled tick ready in {runner.warm_up():.1f} s", file=sys.stderr, flush=True)
 
 
 def _check_access(host: str, token: str | None) -> None:
