@@ -1,7 +1,8 @@
 """Training benchmarks, measured side by side in one run and reported as ratios.
 
-1. stage-1 step time: VL features from the cache vs through the frozen backbone (P1), on the backbones of
-   `sensorvla.eval.latency.BACKBONES` (224x224 views): the goals' VL-dominant one and the wide one for reference;
+1. stage-1 step samples/s and CPU-seconds per sample: VL features from the cache vs through the frozen backbone
+   (P1), on the backbones of `sensorvla.eval.latency.BACKBONES` (224x224 views): the goals' VL-dominant one at 1
+   and 2 torch threads, and the wide one (at the process's thread setting) for reference;
 2. samples/s of 1 vs 2 processes (torchrun, gloo on CPU / NCCL on GPU);
 3. peak memory of stage 1 vs stage 2 (LoRA) on the same model (peak RSS on CPU, max allocated on CUDA).
 
@@ -51,33 +52,62 @@ def _cfg(vl, data, out, **train_kw):
     return cfg
 
 
-def _step_times(run_dir: Path) -> list[float]:
+def _step_times(run_dir: Path, key: str = "samples_per_s") -> list[float]:
+    """Every logged training step's `key` (samples/s by default; `cpu_s_per_sample`: the step's CPU-seconds)."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["samples_per_s"] for r in rows if r["kind"] == "train" and "samples_per_s" in r]
+    return [r[key] for r in rows if r["kind"] == "train" and key in r]
 
 
-def cache_vs_backbone(root: Path, vl, data, steps: int = 12) -> dict:
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def cache_vs_backbone(root: Path, vl, data, steps: int = 12, threads: int | None = None) -> dict:
+    """P1: stage-1 steps with the VL features from the cache vs through the frozen backbone, side by side.
+
+    Reports each path's median step in samples/s and in CPU-seconds per sample (the loop's `cpu_s_per_sample`:
+    the process's every thread; the backbone path's DataLoader worker processes, which decode and resize the
+    images, are not in it: ~0.002 CPU-s per sample at 224x224, ~1 % of that path's), their ratios, and the torch
+    thread count they ran with (`threads`: set for the call, else the process's setting). The wall times of the
+    whole `train()` calls also hold set-up, validation, checkpoints and the training-curves figure.
+    """
+    import torch
+
+    from sensorvla.runtime import loader_workers
     from sensorvla.training.loop import train
 
-    plain = _cfg(vl, data, root / "plain", max_steps=steps, use_cache="never")
-    t0 = time.perf_counter()
-    train(plain, progress=False)
-    t_plain = time.perf_counter() - t0
-    cached = _cfg(vl, data, root / "cached", max_steps=steps, use_cache="always")
-    build = copy.deepcopy(cached)
-    build.train.mode = "cache"
-    t0 = time.perf_counter()
-    train(build, progress=False)
-    t_build = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    train(cached, progress=False)
-    t_cached = time.perf_counter() - t0
-    sps_plain = sorted(_step_times(root / "plain"))[len(_step_times(root / "plain")) // 2]
-    sps_cached = sorted(_step_times(root / "cached"))[len(_step_times(root / "cached")) // 2]
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        plain = _cfg(vl, data, root / "plain", max_steps=steps, use_cache="never")
+        t0 = time.perf_counter()
+        train(plain, progress=False)
+        t_plain = time.perf_counter() - t0
+        cached = _cfg(vl, data, root / "cached", max_steps=steps, use_cache="always")
+        build = copy.deepcopy(cached)
+        build.train.mode = "cache"
+        t0 = time.perf_counter()
+        train(build, progress=False)
+        t_build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        train(cached, progress=False)
+        t_cached = time.perf_counter() - t0
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    sps_plain, sps_cached = _median(_step_times(root / "plain")), _median(_step_times(root / "cached"))
+    cpu_plain = _median(_step_times(root / "plain", "cpu_s_per_sample"))
+    cpu_cached = _median(_step_times(root / "cached", "cpu_s_per_sample"))
     return {
+        "torch_threads": used,
+        "backbone_loader_workers": loader_workers(plain.data.num_workers, in_memory=False),
         "stage1_samples_per_s_backbone": sps_plain,
         "stage1_samples_per_s_cache": sps_cached,
         "speedup_cache_vs_backbone": sps_cached / sps_plain,
+        "stage1_cpu_s_per_sample_backbone": cpu_plain,
+        "stage1_cpu_s_per_sample_cache": cpu_cached,
+        "cpu_ratio_backbone_vs_cache": cpu_plain / cpu_cached,
         "wall_backbone_s": t_plain,
         "wall_cache_build_s": t_build,
         "wall_cached_s": t_cached,
@@ -124,8 +154,7 @@ def processes(root: Path, vl, data, steps: int = 10) -> dict:
         path = root / f"p{n}.json"
         path.write_text(cfg.to_json())
         _torchrun(path, n)
-        sps = _step_times(root / f"p{n}")[2:]
-        out[f"samples_per_s_{n}proc"] = sorted(sps)[len(sps) // 2]
+        out[f"samples_per_s_{n}proc"] = _median(_step_times(root / f"p{n}")[2:])
     out["speedup_2_vs_1"] = out["samples_per_s_2proc"] / out["samples_per_s_1proc"]
     return out
 
@@ -148,10 +177,13 @@ def run(root: str | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(root or tempfile.mkdtemp(prefix="bench_train_"))
     result = {}
-    for backbone in ("vl_dominant", "wide"):
-        vl, data = _setup(root, backbone=backbone)
-        result[f"cache_{backbone}"] = cache_vs_backbone(root / backbone, vl, data)
+    vl, data = _setup(root, backbone="vl_dominant")
+    for threads in (1, 2):  # P1 at 1 and 2 torch threads side by side (the thread count is in each result)
+        result[f"cache_vl_dominant_{threads}thread"] = cache_vs_backbone(
+            root / f"vl_dominant_{threads}", vl, data, threads=threads
+        )
     vl, data = _setup(root, backbone="wide")
+    result["cache_wide"] = cache_vs_backbone(root / "wide", vl, data)
     result["processes"] = processes(root, vl, data)
     result["memory"] = memory(root, vl, data)
     return result

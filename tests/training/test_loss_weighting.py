@@ -114,3 +114,26 @@ def test_window_metrics_average_over_the_samples_each_covers(setup):
     assert m["loss_no_sensor"] == pytest.approx(none["loss_no_sensor"], rel=1e-5)
     mean = (2 * alone["loss_unweighted"] + none["loss_unweighted"]) / 3  # per sample, not per micro-batch
     assert m["loss_unweighted"] == pytest.approx(mean, rel=1e-5)
+
+
+@pytest.mark.parametrize("w", [1.0, 2.0])
+def test_window_scaling_is_bit_equal_to_scaling_each_gradient(setup, w):
+    """backward_window rescales the window's gradients in one foreach call (skipped when the factor is 1: a window
+    of one sensor-less sample, or w = 1 over one sample): bit-equal to scaling each parameter's gradient in a loop,
+    so training results do not change (the resume tests check bit-exact runs on top of this)."""
+    policy, (s1, n, s2), pad = setup
+
+    def rescaled_by_hand(window):
+        for batch in window:
+            policy(batch, sensor_loss_weight=w, weight_sum=1.0)[0].backward()
+        scale = 1.0 / max(window_weight_sum(window, w), 1e-8)
+        with torch.no_grad():
+            for p in policy.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+
+    for window in ([collate([s1, n], pad), collate([s2], pad)], [collate([n], pad)]):
+        got = grads(policy, lambda win=window: backward_window(policy, win, sensor_loss_weight=w, info=ONE_PROCESS))
+        expected = grads(policy, lambda win=window: rescaled_by_hand(win))
+        assert got.keys() == expected.keys() and len(got) > 10
+        assert all(torch.equal(got[k], expected[k]) for k in got)

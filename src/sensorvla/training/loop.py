@@ -165,10 +165,10 @@ def backward_window(
             sums[k], counts[k] = sums.get(k, 0.0) + v * w, counts.get(k, 0.0) + w
     total_weight = max(all_reduce_sum([local_weight], info)[0], 1e-8)
     scale = info.world_size / total_weight
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and scale != 1.0:  # one foreach call (x1.0 is the identity: skipped); the same products as a loop
+        with torch.no_grad():
+            torch._foreach_mul_(grads, scale)
     metrics = {k: v if k.startswith("n_") else v / counts[k] for k, v in sums.items()}
     return local_sum * scale, metrics, n_samples
 
@@ -412,7 +412,7 @@ def _setup(cfg, info, meta, stats, normalizer, bar_on: bool) -> _Run:
     )
     if stage1_init is not None:
         run.run_log.log("stage1_init", 0, stage1_init)
-    _announce(run, groups, steps_per_epoch)
+    _announce(run, groups, steps_per_epoch, len(meta.episodes))
     desc = f"{cfg.train.stage} {cfg.model.head.type}"  # its plain lines are the loop's own (`_log_progress`)
     run.bar = Progress(total=run_steps, initial=run.state["step"], mode="on" if bar_on else False, desc=desc)
     run.t_start, run.step_start = time.perf_counter(), run.state["step"]
@@ -437,7 +437,7 @@ def _optimization(cfg: SensorVLAConfig, policy: torch.nn.Module, info):
 
 def _open_data(cfg: SensorVLAConfig, info, meta) -> _Data:
     """The train/val splits and samplers; in stage 1 with a frozen backbone, the VL cache when there is one."""
-    train_raw, val_raw, cache = raw_dataset(cfg, "train"), raw_dataset(cfg, "val"), None
+    cache = None
     cacheable = stage_config(cfg).may_use_vl_cache and feature_cache.backbone_frozen(cfg)
     if cacheable and cfg.train.use_cache != "never":
         all_ids = raw_dataset(cfg, "all", load_images=False).sample_ids
@@ -447,8 +447,6 @@ def _open_data(cfg: SensorVLAConfig, info, meta) -> _Data:
                 f"--train.use-cache always but no VL cache exists; build it: {feature_cache.rebuild_command(cfg)}"
             )
         if cache is not None:
-            train_raw = raw_dataset(cfg, "train", load_images=False)
-            val_raw = raw_dataset(cfg, "val", load_images=False)
             logger.info("stage 1 reads VL features from the cache %s", cache.folder)
             if cfg.data.augment.enabled:
                 logger.warning(
@@ -456,6 +454,8 @@ def _open_data(cfg: SensorVLAConfig, info, meta) -> _Data:
                     "un-augmented images, so NO image augmentation is applied in this run. Use "
                     "--train.use-cache never to augment (the backbone then runs every step)."
                 )
+    # each split opened once, its images only when no cache replaces them
+    train_raw, val_raw = (raw_dataset(cfg, split, load_images=cache is None) for split in ("train", "val"))
     sampler = ShardedEpochSampler(len(train_raw), seed=cfg.train.seed, rank=info.rank, world=info.world_size)
     # validation: an exact partition (no wrap-around padding), so every sample is counted once
     val_sampler = ShardedEpochSampler(
@@ -561,7 +561,7 @@ def _restore(run: _Run) -> None:
     logger.info("resumed at epoch %d, step %d", run.state["epoch"], run.state["step"])
 
 
-def _announce(run: _Run, groups: list[dict], steps_per_epoch: int) -> None:
+def _announce(run: _Run, groups: list[dict], steps_per_epoch: int, n_episodes: int) -> None:
     """Rank 0 logs the resolved config, the parameter groups and the data; stage 2 keeps its stage-1 input."""
     cfg, info = run.cfg, run.info
     if not info.is_main:
@@ -580,9 +580,7 @@ def _announce(run: _Run, groups: list[dict], steps_per_epoch: int) -> None:
         steps_per_epoch,
         cfg.train.schedule_steps,
     )
-    from sensorvla.data.format import load_meta
-
-    for line in split_summary(cfg, len(load_meta(cfg.data.dataset_dir).episodes)):
+    for line in split_summary(cfg, n_episodes):
         logger.info("%s", line)
     if cfg.train.max_steps:
         logger.info(
@@ -630,7 +628,7 @@ def _run_epoch(run: _Run) -> None:
 def _step(run: _Run, loader, epoch: int) -> None:
     """One optimizer step: an accumulation window of micro-batches, clipping, the divergence check, logs."""
     cfg, info, state = run.cfg, run.info, run.state
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     n_micro = min(cfg.train.grad_accum_steps, run.micro_per_epoch - state["micro_in_epoch"])
     share, step_metrics, n_samples = backward_window(
         run.model,
@@ -660,6 +658,8 @@ def _step(run: _Run, loader, epoch: int) -> None:
         "grad_norm": float(grad_norm),
         "epoch": epoch,
         "samples_per_s": n_samples * info.world_size / (time.perf_counter() - t0),
+        # this rank's CPU-seconds per sample (its every thread; DataLoader worker processes are not counted)
+        "cpu_s_per_sample": (time.process_time() - cpu0) / max(n_samples, 1),
         **lrs,
         **{k: v for k, v in step_metrics.items() if k.startswith("loss_")},
     }
