@@ -542,15 +542,13 @@ class Normalizer:
         """(shift, scale) of `key` as float32 numpy arrays, or as tensors in `like`'s dtype and device; computed once
         per key (and per dtype and device) and reused: the runner normalizes several keys on every call."""
         width = like.shape[-1] if key == WRENCH else None
-        if isinstance(like, np.ndarray | np.generic):
-            cache_key = (key, width)
-        else:
-            cache_key = (key, width, like.dtype, like.device)
+        as_numpy = isinstance(like, np.ndarray | np.generic)
+        cache_key = (key, width) if as_numpy else (key, width, like.dtype, like.device)
         found = self._cache.get(cache_key)
         if found is not None:
             return found
         shift, scale = self._affine(key, width)
-        if len(cache_key) == 2:
+        if as_numpy:
             found = shift.astype(np.float32), scale.astype(np.float32)
             for a in found:
                 a.flags.writeable = False  # shared by every call

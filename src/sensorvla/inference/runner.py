@@ -25,7 +25,6 @@ from sensorvla.data.timeline import SensorWindow
 from sensorvla.inference.checks import RequestChecker, RequestLimits
 from sensorvla.inference.sensor_history import SensorHistory
 from sensorvla.inference.tick import FastTick, TickInputs, export_tick, starting_noise
-from sensorvla.models.heads.base import DenoisingHead
 from sensorvla.runtime import bf16_autocast
 from sensorvla.serving.protocol import NonFiniteOutputError, ObservationError
 
@@ -341,12 +340,7 @@ class PolicyRunner:
             _, vl_mask, v_proj, v_mem = cached
             self.sync()
             t2 = time.perf_counter()
-            noise = None
-            if isinstance(pol.head, DenoisingHead):  # a sampling head's starting noise, from the seeded generator
-                gen = None
-                if self.generator_seed is not None:
-                    gen = torch.Generator(device=self.device).manual_seed(self.generator_seed)
-                noise = starting_noise(pol, v_proj, gen)
+            noise = starting_noise(pol, v_proj, self.generator_seed)  # a sampling head's, from the seed
             state = batch.get("state") if self.cfg.model.state_dim else None
             sensors = {k: v for k, v in batch.items() if k.startswith(("sensor", "has_sensor"))}  # every stream
             if self._compile_tick:

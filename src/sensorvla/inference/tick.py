@@ -86,10 +86,17 @@ class FastTick(nn.Module):
         return self.head(s_tok, s_mask, state, v_proj, vl_mask, v_mem, noise)
 
 
-def starting_noise(policy: nn.Module, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
-    """A sampling head's starting noise for one sample (drawn with `generator`), None for a regression head."""
+def starting_noise(
+    policy: nn.Module, like: torch.Tensor, generator: torch.Generator | int | None
+) -> torch.Tensor | None:
+    """A sampling head's starting noise for one sample, None for a regression head. `generator`: a generator, a
+    seed (a generator on `like`'s device is made from it, only for a sampling head), or None (nondeterministic)."""
     head = policy.head
-    return head.noise(like.shape[0], like, generator) if isinstance(head, DenoisingHead) else None
+    if not isinstance(head, DenoisingHead):
+        return None
+    if isinstance(generator, int):
+        generator = torch.Generator(device=like.device).manual_seed(generator)
+    return head.noise(like.shape[0], like, generator)
 
 
 def dynamic_shapes(inputs: TickInputs, max_vl_tokens: int = 1 << 16) -> tuple:
