@@ -589,7 +589,8 @@ def test_gradients_are_clipped_to_grad_clip_before_the_step(
     train(cfg, progress=False)
     logged = [train_rows(tmp_path)[s]["grad_norm"] for s in (1, 2)]
     # every logged step also carries its CPU-seconds per sample (benchmarks/bench_train.py compares budgets in it)
-    assert all(0 < train_rows(tmp_path)[s]["cpu_s_per_sample"] < 60 for s in (1, 2))
+    # (present, positive and finite: a CPU time, never bounded above in a test)
+    assert all(0 < train_rows(tmp_path)[s]["cpu_s_per_sample"] < float("inf") for s in (1, 2))
     assert len(seen) == 2 and all(n > 1e-2 for n in logged), (seen, logged)  # the raw norms exceed the small clip
     for before, at_step in zip(logged, seen, strict=True):
         assert at_step == pytest.approx(min(before, clip), rel=1e-4)
