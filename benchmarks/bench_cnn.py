@@ -11,8 +11,9 @@ Run: `python benchmarks/run.py cnn [budget_s ...]` (default 60 120 240).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
+
+from _scratch import scratch_dir
 
 
 def run(budgets: tuple[float, ...] = (60.0, 120.0, 240.0), episodes: int = 300, rollouts: int = 20) -> list[dict]:
@@ -23,7 +24,7 @@ def run(budgets: tuple[float, ...] = (60.0, 120.0, 240.0), episodes: int = 300, 
     from sensorvla.world.synth import generate_dataset
 
     threads = configure_threads()
-    root = Path(tempfile.mkdtemp(prefix="bench_cnn_"))
+    root = Path(scratch_dir("bench_cnn_"))
     s = DemoSettings(episodes=episodes)
     data = generate_dataset(root / "data", num_episodes=s.episodes, seed=0, image_size=s.image_size, progress=False)
     compute_stats(data).save(stats_path(data))

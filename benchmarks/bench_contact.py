@@ -10,9 +10,10 @@ Run: `python benchmarks/run.py contact [episodes]` (default 40).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
+
+from _scratch import scratch_dir
 
 
 def _timed_episodes(env, episodes: int, seed: int) -> dict:
@@ -52,7 +53,7 @@ def run(episodes: int = 40, seed: int = 1000) -> list[dict]:
 
     register_envs()
     rows = []
-    root = Path(tempfile.mkdtemp(prefix="bench_contact_"))
+    root = Path(scratch_dir("bench_contact_"))
     for env_id, task in ENV_TASKS.items():
         env = gym.make(env_id)
         sim = env.unwrapped.sim

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
+
+from _scratch import scratch_dir
 
 
 def _setup(root: Path, image_size: int, episodes: int, vl=None):
@@ -200,7 +201,7 @@ def storage(root: Path, sizes=(64, 224), episodes: int = 6) -> dict:
 
 def run(root: str | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    base = Path(root or tempfile.mkdtemp(prefix="bench_data_"))
+    base = Path(root or scratch_dir("bench_data_"))
     return {
         "loader_vs_train": loader_vs_train(base / "loader"),
         "loader_vs_train_at_processor_size": loader_vs_train(base / "loader112", image_size=112, at_size=True),

@@ -13,12 +13,13 @@ import importlib.util
 import logging
 import queue
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from _scratch import scratch_dir
 
 HERE = Path(__file__).resolve().parent
 STOP = object()
@@ -65,7 +66,7 @@ def run(payloads: int = 10_000, connections: int = 4, max_queue: int = 2, timeou
 
     fp = _payloads_module()
     logging.getLogger("sensorvla.serving.server").setLevel(logging.ERROR)  # one warning per rejected payload
-    tmp = Path(tempfile.mkdtemp(prefix="sensorvla_fuzz_"))
+    tmp = Path(scratch_dir("sensorvla_fuzz_"))
     vl = build_tiny_qwen_vl(tmp / "vl")
     data = generate_dataset(tmp / "data", num_episodes=4, seed=0, progress=False)
     runner = fp.make_fuzz_runner(vl, data, tmp / "ckpt")

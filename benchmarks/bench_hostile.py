@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from _scratch import scratch_dir
+
 HERE = Path(__file__).resolve().parent
 MIB = 2**20
 GOAL_MS = 250.0
@@ -271,7 +273,7 @@ def run(rounds: int = 3) -> dict[str, Any]:
 
     logging.getLogger("sensorvla").setLevel(logging.ERROR)
     fp = _payloads_module()
-    tmp = Path(tempfile.mkdtemp(prefix="sensorvla_hostile_"))
+    tmp = Path(scratch_dir("sensorvla_hostile_"))
     vl = build_tiny_qwen_vl(tmp / "vl")
     data = generate_dataset(tmp / "data", num_episodes=2, seed=0, progress=False)
     runner = fp.make_fuzz_runner(vl, data, tmp / "ckpt")

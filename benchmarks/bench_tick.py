@@ -12,13 +12,14 @@ largest action: an untrained diffusion head's DDIM actions reach thousands).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from _scratch import scratch_dir
 
 BLOCKS, CALLS = 20, 50  # alternating blocks of calls per runner
 STAGES = ("preprocess_ms", "sensor_ms", "head_ms", "total_ms")
@@ -82,7 +83,7 @@ def run(heads: tuple[str, ...] = ("regression",)) -> list[dict[str, Any]]:
     """Every head in `heads`, on the embedded tiny model (built in a temp dir)."""
     from sensorvla.world.tiny_qwen import build_tiny_qwen_vl
 
-    tiny = build_tiny_qwen_vl(Path(tempfile.mkdtemp(prefix="bench_tick_")) / "tiny")
+    tiny = build_tiny_qwen_vl(Path(scratch_dir("bench_tick_")) / "tiny")
     return [run_head(tiny, h) for h in heads]
 
 

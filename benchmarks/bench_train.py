@@ -17,9 +17,10 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _scratch import scratch_dir
 
 PIXELS = {"min_pixels": 224 * 224, "max_pixels": 224 * 224}
 
@@ -175,7 +176,7 @@ def memory(root: Path, vl, data, steps: int = 4) -> dict:
 
 def run(root: str | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(root or tempfile.mkdtemp(prefix="bench_train_"))
+    root = Path(root or scratch_dir("bench_train_"))
     result = {}
     vl, data = _setup(root, backbone="vl_dominant")
     for threads in (1, 2):  # P1 at 1 and 2 torch threads side by side (the thread count is in each result)

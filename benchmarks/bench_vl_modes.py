@@ -9,9 +9,10 @@ Run: `python benchmarks/run.py vl_modes` (see README for the latest figures).
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from pathlib import Path
+
+from _scratch import scratch_dir
 
 MODES = ("view_mean", "grid", "all")
 
@@ -20,7 +21,7 @@ def run(steps: int = 20, episodes: int = 4) -> list[dict]:
     from bench_train import _cfg, _setup, _step_times
     from sensorvla.training.loop import train
 
-    root = Path(tempfile.mkdtemp(prefix="bench_vl_modes_"))
+    root = Path(scratch_dir("bench_vl_modes_"))
     vl, data = _setup(root, episodes)
     rows = []
     for mode in MODES:

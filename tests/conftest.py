@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,7 +11,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Caches (norm stats, file hashes) live in one fresh folder per test session, never the user's ~/.cache: a
 # stats file cached by an older checkout of the code must not answer for this one.
-os.environ.setdefault("SENSORVLA_CACHE_DIR", tempfile.mkdtemp(prefix="sensorvla-test-cache-"))
+# The folder is removed when the session ends (pytest_sessionfinish) unless the caller named one.
+_OWN_CACHE = None if "SENSORVLA_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="sensorvla-test-cache-")
+if _OWN_CACHE:
+    os.environ["SENSORVLA_CACHE_DIR"] = _OWN_CACHE
 os.environ.pop("SENSORVLA_COMPILED_CACHE", None)  # compiled ticks too go under it (inference/tick.py)
 
 import pytest  # noqa: E402
@@ -49,3 +53,8 @@ def pytest_configure(config):
     # expression (gpu stays deselected: `-m gpu` runs those). An explicit `-m ...` still wins without it.
     if config.getoption("--run-slow") and config.option.markexpr == "not slow and not gpu":
         config.option.markexpr = "not gpu"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -29,12 +29,13 @@ def run_suite(
     VL-dominant config and the wide one, for reference). Tiny backbones are built in a temp dir."""
     import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="bench_latency_"))
-    tiny = vl_model or build_tiny_qwen_vl(root / "tiny")
-    kw = dict(iters=iters, steps=steps, threads=threads, device=device, progress=progress, compile=compile)
-    rows = bench_latency(tiny, config="tiny", **kw)
-    if vl_dominant:
-        for name, arch in BACKBONES.items():
-            backbone = build_tiny_qwen_vl(root / name, min_pixels=224 * 224, max_pixels=224 * 224, **arch)
-            rows += bench_latency(backbone, config=name, views=(1,), **kw)
-    return rows
+    with tempfile.TemporaryDirectory(prefix="bench_latency_") as tmp:
+        root = Path(tmp)
+        tiny = vl_model or build_tiny_qwen_vl(root / "tiny")
+        kw = dict(iters=iters, steps=steps, threads=threads, device=device, progress=progress, compile=compile)
+        rows = bench_latency(tiny, config="tiny", **kw)
+        if vl_dominant:
+            for name, arch in BACKBONES.items():
+                backbone = build_tiny_qwen_vl(root / name, min_pixels=224 * 224, max_pixels=224 * 224, **arch)
+                rows += bench_latency(backbone, config=name, views=(1,), **kw)
+        return rows
