@@ -669,10 +669,6 @@ class StageConfig:
     init_from: Literal["backbone", "stage1_checkpoint"]  # where the trainable weights start
     needs_stage1_checkpoint: bool
     may_use_vl_cache: bool  # stage-1 VL features can be read from the cache (frozen backbone)
-    # whether its seed `.pt` files (best, last/) hold trained backbone tensors where resume reads them (stage 1's
-    # `vl_backbone` section carries them to stage 2, but resume restores only `sensor_encoder` + `action_expert`:
-    # a stage 1 that trains the backbone cannot be resumed exactly)
-    seed_file_holds_backbone: bool
 
 
 _TAIL_GROUPS = ("head", "fusion", "sensor_encoder", "vl_projection")
@@ -693,7 +689,6 @@ STAGES: dict[str, StageConfig] = {
         init_from="backbone",
         needs_stage1_checkpoint=False,
         may_use_vl_cache=True,
-        seed_file_holds_backbone=False,
     ),
     "stage2": StageConfig(
         name="stage2",
@@ -709,7 +704,6 @@ STAGES: dict[str, StageConfig] = {
         init_from="stage1_checkpoint",
         needs_stage1_checkpoint=True,
         may_use_vl_cache=False,
-        seed_file_holds_backbone=True,
     ),
 }
 
@@ -847,18 +841,9 @@ def stage_warnings(cfg: SensorVLAConfig) -> list[str]:
     # e.g. stage 2 with --finetune-vl none --model.finetune.full-vision trains the vision tower: no warning
     if mode != "auto" and mode not in st.recommended_modes and backbone_trains(cfg) != trains_backbone:
         out.append(st.off_mode_warning.format(mode=mode))
-    if backbone_trains(cfg) and not st.seed_file_holds_backbone:
-        out.append(
-            f"{st.name}'s seed sections ({'/'.join(SEED_SECTIONS)}) do not hold the backbone weights this run "
-            "trains: they go to the seed files' `vl_backbone` section, which stage 2 loads, and to "
-            "checkpoints/pretrained_model/; --resume cannot restore them"
-        )
     if not st.needs_stage1_checkpoint and cfg.train.stage1_checkpoint:
         out.append("--stage1-checkpoint is ignored in stage 1 (it initialises stage 2)")
     return out
-
-
-SEED_SECTIONS = ("sensor_encoder", "action_expert")  # what a stage-1 seed file holds (the seed guide)
 
 
 def backbone_trains(cfg: SensorVLAConfig) -> bool:
@@ -987,13 +972,6 @@ def validate(cfg: SensorVLAConfig) -> None:
         raise ConfigError(f"--data.streams: {e}") from None
     if stage_config(cfg).needs_stage1_checkpoint and not t.stage1_checkpoint and not t.resume:
         raise ConfigError("Stage 2 training requires --stage1-checkpoint")
-    if t.resume and backbone_trains(cfg) and not stage_config(cfg).seed_file_holds_backbone:
-        raise ConfigError(
-            f"--resume of a {t.stage} run that trains the backbone (--finetune-vl {m.finetune.mode}"
-            f"{', --model.finetune.full-vision' if m.finetune.full_vision else ''}) cannot restore it: the {t.stage} "
-            "checkpoint holds only sensor_encoder and action_expert. Train the backbone in stage 2 (--training-stage "
-            "stage2), or start this run again without --resume"
-        )
     if t.strategy == "fsdp" and not backbone_trains(cfg):
         raise ConfigError(
             "--train.strategy fsdp shards a backbone that trains (--finetune-vl lora or full); with a frozen "

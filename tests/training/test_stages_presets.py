@@ -130,24 +130,3 @@ def test_stage2_requires_its_checkpoint_and_fsdp_needs_a_trained_backbone():
         cfg.validate()  # stage 1: frozen backbone
     cfg.model.finetune.mode = "lora"
     cfg.validate()  # LoRA under FSDP2 is allowed now
-
-
-@pytest.mark.parametrize("change", ["lora", "full", "full_vision"])
-def test_stage1_that_trains_the_backbone_is_not_resumed_silently(change):
-    """Stage 1's seed files hold only the sensor encoder and action expert: resuming a stage 1 that trains the
-    backbone would continue from the untrained backbone, so it is refused naming the fix (and warned at start)."""
-    from sensorvla.config import stage_warnings
-
-    cfg = SensorVLAConfig()
-    if change == "full_vision":
-        cfg.model.finetune.full_vision = True
-    else:
-        cfg.model.finetune.mode = change
-    cfg.validate()
-    assert any("`vl_backbone` section" in w for w in stage_warnings(cfg))
-    cfg.train.resume = True
-    with pytest.raises(ConfigError, match="--resume of a stage1 run that trains the backbone.*--training-stage stage2"):
-        cfg.validate()
-    cfg.train.stage, cfg.train.stage1_checkpoint = "stage2", "s1.pt"
-    cfg.validate()  # stage 2's checkpoints hold the adapters / the trained weights
-    assert not any("`vl_backbone` section" in w for w in stage_warnings(cfg))

@@ -189,6 +189,32 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_vl_dir, synth_dataset_dir):
     assert_same_tensors(load_file(tmp_path / "full" / pm), load_file(tmp_path / "part" / pm))
 
 
+@pytest.mark.parametrize("trains", ["lora", "full_vision"])
+def test_stage1_that_trains_the_backbone_resumes_exactly(trains, tmp_path, tiny_vl_dir, synth_dataset_dir):
+    """A stage 1 that also trains backbone weights (LoRA adapters, or the vision tower) keeps them in its seed
+    file's `vl_backbone` section; `--resume` restores them too, so a cut run ends bit-equal to an uncut one."""
+    full = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path / "full", max_steps=4, save_every_steps=2)
+    full.train.schedule_steps = 4
+    if trains == "lora":
+        full.model.finetune.mode = "lora"
+    else:
+        full.model.finetune.full_vision = True
+    train(full)
+    part = copy.deepcopy(full)
+    part.train.output_dir, part.train.max_steps = str(tmp_path / "part"), 2
+    train(part)
+    saved = torch.load(tmp_path / "part/checkpoints/last/checkpoint.pt", weights_only=True)
+    assert saved[ckpt.BACKBONE_KEY], "the cut run's last/ holds the backbone tensors it trains"
+    resumed = copy.deepcopy(part)
+    resumed.train.max_steps, resumed.train.resume = 4, True
+    train(resumed)
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    last = "checkpoints/last/checkpoint.pt"
+    a, b = tensors_of(tmp_path / "full" / last), tensors_of(tmp_path / "part" / last)
+    assert any(k.startswith(f"/{ckpt.BACKBONE_KEY}/") for k in a)
+    assert_same_tensors(a, b)
+
+
 def test_sigkill_then_resume(tmp_path, tiny_vl_dir, synth_dataset_dir):
     cfg = tiny_cfg(tiny_vl_dir, synth_dataset_dir, tmp_path, epochs=50, save_every_steps=2)
     cfg.train.batch_size, cfg.train.grad_accum_steps = 4, 1

@@ -132,8 +132,9 @@ def payload_model_tensors(policy, ckpt: dict, path) -> dict:
     """The model tensors of a seed payload of either stage, checked to be exactly the set `policy` saves."""
     if ckpt.get("training_stage") == "stage2":
         sd, expected = ckpt["model_state_dict"], set(model_state(policy))
-    else:
-        sd, expected = {**ckpt["sensor_encoder"], **ckpt["action_expert"]}, set().union(*split_stage1(policy))
+    else:  # stage 1: its two seed sections, plus the backbone tensors it trains (LoRA / vision tower), if any
+        sd = {**ckpt["sensor_encoder"], **ckpt["action_expert"], **ckpt.get(BACKBONE_KEY, {})}
+        expected = set().union(*split_stage1(policy), trained_backbone(policy))
     if set(sd) != expected:
         raise _mismatch(path, expected - set(sd), set(sd) - expected)
     return sd
