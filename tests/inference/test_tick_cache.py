@@ -109,6 +109,34 @@ def test_an_unwritable_cache_folder_still_compiles_and_serves(setup, caplog, tmp
     torch.testing.assert_close(compiled(*inputs), runner.tick(*inputs))
 
 
+def test_the_folder_keeps_its_budget_dropping_the_least_recently_used(setup, monkeypatch):
+    """Saving a package removes the least recently used ones (by mtime; a hit touches its file) until the folder
+    is within $SENSORVLA_COMPILED_CACHE_GB; the package just saved stays; a bad budget is refused naming the fix."""
+    runner, inputs, fake, cache = setup
+    cache.mkdir()
+    now = os.stat(cache).st_mtime
+    for i, name in enumerate(["oldest", "older", "recent"]):
+        (cache / f"{name}.pt2").write_bytes(b"x" * 40)
+        os.utime(cache / f"{name}.pt2", (now - 300 + 100 * i, now - 300 + 100 * i))
+    (cache / "notes.txt").write_bytes(b"x" * 1000)  # not a package: never counted or removed
+    monkeypatch.setenv("SENSORVLA_COMPILED_CACHE_GB", str(110 / 1e9))  # 110 bytes: 2 old ones + the new 23
+    export_tick(runner.tick, inputs, cache)
+    (new,) = set(cache.glob("*.pt2")) - {cache / "older.pt2", cache / "recent.pt2"}
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["older.pt2", "recent.pt2", new.name, "notes.txt"])
+    os.utime(new, (now - 1000, now - 1000))  # made the oldest; a cache hit makes it the newest again
+    export_tick(runner.tick, inputs, cache)
+    assert fake.compiles == 1 and new.stat().st_mtime >= now
+    monkeypatch.setenv("SENSORVLA_COMPILED_CACHE_GB", str(30 / 1e9))  # smaller than any two packages
+    with torch.no_grad():
+        runner.policy.head.parameters().__next__().view(-1)[0] += 1e-3  # another key: a new package
+    export_tick(runner.tick, inputs, cache)
+    (newest,) = set(cache.glob("*.pt2"))
+    assert fake.compiles == 2 and newest != new  # everything older went; the one just saved stays
+    monkeypatch.setenv("SENSORVLA_COMPILED_CACHE_GB", "lots")
+    with pytest.raises(ValueError, match="SENSORVLA_COMPILED_CACHE_GB='lots'.*in GB"):
+        tick_mod.compiled_cache_budget()
+
+
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("SENSORVLA_COMPILED_CACHE", raising=False)
     monkeypatch.setenv("SENSORVLA_CACHE_DIR", str(tmp_path / "c"))

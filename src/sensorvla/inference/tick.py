@@ -13,7 +13,8 @@ graph, its inputs' shapes (dynamic sizes by name) and dtypes, the bytes of every
 device, the torch / sensorvla / Python versions and the host build (vector instructions, threads, compiler). A
 later process with the same policy exports again (seconds: the key needs the graph) and loads the package instead
 of compiling; a package that does not load, or whose output on the example inputs differs from
-eager, is removed with a warning and compiled again (serving never fails on the cache).
+eager, is removed with a warning and compiled again (serving never fails on the cache). The folder keeps at most
+$SENSORVLA_COMPILED_CACHE_GB (default 2) GB: saving a package removes the least recently used ones beyond that.
 
 A sampling head's starting noise is drawn outside (`DenoisingHead.noise`, with the runner's generator) and passed
 in, so an exported graph holds no random-number generator.
@@ -115,6 +116,7 @@ def dynamic_shapes(inputs: TickInputs, max_vl_tokens: int = 1 << 16) -> tuple:
 
 
 COMPILED_CACHE_ENV = "SENSORVLA_COMPILED_CACHE"  # the folder of compiled ticks; "off" keeps none
+COMPILED_CACHE_GB_ENV = "SENSORVLA_COMPILED_CACHE_GB"  # its size budget (default 2 GB), least recently used out
 CACHE_FORMAT = "sensorvla-aoti-tick-1"  # bump when what goes into the key or the package changes
 
 
@@ -128,6 +130,37 @@ def compiled_cache_dir() -> Path | None:
     if env is not None and env.strip().lower() in ("off", "0", "none", "false"):
         return None
     return Path(env).expanduser() if env else cache_dir() / "compiled"
+
+
+def compiled_cache_budget() -> int:
+    """Bytes the compiled-tick folder may hold: $SENSORVLA_COMPILED_CACHE_GB (default 2) GB."""
+    raw = os.environ.get(COMPILED_CACHE_GB_ENV, "2")
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = float("nan")
+    if not gb >= 0:
+        raise ValueError(f"{COMPILED_CACHE_GB_ENV}={raw!r}: give the compiled-tick cache's size in GB, e.g. 2")
+    return int(gb * 1e9)
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove the least recently used packages (oldest mtime; a cache hit touches its file) until `folder` holds at
+    most `compiled_cache_budget()` bytes; `keep` (the package just saved) stays whatever its size."""
+    budget, files = compiled_cache_budget(), []
+    for p in folder.glob("*.pt2"):
+        with contextlib.suppress(OSError):  # another process may remove one meanwhile
+            st = p.stat()
+            files.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    for _, size, p in sorted(files):
+        if total <= budget:
+            break
+        if p != keep:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                logger.info("removed the least recently used compiled tick %s (over %s GB)", p, budget / 1e9)
+            total -= size
 
 
 def _sensorvla_version() -> str:
@@ -201,6 +234,8 @@ def _load_cached(path: Path, inputs: TickInputs, want):
     except Exception as e:  # a truncated zip, a missing library, a wrong architecture: any failure recompiles
         ok, why = False, f"{type(e).__name__}: {e}"
     if ok:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: the last to be pruned
         return compiled
     logger.warning("removing the compiled tick cached at %s (%s); compiling it again", path, why)
     with contextlib.suppress(OSError):
@@ -253,6 +288,7 @@ def export_tick(tick: FastTick, inputs: TickInputs, cache: str | Path | None = "
         compiled, where = None, "not cached"
         if path is not None and _save(data, path):
             where = f"saved to {path}"
+            _prune(folder, path)
             with contextlib.suppress(Exception):  # another process may have removed or replaced it meanwhile
                 compiled = torch._inductor.aoti_load_package(str(path))
         if compiled is None:
