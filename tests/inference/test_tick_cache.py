@@ -135,6 +135,9 @@ def test_the_folder_keeps_its_budget_dropping_the_least_recently_used(setup, mon
     monkeypatch.setenv("SENSORVLA_COMPILED_CACHE_GB", "lots")
     with pytest.raises(ValueError, match="SENSORVLA_COMPILED_CACHE_GB='lots'.*in GB"):
         tick_mod.compiled_cache_budget()
+    with pytest.raises(ValueError, match="SENSORVLA_COMPILED_CACHE_GB='lots'"):
+        export_tick(runner.tick, inputs, cache)
+    assert fake.compiles == 2  # refused before compiling
 
 
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):

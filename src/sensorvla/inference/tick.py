@@ -135,19 +135,16 @@ def compiled_cache_dir() -> Path | None:
 def compiled_cache_budget() -> int:
     """Bytes the compiled-tick folder may hold: $SENSORVLA_COMPILED_CACHE_GB (default 2) GB."""
     raw = os.environ.get(COMPILED_CACHE_GB_ENV, "2")
-    try:
-        gb = float(raw)
-    except ValueError:
-        gb = float("nan")
-    if not gb >= 0:
-        raise ValueError(f"{COMPILED_CACHE_GB_ENV}={raw!r}: give the compiled-tick cache's size in GB, e.g. 2")
-    return int(gb * 1e9)
+    with contextlib.suppress(ValueError):
+        if 0 <= (gb := float(raw)) < float("inf"):
+            return int(gb * 1e9)
+    raise ValueError(f"{COMPILED_CACHE_GB_ENV}={raw!r}: give the compiled-tick cache's size in GB, e.g. 2")
 
 
-def _prune(folder: Path, keep: Path) -> None:
+def _prune(folder: Path, keep: Path, budget: int) -> None:
     """Remove the least recently used packages (oldest mtime; a cache hit touches its file) until `folder` holds at
-    most `compiled_cache_budget()` bytes; `keep` (the package just saved) stays whatever its size."""
-    budget, files = compiled_cache_budget(), []
+    most `budget` bytes; `keep` (the package just saved) stays whatever its size."""
+    files = []
     for p in folder.glob("*.pt2"):
         with contextlib.suppress(OSError):  # another process may remove one meanwhile
             st = p.stat()
@@ -273,6 +270,7 @@ def export_tick(tick: FastTick, inputs: TickInputs, cache: str | Path | None = "
     from torch.export import export
 
     folder = compiled_cache_dir() if cache == "default" else None if cache is None else Path(cache)
+    budget = compiled_cache_budget() if folder is not None else 0  # a bad setting fails before tens of seconds
     t0 = time.perf_counter()
     with torch.no_grad():
         want = tick(*inputs)
@@ -288,7 +286,7 @@ def export_tick(tick: FastTick, inputs: TickInputs, cache: str | Path | None = "
         compiled, where = None, "not cached"
         if path is not None and _save(data, path):
             where = f"saved to {path}"
-            _prune(folder, path)
+            _prune(folder, path, budget)
             with contextlib.suppress(Exception):  # another process may have removed or replaced it meanwhile
                 compiled = torch._inductor.aoti_load_package(str(path))
         if compiled is None:
